@@ -1,0 +1,145 @@
+//! A gRPC channel to the control plane over mesh TLS.
+//!
+//! tonic's own TLS cannot take a SPIFFE verifier or a hot-swapped client certificate, so the
+//! connection is made here with tokio-rustls and handed to tonic as a ready stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::identity::SpiffeId;
+use crate::proto::identity::identity_client::IdentityClient;
+use crate::proto::identity::{CertifyRequest, CertifyResponse, certify_request::Credential};
+use crate::tls::{CertStore, TrustBundle, config};
+
+/// A failure to reach or use the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlClientError {
+    #[error("cannot connect to control plane at {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    #[error("control plane refused: {0}")]
+    Status(#[from] tonic::Status),
+}
+
+impl ControlClientError {
+    /// Whether retrying could help. A refused credential or CSR will be refused again.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            ControlClientError::Status(s) if matches!(
+                s.code(),
+                tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+            )
+        )
+    }
+}
+
+/// Connection details for the control plane. Each call dials afresh so the client certificate
+/// presented is always the current one.
+#[derive(Clone)]
+pub struct ControlClient {
+    addr: String,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl ControlClient {
+    /// A client for the control plane at `addr`, which must prove `control_identity`.
+    pub fn new(
+        addr: &str,
+        bundle: Arc<TrustBundle>,
+        certs: Arc<CertStore>,
+        control_identity: SpiffeId,
+    ) -> Self {
+        let tls = config::client_config(certs, bundle, Some(control_identity), &[config::ALPN_H2]);
+        ControlClient {
+            addr: addr.to_string(),
+            tls,
+        }
+    }
+
+    /// A gRPC channel (one connection) to the control plane.
+    pub async fn channel(&self) -> Result<Channel, ControlClientError> {
+        let addr = self.addr.clone();
+        let tls = self.tls.clone();
+        let connector = tower_service_fn(move || {
+            let addr = addr.clone();
+            let tls = tls.clone();
+            async move {
+                let tcp = TcpStream::connect(&addr).await?;
+                tcp.set_nodelay(true)?;
+                let stream = TlsConnector::from(tls).connect(config::sni(), tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        });
+        Endpoint::from_shared(format!("http://{}", self.addr))
+            .map_err(|source| ControlClientError::Connect {
+                addr: self.addr.clone(),
+                source,
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(15))
+            .connect_with_connector(connector)
+            .await
+            .map_err(|source| ControlClientError::Connect {
+                addr: self.addr.clone(),
+                source,
+            })
+    }
+
+    /// Asks for a certificate for the key in `csr_der`, proving identity with `credential` or,
+    /// when `None`, with the current mTLS certificate.
+    pub async fn certify(
+        &self,
+        csr_der: Vec<u8>,
+        credential: Option<Credential>,
+    ) -> Result<CertifyResponse, ControlClientError> {
+        let mut client = IdentityClient::new(self.channel().await?);
+        Ok(client
+            .certify(CertifyRequest {
+                csr_der,
+                credential,
+            })
+            .await?
+            .into_inner())
+    }
+}
+
+/// A `tower::Service<Uri>` from a closure, without pulling in `tower` for one helper.
+fn tower_service_fn<F, Fut, T>(f: F) -> ConnectorFn<F>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<T>>,
+{
+    ConnectorFn(f)
+}
+
+#[derive(Clone)]
+struct ConnectorFn<F>(F);
+
+impl<F, Fut, T> tower_service::Service<http::Uri> for ConnectorFn<F>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<T>>,
+{
+    type Response = T;
+    type Error = std::io::Error;
+    type Future = Fut;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: http::Uri) -> Self::Future {
+        (self.0)()
+    }
+}

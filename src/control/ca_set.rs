@@ -1,0 +1,169 @@
+//! The CA generations the control plane holds: which one signs and which roots are trusted.
+//!
+//! Rotation is overlapping (see DESIGN.md): a `next` generation is trusted before it signs, and
+//! a `retiring` one stays trusted until every certificate it signed has expired.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::identity::ca::now_unix;
+use crate::identity::{CaMaterial, CertificateAuthority};
+
+use super::store::{CaGeneration, Store, StoreError};
+
+/// A CA failure at the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum CaSetError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Ca(#[from] crate::identity::ca::CaError),
+    #[error("the state store holds no active CA generation")]
+    NoActive,
+    #[error("a rotation is already in progress (generation {0} is {1})")]
+    RotationInProgress(u32, String),
+    #[error("writing {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// One consistent view of the CA: the signer and the trust bundle.
+pub struct CaSet {
+    signer: CertificateAuthority,
+    active_generation: u32,
+    bundle_pem: String,
+    generations: Vec<CaGeneration>,
+}
+
+impl CaSet {
+    /// Loads the CA from the store, creating generation 1 on first start.
+    pub fn load_or_init(store: &Store, trust_domain: &str) -> Result<Self, CaSetError> {
+        let mut generations = store.ca_generations()?;
+        if generations.is_empty() {
+            let material = CaMaterial::generate(trust_domain, 1)?;
+            store.insert_ca(1, &material, "active")?;
+            tracing::info!("created a new root and intermediate CA (generation 1)");
+            generations = store.ca_generations()?;
+        }
+        Self::from_generations(generations)
+    }
+
+    fn from_generations(generations: Vec<CaGeneration>) -> Result<Self, CaSetError> {
+        let active = generations
+            .iter()
+            .find(|g| g.state == "active")
+            .ok_or(CaSetError::NoActive)?;
+        let signer = CertificateAuthority::load(active.material.clone())?;
+        let bundle_pem = generations
+            .iter()
+            .filter(|g| g.state != "retired")
+            .map(|g| g.material.root_cert_pem.as_str())
+            .collect();
+        Ok(CaSet {
+            signer,
+            active_generation: active.generation,
+            bundle_pem,
+            generations,
+        })
+    }
+
+    /// The CA that signs workload certificates now.
+    pub fn signer(&self) -> &CertificateAuthority {
+        &self.signer
+    }
+
+    /// Generation number of the signer.
+    pub fn active_generation(&self) -> u32 {
+        self.active_generation
+    }
+
+    /// PEM of every root that must be trusted now.
+    pub fn bundle_pem(&self) -> &str {
+        &self.bundle_pem
+    }
+
+    /// A fingerprint of the stored state, to notice changes made by the CLI.
+    pub fn fingerprint(&self) -> String {
+        self.generations
+            .iter()
+            .map(|g| format!("{}:{}:{:?};", g.generation, g.state, g.retire_after))
+            .collect()
+    }
+
+    /// Writes the trust bundle to `DIR/ca/root.pem` for sidecars started by hand.
+    pub fn export_bundle(&self, state_dir: &Path) -> Result<(), CaSetError> {
+        let dir = state_dir.join("ca");
+        let io = |source| CaSetError::Io {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let tmp = dir.join(".root.pem.tmp");
+        std::fs::write(&tmp, &self.bundle_pem).map_err(io)?;
+        std::fs::rename(&tmp, dir.join("root.pem")).map_err(io)?;
+        Ok(())
+    }
+}
+
+/// Starts a rotation: a new generation joins the bundle as `next`. The running control plane
+/// advances it (see [`advance_rotation`]).
+pub fn start_rotation(store: &Store, trust_domain: &str) -> Result<u32, CaSetError> {
+    let generations = store.ca_generations()?;
+    if let Some(g) = generations
+        .iter()
+        .find(|g| g.state == "next" || g.state == "retiring")
+    {
+        return Err(CaSetError::RotationInProgress(
+            g.generation,
+            g.state.clone(),
+        ));
+    }
+    let next = generations.iter().map(|g| g.generation).max().unwrap_or(0) + 1;
+    let material = CaMaterial::generate(trust_domain, next)?;
+    store.insert_ca(next, &material, "next")?;
+    Ok(next)
+}
+
+/// Moves a rotation on by one step when its time has come:
+/// `next` becomes `active` once `propagation` has passed since it was created (every sidecar has
+/// renewed at least once and so holds the new root); the old `active` becomes `retiring` until
+/// `max_lifetime` has passed (every certificate it signed has expired), then `retired`.
+/// Returns whether anything changed.
+pub fn advance_rotation(
+    store: &Store,
+    propagation: Duration,
+    max_lifetime: Duration,
+) -> Result<bool, CaSetError> {
+    let now = now_unix();
+    let generations = store.ca_generations()?;
+    for g in &generations {
+        if g.state == "retiring" && g.retire_after.is_some_and(|t| now >= t) {
+            store.set_ca_state(g.generation, "retired", None)?;
+            tracing::info!(
+                generation = g.generation,
+                "old CA generation retired: its root leaves the trust bundle"
+            );
+            return Ok(true);
+        }
+    }
+    if let Some(next) = generations.iter().find(|g| g.state == "next")
+        && now >= next.created_at + propagation.as_secs() as i64
+    {
+        if let Some(active) = generations.iter().find(|g| g.state == "active") {
+            store.set_ca_state(
+                active.generation,
+                "retiring",
+                Some(now + max_lifetime.as_secs() as i64 + 60),
+            )?;
+        }
+        store.set_ca_state(next.generation, "active", None)?;
+        tracing::info!(
+            generation = next.generation,
+            "signing switched to the new CA generation"
+        );
+        return Ok(true);
+    }
+    Ok(false)
+}

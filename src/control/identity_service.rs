@@ -1,0 +1,123 @@
+//! `Identity/Certify`: the identity comes from the credential, never from the CSR.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tonic::{Request, Response, Status};
+
+use crate::identity::csr::verify_csr;
+use crate::identity::{IssuedCertificate, SpiffeId};
+use crate::proto::identity::identity_server::Identity;
+use crate::proto::identity::{CertifyRequest, CertifyResponse, certify_request::Credential};
+
+use super::ca_set::CaSet;
+use super::store::{CredentialKind, Store, StoreError, TokenRefusal};
+
+/// The Certify service.
+pub struct IdentityService {
+    pub store: Arc<Store>,
+    pub ca: Arc<ArcSwap<CaSet>>,
+    pub cert_ttl: Duration,
+}
+
+/// A Certify failure, mapped to the gRPC status the caller sees.
+#[derive(Debug, thiserror::Error)]
+enum CertifyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Token(#[from] TokenRefusal),
+    #[error("signing failed: {0}")]
+    Sign(#[from] crate::identity::ca::CaError),
+}
+
+impl From<CertifyError> for Status {
+    fn from(e: CertifyError) -> Status {
+        match e {
+            CertifyError::Token(t) => Status::permission_denied(t.to_string()),
+            other => {
+                tracing::error!(error = %other, "certify failed");
+                Status::internal(other.to_string())
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn certify(
+        &self,
+        request: Request<CertifyRequest>,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        let peer_certs = request.peer_certs();
+        let body = request.into_inner();
+        let csr = verify_csr(&body.csr_der)
+            .map_err(|e| Status::invalid_argument(format!("csr refused: {e}")))?;
+        let ca = self.ca.load_full();
+        let ttl = self.cert_ttl;
+        let store = self.store.clone();
+        let issued = match body.credential {
+            Some(Credential::JoinToken(token)) => tokio::task::spawn_blocking(move || {
+                store.redeem_join_token::<CertifyError>(&token, |id| {
+                    Ok(ca.signer().sign_workload(id, &csr.public_key, ttl, &[])?)
+                })
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??,
+            Some(Credential::KubernetesToken(_)) => {
+                return Err(Status::unimplemented(
+                    "Kubernetes service-account attestation is not enabled on this control plane",
+                ));
+            }
+            None => {
+                // Renewal: the TLS layer has verified the chain and validity of the client
+                // certificate against the trust bundle; the identity is the one it carries.
+                let (id, serial) = crate::tls::peer_identity(peer_certs.as_deref().map(|v| v.as_slice())).map_err(|e| {
+                    Status::unauthenticated(format!(
+                        "no credential: send a join token or connect with your current, unexpired workload certificate ({e})"
+                    ))
+                })?;
+                tokio::task::spawn_blocking(move || -> Result<IssuedCertificate, Status> {
+                    if store
+                        .is_revoked(id.as_str(), &serial)
+                        .map_err(CertifyError::from)?
+                    {
+                        return Err(Status::permission_denied(format!(
+                            "{id} (serial {serial}) is revoked"
+                        )));
+                    }
+                    let issued = ca
+                        .signer()
+                        .sign_workload(&id, &csr.public_key, ttl, &[])
+                        .map_err(CertifyError::from)?;
+                    store
+                        .record_certificate(&issued, CredentialKind::Renewal)
+                        .map_err(CertifyError::from)?;
+                    Ok(issued)
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))??
+            }
+        };
+        let ca = self.ca.load();
+        tracing::info!(spiffe_id = %issued.spiffe_id, serial = %issued.serial, not_after = issued.not_after, "issued certificate");
+        Ok(Response::new(CertifyResponse {
+            certificate_chain_pem: issued.chain_pem,
+            trust_bundle_pem: ca.bundle_pem().to_string(),
+            spiffe_id: issued.spiffe_id.to_string(),
+            serial: issued.serial,
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+        }))
+    }
+}
+
+/// The identity the control plane's own serving certificate carries.
+pub fn control_plane_identity(trust_domain: &str) -> SpiffeId {
+    SpiffeId::workload(trust_domain, "palisade-system", "palisade-control").unwrap_or_else(|_| {
+        "spiffe://cluster.local/ns/palisade-system/sa/palisade-control"
+            .parse()
+            .expect("valid")
+    })
+}

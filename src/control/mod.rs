@@ -1,0 +1,10 @@
+//! The control plane: CA and issuance, state store, and (as they land) discovery push,
+//! telemetry intake and the admin API.
+
+pub mod ca_set;
+pub mod identity_service;
+pub mod server;
+pub mod store;
+
+pub use server::{ControlArgs, run};
+pub use store::Store;

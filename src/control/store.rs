@@ -1,0 +1,453 @@
+//! The control plane's durable state: one SQLite file in the state directory (WAL mode).
+//!
+//! SQLite gives what the control plane needs without a server: ACID transactions (a token is
+//! redeemed and the certificate recorded in one commit), safe concurrent use by the CLI while
+//! the control plane runs, and a file an operator can open with `sqlite3`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use crate::identity::ca::{CaMaterial, IssuedCertificate, now_unix};
+use crate::identity::{SpiffeId, token};
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("state directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("stored identity {0:?} is invalid")]
+    Corrupt(String),
+}
+
+/// Why a join token was not accepted. The caller sees which, so a failing bootstrap is debuggable.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenRefusal {
+    #[error("join token is unknown")]
+    Unknown,
+    #[error("join token was already used")]
+    Used,
+    #[error("join token has expired")]
+    Expired,
+}
+
+/// How a certificate's identity was established; recorded in the ledger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialKind {
+    JoinToken,
+    Renewal,
+    Kubernetes,
+    /// The control plane's own serving certificate.
+    ControlPlane,
+}
+
+impl CredentialKind {
+    /// The ledger's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::JoinToken => "join-token",
+            CredentialKind::Renewal => "renewal",
+            CredentialKind::Kubernetes => "kubernetes",
+            CredentialKind::ControlPlane => "control-plane",
+        }
+    }
+}
+
+/// One ledger row.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LedgerEntry {
+    pub serial: String,
+    pub spiffe_id: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub credential: String,
+    pub revoked: bool,
+}
+
+/// A CA generation as stored, with its place in a rotation.
+#[derive(Clone, Debug)]
+pub struct CaGeneration {
+    pub generation: u32,
+    pub material: CaMaterial,
+    /// `active` signs; `next` is trusted but does not sign yet; `retiring` still trusted until
+    /// `retire_after`, then dropped.
+    pub state: String,
+    pub retire_after: Option<i64>,
+    pub created_at: i64,
+}
+
+/// Handle to the state store. Cheap to share; every call is one short transaction.
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS ca (
+    generation INTEGER PRIMARY KEY,
+    root_cert_pem TEXT NOT NULL,
+    root_key_pem TEXT NOT NULL,
+    intermediate_cert_pem TEXT NOT NULL,
+    intermediate_key_pem TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    retire_after INTEGER
+);
+CREATE TABLE IF NOT EXISTS join_tokens (
+    hash TEXT PRIMARY KEY,
+    spiffe_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    spiffe_id TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    credential TEXT NOT NULL,
+    issued_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS certificates_by_identity ON certificates (spiffe_id, issued_at);
+CREATE TABLE IF NOT EXISTS revocations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    spiffe_id TEXT,
+    serial TEXT,
+    created_at INTEGER NOT NULL
+);
+";
+
+impl Store {
+    /// Opens (creating if needed) `DIR/state.db`. The directory is made private to the owner:
+    /// it holds CA private keys.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let io = |source| StoreError::Io {
+            path: state_dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(state_dir).map_err(io)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io)?;
+        }
+        let path = state_dir.join("state.db");
+        let sql = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(sql)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(sql)?;
+        // WAL lets the CLI write while the control plane reads; synchronous=FULL makes every
+        // acknowledged commit durable even across power loss, not only kill -9.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql)?;
+        conn.execute_batch(SCHEMA).map_err(sql)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            path,
+        })
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Every stored CA generation, oldest first.
+    pub fn ca_generations(&self) -> Result<Vec<CaGeneration>, StoreError> {
+        let conn = self.conn.lock();
+        let mut stmt = conn
+            .prepare(
+                "SELECT generation, root_cert_pem, root_key_pem, intermediate_cert_pem, intermediate_key_pem, state, retire_after, created_at
+                 FROM ca ORDER BY generation",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(CaGeneration {
+                    generation: r.get(0)?,
+                    material: CaMaterial {
+                        root_cert_pem: r.get(1)?,
+                        root_key_pem: r.get(2)?,
+                        intermediate_cert_pem: r.get(3)?,
+                        intermediate_key_pem: r.get(4)?,
+                    },
+                    state: r.get(5)?,
+                    retire_after: r.get(6)?,
+                    created_at: r.get(7)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Stores a CA generation.
+    pub fn insert_ca(
+        &self,
+        generation: u32,
+        material: &CaMaterial,
+        state: &str,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .lock()
+            .execute(
+                "INSERT INTO ca (generation, root_cert_pem, root_key_pem, intermediate_cert_pem, intermediate_key_pem, state, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    generation,
+                    material.root_cert_pem,
+                    material.root_key_pem,
+                    material.intermediate_cert_pem,
+                    material.intermediate_key_pem,
+                    state,
+                    now_unix()
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Moves a CA generation to another rotation state.
+    pub fn set_ca_state(
+        &self,
+        generation: u32,
+        state: &str,
+        retire_after: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .lock()
+            .execute(
+                "UPDATE ca SET state = ?2, retire_after = ?3 WHERE generation = ?1",
+                params![generation, state, retire_after],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Creates a join token for `id`, valid for `ttl`. Returns the token (shown once).
+    pub fn create_join_token(&self, id: &SpiffeId, ttl: Duration) -> Result<String, StoreError> {
+        let minted = token::mint();
+        let now = now_unix();
+        self.conn
+            .lock()
+            .execute(
+                "INSERT INTO join_tokens (hash, spiffe_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                params![minted.hash, id.as_str(), now, now + ttl.as_secs() as i64],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(minted.token)
+    }
+
+    /// Redeems a join token and records the certificate `issue` produces, in one transaction:
+    /// either the token is spent and the certificate is in the ledger, or neither.
+    ///
+    /// `issue` runs with the identity the token is bound to, which is the only identity it can
+    /// ever yield.
+    pub fn redeem_join_token<E: From<StoreError> + From<TokenRefusal>>(
+        &self,
+        token: &str,
+        issue: impl FnOnce(&SpiffeId) -> Result<IssuedCertificate, E>,
+    ) -> Result<IssuedCertificate, E> {
+        let hash = token::hash(token);
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let row: Option<(String, i64, Option<i64>)> = tx
+            .query_row(
+                "SELECT spiffe_id, expires_at, used_at FROM join_tokens WHERE hash = ?1",
+                [&hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let (id, expires_at, used_at) = row.ok_or(TokenRefusal::Unknown)?;
+        if used_at.is_some() {
+            return Err(TokenRefusal::Used.into());
+        }
+        let now = now_unix();
+        if now >= expires_at {
+            return Err(TokenRefusal::Expired.into());
+        }
+        let id: SpiffeId = id.parse().map_err(|_| StoreError::Corrupt(id.clone()))?;
+        let issued = issue(&id)?;
+        tx.execute(
+            "UPDATE join_tokens SET used_at = ?2 WHERE hash = ?1",
+            params![hash, now],
+        )
+        .map_err(|e| self.err(e))?;
+        insert_ledger(&tx, &issued, CredentialKind::JoinToken).map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(issued)
+    }
+
+    /// Records a certificate in the ledger. Called before the certificate is handed out.
+    pub fn record_certificate(
+        &self,
+        issued: &IssuedCertificate,
+        kind: CredentialKind,
+    ) -> Result<(), StoreError> {
+        insert_ledger(&self.conn.lock(), issued, kind).map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The ledger, newest first, optionally for one identity.
+    pub fn certificates(
+        &self,
+        identity: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        let conn = self.conn.lock();
+        let mut stmt = conn
+            .prepare(
+                "SELECT c.serial, c.spiffe_id, c.not_before, c.not_after, c.credential,
+                        EXISTS (SELECT 1 FROM revocations r WHERE r.serial = c.serial OR r.spiffe_id = c.spiffe_id)
+                 FROM certificates c WHERE (?1 IS NULL OR c.spiffe_id = ?1)
+                 ORDER BY c.issued_at DESC, c.rowid DESC LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![identity, limit], |r| {
+                Ok(LedgerEntry {
+                    serial: r.get(0)?,
+                    spiffe_id: r.get(1)?,
+                    not_before: r.get(2)?,
+                    not_after: r.get(3)?,
+                    credential: r.get(4)?,
+                    revoked: r.get(5)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Whether `serial` or `identity` has been revoked.
+    pub fn is_revoked(&self, identity: &str, serial: &str) -> Result<bool, StoreError> {
+        self.conn
+            .lock()
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM revocations WHERE spiffe_id = ?1 OR serial = ?2)",
+                params![identity, serial],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records a revocation of an identity or a serial.
+    pub fn revoke(&self, identity: Option<&str>, serial: Option<&str>) -> Result<(), StoreError> {
+        self.conn
+            .lock()
+            .execute(
+                "INSERT INTO revocations (spiffe_id, serial, created_at) VALUES (?1, ?2, ?3)",
+                params![identity, serial, now_unix()],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+}
+
+fn insert_ledger(
+    conn: &Connection,
+    issued: &IssuedCertificate,
+    kind: CredentialKind,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO certificates (serial, spiffe_id, not_before, not_after, credential, issued_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            issued.serial,
+            issued.spiffe_id.as_str(),
+            issued.not_before,
+            issued.not_after,
+            kind.as_str(),
+            now_unix()
+        ],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum E {
+        #[error(transparent)]
+        S(#[from] StoreError),
+        #[error(transparent)]
+        T(#[from] TokenRefusal),
+    }
+
+    fn fake_issue(id: &SpiffeId) -> Result<IssuedCertificate, E> {
+        Ok(IssuedCertificate {
+            chain_pem: String::new(),
+            spiffe_id: id.clone(),
+            serial: format!("{:x}", rand::random::<u64>()),
+            not_before: 0,
+            not_after: 1,
+        })
+    }
+
+    #[test]
+    fn token_is_single_use_and_bound_to_its_identity() {
+        let dir = tempdir();
+        let store = Store::open(&dir).unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let t = store
+            .create_join_token(&id, Duration::from_secs(60))
+            .unwrap();
+        let issued = store.redeem_join_token::<E>(&t, fake_issue).unwrap();
+        assert_eq!(issued.spiffe_id, id);
+        assert!(matches!(
+            store.redeem_join_token::<E>(&t, fake_issue),
+            Err(E::T(TokenRefusal::Used))
+        ));
+        assert!(matches!(
+            store.redeem_join_token::<E>("pjt_nope", fake_issue),
+            Err(E::T(TokenRefusal::Unknown))
+        ));
+        assert_eq!(store.certificates(None, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn expired_token_is_refused_and_failed_issue_does_not_spend_token() {
+        let dir = tempdir();
+        let store = Store::open(&dir).unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let expired = store.create_join_token(&id, Duration::ZERO).unwrap();
+        assert!(matches!(
+            store.redeem_join_token::<E>(&expired, fake_issue),
+            Err(E::T(TokenRefusal::Expired))
+        ));
+        let t = store
+            .create_join_token(&id, Duration::from_secs(60))
+            .unwrap();
+        let failed =
+            store.redeem_join_token::<E>(&t, |_| Err(E::S(StoreError::Corrupt("boom".into()))));
+        assert!(failed.is_err());
+        store
+            .redeem_join_token::<E>(&t, fake_issue)
+            .expect("token survives a failed issue");
+    }
+
+    fn tempdir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("palisade-store-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

@@ -1,0 +1,243 @@
+//! The sidecar's certificate manager: gets the first certificate, renews it for ever.
+//!
+//! - The private key is generated in memory for every request and never leaves the process.
+//! - Renewal happens at 50% of the lifetime ±10% jitter, so a fleet started together does not
+//!   renew together.
+//! - A failed renewal keeps the current certificate in service and retries with capped, jittered
+//!   exponential backoff; only expiry takes the certificate away (handshakes then fail closed).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use rcgen::{CertificateParams, KeyPair};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::sign::CertifiedKey;
+
+use crate::agent::{ControlClient, ControlClientError};
+use crate::proto::identity::certify_request::Credential;
+use crate::telemetry::metrics::CertMetrics;
+use crate::tls::{CertStore, TrustBundle};
+
+use super::SpiffeId;
+use super::ca::now_unix;
+
+/// Why a certificate could not be obtained or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error(transparent)]
+    Control(#[from] ControlClientError),
+    #[error("key generation failed: {0}")]
+    Key(#[from] rcgen::Error),
+    #[error("control plane returned an unusable certificate: {0}")]
+    BadResponse(String),
+}
+
+/// Summary of the certificate in service, for `/config_dump`, `/ready` and logs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CertInfo {
+    pub spiffe_id: String,
+    pub serial: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    /// When this process received it (Unix seconds).
+    pub received_at: i64,
+}
+
+/// Owns the workload certificate of one sidecar.
+pub struct CertManager {
+    certs: Arc<CertStore>,
+    bundle: Arc<TrustBundle>,
+    control: ControlClient,
+    metrics: Arc<CertMetrics>,
+    info: ArcSwapOption<CertInfo>,
+}
+
+impl CertManager {
+    /// A manager that installs certificates into `certs` and roots into `bundle`.
+    pub fn new(
+        certs: Arc<CertStore>,
+        bundle: Arc<TrustBundle>,
+        control: ControlClient,
+        metrics: Arc<CertMetrics>,
+    ) -> Arc<Self> {
+        Arc::new(CertManager {
+            certs,
+            bundle,
+            control,
+            metrics,
+            info: ArcSwapOption::empty(),
+        })
+    }
+
+    /// The certificate in service, if any.
+    pub fn info(&self) -> Option<Arc<CertInfo>> {
+        self.info.load_full()
+    }
+
+    /// The workload's identity, once it has a certificate.
+    pub fn identity(&self) -> Option<SpiffeId> {
+        self.info().and_then(|i| i.spiffe_id.parse().ok())
+    }
+
+    /// Whether a certificate is held and has not expired.
+    pub fn ready(&self) -> bool {
+        self.certs.current().is_some()
+    }
+
+    /// Gets the first certificate with a join token. Retries transient failures (control plane
+    /// not up yet); returns at once on a refusal that retrying cannot fix (bad or spent token).
+    pub async fn bootstrap(&self, token: &str) -> Result<Arc<CertInfo>, CertError> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        loop {
+            match self
+                .request(Some(Credential::JoinToken(token.trim().to_string())))
+                .await
+            {
+                Ok(info) => return Ok(info),
+                Err(CertError::Control(e)) if !e.is_permanent() => {
+                    let wait = backoff.next();
+                    tracing::warn!(error = %e, retry_in = ?wait, "first certificate not obtained yet");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Renews for ever. Spawn it after [`bootstrap`](Self::bootstrap).
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            let Some(info) = self.info() else { return };
+            let wait = renewal_delay(&info, now_unix(), rand::random::<f64>());
+            tokio::time::sleep(wait).await;
+            // Backoff cap scales with the lifetime so a short-lived certificate is retried often
+            // enough to be renewed before it expires.
+            let lifetime = (info.not_after - info.received_at).max(1) as u64;
+            let cap = Duration::from_secs(lifetime / 10)
+                .clamp(Duration::from_secs(1), Duration::from_secs(30));
+            let mut backoff = Backoff::new(Duration::from_millis(250), cap);
+            loop {
+                match self.request(None).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        self.metrics
+                            .renewals
+                            .get_or_create(&vec![("result".into(), "failure".into())])
+                            .inc();
+                        let wait = backoff.next();
+                        tracing::warn!(error = %e, retry_in = ?wait, expires_in_s = info.not_after - now_unix(),
+                            "certificate renewal failed; still serving with the current certificate");
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One round trip: fresh key, CSR, Certify, install.
+    async fn request(&self, credential: Option<Credential>) -> Result<Arc<CertInfo>, CertError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        // The CSR's names are ignored by the control plane; it only proves possession of the key.
+        let csr = CertificateParams::default().serialize_request(&key)?;
+        let resp = self.control.certify(csr.der().to_vec(), credential).await?;
+        let chain = crate::tls::certs_from_pem(&resp.certificate_chain_pem)
+            .map_err(|e| CertError::BadResponse(format!("chain PEM: {e}")))?;
+        let (id, serial) = chain
+            .first()
+            .ok_or_else(|| CertError::BadResponse("empty chain".into()))
+            .and_then(|leaf| {
+                crate::tls::spiffe_id_of(leaf).map_err(|e| CertError::BadResponse(e.to_string()))
+            })?;
+        let signing_key = crate::tls::provider()
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                key.serialize_der(),
+            )))
+            .map_err(|e| CertError::BadResponse(format!("key: {e}")))?;
+        if !resp.trust_bundle_pem.is_empty() {
+            self.bundle
+                .set_roots(&resp.trust_bundle_pem)
+                .map_err(|e| CertError::BadResponse(e.to_string()))?;
+        }
+        self.certs.set(
+            Arc::new(CertifiedKey::new(chain, signing_key)),
+            resp.not_after,
+        );
+        let info = Arc::new(CertInfo {
+            spiffe_id: id.to_string(),
+            serial,
+            not_before: resp.not_before,
+            not_after: resp.not_after,
+            received_at: now_unix(),
+        });
+        self.info.store(Some(info.clone()));
+        self.metrics.record_issued(info.not_after);
+        tracing::info!(spiffe_id = %info.spiffe_id, serial = %info.serial, not_after = info.not_after, "certificate installed");
+        Ok(info)
+    }
+}
+
+/// Time until renewal: 50% of the remaining lifetime at receipt, ±10% of the lifetime.
+/// `unit` is a uniform random number in [0, 1).
+fn renewal_delay(info: &CertInfo, now: i64, unit: f64) -> Duration {
+    let lifetime = (info.not_after - info.received_at).max(0) as f64;
+    let fraction = 0.5 + (unit - 0.5) * 0.2;
+    let at = info.received_at as f64 + lifetime * fraction;
+    Duration::from_secs_f64((at - now as f64).max(0.0))
+}
+
+/// Capped exponential backoff with full jitter.
+struct Backoff {
+    next: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    fn new(initial: Duration, cap: Duration) -> Self {
+        Backoff { next: initial, cap }
+    }
+
+    fn next(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        // Full jitter between half and all of the step.
+        base.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(received_at: i64, not_after: i64) -> CertInfo {
+        CertInfo {
+            spiffe_id: String::new(),
+            serial: String::new(),
+            not_before: received_at - 60,
+            not_after,
+            received_at,
+        }
+    }
+
+    #[test]
+    fn renews_at_half_life_within_jitter() {
+        let i = info(1000, 1100);
+        assert_eq!(renewal_delay(&i, 1000, 0.5), Duration::from_secs(50));
+        assert_eq!(renewal_delay(&i, 1000, 0.0), Duration::from_secs(40));
+        assert!((renewal_delay(&i, 1000, 0.999_999).as_secs_f64() - 60.0).abs() < 0.01);
+        assert_eq!(
+            renewal_delay(&i, 1080, 0.5),
+            Duration::ZERO,
+            "overdue renews at once"
+        );
+    }
+
+    #[test]
+    fn backoff_grows_to_cap_with_jitter() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
+        let steps: Vec<_> = (0..6).map(|_| b.next()).collect();
+        assert!(steps[0] >= Duration::from_millis(50) && steps[0] <= Duration::from_millis(100));
+        assert!(steps[5] >= Duration::from_millis(400) && steps[5] <= Duration::from_millis(800));
+    }
+}

@@ -1,0 +1,29 @@
+//! Palisade: a zero-trust service-mesh sidecar and its control plane.
+//!
+//! See DESIGN.md for the architecture. Data flows one way: sources → control-plane store →
+//! push → agent cache → immutable snapshots read lock-free by the data plane.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod control;
+pub mod identity;
+pub mod proto;
+pub mod proxy;
+pub mod telemetry;
+pub mod tls;
+
+/// Resolves on SIGTERM or Ctrl-C: the signal every long-running process drains on.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,239 @@
+//! The `palisade` command line. Parsing only; everything else lives in the library.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use palisade::control::{self, ControlArgs, Store};
+use palisade::identity::SpiffeId;
+use palisade::proxy::{self, ProxyArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "palisade",
+    version,
+    about = "Zero-trust service-mesh sidecar: SPIFFE identities, mTLS everywhere, per-request policy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The control plane: CA, issuance, policy push, telemetry, admin API.
+    #[command(args_conflicts_with_subcommands = true)]
+    Control {
+        #[command(subcommand)]
+        command: Option<ControlCommand>,
+        #[command(flatten)]
+        args: ControlArgs,
+    },
+    /// The sidecar proxy.
+    Proxy(Box<ProxyArgs>),
+    /// Install iptables rules for transparent interception (init container).
+    Init,
+    /// Inject the sidecar into Kubernetes YAML.
+    Inject,
+    /// Development certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Offline policy tools: eval, explain, check.
+    Policy,
+    /// What the control plane knows.
+    Status {
+        #[command(subcommand)]
+        command: StatusCommand,
+    },
+    /// The whole mesh on one machine, no root, no Kubernetes.
+    Demo,
+    /// Kubernetes helpers (CRDs).
+    K8s,
+}
+
+#[derive(Subcommand)]
+enum ControlCommand {
+    /// Join tokens for standalone workloads.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// CA operations.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a single-use join token bound to one identity.
+    Create {
+        #[arg(long, env = "PALISADE_STATE_DIR", default_value = "palisade-state")]
+        state_dir: PathBuf,
+        /// The identity the token yields, whatever the CSR asks for.
+        #[arg(long)]
+        identity: SpiffeId,
+        /// How long the token stays redeemable.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Start an overlapping root rotation; the running control plane carries it through.
+    Rotate {
+        #[arg(long, env = "PALISADE_STATE_DIR", default_value = "palisade-state")]
+        state_dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a dev root, intermediate and two workload certificates (local experiments only).
+    Dev {
+        #[arg(long, default_value = "certs-dev")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum StatusCommand {
+    /// The certificate ledger, newest first.
+    Certs {
+        #[arg(long, env = "PALISADE_STATE_DIR", default_value = "palisade-state")]
+        state_dir: PathBuf,
+        /// Only this identity.
+        #[arg(long)]
+        identity: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Output format: `table` or `json`.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
+}
+
+fn not_built(what: &str, issue: u32) -> anyhow::Result<ExitCode> {
+    eprintln!("palisade {what}: not built yet (tracked in issue {issue}); nothing was done");
+    Ok(ExitCode::from(2))
+}
+
+fn main() -> ExitCode {
+    palisade::telemetry::init_tracing();
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Control {
+            command: None,
+            args,
+        } => runtime()?.block_on(control::run(args))?,
+        Command::Control {
+            command:
+                Some(ControlCommand::Token {
+                    command:
+                        TokenCommand::Create {
+                            state_dir,
+                            identity,
+                            ttl,
+                        },
+                }),
+            ..
+        } => {
+            let store = Store::open(&state_dir)?;
+            let token = store.create_join_token(&identity, ttl)?;
+            println!("{token}");
+        }
+        Command::Control {
+            command:
+                Some(ControlCommand::Ca {
+                    command:
+                        CaCommand::Rotate {
+                            state_dir,
+                            trust_domain,
+                        },
+                }),
+            ..
+        } => {
+            let store = Store::open(&state_dir)?;
+            let generation = control::ca_set::start_rotation(&store, &trust_domain)?;
+            println!(
+                "CA generation {generation} created and added to the trust bundle; the running control plane switches signing once it has reached every sidecar"
+            );
+        }
+        Command::Proxy(args) => runtime()?.block_on(proxy::run(*args))?,
+        Command::Certs {
+            command: CertsCommand::Dev { out },
+        } => {
+            let files =
+                palisade::identity::dev::write_dev_certs(&out, Duration::from_secs(30 * 24 * 3600))
+                    .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "wrote {} files to {} (local experiments only; see its README.md)",
+                files.len(),
+                out.display()
+            );
+        }
+        Command::Status {
+            command:
+                StatusCommand::Certs {
+                    state_dir,
+                    identity,
+                    limit,
+                    output,
+                },
+        } => {
+            let store = Store::open(&state_dir)?;
+            let rows = store.certificates(identity.as_deref(), limit)?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<34} {:<52} {:<13} {:<8} NOT AFTER",
+                    "SERIAL", "IDENTITY", "CREDENTIAL", "REVOKED"
+                );
+                for r in rows {
+                    println!(
+                        "{:<34} {:<52} {:<13} {:<8} {}",
+                        r.serial,
+                        r.spiffe_id,
+                        r.credential,
+                        r.revoked,
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + Duration::from_secs(r.not_after.max(0) as u64)
+                        )
+                    );
+                }
+            }
+        }
+        Command::Init => return not_built("init", 4),
+        Command::Inject => return not_built("inject", 7),
+        Command::Policy => return not_built("policy", 5),
+        Command::Demo => return not_built("demo", 6),
+        Command::K8s => return not_built("k8s", 7),
+    }
+    Ok(ExitCode::SUCCESS)
+}

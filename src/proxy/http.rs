@@ -1,0 +1,143 @@
+//! HTTP plumbing shared by inbound and outbound: bodies, hop-by-hop headers, request ids,
+//! proxy-generated error responses.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+
+/// The body every proxy response has: the upstream's streamed body or one we wrote.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Header carrying the request id across the mesh.
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Header naming why the proxy itself refused or failed a request.
+pub static PALISADE_ERROR: HeaderName = HeaderName::from_static("x-palisade-error");
+/// The verified caller identity, set by the inbound sidecar only.
+pub static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// Wraps an upstream body.
+pub fn stream(body: hyper::body::Incoming) -> ProxyBody {
+    body.boxed()
+}
+
+/// A response the proxy writes itself: JSON body with the reason and request id.
+pub fn error_response(status: StatusCode, reason: &str, request_id: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({ "error": reason, "request_id": request_id }).to_string();
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert(REQUEST_ID.clone(), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(reason) {
+        h.insert(PALISADE_ERROR.clone(), v);
+    }
+    resp
+}
+
+/// Removes connection-specific headers (RFC 9110 §7.6.1), including any the `Connection`
+/// header names. They describe one hop and must not cross the proxy.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(n);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// The request id of a request, minting one if the caller sent none.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
+    if let Some(id) = headers
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+    {
+        return id.to_string();
+    }
+    let id = format!("{:032x}", rand::random::<u128>());
+    headers.insert(
+        REQUEST_ID.clone(),
+        HeaderValue::from_str(&id).expect("hex is a valid header value"),
+    );
+    id
+}
+
+/// `2xx`, `4xx`, ... for metrics.
+pub fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// The full error chain as one line, so a 502 says what actually failed.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let msg = s.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        src = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-app"));
+    }
+
+    #[test]
+    fn request_id_is_kept_or_minted() {
+        let mut h = HeaderMap::new();
+        let minted = ensure_request_id(&mut h);
+        assert_eq!(minted.len(), 32);
+        assert_eq!(ensure_request_id(&mut h), minted);
+    }
+}

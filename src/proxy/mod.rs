@@ -1,0 +1,199 @@
+//! `palisade proxy`: the sidecar.
+
+pub mod http;
+pub mod inbound;
+pub mod outbound;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::http::{Method, StatusCode};
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::agent::ControlClient;
+use crate::control::identity_service::control_plane_identity;
+use crate::identity::{CertManager, SpiffeId};
+use crate::telemetry::admin::{self, AdminRequest};
+use crate::telemetry::metrics::Metrics;
+use crate::tls::{CertStore, TrustBundle, config};
+
+pub use outbound::Route;
+
+/// Flags of `palisade proxy`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProxyArgs {
+    /// Control plane gRPC address (host:port).
+    #[arg(long, env = "PALISADE_CONTROL", default_value = "127.0.0.1:15010")]
+    pub control: String,
+    /// PEM roots that anchor the mesh (the control plane writes them to `STATE_DIR/ca/root.pem`).
+    #[arg(long, env = "PALISADE_CA_BUNDLE")]
+    pub ca_bundle: PathBuf,
+    /// File holding a join token for the first certificate.
+    #[arg(long, env = "PALISADE_TOKEN_FILE")]
+    pub token_file: PathBuf,
+    /// mTLS listener for peer sidecars.
+    #[arg(long, env = "PALISADE_INBOUND")]
+    pub inbound: Option<SocketAddr>,
+    /// The local app that inbound requests go to.
+    #[arg(long, env = "PALISADE_APP")]
+    pub app: Option<SocketAddr>,
+    /// Admin HTTP listener (`/ready`, `/live`, `/metrics`, `/config_dump`, `POST /shutdown`).
+    #[arg(long, env = "PALISADE_ADMIN", default_value = "127.0.0.1:15020")]
+    pub admin: SocketAddr,
+    /// Explicit outbound route `LISTEN=TARGET@SPIFFE_ID` (repeatable).
+    #[arg(long = "route", value_name = "LISTEN=TARGET@SPIFFE_ID")]
+    pub routes: Vec<Route>,
+    /// Trust domain; the control plane must prove `spiffe://<td>/ns/palisade-system/sa/palisade-control`.
+    #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Time allowed for an inbound mTLS handshake.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+}
+
+/// Runs the sidecar until SIGTERM, Ctrl-C or `POST /shutdown`.
+pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    crate::tls::install_crypto_provider();
+    let bundle_pem = std::fs::read_to_string(&args.ca_bundle)
+        .with_context(|| format!("reading CA bundle {}", args.ca_bundle.display()))?;
+    let bundle = TrustBundle::from_pem(&bundle_pem)
+        .with_context(|| format!("CA bundle {}", args.ca_bundle.display()))?;
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("reading join token {}", args.token_file.display()))?;
+    if args.inbound.is_some() != args.app.is_some() {
+        anyhow::bail!(
+            "--inbound and --app go together: the inbound side needs an app to forward to"
+        );
+    }
+
+    let metrics = Arc::new(Metrics::new());
+    let certs = CertStore::new();
+    let control = ControlClient::new(
+        &args.control,
+        bundle.clone(),
+        certs.clone(),
+        control_plane_identity(&args.trust_domain),
+    );
+    let manager = CertManager::new(
+        certs.clone(),
+        bundle.clone(),
+        control,
+        metrics.certs.clone(),
+    );
+    let shutdown = Arc::new(tokio::sync::Notify::new());
+
+    // The admin port comes up first, so an orchestrator sees "not ready" rather than nothing.
+    let admin_listener = TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("binding admin {}", args.admin))?;
+    {
+        let manager = manager.clone();
+        let metrics = metrics.clone();
+        let shutdown = shutdown.clone();
+        let dump = serde_json::json!({
+            "inbound": args.inbound,
+            "app": args.app,
+            "routes": args.routes,
+            "control": args.control,
+            "trust_domain": args.trust_domain,
+        });
+        tokio::spawn(admin::serve(admin_listener, move |req: AdminRequest| {
+            let manager = manager.clone();
+            let metrics = metrics.clone();
+            let shutdown = shutdown.clone();
+            let mut dump = dump.clone();
+            async move {
+                match (req.method.clone(), req.path.as_str()) {
+                    (_, "/live") => admin::respond(StatusCode::OK, "text/plain", "ok\n"),
+                    (_, "/ready") if manager.ready() => {
+                        admin::respond(StatusCode::OK, "text/plain", "ready\n")
+                    }
+                    (_, "/ready") => admin::respond(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "not ready: no valid workload certificate\n",
+                    ),
+                    (_, "/metrics") => admin::respond(
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        metrics.render(),
+                    ),
+                    (_, "/config_dump") => {
+                        // Certificate summary only: the private key never leaves the CertStore.
+                        dump["certificate"] =
+                            serde_json::to_value(manager.info().as_deref()).unwrap_or_default();
+                        admin::json(StatusCode::OK, &dump)
+                    }
+                    (Method::POST, "/shutdown") if req.peer.ip().is_loopback() => {
+                        shutdown.notify_one();
+                        admin::respond(StatusCode::OK, "text/plain", "shutting down\n")
+                    }
+                    (_, "/shutdown") => admin::respond(
+                        StatusCode::FORBIDDEN,
+                        "text/plain",
+                        "POST from loopback only\n",
+                    ),
+                    _ => admin::respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+                }
+            }
+        }));
+    }
+
+    let info = manager
+        .bootstrap(&token)
+        .await
+        .context("obtaining the first workload certificate")?;
+    let own_id: SpiffeId = info.spiffe_id.parse()?;
+    tracing::info!(spiffe_id = %own_id, serial = %info.serial, "workload identity obtained");
+    tokio::spawn(manager.clone().run());
+
+    if let (Some(listen), Some(app)) = (args.inbound, args.app) {
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding inbound {listen}"))?;
+        let acceptor = TlsAcceptor::from(config::server_config(
+            certs.clone(),
+            bundle.clone(),
+            true,
+            &[config::ALPN_H2, b"http/1.1"],
+        ));
+        let inbound = Arc::new(inbound::Inbound {
+            own_id: own_id.clone(),
+            app,
+            client: inbound::Inbound::app_client(),
+            metrics: metrics.proxy.clone(),
+            handshake_timeout: args.handshake_timeout,
+        });
+        tokio::spawn(inbound::serve(listener, acceptor, inbound));
+        tracing::info!(%listen, %app, "inbound mTLS listener up");
+    }
+    for route in &args.routes {
+        let listener = TcpListener::bind(route.listen)
+            .await
+            .with_context(|| format!("binding route {}", route.listen))?;
+        let tls = config::client_config(
+            certs.clone(),
+            bundle.clone(),
+            Some(route.identity.clone()),
+            &[config::ALPN_H2],
+        );
+        let out = Arc::new(outbound::Outbound::new(
+            route.clone(),
+            tls,
+            metrics.proxy.clone(),
+        ));
+        tokio::spawn(outbound::serve(listener, out));
+        tracing::info!(listen = %route.listen, target = %route.target, identity = %route.identity, "outbound route up");
+    }
+
+    tokio::select! {
+        _ = crate::shutdown_signal() => {}
+        _ = shutdown.notified() => {}
+    }
+    tracing::info!("sidecar stopping");
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! Outbound: take plaintext HTTP from the local app and carry it to a peer sidecar over pooled
+//! HTTP/2 mTLS connections, accepting only the peer identity the route names.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use super::http::{ProxyBody, ensure_request_id, error_response, stream, strip_hop_by_hop};
+use crate::identity::SpiffeId;
+use crate::telemetry::metrics::ProxyMetrics;
+
+/// One explicit route: a local plaintext listener forwarding to one peer sidecar.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Route {
+    pub listen: SocketAddr,
+    pub target: String,
+    pub identity: SpiffeId,
+}
+
+impl std::str::FromStr for Route {
+    type Err = String;
+
+    /// `LISTEN=TARGET@SPIFFE_ID`, e.g. `127.0.0.1:7001=127.0.0.1:15106@spiffe://cluster.local/ns/shop/sa/orders`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (listen, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("route {s:?}: expected LISTEN=TARGET@SPIFFE_ID"))?;
+        let (target, id) = rest
+            .split_once('@')
+            .ok_or_else(|| format!("route {s:?}: expected LISTEN=TARGET@SPIFFE_ID"))?;
+        Ok(Route {
+            listen: listen
+                .parse()
+                .map_err(|e| format!("route {s:?}: listen address: {e}"))?,
+            target: target.to_string(),
+            identity: id.parse().map_err(|e| format!("route {s:?}: {e}"))?,
+        })
+    }
+}
+
+/// Dials a peer sidecar with mTLS; the handshake fails unless the peer proves the expected ID.
+#[derive(Clone)]
+pub struct MeshConnector {
+    target: String,
+    tls: TlsConnector,
+    connect_timeout: Duration,
+}
+
+impl MeshConnector {
+    /// A connector to `target` that pins the identity built into `tls`.
+    pub fn new(target: String, tls: Arc<rustls::ClientConfig>) -> Self {
+        MeshConnector {
+            target,
+            tls: TlsConnector::from(tls),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// An mTLS connection to a peer sidecar.
+pub struct MeshConn(TokioIo<TlsStream<TcpStream>>);
+
+impl Connection for MeshConn {
+    fn connected(&self) -> Connected {
+        Connected::new().negotiated_h2()
+    }
+}
+
+impl hyper::rt::Read for MeshConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for MeshConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl tower_service::Service<Uri> for MeshConnector {
+    type Response = MeshConn;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = std::io::Result<MeshConn>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let tcp = tokio::time::timeout(this.connect_timeout, TcpStream::connect(&this.target))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("connect to {} timed out", this.target),
+                    )
+                })??;
+            tcp.set_nodelay(true)?;
+            let tls = this.tls.connect(crate::tls::config::sni(), tcp).await?;
+            Ok(MeshConn(TokioIo::new(tls)))
+        })
+    }
+}
+
+/// State of one route's listener.
+pub struct Outbound {
+    pub route: Route,
+    pub client: Client<MeshConnector, Incoming>,
+    pub metrics: Arc<ProxyMetrics>,
+}
+
+impl Outbound {
+    /// An HTTP/2 client that multiplexes every request of the route over pooled mTLS connections.
+    pub fn new(route: Route, tls: Arc<rustls::ClientConfig>, metrics: Arc<ProxyMetrics>) -> Self {
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .http2_keep_alive_timeout(Duration::from_secs(10))
+            .build(MeshConnector::new(route.target.clone(), tls));
+        Outbound {
+            route,
+            client,
+            metrics,
+        }
+    }
+}
+
+/// Serves the route's plaintext listener until the task is dropped.
+pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let outbound = outbound.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let outbound = outbound.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&outbound, req).await) }
+            });
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
+            let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+        });
+    }
+}
+
+async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let request_id = ensure_request_id(req.headers_mut());
+    strip_hop_by_hop(req.headers_mut());
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| out.route.target.clone());
+    // HTTP/2 carries the authority in the URI; a Host header would be redundant.
+    req.headers_mut().remove(header::HOST);
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let uri: Uri = match format!("http://{authority}{pq}").parse() {
+        Ok(u) => u,
+        Err(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid Host or request target",
+                &request_id,
+            );
+        }
+    };
+    *req.uri_mut() = uri;
+    *req.version_mut() = http::Version::HTTP_2;
+    let resp = match out.client.request(req).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, stream(body))
+        }
+        Err(e) => {
+            let reason = format!(
+                "upstream {} ({}): {}",
+                out.route.target,
+                out.route.identity,
+                super::http::error_chain(&e)
+            );
+            tracing::warn!(%request_id, %reason, "outbound request failed");
+            let mut resp = error_response(StatusCode::BAD_GATEWAY, &reason, &request_id);
+            if let Ok(v) = HeaderValue::from_str(&request_id) {
+                resp.headers_mut()
+                    .insert(super::http::REQUEST_ID.clone(), v);
+            }
+            resp
+        }
+    };
+    super::inbound::record(
+        &out.metrics,
+        "outbound",
+        out.route.identity.as_str(),
+        resp.status(),
+        started,
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_route() {
+        let r: Route = "127.0.0.1:7001=127.0.0.1:15106@spiffe://cluster.local/ns/shop/sa/orders"
+            .parse()
+            .unwrap();
+        assert_eq!(r.listen, "127.0.0.1:7001".parse().unwrap());
+        assert_eq!(r.target, "127.0.0.1:15106");
+        assert_eq!(
+            r.identity.as_str(),
+            "spiffe://cluster.local/ns/shop/sa/orders"
+        );
+        assert!("127.0.0.1:7001=127.0.0.1:15106".parse::<Route>().is_err());
+        assert!("127.0.0.1:7001=x@http://nope".parse::<Route>().is_err());
+    }
+}

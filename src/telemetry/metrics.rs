@@ -1,0 +1,125 @@
+//! Prometheus metrics. Names follow `palisade_<area>_<what>_<unit>`.
+
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Label set as name/value pairs.
+pub type Labels = Vec<(String, String)>;
+
+/// Certificate lifecycle metrics of a sidecar.
+#[derive(Default)]
+pub struct CertMetrics {
+    pub expiry: Gauge<i64, AtomicI64>,
+    pub renewals: Family<Labels, Counter>,
+    pub last_renewal: Gauge<i64, AtomicI64>,
+}
+
+impl CertMetrics {
+    /// Records a certificate installed.
+    pub fn record_issued(&self, not_after: i64) {
+        self.expiry.set(not_after);
+        self.last_renewal.set(crate::identity::ca::now_unix());
+        self.renewals
+            .get_or_create(&vec![("result".into(), "success".into())])
+            .inc();
+    }
+}
+
+/// Data-path metrics of a sidecar.
+pub struct ProxyMetrics {
+    pub requests: Family<Labels, Counter>,
+    pub duration: Family<Labels, Histogram>,
+    pub handshake_failures: Family<Labels, Counter>,
+    pub connections_open: Family<Labels, Gauge>,
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        ProxyMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ])
+            }),
+            handshake_failures: Family::default(),
+            connections_open: Family::default(),
+        }
+    }
+}
+
+/// All metrics of one process and the registry that renders them.
+pub struct Metrics {
+    registry: Registry,
+    pub certs: std::sync::Arc<CertMetrics>,
+    pub proxy: std::sync::Arc<ProxyMetrics>,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let certs = std::sync::Arc::new(CertMetrics::default());
+        let proxy = std::sync::Arc::new(ProxyMetrics::default());
+        let mut registry = Registry::with_prefix("palisade");
+        registry.register(
+            "cert_expiry_timestamp_seconds",
+            "Expiry of the workload certificate in service",
+            certs.expiry.clone(),
+        );
+        registry.register(
+            "cert_renewals",
+            "Certificate requests by result",
+            certs.renewals.clone(),
+        );
+        registry.register(
+            "cert_last_renewal_timestamp_seconds",
+            "When the last certificate was installed",
+            certs.last_renewal.clone(),
+        );
+        registry.register(
+            "requests",
+            "Requests by direction, status class and peer identity",
+            proxy.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Request latency through the sidecar by direction",
+            proxy.duration.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "Failed mTLS handshakes by direction and reason",
+            proxy.handshake_failures.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Open connections by direction",
+            proxy.connections_open.clone(),
+        );
+        Metrics {
+            registry,
+            certs,
+            proxy,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,21 @@
+//! Metrics, the admin HTTP server, the access log and tracing setup.
+
+pub mod admin;
+pub mod metrics;
+
+/// Sets up logging to stderr. `PALISADE_LOG` (or `RUST_LOG`) filters; `PALISADE_LOG_FORMAT=json`
+/// switches to JSON lines.
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PALISADE_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("PALISADE_LOG_FORMAT").as_deref() == Ok("json") {
+        let _ = builder.json().try_init();
+    } else {
+        let _ = builder.try_init();
+    }
+}
