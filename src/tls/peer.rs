@@ -6,7 +6,7 @@ use x509_parser::prelude::*;
 use crate::identity::SpiffeId;
 
 /// Why a peer certificate does not name exactly one SPIFFE identity.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(thiserror::Error, PartialEq, Eq)]
 pub enum PeerCertError {
     #[error("peer presented no certificate")]
     NoCertificate,
@@ -18,6 +18,12 @@ pub enum PeerCertError {
     SeveralSpiffeIds,
     #[error("peer certificate SPIFFE ID is invalid: {0}")]
     Invalid(String),
+}
+
+impl std::fmt::Debug for PeerCertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// The one SPIFFE ID in `cert`'s URI SANs, and its serial (lower-case hex).

@@ -20,11 +20,18 @@ use super::TrustBundle;
 use crate::identity::SpiffeId;
 
 /// The server presented a valid chain for an identity other than the expected one.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[error("peer identity mismatch: expected {expected}, got {actual}")]
 pub struct IdentityMismatch {
     pub expected: String,
     pub actual: String,
+}
+
+// rustls renders `OtherError` with `Debug`; make that the readable message operators see.
+impl std::fmt::Debug for IdentityMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// The peer's identity or serial is revoked.
