@@ -64,6 +64,11 @@ impl ControlClient {
         }
     }
 
+    /// A client with a ready-made TLS config (tests use it to present arbitrary certificates).
+    pub fn with_tls_config(addr: &str, tls: Arc<rustls::ClientConfig>) -> Self {
+        ControlClient { addr: addr.to_string(), tls }
+    }
+
     /// A gRPC channel (one connection) to the control plane.
     pub async fn channel(&self) -> Result<Channel, ControlClientError> {
         let addr = self.addr.clone();

@@ -96,8 +96,9 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
                     Ok(Ok(stream)) => {
                         let _ = conn_tx.send(Ok::<_, std::io::Error>(stream)).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "control-plane TLS handshake failed"),
-                    Err(_) => tracing::debug!("control-plane TLS handshake timed out"),
+                    Ok(Err(e)) => tracing::info!(%remote, error = %e,
+                        reason = crate::proxy::inbound::handshake_failure_reason(&e), "control-plane TLS handshake refused"),
+                    Err(_) => tracing::info!(%remote, "control-plane TLS handshake timed out"),
                 }
             });
         }

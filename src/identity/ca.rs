@@ -131,8 +131,19 @@ impl CertificateAuthority {
         dns_names: &[String],
     ) -> Result<IssuedCertificate, CaError> {
         let now = SystemTime::now();
-        let not_before = now - BACKDATE;
-        let not_after = now + ttl;
+        self.sign_workload_valid(id, public_key, now - BACKDATE, now + ttl, dns_names)
+    }
+
+    /// Like [`sign_workload`](Self::sign_workload) with explicit validity. The control plane
+    /// always uses `sign_workload`; this exists so tests can mint expired certificates.
+    pub fn sign_workload_valid(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl PublicKeyData,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        dns_names: &[String],
+    ) -> Result<IssuedCertificate, CaError> {
         let serial = random_serial();
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();

@@ -376,3 +376,116 @@ impl EchoApp {
         EchoApp { addr, hits, task }
     }
 }
+
+/// Steady HTTP traffic against `url` from two kinds of clients at once: one keep-alive pool and
+/// one that opens a new connection per request. Counts successes and failures.
+pub struct Traffic {
+    pub ok: Arc<AtomicU64>,
+    pub failed: Arc<AtomicU64>,
+    pub failures: Arc<parking_lot::Mutex<Vec<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    pub fn start(url: String, every: Duration) -> Traffic {
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tasks = vec![];
+        for keep_alive in [true, false] {
+            let (ok, failed, failures, stop, url) = (ok.clone(), failed.clone(), failures.clone(), stop.clone(), url.clone());
+            tasks.push(tokio::spawn(async move {
+                let pooled = http_client();
+                let mut tick = tokio::time::interval(every);
+                while !stop.load(Ordering::SeqCst) {
+                    tick.tick().await;
+                    let res = if keep_alive {
+                        get(&pooled, &url, &[]).await
+                    } else {
+                        get(&http_client(), &url, &[("connection", "close")]).await
+                    };
+                    match res {
+                        Ok((200, _, _)) => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        other => {
+                            failed.fetch_add(1, Ordering::SeqCst);
+                            failures.lock().push(format!("keep_alive={keep_alive}: {other:?}"));
+                        }
+                    }
+                }
+            }));
+        }
+        Traffic { ok, failed, failures, stop, tasks }
+    }
+
+    /// Stops and waits for in-flight requests; returns (ok, failed).
+    pub async fn finish(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        (self.ok.load(Ordering::SeqCst), self.failed.load(Ordering::SeqCst), self.failures.lock().clone())
+    }
+}
+
+/// The serial (hex) of the certificate a server presents, seen through a fresh TLS handshake
+/// by a client holding `client_cert`; `None` if the handshake fails.
+pub async fn presented_serial(
+    addr: SocketAddr,
+    bundle_pem: &str,
+    client_cert: Option<Arc<rustls::sign::CertifiedKey>>,
+) -> Result<String, String> {
+    palisade::tls::install_crypto_provider();
+    let bundle = palisade::tls::TrustBundle::from_pem(bundle_pem).map_err(|e| e.to_string())?;
+    let store = palisade::tls::CertStore::new();
+    if let Some(c) = client_cert {
+        store.set(c, i64::MAX);
+    }
+    let cfg = palisade::tls::config::client_config(store, bundle, None, &[b"h2"]);
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(palisade::tls::config::sni(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (_, conn) = tls.get_ref();
+    palisade::tls::peer_identity(conn.peer_certificates()).map(|(_, serial)| serial).map_err(|e| e.to_string())
+}
+
+/// Mints a client certificate for `identity` from the control plane's active CA (read from its
+/// store), valid for `ttl`; tests use it to probe inbound listeners.
+pub fn mint_client_cert(state: &Path, identity: &str, ttl: Duration) -> Arc<rustls::sign::CertifiedKey> {
+    let store = palisade::control::Store::open(state).unwrap();
+    let material = store.ca_generations().unwrap().into_iter().find(|g| g.state == "active").unwrap().material;
+    let ca = palisade::identity::CertificateAuthority::load(material).unwrap();
+    certified_by(&ca, identity, std::time::SystemTime::now() + ttl)
+}
+
+pub fn certified_by(
+    ca: &palisade::identity::CertificateAuthority,
+    identity: &str,
+    not_after: std::time::SystemTime,
+) -> Arc<rustls::sign::CertifiedKey> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let issued = ca
+        .sign_workload_valid(&identity.parse().unwrap(), &key, std::time::SystemTime::now() - Duration::from_secs(3600), not_after, &[])
+        .unwrap();
+    let chain = palisade::tls::certs_from_pem(&issued.chain_pem).unwrap();
+    let sk = palisade::tls::provider()
+        .key_provider
+        .load_private_key(rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+            key.serialize_der(),
+        )))
+        .unwrap();
+    Arc::new(rustls::sign::CertifiedKey::new(chain, sk))
+}
+
+/// A counter's value from Prometheus text (sum over series whose line contains `filter`).
+pub fn metric(text: &str, name: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
