@@ -30,7 +30,7 @@ enum Command {
         #[command(subcommand)]
         command: Option<ControlCommand>,
         #[command(flatten)]
-        args: ControlArgs,
+        args: Box<ControlArgs>,
     },
     /// The sidecar proxy.
     Proxy(Box<ProxyArgs>),
@@ -139,28 +139,15 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 fn real_main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Control { command: None, args } => runtime()?.block_on(control::run(*args))?,
         Command::Control {
-            command: None,
-            args,
-        } => runtime()?.block_on(control::run(args))?,
-        Command::Control {
-            command:
-                Some(ControlCommand::Token {
-                    command:
-                        TokenCommand::Create {
-                            state_dir,
-                            identity,
-                            ttl,
-                        },
-                }),
+            command: Some(ControlCommand::Token { command: TokenCommand::Create { state_dir, identity, ttl } }),
             ..
         } => {
             let store = Store::open(&state_dir)?;
@@ -168,14 +155,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             println!("{token}");
         }
         Command::Control {
-            command:
-                Some(ControlCommand::Ca {
-                    command:
-                        CaCommand::Rotate {
-                            state_dir,
-                            trust_domain,
-                        },
-                }),
+            command: Some(ControlCommand::Ca { command: CaCommand::Rotate { state_dir, trust_domain } }),
             ..
         } => {
             let store = Store::open(&state_dir)?;
@@ -185,36 +165,18 @@ fn real_main() -> anyhow::Result<ExitCode> {
             );
         }
         Command::Proxy(args) => runtime()?.block_on(proxy::run(*args))?,
-        Command::Certs {
-            command: CertsCommand::Dev { out },
-        } => {
-            let files =
-                palisade::identity::dev::write_dev_certs(&out, Duration::from_secs(30 * 24 * 3600))
-                    .with_context(|| format!("writing {}", out.display()))?;
-            println!(
-                "wrote {} files to {} (local experiments only; see its README.md)",
-                files.len(),
-                out.display()
-            );
+        Command::Certs { command: CertsCommand::Dev { out } } => {
+            let files = palisade::identity::dev::write_dev_certs(&out, Duration::from_secs(30 * 24 * 3600))
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {} files to {} (local experiments only; see its README.md)", files.len(), out.display());
         }
-        Command::Status {
-            command:
-                StatusCommand::Certs {
-                    state_dir,
-                    identity,
-                    limit,
-                    output,
-                },
-        } => {
+        Command::Status { command: StatusCommand::Certs { state_dir, identity, limit, output } } => {
             let store = Store::open(&state_dir)?;
             let rows = store.certificates(identity.as_deref(), limit)?;
             if output == "json" {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!(
-                    "{:<34} {:<52} {:<13} {:<8} NOT AFTER",
-                    "SERIAL", "IDENTITY", "CREDENTIAL", "REVOKED"
-                );
+                println!("{:<34} {:<52} {:<13} {:<8} NOT AFTER", "SERIAL", "IDENTITY", "CREDENTIAL", "REVOKED");
                 for r in rows {
                     println!(
                         "{:<34} {:<52} {:<13} {:<8} {}",

@@ -2,7 +2,9 @@
 //! telemetry intake and the admin API.
 
 pub mod ca_set;
+pub mod discovery;
 pub mod identity_service;
+pub mod resources;
 pub mod server;
 pub mod store;
 

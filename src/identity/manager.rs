@@ -61,13 +61,7 @@ impl CertManager {
         control: ControlClient,
         metrics: Arc<CertMetrics>,
     ) -> Arc<Self> {
-        Arc::new(CertManager {
-            certs,
-            bundle,
-            control,
-            metrics,
-            info: ArcSwapOption::empty(),
-        })
+        Arc::new(CertManager { certs, bundle, control, metrics, info: ArcSwapOption::empty() })
     }
 
     /// The certificate in service, if any.
@@ -90,10 +84,7 @@ impl CertManager {
     pub async fn bootstrap(&self, token: &str) -> Result<Arc<CertInfo>, CertError> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
-            match self
-                .request(Some(Credential::JoinToken(token.trim().to_string())))
-                .await
-            {
+            match self.request(Some(Credential::JoinToken(token.trim().to_string()))).await {
                 Ok(info) => return Ok(info),
                 Err(CertError::Control(e)) if !e.is_permanent() => {
                     let wait = backoff.next();
@@ -114,17 +105,13 @@ impl CertManager {
             // Backoff cap scales with the lifetime so a short-lived certificate is retried often
             // enough to be renewed before it expires.
             let lifetime = (info.not_after - info.received_at).max(1) as u64;
-            let cap = Duration::from_secs(lifetime / 10)
-                .clamp(Duration::from_secs(1), Duration::from_secs(30));
+            let cap = Duration::from_secs(lifetime / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
             let mut backoff = Backoff::new(Duration::from_millis(250), cap);
             loop {
                 match self.request(None).await {
                     Ok(_) => break,
                     Err(e) => {
-                        self.metrics
-                            .renewals
-                            .get_or_create(&vec![("result".into(), "failure".into())])
-                            .inc();
+                        self.metrics.renewals.get_or_create(&vec![("result".into(), "failure".into())]).inc();
                         let wait = backoff.next();
                         tracing::warn!(error = %e, retry_in = ?wait, expires_in_s = info.not_after - now_unix(),
                             "certificate renewal failed; still serving with the current certificate");
@@ -146,24 +133,15 @@ impl CertManager {
         let (id, serial) = chain
             .first()
             .ok_or_else(|| CertError::BadResponse("empty chain".into()))
-            .and_then(|leaf| {
-                crate::tls::spiffe_id_of(leaf).map_err(|e| CertError::BadResponse(e.to_string()))
-            })?;
+            .and_then(|leaf| crate::tls::spiffe_id_of(leaf).map_err(|e| CertError::BadResponse(e.to_string())))?;
         let signing_key = crate::tls::provider()
             .key_provider
-            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-                key.serialize_der(),
-            )))
+            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
             .map_err(|e| CertError::BadResponse(format!("key: {e}")))?;
         if !resp.trust_bundle_pem.is_empty() {
-            self.bundle
-                .set_roots(&resp.trust_bundle_pem)
-                .map_err(|e| CertError::BadResponse(e.to_string()))?;
+            self.bundle.set_roots(&resp.trust_bundle_pem).map_err(|e| CertError::BadResponse(e.to_string()))?;
         }
-        self.certs.set(
-            Arc::new(CertifiedKey::new(chain, signing_key)),
-            resp.not_after,
-        );
+        self.certs.set(Arc::new(CertifiedKey::new(chain, signing_key)), resp.not_after);
         let info = Arc::new(CertInfo {
             spiffe_id: id.to_string(),
             serial,
@@ -226,11 +204,7 @@ mod tests {
         assert_eq!(renewal_delay(&i, 1000, 0.5), Duration::from_secs(50));
         assert_eq!(renewal_delay(&i, 1000, 0.0), Duration::from_secs(40));
         assert!((renewal_delay(&i, 1000, 0.999_999).as_secs_f64() - 60.0).abs() < 0.01);
-        assert_eq!(
-            renewal_delay(&i, 1080, 0.5),
-            Duration::ZERO,
-            "overdue renews at once"
-        );
+        assert_eq!(renewal_delay(&i, 1080, 0.5), Duration::ZERO, "overdue renews at once");
     }
 
     #[test]

@@ -14,9 +14,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use super::http::{
-    ProxyBody, XFCC, ensure_request_id, error_response, status_class, stream, strip_hop_by_hop,
-};
+use super::http::{ProxyBody, XFCC, ensure_request_id, error_response, status_class, stream, strip_hop_by_hop};
 use crate::identity::SpiffeId;
 use crate::telemetry::metrics::ProxyMetrics;
 
@@ -52,19 +50,14 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, inbound: Arc<In
         let acceptor = acceptor.clone();
         let inbound = inbound.clone();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(inbound.handshake_timeout, acceptor.accept(tcp))
-                .await
-            {
+            let tls = match tokio::time::timeout(inbound.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     let reason = handshake_failure_reason(&e);
                     inbound
                         .metrics
                         .handshake_failures
-                        .get_or_create(&vec![
-                            ("direction".into(), "inbound".into()),
-                            ("reason".into(), reason.into()),
-                        ])
+                        .get_or_create(&vec![("direction".into(), "inbound".into()), ("reason".into(), reason.into())])
                         .inc();
                     tracing::info!(%remote, error = %e, reason, "inbound mTLS handshake refused");
                     return;
@@ -95,10 +88,7 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, inbound: Arc<In
                 async move { Ok::<_, std::convert::Infallible>(handle(&inbound, &peer, req).await) }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
             builder.http2().timer(TokioTimer::new());
             if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
                 tracing::debug!(%remote, error = %e, "inbound connection ended with error");
@@ -112,9 +102,7 @@ pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
     use rustls::{CertificateError as C, Error as E};
     match e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) {
         Some(E::NoCertificatesPresented) => "no_client_certificate",
-        Some(E::InvalidCertificate(C::UnknownIssuer | C::BadSignature | C::BadEncoding)) => {
-            "untrusted_issuer"
-        }
+        Some(E::InvalidCertificate(C::UnknownIssuer | C::BadSignature | C::BadEncoding)) => "untrusted_issuer",
         Some(E::InvalidCertificate(
             C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
         )) => "expired",
@@ -128,11 +116,7 @@ pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
-async fn handle(
-    inbound: &Inbound,
-    peer: &SpiffeId,
-    mut req: Request<Incoming>,
-) -> Response<ProxyBody> {
+async fn handle(inbound: &Inbound, peer: &SpiffeId, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
     let headers = req.headers_mut();
     let request_id = ensure_request_id(headers);
@@ -140,29 +124,18 @@ async fn handle(
     // Only this sidecar may say who the caller is: drop anything that arrived from outside.
     headers.remove(&XFCC);
     let xfcc = format!("By={};URI={}", inbound.own_id, peer);
-    headers.insert(
-        XFCC.clone(),
-        HeaderValue::from_str(&xfcc).expect("SPIFFE IDs are valid header text"),
-    );
+    headers.insert(XFCC.clone(), HeaderValue::from_str(&xfcc).expect("SPIFFE IDs are valid header text"));
     if !headers.contains_key(header::HOST)
         && let Some(auth) = req.uri().authority().map(|a| a.to_string())
         && let Ok(v) = HeaderValue::from_str(&auth)
     {
         req.headers_mut().insert(header::HOST, v);
     }
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+    let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let uri: Uri = match format!("http://{}{}", inbound.app, pq).parse() {
         Ok(u) => u,
         Err(_) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid request target",
-                &request_id,
-            );
+            return error_response(StatusCode::BAD_REQUEST, "invalid request target", &request_id);
         }
     };
     *req.uri_mut() = uri;
@@ -174,33 +147,17 @@ async fn handle(
             Response::from_parts(parts, stream(body))
         }
         Err(e) => {
-            let reason = format!(
-                "app at {} unavailable: {}",
-                inbound.app,
-                super::http::error_chain(&e)
-            );
+            let reason = format!("app at {} unavailable: {}", inbound.app, super::http::error_chain(&e));
             tracing::warn!(%request_id, %reason, "inbound forward failed");
             error_response(StatusCode::BAD_GATEWAY, &reason, &request_id)
         }
     };
-    record(
-        &inbound.metrics,
-        "inbound",
-        peer.as_str(),
-        resp.status(),
-        started,
-    );
+    record(&inbound.metrics, "inbound", peer.as_str(), resp.status(), started);
     resp
 }
 
 /// Counts a finished request.
-pub fn record(
-    metrics: &ProxyMetrics,
-    direction: &str,
-    peer: &str,
-    status: StatusCode,
-    started: Instant,
-) {
+pub fn record(metrics: &ProxyMetrics, direction: &str, peer: &str, status: StatusCode, started: Instant) {
     metrics
         .requests
         .get_or_create(&vec![

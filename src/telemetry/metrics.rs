@@ -25,9 +25,7 @@ impl CertMetrics {
     pub fn record_issued(&self, not_after: i64) {
         self.expiry.set(not_after);
         self.last_renewal.set(crate::identity::ca::now_unix());
-        self.renewals
-            .get_or_create(&vec![("result".into(), "success".into())])
-            .inc();
+        self.renewals.get_or_create(&vec![("result".into(), "success".into())]).inc();
     }
 }
 
@@ -44,10 +42,7 @@ impl Default for ProxyMetrics {
         ProxyMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(|| {
-                Histogram::new([
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0,
-                ])
+                Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
             }),
             handshake_failures: Family::default(),
             connections_open: Family::default(),
@@ -73,21 +68,13 @@ impl Metrics {
             "Expiry of the workload certificate in service",
             certs.expiry.clone(),
         );
-        registry.register(
-            "cert_renewals",
-            "Certificate requests by result",
-            certs.renewals.clone(),
-        );
+        registry.register("cert_renewals", "Certificate requests by result", certs.renewals.clone());
         registry.register(
             "cert_last_renewal_timestamp_seconds",
             "When the last certificate was installed",
             certs.last_renewal.clone(),
         );
-        registry.register(
-            "requests",
-            "Requests by direction, status class and peer identity",
-            proxy.requests.clone(),
-        );
+        registry.register("requests", "Requests by direction, status class and peer identity", proxy.requests.clone());
         registry.register(
             "request_duration_seconds",
             "Request latency through the sidecar by direction",
@@ -98,16 +85,8 @@ impl Metrics {
             "Failed mTLS handshakes by direction and reason",
             proxy.handshake_failures.clone(),
         );
-        registry.register(
-            "connections_open",
-            "Open connections by direction",
-            proxy.connections_open.clone(),
-        );
-        Metrics {
-            registry,
-            certs,
-            proxy,
-        }
+        registry.register("connections_open", "Open connections by direction", proxy.connections_open.clone());
+        Metrics { registry, certs, proxy }
     }
 
     /// The Prometheus text exposition.

@@ -40,9 +40,7 @@ pub struct TrustBundle {
 impl TrustBundle {
     /// A bundle of the roots in `pem`.
     pub fn from_pem(pem: &str) -> Result<Arc<Self>, BundleError> {
-        Ok(Arc::new(TrustBundle {
-            state: ArcSwap::from_pointee(build(pem, HashSet::new(), HashSet::new())?),
-        }))
+        Ok(Arc::new(TrustBundle { state: ArcSwap::from_pointee(build(pem, HashSet::new(), HashSet::new())?) }))
     }
 
     /// The current version.
@@ -94,15 +92,8 @@ fn build(
         roots.add(c).map_err(BundleError::Cert)?;
     }
     let roots = Arc::new(roots);
-    let client_verifier =
-        WebPkiClientVerifier::builder_with_provider(roots.clone(), super::provider())
-            .build()
-            .map_err(|e| BundleError::Verifier(e.to_string()))?;
-    Ok(BundleState {
-        roots,
-        pem: pem.to_string(),
-        client_verifier,
-        revoked_ids,
-        revoked_serials,
-    })
+    let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), super::provider())
+        .build()
+        .map_err(|e| BundleError::Verifier(e.to_string()))?;
+    Ok(BundleState { roots, pem: pem.to_string(), client_verifier, revoked_ids, revoked_serials })
 }

@@ -30,9 +30,7 @@ impl std::fmt::Debug for PeerCertError {
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<(SpiffeId, String), PeerCertError> {
     let (_, cert) = X509Certificate::from_der(cert).map_err(|_| PeerCertError::Malformed)?;
     let serial = crate::identity::ca::hex(cert.raw_serial());
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|_| PeerCertError::Malformed)?;
+    let san = cert.subject_alternative_name().map_err(|_| PeerCertError::Malformed)?;
     let mut found = None;
     for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
         if let GeneralName::URI(uri) = name
@@ -41,23 +39,14 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<(SpiffeId, String), Pee
             if found.is_some() {
                 return Err(PeerCertError::SeveralSpiffeIds);
             }
-            found = Some(
-                uri.parse::<SpiffeId>()
-                    .map_err(|e| PeerCertError::Invalid(e.to_string()))?,
-            );
+            found = Some(uri.parse::<SpiffeId>().map_err(|e| PeerCertError::Invalid(e.to_string()))?);
         }
     }
-    found
-        .map(|id| (id, serial))
-        .ok_or(PeerCertError::NoSpiffeId)
+    found.map(|id| (id, serial)).ok_or(PeerCertError::NoSpiffeId)
 }
 
 /// The identity of the peer of a finished handshake (its end-entity certificate).
-pub fn peer_identity(
-    certs: Option<&[CertificateDer<'_>]>,
-) -> Result<(SpiffeId, String), PeerCertError> {
-    let leaf = certs
-        .and_then(|c| c.first())
-        .ok_or(PeerCertError::NoCertificate)?;
+pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<(SpiffeId, String), PeerCertError> {
+    let leaf = certs.and_then(|c| c.first()).ok_or(PeerCertError::NoCertificate)?;
     spiffe_id_of(leaf)
 }

@@ -12,9 +12,7 @@ use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signat
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme,
-};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme};
 
 use super::TrustBundle;
 use crate::identity::SpiffeId;
@@ -50,11 +48,7 @@ pub struct SpiffeServerVerifier {
 impl SpiffeServerVerifier {
     /// `expected: None` accepts any identity in the trust domain's bundle (used by tests only).
     pub fn new(bundle: Arc<TrustBundle>, expected: Option<SpiffeId>) -> Self {
-        SpiffeServerVerifier {
-            bundle,
-            expected,
-            provider: super::provider(),
-        }
+        SpiffeServerVerifier { bundle, expected, provider: super::provider() }
     }
 }
 
@@ -82,18 +76,15 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        let (id, serial) = super::spiffe_id_of(end_entity).map_err(|e| {
-            Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-        })?;
+        let (id, serial) = super::spiffe_id_of(end_entity)
+            .map_err(|e| Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))?;
         if let Some(expected) = &self.expected
             && *expected != id
         {
-            return Err(Error::InvalidCertificate(CertificateError::Other(
-                OtherError(Arc::new(IdentityMismatch {
-                    expected: expected.to_string(),
-                    actual: id.to_string(),
-                })),
-            )));
+            return Err(Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(IdentityMismatch {
+                expected: expected.to_string(),
+                actual: id.to_string(),
+            })))));
         }
         if state.revoked_ids.contains(id.as_str()) || state.revoked_serials.contains(&serial) {
             return Err(Error::InvalidCertificate(CertificateError::Revoked));
@@ -107,12 +98,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -121,18 +107,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -174,12 +153,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         let state = self.bundle.load();
-        state
-            .client_verifier
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let (id, serial) = super::spiffe_id_of(end_entity).map_err(|e| {
-            Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-        })?;
+        state.client_verifier.verify_client_cert(end_entity, intermediates, now)?;
+        let (id, serial) = super::spiffe_id_of(end_entity)
+            .map_err(|e| Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))?;
         if state.revoked_ids.contains(id.as_str()) || state.revoked_serials.contains(&serial) {
             return Err(Error::InvalidCertificate(CertificateError::Revoked));
         }
@@ -192,10 +168,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.bundle
-            .load()
-            .client_verifier
-            .verify_tls12_signature(message, cert, dss)
+        self.bundle.load().client_verifier.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -204,16 +177,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.bundle
-            .load()
-            .client_verifier
-            .verify_tls13_signature(message, cert, dss)
+        self.bundle.load().client_verifier.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.bundle
-            .load()
-            .client_verifier
-            .supported_verify_schemes()
+        self.bundle.load().client_verifier.supported_verify_schemes()
     }
 }

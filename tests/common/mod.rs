@@ -21,18 +21,12 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_palisade");
 /// A free loopback port. The kernel may hand it out again before the child binds it, but
 /// ephemeral allocation makes that rare on a quiet loopback.
 pub fn free_addr() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
 pub fn tempdir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "palisade-test-{tag}-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("palisade-test-{tag}-{}-{}", std::process::id(), rand::random::<u32>()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -54,11 +48,7 @@ impl Proc {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        Proc {
-            child,
-            log,
-            name: name.to_string(),
-        }
+        Proc { child, log, name: name.to_string() }
     }
 
     pub fn log_text(&self) -> String {
@@ -67,22 +57,13 @@ impl Proc {
 
     /// SIGTERM, then wait up to `within` for exit; returns the exit status.
     pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
+        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
         let deadline = Instant::now() + within;
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
                 return st;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {within:?}\n{}",
-                self.name,
-                self.log_text()
-            );
+            assert!(Instant::now() < deadline, "{} did not exit within {within:?}\n{}", self.name, self.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -111,10 +92,7 @@ where
 {
     let deadline = Instant::now() + timeout;
     while !cond().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -133,18 +111,10 @@ pub async fn get(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = client
-        .request(req.body(Full::new(Bytes::new())).unwrap())
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let resp = client.request(req.body(Full::new(Bytes::new())).unwrap()).await.map_err(|e| format!("{e:?}"))?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
 }
 
@@ -184,13 +154,7 @@ impl ControlPlane {
             status_of(&format!("http://{admin}/ready")).await == Some(200)
         })
         .await;
-        ControlPlane {
-            proc,
-            dir: dir.to_path_buf(),
-            state,
-            listen,
-            admin,
-        }
+        ControlPlane { proc, dir: dir.to_path_buf(), state, listen, admin }
     }
 
     pub fn root_pem_path(&self) -> PathBuf {
@@ -205,11 +169,7 @@ impl ControlPlane {
             .args(["--identity", identity])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "token create failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 }
@@ -229,12 +189,7 @@ pub fn id(sa: &str) -> String {
 impl Sidecar {
     /// Starts a sidecar for `identity` and waits until it is ready. `inbound_app` gives it an
     /// inbound listener forwarding to that app; `routes` are `LISTEN=TARGET@ID` strings.
-    pub async fn start(
-        cp: &ControlPlane,
-        sa: &str,
-        inbound_app: Option<SocketAddr>,
-        routes: &[String],
-    ) -> Sidecar {
+    pub async fn start(cp: &ControlPlane, sa: &str, inbound_app: Option<SocketAddr>, routes: &[String]) -> Sidecar {
         let s = Self::spawn(cp, sa, inbound_app, routes, &[]);
         s.wait_ready().await;
         s
@@ -264,12 +219,7 @@ impl Sidecar {
         ];
         let inbound = inbound_app.map(|app| {
             let inbound = free_addr();
-            args.extend([
-                "--inbound".into(),
-                inbound.to_string(),
-                "--app".into(),
-                app.to_string(),
-            ]);
+            args.extend(["--inbound".into(), inbound.to_string(), "--app".into(), app.to_string()]);
             inbound
         });
         for r in routes {
@@ -277,44 +227,23 @@ impl Sidecar {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let proc = Proc::spawn(&format!("sidecar-{sa}"), &cp.dir, &args);
-        Sidecar {
-            proc,
-            admin,
-            inbound,
-            identity,
-        }
+        Sidecar { proc, admin, inbound, identity }
     }
 
     pub async fn wait_ready(&self) {
         let admin = self.admin;
-        wait_for(
-            &format!("sidecar {} ready", self.identity),
-            Duration::from_secs(30),
-            || async move { status_of(&format!("http://{admin}/ready")).await == Some(200) },
-        )
+        wait_for(&format!("sidecar {} ready", self.identity), Duration::from_secs(30), || async move {
+            status_of(&format!("http://{admin}/ready")).await == Some(200)
+        })
         .await;
     }
 
     pub async fn metrics(&self) -> String {
-        get(
-            &http_client(),
-            &format!("http://{}/metrics", self.admin),
-            &[],
-        )
-        .await
-        .map(|r| r.2)
-        .unwrap_or_default()
+        get(&http_client(), &format!("http://{}/metrics", self.admin), &[]).await.map(|r| r.2).unwrap_or_default()
     }
 
     pub async fn config_dump(&self) -> serde_json::Value {
-        let body = get(
-            &http_client(),
-            &format!("http://{}/config_dump", self.admin),
-            &[],
-        )
-        .await
-        .unwrap()
-        .2;
+        let body = get(&http_client(), &format!("http://{}/config_dump", self.admin), &[]).await.unwrap().2;
         serde_json::from_str(&body).unwrap()
     }
 }
@@ -345,31 +274,27 @@ impl EchoApp {
                 };
                 let counter = counter.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            counter.fetch_add(1, Ordering::SeqCst);
-                            async move {
-                                let mut headers = BTreeMap::new();
-                                for (k, v) in req.headers() {
-                                    headers
-                                        .entry(k.as_str().to_string())
-                                        .or_insert_with(Vec::new)
-                                        .push(v.to_str().unwrap_or("").to_string());
-                                }
-                                let body = serde_json::json!({
-                                    "method": req.method().as_str(),
-                                    "path": req.uri().path(),
-                                    "headers": headers,
-                                });
-                                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                                    Bytes::from(body.to_string()),
-                                )))
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        async move {
+                            let mut headers = BTreeMap::new();
+                            for (k, v) in req.headers() {
+                                headers
+                                    .entry(k.as_str().to_string())
+                                    .or_insert_with(Vec::new)
+                                    .push(v.to_str().unwrap_or("").to_string());
                             }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
+                            let body = serde_json::json!({
+                                "method": req.method().as_str(),
+                                "path": req.uri().path(),
+                                "headers": headers,
+                            });
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                                body.to_string(),
+                            ))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
                 });
             }
         });
@@ -395,7 +320,8 @@ impl Traffic {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut tasks = vec![];
         for keep_alive in [true, false] {
-            let (ok, failed, failures, stop, url) = (ok.clone(), failed.clone(), failures.clone(), stop.clone(), url.clone());
+            let (ok, failed, failures, stop, url) =
+                (ok.clone(), failed.clone(), failures.clone(), stop.clone(), url.clone());
             tasks.push(tokio::spawn(async move {
                 let pooled = http_client();
                 let mut tick = tokio::time::interval(every);
@@ -470,7 +396,13 @@ pub fn certified_by(
 ) -> Arc<rustls::sign::CertifiedKey> {
     let key = rcgen::KeyPair::generate().unwrap();
     let issued = ca
-        .sign_workload_valid(&identity.parse().unwrap(), &key, std::time::SystemTime::now() - Duration::from_secs(3600), not_after, &[])
+        .sign_workload_valid(
+            &identity.parse().unwrap(),
+            &key,
+            std::time::SystemTime::now() - Duration::from_secs(3600),
+            not_after,
+            &[],
+        )
         .unwrap();
     let chain = palisade::tls::certs_from_pem(&issued.chain_pem).unwrap();
     let sk = palisade::tls::provider()
