@@ -63,6 +63,17 @@ enum ControlCommand {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Revoke an identity or one certificate: pushed to every sidecar, which refuses new
+    /// handshakes from it and closes its open connections.
+    Revoke {
+        #[arg(long, env = "PALISADE_STATE_DIR", default_value = "palisade-state")]
+        state_dir: PathBuf,
+        #[arg(long, conflicts_with = "serial", required_unless_present = "serial")]
+        identity: Option<SpiffeId>,
+        /// Certificate serial, hex.
+        #[arg(long)]
+        serial: Option<String>,
+    },
     /// CA operations.
     Ca {
         #[command(subcommand)]
@@ -163,6 +174,17 @@ fn real_main() -> anyhow::Result<ExitCode> {
             println!(
                 "CA generation {generation} created and added to the trust bundle; the running control plane switches signing once it has reached every sidecar"
             );
+        }
+        Command::Control { command: Some(ControlCommand::Revoke { state_dir, identity, serial }), .. } => {
+            let store = Store::open(&state_dir)?;
+            let serial = serial.map(|s| s.trim().trim_start_matches("0x").replace(':', "").to_lowercase());
+            if let Some(s) = &serial
+                && (s.is_empty() || !s.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                anyhow::bail!("--serial {s:?} is not a hex serial number");
+            }
+            store.revoke(identity.as_ref().map(|i| i.as_str()), serial.as_deref())?;
+            println!("revoked {}", identity.map(|i| i.to_string()).or(serial).unwrap_or_default());
         }
         Command::Proxy(args) => runtime()?.block_on(proxy::run(*args))?,
         Command::Certs { command: CertsCommand::Dev { out } } => {

@@ -183,7 +183,8 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         let trust_domain = args.trust_domain.clone();
         let mesh = mesh.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            // Fast enough that a revocation made with the CLI is pushed well within a second.
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
             loop {
                 tick.tick().await;
                 let res: anyhow::Result<()> = (|| {

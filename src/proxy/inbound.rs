@@ -25,6 +25,7 @@ pub struct Inbound {
     pub client: Client<HttpConnector, Incoming>,
     pub metrics: Arc<ProxyMetrics>,
     pub handshake_timeout: Duration,
+    pub bundle: Arc<crate::tls::TrustBundle>,
 }
 
 impl Inbound {
@@ -74,24 +75,45 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, inbound: Arc<In
                     return;
                 }
             };
-            let peer = match crate::tls::peer_identity(tls.get_ref().1.peer_certificates()) {
-                Ok((id, _serial)) => id,
+            let (peer, serial) = match crate::tls::peer_identity(tls.get_ref().1.peer_certificates()) {
+                Ok(found) => found,
                 Err(e) => {
                     tracing::info!(%remote, error = %e, "inbound peer has no usable identity");
                     return;
                 }
             };
             let peer = Arc::new(peer);
-            let svc = hyper::service::service_fn(move |req| {
+            let mut revocations = inbound.bundle.revocations_changed();
+            let svc = {
                 let inbound = inbound.clone();
                 let peer = peer.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&inbound, &peer, req).await) }
-            });
+                hyper::service::service_fn(move |req| {
+                    let inbound = inbound.clone();
+                    let peer = peer.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(&inbound, &peer, req).await) }
+                })
+            };
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
             builder.http2().timer(TokioTimer::new());
-            if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
-                tracing::debug!(%remote, error = %e, "inbound connection ended with error");
+            let conn = builder.serve_connection(TokioIo::new(tls), svc);
+            tokio::pin!(conn);
+            loop {
+                tokio::select! {
+                    res = &mut conn => {
+                        if let Err(e) = res {
+                            tracing::debug!(%remote, error = %e, "inbound connection ended with error");
+                        }
+                        return;
+                    }
+                    // A revocation cuts the peer's open connections, not only its next handshake.
+                    Ok(()) = revocations.changed() => {
+                        if inbound.bundle.is_revoked(peer.as_str(), &serial) {
+                            tracing::warn!(%remote, peer = %peer, %serial, "closing connection of a revoked peer");
+                            return;
+                        }
+                    }
+                }
             }
         });
     }

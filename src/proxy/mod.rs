@@ -201,6 +201,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             client: inbound::Inbound::app_client(),
             metrics: metrics.proxy.clone(),
             handshake_timeout: args.handshake_timeout,
+            bundle: bundle.clone(),
         });
         tokio::spawn(inbound::serve(listener, acceptor, inbound));
         tracing::info!(%listen, %app, "inbound mTLS listener up");
@@ -211,6 +212,13 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         let tls =
             config::client_config(certs.clone(), bundle.clone(), Some(route.identity.clone()), &[config::ALPN_H2]);
         let out = Arc::new(outbound::Outbound::new(route.clone(), tls, metrics.proxy.clone()));
+        let mut revocations = bundle.revocations_changed();
+        let pool = out.clone();
+        tokio::spawn(async move {
+            while revocations.changed().await.is_ok() {
+                pool.reset_pool();
+            }
+        });
         tokio::spawn(outbound::serve(listener, out));
         tracing::info!(listen = %route.listen, target = %route.target, identity = %route.identity, "outbound route up");
     }

@@ -127,22 +127,34 @@ impl tower_service::Service<Uri> for MeshConnector {
 /// State of one route's listener.
 pub struct Outbound {
     pub route: Route,
-    pub client: Client<MeshConnector, Incoming>,
+    /// Replaced (dropping its pooled connections) whenever revocations change, so a revoked
+    /// server is re-judged by a fresh handshake.
+    client: arc_swap::ArcSwap<Client<MeshConnector, Incoming>>,
+    tls: Arc<rustls::ClientConfig>,
     pub metrics: Arc<ProxyMetrics>,
 }
 
 impl Outbound {
     /// An HTTP/2 client that multiplexes every request of the route over pooled mTLS connections.
     pub fn new(route: Route, tls: Arc<rustls::ClientConfig>, metrics: Arc<ProxyMetrics>) -> Self {
-        let client = Client::builder(TokioExecutor::new())
+        let client = arc_swap::ArcSwap::from_pointee(Self::client(&route, tls.clone()));
+        Outbound { route, client, tls, metrics }
+    }
+
+    fn client(route: &Route, tls: Arc<rustls::ClientConfig>) -> Client<MeshConnector, Incoming> {
+        Client::builder(TokioExecutor::new())
             .http2_only(true)
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .http2_keep_alive_timeout(Duration::from_secs(10))
-            .build(MeshConnector::new(route.target.clone(), tls));
-        Outbound { route, client, metrics }
+            .build(MeshConnector::new(route.target.clone(), tls))
+    }
+
+    /// Drops every pooled connection; the next request handshakes afresh.
+    pub fn reset_pool(&self) {
+        self.client.store(Arc::new(Self::client(&self.route, self.tls.clone())));
     }
 }
 
@@ -188,7 +200,8 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
     };
     *req.uri_mut() = uri;
     *req.version_mut() = http::Version::HTTP_2;
-    let resp = match out.client.request(req).await {
+    let client = out.client.load_full();
+    let resp = match client.request(req).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
