@@ -168,7 +168,7 @@ impl Policy {
             let file = format!("{}/{}.rego", p.metadata.namespace, p.metadata.name);
             Engine::Rego(
                 RegoEngine::compile(&file, &rego.module, &rego.entrypoint)
-                    .map_err(CompileError::Rego)?,
+                    .map_err(|e| CompileError::Rego(e.trim().to_string()))?,
             )
         } else {
             Engine::Rules(

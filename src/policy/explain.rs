@@ -24,6 +24,8 @@ pub struct PolicyTrace {
     /// If not selected, why (namespace or label mismatch).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_selected_because: Option<String>,
+    /// This policy decided the request.
+    pub decided: bool,
     /// For a selected policy: a rule matched / the Rego module allowed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub matched: Option<bool>,
@@ -91,7 +93,7 @@ impl fmt::Display for Explanation {
                 )?;
                 continue;
             }
-            writeln!(
+            write!(
                 f,
                 "{}",
                 match t.matched {
@@ -100,8 +102,12 @@ impl fmt::Display for Explanation {
                     Some(false) if t.engine == EngineKind::Rules => "did not match",
                     Some(false) => "did not allow",
                     None => "not evaluated",
-                }
+                },
             )?;
+            if t.decided {
+                write!(f, "  <- decided")?;
+            }
+            writeln!(f)?;
             for line in &t.details {
                 writeln!(f, "      {line}")?;
             }

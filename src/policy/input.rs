@@ -165,8 +165,10 @@ impl Input {
 
     /// The input document as a regorus value (built on first use, shared by every Rego policy).
     pub(crate) fn rego_value(&self) -> &regorus::Value {
-        self.rego
-            .get_or_init(|| regorus::Value::from(self.document().clone()))
+        self.rego.get_or_init(|| {
+            // Deserialising from the borrowed document avoids cloning it first.
+            regorus::Value::deserialize(self.document()).unwrap_or(regorus::Value::Undefined)
+        })
     }
 }
 

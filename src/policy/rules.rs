@@ -62,7 +62,7 @@ impl StrMatch {
             return Err(err(
                 field.to_string(),
                 format!(
-                    "pattern {pattern:?}: a wildcard is allowed only as the whole value, a prefix (`*.example.com`) or a suffix (`/api/*`)"
+                    "pattern {pattern:?}: `*` is allowed only as the whole value, at the start (`*.example.com`) or at the end (`/api/*`)"
                 ),
             ));
         }
@@ -503,7 +503,11 @@ impl CompiledRule {
                 input.method(),
                 input.url_path(),
                 input.destination_port(),
-                input.host(),
+                if input.host().is_empty() {
+                    "<none>"
+                } else {
+                    input.host()
+                },
             ));
         }
         self.when

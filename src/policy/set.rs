@@ -182,7 +182,18 @@ impl PolicySet {
     pub fn explain(&self, input: &Input) -> Explanation {
         let decision = self.decide(input);
         let mut policies = Vec::with_capacity(self.all.len());
-        for p in &self.all {
+        // Evaluation order first (DENY, ALLOW, AUDIT), then the policies that do not apply.
+        let rank = |p: &Policy| match self.workload.as_ref().map(|w| p.selects(&w.id, &w.labels)) {
+            Some(Ok(())) => match p.action() {
+                Action::Deny => 0,
+                Action::Allow => 1,
+                Action::Audit => 2,
+            },
+            _ => 3,
+        };
+        let mut ordered: Vec<&Arc<Policy>> = self.all.iter().collect();
+        ordered.sort_by_key(|p| rank(p));
+        for p in ordered {
             let selection = match &self.workload {
                 Some(w) => p.selects(&w.id, &w.labels),
                 None => Err("no workload".to_string()),
@@ -193,6 +204,7 @@ impl PolicySet {
                 engine: p.engine().kind(),
                 selected: selection.is_ok(),
                 not_selected_because: selection.err(),
+                decided: decision.policy.as_deref() == Some(p.id()),
                 matched: None,
                 details: Vec::new(),
             };
@@ -366,16 +378,38 @@ mod tests {
         assert_eq!(d.policy.as_deref(), Some("shop/z"));
         let e = s.explain(&get(Some(WEB), "/"));
         assert_eq!(e.policies.len(), 3);
-        assert!(!e.policies[0].selected);
+        // Selected policies first, in evaluation order; then the rest, with the reason.
+        assert_eq!(e.policies[0].policy, "shop/z");
+        assert_eq!(e.policies[0].matched, Some(true));
+        assert!(e.policies[0].decided);
+        assert!(!e.policies[1].selected && !e.policies[2].selected);
+        let why: Vec<&str> = e.policies[1..]
+            .iter()
+            .filter_map(|t| t.not_selected_because.as_deref())
+            .collect();
+        assert!(why.iter().any(|w| w.contains("namespace ops")), "{why:?}");
+        assert!(why.iter().any(|w| w.contains("app=web")), "{why:?}");
         assert!(
-            e.policies[1]
-                .not_selected_because
-                .as_deref()
-                .is_some_and(|w| w.contains("app=orders") || w.contains("app=web")),
-            "{:?}",
-            e.policies[1]
+            e.to_string()
+                .contains("shop/z [ALLOW rules] matched  <- decided"),
+            "{e}"
         );
-        assert_eq!(e.policies[2].matched, Some(true));
+    }
+
+    #[test]
+    fn a_broken_reload_keeps_the_previous_set() {
+        let current = set(&policy("all", "ALLOW", "[{}]"), DefaultPolicy::Deny);
+        assert!(current.decide(&get(Some(WEB), "/")).allowed);
+        let broken = policy("all", "ALLOW", "[{to: [{operation: {method: [GET]}}]}]");
+        // The reload path: build a new set only from a load that succeeded.
+        match parse_documents(Path::new("t.yaml"), &broken) {
+            Ok(_) => panic!("a policy with an unknown field must be refused"),
+            Err(e) => assert!(e.to_string().contains("unknown field `method`"), "{e}"),
+        }
+        assert!(
+            current.decide(&get(Some(WEB), "/")).allowed,
+            "old set still decides"
+        );
     }
 
     const ENVOY_AUTHZ: &str = r#"
