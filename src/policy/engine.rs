@@ -172,12 +172,11 @@ impl Policy {
             )
         } else {
             Engine::Rules(
-                RulesEngine::compile(spec.rules.as_deref().unwrap_or_default()).map_err(|e| {
-                    CompileError::Invalid {
+                RulesEngine::compile(spec.rules.as_deref().unwrap_or_default(), spec.action)
+                    .map_err(|e| CompileError::Invalid {
                         field: e.field,
                         message: e.message,
-                    }
-                })?,
+                    })?,
             )
         };
         Ok(Policy {

@@ -32,9 +32,11 @@ pub struct RequestAttributes {
     pub destination: SpiffeId,
     /// The port the caller connected to.
     pub destination_port: u16,
-    /// HTTP method, e.g. `GET`.
+    /// HTTP method, e.g. `GET` (empty for opaque TCP).
+    #[serde(default)]
     pub method: String,
-    /// Path with the query string, e.g. `/orders/7?expand=items`.
+    /// Path with the query string, e.g. `/orders/7?expand=items` (empty for opaque TCP).
+    #[serde(default)]
     pub path: String,
     /// Host (authority) of the request; taken from the `host` header when empty.
     #[serde(default)]
@@ -42,7 +44,7 @@ pub struct RequestAttributes {
     /// `http` or `https`.
     #[serde(default = "default_scheme")]
     pub scheme: String,
-    /// `HTTP/1.1`, `HTTP/2`...
+    /// `HTTP/1.1`, `HTTP/2`..., or `tcp` for an opaque TCP connection.
     #[serde(default = "default_protocol")]
     pub protocol: String,
     /// Request headers; names are compared lower-cased.
@@ -63,6 +65,7 @@ fn default_protocol() -> String {
 #[derive(Debug)]
 pub struct Input {
     attrs: RequestAttributes,
+    http: bool,
     json: OnceLock<Value>,
     rego: OnceLock<regorus::Value>,
 }
@@ -101,6 +104,7 @@ impl Input {
         }
         attrs.source_ip = attrs.source_ip.map(|ip| ip.to_canonical());
         Input {
+            http: !attrs.protocol.eq_ignore_ascii_case("tcp"),
             attrs,
             json: OnceLock::new(),
             rego: OnceLock::new(),
@@ -110,6 +114,11 @@ impl Input {
     /// The attributes as normalised.
     pub fn attributes(&self) -> &RequestAttributes {
         &self.attrs
+    }
+
+    /// False for opaque TCP (`protocol: tcp`), which has no method, path, host or headers.
+    pub fn is_http(&self) -> bool {
+        self.http
     }
 
     /// The caller's SPIFFE ID, if it presented a certificate.

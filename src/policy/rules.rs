@@ -7,13 +7,17 @@
 //! an entry every non-empty field must match; a field matches when the value matches any pattern
 //! and, for the `not*` field, none. A value the request does not have (no principal for a
 //! plaintext caller) matches no positive pattern and no negative one.
+//!
+//! Opaque TCP (`protocol: tcp`) has no method, path, host or headers. As in Istio, a rule that
+//! needs them never matches in an ALLOW policy, and in a DENY policy those fields are ignored, so
+//! that a DENY never becomes weaker because the traffic is not HTTP.
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
 use super::input::Input;
-use super::resource::{self, Port};
+use super::resource::{self, Action, Port};
 
 /// A load-time refusal: which field (a path like `spec.rules[0].to[0].operation.paths[1]`) and
 /// why.
@@ -270,6 +274,8 @@ impl SourceMatcher {
 
 #[derive(Debug, Clone)]
 struct OperationMatcher {
+    /// In a DENY policy, HTTP-only fields are ignored for opaque TCP.
+    deny: bool,
     methods: Clause<StrMatch>,
     paths: Clause<StrMatch>,
     ports: Clause<u16>,
@@ -277,9 +283,10 @@ struct OperationMatcher {
 }
 
 impl OperationMatcher {
-    fn compile(o: &resource::Operation, base: &str) -> Result<Self, RuleError> {
+    fn compile(o: &resource::Operation, base: &str, deny: bool) -> Result<Self, RuleError> {
         let base = format!("{base}.operation");
         Ok(OperationMatcher {
+            deny,
             methods: strings(
                 &o.methods,
                 &o.not_methods,
@@ -296,14 +303,25 @@ impl OperationMatcher {
     }
 
     fn miss(&self, input: &Input) -> Option<&'static str> {
+        if let Err(neg) = self.ports.check(Some(&input.destination_port())) {
+            return Some(if neg { "notPorts" } else { "ports" });
+        }
+        if !input.is_http() {
+            let http_only = [
+                (&self.methods, "methods"),
+                (&self.paths, "paths"),
+                (&self.hosts, "hosts"),
+            ];
+            return match http_only.iter().find(|(c, _)| !c.is_empty()) {
+                Some((_, field)) if !self.deny => Some(field),
+                _ => None,
+            };
+        }
         if let Err(neg) = self.methods.check(Some(input.method())) {
             return Some(if neg { "notMethods" } else { "methods" });
         }
         if let Err(neg) = self.paths.check(Some(input.url_path())) {
             return Some(if neg { "notPaths" } else { "paths" });
-        }
-        if let Err(neg) = self.ports.check(Some(&input.destination_port())) {
-            return Some(if neg { "notPorts" } else { "ports" });
         }
         if !self.hosts.is_empty() {
             // `orders.shop:8080` matches a pattern written with or without the port.
@@ -342,7 +360,8 @@ fn strip_port(host: &str) -> &str {
 /// A `when` condition compiled for its key.
 #[derive(Debug, Clone)]
 enum ConditionMatcher {
-    Header(Box<str>, Clause<StrMatch>),
+    /// Name, patterns, and whether the policy is a DENY (for opaque TCP).
+    Header(Box<str>, Clause<StrMatch>, bool),
     SourcePrincipal(Clause<StrMatch>),
     SourceNamespace(Clause<StrMatch>),
     SourceIp(Clause<IpNet>),
@@ -354,7 +373,7 @@ pub const SUPPORTED_WHEN_KEYS: &str =
     "request.headers[<name>], source.principal, source.namespace, source.ip, destination.port";
 
 impl ConditionMatcher {
-    fn compile(c: &resource::Condition, base: &str) -> Result<Self, RuleError> {
+    fn compile(c: &resource::Condition, base: &str, deny: bool) -> Result<Self, RuleError> {
         if c.values.is_empty() && c.not_values.is_empty() {
             return Err(err(
                 base.to_string(),
@@ -374,6 +393,7 @@ impl ConditionMatcher {
             return Ok(ConditionMatcher::Header(
                 name.to_ascii_lowercase().into(),
                 strings(&c.values, &c.not_values, base, names, same)?,
+                deny,
             ));
         }
         Ok(match key {
@@ -420,7 +440,8 @@ impl ConditionMatcher {
 
     fn matches(&self, input: &Input) -> bool {
         match self {
-            ConditionMatcher::Header(name, c) => c.check(input.header(name)).is_ok(),
+            ConditionMatcher::Header(_, _, deny) if !input.is_http() => *deny,
+            ConditionMatcher::Header(name, c, _) => c.check(input.header(name)).is_ok(),
             ConditionMatcher::SourcePrincipal(c) => c.check(input.source_principal()).is_ok(),
             ConditionMatcher::SourceNamespace(c) => c.check(input.source_namespace()).is_ok(),
             ConditionMatcher::SourceIp(c) => c.check(input.source_ip().as_ref()).is_ok(),
@@ -439,7 +460,7 @@ struct CompiledRule {
 }
 
 impl CompiledRule {
-    fn compile(r: &resource::Rule, base: &str) -> Result<Self, RuleError> {
+    fn compile(r: &resource::Rule, base: &str, deny: bool) -> Result<Self, RuleError> {
         Ok(CompiledRule {
             from: r
                 .from
@@ -451,14 +472,16 @@ impl CompiledRule {
                 .to
                 .iter()
                 .enumerate()
-                .map(|(i, t)| OperationMatcher::compile(&t.operation, &format!("{base}.to[{i}]")))
+                .map(|(i, t)| {
+                    OperationMatcher::compile(&t.operation, &format!("{base}.to[{i}]"), deny)
+                })
                 .collect::<Result<_, _>>()?,
             when: r
                 .when
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    ConditionMatcher::compile(c, &format!("{base}.when[{i}]"))
+                    ConditionMatcher::compile(c, &format!("{base}.when[{i}]"), deny)
                         .map(|m| (c.key.clone(), m))
                 })
                 .collect::<Result<_, _>>()?,
@@ -525,13 +548,14 @@ pub struct RulesEngine {
 }
 
 impl RulesEngine {
-    /// Compiles `spec.rules`; the error names the offending field.
-    pub fn compile(rules: &[resource::Rule]) -> Result<Self, RuleError> {
+    /// Compiles `spec.rules` for a policy with `action`; the error names the offending field.
+    pub fn compile(rules: &[resource::Rule], action: Action) -> Result<Self, RuleError> {
+        let deny = action == Action::Deny;
         Ok(RulesEngine {
             rules: rules
                 .iter()
                 .enumerate()
-                .map(|(i, r)| CompiledRule::compile(r, &format!("spec.rules[{i}]")))
+                .map(|(i, r)| CompiledRule::compile(r, &format!("spec.rules[{i}]"), deny))
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -564,12 +588,12 @@ mod tests {
 
     fn engine(yaml: &str) -> RulesEngine {
         let rules: Vec<resource::Rule> = serde_yaml::from_str(yaml).unwrap();
-        RulesEngine::compile(&rules).unwrap()
+        RulesEngine::compile(&rules, Action::Allow).unwrap()
     }
 
     fn compile_err(yaml: &str) -> RuleError {
         let rules: Vec<resource::Rule> = serde_yaml::from_str(yaml).unwrap();
-        RulesEngine::compile(&rules).unwrap_err()
+        RulesEngine::compile(&rules, Action::Allow).unwrap_err()
     }
 
     const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -720,6 +744,30 @@ mod tests {
         let none = engine("[]");
         assert_eq!(none.first_match(&req(Some(WEB), "GET", "/")), None);
         assert!(none.explain(&req(Some(WEB), "GET", "/")).is_err());
+    }
+
+    #[test]
+    fn opaque_tcp_allow_never_matches_http_fields_deny_ignores_them() {
+        let yaml = r#"
+- from: [{source: {namespaces: ["shop"]}}]
+  to: [{operation: {ports: [8080], methods: ["POST"]}}]
+  when: [{key: "request.headers[x-tenant]", values: ["a"]}]
+"#;
+        let rules: Vec<resource::Rule> = serde_yaml::from_str(yaml).unwrap();
+        let allow = RulesEngine::compile(&rules, Action::Allow).unwrap();
+        let deny = RulesEngine::compile(&rules, Action::Deny).unwrap();
+        let mut a = attrs(Some(WEB), "", "");
+        a.protocol = "tcp".into();
+        let tcp = Input::new(a);
+        assert_eq!(allow.first_match(&tcp), None);
+        assert_eq!(deny.first_match(&tcp), Some(0));
+        let mut a = attrs(Some(WEB), "", "");
+        a.protocol = "TCP".into();
+        a.destination_port = 9090;
+        assert_eq!(deny.first_match(&Input::new(a)), None, "ports still apply");
+        // Over HTTP the method decides for both.
+        assert_eq!(deny.first_match(&req(Some(WEB), "GET", "/")), None);
+        assert_eq!(allow.first_match(&req(Some(WEB), "POST", "/")), Some(0));
     }
 
     #[test]

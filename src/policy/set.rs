@@ -284,6 +284,14 @@ mod tests {
     }
 
     #[test]
+    fn sets_are_shareable_across_workers() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<PolicySet>();
+        check::<Input>();
+        check::<Decision>();
+    }
+
+    #[test]
     fn fail_closed_before_first_policy() {
         let s = PolicySet::fail_closed();
         let d = s.decide(&get(Some(WEB), "/"));
