@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod control;
 pub mod identity;
+pub mod policy;
 pub mod proto;
 pub mod proxy;
 pub mod telemetry;

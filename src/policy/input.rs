@@ -1,0 +1,388 @@
+//! The request as policy sees it.
+//!
+//! [`RequestAttributes`] is what the proxy knows about a request (and what
+//! `palisade policy eval --request FILE.json` reads). [`Input`] wraps it once per request:
+//! the declarative engine reads its fields directly, and the OPA-Envoy compatible JSON document
+//! (`input.attributes...`, `input.parsed_path`, ...) is built lazily, only when a Rego policy or an
+//! explanation needs it, and then shared by every policy of the set.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::identity::SpiffeId;
+
+/// What the proxy knows about one inbound request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestAttributes {
+    /// The caller's SPIFFE ID from its mTLS certificate; `None` for a plaintext caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SpiffeId>,
+    /// The peer address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ip: Option<IpAddr>,
+    /// The peer port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_port: Option<u16>,
+    /// The workload being called (this sidecar's identity).
+    pub destination: SpiffeId,
+    /// The port the caller connected to.
+    pub destination_port: u16,
+    /// HTTP method, e.g. `GET` (empty for opaque TCP).
+    #[serde(default)]
+    pub method: String,
+    /// Path with the query string, e.g. `/orders/7?expand=items` (empty for opaque TCP).
+    #[serde(default)]
+    pub path: String,
+    /// Host (authority) of the request; taken from the `host` header when empty.
+    #[serde(default)]
+    pub host: String,
+    /// `http` or `https`.
+    #[serde(default = "default_scheme")]
+    pub scheme: String,
+    /// `HTTP/1.1`, `HTTP/2`..., or `tcp` for an opaque TCP connection.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// Request headers; names are compared lower-cased.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn default_scheme() -> String {
+    "http".to_string()
+}
+
+fn default_protocol() -> String {
+    "HTTP/1.1".to_string()
+}
+
+/// One request, normalised once (lower-case header names and host, canonical IP) and read by
+/// every policy of a set.
+#[derive(Debug)]
+pub struct Input {
+    attrs: RequestAttributes,
+    http: bool,
+    json: OnceLock<Value>,
+    rego: OnceLock<regorus::Value>,
+}
+
+impl Input {
+    /// Normalises the attributes. Allocates only when a header name or the host has upper case.
+    pub fn new(mut attrs: RequestAttributes) -> Self {
+        if attrs
+            .headers
+            .keys()
+            .any(|k| k.bytes().any(|b| b.is_ascii_uppercase()))
+        {
+            let mut lowered: BTreeMap<String, String> = BTreeMap::new();
+            for (k, v) in std::mem::take(&mut attrs.headers) {
+                lowered
+                    .entry(k.to_ascii_lowercase())
+                    .and_modify(|existing| {
+                        // Repeated headers join with a comma, as Envoy presents them.
+                        existing.push(',');
+                        existing.push_str(&v);
+                    })
+                    .or_insert(v);
+            }
+            attrs.headers = lowered;
+        }
+        if attrs.host.is_empty()
+            && let Some(h) = attrs
+                .headers
+                .get("host")
+                .or(attrs.headers.get(":authority"))
+        {
+            attrs.host = h.clone();
+        }
+        if attrs.host.bytes().any(|b| b.is_ascii_uppercase()) {
+            attrs.host = attrs.host.to_ascii_lowercase();
+        }
+        attrs.source_ip = attrs.source_ip.map(|ip| ip.to_canonical());
+        Input {
+            http: !attrs.protocol.eq_ignore_ascii_case("tcp"),
+            attrs,
+            json: OnceLock::new(),
+            rego: OnceLock::new(),
+        }
+    }
+
+    /// The attributes as normalised.
+    pub fn attributes(&self) -> &RequestAttributes {
+        &self.attrs
+    }
+
+    /// False for opaque TCP (`protocol: tcp`), which has no method, path, host or headers.
+    pub fn is_http(&self) -> bool {
+        self.http
+    }
+
+    /// The caller's SPIFFE ID, if it presented a certificate.
+    pub fn source(&self) -> Option<&SpiffeId> {
+        self.attrs.source.as_ref()
+    }
+
+    /// The caller's SPIFFE ID as text.
+    pub fn source_principal(&self) -> Option<&str> {
+        self.attrs.source.as_ref().map(SpiffeId::as_str)
+    }
+
+    /// The caller's namespace from its SPIFFE ID.
+    pub fn source_namespace(&self) -> Option<&str> {
+        self.attrs.source.as_ref().and_then(SpiffeId::namespace)
+    }
+
+    /// The peer address.
+    pub fn source_ip(&self) -> Option<IpAddr> {
+        self.attrs.source_ip
+    }
+
+    /// The port the caller connected to.
+    pub fn destination_port(&self) -> u16 {
+        self.attrs.destination_port
+    }
+
+    /// The HTTP method.
+    pub fn method(&self) -> &str {
+        &self.attrs.method
+    }
+
+    /// The path without the query string.
+    pub fn url_path(&self) -> &str {
+        let p = &self.attrs.path;
+        p.find('?').map_or(p.as_str(), |i| &p[..i])
+    }
+
+    /// The lower-cased host.
+    pub fn host(&self) -> &str {
+        &self.attrs.host
+    }
+
+    /// A header by lower-case name.
+    pub fn header(&self, lower_name: &str) -> Option<&str> {
+        self.attrs.headers.get(lower_name).map(String::as_str)
+    }
+
+    /// The OPA-Envoy compatible input document (built on first use).
+    pub fn document(&self) -> &Value {
+        self.json.get_or_init(|| build_document(&self.attrs))
+    }
+
+    /// The input document as a regorus value (built on first use, shared by every Rego policy).
+    pub(crate) fn rego_value(&self) -> &regorus::Value {
+        self.rego.get_or_init(|| {
+            // Deserialising from the borrowed document avoids cloning it first.
+            regorus::Value::deserialize(self.document()).unwrap_or(regorus::Value::Undefined)
+        })
+    }
+}
+
+impl From<RequestAttributes> for Input {
+    fn from(attrs: RequestAttributes) -> Self {
+        Input::new(attrs)
+    }
+}
+
+fn identity_doc(id: &SpiffeId) -> Value {
+    json!({
+        "namespace": id.namespace(),
+        "service_account": id.service_account(),
+        "trust_domain": id.trust_domain(),
+    })
+}
+
+fn build_document(a: &RequestAttributes) -> Value {
+    let mut source = Map::new();
+    if let Some(id) = &a.source {
+        source.insert("principal".into(), Value::from(id.as_str()));
+    }
+    if let Some(ip) = a.source_ip {
+        let mut sock = Map::new();
+        sock.insert("address".into(), Value::from(ip.to_string()));
+        if let Some(port) = a.source_port {
+            sock.insert("portValue".into(), Value::from(port));
+        }
+        source.insert("address".into(), json!({ "socketAddress": sock }));
+    }
+    let (path_only, query) = match a.path.split_once('?') {
+        Some((p, q)) => (p, q),
+        None => (a.path.as_str(), ""),
+    };
+    let parsed_path: Vec<Value> = path_only
+        .trim_start_matches('/')
+        .split('/')
+        .map(|s| Value::from(percent_decode(s, false)))
+        .collect();
+    let mut parsed_query: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        parsed_query
+            .entry(percent_decode(k, true))
+            .or_default()
+            .push(Value::from(percent_decode(v, true)));
+    }
+    let mut palisade = Map::new();
+    if let Some(id) = &a.source {
+        palisade.insert("source".into(), identity_doc(id));
+    }
+    palisade.insert("destination".into(), identity_doc(&a.destination));
+    palisade.insert("tls".into(), Value::from(a.source.is_some()));
+    json!({
+        "attributes": {
+            "source": source,
+            "destination": {
+                "principal": a.destination.as_str(),
+                "address": {"socketAddress": {"portValue": a.destination_port}},
+            },
+            "request": {
+                "http": {
+                    "method": a.method,
+                    "path": a.path,
+                    "host": a.host,
+                    "scheme": a.scheme,
+                    "protocol": a.protocol,
+                    "headers": a.headers,
+                }
+            }
+        },
+        "parsed_path": parsed_path,
+        "parsed_query": parsed_query,
+        "palisade": palisade,
+    })
+}
+
+/// `%XX` decoding as Go's `url.PathUnescape`/`QueryUnescape` (which OPA-Envoy uses); a malformed
+/// escape is kept literally rather than refused, since the proxy already accepted the request.
+fn percent_decode(s: &str, plus_is_space: bool) -> String {
+    if !s.contains(['%', '+']) {
+        return s.to_string();
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = |b: u8| (b as char).to_digit(16);
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b'+' if plus_is_space => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn attrs(source: Option<&str>, method: &str, path: &str) -> RequestAttributes {
+        RequestAttributes {
+            source: source.map(|s| s.parse().unwrap()),
+            source_ip: Some("10.1.2.3".parse().unwrap()),
+            source_port: Some(40000),
+            destination: "spiffe://cluster.local/ns/shop/sa/orders".parse().unwrap(),
+            destination_port: 8080,
+            method: method.into(),
+            path: path.into(),
+            host: "Orders.shop:8080".into(),
+            scheme: "http".into(),
+            protocol: "HTTP/1.1".into(),
+            headers: BTreeMap::from([("X-Tenant".to_string(), "a".to_string())]),
+        }
+    }
+
+    #[test]
+    fn document_is_opa_envoy_shaped() {
+        let input = Input::new(attrs(
+            Some("spiffe://cluster.local/ns/shop/sa/web"),
+            "GET",
+            "/orders/7%20x?expand=items&expand=price&q=a+b",
+        ));
+        let d = input.document();
+        assert_eq!(
+            d["attributes"]["source"]["principal"],
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert_eq!(
+            d["attributes"]["source"]["address"]["socketAddress"]["address"],
+            "10.1.2.3"
+        );
+        assert_eq!(
+            d["attributes"]["source"]["address"]["socketAddress"]["portValue"],
+            40000
+        );
+        assert_eq!(
+            d["attributes"]["destination"]["principal"],
+            "spiffe://cluster.local/ns/shop/sa/orders"
+        );
+        assert_eq!(d["attributes"]["request"]["http"]["method"], "GET");
+        assert_eq!(
+            d["attributes"]["request"]["http"]["host"],
+            "orders.shop:8080"
+        );
+        assert_eq!(
+            d["attributes"]["request"]["http"]["headers"]["x-tenant"],
+            "a"
+        );
+        assert_eq!(d["parsed_path"], json!(["orders", "7 x"]));
+        assert_eq!(d["parsed_query"]["expand"], json!(["items", "price"]));
+        assert_eq!(d["parsed_query"]["q"], json!(["a b"]));
+        assert_eq!(d["palisade"]["source"]["namespace"], "shop");
+        assert_eq!(d["palisade"]["source"]["service_account"], "web");
+        assert_eq!(
+            d["palisade"]["destination"]["trust_domain"],
+            "cluster.local"
+        );
+        assert_eq!(d["palisade"]["tls"], true);
+        assert_eq!(input.url_path(), "/orders/7%20x");
+    }
+
+    #[test]
+    fn plaintext_caller_has_no_principal() {
+        let input = Input::new(attrs(None, "GET", "/"));
+        let d = input.document();
+        assert!(d["attributes"]["source"].get("principal").is_none());
+        assert!(d["palisade"].get("source").is_none());
+        assert_eq!(d["palisade"]["tls"], false);
+        assert_eq!(d["parsed_path"], json!([""]));
+    }
+
+    #[test]
+    fn request_json_shape() {
+        let a: RequestAttributes = serde_json::from_str(
+            r#"{"source":"spiffe://cluster.local/ns/shop/sa/web","source_ip":"10.0.0.9",
+                "destination":"spiffe://cluster.local/ns/shop/sa/orders","destination_port":8080,
+                "method":"GET","path":"/orders","headers":{"Host":"orders"}}"#,
+        )
+        .unwrap();
+        let input = Input::new(a);
+        assert_eq!(input.host(), "orders");
+        assert_eq!(input.attributes().scheme, "http");
+        assert!(
+            serde_json::from_str::<RequestAttributes>(r#"{"destination":"x"}"#).is_err(),
+            "a bad SPIFFE ID is refused"
+        );
+    }
+
+    #[test]
+    fn percent_decoding_keeps_malformed_escapes() {
+        assert_eq!(percent_decode("a%2Fb", false), "a/b");
+        assert_eq!(percent_decode("100%", false), "100%");
+        assert_eq!(percent_decode("%zz", false), "%zz");
+        assert_eq!(percent_decode("a+b", false), "a+b");
+    }
+}

@@ -1,0 +1,296 @@
+//! The Rego engine: a module compiled once by `regorus` when the policy loads, evaluated per
+//! request against the shared input document.
+//!
+//! `regorus::CompiledPolicy` is `Send + Sync`; each evaluation builds a light interpreter from it,
+//! so workers never contend on a lock.
+//!
+//! A result is either a boolean or an object `{allowed, http_status, headers, body}` (the
+//! OPA-Envoy shape). Anything else — undefined, another type, an evaluation error — is "not
+//! allowed" with a reason: the engine fails closed.
+
+use std::collections::BTreeMap;
+
+use super::input::Input;
+
+/// A Rego module compiled for one entrypoint.
+#[derive(Clone)]
+pub struct RegoEngine {
+    compiled: regorus::CompiledPolicy,
+    rule: String,
+}
+
+impl std::fmt::Debug for RegoEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegoEngine")
+            .field("rule", &self.rule)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a Rego policy said about one request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegoVerdict {
+    /// The policy's answer; `false` on anything unexpected.
+    pub allowed: bool,
+    /// Why, in words (always set when not allowed).
+    pub reason: String,
+    /// `http_status` from an object result.
+    pub http_status: Option<u16>,
+    /// `headers` from an object result.
+    pub headers: BTreeMap<String, String>,
+    /// `body` from an object result.
+    pub body: Option<String>,
+}
+
+/// Turns `shop/orders/allow` (or `data.shop.orders.allow`) into `data.shop.orders.allow`.
+pub fn entrypoint_rule(entrypoint: &str) -> Result<String, String> {
+    let trimmed = entrypoint.trim();
+    let path = trimmed
+        .strip_prefix("data.")
+        .or_else(|| trimmed.strip_prefix("data/"))
+        .unwrap_or(trimmed)
+        .trim_start_matches('/');
+    let parts: Vec<&str> = path.split(['/', '.']).collect();
+    let ident = |s: &str| {
+        let mut b = s.bytes();
+        b.next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
+            && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
+    };
+    if parts.iter().all(|p| ident(p)) {
+        Ok(format!("data.{}", parts.join(".")))
+    } else {
+        Err(format!(
+            "entrypoint {entrypoint:?} is not a rule path like `package/path/rule`"
+        ))
+    }
+}
+
+impl RegoEngine {
+    /// Parses and compiles `module`; `file_name` appears in error positions
+    /// (`shop/orders.rego:3:5`). The error text is regorus's, which carries line and column.
+    pub fn compile(file_name: &str, module: &str, entrypoint: &str) -> Result<Self, String> {
+        let rule = entrypoint_rule(entrypoint)?;
+        let mut engine = regorus::Engine::new();
+        engine
+            .add_policy(file_name.to_string(), module.to_string())
+            .map_err(|e| e.to_string())?;
+        let compiled = engine
+            .compile_with_entrypoint(&rule.as_str().into())
+            .map_err(|e| format!("entrypoint {rule}: {e}"))?;
+        Ok(RegoEngine { compiled, rule })
+    }
+
+    /// The rule evaluated, e.g. `data.shop.orders.allow`.
+    pub fn rule(&self) -> &str {
+        &self.rule
+    }
+
+    /// Evaluates the entrypoint for one request.
+    pub fn evaluate(&self, input: &Input) -> RegoVerdict {
+        match self.compiled.eval_with_input(input.rego_value().clone()) {
+            Ok(v) => interpret(&self.rule, &v),
+            Err(e) => deny(format!("{} failed: {e}", self.rule)),
+        }
+    }
+}
+
+fn deny(reason: String) -> RegoVerdict {
+    RegoVerdict {
+        allowed: false,
+        reason,
+        ..RegoVerdict::default()
+    }
+}
+
+fn interpret(rule: &str, v: &regorus::Value) -> RegoVerdict {
+    use regorus::Value;
+    match v {
+        Value::Bool(true) => RegoVerdict {
+            allowed: true,
+            reason: format!("{rule} is true"),
+            ..RegoVerdict::default()
+        },
+        Value::Bool(false) => deny(format!("{rule} is false")),
+        Value::Undefined => deny(format!("{rule} is undefined")),
+        Value::Object(obj) => {
+            let get = |k: &str| obj.get(&Value::from(k));
+            let allowed = match get("allowed") {
+                Some(Value::Bool(b)) => *b,
+                _ => return deny(format!("{rule}: result object has no boolean `allowed`")),
+            };
+            let http_status = match get("http_status") {
+                None => None,
+                Some(s) => match s.as_u16() {
+                    Ok(n) if (100..=599).contains(&n) => Some(n),
+                    _ => return deny(format!("{rule}: `http_status` is not an HTTP status")),
+                },
+            };
+            let mut headers = BTreeMap::new();
+            match get("headers") {
+                None => {}
+                Some(Value::Object(h)) => {
+                    for (k, v) in h.iter() {
+                        match (k, v) {
+                            (Value::String(k), Value::String(v)) => {
+                                headers.insert(k.to_string(), v.to_string());
+                            }
+                            _ => {
+                                return deny(format!(
+                                    "{rule}: `headers` must map strings to strings"
+                                ));
+                            }
+                        }
+                    }
+                }
+                Some(_) => return deny(format!("{rule}: `headers` is not an object")),
+            }
+            let body = match get("body") {
+                None => None,
+                Some(Value::String(s)) => Some(s.to_string()),
+                Some(_) => return deny(format!("{rule}: `body` is not a string")),
+            };
+            RegoVerdict {
+                allowed,
+                reason: format!("{rule}.allowed is {allowed}"),
+                http_status,
+                headers,
+                body,
+            }
+        }
+        other => deny(format!(
+            "{rule} returned {}, not a boolean or an object",
+            other
+                .to_json_str()
+                .unwrap_or_else(|_| "an unprintable value".into())
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::input::tests::attrs;
+
+    const ENVOY: &str = r#"
+package envoy.authz
+
+default allow := false
+
+allow if {
+    input.attributes.request.http.method == "GET"
+    startswith(input.parsed_path[0], "orders")
+}
+"#;
+
+    fn input(method: &str, path: &str) -> Input {
+        Input::new(attrs(
+            Some("spiffe://cluster.local/ns/shop/sa/web"),
+            method,
+            path,
+        ))
+    }
+
+    #[test]
+    fn engine_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<RegoEngine>();
+    }
+
+    #[test]
+    fn entrypoints() {
+        assert_eq!(
+            entrypoint_rule("shop/orders/allow").unwrap(),
+            "data.shop.orders.allow"
+        );
+        assert_eq!(
+            entrypoint_rule("data.envoy.authz.allow").unwrap(),
+            "data.envoy.authz.allow"
+        );
+        assert_eq!(
+            entrypoint_rule("/envoy/authz/allow").unwrap(),
+            "data.envoy.authz.allow"
+        );
+        assert!(entrypoint_rule("envoy/authz/al low").is_err());
+        assert!(entrypoint_rule("").is_err());
+    }
+
+    #[test]
+    fn opa_envoy_policy_runs_unchanged() {
+        let e = RegoEngine::compile("envoy.rego", ENVOY, "envoy/authz/allow").unwrap();
+        assert!(e.evaluate(&input("GET", "/orders/7")).allowed);
+        assert!(e.evaluate(&input("GET", "/ordersummary")).allowed);
+        let v = e.evaluate(&input("POST", "/orders/7"));
+        assert!(!v.allowed);
+        assert!(
+            v.reason.contains("data.envoy.authz.allow is false"),
+            "{}",
+            v.reason
+        );
+        assert!(!e.evaluate(&input("GET", "/admin")).allowed);
+    }
+
+    #[test]
+    fn object_results_carry_status_headers_body() {
+        let m = r#"
+package shop.orders
+result := {"allowed": false, "http_status": 451, "headers": {"x-why": "law"}, "body": "no"} if input.attributes.request.http.method == "DELETE"
+result := {"allowed": true} if input.attributes.request.http.method != "DELETE"
+"#;
+        let e = RegoEngine::compile("o.rego", m, "shop/orders/result").unwrap();
+        let v = e.evaluate(&input("DELETE", "/"));
+        assert!(!v.allowed);
+        assert_eq!(v.http_status, Some(451));
+        assert_eq!(v.headers.get("x-why").map(String::as_str), Some("law"));
+        assert_eq!(v.body.as_deref(), Some("no"));
+        assert!(e.evaluate(&input("GET", "/")).allowed);
+    }
+
+    #[test]
+    fn unexpected_results_fail_closed() {
+        for (body, why) in [
+            ("r := 1", "not a boolean or an object"),
+            (r#"r := {"allow": true}"#, "no boolean `allowed`"),
+            (
+                r#"r := {"allowed": true, "http_status": "x"}"#,
+                "not an HTTP status",
+            ),
+            ("r if false", "undefined"),
+        ] {
+            let e = RegoEngine::compile("t.rego", &format!("package t\n{body}\n"), "t/r").unwrap();
+            let v = e.evaluate(&input("GET", "/"));
+            assert!(!v.allowed, "{body}");
+            assert!(v.reason.contains(why), "{body}: {}", v.reason);
+        }
+    }
+
+    #[test]
+    fn uses_palisade_extras_and_headers() {
+        let m = r#"
+package p
+allow if {
+    input.palisade.source.namespace == "shop"
+    input.palisade.tls
+    input.attributes.request.http.headers["x-tenant"] == "a"
+    input.attributes.source.address.socketAddress.address == "10.1.2.3"
+}
+"#;
+        let e = RegoEngine::compile("p.rego", m, "p/allow").unwrap();
+        assert!(e.evaluate(&input("GET", "/")).allowed);
+        let plain = Input::new(attrs(None, "GET", "/"));
+        assert!(!e.evaluate(&plain).allowed);
+    }
+
+    #[test]
+    fn compile_errors_carry_a_position() {
+        let err = RegoEngine::compile(
+            "shop/bad.rego",
+            "package p\nallow if {\n  input.x ==\n}\n",
+            "p/allow",
+        )
+        .unwrap_err();
+        assert!(err.contains("shop/bad.rego:"), "{err}");
+        let err = RegoEngine::compile("p.rego", ENVOY, "envoy/authz/nope").unwrap_err();
+        assert!(!err.is_empty());
+    }
+}
