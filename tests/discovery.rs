@@ -51,7 +51,10 @@ async fn resources_reach_only_the_selected_sidecars_and_edits_apply_within_a_sec
     let web_version = web.config_dump().await["mesh"]["version"].clone();
     let edited = Instant::now();
     std::fs::write(resources.join("pa.yaml"), PERMISSIVE_ORDERS.replace("PERMISSIVE", "STRICT")).unwrap();
-    wait_for("edit applied", Duration::from_secs(5), || async { orders.config_dump().await["mesh"]["peer_auth"] == "Strict" }).await;
+    wait_for("edit applied", Duration::from_secs(5), || async {
+        orders.config_dump().await["mesh"]["peer_auth"] == "Strict"
+    })
+    .await;
     assert!(edited.elapsed() < Duration::from_secs(1), "took {:?}", edited.elapsed());
     assert_eq!(web.config_dump().await["mesh"]["version"], web_version, "web's snapshot did not change, so no push");
 
@@ -64,8 +67,11 @@ async fn resources_reach_only_the_selected_sidecars_and_edits_apply_within_a_sec
     .await;
 
     // A broken file is reported with file and document, and the last good content stays.
-    std::fs::write(resources.join("pa.yaml"), "apiVersion: palisade.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: x}\nspec: {}\n")
-        .unwrap();
+    std::fs::write(
+        resources.join("pa.yaml"),
+        "apiVersion: palisade.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: x}\nspec: {}\n",
+    )
+    .unwrap();
     wait_for("error reported", Duration::from_secs(5), || async {
         let body = get(&http_client(), &format!("http://{}/v1/resources/errors", cp.admin), &[]).await.unwrap().2;
         body.contains("pa.yaml: document 0") && body.contains("metadata.namespace")

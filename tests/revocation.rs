@@ -19,7 +19,10 @@ async fn a_revoked_identity_is_refused_by_every_sidecar_within_a_second() {
         &cp,
         "a",
         None,
-        &[format!("{a_to_b}={}@{}", b.inbound.unwrap(), id("b")), format!("{a_to_d}={}@{}", d.inbound.unwrap(), id("d"))],
+        &[
+            format!("{a_to_b}={}@{}", b.inbound.unwrap(), id("b")),
+            format!("{a_to_d}={}@{}", d.inbound.unwrap(), id("d")),
+        ],
     )
     .await;
     let _c = Sidecar::start(&cp, "c", None, &[format!("{c_to_b}={}@{}", b.inbound.unwrap(), id("b"))]).await;
@@ -45,9 +48,8 @@ async fn a_revoked_identity_is_refused_by_every_sidecar_within_a_second() {
         tokio::spawn(conn);
         sender
     };
-    let req = || {
-        http::Request::get("/").header("host", "b").body(http_body_util::Full::new(bytes::Bytes::new())).unwrap()
-    };
+    let req =
+        || http::Request::get("/").header("host", "b").body(http_body_util::Full::new(bytes::Bytes::new())).unwrap();
     assert_eq!(held.send_request(req()).await.unwrap().status(), 200, "held connection works before revocation");
 
     let revoked_at = Instant::now();

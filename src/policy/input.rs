@@ -73,11 +73,7 @@ pub struct Input {
 impl Input {
     /// Normalises the attributes. Allocates only when a header name or the host has upper case.
     pub fn new(mut attrs: RequestAttributes) -> Self {
-        if attrs
-            .headers
-            .keys()
-            .any(|k| k.bytes().any(|b| b.is_ascii_uppercase()))
-        {
+        if attrs.headers.keys().any(|k| k.bytes().any(|b| b.is_ascii_uppercase())) {
             let mut lowered: BTreeMap<String, String> = BTreeMap::new();
             for (k, v) in std::mem::take(&mut attrs.headers) {
                 lowered
@@ -92,10 +88,7 @@ impl Input {
             attrs.headers = lowered;
         }
         if attrs.host.is_empty()
-            && let Some(h) = attrs
-                .headers
-                .get("host")
-                .or(attrs.headers.get(":authority"))
+            && let Some(h) = attrs.headers.get("host").or(attrs.headers.get(":authority"))
         {
             attrs.host = h.clone();
         }
@@ -103,12 +96,7 @@ impl Input {
             attrs.host = attrs.host.to_ascii_lowercase();
         }
         attrs.source_ip = attrs.source_ip.map(|ip| ip.to_canonical());
-        Input {
-            http: !attrs.protocol.eq_ignore_ascii_case("tcp"),
-            attrs,
-            json: OnceLock::new(),
-            rego: OnceLock::new(),
-        }
+        Input { http: !attrs.protocol.eq_ignore_ascii_case("tcp"), attrs, json: OnceLock::new(), rego: OnceLock::new() }
     }
 
     /// The attributes as normalised.
@@ -212,18 +200,12 @@ fn build_document(a: &RequestAttributes) -> Value {
         Some((p, q)) => (p, q),
         None => (a.path.as_str(), ""),
     };
-    let parsed_path: Vec<Value> = path_only
-        .trim_start_matches('/')
-        .split('/')
-        .map(|s| Value::from(percent_decode(s, false)))
-        .collect();
+    let parsed_path: Vec<Value> =
+        path_only.trim_start_matches('/').split('/').map(|s| Value::from(percent_decode(s, false))).collect();
     let mut parsed_query: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        parsed_query
-            .entry(percent_decode(k, true))
-            .or_default()
-            .push(Value::from(percent_decode(v, true)));
+        parsed_query.entry(percent_decode(k, true)).or_default().push(Value::from(percent_decode(v, true)));
     }
     let mut palisade = Map::new();
     if let Some(id) = &a.source {
@@ -313,40 +295,19 @@ pub(crate) mod tests {
             "/orders/7%20x?expand=items&expand=price&q=a+b",
         ));
         let d = input.document();
-        assert_eq!(
-            d["attributes"]["source"]["principal"],
-            "spiffe://cluster.local/ns/shop/sa/web"
-        );
-        assert_eq!(
-            d["attributes"]["source"]["address"]["socketAddress"]["address"],
-            "10.1.2.3"
-        );
-        assert_eq!(
-            d["attributes"]["source"]["address"]["socketAddress"]["portValue"],
-            40000
-        );
-        assert_eq!(
-            d["attributes"]["destination"]["principal"],
-            "spiffe://cluster.local/ns/shop/sa/orders"
-        );
+        assert_eq!(d["attributes"]["source"]["principal"], "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(d["attributes"]["source"]["address"]["socketAddress"]["address"], "10.1.2.3");
+        assert_eq!(d["attributes"]["source"]["address"]["socketAddress"]["portValue"], 40000);
+        assert_eq!(d["attributes"]["destination"]["principal"], "spiffe://cluster.local/ns/shop/sa/orders");
         assert_eq!(d["attributes"]["request"]["http"]["method"], "GET");
-        assert_eq!(
-            d["attributes"]["request"]["http"]["host"],
-            "orders.shop:8080"
-        );
-        assert_eq!(
-            d["attributes"]["request"]["http"]["headers"]["x-tenant"],
-            "a"
-        );
+        assert_eq!(d["attributes"]["request"]["http"]["host"], "orders.shop:8080");
+        assert_eq!(d["attributes"]["request"]["http"]["headers"]["x-tenant"], "a");
         assert_eq!(d["parsed_path"], json!(["orders", "7 x"]));
         assert_eq!(d["parsed_query"]["expand"], json!(["items", "price"]));
         assert_eq!(d["parsed_query"]["q"], json!(["a b"]));
         assert_eq!(d["palisade"]["source"]["namespace"], "shop");
         assert_eq!(d["palisade"]["source"]["service_account"], "web");
-        assert_eq!(
-            d["palisade"]["destination"]["trust_domain"],
-            "cluster.local"
-        );
+        assert_eq!(d["palisade"]["destination"]["trust_domain"], "cluster.local");
         assert_eq!(d["palisade"]["tls"], true);
         assert_eq!(input.url_path(), "/orders/7%20x");
     }

@@ -21,9 +21,7 @@ pub struct RegoEngine {
 
 impl std::fmt::Debug for RegoEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegoEngine")
-            .field("rule", &self.rule)
-            .finish_non_exhaustive()
+        f.debug_struct("RegoEngine").field("rule", &self.rule).finish_non_exhaustive()
     }
 }
 
@@ -53,16 +51,13 @@ pub fn entrypoint_rule(entrypoint: &str) -> Result<String, String> {
     let parts: Vec<&str> = path.split(['/', '.']).collect();
     let ident = |s: &str| {
         let mut b = s.bytes();
-        b.next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
+        b.next().is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
             && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
     };
     if parts.iter().all(|p| ident(p)) {
         Ok(format!("data.{}", parts.join(".")))
     } else {
-        Err(format!(
-            "entrypoint {entrypoint:?} is not a rule path like `package/path/rule`"
-        ))
+        Err(format!("entrypoint {entrypoint:?} is not a rule path like `package/path/rule`"))
     }
 }
 
@@ -72,12 +67,9 @@ impl RegoEngine {
     pub fn compile(file_name: &str, module: &str, entrypoint: &str) -> Result<Self, String> {
         let rule = entrypoint_rule(entrypoint)?;
         let mut engine = regorus::Engine::new();
-        engine
-            .add_policy(file_name.to_string(), module.to_string())
-            .map_err(|e| e.to_string())?;
-        let compiled = engine
-            .compile_with_entrypoint(&rule.as_str().into())
-            .map_err(|e| format!("entrypoint {rule}: {e}"))?;
+        engine.add_policy(file_name.to_string(), module.to_string()).map_err(|e| e.to_string())?;
+        let compiled =
+            engine.compile_with_entrypoint(&rule.as_str().into()).map_err(|e| format!("entrypoint {rule}: {e}"))?;
         Ok(RegoEngine { compiled, rule })
     }
 
@@ -96,21 +88,13 @@ impl RegoEngine {
 }
 
 fn deny(reason: String) -> RegoVerdict {
-    RegoVerdict {
-        allowed: false,
-        reason,
-        ..RegoVerdict::default()
-    }
+    RegoVerdict { allowed: false, reason, ..RegoVerdict::default() }
 }
 
 fn interpret(rule: &str, v: &regorus::Value) -> RegoVerdict {
     use regorus::Value;
     match v {
-        Value::Bool(true) => RegoVerdict {
-            allowed: true,
-            reason: format!("{rule} is true"),
-            ..RegoVerdict::default()
-        },
+        Value::Bool(true) => RegoVerdict { allowed: true, reason: format!("{rule} is true"), ..RegoVerdict::default() },
         Value::Bool(false) => deny(format!("{rule} is false")),
         Value::Undefined => deny(format!("{rule} is undefined")),
         Value::Object(obj) => {
@@ -136,9 +120,7 @@ fn interpret(rule: &str, v: &regorus::Value) -> RegoVerdict {
                                 headers.insert(k.to_string(), v.to_string());
                             }
                             _ => {
-                                return deny(format!(
-                                    "{rule}: `headers` must map strings to strings"
-                                ));
+                                return deny(format!("{rule}: `headers` must map strings to strings"));
                             }
                         }
                     }
@@ -150,19 +132,11 @@ fn interpret(rule: &str, v: &regorus::Value) -> RegoVerdict {
                 Some(Value::String(s)) => Some(s.to_string()),
                 Some(_) => return deny(format!("{rule}: `body` is not a string")),
             };
-            RegoVerdict {
-                allowed,
-                reason: format!("{rule}.allowed is {allowed}"),
-                http_status,
-                headers,
-                body,
-            }
+            RegoVerdict { allowed, reason: format!("{rule}.allowed is {allowed}"), http_status, headers, body }
         }
         other => deny(format!(
             "{rule} returned {}, not a boolean or an object",
-            other
-                .to_json_str()
-                .unwrap_or_else(|_| "an unprintable value".into())
+            other.to_json_str().unwrap_or_else(|_| "an unprintable value".into())
         )),
     }
 }
@@ -184,11 +158,7 @@ allow if {
 "#;
 
     fn input(method: &str, path: &str) -> Input {
-        Input::new(attrs(
-            Some("spiffe://cluster.local/ns/shop/sa/web"),
-            method,
-            path,
-        ))
+        Input::new(attrs(Some("spiffe://cluster.local/ns/shop/sa/web"), method, path))
     }
 
     #[test]
@@ -199,18 +169,9 @@ allow if {
 
     #[test]
     fn entrypoints() {
-        assert_eq!(
-            entrypoint_rule("shop/orders/allow").unwrap(),
-            "data.shop.orders.allow"
-        );
-        assert_eq!(
-            entrypoint_rule("data.envoy.authz.allow").unwrap(),
-            "data.envoy.authz.allow"
-        );
-        assert_eq!(
-            entrypoint_rule("/envoy/authz/allow").unwrap(),
-            "data.envoy.authz.allow"
-        );
+        assert_eq!(entrypoint_rule("shop/orders/allow").unwrap(), "data.shop.orders.allow");
+        assert_eq!(entrypoint_rule("data.envoy.authz.allow").unwrap(), "data.envoy.authz.allow");
+        assert_eq!(entrypoint_rule("/envoy/authz/allow").unwrap(), "data.envoy.authz.allow");
         assert!(entrypoint_rule("envoy/authz/al low").is_err());
         assert!(entrypoint_rule("").is_err());
     }
@@ -222,11 +183,7 @@ allow if {
         assert!(e.evaluate(&input("GET", "/ordersummary")).allowed);
         let v = e.evaluate(&input("POST", "/orders/7"));
         assert!(!v.allowed);
-        assert!(
-            v.reason.contains("data.envoy.authz.allow is false"),
-            "{}",
-            v.reason
-        );
+        assert!(v.reason.contains("data.envoy.authz.allow is false"), "{}", v.reason);
         assert!(!e.evaluate(&input("GET", "/admin")).allowed);
     }
 
@@ -251,10 +208,7 @@ result := {"allowed": true} if input.attributes.request.http.method != "DELETE"
         for (body, why) in [
             ("r := 1", "not a boolean or an object"),
             (r#"r := {"allow": true}"#, "no boolean `allowed`"),
-            (
-                r#"r := {"allowed": true, "http_status": "x"}"#,
-                "not an HTTP status",
-            ),
+            (r#"r := {"allowed": true, "http_status": "x"}"#, "not an HTTP status"),
             ("r if false", "undefined"),
         ] {
             let e = RegoEngine::compile("t.rego", &format!("package t\n{body}\n"), "t/r").unwrap();
@@ -283,12 +237,8 @@ allow if {
 
     #[test]
     fn compile_errors_carry_a_position() {
-        let err = RegoEngine::compile(
-            "shop/bad.rego",
-            "package p\nallow if {\n  input.x ==\n}\n",
-            "p/allow",
-        )
-        .unwrap_err();
+        let err =
+            RegoEngine::compile("shop/bad.rego", "package p\nallow if {\n  input.x ==\n}\n", "p/allow").unwrap_err();
         assert!(err.contains("shop/bad.rego:"), "{err}");
         let err = RegoEngine::compile("p.rego", ENVOY, "envoy/authz/nope").unwrap_err();
         assert!(!err.is_empty());

@@ -26,6 +26,7 @@ use crate::proto::discovery::{Node, Snapshot};
 use crate::telemetry::admin::{self, AdminRequest};
 use crate::telemetry::metrics::Metrics;
 use crate::tls::{CertStore, TrustBundle, config};
+use crate::policy::Workload;
 use view::MeshView;
 
 pub use outbound::Route;
@@ -60,6 +61,9 @@ pub struct ProxyArgs {
     /// Workload label `KEY=VALUE` (repeatable); policies select workloads by label.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// Access and decision log (JSON lines): `stdout`, a file path, or `off`.
+    #[arg(long, env = "PALISADE_ACCESS_LOG", default_value = "stdout")]
+    pub access_log: crate::telemetry::access_log::LogTarget,
     /// Time allowed for an inbound mTLS handshake.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
@@ -87,6 +91,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     }
 
     let metrics = Arc::new(Metrics::new());
+    let access_log = crate::telemetry::access_log::AccessLog::start(args.access_log.clone())
+        .context("opening the access log")?;
     let certs = CertStore::new();
     let control =
         ControlClient::new(&args.control, bundle.clone(), certs.clone(), control_plane_identity(&args.trust_domain));
@@ -172,10 +178,11 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         labels: args.labels.iter().cloned().collect(),
         proxy_version: env!("CARGO_PKG_VERSION").to_string(),
     };
+    let workload = Workload { id: own_id.clone(), labels: args.labels.iter().cloned().collect() };
     let apply: ApplyFn = {
         let (view, bundle) = (view.clone(), bundle.clone());
         Arc::new(move |version: &str, snap: &Snapshot| {
-            let next = MeshView::from_snapshot(version, snap)?;
+            let next = MeshView::from_snapshot(version, snap, &workload)?;
             if !snap.trust_bundle_pem.is_empty() {
                 bundle.set_roots(&snap.trust_bundle_pem).map_err(|e| e.to_string())?;
             }
@@ -202,6 +209,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             metrics: metrics.proxy.clone(),
             handshake_timeout: args.handshake_timeout,
             bundle: bundle.clone(),
+            view: view.clone(),
+            access_log: access_log.clone(),
         });
         tokio::spawn(inbound::serve(listener, acceptor, inbound));
         tracing::info!(%listen, %app, "inbound mTLS listener up");

@@ -7,7 +7,10 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use std::sync::Arc;
+
 use crate::identity::SpiffeId;
+use crate::policy::{AuthorizationPolicy, DefaultPolicy, Policy, PolicySet, Workload};
 use crate::proto::discovery::{Snapshot, peer_authentication::Mode};
 
 /// Whether plaintext is accepted on a port.
@@ -17,26 +20,6 @@ pub enum PeerAuthMode {
     Strict,
     /// mTLS or plaintext; plaintext callers are unauthenticated for policy.
     Permissive,
-}
-
-/// What a workload with no ALLOW policy does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub enum DefaultPolicy {
-    Deny,
-    AllowAuthenticated,
-    Allow,
-}
-
-impl std::str::FromStr for DefaultPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "deny" | "" => Ok(DefaultPolicy::Deny),
-            "allow-authenticated" => Ok(DefaultPolicy::AllowAuthenticated),
-            "allow" => Ok(DefaultPolicy::Allow),
-            other => Err(format!("default policy {other:?} is not deny, allow-authenticated or allow")),
-        }
-    }
 }
 
 /// One version of everything the data path needs from the control plane.
@@ -49,6 +32,11 @@ pub struct MeshView {
     pub endpoints: HashMap<SocketAddr, SpiffeId>,
     pub default_policy: DefaultPolicy,
     pub egress_allowed: bool,
+    /// The compiled policies for this workload.
+    #[serde(skip)]
+    pub policies: Arc<PolicySet>,
+    /// `namespace/name` of every policy in force, for `/config_dump`.
+    pub policy_names: Vec<String>,
     /// Whether this view came from the control plane. Before the first snapshot every request
     /// is refused: a workload that never received policy fails closed.
     pub received: bool,
@@ -64,12 +52,15 @@ impl MeshView {
             endpoints: HashMap::new(),
             default_policy: DefaultPolicy::Deny,
             egress_allowed: false,
+            policies: Arc::new(PolicySet::fail_closed()),
+            policy_names: Vec::new(),
             received: false,
         }
     }
 
-    /// Compiles a discovery snapshot. Any error refuses the whole snapshot (NACK).
-    pub fn from_snapshot(version: &str, snap: &Snapshot) -> Result<Self, String> {
+    /// Compiles a discovery snapshot for `workload`. Any error refuses the whole snapshot
+    /// (NACK): the previous view stays in force.
+    pub fn from_snapshot(version: &str, snap: &Snapshot, workload: &Workload) -> Result<Self, String> {
         let mode = |m: i32| if m == Mode::Permissive as i32 { PeerAuthMode::Permissive } else { PeerAuthMode::Strict };
         let pa = snap.peer_authentication.clone().unwrap_or_default();
         let mut port_peer_auth = HashMap::new();
@@ -85,13 +76,26 @@ impl MeshView {
             endpoints.insert(addr, id);
         }
         let mesh = snap.mesh.clone().unwrap_or_default();
+        let default_policy: DefaultPolicy =
+            if mesh.default_policy.is_empty() { DefaultPolicy::Deny } else { mesh.default_policy.parse()? };
+        let mut compiled = Vec::new();
+        let mut policy_names = Vec::new();
+        for r in snap.policies.iter().filter(|r| r.kind == "AuthorizationPolicy") {
+            let named = |e: &dyn std::fmt::Display| format!("{} ({}/{}): {e}", r.origin, r.namespace, r.name);
+            let resource: AuthorizationPolicy = serde_json::from_str(&r.manifest_json).map_err(|e| named(&e))?;
+            compiled.push(Arc::new(Policy::compile(&resource).map_err(|e| named(&e))?));
+            policy_names.push(format!("{}/{}", r.namespace, r.name));
+        }
+        let policies = Arc::new(PolicySet::new(compiled, workload.clone(), default_policy));
         Ok(MeshView {
             version: version.to_string(),
             peer_auth: mode(pa.mode),
             port_peer_auth,
             endpoints,
-            default_policy: mesh.default_policy.parse()?,
+            default_policy,
             egress_allowed: mesh.egress != "deny",
+            policies,
+            policy_names,
             received: true,
         })
     }

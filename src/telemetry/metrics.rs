@@ -35,6 +35,9 @@ pub struct ProxyMetrics {
     pub duration: Family<Labels, Histogram>,
     pub handshake_failures: Family<Labels, Counter>,
     pub connections_open: Family<Labels, Gauge>,
+    pub decisions: Family<Labels, Counter>,
+    pub decision_duration: Family<Labels, Histogram>,
+    pub plaintext_refused: Counter,
 }
 
 impl Default for ProxyMetrics {
@@ -46,6 +49,11 @@ impl Default for ProxyMetrics {
             }),
             handshake_failures: Family::default(),
             connections_open: Family::default(),
+            decisions: Family::default(),
+            decision_duration: Family::new_with_constructor(|| {
+                Histogram::new([1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 1e-3])
+            }),
+            plaintext_refused: Counter::default(),
         }
     }
 }
@@ -86,6 +94,17 @@ impl Metrics {
             proxy.handshake_failures.clone(),
         );
         registry.register("connections_open", "Open connections by direction", proxy.connections_open.clone());
+        registry.register("authz_decisions", "Authorization decisions by result, policy and engine", proxy.decisions.clone());
+        registry.register(
+            "authz_evaluation_duration_seconds",
+            "Time to decide one request, by engine of the deciding policy",
+            proxy.decision_duration.clone(),
+        );
+        registry.register(
+            "plaintext_refused",
+            "Plaintext connections refused because the port is STRICT",
+            proxy.plaintext_refused.clone(),
+        );
         Metrics { registry, certs, proxy }
     }
 

@@ -1,5 +1,6 @@
 //! Metrics, the admin HTTP server, the access log and tracing setup.
 
+pub mod access_log;
 pub mod admin;
 pub mod metrics;
 

@@ -149,6 +149,11 @@ impl ControlPlane {
             admin.to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        // Most tests are about identity and transport, not policy: let any mesh identity in
+        // unless the test sets the default itself.
+        if !extra.contains(&"--default-policy") {
+            args.extend(["--default-policy".into(), "allow-authenticated".into()]);
+        }
         let proc = Proc::spawn(&format!("control-{}", listen.port()), dir, &args);
         wait_for("control plane ready", Duration::from_secs(30), || async {
             status_of(&format!("http://{admin}/ready")).await == Some(200)
