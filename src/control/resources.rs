@@ -88,6 +88,9 @@ pub fn parse_file(file: &str, text: &str) -> Result<Vec<Resource>, ResourceError
 pub struct FileSource {
     dir: PathBuf,
     seen: BTreeMap<PathBuf, (SystemTime, u64)>,
+    /// Stamps from the previous scan: a file is read only once its stamp held still for one
+    /// interval, so a file caught half-written (`echo > file` truncates first) is not loaded.
+    pending: BTreeMap<PathBuf, (SystemTime, u64)>,
     good: BTreeMap<PathBuf, Vec<Resource>>,
     errors: BTreeMap<PathBuf, ResourceError>,
 }
@@ -95,11 +98,17 @@ pub struct FileSource {
 impl FileSource {
     /// A source over `dir` (which must exist).
     pub fn new(dir: &Path) -> Self {
-        FileSource { dir: dir.to_path_buf(), seen: BTreeMap::new(), good: BTreeMap::new(), errors: BTreeMap::new() }
+        FileSource {
+            dir: dir.to_path_buf(),
+            seen: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            good: BTreeMap::new(),
+            errors: BTreeMap::new(),
+        }
     }
 
     /// How often [`poll`](Self::poll) should run.
-    pub const INTERVAL: Duration = Duration::from_millis(200);
+    pub const INTERVAL: Duration = Duration::from_millis(100);
 
     /// Rescans; returns true if the set of good resources may have changed.
     pub fn poll(&mut self) -> std::io::Result<bool> {
@@ -113,7 +122,9 @@ impl FileSource {
             let meta = std::fs::metadata(&path)?;
             current.insert(path, (meta.modified()?, meta.len()));
         }
-        if current == self.seen {
+        let settling = current != self.pending;
+        self.pending = current.clone();
+        if current == self.seen || settling {
             return Ok(false);
         }
         let removed: Vec<PathBuf> = self.seen.keys().filter(|p| !current.contains_key(*p)).cloned().collect();
@@ -206,11 +217,13 @@ spec: {mtls: {mode: STRICT}}
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("a.yaml"), OK).unwrap();
         let mut src = FileSource::new(&dir);
+        assert!(!src.poll().unwrap(), "a new file is read only once it held still");
         assert!(src.poll().unwrap());
         assert_eq!(src.resources().len(), 2);
         std::fs::write(dir.join("a.yaml"), "garbage: [").unwrap();
         // Same size and mtime granularity could hide the change; make the new content longer.
         std::fs::write(dir.join("a.yaml"), "garbage: [ this does not parse").unwrap();
+        src.poll().unwrap();
         src.poll().unwrap();
         assert_eq!(src.resources().len(), 2, "last good content stays");
         assert_eq!(src.errors().len(), 1);

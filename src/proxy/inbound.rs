@@ -19,7 +19,9 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::http::{ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response, status_class, strip_hop_by_hop, stream};
+use super::http::{
+    ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response, status_class, stream, strip_hop_by_hop,
+};
 use super::view::{MeshView, PeerAuthMode};
 use crate::identity::SpiffeId;
 use crate::policy::{Decision, Input, RequestAttributes};
@@ -171,9 +173,9 @@ pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
     match e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) {
         Some(E::NoCertificatesPresented) => "no_client_certificate",
         Some(E::InvalidCertificate(C::UnknownIssuer | C::BadSignature | C::BadEncoding)) => "untrusted_issuer",
-        Some(E::InvalidCertificate(C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. })) => {
-            "expired"
-        }
+        Some(E::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+        )) => "expired",
         Some(E::InvalidCertificate(C::Revoked)) => "revoked",
         Some(E::InvalidCertificate(_)) => "bad_certificate",
         Some(E::PeerIncompatible(_) | E::NoApplicationProtocol) => "incompatible",
@@ -220,13 +222,26 @@ fn attributes(inbound: &Inbound, peer: &Peer, req: &Request<Incoming>) -> Reques
 }
 
 fn is_grpc(req: &Request<Incoming>) -> bool {
-    req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// What decided a refusal: the policy's `namespace/name`, or which rule of the evaluation order.
+pub fn denied_by(decision: &Decision) -> String {
+    match &decision.policy {
+        Some(p) => p.clone(),
+        None if decision.reason.starts_with(crate::policy::set::NO_ALLOW_MATCHED) => "no-allow-matched".into(),
+        None if decision.reason.starts_with(crate::policy::set::FAIL_CLOSED_REASON) => "no-policy-yet".into(),
+        None => "mesh-default".into(),
+    }
 }
 
 /// The refusal a caller sees: 403 (or the status a Rego policy chose) with a small JSON body,
 /// or gRPC PERMISSION_DENIED; always naming the deciding policy and the request id.
 fn denial(decision: &Decision, request_id: &str, grpc: bool) -> Response<ProxyBody> {
-    let denied_by = decision.policy.clone().unwrap_or_else(|| "mesh-default".into());
+    let denied_by = denied_by(decision);
     let mut resp = if grpc {
         let mut r = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
         let h = r.headers_mut();
@@ -247,7 +262,8 @@ fn denial(decision: &Decision, request_id: &str, grpc: bool) -> Response<ProxyBo
             .to_string()
         });
         let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
-        *r.status_mut() = decision.http_status.and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::FORBIDDEN);
+        *r.status_mut() =
+            decision.http_status.and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::FORBIDDEN);
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         r
     };
@@ -288,7 +304,14 @@ async fn handle(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> R
         .decisions
         .get_or_create(&vec![
             ("result".into(), if decision.allowed { "allow" } else { "deny" }.into()),
-            ("policy".into(), decision.policy.clone().unwrap_or_else(|| "mesh-default".into())),
+            (
+                "policy".into(),
+                if decision.allowed {
+                    decision.policy.clone().unwrap_or_else(|| "mesh-default".into())
+                } else {
+                    denied_by(&decision)
+                },
+            ),
             ("engine".into(), engine),
         ])
         .inc();
@@ -325,7 +348,7 @@ async fn handle(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> R
             "status": resp.status().as_u16(),
             "duration_ms": started.elapsed().as_secs_f64() * 1e3,
             "request_id": request_id,
-            "denied_by": (!decision.allowed).then(|| decision.policy.clone().unwrap_or_else(|| "mesh-default".into())),
+            "denied_by": (!decision.allowed).then(|| denied_by(&decision)),
         }));
     }
     resp
@@ -379,4 +402,31 @@ pub fn record(metrics: &ProxyMetrics, direction: &str, peer: &str, status: Statu
         .duration
         .get_or_create(&vec![("direction".into(), direction.into())])
         .observe(started.elapsed().as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn before_the_first_snapshot_every_request_is_refused() {
+        let view = MeshView::fail_closed();
+        let attrs = RequestAttributes {
+            source: Some("spiffe://cluster.local/ns/a/sa/b".parse().unwrap()),
+            source_ip: None,
+            source_port: None,
+            destination: "spiffe://cluster.local/ns/a/sa/c".parse().unwrap(),
+            destination_port: 15006,
+            method: "GET".into(),
+            path: "/".into(),
+            host: String::new(),
+            scheme: "https".into(),
+            protocol: "HTTP/1.1".into(),
+            headers: BTreeMap::new(),
+        };
+        let decision = view.policies.decide(&Input::new(attrs));
+        assert!(!decision.allowed);
+        assert_eq!(denied_by(&decision), "no-policy-yet");
+        assert_eq!(view.mode_for_port(15006), PeerAuthMode::Strict);
+    }
 }

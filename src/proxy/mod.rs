@@ -22,11 +22,11 @@ use crate::agent::ControlClient;
 use crate::agent::discovery::{ApplyFn, DiscoveryStatus};
 use crate::control::identity_service::control_plane_identity;
 use crate::identity::{CertManager, SpiffeId};
+use crate::policy::Workload;
 use crate::proto::discovery::{Node, Snapshot};
 use crate::telemetry::admin::{self, AdminRequest};
 use crate::telemetry::metrics::Metrics;
 use crate::tls::{CertStore, TrustBundle, config};
-use crate::policy::Workload;
 use view::MeshView;
 
 pub use outbound::Route;
@@ -91,8 +91,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     }
 
     let metrics = Arc::new(Metrics::new());
-    let access_log = crate::telemetry::access_log::AccessLog::start(args.access_log.clone())
-        .context("opening the access log")?;
+    let access_log =
+        crate::telemetry::access_log::AccessLog::start(args.access_log.clone()).context("opening the access log")?;
     let certs = CertStore::new();
     let control =
         ControlClient::new(&args.control, bundle.clone(), certs.clone(), control_plane_identity(&args.trust_domain));

@@ -94,7 +94,11 @@ impl Metrics {
             proxy.handshake_failures.clone(),
         );
         registry.register("connections_open", "Open connections by direction", proxy.connections_open.clone());
-        registry.register("authz_decisions", "Authorization decisions by result, policy and engine", proxy.decisions.clone());
+        registry.register(
+            "authz_decisions",
+            "Authorization decisions by result, policy and engine",
+            proxy.decisions.clone(),
+        );
         registry.register(
             "authz_evaluation_duration_seconds",
             "Time to decide one request, by engine of the deciding policy",
