@@ -44,11 +44,21 @@ enum Command {
         command: CertsCommand,
     },
     /// Offline policy tools: eval, explain, check.
-    Policy,
-    /// What the control plane knows.
+    Policy {
+        #[command(subcommand)]
+        command: palisade::policy::PolicyCommand,
+    },
+    /// What the control plane knows: sidecars, config versions and ACKs, the traffic graph.
+    #[command(args_conflicts_with_subcommands = true)]
     Status {
         #[command(subcommand)]
-        command: StatusCommand,
+        command: Option<StatusCommand>,
+        /// The control plane's admin address.
+        #[arg(long, env = "PALISADE_CONTROL_ADMIN", default_value = "127.0.0.1:15014")]
+        admin: std::net::SocketAddr,
+        /// Output format: `table` or `json`.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
     },
     /// The whole mesh on one machine, no root, no Kubernetes.
     Demo,
@@ -192,7 +202,15 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("writing {}", out.display()))?;
             println!("wrote {} files to {} (local experiments only; see its README.md)", files.len(), out.display());
         }
-        Command::Status { command: StatusCommand::Certs { state_dir, identity, limit, output } } => {
+        Command::Status { command: None, admin, output } => {
+            let report = runtime()?.block_on(control::status::fetch(admin))?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", control::status::render(&report));
+            }
+        }
+        Command::Status { command: Some(StatusCommand::Certs { state_dir, identity, limit, output }), .. } => {
             let store = Store::open(&state_dir)?;
             let rows = store.certificates(identity.as_deref(), limit)?;
             if output == "json" {
@@ -215,7 +233,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
         }
         Command::Init => return not_built("init", 4),
         Command::Inject => return not_built("inject", 7),
-        Command::Policy => return not_built("policy", 5),
+        Command::Policy { command } => return palisade::policy::run(command),
         Command::Demo => return not_built("demo", 6),
         Command::K8s => return not_built("k8s", 7),
     }

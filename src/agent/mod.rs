@@ -3,5 +3,6 @@
 
 pub mod client;
 pub mod discovery;
+pub mod telemetry;
 
 pub use client::{ControlClient, ControlClientError};

@@ -40,7 +40,7 @@ pub struct MeshSettings {
 }
 
 /// What the control plane knows about one connected (or recently connected) sidecar.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SidecarEntry {
     pub spiffe_id: String,
     pub addresses: Vec<String>,

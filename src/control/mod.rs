@@ -6,7 +6,9 @@ pub mod discovery;
 pub mod identity_service;
 pub mod resources;
 pub mod server;
+pub mod status;
 pub mod store;
+pub mod telemetry;
 
 pub use server::{ControlArgs, run};
 pub use store::Store;

@@ -23,7 +23,9 @@ use super::discovery::{DiscoveryService, MeshSettings, MeshState};
 use super::identity_service::{IdentityService, control_plane_identity};
 use super::resources::{FileSource, ResourceError};
 use super::store::{CredentialKind, Store};
+use super::telemetry::{TelemetryService, TrafficGraph};
 use crate::proto::discovery::discovery_server::DiscoveryServer;
+use crate::proto::telemetry::telemetry_server::TelemetryServer;
 
 /// Flags of `palisade control`.
 #[derive(clap::Args, Debug, Clone)]
@@ -123,6 +125,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         ca.clone(),
     );
     tokio::spawn(mesh.clone().run());
+    let graph = Arc::new(TrafficGraph::default());
     let resource_errors = Arc::new(ArcSwap::from_pointee(Vec::<ResourceError>::new()));
     if let Some(dir) = args.resources.clone() {
         if !dir.is_dir() {
@@ -148,9 +151,9 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     }
 
     {
-        let (mesh, store, errors) = (mesh.clone(), store.clone(), resource_errors.clone());
+        let (mesh, store, errors, graph) = (mesh.clone(), store.clone(), resource_errors.clone(), graph.clone());
         tokio::spawn(admin::serve(admin_listener, move |req: AdminRequest| {
-            let (mesh, store, errors) = (mesh.clone(), store.clone(), errors.clone());
+            let (mesh, store, errors, graph) = (mesh.clone(), store.clone(), errors.clone(), graph.clone());
             async move {
                 match req.path.as_str() {
                     "/ready" | "/live" => admin::respond(StatusCode::OK, "text/plain", "ok\n"),
@@ -166,6 +169,8 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
                         _ => admin::respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "ledger unavailable\n"),
                     },
                     "/v1/mesh" => admin::json(StatusCode::OK, &mesh.settings),
+                    "/v1/traffic" => admin::json(StatusCode::OK, &graph.edges()),
+                    "/v1/events" => admin::json(StatusCode::OK, &graph.events()),
                     _ => admin::respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
                 }
             }
@@ -221,6 +226,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(service))
         .add_service(DiscoveryServer::new(DiscoveryService { mesh: mesh.clone() }))
+        .add_service(TelemetryServer::new(TelemetryService { graph: graph.clone() }))
         .serve_with_incoming_shutdown(incoming, crate::shutdown_signal())
         .await
         .context("gRPC server")?;

@@ -14,8 +14,10 @@ use rcgen::{CertificateParams, KeyPair};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 
+use crate::agent::telemetry::CertEvents;
 use crate::agent::{ControlClient, ControlClientError};
 use crate::proto::identity::certify_request::Credential;
+use crate::proto::telemetry::{CertificateEvent, certificate_event::Kind};
 use crate::telemetry::metrics::CertMetrics;
 use crate::tls::{CertStore, TrustBundle};
 
@@ -51,6 +53,7 @@ pub struct CertManager {
     control: ControlClient,
     metrics: Arc<CertMetrics>,
     info: ArcSwapOption<CertInfo>,
+    events: Arc<CertEvents>,
 }
 
 impl CertManager {
@@ -61,7 +64,12 @@ impl CertManager {
         control: ControlClient,
         metrics: Arc<CertMetrics>,
     ) -> Arc<Self> {
-        Arc::new(CertManager { certs, bundle, control, metrics, info: ArcSwapOption::empty() })
+        Arc::new(CertManager { certs, bundle, control, metrics, info: ArcSwapOption::empty(), events: Arc::default() })
+    }
+
+    /// Certificate events for the telemetry reporter.
+    pub fn events(&self) -> Arc<CertEvents> {
+        self.events.clone()
     }
 
     /// The certificate in service, if any.
@@ -112,6 +120,12 @@ impl CertManager {
                     Ok(_) => break,
                     Err(e) => {
                         self.metrics.renewals.get_or_create(&vec![("result".into(), "failure".into())]).inc();
+                        self.events.push(CertificateEvent {
+                            kind: Kind::RenewalFailed as i32,
+                            serial: info.serial.clone(),
+                            not_after: info.not_after,
+                            message: e.to_string(),
+                        });
                         let wait = backoff.next();
                         tracing::warn!(error = %e, retry_in = ?wait, expires_in_s = info.not_after - now_unix(),
                             "certificate renewal failed; still serving with the current certificate");
@@ -151,6 +165,12 @@ impl CertManager {
         });
         self.info.store(Some(info.clone()));
         self.metrics.record_issued(info.not_after);
+        self.events.push(CertificateEvent {
+            kind: Kind::Issued as i32,
+            serial: info.serial.clone(),
+            not_after: info.not_after,
+            message: String::new(),
+        });
         tracing::info!(spiffe_id = %info.spiffe_id, serial = %info.serial, not_after = info.not_after, "certificate installed");
         Ok(info)
     }

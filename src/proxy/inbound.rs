@@ -336,7 +336,8 @@ async fn handle(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> R
     } else {
         forward(inbound, peer, req, &request_id).await
     };
-    super::inbound::record(&inbound.metrics, "inbound", peer.label(), resp.status(), started);
+    record(&inbound.metrics, "inbound", peer.label(), resp.status(), started);
+    inbound.metrics.peers.record(peer.label(), "inbound", resp.status().as_u16(), !decision.allowed);
     if inbound.access_log.enabled() {
         inbound.access_log.write(serde_json::json!({
             "type": "access",

@@ -64,6 +64,9 @@ pub struct ProxyArgs {
     /// Access and decision log (JSON lines): `stdout`, a file path, or `off`.
     #[arg(long, env = "PALISADE_ACCESS_LOG", default_value = "stdout")]
     pub access_log: crate::telemetry::access_log::LogTarget,
+    /// How often counters and certificate events are reported to the control plane.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub telemetry_interval: Duration,
     /// Time allowed for an inbound mTLS handshake.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
@@ -193,6 +196,13 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         })
     };
     tokio::spawn(crate::agent::discovery::run(control.clone(), node, apply, discovery_status.clone()));
+    tokio::spawn(crate::agent::telemetry::run(
+        control.clone(),
+        own_id.to_string(),
+        metrics.proxy.peers.clone(),
+        manager.events(),
+        args.telemetry_interval,
+    ));
 
     if let (Some(listen), Some(app)) = (args.inbound, args.app) {
         let listener = TcpListener::bind(listen).await.with_context(|| format!("binding inbound {listen}"))?;

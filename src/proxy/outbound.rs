@@ -208,6 +208,13 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
             Response::from_parts(parts, stream(body))
         }
         Err(e) => {
+            if let Some(tls_reason) = tls_failure(&e) {
+                out.metrics
+                    .handshake_failures
+                    .get_or_create(&vec![("direction".into(), "outbound".into()), ("reason".into(), tls_reason.into())])
+                    .inc();
+                out.metrics.peers.handshake_failure(out.route.identity.as_str(), "outbound");
+            }
             let reason =
                 format!("upstream {} ({}): {}", out.route.target, out.route.identity, super::http::error_chain(&e));
             tracing::warn!(%request_id, %reason, "outbound request failed");
@@ -219,7 +226,27 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
         }
     };
     super::inbound::record(&out.metrics, "outbound", out.route.identity.as_str(), resp.status(), started);
+    out.metrics.peers.record(
+        out.route.identity.as_str(),
+        "outbound",
+        resp.status().as_u16(),
+        resp.status() == StatusCode::FORBIDDEN,
+    );
     resp
+}
+
+/// The reason label of a TLS handshake failure somewhere in `e`'s source chain, if any.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.get_ref().is_some_and(|i| i.is::<rustls::Error>())
+        {
+            return Some(super::inbound::handshake_failure_reason(io));
+        }
+        cur = err.source();
+    }
+    None
 }
 
 #[cfg(test)]

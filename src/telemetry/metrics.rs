@@ -38,6 +38,8 @@ pub struct ProxyMetrics {
     pub decisions: Family<Labels, Counter>,
     pub decision_duration: Family<Labels, Histogram>,
     pub plaintext_refused: Counter,
+    /// Per-peer totals for telemetry reports to the control plane.
+    pub peers: std::sync::Arc<super::peers::PeerStats>,
 }
 
 impl Default for ProxyMetrics {
@@ -54,6 +56,7 @@ impl Default for ProxyMetrics {
                 Histogram::new([1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 1e-3])
             }),
             plaintext_refused: Counter::default(),
+            peers: Default::default(),
         }
     }
 }

@@ -3,6 +3,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod metrics;
+pub mod peers;
 
 /// Sets up logging to stderr. `PALISADE_LOG` (or `RUST_LOG`) filters; `PALISADE_LOG_FORMAT=json`
 /// switches to JSON lines.
