@@ -85,7 +85,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else {
+            let Ok((tcp, remote)) = listener.accept().await else {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
