@@ -177,9 +177,10 @@ fn connect(ns: &Netns, name: &str, exe: &HelperExe, uid: u32, target: &str) -> S
         .to_string()
 }
 
-/// Runs `palisade init ARGS` in namespace A: the real binary once `main.rs` wires `init`, until
-/// then the same library entry point (`proxy::init::run`) through the helper.
-fn init_in(ns: &Netns, exe: &HelperExe, args: &[&str]) {
+/// Runs `palisade init ARGS` in namespace `name` and returns its stdout: the real binary once
+/// `main.rs` wires `init`, until then the same library entry point (`proxy::init::run`) through
+/// the helper.
+fn init_in(ns: &Netns, name: &str, exe: &HelperExe, args: &[&str]) -> String {
     let bin = Path::new(env!("CARGO_BIN_EXE_palisade"));
     let help = Command::new(bin)
         .args(["init", "--help"])
@@ -187,19 +188,30 @@ fn init_in(ns: &Netns, exe: &HelperExe, args: &[&str]) {
         .expect("running palisade");
     let wired = String::from_utf8_lossy(&help.stdout).contains("--proxy-uid");
     let out = if wired {
-        ns.command(&ns.a, bin)
+        ns.command(name, bin)
             .arg("init")
             .args(args)
             .output()
             .expect("spawning ip netns exec")
     } else {
         eprintln!("palisade init is not wired in main.rs yet: calling proxy::init::run directly");
-        helper_args(&mut ns.command(&ns.a, &exe.path), "init")
+        helper_args(&mut ns.command(name, &exe.path), "init")
             .env("INIT_ARGS", args.join(" "))
             .output()
             .expect("spawning ip netns exec")
     };
-    check(&format!("palisade init {}", args.join(" ")), out);
+    check(&format!("palisade init {}", args.join(" ")), out)
+}
+
+fn parse_init(args: &[&str]) -> InitArgs {
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        init: InitArgs,
+    }
+    Cli::try_parse_from(std::iter::once("init").chain(args.iter().copied()))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .init
 }
 
 fn is_root() -> bool {
@@ -236,8 +248,28 @@ fn init_redirects_in_a_real_network_namespace() {
         "9999",
     ];
 
+    // --dry-run prints the commands and changes nothing.
+    let printed = init_in(&ns, &ns.b, &exe, &["--proxy-uid", "1337", "--dry-run"]);
+    let printed: Vec<&str> = printed
+        .lines()
+        .filter(|l| l.starts_with("iptables"))
+        .collect();
+    let expected = init::rules(&parse_init(&["--proxy-uid", "1337"])).len();
+    assert_eq!(printed.len(), expected, "{printed:#?}");
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.ends_with(" -t nat -A PALISADE_OUTPUT -m owner --uid-owner 1337 -j RETURN")),
+        "{printed:#?}"
+    );
+    let untouched = ns.exec(&ns.b, &[iptables, "-t", "nat", "-S"]);
+    assert!(
+        !untouched.contains("PALISADE"),
+        "dry run changed rules:\n{untouched}"
+    );
+
     // The rules are there.
-    init_in(&ns, &exe, &args);
+    init_in(&ns, &ns.a, &exe, &args);
     let rules = ns.exec(&ns.a, &[iptables, "-t", "nat", "-S"]);
     for rule in [
         "-N PALISADE_INBOUND",
@@ -263,7 +295,7 @@ fn init_redirects_in_a_real_network_namespace() {
     }
 
     // A second run leaves exactly the same rules.
-    init_in(&ns, &exe, &args);
+    init_in(&ns, &ns.a, &exe, &args);
     let again = ns.exec(&ns.a, &[iptables, "-t", "nat", "-S"]);
     assert_eq!(again, rules, "a second init changed the rules");
     assert_eq!(
@@ -348,15 +380,9 @@ fn netns_helper() {
     };
     match role.as_str() {
         "init" => {
-            #[derive(Parser)]
-            struct Cli {
-                #[command(flatten)]
-                init: InitArgs,
-            }
             let args = std::env::var("INIT_ARGS").unwrap_or_default();
-            let cli = Cli::try_parse_from(std::iter::once("init").chain(args.split_whitespace()))
-                .unwrap_or_else(|e| panic!("{e}"));
-            init::run(cli.init).unwrap_or_else(|e| panic!("{e:#}"));
+            let args: Vec<&str> = args.split_whitespace().collect();
+            init::run(parse_init(&args)).unwrap_or_else(|e| panic!("{e:#}"));
         }
         "serve" => serve_forever(&std::env::var("SERVE").expect("SERVE")),
         "connect" => {

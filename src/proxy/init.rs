@@ -307,6 +307,13 @@ fn which(name: &str) -> Option<PathBuf> {
 
 /// Installs the rules (or, with `--dry-run`, prints them to stdout and changes nothing).
 pub fn run(args: InitArgs) -> anyhow::Result<()> {
+    if args.inbound_port == args.outbound_port {
+        anyhow::bail!(
+            "--inbound-port and --outbound-port are both {}: inbound and outbound traffic need \
+             separate listeners",
+            args.inbound_port
+        );
+    }
     let rules = rules(&args);
     let program = args.iptables.clone().or_else(iptables_program);
     if args.dry_run {
@@ -413,6 +420,13 @@ mod tests {
         assert_eq!(a.exclude_outbound_ports, PortList(vec![]));
         assert_eq!(a.include_inbound_ports, InboundPorts::All);
         assert!(!a.dry_run);
+        let same = args(&["--inbound-port", "15001", "--dry-run"]);
+        assert!(
+            run(same)
+                .unwrap_err()
+                .to_string()
+                .contains("separate listeners")
+        );
         assert!(
             Cli::try_parse_from(["init"]).is_err(),
             "--proxy-uid is required"
@@ -558,6 +572,31 @@ mod tests {
             "iptables v1.8.9 (legacy): can't initialize iptables table `nat': Permission denied"
         ));
         assert!(!tolerated(&add, "iptables: Chain already exists."));
+    }
+
+    #[test]
+    fn a_refused_command_is_named_with_what_iptables_said() {
+        let argv: Vec<String> = [
+            "-c",
+            "echo 'iptables: No chain/target/match by that name.' >&2; exit 1",
+        ]
+        .map(String::from)
+        .to_vec();
+        match execute(Path::new("sh"), &argv) {
+            Err(e @ InitError::Failed { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.starts_with("`sh -c 'echo"), "{msg}");
+                assert!(
+                    msg.ends_with("iptables: No chain/target/match by that name."),
+                    "{msg}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let missing = execute(Path::new("/nonexistent/iptables"), &argv).unwrap_err();
+        assert!(matches!(missing, InitError::Spawn { .. }));
+        assert!(missing.to_string().contains("install the iptables package"));
+        execute(Path::new("true"), &argv).unwrap();
     }
 
     #[test]
