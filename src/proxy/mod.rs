@@ -1,7 +1,10 @@
 //! `palisade proxy`: the sidecar.
 
+pub mod detect;
 pub mod http;
 pub mod inbound;
+pub mod init;
+pub mod original_dst;
 pub mod outbound;
 pub mod view;
 
