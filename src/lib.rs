@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod control;
+pub mod demo;
 pub mod identity;
 pub mod policy;
 pub mod proto;

@@ -35,7 +35,7 @@ enum Command {
     /// The sidecar proxy.
     Proxy(Box<ProxyArgs>),
     /// Install iptables rules for transparent interception (init container).
-    Init,
+    Init(palisade::proxy::init::InitArgs),
     /// Inject the sidecar into Kubernetes YAML.
     Inject,
     /// Development certificates.
@@ -61,7 +61,7 @@ enum Command {
         output: String,
     },
     /// The whole mesh on one machine, no root, no Kubernetes.
-    Demo,
+    Demo(palisade::demo::DemoArgs),
     /// Kubernetes helpers (CRDs).
     K8s,
 }
@@ -231,10 +231,10 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Init => return not_built("init", 4),
+        Command::Init(args) => palisade::proxy::init::run(args)?,
         Command::Inject => return not_built("inject", 7),
         Command::Policy { command } => return palisade::policy::run(command),
-        Command::Demo => return not_built("demo", 6),
+        Command::Demo(args) => runtime()?.block_on(palisade::demo::run(args))?,
         Command::K8s => return not_built("k8s", 7),
     }
     Ok(ExitCode::SUCCESS)
