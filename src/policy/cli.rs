@@ -168,6 +168,27 @@ mod tests {
         };
         assert_eq!(a.labels.len(), 2);
         assert_eq!(a.default_policy, DefaultPolicy::AllowAuthenticated);
+        let cli = Cli::try_parse_from([
+            "policy",
+            "explain",
+            "--policies",
+            "p",
+            "--request",
+            "r.json",
+            "--labels",
+            "app=orders",
+            "--labels",
+            "tier=db",
+            "--json",
+        ])
+        .unwrap();
+        let PolicyCommand::Explain { args, json } = cli.cmd else {
+            panic!("not explain")
+        };
+        assert!(json);
+        assert_eq!(args.labels.len(), 2);
+        assert_eq!(args.default_policy, DefaultPolicy::Deny);
+        assert!(Cli::try_parse_from(["policy", "check", "--policies", "p"]).is_ok());
         assert!(
             Cli::try_parse_from([
                 "policy",

@@ -69,16 +69,31 @@ pub fn entrypoint_rule(entrypoint: &str) -> Result<String, String> {
 impl RegoEngine {
     /// Parses and compiles `module`; `file_name` appears in error positions
     /// (`shop/orders.rego:3:5`). The error text is regorus's, which carries line and column.
+    ///
+    /// Rego v1 syntax (`if`, `contains`) is expected; a module that only parses as Rego v0
+    /// (`allow { ... }`, as many existing OPA-Envoy policies are written) is accepted as v0.
+    /// When neither parses, the v1 error is reported.
     pub fn compile(file_name: &str, module: &str, entrypoint: &str) -> Result<Self, String> {
         let rule = entrypoint_rule(entrypoint)?;
+        match Self::compile_as(file_name, module, &rule, false) {
+            Ok(e) => Ok(e),
+            Err(v1_error) => Self::compile_as(file_name, module, &rule, true).map_err(|_| v1_error),
+        }
+    }
+
+    fn compile_as(file_name: &str, module: &str, rule: &str, v0: bool) -> Result<Self, String> {
         let mut engine = regorus::Engine::new();
+        engine.set_rego_v0(v0);
         engine
             .add_policy(file_name.to_string(), module.to_string())
             .map_err(|e| e.to_string())?;
         let compiled = engine
-            .compile_with_entrypoint(&rule.as_str().into())
+            .compile_with_entrypoint(&rule.into())
             .map_err(|e| format!("entrypoint {rule}: {e}"))?;
-        Ok(RegoEngine { compiled, rule })
+        Ok(RegoEngine {
+            compiled,
+            rule: rule.to_string(),
+        })
     }
 
     /// The rule evaluated, e.g. `data.shop.orders.allow`.
@@ -228,6 +243,25 @@ allow if {
             v.reason
         );
         assert!(!e.evaluate(&input("GET", "/admin")).allowed);
+    }
+
+    #[test]
+    fn rego_v0_opa_envoy_policy_still_works() {
+        let v0 = r#"
+package envoy.authz
+
+import input.attributes.request.http as http_request
+
+default allow = false
+
+allow {
+    http_request.method == "GET"
+    input.parsed_path[0] == "orders"
+}
+"#;
+        let e = RegoEngine::compile("v0.rego", v0, "envoy/authz/allow").unwrap();
+        assert!(e.evaluate(&input("GET", "/orders/1")).allowed);
+        assert!(!e.evaluate(&input("PUT", "/orders/1")).allowed);
     }
 
     #[test]
