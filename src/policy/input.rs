@@ -52,6 +52,16 @@ pub struct RequestAttributes {
     pub headers: BTreeMap<String, String>,
 }
 
+/// Headers whose values never reach a decision log.
+pub const SECRET_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "x-auth-token",
+];
+
 fn default_scheme() -> String {
     "http".to_string()
 }
@@ -172,6 +182,20 @@ impl Input {
     pub fn document(&self) -> &Value {
         self.json
             .get_or_init(|| serde_json::to_value(self.rego_value()).unwrap_or(Value::Null))
+    }
+
+    /// The document for a decision log: as [`Input::document`], with the values of headers that
+    /// carry credentials replaced by `"<redacted>"`.
+    pub fn redacted_document(&self) -> Value {
+        let mut doc = self.document().clone();
+        if let Some(Value::Object(headers)) = doc.pointer_mut("/attributes/request/http/headers") {
+            for (name, value) in headers.iter_mut() {
+                if SECRET_HEADERS.contains(&name.as_str()) {
+                    *value = Value::from("<redacted>");
+                }
+            }
+        }
+        doc
     }
 
     /// The input document as a regorus value (built on first use, shared by every Rego policy).
@@ -397,6 +421,23 @@ pub(crate) mod tests {
         );
         assert_eq!(d["palisade"]["tls"], true);
         assert_eq!(input.url_path(), "/orders/7%20x");
+    }
+
+    #[test]
+    fn decision_log_document_hides_credentials() {
+        let mut a = attrs(None, "GET", "/");
+        a.headers
+            .insert("Authorization".into(), "Bearer secret".into());
+        a.headers.insert("cookie".into(), "session=secret".into());
+        let input = Input::new(a);
+        let doc = input.redacted_document();
+        let h = &doc["attributes"]["request"]["http"]["headers"];
+        assert_eq!(h["authorization"], "<redacted>");
+        assert_eq!(h["cookie"], "<redacted>");
+        assert_eq!(h["x-tenant"], "a");
+        assert!(!doc.to_string().contains("secret"));
+        // Policies still see the real value.
+        assert_eq!(input.header("authorization"), Some("Bearer secret"));
     }
 
     #[test]
