@@ -30,7 +30,7 @@ enum Command {
         #[command(subcommand)]
         command: Option<ControlCommand>,
         #[command(flatten)]
-        args: ControlArgs,
+        args: Box<ControlArgs>,
     },
     /// The sidecar proxy.
     Proxy(Box<ProxyArgs>),
@@ -44,11 +44,21 @@ enum Command {
         command: CertsCommand,
     },
     /// Offline policy tools: eval, explain, check.
-    Policy,
-    /// What the control plane knows.
+    Policy {
+        #[command(subcommand)]
+        command: palisade::policy::PolicyCommand,
+    },
+    /// What the control plane knows: sidecars, config versions and ACKs, the traffic graph.
+    #[command(args_conflicts_with_subcommands = true)]
     Status {
         #[command(subcommand)]
-        command: StatusCommand,
+        command: Option<StatusCommand>,
+        /// The control plane's admin address.
+        #[arg(long, env = "PALISADE_CONTROL_ADMIN", default_value = "127.0.0.1:15014")]
+        admin: std::net::SocketAddr,
+        /// Output format: `table` or `json`.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
     },
     /// The whole mesh on one machine, no root, no Kubernetes.
     Demo,
@@ -62,6 +72,17 @@ enum ControlCommand {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Revoke an identity or one certificate: pushed to every sidecar, which refuses new
+    /// handshakes from it and closes its open connections.
+    Revoke {
+        #[arg(long, env = "PALISADE_STATE_DIR", default_value = "palisade-state")]
+        state_dir: PathBuf,
+        #[arg(long, conflicts_with = "serial", required_unless_present = "serial")]
+        identity: Option<SpiffeId>,
+        /// Certificate serial, hex.
+        #[arg(long)]
+        serial: Option<String>,
     },
     /// CA operations.
     Ca {
@@ -139,28 +160,15 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 fn real_main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Control { command: None, args } => runtime()?.block_on(control::run(*args))?,
         Command::Control {
-            command: None,
-            args,
-        } => runtime()?.block_on(control::run(args))?,
-        Command::Control {
-            command:
-                Some(ControlCommand::Token {
-                    command:
-                        TokenCommand::Create {
-                            state_dir,
-                            identity,
-                            ttl,
-                        },
-                }),
+            command: Some(ControlCommand::Token { command: TokenCommand::Create { state_dir, identity, ttl } }),
             ..
         } => {
             let store = Store::open(&state_dir)?;
@@ -168,14 +176,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             println!("{token}");
         }
         Command::Control {
-            command:
-                Some(ControlCommand::Ca {
-                    command:
-                        CaCommand::Rotate {
-                            state_dir,
-                            trust_domain,
-                        },
-                }),
+            command: Some(ControlCommand::Ca { command: CaCommand::Rotate { state_dir, trust_domain } }),
             ..
         } => {
             let store = Store::open(&state_dir)?;
@@ -184,37 +185,38 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 "CA generation {generation} created and added to the trust bundle; the running control plane switches signing once it has reached every sidecar"
             );
         }
-        Command::Proxy(args) => runtime()?.block_on(proxy::run(*args))?,
-        Command::Certs {
-            command: CertsCommand::Dev { out },
-        } => {
-            let files =
-                palisade::identity::dev::write_dev_certs(&out, Duration::from_secs(30 * 24 * 3600))
-                    .with_context(|| format!("writing {}", out.display()))?;
-            println!(
-                "wrote {} files to {} (local experiments only; see its README.md)",
-                files.len(),
-                out.display()
-            );
+        Command::Control { command: Some(ControlCommand::Revoke { state_dir, identity, serial }), .. } => {
+            let store = Store::open(&state_dir)?;
+            let serial = serial.map(|s| s.trim().trim_start_matches("0x").replace(':', "").to_lowercase());
+            if let Some(s) = &serial
+                && (s.is_empty() || !s.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                anyhow::bail!("--serial {s:?} is not a hex serial number");
+            }
+            store.revoke(identity.as_ref().map(|i| i.as_str()), serial.as_deref())?;
+            println!("revoked {}", identity.map(|i| i.to_string()).or(serial).unwrap_or_default());
         }
-        Command::Status {
-            command:
-                StatusCommand::Certs {
-                    state_dir,
-                    identity,
-                    limit,
-                    output,
-                },
-        } => {
+        Command::Proxy(args) => runtime()?.block_on(proxy::run(*args))?,
+        Command::Certs { command: CertsCommand::Dev { out } } => {
+            let files = palisade::identity::dev::write_dev_certs(&out, Duration::from_secs(30 * 24 * 3600))
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {} files to {} (local experiments only; see its README.md)", files.len(), out.display());
+        }
+        Command::Status { command: None, admin, output } => {
+            let report = runtime()?.block_on(control::status::fetch(admin))?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", control::status::render(&report));
+            }
+        }
+        Command::Status { command: Some(StatusCommand::Certs { state_dir, identity, limit, output }), .. } => {
             let store = Store::open(&state_dir)?;
             let rows = store.certificates(identity.as_deref(), limit)?;
             if output == "json" {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!(
-                    "{:<34} {:<52} {:<13} {:<8} NOT AFTER",
-                    "SERIAL", "IDENTITY", "CREDENTIAL", "REVOKED"
-                );
+                println!("{:<34} {:<52} {:<13} {:<8} NOT AFTER", "SERIAL", "IDENTITY", "CREDENTIAL", "REVOKED");
                 for r in rows {
                     println!(
                         "{:<34} {:<52} {:<13} {:<8} {}",
@@ -231,7 +233,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
         }
         Command::Init => return not_built("init", 4),
         Command::Inject => return not_built("inject", 7),
-        Command::Policy => return not_built("policy", 5),
+        Command::Policy { command } => return palisade::policy::run(command),
         Command::Demo => return not_built("demo", 6),
         Command::K8s => return not_built("k8s", 7),
     }

@@ -20,10 +20,7 @@ use crate::tls::{CertStore, TrustBundle, config};
 #[derive(Debug, thiserror::Error)]
 pub enum ControlClientError {
     #[error("cannot connect to control plane at {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: tonic::transport::Error,
-    },
+    Connect { addr: String, source: tonic::transport::Error },
     #[error("control plane refused: {0}")]
     Status(#[from] tonic::Status),
 }
@@ -51,17 +48,14 @@ pub struct ControlClient {
 
 impl ControlClient {
     /// A client for the control plane at `addr`, which must prove `control_identity`.
-    pub fn new(
-        addr: &str,
-        bundle: Arc<TrustBundle>,
-        certs: Arc<CertStore>,
-        control_identity: SpiffeId,
-    ) -> Self {
+    pub fn new(addr: &str, bundle: Arc<TrustBundle>, certs: Arc<CertStore>, control_identity: SpiffeId) -> Self {
         let tls = config::client_config(certs, bundle, Some(control_identity), &[config::ALPN_H2]);
-        ControlClient {
-            addr: addr.to_string(),
-            tls,
-        }
+        ControlClient { addr: addr.to_string(), tls }
+    }
+
+    /// A client with a ready-made TLS config (tests use it to present arbitrary certificates).
+    pub fn with_tls_config(addr: &str, tls: Arc<rustls::ClientConfig>) -> Self {
+        ControlClient { addr: addr.to_string(), tls }
     }
 
     /// A gRPC channel (one connection) to the control plane.
@@ -79,18 +73,12 @@ impl ControlClient {
             }
         });
         Endpoint::from_shared(format!("http://{}", self.addr))
-            .map_err(|source| ControlClientError::Connect {
-                addr: self.addr.clone(),
-                source,
-            })?
+            .map_err(|source| ControlClientError::Connect { addr: self.addr.clone(), source })?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(15))
             .connect_with_connector(connector)
             .await
-            .map_err(|source| ControlClientError::Connect {
-                addr: self.addr.clone(),
-                source,
-            })
+            .map_err(|source| ControlClientError::Connect { addr: self.addr.clone(), source })
     }
 
     /// Asks for a certificate for the key in `csr_der`, proving identity with `credential` or,
@@ -101,13 +89,7 @@ impl ControlClient {
         credential: Option<Credential>,
     ) -> Result<CertifyResponse, ControlClientError> {
         let mut client = IdentityClient::new(self.channel().await?);
-        Ok(client
-            .certify(CertifyRequest {
-                csr_der,
-                credential,
-            })
-            .await?
-            .into_inner())
+        Ok(client.certify(CertifyRequest { csr_der, credential }).await?.into_inner())
     }
 }
 
@@ -132,10 +114,7 @@ where
     type Error = std::io::Error;
     type Future = Fut;
 
-    fn poll_ready(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
         std::task::Poll::Ready(Ok(()))
     }
 

@@ -23,10 +23,7 @@ pub enum CaSetError {
     #[error("a rotation is already in progress (generation {0} is {1})")]
     RotationInProgress(u32, String),
     #[error("writing {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
 }
 
 /// One consistent view of the CA: the signer and the trust bundle.
@@ -51,22 +48,11 @@ impl CaSet {
     }
 
     fn from_generations(generations: Vec<CaGeneration>) -> Result<Self, CaSetError> {
-        let active = generations
-            .iter()
-            .find(|g| g.state == "active")
-            .ok_or(CaSetError::NoActive)?;
+        let active = generations.iter().find(|g| g.state == "active").ok_or(CaSetError::NoActive)?;
         let signer = CertificateAuthority::load(active.material.clone())?;
-        let bundle_pem = generations
-            .iter()
-            .filter(|g| g.state != "retired")
-            .map(|g| g.material.root_cert_pem.as_str())
-            .collect();
-        Ok(CaSet {
-            signer,
-            active_generation: active.generation,
-            bundle_pem,
-            generations,
-        })
+        let bundle_pem =
+            generations.iter().filter(|g| g.state != "retired").map(|g| g.material.root_cert_pem.as_str()).collect();
+        Ok(CaSet { signer, active_generation: active.generation, bundle_pem, generations })
     }
 
     /// The CA that signs workload certificates now.
@@ -86,19 +72,13 @@ impl CaSet {
 
     /// A fingerprint of the stored state, to notice changes made by the CLI.
     pub fn fingerprint(&self) -> String {
-        self.generations
-            .iter()
-            .map(|g| format!("{}:{}:{:?};", g.generation, g.state, g.retire_after))
-            .collect()
+        self.generations.iter().map(|g| format!("{}:{}:{:?};", g.generation, g.state, g.retire_after)).collect()
     }
 
     /// Writes the trust bundle to `DIR/ca/root.pem` for sidecars started by hand.
     pub fn export_bundle(&self, state_dir: &Path) -> Result<(), CaSetError> {
         let dir = state_dir.join("ca");
-        let io = |source| CaSetError::Io {
-            path: dir.display().to_string(),
-            source,
-        };
+        let io = |source| CaSetError::Io { path: dir.display().to_string(), source };
         std::fs::create_dir_all(&dir).map_err(io)?;
         let tmp = dir.join(".root.pem.tmp");
         std::fs::write(&tmp, &self.bundle_pem).map_err(io)?;
@@ -111,14 +91,8 @@ impl CaSet {
 /// advances it (see [`advance_rotation`]).
 pub fn start_rotation(store: &Store, trust_domain: &str) -> Result<u32, CaSetError> {
     let generations = store.ca_generations()?;
-    if let Some(g) = generations
-        .iter()
-        .find(|g| g.state == "next" || g.state == "retiring")
-    {
-        return Err(CaSetError::RotationInProgress(
-            g.generation,
-            g.state.clone(),
-        ));
+    if let Some(g) = generations.iter().find(|g| g.state == "next" || g.state == "retiring") {
+        return Err(CaSetError::RotationInProgress(g.generation, g.state.clone()));
     }
     let next = generations.iter().map(|g| g.generation).max().unwrap_or(0) + 1;
     let material = CaMaterial::generate(trust_domain, next)?;
@@ -131,20 +105,13 @@ pub fn start_rotation(store: &Store, trust_domain: &str) -> Result<u32, CaSetErr
 /// renewed at least once and so holds the new root); the old `active` becomes `retiring` until
 /// `max_lifetime` has passed (every certificate it signed has expired), then `retired`.
 /// Returns whether anything changed.
-pub fn advance_rotation(
-    store: &Store,
-    propagation: Duration,
-    max_lifetime: Duration,
-) -> Result<bool, CaSetError> {
+pub fn advance_rotation(store: &Store, propagation: Duration, max_lifetime: Duration) -> Result<bool, CaSetError> {
     let now = now_unix();
     let generations = store.ca_generations()?;
     for g in &generations {
         if g.state == "retiring" && g.retire_after.is_some_and(|t| now >= t) {
             store.set_ca_state(g.generation, "retired", None)?;
-            tracing::info!(
-                generation = g.generation,
-                "old CA generation retired: its root leaves the trust bundle"
-            );
+            tracing::info!(generation = g.generation, "old CA generation retired: its root leaves the trust bundle");
             return Ok(true);
         }
     }
@@ -152,17 +119,10 @@ pub fn advance_rotation(
         && now >= next.created_at + propagation.as_secs() as i64
     {
         if let Some(active) = generations.iter().find(|g| g.state == "active") {
-            store.set_ca_state(
-                active.generation,
-                "retiring",
-                Some(now + max_lifetime.as_secs() as i64 + 60),
-            )?;
+            store.set_ca_state(active.generation, "retiring", Some(now + max_lifetime.as_secs() as i64 + 60))?;
         }
         store.set_ca_state(next.generation, "active", None)?;
-        tracing::info!(
-            generation = next.generation,
-            "signing switched to the new CA generation"
-        );
+        tracing::info!(generation = next.generation, "signing switched to the new CA generation");
         return Ok(true);
     }
     Ok(false)

@@ -46,14 +46,10 @@ impl From<CertifyError> for Status {
 
 #[tonic::async_trait]
 impl Identity for IdentityService {
-    async fn certify(
-        &self,
-        request: Request<CertifyRequest>,
-    ) -> Result<Response<CertifyResponse>, Status> {
+    async fn certify(&self, request: Request<CertifyRequest>) -> Result<Response<CertifyResponse>, Status> {
         let peer_certs = request.peer_certs();
         let body = request.into_inner();
-        let csr = verify_csr(&body.csr_der)
-            .map_err(|e| Status::invalid_argument(format!("csr refused: {e}")))?;
+        let csr = verify_csr(&body.csr_der).map_err(|e| Status::invalid_argument(format!("csr refused: {e}")))?;
         let ca = self.ca.load_full();
         let ttl = self.cert_ttl;
         let store = self.store.clone();
@@ -79,21 +75,12 @@ impl Identity for IdentityService {
                     ))
                 })?;
                 tokio::task::spawn_blocking(move || -> Result<IssuedCertificate, Status> {
-                    if store
-                        .is_revoked(id.as_str(), &serial)
-                        .map_err(CertifyError::from)?
-                    {
-                        return Err(Status::permission_denied(format!(
-                            "{id} (serial {serial}) is revoked"
-                        )));
+                    if store.is_revoked(id.as_str(), &serial).map_err(CertifyError::from)? {
+                        return Err(Status::permission_denied(format!("{id} (serial {serial}) is revoked")));
                     }
-                    let issued = ca
-                        .signer()
-                        .sign_workload(&id, &csr.public_key, ttl, &[])
-                        .map_err(CertifyError::from)?;
-                    store
-                        .record_certificate(&issued, CredentialKind::Renewal)
-                        .map_err(CertifyError::from)?;
+                    let issued =
+                        ca.signer().sign_workload(&id, &csr.public_key, ttl, &[]).map_err(CertifyError::from)?;
+                    store.record_certificate(&issued, CredentialKind::Renewal).map_err(CertifyError::from)?;
                     Ok(issued)
                 })
                 .await
@@ -115,9 +102,6 @@ impl Identity for IdentityService {
 
 /// The identity the control plane's own serving certificate carries.
 pub fn control_plane_identity(trust_domain: &str) -> SpiffeId {
-    SpiffeId::workload(trust_domain, "palisade-system", "palisade-control").unwrap_or_else(|_| {
-        "spiffe://cluster.local/ns/palisade-system/sa/palisade-control"
-            .parse()
-            .expect("valid")
-    })
+    SpiffeId::workload(trust_domain, "palisade-system", "palisade-control")
+        .unwrap_or_else(|_| "spiffe://cluster.local/ns/palisade-system/sa/palisade-control".parse().expect("valid"))
 }

@@ -2,9 +2,13 @@
 //! telemetry intake and the admin API.
 
 pub mod ca_set;
+pub mod discovery;
 pub mod identity_service;
+pub mod resources;
 pub mod server;
+pub mod status;
 pub mod store;
+pub mod telemetry;
 
 pub use server::{ControlArgs, run};
 pub use store::Store;

@@ -19,8 +19,13 @@ use crate::telemetry::admin::{self, AdminRequest};
 use crate::tls::{CertStore, TrustBundle, config};
 
 use super::ca_set::{self, CaSet};
+use super::discovery::{DiscoveryService, MeshSettings, MeshState};
 use super::identity_service::{IdentityService, control_plane_identity};
+use super::resources::{FileSource, ResourceError};
 use super::store::{CredentialKind, Store};
+use super::telemetry::{TelemetryService, TrafficGraph};
+use crate::proto::discovery::discovery_server::DiscoveryServer;
+use crate::proto::telemetry::telemetry_server::TelemetryServer;
 
 /// Flags of `palisade control`.
 #[derive(clap::Args, Debug, Clone)]
@@ -40,6 +45,23 @@ pub struct ControlArgs {
     /// Lifetime of workload certificates. Below 5 minutes is for testing only.
     #[arg(long, env = "PALISADE_CERT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub cert_ttl: Duration,
+    /// Directory of YAML manifests (AuthorizationPolicy, PeerAuthentication, ...), watched.
+    #[arg(long, env = "PALISADE_RESOURCES")]
+    pub resources: Option<PathBuf>,
+    /// What a workload with no ALLOW policy does: `deny` (zero trust), `allow-authenticated`
+    /// (any mesh identity), or `allow`.
+    #[arg(long, env = "PALISADE_DEFAULT_POLICY", default_value = "deny",
+          value_parser = ["deny", "allow-authenticated", "allow"])]
+    pub default_policy: String,
+    /// Destinations outside the mesh: `allow` (plain TCP pass-through) or `deny`.
+    #[arg(long, env = "PALISADE_EGRESS", default_value = "allow", value_parser = ["allow", "deny"])]
+    pub egress: String,
+    /// Changes are batched for this long before they are pushed.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub debounce: Duration,
+    /// How long a disconnected sidecar's endpoints stay in the table.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub endpoint_grace: Duration,
 }
 
 /// Lifetime of the control plane's own serving certificate; it renews at half of it.
@@ -49,10 +71,7 @@ const SERVING_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     crate::tls::install_crypto_provider();
     if args.cert_ttl < Duration::from_secs(2) {
-        anyhow::bail!(
-            "--cert-ttl {:?} is too short to renew in time; use at least 2s",
-            args.cert_ttl
-        );
+        anyhow::bail!("--cert-ttl {:?} is too short to renew in time; use at least 2s", args.cert_ttl);
     }
     if args.cert_ttl < Duration::from_secs(300) {
         tracing::warn!(cert_ttl = ?args.cert_ttl, "certificate lifetime under 5 minutes: for testing only");
@@ -67,25 +86,16 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let serving = CertStore::new();
     let mut serving_not_after = issue_serving_cert(&store, &ca.load(), &own_id, &serving)?;
 
-    let tls = TlsAcceptor::from(config::server_config(
-        serving.clone(),
-        bundle.clone(),
-        false,
-        &[config::ALPN_H2],
-    ));
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let admin_listener = TcpListener::bind(args.admin)
-        .await
-        .with_context(|| format!("binding {}", args.admin))?;
+    let tls = TlsAcceptor::from(config::server_config(serving.clone(), bundle.clone(), false, &[config::ALPN_H2]));
+    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let admin_listener = TcpListener::bind(args.admin).await.with_context(|| format!("binding {}", args.admin))?;
     tracing::info!(listen = %args.listen, admin = %args.admin, state_dir = %args.state_dir.display(),
         trust_domain = %args.trust_domain, cert_ttl = ?args.cert_ttl, "control plane started");
 
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else {
+            let Ok((tcp, remote)) = listener.accept().await else {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
@@ -96,22 +106,76 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
                     Ok(Ok(stream)) => {
                         let _ = conn_tx.send(Ok::<_, std::io::Error>(stream)).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "control-plane TLS handshake failed"),
-                    Err(_) => tracing::debug!("control-plane TLS handshake timed out"),
+                    Ok(Err(e)) => tracing::info!(%remote, error = %e,
+                        reason = crate::proxy::inbound::handshake_failure_reason(&e), "control-plane TLS handshake refused"),
+                    Err(_) => tracing::info!(%remote, "control-plane TLS handshake timed out"),
                 }
             });
         }
     });
 
-    tokio::spawn(admin::serve(
-        admin_listener,
-        |req: AdminRequest| async move {
-            match req.path.as_str() {
-                "/ready" | "/live" => admin::respond(StatusCode::OK, "text/plain", "ok\n"),
-                _ => admin::respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
-            }
+    let mesh = MeshState::new(
+        MeshSettings {
+            trust_domain: args.trust_domain.clone(),
+            default_policy: args.default_policy.clone(),
+            egress: args.egress.clone(),
+            debounce: args.debounce,
+            endpoint_grace: args.endpoint_grace,
         },
-    ));
+        ca.clone(),
+    );
+    tokio::spawn(mesh.clone().run());
+    let graph = Arc::new(TrafficGraph::default());
+    let resource_errors = Arc::new(ArcSwap::from_pointee(Vec::<ResourceError>::new()));
+    if let Some(dir) = args.resources.clone() {
+        if !dir.is_dir() {
+            anyhow::bail!("--resources {}: not a directory", dir.display());
+        }
+        let mesh = mesh.clone();
+        let errors = resource_errors.clone();
+        tokio::spawn(async move {
+            let mut source = FileSource::new(&dir);
+            let mut tick = tokio::time::interval(FileSource::INTERVAL);
+            loop {
+                tick.tick().await;
+                match source.poll() {
+                    Ok(true) => {
+                        mesh.set_resources(source.resources());
+                        errors.store(Arc::new(source.errors()));
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(dir = %dir.display(), error = %e, "cannot read resources directory"),
+                }
+            }
+        });
+    }
+
+    {
+        let (mesh, store, errors, graph) = (mesh.clone(), store.clone(), resource_errors.clone(), graph.clone());
+        tokio::spawn(admin::serve(admin_listener, move |req: AdminRequest| {
+            let (mesh, store, errors, graph) = (mesh.clone(), store.clone(), errors.clone(), graph.clone());
+            async move {
+                match req.path.as_str() {
+                    "/ready" | "/live" => admin::respond(StatusCode::OK, "text/plain", "ok\n"),
+                    "/v1/sidecars" => admin::json(StatusCode::OK, &mesh.sidecars()),
+                    "/v1/resources/errors" => {
+                        let errs: Vec<String> = errors.load().iter().map(|e| e.to_string()).collect();
+                        admin::json(StatusCode::OK, &errs)
+                    }
+                    "/v1/certificates" => match tokio::task::spawn_blocking(move || store.certificates(None, 1000))
+                        .await
+                    {
+                        Ok(Ok(rows)) => admin::json(StatusCode::OK, &rows),
+                        _ => admin::respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "ledger unavailable\n"),
+                    },
+                    "/v1/mesh" => admin::json(StatusCode::OK, &mesh.settings),
+                    "/v1/traffic" => admin::json(StatusCode::OK, &graph.edges()),
+                    "/v1/events" => admin::json(StatusCode::OK, &graph.events()),
+                    _ => admin::respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+                }
+            }
+        }));
+    }
 
     // Keeps the CA view in step with the store (the CLI may start a rotation while we run),
     // advances rotations, and renews the serving certificate.
@@ -122,8 +186,10 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         let state_dir = args.state_dir.clone();
         let ttl = args.cert_ttl;
         let trust_domain = args.trust_domain.clone();
+        let mesh = mesh.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            // Fast enough that a revocation made with the CLI is pushed well within a second.
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
             loop {
                 tick.tick().await;
                 let res: anyhow::Result<()> = (|| {
@@ -136,18 +202,15 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
                     if fresh.fingerprint() != cur.fingerprint() {
                         bundle.set_roots(fresh.bundle_pem())?;
                         fresh.export_bundle(&state_dir)?;
-                        tracing::info!(
-                            active = fresh.active_generation(),
-                            "CA state changed; trust bundle updated"
-                        );
+                        tracing::info!(active = fresh.active_generation(), "CA state changed; trust bundle updated");
                         ca.store(Arc::new(fresh));
+                        mesh.mark_dirty();
                     }
+                    let (ids, serials) = store.revocations()?;
+                    mesh.set_revocations(ids, serials);
                     let half_life = (SERVING_CERT_LIFETIME / 2).as_secs() as i64;
-                    if signer_changed
-                        || crate::identity::ca::now_unix() >= serving_not_after - half_life
-                    {
-                        serving_not_after =
-                            issue_serving_cert(&store, &ca.load(), &own_id, &serving)?;
+                    if signer_changed || crate::identity::ca::now_unix() >= serving_not_after - half_life {
+                        serving_not_after = issue_serving_cert(&store, &ca.load(), &own_id, &serving)?;
                     }
                     Ok(())
                 })();
@@ -158,14 +221,12 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         });
     }
 
-    let service = IdentityService {
-        store: store.clone(),
-        ca: ca.clone(),
-        cert_ttl: args.cert_ttl,
-    };
+    let service = IdentityService { store: store.clone(), ca: ca.clone(), cert_ttl: args.cert_ttl };
     let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(service))
+        .add_service(DiscoveryServer::new(DiscoveryService { mesh: mesh.clone() }))
+        .add_service(TelemetryServer::new(TelemetryService { graph: graph.clone() }))
         .serve_with_incoming_shutdown(incoming, crate::shutdown_signal())
         .await
         .context("gRPC server")?;
@@ -181,20 +242,12 @@ fn issue_serving_cert(
     serving: &CertStore,
 ) -> anyhow::Result<i64> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let issued =
-        ca.signer()
-            .sign_workload(id, &key, SERVING_CERT_LIFETIME, &["localhost".to_string()])?;
+    let issued = ca.signer().sign_workload(id, &key, SERVING_CERT_LIFETIME, &["localhost".to_string()])?;
     store.record_certificate(&issued, CredentialKind::ControlPlane)?;
     let chain = crate::tls::certs_from_pem(&issued.chain_pem)?;
-    let signing_key =
-        crate::tls::provider()
-            .key_provider
-            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-                key.serialize_der(),
-            )))?;
-    serving.set(
-        Arc::new(CertifiedKey::new(chain, signing_key)),
-        issued.not_after,
-    );
+    let signing_key = crate::tls::provider()
+        .key_provider
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))?;
+    serving.set(Arc::new(CertifiedKey::new(chain, signing_key)), issued.not_after);
     Ok(issued.not_after)
 }

@@ -17,15 +17,9 @@ use crate::identity::{SpiffeId, token};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("state store {path}: {source}")]
-    Sqlite {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    Sqlite { path: PathBuf, source: rusqlite::Error },
     #[error("state directory {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("stored identity {0:?} is invalid")]
     Corrupt(String),
 }
@@ -131,41 +125,26 @@ impl Store {
     /// Opens (creating if needed) `DIR/state.db`. The directory is made private to the owner:
     /// it holds CA private keys.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        let io = |source| StoreError::Io {
-            path: state_dir.to_path_buf(),
-            source,
-        };
+        let io = |source| StoreError::Io { path: state_dir.to_path_buf(), source };
         std::fs::create_dir_all(state_dir).map_err(io)?;
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(io)?;
+            std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         }
         let path = state_dir.join("state.db");
-        let sql = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
+        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
         let conn = Connection::open(&path).map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(sql)?;
         // WAL lets the CLI write while the control plane reads; synchronous=FULL makes every
         // acknowledged commit durable even across power loss, not only kill -9.
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
         conn.execute_batch(SCHEMA).map_err(sql)?;
-        Ok(Store {
-            conn: Mutex::new(conn),
-            path,
-        })
+        Ok(Store { conn: Mutex::new(conn), path })
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
-        StoreError::Sqlite {
-            path: self.path.clone(),
-            source,
-        }
+        StoreError::Sqlite { path: self.path.clone(), source }
     }
 
     /// Every stored CA generation, oldest first.
@@ -197,12 +176,7 @@ impl Store {
     }
 
     /// Stores a CA generation.
-    pub fn insert_ca(
-        &self,
-        generation: u32,
-        material: &CaMaterial,
-        state: &str,
-    ) -> Result<(), StoreError> {
+    pub fn insert_ca(&self, generation: u32, material: &CaMaterial, state: &str) -> Result<(), StoreError> {
         self.conn
             .lock()
             .execute(
@@ -223,12 +197,7 @@ impl Store {
     }
 
     /// Moves a CA generation to another rotation state.
-    pub fn set_ca_state(
-        &self,
-        generation: u32,
-        state: &str,
-        retire_after: Option<i64>,
-    ) -> Result<(), StoreError> {
+    pub fn set_ca_state(&self, generation: u32, state: &str, retire_after: Option<i64>) -> Result<(), StoreError> {
         self.conn
             .lock()
             .execute(
@@ -265,15 +234,11 @@ impl Store {
     ) -> Result<IssuedCertificate, E> {
         let hash = token::hash(token);
         let mut conn = self.conn.lock();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.err(e))?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.err(e))?;
         let row: Option<(String, i64, Option<i64>)> = tx
-            .query_row(
-                "SELECT spiffe_id, expires_at, used_at FROM join_tokens WHERE hash = ?1",
-                [&hash],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
+            .query_row("SELECT spiffe_id, expires_at, used_at FROM join_tokens WHERE hash = ?1", [&hash], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .optional()
             .map_err(|e| self.err(e))?;
         let (id, expires_at, used_at) = row.ok_or(TokenRefusal::Unknown)?;
@@ -286,32 +251,21 @@ impl Store {
         }
         let id: SpiffeId = id.parse().map_err(|_| StoreError::Corrupt(id.clone()))?;
         let issued = issue(&id)?;
-        tx.execute(
-            "UPDATE join_tokens SET used_at = ?2 WHERE hash = ?1",
-            params![hash, now],
-        )
-        .map_err(|e| self.err(e))?;
+        tx.execute("UPDATE join_tokens SET used_at = ?2 WHERE hash = ?1", params![hash, now])
+            .map_err(|e| self.err(e))?;
         insert_ledger(&tx, &issued, CredentialKind::JoinToken).map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
         Ok(issued)
     }
 
     /// Records a certificate in the ledger. Called before the certificate is handed out.
-    pub fn record_certificate(
-        &self,
-        issued: &IssuedCertificate,
-        kind: CredentialKind,
-    ) -> Result<(), StoreError> {
+    pub fn record_certificate(&self, issued: &IssuedCertificate, kind: CredentialKind) -> Result<(), StoreError> {
         insert_ledger(&self.conn.lock(), issued, kind).map_err(|e| self.err(e))?;
         Ok(())
     }
 
     /// The ledger, newest first, optionally for one identity.
-    pub fn certificates(
-        &self,
-        identity: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<LedgerEntry>, StoreError> {
+    pub fn certificates(&self, identity: Option<&str>, limit: u32) -> Result<Vec<LedgerEntry>, StoreError> {
         let conn = self.conn.lock();
         let mut stmt = conn
             .prepare(
@@ -348,6 +302,27 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
+    /// Every revoked identity and serial.
+    pub fn revocations(&self) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        let conn = self.conn.lock();
+        let mut stmt =
+            conn.prepare("SELECT spiffe_id, serial FROM revocations ORDER BY id").map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, Option<String>>(1)?)))
+            .map_err(|e| self.err(e))?;
+        let (mut ids, mut serials) = (Vec::new(), Vec::new());
+        for row in rows {
+            let (id, serial) = row.map_err(|e| self.err(e))?;
+            ids.extend(id);
+            serials.extend(serial.map(|s| s.to_lowercase()));
+        }
+        ids.sort();
+        ids.dedup();
+        serials.sort();
+        serials.dedup();
+        Ok((ids, serials))
+    }
+
     /// Records a revocation of an identity or a serial.
     pub fn revoke(&self, identity: Option<&str>, serial: Option<&str>) -> Result<(), StoreError> {
         self.conn
@@ -361,11 +336,7 @@ impl Store {
     }
 }
 
-fn insert_ledger(
-    conn: &Connection,
-    issued: &IssuedCertificate,
-    kind: CredentialKind,
-) -> rusqlite::Result<()> {
+fn insert_ledger(conn: &Connection, issued: &IssuedCertificate, kind: CredentialKind) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO certificates (serial, spiffe_id, not_before, not_after, credential, issued_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -408,19 +379,11 @@ mod tests {
         let dir = tempdir();
         let store = Store::open(&dir).unwrap();
         let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
-        let t = store
-            .create_join_token(&id, Duration::from_secs(60))
-            .unwrap();
+        let t = store.create_join_token(&id, Duration::from_secs(60)).unwrap();
         let issued = store.redeem_join_token::<E>(&t, fake_issue).unwrap();
         assert_eq!(issued.spiffe_id, id);
-        assert!(matches!(
-            store.redeem_join_token::<E>(&t, fake_issue),
-            Err(E::T(TokenRefusal::Used))
-        ));
-        assert!(matches!(
-            store.redeem_join_token::<E>("pjt_nope", fake_issue),
-            Err(E::T(TokenRefusal::Unknown))
-        ));
+        assert!(matches!(store.redeem_join_token::<E>(&t, fake_issue), Err(E::T(TokenRefusal::Used))));
+        assert!(matches!(store.redeem_join_token::<E>("pjt_nope", fake_issue), Err(E::T(TokenRefusal::Unknown))));
         assert_eq!(store.certificates(None, 10).unwrap().len(), 1);
     }
 
@@ -430,19 +393,11 @@ mod tests {
         let store = Store::open(&dir).unwrap();
         let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
         let expired = store.create_join_token(&id, Duration::ZERO).unwrap();
-        assert!(matches!(
-            store.redeem_join_token::<E>(&expired, fake_issue),
-            Err(E::T(TokenRefusal::Expired))
-        ));
-        let t = store
-            .create_join_token(&id, Duration::from_secs(60))
-            .unwrap();
-        let failed =
-            store.redeem_join_token::<E>(&t, |_| Err(E::S(StoreError::Corrupt("boom".into()))));
+        assert!(matches!(store.redeem_join_token::<E>(&expired, fake_issue), Err(E::T(TokenRefusal::Expired))));
+        let t = store.create_join_token(&id, Duration::from_secs(60)).unwrap();
+        let failed = store.redeem_join_token::<E>(&t, |_| Err(E::S(StoreError::Corrupt("boom".into()))));
         assert!(failed.is_err());
-        store
-            .redeem_join_token::<E>(&t, fake_issue)
-            .expect("token survives a failed issue");
+        store.redeem_join_token::<E>(&t, fake_issue).expect("token survives a failed issue");
     }
 
     fn tempdir() -> PathBuf {

@@ -3,8 +3,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 
 use super::SpiffeId;
@@ -51,10 +51,7 @@ impl CaMaterial {
 
         let int_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut int = CertificateParams::default();
-        int.distinguished_name = dn(
-            &format!("Palisade intermediate CA {generation}"),
-            trust_domain,
-        );
+        int.distinguished_name = dn(&format!("Palisade intermediate CA {generation}"), trust_domain);
         int.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         int.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         int.use_authority_key_identifier_extension = true;
@@ -131,31 +128,33 @@ impl CertificateAuthority {
         dns_names: &[String],
     ) -> Result<IssuedCertificate, CaError> {
         let now = SystemTime::now();
-        let not_before = now - BACKDATE;
-        let not_after = now + ttl;
+        self.sign_workload_valid(id, public_key, now - BACKDATE, now + ttl, dns_names)
+    }
+
+    /// Like [`sign_workload`](Self::sign_workload) with explicit validity. The control plane
+    /// always uses `sign_workload`; this exists so tests can mint expired certificates.
+    pub fn sign_workload_valid(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl PublicKeyData,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        dns_names: &[String],
+    ) -> Result<IssuedCertificate, CaError> {
         let serial = random_serial();
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names =
-            vec![SanType::URI(id.as_str().try_into().map_err(|e| {
-                CaError::Material(format!("SPIFFE ID as URI SAN: {e}"))
-            })?)];
+        params.subject_alt_names = vec![SanType::URI(
+            id.as_str().try_into().map_err(|e| CaError::Material(format!("SPIFFE ID as URI SAN: {e}")))?,
+        )];
         for name in dns_names {
             params.subject_alt_names.push(SanType::DnsName(
-                name.as_str()
-                    .try_into()
-                    .map_err(|e| CaError::Material(format!("DNS SAN {name}: {e}")))?,
+                name.as_str().try_into().map_err(|e| CaError::Material(format!("DNS SAN {name}: {e}")))?,
             ));
         }
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.not_before = not_before.into();
         params.not_after = not_after.into();
@@ -178,9 +177,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Seconds since the Unix epoch.
 pub fn unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// Now, in seconds since the Unix epoch.
@@ -195,25 +192,18 @@ mod tests {
 
     #[test]
     fn signs_identity_from_caller_not_csr() {
-        let ca =
-            CertificateAuthority::load(CaMaterial::generate("cluster.local", 1).unwrap()).unwrap();
+        let ca = CertificateAuthority::load(CaMaterial::generate("cluster.local", 1).unwrap()).unwrap();
         let key = KeyPair::generate().unwrap();
         let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
-        let issued = ca
-            .sign_workload(&id, &key, Duration::from_secs(30), &[])
-            .unwrap();
+        let issued = ca.sign_workload(&id, &key, Duration::from_secs(30), &[]).unwrap();
         assert_eq!(issued.not_after - issued.not_before, 90);
         use rustls::pki_types::{CertificateDer, pem::PemObject};
-        let chain: Vec<_> = CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let chain: Vec<_> =
+            CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes()).collect::<Result<_, _>>().unwrap();
         assert_eq!(chain.len(), 2);
         let (_, cert) = X509Certificate::from_der(&chain[0]).unwrap();
         let san = cert.subject_alternative_name().unwrap().unwrap();
-        assert_eq!(
-            san.value.general_names,
-            vec![GeneralName::URI("spiffe://cluster.local/ns/shop/sa/web")]
-        );
+        assert_eq!(san.value.general_names, vec![GeneralName::URI("spiffe://cluster.local/ns/shop/sa/web")]);
         assert_eq!(hex(cert.raw_serial()), issued.serial);
         let eku = cert.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);

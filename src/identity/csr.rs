@@ -38,25 +38,18 @@ pub fn verify_csr(der: &[u8]) -> Result<VerifiedCsr, CsrError> {
         return Err(CsrError::TooLarge(der.len()));
     }
     let parsed =
-        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der))
-            .map_err(|e| match e {
-                rcgen::Error::InvalidCertificationRequestSignature => CsrError::BadSignature,
-                rcgen::Error::UnsupportedExtension => CsrError::UnsupportedExtension,
-                rcgen::Error::UnsupportedSignatureAlgorithm => CsrError::KeyType,
-                _ => CsrError::Malformed,
-            })?;
+        CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(der)).map_err(|e| match e {
+            rcgen::Error::InvalidCertificationRequestSignature => CsrError::BadSignature,
+            rcgen::Error::UnsupportedExtension => CsrError::UnsupportedExtension,
+            rcgen::Error::UnsupportedSignatureAlgorithm => CsrError::KeyType,
+            _ => CsrError::Malformed,
+        })?;
     let alg: &SignatureAlgorithm = PublicKeyData::algorithm(&parsed.public_key);
-    let allowed = [
-        &rcgen::PKCS_ECDSA_P256_SHA256,
-        &rcgen::PKCS_ECDSA_P384_SHA384,
-        &rcgen::PKCS_ED25519,
-    ];
-    if !allowed.iter().any(|a| *a == alg) {
+    let allowed = [&rcgen::PKCS_ECDSA_P256_SHA256, &rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519];
+    if !allowed.contains(&alg) {
         return Err(CsrError::KeyType);
     }
-    Ok(VerifiedCsr {
-        public_key: parsed.public_key,
-    })
+    Ok(VerifiedCsr { public_key: parsed.public_key })
 }
 
 #[cfg(test)]
@@ -66,21 +59,12 @@ mod tests {
 
     fn csr_for(alg: &'static SignatureAlgorithm) -> Vec<u8> {
         let key = KeyPair::generate_for(alg).unwrap();
-        CertificateParams::new(vec!["ignored.example".into()])
-            .unwrap()
-            .serialize_request(&key)
-            .unwrap()
-            .der()
-            .to_vec()
+        CertificateParams::new(vec!["ignored.example".into()]).unwrap().serialize_request(&key).unwrap().der().to_vec()
     }
 
     #[test]
     fn accepts_allowed_key_types() {
-        for alg in [
-            &rcgen::PKCS_ECDSA_P256_SHA256,
-            &rcgen::PKCS_ECDSA_P384_SHA384,
-            &rcgen::PKCS_ED25519,
-        ] {
+        for alg in [&rcgen::PKCS_ECDSA_P256_SHA256, &rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
             verify_csr(&csr_for(alg)).unwrap();
         }
     }
@@ -89,10 +73,7 @@ mod tests {
     fn refuses_garbage_oversize_and_tampering() {
         assert_eq!(verify_csr(b"").err(), Some(CsrError::Empty));
         assert_eq!(verify_csr(b"not a csr").err(), Some(CsrError::Malformed));
-        assert_eq!(
-            verify_csr(&vec![0x30; MAX_CSR_BYTES + 1]).err(),
-            Some(CsrError::TooLarge(MAX_CSR_BYTES + 1))
-        );
+        assert_eq!(verify_csr(&vec![0x30; MAX_CSR_BYTES + 1]).err(), Some(CsrError::TooLarge(MAX_CSR_BYTES + 1)));
         let mut der = csr_for(&rcgen::PKCS_ECDSA_P256_SHA256);
         let last = der.len() - 1;
         der[last] ^= 0x01; // flip a bit of the signature
@@ -101,14 +82,8 @@ mod tests {
 
     #[test]
     fn refuses_rsa() {
-        let key =
-            KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
-        let der = CertificateParams::new(vec![])
-            .unwrap()
-            .serialize_request(&key)
-            .unwrap()
-            .der()
-            .to_vec();
+        let key = KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
+        let der = CertificateParams::new(vec![]).unwrap().serialize_request(&key).unwrap().der().to_vec();
         assert_eq!(verify_csr(&der).err(), Some(CsrError::KeyType));
     }
 }

@@ -14,8 +14,10 @@ use rcgen::{CertificateParams, KeyPair};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 
+use crate::agent::telemetry::CertEvents;
 use crate::agent::{ControlClient, ControlClientError};
 use crate::proto::identity::certify_request::Credential;
+use crate::proto::telemetry::{CertificateEvent, certificate_event::Kind};
 use crate::telemetry::metrics::CertMetrics;
 use crate::tls::{CertStore, TrustBundle};
 
@@ -51,6 +53,7 @@ pub struct CertManager {
     control: ControlClient,
     metrics: Arc<CertMetrics>,
     info: ArcSwapOption<CertInfo>,
+    events: Arc<CertEvents>,
 }
 
 impl CertManager {
@@ -61,13 +64,12 @@ impl CertManager {
         control: ControlClient,
         metrics: Arc<CertMetrics>,
     ) -> Arc<Self> {
-        Arc::new(CertManager {
-            certs,
-            bundle,
-            control,
-            metrics,
-            info: ArcSwapOption::empty(),
-        })
+        Arc::new(CertManager { certs, bundle, control, metrics, info: ArcSwapOption::empty(), events: Arc::default() })
+    }
+
+    /// Certificate events for the telemetry reporter.
+    pub fn events(&self) -> Arc<CertEvents> {
+        self.events.clone()
     }
 
     /// The certificate in service, if any.
@@ -90,10 +92,7 @@ impl CertManager {
     pub async fn bootstrap(&self, token: &str) -> Result<Arc<CertInfo>, CertError> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
-            match self
-                .request(Some(Credential::JoinToken(token.trim().to_string())))
-                .await
-            {
+            match self.request(Some(Credential::JoinToken(token.trim().to_string()))).await {
                 Ok(info) => return Ok(info),
                 Err(CertError::Control(e)) if !e.is_permanent() => {
                     let wait = backoff.next();
@@ -114,17 +113,19 @@ impl CertManager {
             // Backoff cap scales with the lifetime so a short-lived certificate is retried often
             // enough to be renewed before it expires.
             let lifetime = (info.not_after - info.received_at).max(1) as u64;
-            let cap = Duration::from_secs(lifetime / 10)
-                .clamp(Duration::from_secs(1), Duration::from_secs(30));
+            let cap = Duration::from_secs(lifetime / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
             let mut backoff = Backoff::new(Duration::from_millis(250), cap);
             loop {
                 match self.request(None).await {
                     Ok(_) => break,
                     Err(e) => {
-                        self.metrics
-                            .renewals
-                            .get_or_create(&vec![("result".into(), "failure".into())])
-                            .inc();
+                        self.metrics.renewals.get_or_create(&vec![("result".into(), "failure".into())]).inc();
+                        self.events.push(CertificateEvent {
+                            kind: Kind::RenewalFailed as i32,
+                            serial: info.serial.clone(),
+                            not_after: info.not_after,
+                            message: e.to_string(),
+                        });
                         let wait = backoff.next();
                         tracing::warn!(error = %e, retry_in = ?wait, expires_in_s = info.not_after - now_unix(),
                             "certificate renewal failed; still serving with the current certificate");
@@ -146,24 +147,15 @@ impl CertManager {
         let (id, serial) = chain
             .first()
             .ok_or_else(|| CertError::BadResponse("empty chain".into()))
-            .and_then(|leaf| {
-                crate::tls::spiffe_id_of(leaf).map_err(|e| CertError::BadResponse(e.to_string()))
-            })?;
+            .and_then(|leaf| crate::tls::spiffe_id_of(leaf).map_err(|e| CertError::BadResponse(e.to_string())))?;
         let signing_key = crate::tls::provider()
             .key_provider
-            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-                key.serialize_der(),
-            )))
+            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
             .map_err(|e| CertError::BadResponse(format!("key: {e}")))?;
         if !resp.trust_bundle_pem.is_empty() {
-            self.bundle
-                .set_roots(&resp.trust_bundle_pem)
-                .map_err(|e| CertError::BadResponse(e.to_string()))?;
+            self.bundle.set_roots(&resp.trust_bundle_pem).map_err(|e| CertError::BadResponse(e.to_string()))?;
         }
-        self.certs.set(
-            Arc::new(CertifiedKey::new(chain, signing_key)),
-            resp.not_after,
-        );
+        self.certs.set(Arc::new(CertifiedKey::new(chain, signing_key)), resp.not_after);
         let info = Arc::new(CertInfo {
             spiffe_id: id.to_string(),
             serial,
@@ -173,6 +165,12 @@ impl CertManager {
         });
         self.info.store(Some(info.clone()));
         self.metrics.record_issued(info.not_after);
+        self.events.push(CertificateEvent {
+            kind: Kind::Issued as i32,
+            serial: info.serial.clone(),
+            not_after: info.not_after,
+            message: String::new(),
+        });
         tracing::info!(spiffe_id = %info.spiffe_id, serial = %info.serial, not_after = info.not_after, "certificate installed");
         Ok(info)
     }
@@ -226,11 +224,7 @@ mod tests {
         assert_eq!(renewal_delay(&i, 1000, 0.5), Duration::from_secs(50));
         assert_eq!(renewal_delay(&i, 1000, 0.0), Duration::from_secs(40));
         assert!((renewal_delay(&i, 1000, 0.999_999).as_secs_f64() - 60.0).abs() < 0.01);
-        assert_eq!(
-            renewal_delay(&i, 1080, 0.5),
-            Duration::ZERO,
-            "overdue renews at once"
-        );
+        assert_eq!(renewal_delay(&i, 1080, 0.5), Duration::ZERO, "overdue renews at once");
     }
 
     #[test]

@@ -20,19 +20,13 @@ pub enum SpiffeIdError {
     Scheme(String),
     #[error("SPIFFE ID {0:?} has an empty or invalid trust domain")]
     TrustDomain(String),
-    #[error(
-        "SPIFFE ID {0:?} has an invalid path (segments must be non-empty, no '.', '..', query or fragment)"
-    )]
+    #[error("SPIFFE ID {0:?} has an invalid path (segments must be non-empty, no '.', '..', query or fragment)")]
     Path(String),
 }
 
 impl SpiffeId {
     /// The Kubernetes-style identity of a service account.
-    pub fn workload(
-        trust_domain: &str,
-        namespace: &str,
-        service_account: &str,
-    ) -> Result<Self, SpiffeIdError> {
+    pub fn workload(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, SpiffeIdError> {
         format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
@@ -76,16 +70,12 @@ impl FromStr for SpiffeId {
     type Err = SpiffeIdError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let rest = s
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| SpiffeIdError::Scheme(s.to_string()))?;
+        let rest = s.strip_prefix("spiffe://").ok_or_else(|| SpiffeIdError::Scheme(s.to_string()))?;
         let td_len = rest.find('/').unwrap_or(rest.len());
         let td = &rest[..td_len];
         let td_ok = !td.is_empty()
             && td.len() <= 255
-            && td
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+            && td.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
         if !td_ok {
             return Err(SpiffeIdError::TrustDomain(s.to_string()));
         }
@@ -95,18 +85,13 @@ impl FromStr for SpiffeId {
                 !seg.is_empty()
                     && seg != "."
                     && seg != ".."
-                    && seg
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+                    && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
             });
             if !ok || s.len() > 2048 {
                 return Err(SpiffeIdError::Path(s.to_string()));
             }
         }
-        Ok(SpiffeId {
-            uri: s.to_string(),
-            td_end: "spiffe://".len() + td_len,
-        })
+        Ok(SpiffeId { uri: s.to_string(), td_end: "spiffe://".len() + td_len })
     }
 }
 

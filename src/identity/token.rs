@@ -14,10 +14,7 @@ pub struct JoinToken {
 /// Mints a 256-bit random token.
 pub fn mint() -> JoinToken {
     let raw: [u8; 32] = rand::random();
-    let token = format!(
-        "{PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-    );
+    let token = format!("{PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw));
     let hash = hash(&token);
     JoinToken { token, hash }
 }
@@ -35,10 +32,6 @@ mod tests {
         let b = super::mint();
         assert_ne!(a.token, b.token);
         assert_eq!(super::hash(&a.token), a.hash);
-        assert_eq!(
-            super::hash(&format!("{}\n", a.token)),
-            a.hash,
-            "a trailing newline from a file is ignored"
-        );
+        assert_eq!(super::hash(&format!("{}\n", a.token)), a.hash, "a trailing newline from a file is ignored");
     }
 }

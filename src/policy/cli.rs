@@ -62,8 +62,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn read_request(path: &Path) -> anyhow::Result<RequestAttributes> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read request {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read request {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("invalid request {}", path.display()))
 }
 
@@ -71,22 +70,13 @@ fn read_request(path: &Path) -> anyhow::Result<RequestAttributes> {
 fn prepare(args: &EvalArgs) -> anyhow::Result<(PolicySet, Input)> {
     let policies = load_path(&args.policies)?;
     let attrs = read_request(&args.request)?;
-    let workload = Workload {
-        id: attrs.destination.clone(),
-        labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
-    };
-    Ok((
-        PolicySet::new(policies, workload, args.default_policy),
-        Input::new(attrs),
-    ))
+    let workload =
+        Workload { id: attrs.destination.clone(), labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>() };
+    Ok((PolicySet::new(policies, workload, args.default_policy), Input::new(attrs)))
 }
 
 fn code(allowed: bool) -> ExitCode {
-    if allowed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
+    if allowed { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
 /// Runs a `palisade policy` subcommand, printing to stdout (errors to stderr).
@@ -163,9 +153,7 @@ mod tests {
             "allow-authenticated",
         ])
         .unwrap();
-        let PolicyCommand::Eval(a) = cli.cmd else {
-            panic!("not eval")
-        };
+        let PolicyCommand::Eval(a) = cli.cmd else { panic!("not eval") };
         assert_eq!(a.labels.len(), 2);
         assert_eq!(a.default_policy, DefaultPolicy::AllowAuthenticated);
         let cli = Cli::try_parse_from([
@@ -182,35 +170,20 @@ mod tests {
             "--json",
         ])
         .unwrap();
-        let PolicyCommand::Explain { args, json } = cli.cmd else {
-            panic!("not explain")
-        };
+        let PolicyCommand::Explain { args, json } = cli.cmd else { panic!("not explain") };
         assert!(json);
         assert_eq!(args.labels.len(), 2);
         assert_eq!(args.default_policy, DefaultPolicy::Deny);
         assert!(Cli::try_parse_from(["policy", "check", "--policies", "p"]).is_ok());
         assert!(
-            Cli::try_parse_from([
-                "policy",
-                "eval",
-                "--policies",
-                "p",
-                "--request",
-                "r",
-                "--labels",
-                "oops"
-            ])
-            .is_err()
+            Cli::try_parse_from(["policy", "eval", "--policies", "p", "--request", "r", "--labels", "oops"]).is_err()
         );
     }
 
     #[test]
     fn examples_check_and_evaluate() {
         let dir = examples();
-        let code = run(PolicyCommand::Check {
-            policies: dir.clone(),
-        })
-        .unwrap();
+        let code = run(PolicyCommand::Check { policies: dir.clone() }).unwrap();
         assert_eq!(code, ExitCode::SUCCESS);
         let args = |req: &str| EvalArgs {
             policies: dir.clone(),
@@ -218,28 +191,15 @@ mod tests {
             labels: vec![("app".into(), "orders".into())],
             default_policy: DefaultPolicy::Deny,
         };
+        assert_eq!(run(PolicyCommand::Eval(args("request-get-orders.json"))).unwrap(), ExitCode::SUCCESS);
+        assert_eq!(run(PolicyCommand::Eval(args("request-delete-admin.json"))).unwrap(), ExitCode::from(1));
         assert_eq!(
-            run(PolicyCommand::Eval(args("request-get-orders.json"))).unwrap(),
-            ExitCode::SUCCESS
-        );
-        assert_eq!(
-            run(PolicyCommand::Eval(args("request-delete-admin.json"))).unwrap(),
-            ExitCode::from(1)
-        );
-        assert_eq!(
-            run(PolicyCommand::Explain {
-                args: args("request-delete-admin.json"),
-                json: false
-            })
-            .unwrap(),
+            run(PolicyCommand::Explain { args: args("request-delete-admin.json"), json: false }).unwrap(),
             ExitCode::from(1)
         );
         let mut missing = args("request-get-orders.json");
         missing.request = dir.join("nope.json");
-        assert_eq!(
-            run(PolicyCommand::Eval(missing)).unwrap(),
-            ExitCode::from(2)
-        );
+        assert_eq!(run(PolicyCommand::Eval(missing)).unwrap(), ExitCode::from(2));
     }
 
     #[test]
@@ -252,10 +212,7 @@ mod tests {
             "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: y}\nspec: {acton: DENY}\n",
         )
         .unwrap();
-        let code = run(PolicyCommand::Check {
-            policies: dir.clone(),
-        })
-        .unwrap();
+        let code = run(PolicyCommand::Check { policies: dir.clone() }).unwrap();
         assert_eq!(code, ExitCode::from(1));
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -8,9 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::engine::EngineKind;
 
 /// What the mesh does for a workload that no ALLOW or DENY policy selects.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum DefaultPolicy {
     /// Zero trust: refuse.
@@ -40,9 +38,7 @@ impl std::str::FromStr for DefaultPolicy {
             "deny" => Ok(DefaultPolicy::Deny),
             "allow-authenticated" => Ok(DefaultPolicy::AllowAuthenticated),
             "allow" => Ok(DefaultPolicy::Allow),
-            other => Err(format!(
-                "unknown default policy {other:?} (deny, allow-authenticated, allow)"
-            )),
+            other => Err(format!("unknown default policy {other:?} (deny, allow-authenticated, allow)")),
         }
     }
 }
@@ -99,11 +95,7 @@ mod tests {
 
     #[test]
     fn default_policy_round_trips() {
-        for d in [
-            DefaultPolicy::Deny,
-            DefaultPolicy::AllowAuthenticated,
-            DefaultPolicy::Allow,
-        ] {
+        for d in [DefaultPolicy::Deny, DefaultPolicy::AllowAuthenticated, DefaultPolicy::Allow] {
             assert_eq!(d.to_string().parse::<DefaultPolicy>(), Ok(d));
         }
         assert!("permit".parse::<DefaultPolicy>().is_err());
@@ -114,9 +106,6 @@ mod tests {
     fn decision_serialises_compactly() {
         let d = Decision::bare(false, "no policy");
         let j = serde_json::to_value(&d).unwrap();
-        assert_eq!(
-            j,
-            serde_json::json!({"allowed": false, "policy": null, "engine": null, "reason": "no policy"})
-        );
+        assert_eq!(j, serde_json::json!({"allowed": false, "policy": null, "engine": null, "reason": "no policy"}));
     }
 }

@@ -115,52 +115,25 @@ pub struct Policy {
 impl Policy {
     /// Checks and compiles a resource.
     pub fn compile(p: &AuthorizationPolicy) -> Result<Self, CompileError> {
-        let invalid = |field: &str, message: String| CompileError::Invalid {
-            field: field.to_string(),
-            message,
-        };
+        let invalid = |field: &str, message: String| CompileError::Invalid { field: field.to_string(), message };
         if p.api_version != resource::API_VERSION {
-            return Err(invalid(
-                "apiVersion",
-                format!("{:?} is not {}", p.api_version, resource::API_VERSION),
-            ));
+            return Err(invalid("apiVersion", format!("{:?} is not {}", p.api_version, resource::API_VERSION)));
         }
         if p.kind != resource::KIND {
-            return Err(invalid(
-                "kind",
-                format!("{:?} is not {}", p.kind, resource::KIND),
-            ));
+            return Err(invalid("kind", format!("{:?} is not {}", p.kind, resource::KIND)));
         }
-        for (field, value) in [
-            ("metadata.name", &p.metadata.name),
-            ("metadata.namespace", &p.metadata.namespace),
-        ] {
+        for (field, value) in [("metadata.name", &p.metadata.name), ("metadata.namespace", &p.metadata.namespace)] {
             let ok = !value.is_empty()
                 && value.len() <= 253
-                && value
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+                && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
             if !ok {
-                return Err(invalid(
-                    field,
-                    format!("{value:?} is not a valid name (letters, digits, '-', '.', '_')"),
-                ));
+                return Err(invalid(field, format!("{value:?} is not a valid name (letters, digits, '-', '.', '_')")));
             }
         }
         let spec = &p.spec;
-        let chosen = [
-            spec.rules.is_some(),
-            spec.rego.is_some(),
-            spec.wasm.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count();
+        let chosen = [spec.rules.is_some(), spec.rego.is_some(), spec.wasm.is_some()].iter().filter(|b| **b).count();
         if chosen > 1 {
-            return Err(invalid(
-                "spec",
-                "give only one of rules, rego or wasm".to_string(),
-            ));
+            return Err(invalid("spec", "give only one of rules, rego or wasm".to_string()));
         }
         let engine = if spec.wasm.is_some() {
             return Err(CompileError::WasmDisabled);
@@ -173,10 +146,7 @@ impl Policy {
         } else {
             Engine::Rules(
                 RulesEngine::compile(spec.rules.as_deref().unwrap_or_default(), spec.action)
-                    .map_err(|e| CompileError::Invalid {
-                        field: e.field,
-                        message: e.message,
-                    })?,
+                    .map_err(|e| CompileError::Invalid { field: e.field, message: e.message })?,
             )
         };
         Ok(Policy {
@@ -215,18 +185,11 @@ impl Policy {
     }
 
     /// Whether it applies to a workload; `Err` says why not.
-    pub fn selects(
-        &self,
-        workload: &SpiffeId,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<(), String> {
+    pub fn selects(&self, workload: &SpiffeId, labels: &BTreeMap<String, String>) -> Result<(), String> {
         match workload.namespace() {
             Some(ns) if ns == self.namespace => {}
             Some(ns) => {
-                return Err(format!(
-                    "namespace {} is not the workload's ({ns})",
-                    self.namespace
-                ));
+                return Err(format!("namespace {} is not the workload's ({ns})", self.namespace));
             }
             None => return Err(format!("workload {workload} has no namespace")),
         }
@@ -282,18 +245,13 @@ mod tests {
     fn wasm_is_a_clear_load_error() {
         let e = Policy::compile(&doc("  wasm: {bundle: AAAA, entrypoint: a/allow}\n")).unwrap_err();
         assert_eq!(e, CompileError::WasmDisabled);
-        assert!(
-            e.to_string()
-                .contains("wasm policies are not enabled in this build")
-        );
+        assert!(e.to_string().contains("wasm policies are not enabled in this build"));
     }
 
     #[test]
     fn only_one_engine() {
-        let e = Policy::compile(&doc(
-            "  rules: [{}]\n  rego: {module: \"package a\", entrypoint: a/allow}\n",
-        ))
-        .unwrap_err();
+        let e =
+            Policy::compile(&doc("  rules: [{}]\n  rego: {module: \"package a\", entrypoint: a/allow}\n")).unwrap_err();
         assert!(e.to_string().contains("only one of"), "{e}");
     }
 
@@ -301,20 +259,12 @@ mod tests {
     fn checks_api_version() {
         let mut d = doc("  rules: []\n");
         d.api_version = "palisade.io/v2".into();
-        assert!(
-            Policy::compile(&d)
-                .unwrap_err()
-                .to_string()
-                .starts_with("apiVersion")
-        );
+        assert!(Policy::compile(&d).unwrap_err().to_string().starts_with("apiVersion"));
     }
 
     #[test]
     fn selection_by_namespace_and_labels() {
-        let p = Policy::compile(&doc(
-            "  selector: {matchLabels: {app: orders}}\n  rules: []\n",
-        ))
-        .unwrap();
+        let p = Policy::compile(&doc("  selector: {matchLabels: {app: orders}}\n  rules: []\n")).unwrap();
         let orders: SpiffeId = "spiffe://cluster.local/ns/shop/sa/orders".parse().unwrap();
         let other_ns: SpiffeId = "spiffe://cluster.local/ns/ops/sa/orders".parse().unwrap();
         let labels = BTreeMap::from([("app".to_string(), "orders".to_string())]);

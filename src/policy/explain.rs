@@ -56,26 +56,15 @@ impl fmt::Display for Explanation {
             f,
             "decision: {}{}",
             if d.allowed { "ALLOWED" } else { "DENIED" },
-            d.policy
-                .as_ref()
-                .map(|p| format!(" by {p}"))
-                .unwrap_or_default()
+            d.policy.as_ref().map(|p| format!(" by {p}")).unwrap_or_default()
         )?;
         writeln!(f, "reason:   {}", d.reason)?;
         if let Some(s) = d.http_status {
             writeln!(f, "status:   {s}")?;
         }
-        writeln!(
-            f,
-            "workload: {}",
-            self.workload.as_deref().unwrap_or("<none: failing closed>")
-        )?;
+        writeln!(f, "workload: {}", self.workload.as_deref().unwrap_or("<none: failing closed>"))?;
         if !self.labels.is_empty() {
-            let labels: Vec<String> = self
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
+            let labels: Vec<String> = self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             writeln!(f, "labels:   {}", labels.join(","))?;
         }
         writeln!(f, "default:  {}", self.default_policy)?;
@@ -86,11 +75,7 @@ impl fmt::Display for Explanation {
         for t in &self.policies {
             write!(f, "  {} [{} {}] ", t.policy, t.action, t.engine)?;
             if !t.selected {
-                writeln!(
-                    f,
-                    "not selected: {}",
-                    t.not_selected_because.as_deref().unwrap_or("?")
-                )?;
+                writeln!(f, "not selected: {}", t.not_selected_because.as_deref().unwrap_or("?"))?;
                 continue;
             }
             write!(

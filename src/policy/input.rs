@@ -53,14 +53,8 @@ pub struct RequestAttributes {
 }
 
 /// Headers whose values never reach a decision log.
-pub const SECRET_HEADERS: &[&str] = &[
-    "authorization",
-    "proxy-authorization",
-    "cookie",
-    "set-cookie",
-    "x-api-key",
-    "x-auth-token",
-];
+pub const SECRET_HEADERS: &[&str] =
+    &["authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "x-auth-token"];
 
 fn default_scheme() -> String {
     "http".to_string()
@@ -83,11 +77,7 @@ pub struct Input {
 impl Input {
     /// Normalises the attributes. Allocates only when a header name or the host has upper case.
     pub fn new(mut attrs: RequestAttributes) -> Self {
-        if attrs
-            .headers
-            .keys()
-            .any(|k| k.bytes().any(|b| b.is_ascii_uppercase()))
-        {
+        if attrs.headers.keys().any(|k| k.bytes().any(|b| b.is_ascii_uppercase())) {
             let mut lowered: BTreeMap<String, String> = BTreeMap::new();
             for (k, v) in std::mem::take(&mut attrs.headers) {
                 lowered
@@ -102,10 +92,7 @@ impl Input {
             attrs.headers = lowered;
         }
         if attrs.host.is_empty()
-            && let Some(h) = attrs
-                .headers
-                .get("host")
-                .or(attrs.headers.get(":authority"))
+            && let Some(h) = attrs.headers.get("host").or(attrs.headers.get(":authority"))
         {
             attrs.host = h.clone();
         }
@@ -113,12 +100,7 @@ impl Input {
             attrs.host = attrs.host.to_ascii_lowercase();
         }
         attrs.source_ip = attrs.source_ip.map(|ip| ip.to_canonical());
-        Input {
-            http: !attrs.protocol.eq_ignore_ascii_case("tcp"),
-            attrs,
-            json: OnceLock::new(),
-            rego: OnceLock::new(),
-        }
+        Input { http: !attrs.protocol.eq_ignore_ascii_case("tcp"), attrs, json: OnceLock::new(), rego: OnceLock::new() }
     }
 
     /// The attributes as normalised.
@@ -180,8 +162,7 @@ impl Input {
     /// The OPA-Envoy compatible input document as JSON (built on first use; for explanations
     /// and decision logs — Rego reads the same document without going through JSON).
     pub fn document(&self) -> &Value {
-        self.json
-            .get_or_init(|| serde_json::to_value(self.rego_value()).unwrap_or(Value::Null))
+        self.json.get_or_init(|| serde_json::to_value(self.rego_value()).unwrap_or(Value::Null))
     }
 
     /// The document for a decision log: as [`Input::document`], with the values of headers that
@@ -215,10 +196,8 @@ type RegoValue = regorus::Value;
 /// An object from key/value pairs; `None` values are left out, as OPA-Envoy leaves out
 /// attributes it does not have.
 fn object<const N: usize>(pairs: [(&str, Option<RegoValue>); N]) -> RegoValue {
-    let map: BTreeMap<RegoValue, RegoValue> = pairs
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|v| (RegoValue::from(k), v)))
-        .collect();
+    let map: BTreeMap<RegoValue, RegoValue> =
+        pairs.into_iter().filter_map(|(k, v)| v.map(|v| (RegoValue::from(k), v))).collect();
     RegoValue::from(map)
 }
 
@@ -243,38 +222,23 @@ fn build_document(a: &RequestAttributes) -> RegoValue {
             "socketAddress",
             Some(object([
                 ("address", Some(RegoValue::from(ip.to_string()))),
-                (
-                    "portValue",
-                    a.source_port.map(|p| RegoValue::from(u32::from(p))),
-                ),
+                ("portValue", a.source_port.map(|p| RegoValue::from(u32::from(p)))),
             ])),
         )])
     });
-    let source = object([
-        (
-            "principal",
-            a.source.as_ref().and_then(|id| text(id.as_str())),
-        ),
-        ("address", socket),
-    ]);
+    let source = object([("principal", a.source.as_ref().and_then(|id| text(id.as_str()))), ("address", socket)]);
     let destination = object([
         ("principal", text(a.destination.as_str())),
         (
             "address",
             Some(object([(
                 "socketAddress",
-                Some(object([(
-                    "portValue",
-                    Some(RegoValue::from(u32::from(a.destination_port))),
-                )])),
+                Some(object([("portValue", Some(RegoValue::from(u32::from(a.destination_port))))])),
             )])),
         ),
     ]);
-    let headers: BTreeMap<RegoValue, RegoValue> = a
-        .headers
-        .iter()
-        .map(|(k, v)| (RegoValue::from(k.as_str()), RegoValue::from(v.as_str())))
-        .collect();
+    let headers: BTreeMap<RegoValue, RegoValue> =
+        a.headers.iter().map(|(k, v)| (RegoValue::from(k.as_str()), RegoValue::from(v.as_str()))).collect();
     let http = object([
         ("method", text(&a.method)),
         ("path", text(&a.path)),
@@ -287,23 +251,15 @@ fn build_document(a: &RequestAttributes) -> RegoValue {
         Some((p, q)) => (p, q),
         None => (a.path.as_str(), ""),
     };
-    let parsed_path: Vec<RegoValue> = path_only
-        .trim_start_matches('/')
-        .split('/')
-        .map(|s| RegoValue::from(percent_decode(s, false)))
-        .collect();
+    let parsed_path: Vec<RegoValue> =
+        path_only.trim_start_matches('/').split('/').map(|s| RegoValue::from(percent_decode(s, false))).collect();
     let mut parsed_query: BTreeMap<String, Vec<RegoValue>> = BTreeMap::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        parsed_query
-            .entry(percent_decode(k, true))
-            .or_default()
-            .push(RegoValue::from(percent_decode(v, true)));
+        parsed_query.entry(percent_decode(k, true)).or_default().push(RegoValue::from(percent_decode(v, true)));
     }
-    let parsed_query: BTreeMap<RegoValue, RegoValue> = parsed_query
-        .into_iter()
-        .map(|(k, v)| (RegoValue::from(k), RegoValue::from(v)))
-        .collect();
+    let parsed_query: BTreeMap<RegoValue, RegoValue> =
+        parsed_query.into_iter().map(|(k, v)| (RegoValue::from(k), RegoValue::from(v))).collect();
     object([
         (
             "attributes",
@@ -385,40 +341,19 @@ pub(crate) mod tests {
             "/orders/7%20x?expand=items&expand=price&q=a+b",
         ));
         let d = input.document();
-        assert_eq!(
-            d["attributes"]["source"]["principal"],
-            "spiffe://cluster.local/ns/shop/sa/web"
-        );
-        assert_eq!(
-            d["attributes"]["source"]["address"]["socketAddress"]["address"],
-            "10.1.2.3"
-        );
-        assert_eq!(
-            d["attributes"]["source"]["address"]["socketAddress"]["portValue"],
-            40000
-        );
-        assert_eq!(
-            d["attributes"]["destination"]["principal"],
-            "spiffe://cluster.local/ns/shop/sa/orders"
-        );
+        assert_eq!(d["attributes"]["source"]["principal"], "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(d["attributes"]["source"]["address"]["socketAddress"]["address"], "10.1.2.3");
+        assert_eq!(d["attributes"]["source"]["address"]["socketAddress"]["portValue"], 40000);
+        assert_eq!(d["attributes"]["destination"]["principal"], "spiffe://cluster.local/ns/shop/sa/orders");
         assert_eq!(d["attributes"]["request"]["http"]["method"], "GET");
-        assert_eq!(
-            d["attributes"]["request"]["http"]["host"],
-            "orders.shop:8080"
-        );
-        assert_eq!(
-            d["attributes"]["request"]["http"]["headers"]["x-tenant"],
-            "a"
-        );
+        assert_eq!(d["attributes"]["request"]["http"]["host"], "orders.shop:8080");
+        assert_eq!(d["attributes"]["request"]["http"]["headers"]["x-tenant"], "a");
         assert_eq!(d["parsed_path"], json!(["orders", "7 x"]));
         assert_eq!(d["parsed_query"]["expand"], json!(["items", "price"]));
         assert_eq!(d["parsed_query"]["q"], json!(["a b"]));
         assert_eq!(d["palisade"]["source"]["namespace"], "shop");
         assert_eq!(d["palisade"]["source"]["service_account"], "web");
-        assert_eq!(
-            d["palisade"]["destination"]["trust_domain"],
-            "cluster.local"
-        );
+        assert_eq!(d["palisade"]["destination"]["trust_domain"], "cluster.local");
         assert_eq!(d["palisade"]["tls"], true);
         assert_eq!(input.url_path(), "/orders/7%20x");
     }
@@ -426,8 +361,7 @@ pub(crate) mod tests {
     #[test]
     fn decision_log_document_hides_credentials() {
         let mut a = attrs(None, "GET", "/");
-        a.headers
-            .insert("Authorization".into(), "Bearer secret".into());
+        a.headers.insert("Authorization".into(), "Bearer secret".into());
         a.headers.insert("cookie".into(), "session=secret".into());
         let input = Input::new(a);
         let doc = input.redacted_document();

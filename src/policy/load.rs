@@ -17,11 +17,7 @@ use super::resource::{self, AuthorizationPolicy};
 
 /// Kinds of the `palisade.io` group that live in the same resources directory and are not
 /// authorization policies; they are skipped here.
-const OTHER_KINDS: &[&str] = &[
-    "PeerAuthentication",
-    "RequestAuthentication",
-    "RateLimitPolicy",
-];
+const OTHER_KINDS: &[&str] = &["PeerAuthentication", "RequestAuthentication", "RateLimitPolicy"];
 
 /// A line and column (1-based) in a YAML file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,10 +141,7 @@ fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), (PathBuf, std:
 }
 
 fn position(e: &serde_yaml::Error) -> Option<Position> {
-    e.location().map(|l| Position {
-        line: l.line(),
-        column: l.column(),
-    })
+    e.location().map(|l| Position { line: l.line(), column: l.column() })
 }
 
 /// The `namespace/name` of a document, read loosely so that an error can name it.
@@ -172,14 +165,8 @@ pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<(usize, Policy)>, 
     // First pass, loosely typed: syntax errors, skipping other kinds, names for errors.
     let mut loose = Vec::new();
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let v = serde_yaml::Value::deserialize(de).map_err(|e| {
-            fail(
-                i + 1,
-                None,
-                position(&e),
-                LoadErrorKind::Yaml(e.to_string()),
-            )
-        })?;
+        let v = serde_yaml::Value::deserialize(de)
+            .map_err(|e| fail(i + 1, None, position(&e), LoadErrorKind::Yaml(e.to_string())))?;
         loose.push(v);
     }
     let mut out = Vec::new();
@@ -190,32 +177,17 @@ pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<(usize, Policy)>, 
             continue; // an empty document, e.g. after a trailing `---`
         }
         let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default();
-        let group_is_ours = v
-            .get("apiVersion")
-            .and_then(|k| k.as_str())
-            .is_some_and(|a| a.starts_with("palisade.io/"));
+        let group_is_ours = v.get("apiVersion").and_then(|k| k.as_str()).is_some_and(|a| a.starts_with("palisade.io/"));
         if kind != resource::KIND {
             if group_is_ours && !OTHER_KINDS.contains(&kind) {
-                return Err(fail(
-                    i + 1,
-                    loose_id(v),
-                    None,
-                    LoadErrorKind::UnknownKind(kind.to_string()),
-                ));
+                return Err(fail(i + 1, loose_id(v), None, LoadErrorKind::UnknownKind(kind.to_string())));
             }
             continue;
         }
         let id = loose_id(v);
-        let doc = AuthorizationPolicy::deserialize(de).map_err(|e| {
-            fail(
-                i + 1,
-                id.clone(),
-                position(&e),
-                LoadErrorKind::Yaml(e.to_string()),
-            )
-        })?;
-        let policy = Policy::compile(&doc)
-            .map_err(|e| fail(i + 1, id.clone(), None, LoadErrorKind::Compile(e)))?;
+        let doc = AuthorizationPolicy::deserialize(de)
+            .map_err(|e| fail(i + 1, id.clone(), position(&e), LoadErrorKind::Yaml(e.to_string())))?;
+        let policy = Policy::compile(&doc).map_err(|e| fail(i + 1, id.clone(), None, LoadErrorKind::Compile(e)))?;
         out.push((i + 1, policy));
     }
     Ok(out)
@@ -287,10 +259,7 @@ spec:
         let e = parse_documents(Path::new("p.yaml"), &bad).unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("policy shop/b"), "{msg}");
-        assert!(
-            msg.contains("spec.rules[0].to[0].operation.paths[0]"),
-            "{msg}"
-        );
+        assert!(msg.contains("spec.rules[0].to[0].operation.paths[0]"), "{msg}");
     }
 
     #[test]
@@ -336,17 +305,10 @@ spec:
         std::fs::write(dir.join("sub/b.yml"), GOOD).unwrap();
         let e = load_path(&dir).unwrap_err();
         assert!(matches!(*e.kind, LoadErrorKind::Duplicate(_)), "{e}");
-        std::fs::write(
-            dir.join("sub/b.yml"),
-            "kind: AuthorizationPolicy\nspec: [\n",
-        )
-        .unwrap();
+        std::fs::write(dir.join("sub/b.yml"), "kind: AuthorizationPolicy\nspec: [\n").unwrap();
         let e = load_path(&dir).unwrap_err();
         assert!(e.file.ends_with("sub/b.yml"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
-        assert!(
-            load_path(&dir).is_err(),
-            "a missing directory is an error, not an empty set"
-        );
+        assert!(load_path(&dir).is_err(), "a missing directory is an error, not an empty set");
     }
 }

@@ -61,16 +61,13 @@ pub fn entrypoint_rule(entrypoint: &str) -> Result<String, String> {
     let parts: Vec<&str> = path.split(['/', '.']).collect();
     let ident = |s: &str| {
         let mut b = s.bytes();
-        b.next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
+        b.next().is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
             && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
     };
     if parts.iter().all(|p| ident(p)) {
         Ok(format!("data.{}", parts.join(".")))
     } else {
-        Err(format!(
-            "entrypoint {entrypoint:?} is not a rule path like `package/path/rule`"
-        ))
+        Err(format!("entrypoint {entrypoint:?} is not a rule path like `package/path/rule`"))
     }
 }
 
@@ -92,18 +89,10 @@ impl RegoEngine {
     fn compile_as(file_name: &str, module: &str, rule: &str, v0: bool) -> Result<Self, String> {
         let mut engine = regorus::Engine::new();
         engine.set_rego_v0(v0);
-        engine
-            .add_policy(file_name.to_string(), module.to_string())
-            .map_err(|e| e.to_string())?;
-        let compiled = engine
-            .compile_with_entrypoint(&rule.into())
-            .map_err(|e| format!("entrypoint {rule}: {e}"))?;
+        engine.add_policy(file_name.to_string(), module.to_string()).map_err(|e| e.to_string())?;
+        let compiled = engine.compile_with_entrypoint(&rule.into()).map_err(|e| format!("entrypoint {rule}: {e}"))?;
         let program = VmCompiler::compile_from_policy(&compiled, &[rule]).ok();
-        Ok(RegoEngine {
-            compiled,
-            program,
-            rule: rule.to_string(),
-        })
+        Ok(RegoEngine { compiled, program, rule: rule.to_string() })
     }
 
     /// The rule evaluated, e.g. `data.shop.orders.allow`.
@@ -142,21 +131,13 @@ impl RegoEngine {
 }
 
 fn deny(reason: String) -> RegoVerdict {
-    RegoVerdict {
-        allowed: false,
-        reason,
-        ..RegoVerdict::default()
-    }
+    RegoVerdict { allowed: false, reason, ..RegoVerdict::default() }
 }
 
 fn interpret(rule: &str, v: &regorus::Value) -> RegoVerdict {
     use regorus::Value;
     match v {
-        Value::Bool(true) => RegoVerdict {
-            allowed: true,
-            reason: format!("{rule} is true"),
-            ..RegoVerdict::default()
-        },
+        Value::Bool(true) => RegoVerdict { allowed: true, reason: format!("{rule} is true"), ..RegoVerdict::default() },
         Value::Bool(false) => deny(format!("{rule} is false")),
         Value::Undefined => deny(format!("{rule} is undefined")),
         Value::Object(obj) => {
@@ -182,9 +163,7 @@ fn interpret(rule: &str, v: &regorus::Value) -> RegoVerdict {
                                 headers.insert(k.to_string(), v.to_string());
                             }
                             _ => {
-                                return deny(format!(
-                                    "{rule}: `headers` must map strings to strings"
-                                ));
+                                return deny(format!("{rule}: `headers` must map strings to strings"));
                             }
                         }
                     }
@@ -196,19 +175,11 @@ fn interpret(rule: &str, v: &regorus::Value) -> RegoVerdict {
                 Some(Value::String(s)) => Some(s.to_string()),
                 Some(_) => return deny(format!("{rule}: `body` is not a string")),
             };
-            RegoVerdict {
-                allowed,
-                reason: format!("{rule}.allowed is {allowed}"),
-                http_status,
-                headers,
-                body,
-            }
+            RegoVerdict { allowed, reason: format!("{rule}.allowed is {allowed}"), http_status, headers, body }
         }
         other => deny(format!(
             "{rule} returned {}, not a boolean or an object",
-            other
-                .to_json_str()
-                .unwrap_or_else(|_| "an unprintable value".into())
+            other.to_json_str().unwrap_or_else(|_| "an unprintable value".into())
         )),
     }
 }
@@ -230,11 +201,7 @@ allow if {
 "#;
 
     fn input(method: &str, path: &str) -> Input {
-        Input::new(attrs(
-            Some("spiffe://cluster.local/ns/shop/sa/web"),
-            method,
-            path,
-        ))
+        Input::new(attrs(Some("spiffe://cluster.local/ns/shop/sa/web"), method, path))
     }
 
     #[test]
@@ -285,30 +252,16 @@ allow if {
                     Some(Ok(v)) => interpret(e.rule(), &v),
                     other => panic!("{m}: the VM failed: {other:?}"),
                 };
-                assert_eq!(
-                    on_vm,
-                    e.evaluate_interpreted(i),
-                    "{m} on {:?}",
-                    i.attributes()
-                );
+                assert_eq!(on_vm, e.evaluate_interpreted(i), "{m} on {:?}", i.attributes());
             }
         }
     }
 
     #[test]
     fn entrypoints() {
-        assert_eq!(
-            entrypoint_rule("shop/orders/allow").unwrap(),
-            "data.shop.orders.allow"
-        );
-        assert_eq!(
-            entrypoint_rule("data.envoy.authz.allow").unwrap(),
-            "data.envoy.authz.allow"
-        );
-        assert_eq!(
-            entrypoint_rule("/envoy/authz/allow").unwrap(),
-            "data.envoy.authz.allow"
-        );
+        assert_eq!(entrypoint_rule("shop/orders/allow").unwrap(), "data.shop.orders.allow");
+        assert_eq!(entrypoint_rule("data.envoy.authz.allow").unwrap(), "data.envoy.authz.allow");
+        assert_eq!(entrypoint_rule("/envoy/authz/allow").unwrap(), "data.envoy.authz.allow");
         assert!(entrypoint_rule("envoy/authz/al low").is_err());
         assert!(entrypoint_rule("").is_err());
     }
@@ -320,11 +273,7 @@ allow if {
         assert!(e.evaluate(&input("GET", "/ordersummary")).allowed);
         let v = e.evaluate(&input("POST", "/orders/7"));
         assert!(!v.allowed);
-        assert!(
-            v.reason.contains("data.envoy.authz.allow is false"),
-            "{}",
-            v.reason
-        );
+        assert!(v.reason.contains("data.envoy.authz.allow is false"), "{}", v.reason);
         assert!(!e.evaluate(&input("GET", "/admin")).allowed);
     }
 
@@ -368,10 +317,7 @@ result := {"allowed": true} if input.attributes.request.http.method != "DELETE"
         for (body, why) in [
             ("r := 1", "not a boolean or an object"),
             (r#"r := {"allow": true}"#, "no boolean `allowed`"),
-            (
-                r#"r := {"allowed": true, "http_status": "x"}"#,
-                "not an HTTP status",
-            ),
+            (r#"r := {"allowed": true, "http_status": "x"}"#, "not an HTTP status"),
             ("r if false", "undefined"),
         ] {
             let e = RegoEngine::compile("t.rego", &format!("package t\n{body}\n"), "t/r").unwrap();
@@ -400,12 +346,8 @@ allow if {
 
     #[test]
     fn compile_errors_carry_a_position() {
-        let err = RegoEngine::compile(
-            "shop/bad.rego",
-            "package p\nallow if {\n  input.x ==\n}\n",
-            "p/allow",
-        )
-        .unwrap_err();
+        let err =
+            RegoEngine::compile("shop/bad.rego", "package p\nallow if {\n  input.x ==\n}\n", "p/allow").unwrap_err();
         assert!(err.contains("shop/bad.rego:"), "{err}");
         let err = RegoEngine::compile("p.rego", ENVOY, "envoy/authz/nope").unwrap_err();
         assert!(!err.is_empty());

@@ -251,10 +251,7 @@ spec:
         assert_eq!(p.spec.action, Action::Allow);
         let rules = p.spec.rules.unwrap();
         assert_eq!(rules[0].to[0].operation.methods, ["GET"]);
-        assert_eq!(
-            rules[0].to[0].operation.ports,
-            [Port::Number(8080), Port::Text("9090".into())]
-        );
+        assert_eq!(rules[0].to[0].operation.ports, [Port::Number(8080), Port::Text("9090".into())]);
         assert_eq!(rules[0].when[0].key, "request.headers[x-tenant]");
     }
 

@@ -31,10 +31,7 @@ pub struct RuleError {
 }
 
 fn err(field: String, message: impl Into<String>) -> RuleError {
-    RuleError {
-        field,
-        message: message.into(),
-    }
+    RuleError { field, message: message.into() }
 }
 
 /// A compiled string pattern: exact, `prefix*`, `*suffix` or `*`.
@@ -149,37 +146,21 @@ fn strings(
             .map(|(i, p)| StrMatch::parse(&normalise(p), &format!("{base}.{name}[{i}]")))
             .collect::<Result<Vec<_>, _>>()
     };
-    Ok(Clause {
-        any: one(any, names.0)?,
-        none: one(none, names.1)?,
-    })
+    Ok(Clause { any: one(any, names.0)?, none: one(none, names.1)? })
 }
 
 fn parse_net(s: &str, field: String) -> Result<IpNet, RuleError> {
     if let Ok(net) = s.parse::<IpNet>() {
         return Ok(net);
     }
-    s.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| err(field, format!("{s:?} is neither a CIDR nor an IP address")))
+    s.parse::<IpAddr>().map(IpNet::from).map_err(|_| err(field, format!("{s:?} is neither a CIDR nor an IP address")))
 }
 
-fn nets(
-    any: &[String],
-    none: &[String],
-    base: &str,
-    names: (&str, &str),
-) -> Result<Clause<IpNet>, RuleError> {
+fn nets(any: &[String], none: &[String], base: &str, names: (&str, &str)) -> Result<Clause<IpNet>, RuleError> {
     let one = |list: &[String], name: &str| {
-        list.iter()
-            .enumerate()
-            .map(|(i, s)| parse_net(s, format!("{base}.{name}[{i}]")))
-            .collect::<Result<Vec<_>, _>>()
+        list.iter().enumerate().map(|(i, s)| parse_net(s, format!("{base}.{name}[{i}]"))).collect::<Result<Vec<_>, _>>()
     };
-    Ok(Clause {
-        any: one(any, names.0)?,
-        none: one(none, names.1)?,
-    })
+    Ok(Clause { any: one(any, names.0)?, none: one(none, names.1)? })
 }
 
 fn parse_port(p: &Port, field: String) -> Result<u16, RuleError> {
@@ -187,35 +168,22 @@ fn parse_port(p: &Port, field: String) -> Result<u16, RuleError> {
         Port::Number(n) => u16::try_from(*n).ok(),
         Port::Text(s) => s.trim().parse::<u16>().ok(),
     };
-    n.filter(|n| *n != 0)
-        .ok_or_else(|| err(field, format!("{p:?} is not a port (1-65535)")))
+    n.filter(|n| *n != 0).ok_or_else(|| err(field, format!("{p:?} is not a port (1-65535)")))
 }
 
-fn ports(
-    any: &[Port],
-    none: &[Port],
-    base: &str,
-    names: (&str, &str),
-) -> Result<Clause<u16>, RuleError> {
+fn ports(any: &[Port], none: &[Port], base: &str, names: (&str, &str)) -> Result<Clause<u16>, RuleError> {
     let one = |list: &[Port], name: &str| {
         list.iter()
             .enumerate()
             .map(|(i, p)| parse_port(p, format!("{base}.{name}[{i}]")))
             .collect::<Result<Vec<_>, _>>()
     };
-    Ok(Clause {
-        any: one(any, names.0)?,
-        none: one(none, names.1)?,
-    })
+    Ok(Clause { any: one(any, names.0)?, none: one(none, names.1)? })
 }
 
 /// Principals may be written as Istio does (`cluster.local/ns/a/sa/b`) or as full SPIFFE IDs.
 fn normalise_principal(p: &str) -> String {
-    if p.starts_with('*') || p.starts_with("spiffe://") {
-        p.to_string()
-    } else {
-        format!("spiffe://{p}")
-    }
+    if p.starts_with('*') || p.starts_with("spiffe://") { p.to_string() } else { format!("spiffe://{p}") }
 }
 
 fn same(p: &str) -> String {
@@ -240,19 +208,8 @@ impl SourceMatcher {
                 ("principals", "notPrincipals"),
                 normalise_principal,
             )?,
-            namespaces: strings(
-                &s.namespaces,
-                &s.not_namespaces,
-                &base,
-                ("namespaces", "notNamespaces"),
-                same,
-            )?,
-            ip_blocks: nets(
-                &s.ip_blocks,
-                &s.not_ip_blocks,
-                &base,
-                ("ipBlocks", "notIpBlocks"),
-            )?,
+            namespaces: strings(&s.namespaces, &s.not_namespaces, &base, ("namespaces", "notNamespaces"), same)?,
+            ip_blocks: nets(&s.ip_blocks, &s.not_ip_blocks, &base, ("ipBlocks", "notIpBlocks"))?,
         })
     }
 
@@ -287,18 +244,10 @@ impl OperationMatcher {
         let base = format!("{base}.operation");
         Ok(OperationMatcher {
             deny,
-            methods: strings(
-                &o.methods,
-                &o.not_methods,
-                &base,
-                ("methods", "notMethods"),
-                same,
-            )?,
+            methods: strings(&o.methods, &o.not_methods, &base, ("methods", "notMethods"), same)?,
             paths: strings(&o.paths, &o.not_paths, &base, ("paths", "notPaths"), same)?,
             ports: ports(&o.ports, &o.not_ports, &base, ("ports", "notPorts"))?,
-            hosts: strings(&o.hosts, &o.not_hosts, &base, ("hosts", "notHosts"), |h| {
-                h.to_ascii_lowercase()
-            })?,
+            hosts: strings(&o.hosts, &o.not_hosts, &base, ("hosts", "notHosts"), |h| h.to_ascii_lowercase())?,
         })
     }
 
@@ -307,11 +256,7 @@ impl OperationMatcher {
             return Some(if neg { "notPorts" } else { "ports" });
         }
         if !input.is_http() {
-            let http_only = [
-                (&self.methods, "methods"),
-                (&self.paths, "paths"),
-                (&self.hosts, "hosts"),
-            ];
+            let http_only = [(&self.methods, "methods"), (&self.paths, "paths"), (&self.hosts, "hosts")];
             return match http_only.iter().find(|(c, _)| !c.is_empty()) {
                 Some((_, field)) if !self.deny => Some(field),
                 _ => None,
@@ -327,21 +272,12 @@ impl OperationMatcher {
             // `orders.shop:8080` matches a pattern written with or without the port.
             let host = input.host();
             let bare = strip_port(host);
-            let positive = self.hosts.any.is_empty()
-                || self
-                    .hosts
-                    .any
-                    .iter()
-                    .any(|m| m.matches(host) || m.matches(bare));
+            let positive =
+                self.hosts.any.is_empty() || self.hosts.any.iter().any(|m| m.matches(host) || m.matches(bare));
             if !positive {
                 return Some("hosts");
             }
-            if self
-                .hosts
-                .none
-                .iter()
-                .any(|m| m.matches(host) || m.matches(bare))
-            {
+            if self.hosts.none.iter().any(|m| m.matches(host) || m.matches(bare)) {
                 return Some("notHosts");
             }
         }
@@ -375,17 +311,11 @@ pub const SUPPORTED_WHEN_KEYS: &str =
 impl ConditionMatcher {
     fn compile(c: &resource::Condition, base: &str, deny: bool) -> Result<Self, RuleError> {
         if c.values.is_empty() && c.not_values.is_empty() {
-            return Err(err(
-                base.to_string(),
-                format!("condition on {:?} has neither values nor notValues", c.key),
-            ));
+            return Err(err(base.to_string(), format!("condition on {:?} has neither values nor notValues", c.key)));
         }
         let names = ("values", "notValues");
         let key = c.key.trim();
-        if let Some(name) = key
-            .strip_prefix("request.headers[")
-            .and_then(|r| r.strip_suffix(']'))
-        {
+        if let Some(name) = key.strip_prefix("request.headers[").and_then(|r| r.strip_suffix(']')) {
             let name = name.trim_matches(|c| c == '"' || c == '\'');
             if name.is_empty() {
                 return Err(err(format!("{base}.key"), "empty header name"));
@@ -397,29 +327,16 @@ impl ConditionMatcher {
             ));
         }
         Ok(match key {
-            "source.principal" => ConditionMatcher::SourcePrincipal(strings(
-                &c.values,
-                &c.not_values,
-                base,
-                names,
-                normalise_principal,
-            )?),
-            "source.namespace" => ConditionMatcher::SourceNamespace(strings(
-                &c.values,
-                &c.not_values,
-                base,
-                names,
-                same,
-            )?),
+            "source.principal" => {
+                ConditionMatcher::SourcePrincipal(strings(&c.values, &c.not_values, base, names, normalise_principal)?)
+            }
+            "source.namespace" => {
+                ConditionMatcher::SourceNamespace(strings(&c.values, &c.not_values, base, names, same)?)
+            }
             "source.ip" => ConditionMatcher::SourceIp(nets(&c.values, &c.not_values, base, names)?),
             "destination.port" => {
                 let to_ports = |v: &[String]| v.iter().cloned().map(Port::Text).collect::<Vec<_>>();
-                ConditionMatcher::DestinationPort(ports(
-                    &to_ports(&c.values),
-                    &to_ports(&c.not_values),
-                    base,
-                    names,
-                )?)
+                ConditionMatcher::DestinationPort(ports(&to_ports(&c.values), &to_ports(&c.not_values), base, names)?)
             }
             k if k.starts_with("request.auth.") => {
                 return Err(err(
@@ -445,9 +362,7 @@ impl ConditionMatcher {
             ConditionMatcher::SourcePrincipal(c) => c.check(input.source_principal()).is_ok(),
             ConditionMatcher::SourceNamespace(c) => c.check(input.source_namespace()).is_ok(),
             ConditionMatcher::SourceIp(c) => c.check(input.source_ip().as_ref()).is_ok(),
-            ConditionMatcher::DestinationPort(c) => {
-                c.check(Some(&input.destination_port())).is_ok()
-            }
+            ConditionMatcher::DestinationPort(c) => c.check(Some(&input.destination_port())).is_ok(),
         }
     }
 }
@@ -472,17 +387,14 @@ impl CompiledRule {
                 .to
                 .iter()
                 .enumerate()
-                .map(|(i, t)| {
-                    OperationMatcher::compile(&t.operation, &format!("{base}.to[{i}]"), deny)
-                })
+                .map(|(i, t)| OperationMatcher::compile(&t.operation, &format!("{base}.to[{i}]"), deny))
                 .collect::<Result<_, _>>()?,
             when: r
                 .when
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    ConditionMatcher::compile(c, &format!("{base}.when[{i}]"), deny)
-                        .map(|m| (c.key.clone(), m))
+                    ConditionMatcher::compile(c, &format!("{base}.when[{i}]"), deny).map(|m| (c.key.clone(), m))
                 })
                 .collect::<Result<_, _>>()?,
         })
@@ -508,9 +420,7 @@ impl CompiledRule {
                 misses.join(", "),
                 input.source_principal().unwrap_or("<none>"),
                 input.source_namespace().unwrap_or("<none>"),
-                input
-                    .source_ip()
-                    .map_or_else(|| "<none>".to_string(), |ip| ip.to_string()),
+                input.source_ip().map_or_else(|| "<none>".to_string(), |ip| ip.to_string()),
             ));
         }
         if !self.to.is_empty() && self.to.iter().all(|o| o.miss(input).is_some()) {
@@ -526,11 +436,7 @@ impl CompiledRule {
                 input.method(),
                 input.url_path(),
                 input.destination_port(),
-                if input.host().is_empty() {
-                    "<none>"
-                } else {
-                    input.host()
-                },
+                if input.host().is_empty() { "<none>" } else { input.host() },
             ));
         }
         self.when
@@ -612,10 +518,7 @@ mod tests {
   when: [{key: "request.headers[x-tenant]", values: ["a"]}]
 "#,
         );
-        assert_eq!(
-            e.first_match(&req(Some(WEB), "GET", "/orders/7?x=1")),
-            Some(0)
-        );
+        assert_eq!(e.first_match(&req(Some(WEB), "GET", "/orders/7?x=1")), Some(0));
         assert_eq!(e.first_match(&req(Some(WEB), "POST", "/orders/7")), None);
         assert_eq!(e.first_match(&req(Some(WEB), "GET", "/admin")), None);
         assert_eq!(e.first_match(&req(Some(ADMIN), "GET", "/orders/7")), None);
@@ -636,14 +539,8 @@ mod tests {
             ("*.json", "/a/b.xml", false),
             ("*", "/anything", true),
         ] {
-            let e = engine(&format!(
-                "[{{to: [{{operation: {{paths: [\"{pattern}\"]}}}}]}}]"
-            ));
-            assert_eq!(
-                e.first_match(&req(Some(WEB), "GET", value)).is_some(),
-                expect,
-                "{pattern} vs {value}"
-            );
+            let e = engine(&format!("[{{to: [{{operation: {{paths: [\"{pattern}\"]}}}}]}}]"));
+            assert_eq!(e.first_match(&req(Some(WEB), "GET", value)).is_some(), expect, "{pattern} vs {value}");
         }
         let e = engine(r#"[{from: [{source: {principals: ["cluster.local/ns/shop/*"]}}]}]"#);
         assert!(e.first_match(&req(Some(WEB), "GET", "/")).is_some());
@@ -651,19 +548,14 @@ mod tests {
         let e = engine(r#"[{to: [{operation: {hosts: ["ORDERS.*"]}}]}]"#);
         assert!(e.first_match(&req(Some(WEB), "GET", "/")).is_some());
         let e = engine(r#"[{to: [{operation: {hosts: ["*.shop"]}}]}]"#);
-        assert!(
-            e.first_match(&req(Some(WEB), "GET", "/")).is_some(),
-            "port stripped"
-        );
+        assert!(e.first_match(&req(Some(WEB), "GET", "/")).is_some(), "port stripped");
         let bad = compile_err(r#"[{to: [{operation: {paths: ["/a/*/b"]}}]}]"#);
         assert_eq!(bad.field, "spec.rules[0].to[0].operation.paths[0]");
     }
 
     #[test]
     fn not_principals_and_namespaces() {
-        let e = engine(
-            r#"[{from: [{source: {notPrincipals: ["spiffe://cluster.local/ns/shop/sa/web"]}}]}]"#,
-        );
+        let e = engine(r#"[{from: [{source: {notPrincipals: ["spiffe://cluster.local/ns/shop/sa/web"]}}]}]"#);
         assert!(e.first_match(&req(Some(WEB), "GET", "/")).is_none());
         assert!(e.first_match(&req(Some(ADMIN), "GET", "/")).is_some());
         // Istio: notPrincipals ["*"] matches callers without an identity.
@@ -677,9 +569,8 @@ mod tests {
 
     #[test]
     fn ip_blocks() {
-        let e = engine(
-            r#"[{from: [{source: {ipBlocks: ["10.1.0.0/16", "192.168.1.1"], notIpBlocks: ["10.1.2.0/24"]}}]}]"#,
-        );
+        let e =
+            engine(r#"[{from: [{source: {ipBlocks: ["10.1.0.0/16", "192.168.1.1"], notIpBlocks: ["10.1.2.0/24"]}}]}]"#);
         let at = |ip: &str| {
             let mut a = attrs(Some(WEB), "GET", "/");
             a.source_ip = Some(ip.parse().unwrap());
@@ -689,10 +580,7 @@ mod tests {
         assert!(!at("10.1.2.3"), "notIpBlocks excludes");
         assert!(at("192.168.1.1"));
         assert!(!at("192.168.1.2"));
-        assert!(
-            at("::ffff:10.1.9.9"),
-            "IPv4-mapped addresses are canonicalised"
-        );
+        assert!(at("::ffff:10.1.9.9"), "IPv4-mapped addresses are canonicalised");
         let bad = compile_err(r#"[{from: [{source: {ipBlocks: ["10.0.0.0/33"]}}]}]"#);
         assert_eq!(bad.field, "spec.rules[0].from[0].source.ipBlocks[0]");
     }
@@ -707,10 +595,7 @@ mod tests {
         a.headers.clear();
         assert!(e.first_match(&Input::new(a)).is_none(), "missing header");
         let e = engine(r#"[{when: [{key: "request.headers[x-debug]", notValues: ["*"]}]}]"#);
-        assert!(
-            e.first_match(&req(Some(WEB), "GET", "/")).is_some(),
-            "absent header passes notValues"
-        );
+        assert!(e.first_match(&req(Some(WEB), "GET", "/")).is_some(), "absent header passes notValues");
         let e = engine(r#"[{when: [{key: "source.namespace", values: ["shop"]}]}]"#);
         assert!(e.first_match(&req(Some(WEB), "GET", "/")).is_some());
         assert!(e.first_match(&req(Some(ADMIN), "GET", "/")).is_none());
@@ -782,10 +667,7 @@ mod tests {
         let why = e.explain(&req(Some(WEB), "GET", "/orders")).unwrap_err();
         assert!(why[0].contains("from[0].source.principals"), "{why:?}");
         assert!(why[1].contains("to[0].operation.paths"), "{why:?}");
-        assert!(
-            why[2].contains("when[0] (request.headers[x-tenant])"),
-            "{why:?}"
-        );
+        assert!(why[2].contains("when[0] (request.headers[x-tenant])"), "{why:?}");
         assert_eq!(e.explain(&req(Some(ADMIN), "GET", "/")), Ok(0));
     }
 }

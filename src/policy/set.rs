@@ -60,11 +60,7 @@ impl PolicySet {
 
     /// Builds the set for `workload` from every known policy (those of other namespaces or
     /// whose selector does not match are kept only for [`PolicySet::explain`]).
-    pub fn new(
-        policies: impl IntoIterator<Item = Arc<Policy>>,
-        workload: Workload,
-        default: DefaultPolicy,
-    ) -> Self {
+    pub fn new(policies: impl IntoIterator<Item = Arc<Policy>>, workload: Workload, default: DefaultPolicy) -> Self {
         let mut set = PolicySet {
             workload: None,
             all: policies.into_iter().collect(),
@@ -111,11 +107,8 @@ impl PolicySet {
         if self.workload.is_none() {
             return Decision::bare(false, FAIL_CLOSED_REASON);
         }
-        let audits: Vec<String> = self
-            .audit
-            .iter()
-            .map(|p| format!("{}: {}", p.id(), p.evaluate(input).describe()))
-            .collect();
+        let audits: Vec<String> =
+            self.audit.iter().map(|p| format!("{}: {}", p.id(), p.evaluate(input).describe())).collect();
         let mut d = self.decide_enforced(input);
         d.audits = audits;
         d
@@ -149,10 +142,7 @@ impl PolicySet {
                 }
             }
             let names: Vec<&str> = self.allow.iter().map(|p| p.id()).collect();
-            let mut d = Decision::bare(
-                false,
-                format!("{NO_ALLOW_MATCHED} (considered {})", names.join(", ")),
-            );
+            let mut d = Decision::bare(false, format!("{NO_ALLOW_MATCHED} (considered {})", names.join(", ")));
             // A Rego policy's chosen refusal (status, headers, body) is the response.
             if let Some(r) = refusal {
                 d.http_status = r.http_status;
@@ -162,18 +152,15 @@ impl PolicySet {
             return d;
         }
         match self.default {
-            DefaultPolicy::Deny => Decision::bare(
-                false,
-                "no ALLOW or DENY policy selects this workload; mesh default is deny",
-            ),
-            DefaultPolicy::AllowAuthenticated if input.source().is_none() => Decision::bare(
-                false,
-                "mesh default allow-authenticated: the caller presented no mesh identity",
-            ),
-            DefaultPolicy::AllowAuthenticated => Decision::bare(
-                true,
-                "mesh default allow-authenticated: the caller is authenticated",
-            ),
+            DefaultPolicy::Deny => {
+                Decision::bare(false, "no ALLOW or DENY policy selects this workload; mesh default is deny")
+            }
+            DefaultPolicy::AllowAuthenticated if input.source().is_none() => {
+                Decision::bare(false, "mesh default allow-authenticated: the caller presented no mesh identity")
+            }
+            DefaultPolicy::AllowAuthenticated => {
+                Decision::bare(true, "mesh default allow-authenticated: the caller is authenticated")
+            }
             DefaultPolicy::Allow => Decision::bare(true, "mesh default is allow"),
         }
     }
@@ -217,11 +204,7 @@ impl PolicySet {
         }
         Explanation {
             workload: self.workload.as_ref().map(|w| w.id.to_string()),
-            labels: self
-                .workload
-                .as_ref()
-                .map(|w| w.labels.clone())
-                .unwrap_or_default(),
+            labels: self.workload.as_ref().map(|w| w.labels.clone()).unwrap_or_default(),
             default_policy: self.default,
             decision,
             policies,
@@ -252,20 +235,13 @@ mod tests {
     const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 
     fn policies(yaml: &str) -> Vec<Arc<Policy>> {
-        parse_documents(Path::new("t.yaml"), yaml)
-            .unwrap()
-            .into_iter()
-            .map(|(_, p)| Arc::new(p))
-            .collect()
+        parse_documents(Path::new("t.yaml"), yaml).unwrap().into_iter().map(|(_, p)| Arc::new(p)).collect()
     }
 
     fn workload(labels: &[(&str, &str)]) -> Workload {
         Workload {
             id: "spiffe://cluster.local/ns/shop/sa/orders".parse().unwrap(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         }
     }
 
@@ -303,11 +279,7 @@ mod tests {
     #[test]
     fn deny_beats_allow() {
         let yaml = policy("all", "ALLOW", "[{}]")
-            + &policy(
-                "no-admin",
-                "DENY",
-                "[{to: [{operation: {paths: [\"/admin/*\"]}}]}]",
-            );
+            + &policy("no-admin", "DENY", "[{to: [{operation: {paths: [\"/admin/*\"]}}]}]");
         let s = set(&yaml, DefaultPolicy::Allow);
         let d = s.decide(&get(Some(WEB), "/admin/x"));
         assert!(!d.allowed);
@@ -320,20 +292,10 @@ mod tests {
 
     #[test]
     fn allow_policies_must_match_when_present() {
-        let s = set(
-            &policy(
-                "orders",
-                "ALLOW",
-                "[{to: [{operation: {paths: [\"/orders*\"]}}]}]",
-            ),
-            DefaultPolicy::Allow,
-        );
+        let s = set(&policy("orders", "ALLOW", "[{to: [{operation: {paths: [\"/orders*\"]}}]}]"), DefaultPolicy::Allow);
         assert!(s.decide(&get(Some(WEB), "/orders/1")).allowed);
         let d = s.decide(&get(Some(WEB), "/other"));
-        assert!(
-            !d.allowed,
-            "the mesh default does not apply once ALLOW policies exist"
-        );
+        assert!(!d.allowed, "the mesh default does not apply once ALLOW policies exist");
         assert!(d.reason.starts_with(NO_ALLOW_MATCHED), "{}", d.reason);
         assert_eq!(d.policy, None);
     }
@@ -362,16 +324,9 @@ mod tests {
         let s = set(none, DefaultPolicy::AllowAuthenticated);
         assert!(s.decide(&get(Some(WEB), "/")).allowed);
         let d = s.decide(&get(None, "/"));
-        assert!(
-            !d.allowed,
-            "allow-authenticated refuses a caller without a principal"
-        );
+        assert!(!d.allowed, "allow-authenticated refuses a caller without a principal");
         assert!(d.reason.contains("no mesh identity"), "{}", d.reason);
-        assert!(
-            set(none, DefaultPolicy::Allow)
-                .decide(&get(None, "/"))
-                .allowed
-        );
+        assert!(set(none, DefaultPolicy::Allow).decide(&get(None, "/")).allowed);
     }
 
     #[test]
@@ -391,17 +346,10 @@ mod tests {
         assert_eq!(e.policies[0].matched, Some(true));
         assert!(e.policies[0].decided);
         assert!(!e.policies[1].selected && !e.policies[2].selected);
-        let why: Vec<&str> = e.policies[1..]
-            .iter()
-            .filter_map(|t| t.not_selected_because.as_deref())
-            .collect();
+        let why: Vec<&str> = e.policies[1..].iter().filter_map(|t| t.not_selected_because.as_deref()).collect();
         assert!(why.iter().any(|w| w.contains("namespace ops")), "{why:?}");
         assert!(why.iter().any(|w| w.contains("app=web")), "{why:?}");
-        assert!(
-            e.to_string()
-                .contains("shop/z [ALLOW rules] matched  <- decided"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("shop/z [ALLOW rules] matched  <- decided"), "{e}");
     }
 
     #[test]
@@ -414,10 +362,7 @@ mod tests {
             Ok(_) => panic!("a policy with an unknown field must be refused"),
             Err(e) => assert!(e.to_string().contains("unknown field `method`"), "{e}"),
         }
-        assert!(
-            current.decide(&get(Some(WEB), "/")).allowed,
-            "old set still decides"
-        );
+        assert!(current.decide(&get(Some(WEB), "/")).allowed, "old set still decides");
     }
 
     const ENVOY_AUTHZ: &str = r#"
@@ -491,16 +436,8 @@ spec:
         assert!(!e.decision.allowed);
         let t = &e.policies[0];
         assert_eq!(t.matched, Some(false));
-        assert!(
-            t.details[0].contains("from[0].source.namespaces"),
-            "{:?}",
-            t.details
-        );
-        assert!(
-            t.details[1].contains("to[0].operation.methods"),
-            "{:?}",
-            t.details
-        );
+        assert!(t.details[0].contains("from[0].source.namespaces"), "{:?}", t.details);
+        assert!(t.details[1].contains("to[0].operation.methods"), "{:?}", t.details);
         let text = e.to_string();
         assert!(text.contains("DENIED"), "{text}");
         assert!(text.contains("shop/orders"), "{text}");

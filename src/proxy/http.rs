@@ -23,17 +23,10 @@ pub fn stream(body: hyper::body::Incoming) -> ProxyBody {
 /// A response the proxy writes itself: JSON body with the reason and request id.
 pub fn error_response(status: StatusCode, reason: &str, request_id: &str) -> Response<ProxyBody> {
     let body = serde_json::json!({ "error": reason, "request_id": request_id }).to_string();
-    let mut resp = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert(REQUEST_ID.clone(), v);
     }
@@ -73,18 +66,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The request id of a request, minting one if the caller sent none.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
-    if let Some(id) = headers
-        .get(&REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
+    if let Some(id) = headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty() && v.len() <= 128)
     {
         return id.to_string();
     }
     let id = format!("{:032x}", rand::random::<u128>());
-    headers.insert(
-        REQUEST_ID.clone(),
-        HeaderValue::from_str(&id).expect("hex is a valid header value"),
-    );
+    headers.insert(REQUEST_ID.clone(), HeaderValue::from_str(&id).expect("hex is a valid header value"));
     id
 }
 
@@ -121,10 +108,7 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret-hop"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-app", HeaderValue::from_static("kept"));

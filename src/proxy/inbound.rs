@@ -1,24 +1,36 @@
-//! Inbound: terminate mTLS from peer sidecars, establish who is calling, hand the request to the
-//! local app with the verified identity in `x-forwarded-client-cert`.
+//! Inbound: terminate mTLS from peer sidecars (or, on a PERMISSIVE port, accept plaintext),
+//! establish who is calling, decide the request against policy, hand it to the local app with
+//! the verified identity in `x-forwarded-client-cert`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::http::{
-    ProxyBody, XFCC, ensure_request_id, error_response, status_class, stream, strip_hop_by_hop,
+    ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response, status_class, stream, strip_hop_by_hop,
 };
+use super::view::{MeshView, PeerAuthMode};
 use crate::identity::SpiffeId;
+use crate::policy::{Decision, Input, RequestAttributes};
+use crate::telemetry::access_log::{AccessLog, is_secret_header};
 use crate::telemetry::metrics::ProxyMetrics;
+use crate::tls::TrustBundle;
+
+/// Header naming the policy that refused a request.
+pub static DENIED_BY: http::HeaderName = http::HeaderName::from_static("x-palisade-denied-by");
 
 /// Everything the inbound side needs; shared by all its connections.
 pub struct Inbound {
@@ -27,6 +39,24 @@ pub struct Inbound {
     pub client: Client<HttpConnector, Incoming>,
     pub metrics: Arc<ProxyMetrics>,
     pub handshake_timeout: Duration,
+    pub bundle: Arc<TrustBundle>,
+    pub view: Arc<ArcSwap<MeshView>>,
+    pub access_log: AccessLog,
+}
+
+/// The caller of one connection.
+struct Peer {
+    /// `None` for a plaintext caller on a PERMISSIVE port.
+    id: Option<SpiffeId>,
+    serial: String,
+    remote: SocketAddr,
+    local_port: u16,
+}
+
+impl Peer {
+    fn label(&self) -> &str {
+        self.id.as_ref().map(|i| i.as_str()).unwrap_or("unauthenticated")
+    }
 }
 
 impl Inbound {
@@ -40,161 +70,327 @@ impl Inbound {
             .pool_timer(TokioTimer::new())
             .build(http)
     }
+
+    fn count_handshake_failure(&self, reason: &str) {
+        self.metrics
+            .handshake_failures
+            .get_or_create(&vec![("direction".into(), "inbound".into()), ("reason".into(), reason.into())])
+            .inc();
+    }
 }
 
-/// Accepts mTLS connections until the task is dropped.
+/// Accepts connections until the task is dropped.
 pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, inbound: Arc<Inbound>) {
     loop {
         let Ok((tcp, remote)) = listener.accept().await else {
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let inbound = inbound.clone();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(inbound.handshake_timeout, acceptor.accept(tcp))
-                .await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    let reason = handshake_failure_reason(&e);
-                    inbound
-                        .metrics
-                        .handshake_failures
-                        .get_or_create(&vec![
-                            ("direction".into(), "inbound".into()),
-                            ("reason".into(), reason.into()),
-                        ])
-                        .inc();
-                    tracing::info!(%remote, error = %e, reason, "inbound mTLS handshake refused");
-                    return;
+        let (acceptor, inbound) = (acceptor.clone(), inbound.clone());
+        tokio::spawn(async move { connection(&inbound, acceptor, tcp, remote).await });
+    }
+}
+
+/// TLS records start with content type 22 (handshake); anything else is plaintext.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+async fn connection(inbound: &Arc<Inbound>, acceptor: TlsAcceptor, tcp: TcpStream, remote: SocketAddr) {
+    let local_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
+    let mut first = [0u8; 1];
+    let is_tls = match tokio::time::timeout(inbound.handshake_timeout, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0] == TLS_HANDSHAKE,
+        _ => return inbound.count_handshake_failure("timeout"),
+    };
+    if !is_tls {
+        if inbound.view.load().mode_for_port(local_port) != PeerAuthMode::Permissive {
+            inbound.metrics.plaintext_refused.inc();
+            tracing::info!(%remote, "plaintext connection refused: port is STRICT (mTLS only)");
+            return;
+        }
+        let peer = Arc::new(Peer { id: None, serial: String::new(), remote, local_port });
+        return serve_http(inbound, TokioIo::new(tcp), peer).await;
+    }
+    let tls = match tokio::time::timeout(inbound.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let reason = handshake_failure_reason(&e);
+            inbound.count_handshake_failure(reason);
+            tracing::info!(%remote, error = %e, reason, "inbound mTLS handshake refused");
+            return;
+        }
+        Err(_) => return inbound.count_handshake_failure("timeout"),
+    };
+    let (id, serial) = match crate::tls::peer_identity(tls.get_ref().1.peer_certificates()) {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::info!(%remote, error = %e, "inbound peer has no usable identity");
+            return inbound.count_handshake_failure("no_identity");
+        }
+    };
+    let peer = Arc::new(Peer { id: Some(id), serial, remote, local_port });
+    serve_http(inbound, TokioIo::new(tls), peer).await
+}
+
+async fn serve_http<I>(inbound: &Arc<Inbound>, io: I, peer: Arc<Peer>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let mut revocations = inbound.bundle.revocations_changed();
+    let svc = {
+        let (inbound, peer) = (inbound.clone(), peer.clone());
+        hyper::service::service_fn(move |req| {
+            let (inbound, peer) = (inbound.clone(), peer.clone());
+            async move { Ok::<_, std::convert::Infallible>(handle(&inbound, &peer, req).await) }
+        })
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+    builder.http2().timer(TokioTimer::new());
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    loop {
+        tokio::select! {
+            res = &mut conn => {
+                if let Err(e) = res {
+                    tracing::debug!(remote = %peer.remote, error = %e, "inbound connection ended with error");
                 }
-                Err(_) => {
-                    inbound
-                        .metrics
-                        .handshake_failures
-                        .get_or_create(&vec![
-                            ("direction".into(), "inbound".into()),
-                            ("reason".into(), "timeout".into()),
-                        ])
-                        .inc();
-                    return;
-                }
-            };
-            let peer = match crate::tls::peer_identity(tls.get_ref().1.peer_certificates()) {
-                Ok((id, _serial)) => id,
-                Err(e) => {
-                    tracing::info!(%remote, error = %e, "inbound peer has no usable identity");
-                    return;
-                }
-            };
-            let peer = Arc::new(peer);
-            let svc = hyper::service::service_fn(move |req| {
-                let inbound = inbound.clone();
-                let peer = peer.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&inbound, &peer, req).await) }
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
-            builder.http2().timer(TokioTimer::new());
-            if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
-                tracing::debug!(%remote, error = %e, "inbound connection ended with error");
+                return;
             }
-        });
+            // A revocation cuts the peer's open connections, not only its next handshake.
+            Ok(()) = revocations.changed() => {
+                if let Some(id) = &peer.id && inbound.bundle.is_revoked(id.as_str(), &peer.serial) {
+                    tracing::warn!(remote = %peer.remote, peer = %id, serial = %peer.serial, "closing connection of a revoked peer");
+                    return;
+                }
+            }
+        }
     }
 }
 
-fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
-    let msg = e.to_string();
-    if msg.contains("PeerSentNoCertificates") || msg.contains("NoCertificatesPresented") {
-        "no_client_certificate"
-    } else if msg.contains("UnknownIssuer") || msg.contains("BadSignature") {
-        "untrusted_issuer"
-    } else if msg.contains("Expired") {
-        "expired"
-    } else if msg.contains("Revoked") {
-        "revoked"
+/// A metric label for why a handshake failed, from the rustls error inside the I/O error.
+pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError as C, Error as E};
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) {
+        Some(E::NoCertificatesPresented) => "no_client_certificate",
+        Some(E::InvalidCertificate(C::UnknownIssuer | C::BadSignature | C::BadEncoding)) => "untrusted_issuer",
+        Some(E::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+        )) => "expired",
+        Some(E::InvalidCertificate(C::Revoked)) => "revoked",
+        Some(E::InvalidCertificate(_)) => "bad_certificate",
+        Some(E::PeerIncompatible(_) | E::NoApplicationProtocol) => "incompatible",
+        Some(E::AlertReceived(_)) => "alert_received",
+        Some(_) => "protocol_error",
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => "eof",
+        None => "io_error",
+    }
+}
+
+/// The policy input for one request.
+fn attributes(inbound: &Inbound, peer: &Peer, req: &Request<Incoming>) -> RequestAttributes {
+    let mut headers = BTreeMap::new();
+    for (name, value) in req.headers() {
+        if let Ok(v) = value.to_str() {
+            headers
+                .entry(name.as_str().to_string())
+                .and_modify(|cur: &mut String| {
+                    cur.push_str(", ");
+                    cur.push_str(v);
+                })
+                .or_insert_with(|| v.to_string());
+        }
+    }
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_default();
+    RequestAttributes {
+        source: peer.id.clone(),
+        source_ip: Some(peer.remote.ip()),
+        source_port: Some(peer.remote.port()),
+        destination: inbound.own_id.clone(),
+        destination_port: peer.local_port,
+        method: req.method().as_str().to_string(),
+        path: req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
+        host,
+        scheme: if peer.id.is_some() { "https".into() } else { "http".into() },
+        protocol: format!("{:?}", req.version()),
+        headers,
+    }
+}
+
+fn is_grpc(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// What decided a refusal: the policy's `namespace/name`, or which rule of the evaluation order.
+pub fn denied_by(decision: &Decision) -> String {
+    match &decision.policy {
+        Some(p) => p.clone(),
+        None if decision.reason.starts_with(crate::policy::set::NO_ALLOW_MATCHED) => "no-allow-matched".into(),
+        None if decision.reason.starts_with(crate::policy::set::FAIL_CLOSED_REASON) => "no-policy-yet".into(),
+        None => "mesh-default".into(),
+    }
+}
+
+/// The refusal a caller sees: 403 (or the status a Rego policy chose) with a small JSON body,
+/// or gRPC PERMISSION_DENIED; always naming the deciding policy and the request id.
+fn denial(decision: &Decision, request_id: &str, grpc: bool) -> Response<ProxyBody> {
+    let denied_by = denied_by(decision);
+    let mut resp = if grpc {
+        let mut r = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+        let h = r.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from_static("7"));
+        if let Ok(v) = HeaderValue::from_str(&format!("denied by {denied_by}: {}", decision.reason)) {
+            h.insert("grpc-message", v);
+        }
+        r
     } else {
-        "other"
+        let body = decision.body.clone().unwrap_or_else(|| {
+            serde_json::json!({
+                "error": "denied by policy",
+                "policy": decision.policy,
+                "reason": decision.reason,
+                "request_id": request_id,
+            })
+            .to_string()
+        });
+        let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+        *r.status_mut() =
+            decision.http_status.and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::FORBIDDEN);
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r
+    };
+    let h = resp.headers_mut();
+    for (k, v) in &decision.headers {
+        if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            h.insert(k, v);
+        }
     }
+    if let Ok(v) = HeaderValue::from_str(&denied_by) {
+        h.insert(DENIED_BY.clone(), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert(REQUEST_ID.clone(), v);
+    }
+    resp
 }
 
-async fn handle(
-    inbound: &Inbound,
-    peer: &SpiffeId,
-    mut req: Request<Incoming>,
-) -> Response<ProxyBody> {
+async fn handle(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
+    let request_id = ensure_request_id(req.headers_mut());
+    // Only this sidecar may say who the caller is: drop anything that arrived from outside,
+    // before policy sees the headers.
+    req.headers_mut().remove(&XFCC);
+
+    let view = inbound.view.load();
+    let input = Input::new(attributes(inbound, peer, &req));
+    let decided = Instant::now();
+    let decision = view.policies.decide(&input);
+    let engine = decision.engine.map(|e| e.to_string()).unwrap_or_else(|| "none".into());
+    inbound
+        .metrics
+        .decision_duration
+        .get_or_create(&vec![("engine".into(), engine.clone())])
+        .observe(decided.elapsed().as_secs_f64());
+    inbound
+        .metrics
+        .decisions
+        .get_or_create(&vec![
+            ("result".into(), if decision.allowed { "allow" } else { "deny" }.into()),
+            (
+                "policy".into(),
+                if decision.allowed {
+                    decision.policy.clone().unwrap_or_else(|| "mesh-default".into())
+                } else {
+                    denied_by(&decision)
+                },
+            ),
+            ("engine".into(), engine),
+        ])
+        .inc();
+    if (!decision.allowed || !decision.audits.is_empty()) && inbound.access_log.enabled() {
+        let mut doc = input.document().clone();
+        if let Some(h) = doc.pointer_mut("/attributes/request/http/headers").and_then(|h| h.as_object_mut()) {
+            h.retain(|k, _| !is_secret_header(k));
+        }
+        inbound.access_log.write(serde_json::json!({
+            "type": "decision",
+            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "request_id": request_id,
+            "decision": decision,
+            "input": doc,
+        }));
+    }
+    let grpc = is_grpc(&req);
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = if !decision.allowed {
+        denial(&decision, &request_id, grpc)
+    } else {
+        forward(inbound, peer, req, &request_id).await
+    };
+    record(&inbound.metrics, "inbound", peer.label(), resp.status(), started);
+    inbound.metrics.peers.record(peer.label(), "inbound", resp.status().as_u16(), !decision.allowed);
+    if inbound.access_log.enabled() {
+        inbound.access_log.write(serde_json::json!({
+            "type": "access",
+            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "direction": "inbound",
+            "peer": peer.label(),
+            "method": method.as_str(),
+            "path": path,
+            "status": resp.status().as_u16(),
+            "duration_ms": started.elapsed().as_secs_f64() * 1e3,
+            "request_id": request_id,
+            "denied_by": (!decision.allowed).then(|| denied_by(&decision)),
+        }));
+    }
+    resp
+}
+
+async fn forward(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>, request_id: &str) -> Response<ProxyBody> {
     let headers = req.headers_mut();
-    let request_id = ensure_request_id(headers);
     strip_hop_by_hop(headers);
-    // Only this sidecar may say who the caller is: drop anything that arrived from outside.
-    headers.remove(&XFCC);
-    let xfcc = format!("By={};URI={}", inbound.own_id, peer);
-    headers.insert(
-        XFCC.clone(),
-        HeaderValue::from_str(&xfcc).expect("SPIFFE IDs are valid header text"),
-    );
+    if let Some(id) = &peer.id {
+        let xfcc = format!("By={};URI={}", inbound.own_id, id);
+        headers.insert(XFCC.clone(), HeaderValue::from_str(&xfcc).expect("SPIFFE IDs are valid header text"));
+    }
     if !headers.contains_key(header::HOST)
         && let Some(auth) = req.uri().authority().map(|a| a.to_string())
         && let Ok(v) = HeaderValue::from_str(&auth)
     {
         req.headers_mut().insert(header::HOST, v);
     }
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+    let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let uri: Uri = match format!("http://{}{}", inbound.app, pq).parse() {
         Ok(u) => u,
-        Err(_) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid request target",
-                &request_id,
-            );
-        }
+        Err(_) => return error_response(StatusCode::BAD_REQUEST, "invalid request target", request_id),
     };
     *req.uri_mut() = uri;
     *req.version_mut() = http::Version::HTTP_11;
-    let resp = match inbound.client.request(req).await {
+    match inbound.client.request(req).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, stream(body))
         }
         Err(e) => {
-            let reason = format!(
-                "app at {} unavailable: {}",
-                inbound.app,
-                super::http::error_chain(&e)
-            );
+            let reason = format!("app at {} unavailable: {}", inbound.app, super::http::error_chain(&e));
             tracing::warn!(%request_id, %reason, "inbound forward failed");
-            error_response(StatusCode::BAD_GATEWAY, &reason, &request_id)
+            error_response(StatusCode::BAD_GATEWAY, &reason, request_id)
         }
-    };
-    record(
-        &inbound.metrics,
-        "inbound",
-        peer.as_str(),
-        resp.status(),
-        started,
-    );
-    resp
+    }
 }
 
 /// Counts a finished request.
-pub fn record(
-    metrics: &ProxyMetrics,
-    direction: &str,
-    peer: &str,
-    status: StatusCode,
-    started: Instant,
-) {
+pub fn record(metrics: &ProxyMetrics, direction: &str, peer: &str, status: StatusCode, started: Instant) {
     metrics
         .requests
         .get_or_create(&vec![
@@ -207,4 +403,31 @@ pub fn record(
         .duration
         .get_or_create(&vec![("direction".into(), direction.into())])
         .observe(started.elapsed().as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn before_the_first_snapshot_every_request_is_refused() {
+        let view = MeshView::fail_closed();
+        let attrs = RequestAttributes {
+            source: Some("spiffe://cluster.local/ns/a/sa/b".parse().unwrap()),
+            source_ip: None,
+            source_port: None,
+            destination: "spiffe://cluster.local/ns/a/sa/c".parse().unwrap(),
+            destination_port: 15006,
+            method: "GET".into(),
+            path: "/".into(),
+            host: String::new(),
+            scheme: "https".into(),
+            protocol: "HTTP/1.1".into(),
+            headers: BTreeMap::new(),
+        };
+        let decision = view.policies.decide(&Input::new(attrs));
+        assert!(!decision.allowed);
+        assert_eq!(denied_by(&decision), "no-policy-yet");
+        assert_eq!(view.mode_for_port(15006), PeerAuthMode::Strict);
+    }
 }

@@ -1,25 +1,36 @@
 //! `palisade proxy`: the sidecar.
 
+pub mod detect;
 pub mod http;
 pub mod inbound;
+pub mod init;
+pub mod original_dst;
 pub mod outbound;
+pub mod view;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
+
 use ::http::{Method, StatusCode};
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::agent::ControlClient;
+use crate::agent::discovery::{ApplyFn, DiscoveryStatus};
 use crate::control::identity_service::control_plane_identity;
 use crate::identity::{CertManager, SpiffeId};
+use crate::policy::Workload;
+use crate::proto::discovery::{Node, Snapshot};
 use crate::telemetry::admin::{self, AdminRequest};
 use crate::telemetry::metrics::Metrics;
 use crate::tls::{CertStore, TrustBundle, config};
+use view::MeshView;
 
 pub use outbound::Route;
 
@@ -50,9 +61,26 @@ pub struct ProxyArgs {
     /// Trust domain; the control plane must prove `spiffe://<td>/ns/palisade-system/sa/palisade-control`.
     #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+    /// Workload label `KEY=VALUE` (repeatable); policies select workloads by label.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Access and decision log (JSON lines): `stdout`, a file path, or `off`.
+    #[arg(long, env = "PALISADE_ACCESS_LOG", default_value = "stdout")]
+    pub access_log: crate::telemetry::access_log::LogTarget,
+    /// How often counters and certificate events are reported to the control plane.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub telemetry_interval: Duration,
     /// Time allowed for an inbound mTLS handshake.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?}: expected KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("label {s:?}: empty key"));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 /// Runs the sidecar until SIGTERM, Ctrl-C or `POST /shutdown`.
@@ -60,40 +88,34 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     crate::tls::install_crypto_provider();
     let bundle_pem = std::fs::read_to_string(&args.ca_bundle)
         .with_context(|| format!("reading CA bundle {}", args.ca_bundle.display()))?;
-    let bundle = TrustBundle::from_pem(&bundle_pem)
-        .with_context(|| format!("CA bundle {}", args.ca_bundle.display()))?;
+    let bundle =
+        TrustBundle::from_pem(&bundle_pem).with_context(|| format!("CA bundle {}", args.ca_bundle.display()))?;
     let token = std::fs::read_to_string(&args.token_file)
         .with_context(|| format!("reading join token {}", args.token_file.display()))?;
     if args.inbound.is_some() != args.app.is_some() {
-        anyhow::bail!(
-            "--inbound and --app go together: the inbound side needs an app to forward to"
-        );
+        anyhow::bail!("--inbound and --app go together: the inbound side needs an app to forward to");
     }
 
     let metrics = Arc::new(Metrics::new());
+    let access_log =
+        crate::telemetry::access_log::AccessLog::start(args.access_log.clone()).context("opening the access log")?;
     let certs = CertStore::new();
-    let control = ControlClient::new(
-        &args.control,
-        bundle.clone(),
-        certs.clone(),
-        control_plane_identity(&args.trust_domain),
-    );
-    let manager = CertManager::new(
-        certs.clone(),
-        bundle.clone(),
-        control,
-        metrics.certs.clone(),
-    );
+    let control =
+        ControlClient::new(&args.control, bundle.clone(), certs.clone(), control_plane_identity(&args.trust_domain));
+    let manager = CertManager::new(certs.clone(), bundle.clone(), control.clone(), metrics.certs.clone());
     let shutdown = Arc::new(tokio::sync::Notify::new());
+    let view = Arc::new(ArcSwap::from_pointee(MeshView::fail_closed()));
+    let discovery_status = Arc::new(DiscoveryStatus::default());
 
     // The admin port comes up first, so an orchestrator sees "not ready" rather than nothing.
-    let admin_listener = TcpListener::bind(args.admin)
-        .await
-        .with_context(|| format!("binding admin {}", args.admin))?;
+    let admin_listener =
+        TcpListener::bind(args.admin).await.with_context(|| format!("binding admin {}", args.admin))?;
     {
         let manager = manager.clone();
         let metrics = metrics.clone();
         let shutdown = shutdown.clone();
+        let view = view.clone();
+        let discovery_status = discovery_status.clone();
         let dump = serde_json::json!({
             "inbound": args.inbound,
             "app": args.app,
@@ -105,18 +127,23 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             let manager = manager.clone();
             let metrics = metrics.clone();
             let shutdown = shutdown.clone();
+            let view = view.clone();
+            let discovery_status = discovery_status.clone();
             let mut dump = dump.clone();
             async move {
                 match (req.method.clone(), req.path.as_str()) {
                     (_, "/live") => admin::respond(StatusCode::OK, "text/plain", "ok\n"),
-                    (_, "/ready") if manager.ready() => {
-                        admin::respond(StatusCode::OK, "text/plain", "ready\n")
-                    }
-                    (_, "/ready") => admin::respond(
+                    (_, "/ready") if !manager.ready() => admin::respond(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "text/plain",
                         "not ready: no valid workload certificate\n",
                     ),
+                    (_, "/ready") if !discovery_status.has_snapshot.load(Ordering::Acquire) => admin::respond(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "not ready: no configuration received from the control plane yet\n",
+                    ),
+                    (_, "/ready") => admin::respond(StatusCode::OK, "text/plain", "ready\n"),
                     (_, "/metrics") => admin::respond(
                         StatusCode::OK,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -124,37 +151,64 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
                     ),
                     (_, "/config_dump") => {
                         // Certificate summary only: the private key never leaves the CertStore.
-                        dump["certificate"] =
-                            serde_json::to_value(manager.info().as_deref()).unwrap_or_default();
+                        dump["certificate"] = serde_json::to_value(manager.info().as_deref()).unwrap_or_default();
+                        dump["mesh"] = serde_json::to_value(&**view.load()).unwrap_or_default();
+                        dump["discovery"] = serde_json::json!({
+                            "connected": discovery_status.connected.load(Ordering::Acquire),
+                            "version": discovery_status.version.load().as_str(),
+                            "last_nack": discovery_status.last_nack.load().as_str(),
+                        });
                         admin::json(StatusCode::OK, &dump)
                     }
                     (Method::POST, "/shutdown") if req.peer.ip().is_loopback() => {
                         shutdown.notify_one();
                         admin::respond(StatusCode::OK, "text/plain", "shutting down\n")
                     }
-                    (_, "/shutdown") => admin::respond(
-                        StatusCode::FORBIDDEN,
-                        "text/plain",
-                        "POST from loopback only\n",
-                    ),
+                    (_, "/shutdown") => {
+                        admin::respond(StatusCode::FORBIDDEN, "text/plain", "POST from loopback only\n")
+                    }
                     _ => admin::respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
                 }
             }
         }));
     }
 
-    let info = manager
-        .bootstrap(&token)
-        .await
-        .context("obtaining the first workload certificate")?;
+    let info = manager.bootstrap(&token).await.context("obtaining the first workload certificate")?;
     let own_id: SpiffeId = info.spiffe_id.parse()?;
     tracing::info!(spiffe_id = %own_id, serial = %info.serial, "workload identity obtained");
     tokio::spawn(manager.clone().run());
 
+    let node = Node {
+        spiffe_id: own_id.to_string(),
+        addresses: args.inbound.iter().map(|a| a.to_string()).collect(),
+        labels: args.labels.iter().cloned().collect(),
+        proxy_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let workload = Workload { id: own_id.clone(), labels: args.labels.iter().cloned().collect() };
+    let apply: ApplyFn = {
+        let (view, bundle) = (view.clone(), bundle.clone());
+        Arc::new(move |version: &str, snap: &Snapshot| {
+            let next = MeshView::from_snapshot(version, snap, &workload)?;
+            if !snap.trust_bundle_pem.is_empty() {
+                bundle.set_roots(&snap.trust_bundle_pem).map_err(|e| e.to_string())?;
+            }
+            let (ids, serials) = crate::control::discovery::revocation_sets(&snap.revocations);
+            bundle.set_revocations(ids, serials);
+            view.store(Arc::new(next));
+            Ok(())
+        })
+    };
+    tokio::spawn(crate::agent::discovery::run(control.clone(), node, apply, discovery_status.clone()));
+    tokio::spawn(crate::agent::telemetry::run(
+        control.clone(),
+        own_id.to_string(),
+        metrics.proxy.peers.clone(),
+        manager.events(),
+        args.telemetry_interval,
+    ));
+
     if let (Some(listen), Some(app)) = (args.inbound, args.app) {
-        let listener = TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding inbound {listen}"))?;
+        let listener = TcpListener::bind(listen).await.with_context(|| format!("binding inbound {listen}"))?;
         let acceptor = TlsAcceptor::from(config::server_config(
             certs.clone(),
             bundle.clone(),
@@ -167,25 +221,26 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             client: inbound::Inbound::app_client(),
             metrics: metrics.proxy.clone(),
             handshake_timeout: args.handshake_timeout,
+            bundle: bundle.clone(),
+            view: view.clone(),
+            access_log: access_log.clone(),
         });
         tokio::spawn(inbound::serve(listener, acceptor, inbound));
         tracing::info!(%listen, %app, "inbound mTLS listener up");
     }
     for route in &args.routes {
-        let listener = TcpListener::bind(route.listen)
-            .await
-            .with_context(|| format!("binding route {}", route.listen))?;
-        let tls = config::client_config(
-            certs.clone(),
-            bundle.clone(),
-            Some(route.identity.clone()),
-            &[config::ALPN_H2],
-        );
-        let out = Arc::new(outbound::Outbound::new(
-            route.clone(),
-            tls,
-            metrics.proxy.clone(),
-        ));
+        let listener =
+            TcpListener::bind(route.listen).await.with_context(|| format!("binding route {}", route.listen))?;
+        let tls =
+            config::client_config(certs.clone(), bundle.clone(), Some(route.identity.clone()), &[config::ALPN_H2]);
+        let out = Arc::new(outbound::Outbound::new(route.clone(), tls, metrics.proxy.clone()));
+        let mut revocations = bundle.revocations_changed();
+        let pool = out.clone();
+        tokio::spawn(async move {
+            while revocations.changed().await.is_ok() {
+                pool.reset_pool();
+            }
+        });
         tokio::spawn(outbound::serve(listener, out));
         tracing::info!(listen = %route.listen, target = %route.target, identity = %route.identity, "outbound route up");
     }

@@ -34,16 +34,12 @@ impl std::str::FromStr for Route {
 
     /// `LISTEN=TARGET@SPIFFE_ID`, e.g. `127.0.0.1:7001=127.0.0.1:15106@spiffe://cluster.local/ns/shop/sa/orders`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (listen, rest) = s
-            .split_once('=')
-            .ok_or_else(|| format!("route {s:?}: expected LISTEN=TARGET@SPIFFE_ID"))?;
-        let (target, id) = rest
-            .split_once('@')
-            .ok_or_else(|| format!("route {s:?}: expected LISTEN=TARGET@SPIFFE_ID"))?;
+        let (listen, rest) =
+            s.split_once('=').ok_or_else(|| format!("route {s:?}: expected LISTEN=TARGET@SPIFFE_ID"))?;
+        let (target, id) =
+            rest.split_once('@').ok_or_else(|| format!("route {s:?}: expected LISTEN=TARGET@SPIFFE_ID"))?;
         Ok(Route {
-            listen: listen
-                .parse()
-                .map_err(|e| format!("route {s:?}: listen address: {e}"))?,
+            listen: listen.parse().map_err(|e| format!("route {s:?}: listen address: {e}"))?,
             target: target.to_string(),
             identity: id.parse().map_err(|e| format!("route {s:?}: {e}"))?,
         })
@@ -61,11 +57,7 @@ pub struct MeshConnector {
 impl MeshConnector {
     /// A connector to `target` that pins the identity built into `tls`.
     pub fn new(target: String, tls: Arc<rustls::ClientConfig>) -> Self {
-        MeshConnector {
-            target,
-            tls: TlsConnector::from(tls),
-            connect_timeout: Duration::from_secs(5),
-        }
+        MeshConnector { target, tls: TlsConnector::from(tls), connect_timeout: Duration::from_secs(5) }
     }
 }
 
@@ -89,11 +81,7 @@ impl hyper::rt::Read for MeshConn {
 }
 
 impl hyper::rt::Write for MeshConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -126,14 +114,9 @@ impl tower_service::Service<Uri> for MeshConnector {
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let tcp = tokio::time::timeout(this.connect_timeout, TcpStream::connect(&this.target))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("connect to {} timed out", this.target),
-                    )
-                })??;
+            let tcp = tokio::time::timeout(this.connect_timeout, TcpStream::connect(&this.target)).await.map_err(
+                |_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {} timed out", this.target)),
+            )??;
             tcp.set_nodelay(true)?;
             let tls = this.tls.connect(crate::tls::config::sni(), tcp).await?;
             Ok(MeshConn(TokioIo::new(tls)))
@@ -144,26 +127,34 @@ impl tower_service::Service<Uri> for MeshConnector {
 /// State of one route's listener.
 pub struct Outbound {
     pub route: Route,
-    pub client: Client<MeshConnector, Incoming>,
+    /// Replaced (dropping its pooled connections) whenever revocations change, so a revoked
+    /// server is re-judged by a fresh handshake.
+    client: arc_swap::ArcSwap<Client<MeshConnector, Incoming>>,
+    tls: Arc<rustls::ClientConfig>,
     pub metrics: Arc<ProxyMetrics>,
 }
 
 impl Outbound {
     /// An HTTP/2 client that multiplexes every request of the route over pooled mTLS connections.
     pub fn new(route: Route, tls: Arc<rustls::ClientConfig>, metrics: Arc<ProxyMetrics>) -> Self {
-        let client = Client::builder(TokioExecutor::new())
+        let client = arc_swap::ArcSwap::from_pointee(Self::client(&route, tls.clone()));
+        Outbound { route, client, tls, metrics }
+    }
+
+    fn client(route: &Route, tls: Arc<rustls::ClientConfig>) -> Client<MeshConnector, Incoming> {
+        Client::builder(TokioExecutor::new())
             .http2_only(true)
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .http2_keep_alive_timeout(Duration::from_secs(10))
-            .build(MeshConnector::new(route.target.clone(), tls));
-        Outbound {
-            route,
-            client,
-            metrics,
-        }
+            .build(MeshConnector::new(route.target.clone(), tls))
+    }
+
+    /// Drops every pooled connection; the next request handshakes afresh.
+    pub fn reset_pool(&self) {
+        self.client.store(Arc::new(Self::client(&self.route, self.tls.clone())));
     }
 }
 
@@ -181,10 +172,7 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
                 async move { Ok::<_, std::convert::Infallible>(handle(&outbound, req).await) }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
             let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
         });
     }
@@ -203,53 +191,62 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
         .unwrap_or_else(|| out.route.target.clone());
     // HTTP/2 carries the authority in the URI; a Host header would be redundant.
     req.headers_mut().remove(header::HOST);
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+    let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let uri: Uri = match format!("http://{authority}{pq}").parse() {
         Ok(u) => u,
         Err(_) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid Host or request target",
-                &request_id,
-            );
+            return error_response(StatusCode::BAD_REQUEST, "invalid Host or request target", &request_id);
         }
     };
     *req.uri_mut() = uri;
     *req.version_mut() = http::Version::HTTP_2;
-    let resp = match out.client.request(req).await {
+    let client = out.client.load_full();
+    let resp = match client.request(req).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, stream(body))
         }
         Err(e) => {
-            let reason = format!(
-                "upstream {} ({}): {}",
-                out.route.target,
-                out.route.identity,
-                super::http::error_chain(&e)
-            );
+            if let Some(tls_reason) = tls_failure(&e) {
+                out.metrics
+                    .handshake_failures
+                    .get_or_create(&vec![("direction".into(), "outbound".into()), ("reason".into(), tls_reason.into())])
+                    .inc();
+                out.metrics.peers.handshake_failure(out.route.identity.as_str(), "outbound");
+            }
+            let reason =
+                format!("upstream {} ({}): {}", out.route.target, out.route.identity, super::http::error_chain(&e));
             tracing::warn!(%request_id, %reason, "outbound request failed");
             let mut resp = error_response(StatusCode::BAD_GATEWAY, &reason, &request_id);
             if let Ok(v) = HeaderValue::from_str(&request_id) {
-                resp.headers_mut()
-                    .insert(super::http::REQUEST_ID.clone(), v);
+                resp.headers_mut().insert(super::http::REQUEST_ID.clone(), v);
             }
             resp
         }
     };
-    super::inbound::record(
-        &out.metrics,
-        "outbound",
+    super::inbound::record(&out.metrics, "outbound", out.route.identity.as_str(), resp.status(), started);
+    out.metrics.peers.record(
         out.route.identity.as_str(),
-        resp.status(),
-        started,
+        "outbound",
+        resp.status().as_u16(),
+        resp.status() == StatusCode::FORBIDDEN,
     );
     resp
+}
+
+/// The reason label of a TLS handshake failure somewhere in `e`'s source chain, if any.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.get_ref().is_some_and(|i| i.is::<rustls::Error>())
+        {
+            return Some(super::inbound::handshake_failure_reason(io));
+        }
+        cur = err.source();
+    }
+    None
 }
 
 #[cfg(test)]
@@ -258,15 +255,10 @@ mod tests {
 
     #[test]
     fn parses_route() {
-        let r: Route = "127.0.0.1:7001=127.0.0.1:15106@spiffe://cluster.local/ns/shop/sa/orders"
-            .parse()
-            .unwrap();
+        let r: Route = "127.0.0.1:7001=127.0.0.1:15106@spiffe://cluster.local/ns/shop/sa/orders".parse().unwrap();
         assert_eq!(r.listen, "127.0.0.1:7001".parse().unwrap());
         assert_eq!(r.target, "127.0.0.1:15106");
-        assert_eq!(
-            r.identity.as_str(),
-            "spiffe://cluster.local/ns/shop/sa/orders"
-        );
+        assert_eq!(r.identity.as_str(), "spiffe://cluster.local/ns/shop/sa/orders");
         assert!("127.0.0.1:7001=127.0.0.1:15106".parse::<Route>().is_err());
         assert!("127.0.0.1:7001=x@http://nope".parse::<Route>().is_err());
     }

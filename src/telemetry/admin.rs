@@ -36,11 +36,7 @@ pub fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -
 
 /// A JSON response.
 pub fn json(status: StatusCode, value: &impl serde::Serialize) -> AdminResponse {
-    respond(
-        status,
-        "application/json",
-        serde_json::to_vec_pretty(value).unwrap_or_default(),
-    )
+    respond(status, "application/json", serde_json::to_vec_pretty(value).unwrap_or_default())
 }
 
 /// Serves `handler` on `listener` until the task is dropped.
@@ -57,16 +53,11 @@ where
         let handler = handler.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let fut = handler(AdminRequest {
-                    method: req.method().clone(),
-                    path: req.uri().path().to_string(),
-                    peer,
-                });
+                let fut =
+                    handler(AdminRequest { method: req.method().clone(), path: req.uri().path().to_string(), peer });
                 async move { Ok::<_, Infallible>(fut.await) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }

@@ -25,9 +25,7 @@ impl CertMetrics {
     pub fn record_issued(&self, not_after: i64) {
         self.expiry.set(not_after);
         self.last_renewal.set(crate::identity::ca::now_unix());
-        self.renewals
-            .get_or_create(&vec![("result".into(), "success".into())])
-            .inc();
+        self.renewals.get_or_create(&vec![("result".into(), "success".into())]).inc();
     }
 }
 
@@ -37,6 +35,11 @@ pub struct ProxyMetrics {
     pub duration: Family<Labels, Histogram>,
     pub handshake_failures: Family<Labels, Counter>,
     pub connections_open: Family<Labels, Gauge>,
+    pub decisions: Family<Labels, Counter>,
+    pub decision_duration: Family<Labels, Histogram>,
+    pub plaintext_refused: Counter,
+    /// Per-peer totals for telemetry reports to the control plane.
+    pub peers: std::sync::Arc<super::peers::PeerStats>,
 }
 
 impl Default for ProxyMetrics {
@@ -44,13 +47,16 @@ impl Default for ProxyMetrics {
         ProxyMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(|| {
-                Histogram::new([
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0,
-                ])
+                Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
             }),
             handshake_failures: Family::default(),
             connections_open: Family::default(),
+            decisions: Family::default(),
+            decision_duration: Family::new_with_constructor(|| {
+                Histogram::new([1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 1e-3])
+            }),
+            plaintext_refused: Counter::default(),
+            peers: Default::default(),
         }
     }
 }
@@ -73,21 +79,13 @@ impl Metrics {
             "Expiry of the workload certificate in service",
             certs.expiry.clone(),
         );
-        registry.register(
-            "cert_renewals",
-            "Certificate requests by result",
-            certs.renewals.clone(),
-        );
+        registry.register("cert_renewals", "Certificate requests by result", certs.renewals.clone());
         registry.register(
             "cert_last_renewal_timestamp_seconds",
             "When the last certificate was installed",
             certs.last_renewal.clone(),
         );
-        registry.register(
-            "requests",
-            "Requests by direction, status class and peer identity",
-            proxy.requests.clone(),
-        );
+        registry.register("requests", "Requests by direction, status class and peer identity", proxy.requests.clone());
         registry.register(
             "request_duration_seconds",
             "Request latency through the sidecar by direction",
@@ -98,16 +96,23 @@ impl Metrics {
             "Failed mTLS handshakes by direction and reason",
             proxy.handshake_failures.clone(),
         );
+        registry.register("connections_open", "Open connections by direction", proxy.connections_open.clone());
         registry.register(
-            "connections_open",
-            "Open connections by direction",
-            proxy.connections_open.clone(),
+            "authz_decisions",
+            "Authorization decisions by result, policy and engine",
+            proxy.decisions.clone(),
         );
-        Metrics {
-            registry,
-            certs,
-            proxy,
-        }
+        registry.register(
+            "authz_evaluation_duration_seconds",
+            "Time to decide one request, by engine of the deciding policy",
+            proxy.decision_duration.clone(),
+        );
+        registry.register(
+            "plaintext_refused",
+            "Plaintext connections refused because the port is STRICT",
+            proxy.plaintext_refused.clone(),
+        );
+        Metrics { registry, certs, proxy }
     }
 
     /// The Prometheus text exposition.

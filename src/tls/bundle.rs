@@ -35,6 +35,8 @@ pub enum BundleError {
 /// The live trust bundle, shared by every TLS config of a process.
 pub struct TrustBundle {
     state: ArcSwap<BundleState>,
+    /// Bumped whenever revocations change, so open connections can re-judge their peer.
+    revocation_epoch: tokio::sync::watch::Sender<u64>,
 }
 
 impl TrustBundle {
@@ -42,6 +44,7 @@ impl TrustBundle {
     pub fn from_pem(pem: &str) -> Result<Arc<Self>, BundleError> {
         Ok(Arc::new(TrustBundle {
             state: ArcSwap::from_pointee(build(pem, HashSet::new(), HashSet::new())?),
+            revocation_epoch: tokio::sync::watch::channel(0).0,
         }))
     }
 
@@ -64,6 +67,9 @@ impl TrustBundle {
     /// Replaces the revocation lists.
     pub fn set_revocations(&self, ids: HashSet<String>, serials: HashSet<String>) {
         let cur = self.state.load_full();
+        if cur.revoked_ids == ids && cur.revoked_serials == serials {
+            return;
+        }
         self.state.store(Arc::new(BundleState {
             roots: cur.roots.clone(),
             pem: cur.pem.clone(),
@@ -71,6 +77,12 @@ impl TrustBundle {
             revoked_ids: ids,
             revoked_serials: serials,
         }));
+        self.revocation_epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Notifies on every change of the revocation lists.
+    pub fn revocations_changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revocation_epoch.subscribe()
     }
 
     /// Whether a peer with this identity or serial is revoked.
@@ -94,15 +106,8 @@ fn build(
         roots.add(c).map_err(BundleError::Cert)?;
     }
     let roots = Arc::new(roots);
-    let client_verifier =
-        WebPkiClientVerifier::builder_with_provider(roots.clone(), super::provider())
-            .build()
-            .map_err(|e| BundleError::Verifier(e.to_string()))?;
-    Ok(BundleState {
-        roots,
-        pem: pem.to_string(),
-        client_verifier,
-        revoked_ids,
-        revoked_serials,
-    })
+    let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), super::provider())
+        .build()
+        .map_err(|e| BundleError::Verifier(e.to_string()))?;
+    Ok(BundleState { roots, pem: pem.to_string(), client_verifier, revoked_ids, revoked_serials })
 }

@@ -6,7 +6,7 @@ use x509_parser::prelude::*;
 use crate::identity::SpiffeId;
 
 /// Why a peer certificate does not name exactly one SPIFFE identity.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(thiserror::Error, PartialEq, Eq)]
 pub enum PeerCertError {
     #[error("peer presented no certificate")]
     NoCertificate,
@@ -20,13 +20,17 @@ pub enum PeerCertError {
     Invalid(String),
 }
 
+impl std::fmt::Debug for PeerCertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
 /// The one SPIFFE ID in `cert`'s URI SANs, and its serial (lower-case hex).
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<(SpiffeId, String), PeerCertError> {
     let (_, cert) = X509Certificate::from_der(cert).map_err(|_| PeerCertError::Malformed)?;
     let serial = crate::identity::ca::hex(cert.raw_serial());
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|_| PeerCertError::Malformed)?;
+    let san = cert.subject_alternative_name().map_err(|_| PeerCertError::Malformed)?;
     let mut found = None;
     for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
         if let GeneralName::URI(uri) = name
@@ -35,23 +39,14 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<(SpiffeId, String), Pee
             if found.is_some() {
                 return Err(PeerCertError::SeveralSpiffeIds);
             }
-            found = Some(
-                uri.parse::<SpiffeId>()
-                    .map_err(|e| PeerCertError::Invalid(e.to_string()))?,
-            );
+            found = Some(uri.parse::<SpiffeId>().map_err(|e| PeerCertError::Invalid(e.to_string()))?);
         }
     }
-    found
-        .map(|id| (id, serial))
-        .ok_or(PeerCertError::NoSpiffeId)
+    found.map(|id| (id, serial)).ok_or(PeerCertError::NoSpiffeId)
 }
 
 /// The identity of the peer of a finished handshake (its end-entity certificate).
-pub fn peer_identity(
-    certs: Option<&[CertificateDer<'_>]>,
-) -> Result<(SpiffeId, String), PeerCertError> {
-    let leaf = certs
-        .and_then(|c| c.first())
-        .ok_or(PeerCertError::NoCertificate)?;
+pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<(SpiffeId, String), PeerCertError> {
+    let leaf = certs.and_then(|c| c.first()).ok_or(PeerCertError::NoCertificate)?;
     spiffe_id_of(leaf)
 }

@@ -52,11 +52,7 @@ impl ResolvesServerCert for CertStore {
 }
 
 impl ResolvesClientCert for CertStore {
-    fn resolve(
-        &self,
-        _hints: &[&[u8]],
-        _schemes: &[rustls::SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         self.current()
     }
 

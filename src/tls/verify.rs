@@ -12,19 +12,24 @@ use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signat
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme,
-};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme};
 
 use super::TrustBundle;
 use crate::identity::SpiffeId;
 
 /// The server presented a valid chain for an identity other than the expected one.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[error("peer identity mismatch: expected {expected}, got {actual}")]
 pub struct IdentityMismatch {
     pub expected: String,
     pub actual: String,
+}
+
+// rustls renders `OtherError` with `Debug`; make that the readable message operators see.
+impl std::fmt::Debug for IdentityMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// The peer's identity or serial is revoked.
@@ -43,11 +48,7 @@ pub struct SpiffeServerVerifier {
 impl SpiffeServerVerifier {
     /// `expected: None` accepts any identity in the trust domain's bundle (used by tests only).
     pub fn new(bundle: Arc<TrustBundle>, expected: Option<SpiffeId>) -> Self {
-        SpiffeServerVerifier {
-            bundle,
-            expected,
-            provider: super::provider(),
-        }
+        SpiffeServerVerifier { bundle, expected, provider: super::provider() }
     }
 }
 
@@ -75,18 +76,15 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        let (id, serial) = super::spiffe_id_of(end_entity).map_err(|e| {
-            Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-        })?;
+        let (id, serial) = super::spiffe_id_of(end_entity)
+            .map_err(|e| Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))?;
         if let Some(expected) = &self.expected
             && *expected != id
         {
-            return Err(Error::InvalidCertificate(CertificateError::Other(
-                OtherError(Arc::new(IdentityMismatch {
-                    expected: expected.to_string(),
-                    actual: id.to_string(),
-                })),
-            )));
+            return Err(Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(IdentityMismatch {
+                expected: expected.to_string(),
+                actual: id.to_string(),
+            })))));
         }
         if state.revoked_ids.contains(id.as_str()) || state.revoked_serials.contains(&serial) {
             return Err(Error::InvalidCertificate(CertificateError::Revoked));
@@ -100,12 +98,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -114,18 +107,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -167,12 +153,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         let state = self.bundle.load();
-        state
-            .client_verifier
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let (id, serial) = super::spiffe_id_of(end_entity).map_err(|e| {
-            Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-        })?;
+        state.client_verifier.verify_client_cert(end_entity, intermediates, now)?;
+        let (id, serial) = super::spiffe_id_of(end_entity)
+            .map_err(|e| Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))?;
         if state.revoked_ids.contains(id.as_str()) || state.revoked_serials.contains(&serial) {
             return Err(Error::InvalidCertificate(CertificateError::Revoked));
         }
@@ -185,10 +168,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.bundle
-            .load()
-            .client_verifier
-            .verify_tls12_signature(message, cert, dss)
+        self.bundle.load().client_verifier.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -197,16 +177,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.bundle
-            .load()
-            .client_verifier
-            .verify_tls13_signature(message, cert, dss)
+        self.bundle.load().client_verifier.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.bundle
-            .load()
-            .client_verifier
-            .supported_verify_schemes()
+        self.bundle.load().client_verifier.supported_verify_schemes()
     }
 }

@@ -1,0 +1,94 @@
+//! Reports what the sidecar saw to the control plane: per-peer deltas and certificate events.
+//!
+//! Best effort by design: a report lost with a broken stream is not resent (counters on the
+//! sidecar's own `/metrics` stay exact); the next report carries the deltas since the last
+//! one that was handed to a live stream.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use super::ControlClient;
+use crate::identity::ca::now_unix;
+use crate::proto::telemetry::telemetry_client::TelemetryClient;
+use crate::proto::telemetry::{CertificateEvent, PeerCounters, TelemetryReport};
+use crate::telemetry::peers::{PeerKey, PeerStats};
+
+/// Certificate events waiting for the next report.
+#[derive(Default)]
+pub struct CertEvents {
+    queue: Mutex<Vec<CertificateEvent>>,
+}
+
+impl CertEvents {
+    /// Queues an event (bounded: the oldest are dropped past 256).
+    pub fn push(&self, event: CertificateEvent) {
+        let mut q = self.queue.lock();
+        if q.len() >= 256 {
+            q.remove(0);
+        }
+        q.push(event);
+    }
+
+    fn drain(&self) -> Vec<CertificateEvent> {
+        std::mem::take(&mut *self.queue.lock())
+    }
+}
+
+/// Streams a report every `interval`, reconnecting as needed.
+pub async fn run(
+    control: ControlClient,
+    spiffe_id: String,
+    stats: Arc<PeerStats>,
+    events: Arc<CertEvents>,
+    interval: Duration,
+) {
+    let mut last: HashMap<PeerKey, [u64; 4]> = HashMap::new();
+    loop {
+        let (tx, rx) = mpsc::channel::<TelemetryReport>(4);
+        let stream = async {
+            let mut client = TelemetryClient::new(control.channel().await?);
+            client.report(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        };
+        let feed = async {
+            let mut tick = tokio::time::interval(interval);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let mut peers = Vec::new();
+                let mut next = last.clone();
+                for (key, totals) in stats.totals() {
+                    let prev = last.get(&key).copied().unwrap_or_default();
+                    let d: Vec<u64> = totals.iter().zip(prev).map(|(t, p)| t - p).collect();
+                    if d.iter().any(|v| *v > 0) {
+                        peers.push(PeerCounters {
+                            peer_spiffe_id: key.0.to_string(),
+                            direction: key.1.to_string(),
+                            requests: d[0],
+                            errors: d[1],
+                            denials: d[2],
+                            handshake_failures: d[3],
+                        });
+                    }
+                    next.insert(key, totals);
+                }
+                let certificate_events = events.drain();
+                let report =
+                    TelemetryReport { spiffe_id: spiffe_id.clone(), timestamp: now_unix(), peers, certificate_events };
+                if tx.send(report).await.is_err() {
+                    return;
+                }
+                last = next;
+            }
+        };
+        tokio::select! {
+            res = stream => if let Err(e) = res { tracing::debug!(error = %e, "telemetry stream ended") },
+            _ = feed => {}
+        }
+        tokio::time::sleep(interval.min(Duration::from_secs(5))).await;
+    }
+}

@@ -1,0 +1,377 @@
+//! `Discovery/Stream`: versioned per-sidecar snapshots with ACK/NACK, xDS state-of-the-world
+//! style.
+//!
+//! Every change (a resource file, a sidecar joining or leaving, a revocation, a CA step) marks
+//! the mesh dirty; after a debounce the generation moves on and each stream recomputes *its*
+//! snapshot. A stream sends only when its snapshot's version (a content hash) changed, so a
+//! change reaches exactly the sidecars it concerns.
+
+use std::collections::{BTreeMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use futures_util::Stream;
+use parking_lot::Mutex;
+use prost::Message;
+use tokio::sync::{Notify, mpsc, watch};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::ca_set::CaSet;
+use super::resources::Resource;
+use crate::identity::SpiffeId;
+use crate::identity::ca::now_unix;
+use crate::proto::discovery::discovery_server::Discovery;
+use crate::proto::discovery::{
+    DiscoveryRequest, DiscoveryResponse, Endpoint, MeshConfig, Node, PeerAuthentication, Revocation, Snapshot,
+    peer_authentication::Mode, revocation::Target,
+};
+
+/// Mesh-wide settings the control plane was started with.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MeshSettings {
+    pub trust_domain: String,
+    pub default_policy: String,
+    pub egress: String,
+    pub debounce: Duration,
+    pub endpoint_grace: Duration,
+}
+
+/// What the control plane knows about one connected (or recently connected) sidecar.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SidecarEntry {
+    pub spiffe_id: String,
+    pub addresses: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub pushed_version: String,
+    pub acked_version: String,
+    pub nack_message: String,
+    pub connected: bool,
+    pub last_seen: i64,
+    pub certificate_not_after: i64,
+    #[serde(skip)]
+    disconnected_at: Option<Instant>,
+}
+
+/// The control plane's live model of the mesh, shared by every stream.
+pub struct MeshState {
+    pub settings: MeshSettings,
+    pub ca: Arc<ArcSwap<CaSet>>,
+    resources: ArcSwap<Vec<Resource>>,
+    revocations: ArcSwap<(Vec<String>, Vec<String>)>,
+    sidecars: Mutex<BTreeMap<u64, SidecarEntry>>,
+    next_stream: AtomicU64,
+    dirty: Notify,
+    generation: watch::Sender<u64>,
+}
+
+impl MeshState {
+    /// A mesh with no resources and no sidecars yet.
+    pub fn new(settings: MeshSettings, ca: Arc<ArcSwap<CaSet>>) -> Arc<Self> {
+        Arc::new(MeshState {
+            settings,
+            ca,
+            resources: ArcSwap::from_pointee(Vec::new()),
+            revocations: ArcSwap::from_pointee((Vec::new(), Vec::new())),
+            sidecars: Mutex::new(BTreeMap::new()),
+            next_stream: AtomicU64::new(1),
+            dirty: Notify::new(),
+            generation: watch::channel(0).0,
+        })
+    }
+
+    /// Runs the debouncer and the endpoint janitor. Spawn once.
+    pub async fn run(self: Arc<Self>) {
+        let janitor = {
+            let this = self.clone();
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let grace = this.settings.endpoint_grace;
+                    let mut gone = false;
+                    this.sidecars.lock().retain(|_, e| {
+                        let keep = e.disconnected_at.is_none_or(|t| t.elapsed() < grace);
+                        gone |= !keep;
+                        keep
+                    });
+                    if gone {
+                        this.mark_dirty();
+                    }
+                }
+            }
+        };
+        let debouncer = async {
+            loop {
+                self.dirty.notified().await;
+                tokio::time::sleep(self.settings.debounce).await;
+                self.generation.send_modify(|g| *g += 1);
+            }
+        };
+        tokio::join!(janitor, debouncer);
+    }
+
+    /// Something changed; push after the debounce.
+    pub fn mark_dirty(&self) {
+        self.dirty.notify_one();
+    }
+
+    /// Replaces the resource set.
+    pub fn set_resources(&self, resources: Vec<Resource>) {
+        if **self.resources.load() != resources {
+            self.resources.store(Arc::new(resources));
+            self.mark_dirty();
+        }
+    }
+
+    /// Replaces the revocation lists (identities, serials).
+    pub fn set_revocations(&self, ids: Vec<String>, serials: Vec<String>) {
+        let next = (ids, serials);
+        if **self.revocations.load() != next {
+            self.revocations.store(Arc::new(next));
+            self.mark_dirty();
+        }
+    }
+
+    /// Every sidecar entry, for `palisade status`.
+    pub fn sidecars(&self) -> Vec<SidecarEntry> {
+        self.sidecars.lock().values().cloned().collect()
+    }
+
+    /// The snapshot for one sidecar, and its version.
+    pub fn snapshot_for(&self, id: &SpiffeId, labels: &BTreeMap<String, String>) -> (String, Snapshot) {
+        let ns = id.namespace().unwrap_or("");
+        let resources = self.resources.load();
+        let selected: Vec<&Resource> = resources.iter().filter(|r| r.selects(ns, labels)).collect();
+        let policies = selected
+            .iter()
+            .filter(|r| r.kind != "PeerAuthentication")
+            .map(|r| crate::proto::discovery::Resource {
+                kind: r.kind.clone(),
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                manifest_json: r.manifest.to_string(),
+                origin: r.origin.clone(),
+            })
+            .collect();
+        let peer_authentication = peer_authentication(&selected);
+        let (ids, serials) = &**self.revocations.load();
+        let revocations = ids
+            .iter()
+            .map(|i| Revocation { target: Some(Target::SpiffeId(i.clone())) })
+            .chain(serials.iter().map(|s| Revocation { target: Some(Target::Serial(s.clone())) }))
+            .collect();
+        let mut endpoints: Vec<Endpoint> = self
+            .sidecars
+            .lock()
+            .values()
+            .flat_map(|e| {
+                e.addresses.iter().map(|a| Endpoint {
+                    address: a.clone(),
+                    spiffe_id: e.spiffe_id.clone(),
+                    labels: e.labels.clone().into_iter().collect(),
+                })
+            })
+            .collect();
+        endpoints.sort_by(|a, b| (&a.address, &a.spiffe_id).cmp(&(&b.address, &b.spiffe_id)));
+        endpoints.dedup_by(|a, b| a.address == b.address && a.spiffe_id == b.spiffe_id);
+        let snapshot = Snapshot {
+            policies,
+            peer_authentication: Some(peer_authentication),
+            trust_bundle_pem: self.ca.load().bundle_pem().to_string(),
+            revocations,
+            endpoints,
+            mesh: Some(MeshConfig {
+                trust_domain: self.settings.trust_domain.clone(),
+                default_policy: self.settings.default_policy.clone(),
+                egress: self.settings.egress.clone(),
+            }),
+        };
+        (version_of(&snapshot), snapshot)
+    }
+}
+
+/// The most specific PeerAuthentication: one with a selector beats the namespace-wide one.
+/// Without any, STRICT (zero trust).
+fn peer_authentication(selected: &[&Resource]) -> PeerAuthentication {
+    let mut chosen: Option<&&Resource> = None;
+    for r in selected.iter().filter(|r| r.kind == "PeerAuthentication") {
+        if chosen.is_none_or(|c| c.match_labels().is_none() && r.match_labels().is_some()) {
+            chosen = Some(r);
+        }
+    }
+    let mode_of = |v: Option<&serde_json::Value>| match v.and_then(|m| m.as_str()) {
+        Some("PERMISSIVE") => Mode::Permissive,
+        _ => Mode::Strict,
+    };
+    let Some(r) = chosen else {
+        return PeerAuthentication { mode: Mode::Strict as i32, port_modes: Default::default() };
+    };
+    let spec = &r.manifest["spec"];
+    let port_modes = spec
+        .get("portLevelMtls")
+        .and_then(|p| p.as_object())
+        .map(|m| {
+            m.iter().filter_map(|(port, v)| Some((port.parse::<u32>().ok()?, mode_of(v.get("mode")) as i32))).collect()
+        })
+        .unwrap_or_default();
+    PeerAuthentication { mode: mode_of(spec.get("mtls").and_then(|m| m.get("mode"))) as i32, port_modes }
+}
+
+/// A content hash: equal snapshots have equal versions, across restarts too.
+fn version_of(snapshot: &Snapshot) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &snapshot.encode_to_vec());
+    crate::identity::ca::hex(&digest.as_ref()[..8])
+}
+
+/// The gRPC service.
+pub struct DiscoveryService {
+    pub mesh: Arc<MeshState>,
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type StreamStream = ResponseStream;
+
+    async fn stream(&self, request: Request<Streaming<DiscoveryRequest>>) -> Result<Response<ResponseStream>, Status> {
+        let certs = request.peer_certs();
+        let (id, _serial) = crate::tls::peer_identity(certs.as_deref().map(|v| v.as_slice()))
+            .map_err(|e| Status::unauthenticated(format!("discovery needs the workload's mTLS certificate: {e}")))?;
+        let not_after = certs
+            .as_ref()
+            .and_then(|c| c.first())
+            .and_then(|c| x509_parser::parse_x509_certificate(c).ok().map(|(_, x)| x.validity().not_after.timestamp()))
+            .unwrap_or(0);
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream closed before the first request"))?;
+        let node = first.node.clone().ok_or_else(|| Status::invalid_argument("first request must carry `node`"))?;
+        if node.spiffe_id != id.as_str() {
+            return Err(Status::permission_denied(format!(
+                "node claims {} but its certificate proves {id}",
+                node.spiffe_id
+            )));
+        }
+        let mesh = self.mesh.clone();
+        let stream_id = mesh.next_stream.fetch_add(1, Ordering::Relaxed);
+        let labels: BTreeMap<String, String> = node.labels.clone().into_iter().collect();
+        register(&mesh, stream_id, &node, not_after);
+        tracing::info!(spiffe_id = %id, addresses = ?node.addresses, resume = %first.version_info, "sidecar connected");
+
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut generation = mesh.generation.subscribe();
+            let mut sent_version = first.version_info.clone();
+            let mut nonce = 0u64;
+            let push = |sent_version: &mut String, nonce: &mut u64| {
+                let (version, snapshot) = mesh.snapshot_for(&id, &labels);
+                if version == *sent_version {
+                    return None;
+                }
+                *nonce += 1;
+                *sent_version = version.clone();
+                if let Some(e) = mesh.sidecars.lock().get_mut(&stream_id) {
+                    e.pushed_version = version.clone();
+                }
+                Some(DiscoveryResponse { version_info: version, nonce: nonce.to_string(), snapshot: Some(snapshot) })
+            };
+            // Resume: a sidecar that already runs the current version gets nothing new.
+            if let Some(resp) = push(&mut sent_version, &mut nonce) {
+                if tx.send(Ok(resp)).await.is_err() {
+                    return unregister(&mesh, stream_id);
+                }
+            } else {
+                ack(&mesh, stream_id, &sent_version, None);
+            }
+            loop {
+                tokio::select! {
+                    msg = inbound.message() => match msg {
+                        Ok(Some(req)) => {
+                            if req.response_nonce == nonce.to_string() {
+                                ack(&mesh, stream_id, &req.version_info, req.error_detail.map(|e| e.message));
+                            }
+                        }
+                        _ => break,
+                    },
+                    changed = generation.changed() => {
+                        if changed.is_err() { break; }
+                        if let Some(resp) = push(&mut sent_version, &mut nonce)
+                            && tx.send(Ok(resp)).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+            tracing::info!(spiffe_id = %id, "sidecar disconnected");
+            unregister(&mesh, stream_id);
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+fn register(mesh: &MeshState, stream_id: u64, node: &Node, not_after: i64) {
+    mesh.sidecars.lock().insert(
+        stream_id,
+        SidecarEntry {
+            spiffe_id: node.spiffe_id.clone(),
+            addresses: node.addresses.clone(),
+            labels: node.labels.clone().into_iter().collect(),
+            pushed_version: String::new(),
+            acked_version: String::new(),
+            nack_message: String::new(),
+            connected: true,
+            last_seen: now_unix(),
+            certificate_not_after: not_after,
+            disconnected_at: None,
+        },
+    );
+    mesh.mark_dirty();
+}
+
+fn unregister(mesh: &MeshState, stream_id: u64) {
+    if let Some(e) = mesh.sidecars.lock().get_mut(&stream_id) {
+        e.connected = false;
+        e.disconnected_at = Some(Instant::now());
+    }
+}
+
+fn ack(mesh: &MeshState, stream_id: u64, version: &str, nack: Option<String>) {
+    if let Some(e) = mesh.sidecars.lock().get_mut(&stream_id) {
+        e.last_seen = now_unix();
+        match nack {
+            Some(msg) => {
+                tracing::warn!(spiffe_id = %e.spiffe_id, version = %e.pushed_version, error = %msg, "sidecar NACKed a snapshot");
+                e.nack_message = msg;
+            }
+            None => {
+                e.acked_version = version.to_string();
+                e.nack_message.clear();
+            }
+        }
+    }
+}
+
+/// Revocations as sets, for the sidecar side.
+pub fn revocation_sets(revocations: &[Revocation]) -> (HashSet<String>, HashSet<String>) {
+    let mut ids = HashSet::new();
+    let mut serials = HashSet::new();
+    for r in revocations {
+        match &r.target {
+            Some(Target::SpiffeId(i)) => {
+                ids.insert(i.clone());
+            }
+            Some(Target::Serial(s)) => {
+                serials.insert(s.to_lowercase());
+            }
+            None => {}
+        }
+    }
+    (ids, serials)
+}

@@ -1,0 +1,132 @@
+//! `palisade status`: what the control plane knows, read from its admin API.
+
+use std::net::SocketAddr;
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use super::discovery::SidecarEntry;
+use super::telemetry::Edge;
+
+/// Everything `palisade status` shows.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct StatusReport {
+    pub sidecars: Vec<serde_json::Value>,
+    pub traffic: Vec<serde_json::Value>,
+    pub resource_errors: Vec<String>,
+}
+
+async fn get_json(admin: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let uri: http::Uri = format!("http://{admin}{path}").parse()?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
+        .await
+        .map_err(|_| anyhow::anyhow!("control plane admin API at {admin} did not answer within 5s"))?
+        .map_err(|e| anyhow::anyhow!("control plane admin API at {admin}: {e}"))?;
+    if !resp.status().is_success() {
+        anyhow::bail!("{path}: HTTP {}", resp.status());
+    }
+    Ok(serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?)
+}
+
+/// Fetches the report.
+pub async fn fetch(admin: SocketAddr) -> anyhow::Result<StatusReport> {
+    let as_vec = |v: serde_json::Value| v.as_array().cloned().unwrap_or_default();
+    Ok(StatusReport {
+        sidecars: as_vec(get_json(admin, "/v1/sidecars").await?),
+        traffic: as_vec(get_json(admin, "/v1/traffic").await?),
+        resource_errors: as_vec(get_json(admin, "/v1/resources/errors").await?)
+            .into_iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+    })
+}
+
+fn ago(unix: i64) -> String {
+    let secs = (crate::identity::ca::now_unix() - unix).max(0);
+    if secs < 120 { format!("{secs}s ago") } else { format!("{}m ago", secs / 60) }
+}
+
+fn until(unix: i64) -> String {
+    let secs = unix - crate::identity::ca::now_unix();
+    if secs <= 0 {
+        return "EXPIRED".into();
+    }
+    let at = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix as u64));
+    if secs < 120 { format!("in {secs}s ({at})") } else { format!("in {}m ({at})", secs / 60) }
+}
+
+/// A terminal rendering.
+pub fn render(report: &StatusReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "SIDECARS ({})", report.sidecars.len());
+    let _ = writeln!(
+        out,
+        "{:<46} {:<22} {:<18} {:<10} {:<22} {:<28} LAST SEEN",
+        "IDENTITY", "ADDRESS", "LABELS", "STATE", "CONFIG (pushed/acked)", "CERT EXPIRES"
+    );
+    for s in &report.sidecars {
+        let Ok(e) = serde_json::from_value::<SidecarEntry>(s.clone()) else { continue };
+        let labels = e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        let state = if !e.connected {
+            "gone"
+        } else if !e.nack_message.is_empty() {
+            "NACK"
+        } else if e.acked_version == e.pushed_version {
+            "ACK"
+        } else {
+            "pending"
+        };
+        let _ = writeln!(
+            out,
+            "{:<46} {:<22} {:<18} {:<10} {:<22} {:<28} {}",
+            e.spiffe_id,
+            e.addresses.join(","),
+            if labels.is_empty() { "-".into() } else { labels },
+            state,
+            format!("{}/{}", short(&e.pushed_version), short(&e.acked_version)),
+            until(e.certificate_not_after),
+            ago(e.last_seen),
+        );
+        if !e.nack_message.is_empty() {
+            let _ = writeln!(out, "    NACK: {}", e.nack_message);
+        }
+    }
+    let _ = writeln!(out, "\nTRAFFIC (as seen by each destination)");
+    let _ = writeln!(
+        out,
+        "{:<46}    {:<46} {:>9} {:>8} {:>8} {:>10}",
+        "SOURCE", "DESTINATION", "REQUESTS", "ERRORS", "DENIED", "TLS FAILS"
+    );
+    for t in &report.traffic {
+        let Ok(e) = serde_json::from_value::<Edge>(t.clone()) else { continue };
+        let pct = |n: u64| {
+            if e.requests == 0 { "-".to_string() } else { format!("{:.0}%", 100.0 * n as f64 / e.requests as f64) }
+        };
+        let _ = writeln!(
+            out,
+            "{:<46} -> {:<46} {:>9} {:>8} {:>8} {:>10}",
+            e.source,
+            e.destination,
+            e.requests,
+            pct(e.errors),
+            pct(e.denials),
+            e.handshake_failures
+        );
+    }
+    if !report.resource_errors.is_empty() {
+        let _ = writeln!(out, "\nREFUSED RESOURCE FILES");
+        for e in &report.resource_errors {
+            let _ = writeln!(out, "  {e}");
+        }
+    }
+    out
+}
+
+fn short(v: &str) -> &str {
+    if v.is_empty() { "-" } else { &v[..v.len().min(8)] }
+}

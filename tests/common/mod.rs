@@ -1,0 +1,433 @@
+//! Test harness: real `palisade` processes on loopback, a real HTTP app, and waits on
+//! conditions with deadlines (never sleeps as synchronisation).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_palisade");
+
+/// A free loopback port. The kernel may hand it out again before the child binds it, but
+/// ephemeral allocation makes that rare on a quiet loopback.
+pub fn free_addr() -> SocketAddr {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+pub fn tempdir(tag: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("palisade-test-{tag}-{}-{}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A child process killed when dropped; its stderr goes to a log file kept for post-mortems.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, dir: &Path, args: &[String]) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(BIN)
+            .args(args)
+            .env("PALISADE_LOG", "info")
+            .stdout(std::fs::File::create(dir.join(format!("{name}.out"))).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Proc { child, log, name: name.to_string() }
+    }
+
+    /// What the process wrote to stdout (the access and decision logs of a sidecar).
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(self.log.with_extension("out")).unwrap_or_default()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait up to `within` for exit; returns the exit status.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit within {within:?}\n{}", self.name, self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- {} log ----\n{}", self.name, self.log_text());
+        }
+    }
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn http_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// GET `url` with extra headers; returns status, headers and body text.
+pub async fn get(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, http::HeaderMap, String), String> {
+    let mut req = http::Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = client.request(req.body(Full::new(Bytes::new())).unwrap()).await.map_err(|e| format!("{e:?}"))?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
+}
+
+pub async fn status_of(url: &str) -> Option<u16> {
+    get(&http_client(), url, &[]).await.ok().map(|r| r.0)
+}
+
+/// A control plane process with its state directory.
+pub struct ControlPlane {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub state: PathBuf,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl ControlPlane {
+    pub async fn start(dir: &Path, extra: &[&str]) -> ControlPlane {
+        Self::start_at(dir, free_addr(), extra).await
+    }
+
+    pub async fn start_at(dir: &Path, listen: SocketAddr, extra: &[&str]) -> ControlPlane {
+        let state = dir.join("state");
+        let admin = free_addr();
+        let mut args = vec![
+            "control".to_string(),
+            "--state-dir".into(),
+            state.display().to_string(),
+            "--listen".into(),
+            listen.to_string(),
+            "--admin".into(),
+            admin.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        // Most tests are about identity and transport, not policy: let any mesh identity in
+        // unless the test sets the default itself.
+        if !extra.contains(&"--default-policy") {
+            args.extend(["--default-policy".into(), "allow-authenticated".into()]);
+        }
+        let proc = Proc::spawn(&format!("control-{}", listen.port()), dir, &args);
+        wait_for("control plane ready", Duration::from_secs(30), || async {
+            status_of(&format!("http://{admin}/ready")).await == Some(200)
+        })
+        .await;
+        ControlPlane { proc, dir: dir.to_path_buf(), state, listen, admin }
+    }
+
+    pub fn root_pem_path(&self) -> PathBuf {
+        self.state.join("ca/root.pem")
+    }
+
+    /// A join token from the CLI, as an operator would make it.
+    pub fn token(&self, identity: &str) -> String {
+        let out = Command::new(BIN)
+            .args(["control", "token", "create", "--state-dir"])
+            .arg(&self.state)
+            .args(["--identity", identity])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+}
+
+/// A sidecar process.
+pub struct Sidecar {
+    pub proc: Proc,
+    pub admin: SocketAddr,
+    pub inbound: Option<SocketAddr>,
+    pub identity: String,
+}
+
+pub fn id(sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/test/sa/{sa}")
+}
+
+impl Sidecar {
+    /// Starts a sidecar for `identity` and waits until it is ready. `inbound_app` gives it an
+    /// inbound listener forwarding to that app; `routes` are `LISTEN=TARGET@ID` strings.
+    pub async fn start(cp: &ControlPlane, sa: &str, inbound_app: Option<SocketAddr>, routes: &[String]) -> Sidecar {
+        let s = Self::spawn(cp, sa, inbound_app, routes, &[]);
+        s.wait_ready().await;
+        s
+    }
+
+    pub fn spawn(
+        cp: &ControlPlane,
+        sa: &str,
+        inbound_app: Option<SocketAddr>,
+        routes: &[String],
+        extra: &[&str],
+    ) -> Sidecar {
+        let identity = id(sa);
+        let token_file = cp.dir.join(format!("{sa}-{}.token", rand::random::<u32>()));
+        std::fs::write(&token_file, cp.token(&identity)).unwrap();
+        let admin = free_addr();
+        let mut args = vec![
+            "proxy".to_string(),
+            "--control".into(),
+            cp.listen.to_string(),
+            "--ca-bundle".into(),
+            cp.root_pem_path().display().to_string(),
+            "--token-file".into(),
+            token_file.display().to_string(),
+            "--admin".into(),
+            admin.to_string(),
+        ];
+        let inbound = inbound_app.map(|app| {
+            let inbound = free_addr();
+            args.extend(["--inbound".into(), inbound.to_string(), "--app".into(), app.to_string()]);
+            inbound
+        });
+        for r in routes {
+            args.extend(["--route".into(), r.clone()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = Proc::spawn(&format!("sidecar-{sa}"), &cp.dir, &args);
+        Sidecar { proc, admin, inbound, identity }
+    }
+
+    pub async fn wait_ready(&self) {
+        let admin = self.admin;
+        wait_for(&format!("sidecar {} ready", self.identity), Duration::from_secs(30), || async move {
+            status_of(&format!("http://{admin}/ready")).await == Some(200)
+        })
+        .await;
+    }
+
+    pub async fn metrics(&self) -> String {
+        get(&http_client(), &format!("http://{}/metrics", self.admin), &[]).await.map(|r| r.2).unwrap_or_default()
+    }
+
+    pub async fn config_dump(&self) -> serde_json::Value {
+        let body = get(&http_client(), &format!("http://{}/config_dump", self.admin), &[]).await.unwrap().2;
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+/// An app that answers every request with a JSON echo of what it received, and counts requests.
+pub struct EchoApp {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for EchoApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl EchoApp {
+    pub async fn start() -> EchoApp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicU64::new(0));
+        let counter = hits.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        async move {
+                            let mut headers = BTreeMap::new();
+                            for (k, v) in req.headers() {
+                                headers
+                                    .entry(k.as_str().to_string())
+                                    .or_insert_with(Vec::new)
+                                    .push(v.to_str().unwrap_or("").to_string());
+                            }
+                            let body = serde_json::json!({
+                                "method": req.method().as_str(),
+                                "path": req.uri().path(),
+                                "headers": headers,
+                            });
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                                body.to_string(),
+                            ))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+                });
+            }
+        });
+        EchoApp { addr, hits, task }
+    }
+}
+
+/// Steady HTTP traffic against `url` from two kinds of clients at once: one keep-alive pool and
+/// one that opens a new connection per request. Counts successes and failures.
+pub struct Traffic {
+    pub ok: Arc<AtomicU64>,
+    pub failed: Arc<AtomicU64>,
+    pub failures: Arc<parking_lot::Mutex<Vec<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    pub fn start(url: String, every: Duration) -> Traffic {
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tasks = vec![];
+        for keep_alive in [true, false] {
+            let (ok, failed, failures, stop, url) =
+                (ok.clone(), failed.clone(), failures.clone(), stop.clone(), url.clone());
+            tasks.push(tokio::spawn(async move {
+                let pooled = http_client();
+                let mut tick = tokio::time::interval(every);
+                while !stop.load(Ordering::SeqCst) {
+                    tick.tick().await;
+                    let res = if keep_alive {
+                        get(&pooled, &url, &[]).await
+                    } else {
+                        get(&http_client(), &url, &[("connection", "close")]).await
+                    };
+                    match res {
+                        Ok((200, _, _)) => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        other => {
+                            failed.fetch_add(1, Ordering::SeqCst);
+                            failures.lock().push(format!("keep_alive={keep_alive}: {other:?}"));
+                        }
+                    }
+                }
+            }));
+        }
+        Traffic { ok, failed, failures, stop, tasks }
+    }
+
+    /// Stops and waits for in-flight requests; returns (ok, failed).
+    pub async fn finish(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        (self.ok.load(Ordering::SeqCst), self.failed.load(Ordering::SeqCst), self.failures.lock().clone())
+    }
+}
+
+/// The serial (hex) of the certificate a server presents, seen through a fresh TLS handshake
+/// by a client holding `client_cert`; `None` if the handshake fails.
+pub async fn presented_serial(
+    addr: SocketAddr,
+    bundle_pem: &str,
+    client_cert: Option<Arc<rustls::sign::CertifiedKey>>,
+) -> Result<String, String> {
+    palisade::tls::install_crypto_provider();
+    let bundle = palisade::tls::TrustBundle::from_pem(bundle_pem).map_err(|e| e.to_string())?;
+    let store = palisade::tls::CertStore::new();
+    if let Some(c) = client_cert {
+        store.set(c, i64::MAX);
+    }
+    let cfg = palisade::tls::config::client_config(store, bundle, None, &[b"h2"]);
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(palisade::tls::config::sni(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (_, conn) = tls.get_ref();
+    palisade::tls::peer_identity(conn.peer_certificates()).map(|(_, serial)| serial).map_err(|e| e.to_string())
+}
+
+/// Mints a client certificate for `identity` from the control plane's active CA (read from its
+/// store), valid for `ttl`; tests use it to probe inbound listeners.
+pub fn mint_client_cert(state: &Path, identity: &str, ttl: Duration) -> Arc<rustls::sign::CertifiedKey> {
+    let store = palisade::control::Store::open(state).unwrap();
+    let material = store.ca_generations().unwrap().into_iter().find(|g| g.state == "active").unwrap().material;
+    let ca = palisade::identity::CertificateAuthority::load(material).unwrap();
+    certified_by(&ca, identity, std::time::SystemTime::now() + ttl)
+}
+
+pub fn certified_by(
+    ca: &palisade::identity::CertificateAuthority,
+    identity: &str,
+    not_after: std::time::SystemTime,
+) -> Arc<rustls::sign::CertifiedKey> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let issued = ca
+        .sign_workload_valid(
+            &identity.parse().unwrap(),
+            &key,
+            std::time::SystemTime::now() - Duration::from_secs(3600),
+            not_after,
+            &[],
+        )
+        .unwrap();
+    let chain = palisade::tls::certs_from_pem(&issued.chain_pem).unwrap();
+    let sk = palisade::tls::provider()
+        .key_provider
+        .load_private_key(rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+            key.serialize_der(),
+        )))
+        .unwrap();
+    Arc::new(rustls::sign::CertifiedKey::new(chain, sk))
+}
+
+/// A counter's value from Prometheus text (sum over series whose line contains `filter`).
+pub fn metric(text: &str, name: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

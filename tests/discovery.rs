@@ -1,0 +1,143 @@
+//! Discovery: resources and endpoints reach the sidecars they concern, versioned and ACKed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const PERMISSIVE_ORDERS: &str = "apiVersion: palisade.io/v1alpha1
+kind: PeerAuthentication
+metadata: {name: orders, namespace: test}
+spec:
+  selector: {matchLabels: {app: orders}}
+  mtls: {mode: PERMISSIVE}
+";
+
+async fn sidecars_json(cp: &ControlPlane) -> serde_json::Value {
+    let body = get(&http_client(), &format!("http://{}/v1/sidecars", cp.admin), &[]).await.unwrap().2;
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_reach_only_the_selected_sidecars_and_edits_apply_within_a_second() {
+    let dir = tempdir("discovery");
+    let resources = dir.join("resources");
+    std::fs::create_dir_all(&resources).unwrap();
+    std::fs::write(resources.join("pa.yaml"), PERMISSIVE_ORDERS).unwrap();
+    let res = resources.display().to_string();
+    let cp = ControlPlane::start(&dir, &["--resources", &res]).await;
+    let app = EchoApp::start().await;
+    let orders = Sidecar::spawn(&cp, "orders", Some(app.addr), &[], &["--label", "app=orders"]);
+    let web = Sidecar::spawn(&cp, "web", Some(app.addr), &[], &["--label", "app=web"]);
+    orders.wait_ready().await;
+    web.wait_ready().await;
+
+    // Only the selected workload is PERMISSIVE.
+    assert_eq!(orders.config_dump().await["mesh"]["peer_auth"], "Permissive");
+    assert_eq!(web.config_dump().await["mesh"]["peer_auth"], "Strict");
+
+    // Each sidecar knows the other's inbound address and identity (the endpoint table).
+    let orders_in = orders.inbound.unwrap().to_string();
+    let web_in = web.inbound.unwrap().to_string();
+    wait_for("endpoint table on both sides", Duration::from_secs(5), || async {
+        let a = web.config_dump().await;
+        let b = orders.config_dump().await;
+        a["mesh"]["endpoints"][&orders_in] == id("orders") && b["mesh"]["endpoints"][&web_in] == id("web")
+    })
+    .await;
+
+    // Edit: orders goes back to STRICT; it applies within a second, and web is not pushed.
+    let web_version = web.config_dump().await["mesh"]["version"].clone();
+    let edited = Instant::now();
+    std::fs::write(resources.join("pa.yaml"), PERMISSIVE_ORDERS.replace("PERMISSIVE", "STRICT")).unwrap();
+    wait_for("edit applied", Duration::from_secs(5), || async {
+        orders.config_dump().await["mesh"]["peer_auth"] == "Strict"
+    })
+    .await;
+    assert!(edited.elapsed() < Duration::from_secs(1), "took {:?}", edited.elapsed());
+    assert_eq!(web.config_dump().await["mesh"]["version"], web_version, "web's snapshot did not change, so no push");
+
+    // The control plane shows every sidecar ACKed the version it was pushed.
+    wait_for("all ACKed", Duration::from_secs(5), || async {
+        let s = sidecars_json(&cp).await;
+        s.as_array().unwrap().len() == 2
+            && s.as_array().unwrap().iter().all(|e| e["acked_version"] == e["pushed_version"] && e["connected"] == true)
+    })
+    .await;
+
+    // A broken file is reported with file and document, and the last good content stays.
+    std::fs::write(
+        resources.join("pa.yaml"),
+        "apiVersion: palisade.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: x}\nspec: {}\n",
+    )
+    .unwrap();
+    wait_for("error reported", Duration::from_secs(5), || async {
+        let body = get(&http_client(), &format!("http://{}/v1/resources/errors", cp.admin), &[]).await.unwrap().2;
+        body.contains("pa.yaml: document 0") && body.contains("metadata.namespace")
+    })
+    .await;
+    assert_eq!(orders.config_dump().await["mesh"]["peer_auth"], "Strict");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_keep_their_snapshot_through_a_control_plane_restart_and_resume() {
+    let dir = tempdir("discovery-restart");
+    let resources = dir.join("resources");
+    std::fs::create_dir_all(&resources).unwrap();
+    std::fs::write(resources.join("pa.yaml"), PERMISSIVE_ORDERS).unwrap();
+    let res = resources.display().to_string();
+    let mut cp = ControlPlane::start(&dir, &["--resources", &res]).await;
+    let app = EchoApp::start().await;
+    let orders = Sidecar::spawn(&cp, "orders", Some(app.addr), &[], &["--label", "app=orders"]);
+    orders.wait_ready().await;
+    let version = orders.config_dump().await["mesh"]["version"].clone();
+
+    cp.proc.kill9();
+    wait_for("stream noticed the loss", Duration::from_secs(10), || async {
+        orders.config_dump().await["discovery"]["connected"] == false
+    })
+    .await;
+    // Still serving from the cached snapshot.
+    assert_eq!(orders.config_dump().await["mesh"]["peer_auth"], "Permissive");
+    assert_eq!(status_of(&format!("http://{}/ready", orders.admin)).await, Some(200));
+
+    // Changed while the control plane was down; picked up after it returns.
+    std::fs::write(resources.join("pa.yaml"), PERMISSIVE_ORDERS.replace("PERMISSIVE", "STRICT")).unwrap();
+    let listen = cp.listen;
+    drop(cp);
+    let _cp = ControlPlane::start_at(&dir, listen, &["--resources", &res]).await;
+    wait_for("reconnected and updated", Duration::from_secs(15), || async {
+        let d = orders.config_dump().await;
+        d["discovery"]["connected"] == true && d["mesh"]["peer_auth"] == "Strict"
+    })
+    .await;
+    assert_ne!(orders.config_dump().await["mesh"]["version"], version);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_cannot_register_another_identity() {
+    // The node identity must be the one the certificate proves; checked with a raw stream.
+    use palisade::proto::discovery::{DiscoveryRequest, Node, discovery_client::DiscoveryClient};
+    let dir = tempdir("discovery-spoof");
+    let cp = ControlPlane::start(&dir, &[]).await;
+    palisade::tls::install_crypto_provider();
+    let cert = mint_client_cert(&cp.state, &id("mallory"), Duration::from_secs(600));
+    let bundle = palisade::tls::TrustBundle::from_pem(&std::fs::read_to_string(cp.root_pem_path()).unwrap()).unwrap();
+    let store = palisade::tls::CertStore::new();
+    store.set(cert, i64::MAX);
+    let client = palisade::agent::ControlClient::new(
+        &cp.listen.to_string(),
+        bundle,
+        store,
+        palisade::control::identity_service::control_plane_identity("cluster.local"),
+    );
+    let mut d = DiscoveryClient::new(client.channel().await.unwrap());
+    let first = DiscoveryRequest {
+        node: Some(Node { spiffe_id: id("payments"), addresses: vec!["127.0.0.1:1".into()], ..Default::default() }),
+        ..Default::default()
+    };
+    let err = d.stream(tokio_stream::iter(vec![first])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("certificate proves"), "{err}");
+}
