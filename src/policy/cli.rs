@@ -156,6 +156,25 @@ mod tests {
         let PolicyCommand::Eval(a) = cli.cmd else { panic!("not eval") };
         assert_eq!(a.labels.len(), 2);
         assert_eq!(a.default_policy, DefaultPolicy::AllowAuthenticated);
+        let cli = Cli::try_parse_from([
+            "policy",
+            "explain",
+            "--policies",
+            "p",
+            "--request",
+            "r.json",
+            "--labels",
+            "app=orders",
+            "--labels",
+            "tier=db",
+            "--json",
+        ])
+        .unwrap();
+        let PolicyCommand::Explain { args, json } = cli.cmd else { panic!("not explain") };
+        assert!(json);
+        assert_eq!(args.labels.len(), 2);
+        assert_eq!(args.default_policy, DefaultPolicy::Deny);
+        assert!(Cli::try_parse_from(["policy", "check", "--policies", "p"]).is_ok());
         assert!(
             Cli::try_parse_from(["policy", "eval", "--policies", "p", "--request", "r", "--labels", "oops"]).is_err()
         );
