@@ -98,11 +98,14 @@ async fn app(name: &'static str, payments_via: Option<SocketAddr>) -> anyhow::Re
                             .and_then(|v| v.split(';').find_map(|p| p.strip_prefix("URI=")))
                             .unwrap_or("unknown")
                             .to_string();
-                        let mut body = serde_json::json!({ "service": name, "path": req.uri().path(), "caller": caller });
+                        let mut body =
+                            serde_json::json!({ "service": name, "path": req.uri().path(), "caller": caller });
                         if let (Some(via), &http::Method::POST) = (payments_via, req.method()) {
                             let charged = request(&client, "POST", &format!("http://{via}/payments/charge")).await;
                             body["payment"] = match charged {
-                                Ok((s, _, b)) => serde_json::json!({"status": s, "body": serde_json::from_str::<serde_json::Value>(&b).unwrap_or_default()}),
+                                Ok((s, _, b)) => {
+                                    serde_json::json!({"status": s, "body": serde_json::from_str::<serde_json::Value>(&b).unwrap_or_default()})
+                                }
                                 Err(e) => serde_json::json!({"error": e.to_string()}),
                             };
                         }
@@ -161,11 +164,26 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     step(1, "Control plane: creates a root and an intermediate CA, serves identities and policy");
     let (control, control_admin) = (free_addr()?, free_addr()?);
     let s = |v: &str| v.to_string();
-    spawn(&mut children, &dir, "control", &[
-        s("control"), s("--state-dir"), state.display().to_string(), s("--listen"), control.to_string(),
-        s("--admin"), control_admin.to_string(), s("--resources"), resources.display().to_string(),
-        s("--cert-ttl"), format!("{}s", args.cert_ttl.as_secs()), s("--default-policy"), s("deny"),
-    ])?;
+    spawn(
+        &mut children,
+        &dir,
+        "control",
+        &[
+            s("control"),
+            s("--state-dir"),
+            state.display().to_string(),
+            s("--listen"),
+            control.to_string(),
+            s("--admin"),
+            control_admin.to_string(),
+            s("--resources"),
+            resources.display().to_string(),
+            s("--cert-ttl"),
+            format!("{}s", args.cert_ttl.as_secs()),
+            s("--default-policy"),
+            s("deny"),
+        ],
+    )?;
     wait_until("the control plane", Duration::from_secs(20), || async {
         request(&client, "GET", &format!("http://{control_admin}/ready")).await.is_ok_and(|r| r.0 == 200)
     })
@@ -180,8 +198,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut admins = Vec::new();
     for (sa, inbound, app_addr, routes) in [
         ("payments", Some(payments_in), Some(payments_app), vec![]),
-        ("orders", Some(orders_in), Some(orders_app), vec![format!("{orders_to_payments}={payments_in}@{TD}/payments")]),
-        ("web", None, None, vec![format!("{web_to_orders}={orders_in}@{TD}/orders"), format!("{web_to_payments}={payments_in}@{TD}/payments")]),
+        (
+            "orders",
+            Some(orders_in),
+            Some(orders_app),
+            vec![format!("{orders_to_payments}={payments_in}@{TD}/payments")],
+        ),
+        (
+            "web",
+            None,
+            None,
+            vec![
+                format!("{web_to_orders}={orders_in}@{TD}/orders"),
+                format!("{web_to_payments}={payments_in}@{TD}/payments"),
+            ],
+        ),
     ] {
         let token = Command::new(&exe)
             .args(["control", "token", "create", "--state-dir"])
@@ -195,9 +226,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         std::fs::write(&token_file, &token.stdout)?;
         let admin = free_addr()?;
         let mut a = vec![
-            s("proxy"), s("--control"), control.to_string(), s("--ca-bundle"), state.join("ca/root.pem").display().to_string(),
-            s("--token-file"), token_file.display().to_string(), s("--admin"), admin.to_string(), s("--label"), format!("app={sa}"),
-            s("--telemetry-interval"), s("500ms"),
+            s("proxy"),
+            s("--control"),
+            control.to_string(),
+            s("--ca-bundle"),
+            state.join("ca/root.pem").display().to_string(),
+            s("--token-file"),
+            token_file.display().to_string(),
+            s("--admin"),
+            admin.to_string(),
+            s("--label"),
+            format!("app={sa}"),
+            s("--telemetry-interval"),
+            s("500ms"),
         ];
         if let (Some(i), Some(app)) = (inbound, app_addr) {
             a.extend([s("--inbound"), i.to_string(), s("--app"), app.to_string()]);
@@ -216,7 +257,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let dump = config_dump(&client, *admin).await;
         println!(
             "    {:<9} {}  serial {}  (key generated in memory, never on disk)",
-            sa, dump["certificate"]["spiffe_id"].as_str().unwrap_or("?"), dump["certificate"]["serial"].as_str().unwrap_or("?")
+            sa,
+            dump["certificate"]["spiffe_id"].as_str().unwrap_or("?"),
+            dump["certificate"]["serial"].as_str().unwrap_or("?")
         );
     }
 
@@ -226,10 +269,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if status != 200 {
         bail!("expected 200 from orders, got {status}: {body}");
     }
-    println!("    ALLOWED {status}: orders saw caller {} (verified by its sidecar, allowed by demo/orders-from-web)", v["caller"]);
+    println!(
+        "    ALLOWED {status}: orders saw caller {} (verified by its sidecar, allowed by demo/orders-from-web)",
+        v["caller"]
+    );
     let (status, _, body) = request(&client, "POST", &format!("http://{web_to_orders}/orders")).await?;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    println!("    ALLOWED {status}: POST /orders, and orders -> payments answered {} (caller {})", v["payment"]["status"], v["payment"]["body"]["caller"]);
+    println!(
+        "    ALLOWED {status}: POST /orders, and orders -> payments answered {} (caller {})",
+        v["payment"]["status"], v["payment"]["body"]["caller"]
+    );
 
     step(4, "A denied call: web -> payments directly (only orders may charge)");
     let (status, by, body) = request(&client, "POST", &format!("http://{web_to_payments}/payments/charge")).await?;
@@ -237,7 +286,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         bail!("expected 403 from payments, got {status}: {body}");
     }
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    println!("    DENIED {status} by {by}: {} (request id {})", v["reason"].as_str().unwrap_or(""), v["request_id"].as_str().unwrap_or(""));
+    println!(
+        "    DENIED {status} by {by}: {} (request id {})",
+        v["reason"].as_str().unwrap_or(""),
+        v["request_id"].as_str().unwrap_or("")
+    );
 
     step(5, "A live policy change: a change freeze (DENY POST on orders) lands without a restart");
     std::fs::write(resources.join("freeze.yaml"), FREEZE)?;
@@ -284,7 +337,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
         after = config_dump(&client, web_admin).await["certificate"]["serial"].as_str().unwrap_or("").to_string();
     }
-    println!("    web rotated: serial {before} -> {after} after {:.1}s; {served} requests meanwhile, {failed} failed", t0.elapsed().as_secs_f64());
+    println!(
+        "    web rotated: serial {before} -> {after} after {:.1}s; {served} requests meanwhile, {failed} failed",
+        t0.elapsed().as_secs_f64()
+    );
     if failed > 0 {
         bail!("{failed} requests failed during rotation");
     }
@@ -302,6 +358,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
 
     drop(children);
-    println!("\nDone in {:.1}s. Everything above ran for real: TLS 1.3 with client certificates, policy on every request.", started.elapsed().as_secs_f64());
+    println!(
+        "\nDone in {:.1}s. Everything above ran for real: TLS 1.3 with client certificates, policy on every request.",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -40,10 +40,7 @@ struct Netns {
 impl Netns {
     fn create() -> Netns {
         let tag = format!("pal-init-{}", std::process::id());
-        let ns = Netns {
-            a: format!("{tag}-a"),
-            b: format!("{tag}-b"),
-        };
+        let ns = Netns { a: format!("{tag}-a"), b: format!("{tag}-b") };
         for name in [&ns.a, &ns.b] {
             // A leftover of a crashed run with the same pid would make `add` fail.
             let _ = Command::new("ip").args(["netns", "del", name]).output();
@@ -75,10 +72,8 @@ impl Drop for Netns {
 }
 
 fn run(program: &str, argv: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(argv)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}; {INSTALL}"));
+    let out =
+        Command::new(program).args(argv).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}; {INSTALL}"));
     check(&format!("{program} {}", argv.join(" ")), out)
 }
 
@@ -129,8 +124,7 @@ impl Drop for HelperExe {
 }
 
 fn helper_args<'a>(cmd: &'a mut Command, role: &str) -> &'a mut Command {
-    cmd.args(["--ignored", "--exact", "netns_helper", "--nocapture", "-q"])
-        .env(HELPER, role)
+    cmd.args(["--ignored", "--exact", "netns_helper", "--nocapture", "-q"]).env(HELPER, role)
 }
 
 /// Starts a `serve` helper in `ns` and waits until it listens.
@@ -182,17 +176,10 @@ fn connect(ns: &Netns, name: &str, exe: &HelperExe, uid: u32, target: &str) -> S
 /// the helper.
 fn init_in(ns: &Netns, name: &str, exe: &HelperExe, args: &[&str]) -> String {
     let bin = Path::new(env!("CARGO_BIN_EXE_palisade"));
-    let help = Command::new(bin)
-        .args(["init", "--help"])
-        .output()
-        .expect("running palisade");
+    let help = Command::new(bin).args(["init", "--help"]).output().expect("running palisade");
     let wired = String::from_utf8_lossy(&help.stdout).contains("--proxy-uid");
     let out = if wired {
-        ns.command(name, bin)
-            .arg("init")
-            .args(args)
-            .output()
-            .expect("spawning ip netns exec")
+        ns.command(name, bin).arg("init").args(args).output().expect("spawning ip netns exec")
     } else {
         eprintln!("palisade init is not wired in main.rs yet: calling proxy::init::run directly");
         helper_args(&mut ns.command(name, &exe.path), "init")
@@ -209,9 +196,7 @@ fn parse_init(args: &[&str]) -> InitArgs {
         #[command(flatten)]
         init: InitArgs,
     }
-    Cli::try_parse_from(std::iter::once("init").chain(args.iter().copied()))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .init
+    Cli::try_parse_from(std::iter::once("init").chain(args.iter().copied())).unwrap_or_else(|e| panic!("{e}")).init
 }
 
 fn is_root() -> bool {
@@ -229,44 +214,28 @@ fn is_root() -> bool {
 fn init_redirects_in_a_real_network_namespace() {
     assert!(is_root(), "init_netns needs root; {INSTALL}");
     let probe = Command::new("ip").arg("-V").output();
-    assert!(
-        probe.is_ok_and(|o| o.status.success()),
-        "`ip` not found; {INSTALL}"
-    );
-    let iptables = init::iptables_program()
-        .unwrap_or_else(|| panic!("neither iptables-legacy nor iptables found; {INSTALL}"));
+    assert!(probe.is_ok_and(|o| o.status.success()), "`ip` not found; {INSTALL}");
+    let iptables =
+        init::iptables_program().unwrap_or_else(|| panic!("neither iptables-legacy nor iptables found; {INSTALL}"));
     let iptables = iptables.to_str().expect("UTF-8 path");
     let started = Instant::now();
 
     let ns = Netns::create();
     let exe = HelperExe::copy();
     let uid = PROXY_UID.to_string();
-    let args = [
-        "--proxy-uid",
-        uid.as_str(),
-        "--exclude-outbound-ports",
-        "9999",
-    ];
+    let args = ["--proxy-uid", uid.as_str(), "--exclude-outbound-ports", "9999"];
 
     // --dry-run prints the commands and changes nothing.
     let printed = init_in(&ns, &ns.b, &exe, &["--proxy-uid", "1337", "--dry-run"]);
-    let printed: Vec<&str> = printed
-        .lines()
-        .filter(|l| l.starts_with("iptables"))
-        .collect();
+    let printed: Vec<&str> = printed.lines().filter(|l| l.starts_with("iptables")).collect();
     let expected = init::rules(&parse_init(&["--proxy-uid", "1337"])).len();
     assert_eq!(printed.len(), expected, "{printed:#?}");
     assert!(
-        printed
-            .iter()
-            .any(|l| l.ends_with(" -t nat -A PALISADE_OUTPUT -m owner --uid-owner 1337 -j RETURN")),
+        printed.iter().any(|l| l.ends_with(" -t nat -A PALISADE_OUTPUT -m owner --uid-owner 1337 -j RETURN")),
         "{printed:#?}"
     );
     let untouched = ns.exec(&ns.b, &[iptables, "-t", "nat", "-S"]);
-    assert!(
-        !untouched.contains("PALISADE"),
-        "dry run changed rules:\n{untouched}"
-    );
+    assert!(!untouched.contains("PALISADE"), "dry run changed rules:\n{untouched}");
 
     // The rules are there.
     init_in(&ns, &ns.a, &exe, &args);
@@ -288,86 +257,38 @@ fn init_redirects_in_a_real_network_namespace() {
         "-A PALISADE_OUTPUT -p tcp -j PALISADE_REDIRECT",
         "-A PALISADE_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
     ] {
-        assert!(
-            rules.lines().any(|l| l == rule),
-            "missing {rule:?} in:\n{rules}"
-        );
+        assert!(rules.lines().any(|l| l == rule), "missing {rule:?} in:\n{rules}");
     }
 
     // A second run leaves exactly the same rules.
     init_in(&ns, &ns.a, &exe, &args);
     let again = ns.exec(&ns.a, &[iptables, "-t", "nat", "-S"]);
     assert_eq!(again, rules, "a second init changed the rules");
-    assert_eq!(
-        again
-            .lines()
-            .filter(|l| *l == "-A OUTPUT -p tcp -j PALISADE_OUTPUT")
-            .count(),
-        1
-    );
+    assert_eq!(again.lines().filter(|l| *l == "-A OUTPUT -p tcp -j PALISADE_OUTPUT").count(), 1);
 
     // Wire A and B together; the veth pair lives only inside the namespaces.
-    ns.exec(
-        &ns.a,
-        &[
-            "ip", "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", &ns.b,
-        ],
-    );
+    ns.exec(&ns.a, &["ip", "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", &ns.b]);
     for (name, dev, ip) in [(&ns.a, "va", A_IP), (&ns.b, "vb", B_IP)] {
-        ns.exec(
-            name,
-            &["ip", "addr", "add", &format!("{ip}/24"), "dev", dev],
-        );
+        ns.exec(name, &["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]);
         ns.exec(name, &["ip", "link", "set", dev, "up"]);
         ns.exec(name, &["ip", "link", "set", "lo", "up"]);
     }
 
-    let _pod = serve(
-        &ns,
-        &ns.a,
-        &exe,
-        "0.0.0.0:15001=dst,0.0.0.0:15006=dst,0.0.0.0:15020=tag:admin",
-    );
-    let _remote = serve(
-        &ns,
-        &ns.b,
-        &exe,
-        &format!("{B_IP}:8080=tag:direct,{B_IP}:9999=tag:direct,{B_IP}:80=tag:direct"),
-    );
+    let _pod = serve(&ns, &ns.a, &exe, "0.0.0.0:15001=dst,0.0.0.0:15006=dst,0.0.0.0:15020=tag:admin");
+    let _remote =
+        serve(&ns, &ns.b, &exe, &format!("{B_IP}:8080=tag:direct,{B_IP}:9999=tag:direct,{B_IP}:80=tag:direct"));
 
     // Outbound from the app (any UID but the proxy's) lands on 15001, original destination intact.
-    assert_eq!(
-        connect(&ns, &ns.a, &exe, 0, &format!("{B_IP}:8080")),
-        format!("redirected {B_IP}:8080")
-    );
-    assert_eq!(
-        connect(&ns, &ns.a, &exe, 65534, &format!("{B_IP}:80")),
-        format!("redirected {B_IP}:80")
-    );
+    assert_eq!(connect(&ns, &ns.a, &exe, 0, &format!("{B_IP}:8080")), format!("redirected {B_IP}:8080"));
+    assert_eq!(connect(&ns, &ns.a, &exe, 65534, &format!("{B_IP}:80")), format!("redirected {B_IP}:80"));
     // The proxy's own connections and excluded ports go straight out.
-    assert_eq!(
-        connect(&ns, &ns.a, &exe, PROXY_UID, &format!("{B_IP}:8080")),
-        "direct"
-    );
-    assert_eq!(
-        connect(&ns, &ns.a, &exe, 0, &format!("{B_IP}:9999")),
-        "direct"
-    );
+    assert_eq!(connect(&ns, &ns.a, &exe, PROXY_UID, &format!("{B_IP}:8080")), "direct");
+    assert_eq!(connect(&ns, &ns.a, &exe, 0, &format!("{B_IP}:9999")), "direct");
     // Inbound from elsewhere lands on 15006, except the admin port.
-    assert_eq!(
-        connect(&ns, &ns.b, &exe, 0, &format!("{A_IP}:8080")),
-        format!("redirected {A_IP}:8080")
-    );
-    assert_eq!(
-        connect(&ns, &ns.b, &exe, 0, &format!("{A_IP}:15020")),
-        "admin"
-    );
+    assert_eq!(connect(&ns, &ns.b, &exe, 0, &format!("{A_IP}:8080")), format!("redirected {A_IP}:8080"));
+    assert_eq!(connect(&ns, &ns.b, &exe, 0, &format!("{A_IP}:15020")), "admin");
 
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
 }
 
 /// The processes the test runs inside namespaces; does nothing unless `PALISADE_NETNS_HELPER`
@@ -405,11 +326,8 @@ fn netns_helper() {
                 return;
             }
             let addr: SocketAddr = target.parse().unwrap();
-            let mut stream =
-                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
+            let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let mut line = String::new();
             BufReader::new(&mut stream).read_line(&mut line).unwrap();
             println!("{TAG} got {}", line.trim_end());
@@ -422,17 +340,12 @@ fn netns_helper() {
 /// (answers with TEXT), one line per connection, until killed.
 fn serve_forever(spec: &str) {
     use tokio::io::AsyncWriteExt;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let mut tasks = Vec::new();
         for item in spec.split(',') {
             let (addr, what) = item.split_once('=').expect("ADDR=ROLE");
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            let listener = tokio::net::TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind {addr}: {e}"));
             let what = what.to_string();
             tasks.push(tokio::spawn(async move {
                 loop {

@@ -155,6 +155,14 @@ impl FileSource {
         Ok(true)
     }
 
+    /// Reads the directory now, without waiting for files to settle: used once at start, so
+    /// the control plane never serves a snapshot before it has read its resources.
+    pub fn load_initial(&mut self) -> std::io::Result<()> {
+        self.poll()?; // records the stamps as pending
+        self.poll()?; // same stamps: reads every file
+        Ok(())
+    }
+
     /// Every good resource, in a stable order.
     pub fn resources(&self) -> Vec<Resource> {
         let mut all: Vec<Resource> = self.good.values().flatten().cloned().collect();

@@ -133,8 +133,11 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         }
         let mesh = mesh.clone();
         let errors = resource_errors.clone();
+        let mut source = FileSource::new(&dir);
+        source.load_initial().with_context(|| format!("reading --resources {}", dir.display()))?;
+        mesh.set_resources(source.resources());
+        errors.store(Arc::new(source.errors()));
         tokio::spawn(async move {
-            let mut source = FileSource::new(&dir);
             let mut tick = tokio::time::interval(FileSource::INTERVAL);
             loop {
                 tick.tick().await;

@@ -118,10 +118,7 @@ pub struct Prefixed<S> {
 impl<S> Prefixed<S> {
     /// Replays `prefix` before reading from `inner`.
     pub fn new(prefix: impl Into<Bytes>, inner: S) -> Self {
-        Prefixed {
-            prefix: prefix.into(),
-            inner,
-        }
+        Prefixed { prefix: prefix.into(), inner }
     }
 
     /// The wrapped stream.
@@ -141,11 +138,7 @@ impl<S> Prefixed<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
@@ -157,11 +150,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
@@ -196,10 +185,7 @@ mod tests {
 
     /// A client that sends `bytes` (through a pipe of `pipe` bytes, so reads see fragments)
     /// and then stays open.
-    fn client_sends(
-        bytes: &[u8],
-        pipe: usize,
-    ) -> (DuplexStream, tokio::task::JoinHandle<DuplexStream>) {
+    fn client_sends(bytes: &[u8], pipe: usize) -> (DuplexStream, tokio::task::JoinHandle<DuplexStream>) {
         let (mut client, server) = duplex(pipe);
         let bytes = bytes.to_vec();
         let writer = tokio::spawn(async move {
@@ -217,10 +203,7 @@ mod tests {
         assert_eq!(p, Protocol::Http1);
         assert!(req.starts_with(&prefix) && prefix.len() >= 27, "{prefix:?}");
 
-        for line in [
-            &b"DELETE * HTTP/1.0\n"[..],
-            b"OPTIONS http://a/ HTTP/1.1\r\n",
-        ] {
+        for line in [&b"DELETE * HTTP/1.0\n"[..], b"OPTIONS http://a/ HTTP/1.1\r\n"] {
             let (mut server, _client) = client_sends(line, 1024);
             assert_eq!(detect(&mut server, LONG).await.unwrap().0, Protocol::Http1);
         }
@@ -240,18 +223,13 @@ mod tests {
     async fn a_tls_client_hello_is_opaque_without_waiting() {
         // The start of a real ClientHello: handshake record, TLS 1.0 record version, length,
         // ClientHello, length, TLS 1.2.
-        let hello = [
-            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
-        ];
+        let hello = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
         let (mut server, _client) = client_sends(&hello, 1024);
         let start = Instant::now();
         let (p, prefix) = detect(&mut server, LONG).await.unwrap();
         assert_eq!(p, Protocol::Opaque);
         assert_eq!(&prefix[..], &hello[..prefix.len()]);
-        assert!(
-            start.elapsed() < Duration::from_secs(1),
-            "waited for the timeout"
-        );
+        assert!(start.elapsed() < Duration::from_secs(1), "waited for the timeout");
     }
 
     #[tokio::test]
@@ -263,10 +241,7 @@ mod tests {
         let took = start.elapsed();
         assert_eq!(p, Protocol::Opaque);
         assert!(prefix.is_empty());
-        assert!(
-            took >= timeout && took < timeout + Duration::from_millis(50),
-            "{took:?}"
-        );
+        assert!(took >= timeout && took < timeout + Duration::from_millis(50), "{took:?}");
     }
 
     #[tokio::test]

@@ -102,11 +102,7 @@ impl FromStr for InboundPorts {
     type Err = PortListError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.trim() == "*" {
-            Ok(InboundPorts::All)
-        } else {
-            s.parse().map(InboundPorts::Only)
-        }
+        if s.trim() == "*" { Ok(InboundPorts::All) } else { s.parse().map(InboundPorts::Only) }
     }
 }
 
@@ -143,12 +139,7 @@ pub fn rules(args: &InitArgs) -> Vec<Vec<String>> {
     };
 
     // Own chains: create (tolerating "already exists"), then flush what an earlier run left.
-    for chain in [
-        INBOUND_CHAIN,
-        IN_REDIRECT_CHAIN,
-        OUTPUT_CHAIN,
-        REDIRECT_CHAIN,
-    ] {
+    for chain in [INBOUND_CHAIN, IN_REDIRECT_CHAIN, OUTPUT_CHAIN, REDIRECT_CHAIN] {
         cmd(&["-N", chain]);
         cmd(&["-F", chain]);
     }
@@ -156,58 +147,22 @@ pub fn rules(args: &InitArgs) -> Vec<Vec<String>> {
     let inbound = args.inbound_port.to_string();
     let outbound = args.outbound_port.to_string();
     let uid = args.proxy_uid.to_string();
-    cmd(&[
-        "-A",
-        IN_REDIRECT_CHAIN,
-        "-p",
-        "tcp",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &inbound,
-    ]);
-    cmd(&[
-        "-A",
-        REDIRECT_CHAIN,
-        "-p",
-        "tcp",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &outbound,
-    ]);
+    cmd(&["-A", IN_REDIRECT_CHAIN, "-p", "tcp", "-j", "REDIRECT", "--to-ports", &inbound]);
+    cmd(&["-A", REDIRECT_CHAIN, "-p", "tcp", "-j", "REDIRECT", "--to-ports", &outbound]);
 
     // Inbound.
     let excluded_in = &args.exclude_inbound_ports.0;
     let intercept_inbound = match &args.include_inbound_ports {
         InboundPorts::All => {
             for port in excluded_in {
-                cmd(&[
-                    "-A",
-                    INBOUND_CHAIN,
-                    "-p",
-                    "tcp",
-                    "--dport",
-                    &port.to_string(),
-                    "-j",
-                    "RETURN",
-                ]);
+                cmd(&["-A", INBOUND_CHAIN, "-p", "tcp", "--dport", &port.to_string(), "-j", "RETURN"]);
             }
             cmd(&["-A", INBOUND_CHAIN, "-p", "tcp", "-j", IN_REDIRECT_CHAIN]);
             true
         }
         InboundPorts::Only(PortList(ports)) => {
             for port in ports.iter().filter(|p| !excluded_in.contains(p)) {
-                cmd(&[
-                    "-A",
-                    INBOUND_CHAIN,
-                    "-p",
-                    "tcp",
-                    "--dport",
-                    &port.to_string(),
-                    "-j",
-                    IN_REDIRECT_CHAIN,
-                ]);
+                cmd(&["-A", INBOUND_CHAIN, "-p", "tcp", "--dport", &port.to_string(), "-j", IN_REDIRECT_CHAIN]);
             }
             !ports.is_empty()
         }
@@ -215,29 +170,11 @@ pub fn rules(args: &InitArgs) -> Vec<Vec<String>> {
 
     // Outbound. The UID exclusion comes first: without it the sidecar's own upstream
     // connections would be redirected back to itself.
-    cmd(&[
-        "-A",
-        OUTPUT_CHAIN,
-        "-m",
-        "owner",
-        "--uid-owner",
-        &uid,
-        "-j",
-        "RETURN",
-    ]);
+    cmd(&["-A", OUTPUT_CHAIN, "-m", "owner", "--uid-owner", &uid, "-j", "RETURN"]);
     cmd(&["-A", OUTPUT_CHAIN, "-d", "127.0.0.1/32", "-j", "RETURN"]);
     cmd(&["-A", OUTPUT_CHAIN, "-o", "lo", "-j", "RETURN"]);
     for port in &args.exclude_outbound_ports.0 {
-        cmd(&[
-            "-A",
-            OUTPUT_CHAIN,
-            "-p",
-            "tcp",
-            "--dport",
-            &port.to_string(),
-            "-j",
-            "RETURN",
-        ]);
+        cmd(&["-A", OUTPUT_CHAIN, "-p", "tcp", "--dport", &port.to_string(), "-j", "RETURN"]);
     }
     cmd(&["-A", OUTPUT_CHAIN, "-p", "tcp", "-j", REDIRECT_CHAIN]);
 
@@ -260,8 +197,7 @@ fn tolerated(argv: &[String], stderr: &str) -> bool {
     match argv.get(2).map(String::as_str) {
         Some("-N") => stderr.contains("already exists"),
         Some("-D") => {
-            stderr.contains("does a matching rule exist")
-                || stderr.contains("No chain/target/match by that name")
+            stderr.contains("does a matching rule exist") || stderr.contains("No chain/target/match by that name")
         }
         _ => false,
     }
@@ -269,23 +205,12 @@ fn tolerated(argv: &[String], stderr: &str) -> bool {
 
 /// `argv` as one shell line, quoting what a shell would split or expand.
 pub fn shell_line(program: &str, argv: &[String]) -> String {
-    std::iter::once(program)
-        .chain(argv.iter().map(String::as_str))
-        .map(shell_quote)
-        .collect::<Vec<_>>()
-        .join(" ")
+    std::iter::once(program).chain(argv.iter().map(String::as_str)).map(shell_quote).collect::<Vec<_>>().join(" ")
 }
 
 fn shell_quote(word: &str) -> String {
-    let plain = !word.is_empty()
-        && word
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./:,=@%+".contains(&b));
-    if plain {
-        word.to_string()
-    } else {
-        format!("'{}'", word.replace('\'', r"'\''"))
-    }
+    let plain = !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./:,=@%+".contains(&b));
+    if plain { word.to_string() } else { format!("'{}'", word.replace('\'', r"'\''")) }
 }
 
 /// The iptables program to run: `iptables-legacy` if it is on PATH, else `iptables`.
@@ -299,10 +224,7 @@ fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
         .map(|dir| dir.join(name))
-        .find(|p| {
-            p.metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 /// Installs the rules (or, with `--dry-run`, prints them to stdout and changes nothing).
@@ -317,18 +239,12 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
     let rules = rules(&args);
     let program = args.iptables.clone().or_else(iptables_program);
     if args.dry_run {
-        let name = program
-            .as_deref()
-            .and_then(Path::file_name)
-            .and_then(|n| n.to_str())
-            .unwrap_or("iptables");
+        let name = program.as_deref().and_then(Path::file_name).and_then(|n| n.to_str()).unwrap_or("iptables");
         print!("{}", dry_run_script(name, &rules));
         return Ok(());
     }
     let program = program.ok_or_else(|| {
-        anyhow::anyhow!(
-            "neither iptables-legacy nor iptables is on PATH (install the iptables package)"
-        )
+        anyhow::anyhow!("neither iptables-legacy nor iptables is on PATH (install the iptables package)")
     })?;
     tracing::info!(
         iptables = %program.display(),
@@ -346,10 +262,7 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
 
 /// The dry-run output: one shell line per command.
 pub fn dry_run_script(program: &str, rules: &[Vec<String>]) -> String {
-    rules
-        .iter()
-        .map(|argv| shell_line(program, argv) + "\n")
-        .collect()
+    rules.iter().map(|argv| shell_line(program, argv) + "\n").collect()
 }
 
 fn execute(program: &Path, argv: &[String]) -> Result<(), InitError> {
@@ -357,10 +270,7 @@ fn execute(program: &Path, argv: &[String]) -> Result<(), InitError> {
     let out = Command::new(program)
         .args(argv)
         .output()
-        .map_err(|source| InitError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+        .map_err(|source| InitError::Spawn { command: command.clone(), source })?;
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
     if out.status.success() {
         tracing::debug!(%command, "ok");
@@ -370,11 +280,7 @@ fn execute(program: &Path, argv: &[String]) -> Result<(), InitError> {
         tracing::debug!(%command, %stderr, "expected on a repeated run");
         return Ok(());
     }
-    Err(InitError::Failed {
-        command,
-        status: out.status,
-        stderr,
-    })
+    Err(InitError::Failed { command, status: out.status, stderr })
 }
 
 impl fmt::Display for PortList {
@@ -405,10 +311,7 @@ mod tests {
     }
 
     fn position(lines: &[String], needle: &str) -> usize {
-        lines
-            .iter()
-            .position(|l| l == needle)
-            .unwrap_or_else(|| panic!("no rule {needle:?} in {lines:#?}"))
+        lines.iter().position(|l| l == needle).unwrap_or_else(|| panic!("no rule {needle:?} in {lines:#?}"))
     }
 
     #[test]
@@ -421,46 +324,26 @@ mod tests {
         assert_eq!(a.include_inbound_ports, InboundPorts::All);
         assert!(!a.dry_run);
         let same = args(&["--inbound-port", "15001", "--dry-run"]);
-        assert!(
-            run(same)
-                .unwrap_err()
-                .to_string()
-                .contains("separate listeners")
-        );
-        assert!(
-            Cli::try_parse_from(["init"]).is_err(),
-            "--proxy-uid is required"
-        );
+        assert!(run(same).unwrap_err().to_string().contains("separate listeners"));
+        assert!(Cli::try_parse_from(["init"]).is_err(), "--proxy-uid is required");
     }
 
     #[test]
     fn proxy_uid_and_loopback_escape_before_any_outbound_redirect() {
         let l = lines(&args(&[]));
-        let uid = position(
-            &l,
-            "-t nat -A PALISADE_OUTPUT -m owner --uid-owner 1337 -j RETURN",
-        );
+        let uid = position(&l, "-t nat -A PALISADE_OUTPUT -m owner --uid-owner 1337 -j RETURN");
         let lo_addr = position(&l, "-t nat -A PALISADE_OUTPUT -d 127.0.0.1/32 -j RETURN");
         let lo_dev = position(&l, "-t nat -A PALISADE_OUTPUT -o lo -j RETURN");
         let redirect = position(&l, "-t nat -A PALISADE_OUTPUT -p tcp -j PALISADE_REDIRECT");
-        assert!(
-            uid < lo_addr && lo_addr < lo_dev && lo_dev < redirect,
-            "{l:#?}"
-        );
+        assert!(uid < lo_addr && lo_addr < lo_dev && lo_dev < redirect, "{l:#?}");
         // No rule of the OUTPUT side redirects before the UID exclusion.
         let first_output_redirect = l
             .iter()
             .position(|r| r.contains("-A PALISADE_OUTPUT") && !r.ends_with("RETURN"))
             .expect("an outbound redirect");
         assert!(uid < first_output_redirect);
-        position(
-            &l,
-            "-t nat -A PALISADE_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
-        );
-        position(
-            &l,
-            "-t nat -A PALISADE_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
-        );
+        position(&l, "-t nat -A PALISADE_REDIRECT -p tcp -j REDIRECT --to-ports 15001");
+        position(&l, "-t nat -A PALISADE_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006");
         assert!(
             position(&l, "-t nat -A OUTPUT -p tcp -j PALISADE_OUTPUT") > redirect,
             "the jump from OUTPUT goes in only once the chain is complete"
@@ -479,10 +362,7 @@ mod tests {
             "--outbound-port",
             "16001",
         ]));
-        let to_inbound = position(
-            &l,
-            "-t nat -A PALISADE_INBOUND -p tcp -j PALISADE_IN_REDIRECT",
-        );
+        let to_inbound = position(&l, "-t nat -A PALISADE_INBOUND -p tcp -j PALISADE_IN_REDIRECT");
         for port in ["15020", "22"] {
             let r = format!("-t nat -A PALISADE_INBOUND -p tcp --dport {port} -j RETURN");
             assert!(position(&l, &r) < to_inbound);
@@ -492,62 +372,31 @@ mod tests {
             let r = format!("-t nat -A PALISADE_OUTPUT -p tcp --dport {port} -j RETURN");
             assert!(position(&l, &r) < to_outbound);
         }
-        position(
-            &l,
-            "-t nat -A PALISADE_IN_REDIRECT -p tcp -j REDIRECT --to-ports 16006",
-        );
-        position(
-            &l,
-            "-t nat -A PALISADE_REDIRECT -p tcp -j REDIRECT --to-ports 16001",
-        );
+        position(&l, "-t nat -A PALISADE_IN_REDIRECT -p tcp -j REDIRECT --to-ports 16006");
+        position(&l, "-t nat -A PALISADE_REDIRECT -p tcp -j REDIRECT --to-ports 16001");
     }
 
     #[test]
     fn an_include_list_redirects_only_those_ports() {
         let l = lines(&args(&["--include-inbound-ports", "8080,9090,15020"]));
-        position(
-            &l,
-            "-t nat -A PALISADE_INBOUND -p tcp --dport 8080 -j PALISADE_IN_REDIRECT",
-        );
-        position(
-            &l,
-            "-t nat -A PALISADE_INBOUND -p tcp --dport 9090 -j PALISADE_IN_REDIRECT",
-        );
-        assert!(
-            !l.iter().any(|r| r.contains("--dport 15020")),
-            "excluded wins"
-        );
-        assert!(
-            !l.iter()
-                .any(|r| r == "-t nat -A PALISADE_INBOUND -p tcp -j PALISADE_IN_REDIRECT")
-        );
+        position(&l, "-t nat -A PALISADE_INBOUND -p tcp --dport 8080 -j PALISADE_IN_REDIRECT");
+        position(&l, "-t nat -A PALISADE_INBOUND -p tcp --dport 9090 -j PALISADE_IN_REDIRECT");
+        assert!(!l.iter().any(|r| r.contains("--dport 15020")), "excluded wins");
+        assert!(!l.iter().any(|r| r == "-t nat -A PALISADE_INBOUND -p tcp -j PALISADE_IN_REDIRECT"));
 
         let none = lines(&args(&["--include-inbound-ports", ""]));
-        assert!(
-            !none.iter().any(|r| r.contains("-A PREROUTING")),
-            "{none:#?}"
-        );
-        assert!(
-            none.iter().any(|r| r.contains("-D PREROUTING")),
-            "an earlier jump is removed"
-        );
+        assert!(!none.iter().any(|r| r.contains("-A PREROUTING")), "{none:#?}");
+        assert!(none.iter().any(|r| r.contains("-D PREROUTING")), "an earlier jump is removed");
     }
 
     #[test]
     fn own_chains_are_reset_and_jumps_replaced_so_reruns_do_not_duplicate() {
         let l = lines(&args(&[]));
-        for chain in [
-            INBOUND_CHAIN,
-            IN_REDIRECT_CHAIN,
-            OUTPUT_CHAIN,
-            REDIRECT_CHAIN,
-        ] {
+        for chain in [INBOUND_CHAIN, IN_REDIRECT_CHAIN, OUTPUT_CHAIN, REDIRECT_CHAIN] {
             let new = position(&l, &format!("-t nat -N {chain}"));
             let flush = position(&l, &format!("-t nat -F {chain}"));
-            let first_append = l
-                .iter()
-                .position(|r| r.starts_with(&format!("-t nat -A {chain} ")))
-                .expect("rules in every own chain");
+            let first_append =
+                l.iter().position(|r| r.starts_with(&format!("-t nat -A {chain} "))).expect("rules in every own chain");
             assert!(new < flush && flush < first_append, "{chain}");
         }
         for (builtin, chain) in [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTPUT_CHAIN)] {
@@ -563,33 +412,20 @@ mod tests {
         let del = vec!["-t".into(), "nat".into(), "-D".into(), "OUTPUT".into()];
         let add = vec!["-t".into(), "nat".into(), "-A".into(), "OUTPUT".into()];
         assert!(tolerated(&new, "iptables: Chain already exists."));
-        assert!(tolerated(
-            &del,
-            "iptables: Bad rule (does a matching rule exist in that chain?)."
-        ));
-        assert!(!tolerated(
-            &new,
-            "iptables v1.8.9 (legacy): can't initialize iptables table `nat': Permission denied"
-        ));
+        assert!(tolerated(&del, "iptables: Bad rule (does a matching rule exist in that chain?)."));
+        assert!(!tolerated(&new, "iptables v1.8.9 (legacy): can't initialize iptables table `nat': Permission denied"));
         assert!(!tolerated(&add, "iptables: Chain already exists."));
     }
 
     #[test]
     fn a_refused_command_is_named_with_what_iptables_said() {
-        let argv: Vec<String> = [
-            "-c",
-            "echo 'iptables: No chain/target/match by that name.' >&2; exit 1",
-        ]
-        .map(String::from)
-        .to_vec();
+        let argv: Vec<String> =
+            ["-c", "echo 'iptables: No chain/target/match by that name.' >&2; exit 1"].map(String::from).to_vec();
         match execute(Path::new("sh"), &argv) {
             Err(e @ InitError::Failed { .. }) => {
                 let msg = e.to_string();
                 assert!(msg.starts_with("`sh -c 'echo"), "{msg}");
-                assert!(
-                    msg.ends_with("iptables: No chain/target/match by that name."),
-                    "{msg}"
-                );
+                assert!(msg.ends_with("iptables: No chain/target/match by that name."), "{msg}");
             }
             other => panic!("{other:?}"),
         }
@@ -609,31 +445,18 @@ mod tests {
         assert!(printed.iter().all(|l| l.starts_with("iptables -t nat ")));
         assert!(printed.contains(&"iptables -t nat -N PALISADE_INBOUND"));
         assert!(printed.contains(&"iptables -t nat -A OUTPUT -p tcp -j PALISADE_OUTPUT"));
-        assert!(
-            printed.contains(
-                &"iptables -t nat -A PALISADE_OUTPUT -m owner --uid-owner 1337 -j RETURN"
-            )
-        );
+        assert!(printed.contains(&"iptables -t nat -A PALISADE_OUTPUT -m owner --uid-owner 1337 -j RETURN"));
         assert!(script.ends_with('\n'));
-        assert_eq!(
-            shell_line("iptables", &["-m".into(), "it's".into(), String::new()]),
-            r"iptables -m 'it'\''s' ''"
-        );
+        assert_eq!(shell_line("iptables", &["-m".into(), "it's".into(), String::new()]), r"iptables -m 'it'\''s' ''");
     }
 
     #[test]
     fn bad_port_lists_are_refused_with_the_culprit() {
-        assert_eq!(
-            "80,http".parse::<PortList>(),
-            Err(PortListError::BadPort("http".into()))
-        );
+        assert_eq!("80,http".parse::<PortList>(), Err(PortListError::BadPort("http".into())));
         assert!("0".parse::<PortList>().is_err());
         assert!("70000".parse::<PortList>().is_err());
         assert_eq!("".parse::<PortList>(), Ok(PortList(vec![])));
-        assert_eq!(
-            "80, 80,443".parse::<PortList>(),
-            Ok(PortList(vec![80, 443]))
-        );
+        assert_eq!("80, 80,443".parse::<PortList>(), Ok(PortList(vec![80, 443])));
         assert_eq!(PortList(vec![80, 443]).to_string(), "80,443");
         assert_eq!("*".parse::<InboundPorts>(), Ok(InboundPorts::All));
     }

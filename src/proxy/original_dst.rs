@@ -27,12 +27,8 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
         _ => sock.original_dst_v4(),
     }
     .map_err(explain)?;
-    addr.as_socket().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            "SO_ORIGINAL_DST returned an address that is not IP",
-        )
-    })
+    addr.as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "SO_ORIGINAL_DST returned an address that is not IP"))
 }
 
 fn explain(e: io::Error) -> io::Error {
@@ -64,13 +60,7 @@ mod tests {
         let (server, _) = listener.accept().await.unwrap();
         match original_dst(&server) {
             // The usual case: no NAT record (ENOENT), or no conntrack at all.
-            Err(e) => assert!(
-                matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::Unsupported
-                ),
-                "{e}"
-            ),
+            Err(e) => assert!(matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::Unsupported), "{e}"),
             // A host with conntrack active in this namespace tracks loopback too: then the kernel
             // reports the real, unrewritten destination, the listener's own address.
             Ok(dst) => assert_eq!(dst, addr),
