@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use super::http::{
     ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response, status_class, stream, strip_hop_by_hop,
 };
+use super::limits::{Drain, Limits};
 use super::view::{MeshView, PeerAuthMode};
 use crate::identity::SpiffeId;
 use crate::policy::{Decision, Input, RequestAttributes};
@@ -37,6 +38,10 @@ pub struct Inbound {
     pub own_id: SpiffeId,
     pub app: SocketAddr,
     pub client: Client<HttpConnector, Incoming>,
+    /// HTTP/2 (prior knowledge) to the app, for callers that spoke HTTP/2 (gRPC).
+    pub h2_client: Client<HttpConnector, Incoming>,
+    pub limits: Limits,
+    pub drain: Arc<Drain>,
     pub metrics: Arc<ProxyMetrics>,
     pub handshake_timeout: Duration,
     pub bundle: Arc<TrustBundle>,
@@ -60,12 +65,14 @@ impl Peer {
 }
 
 impl Inbound {
-    /// A pooled HTTP/1.1 keep-alive client to the app.
-    pub fn app_client() -> Client<HttpConnector, Incoming> {
+    /// A pooled client to the app: HTTP/1.1 keep-alive, or HTTP/2 prior knowledge.
+    pub fn app_client(limits: &Limits, h2: bool) -> Client<HttpConnector, Incoming> {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        http.set_connect_timeout(Some(limits.connect_timeout));
         Client::builder(TokioExecutor::new())
+            .http2_only(h2)
+            .timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(TokioTimer::new())
             .build(http)
@@ -79,15 +86,28 @@ impl Inbound {
     }
 }
 
-/// Accepts connections until the task is dropped.
+/// Accepts connections until draining starts.
 pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, inbound: Arc<Inbound>) {
+    let stop = inbound.drain.signaled();
+    tokio::pin!(stop);
     loop {
-        let Ok((tcp, remote)) = listener.accept().await else {
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+            _ = &mut stop => return,
+        };
+        let Some(permit) = inbound.drain.admit() else {
+            tracing::warn!(%remote, "inbound connection refused: connection limit reached or draining");
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let (acceptor, inbound) = (acceptor.clone(), inbound.clone());
-        tokio::spawn(async move { connection(&inbound, acceptor, tcp, remote).await });
+        tokio::spawn(async move {
+            connection(&inbound, acceptor, tcp, remote).await;
+            drop(permit);
+        });
     }
 }
 
@@ -128,7 +148,58 @@ async fn connection(inbound: &Arc<Inbound>, acceptor: TlsAcceptor, tcp: TcpStrea
         }
     };
     let peer = Arc::new(Peer { id: Some(id), serial, remote, local_port });
+    if tls.get_ref().1.alpn_protocol() == Some(crate::tls::config::ALPN_TCP) {
+        return opaque(inbound, tls, &peer).await;
+    }
     serve_http(inbound, TokioIo::new(tls), peer).await
+}
+
+/// An opaque TCP connection from a peer sidecar: one decision for the whole connection, then
+/// bytes both ways to the app.
+async fn opaque<S>(inbound: &Inbound, mut tls: S, peer: &Peer)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let started = Instant::now();
+    let attrs = RequestAttributes {
+        source: peer.id.clone(),
+        source_ip: Some(peer.remote.ip()),
+        source_port: Some(peer.remote.port()),
+        destination: inbound.own_id.clone(),
+        destination_port: peer.local_port,
+        method: String::new(),
+        path: String::new(),
+        host: String::new(),
+        scheme: "tcp".into(),
+        protocol: "tcp".into(),
+        headers: BTreeMap::new(),
+    };
+    let decision = inbound.view.load().policies.decide(&Input::new(attrs));
+    inbound.metrics.peers.record(peer.label(), "inbound", if decision.allowed { 200 } else { 403 }, !decision.allowed);
+    if !decision.allowed {
+        tracing::info!(peer = peer.label(), denied_by = %denied_by(&decision), reason = %decision.reason, "opaque TCP connection denied");
+        inbound.access_log.write(serde_json::json!({
+            "type": "access", "direction": "inbound", "protocol": "tcp", "peer": peer.label(),
+            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "denied_by": denied_by(&decision),
+        }));
+        return;
+    }
+    let app = match tokio::time::timeout(inbound.limits.connect_timeout, TcpStream::connect(inbound.app)).await {
+        Ok(Ok(app)) => app,
+        _ => {
+            tracing::warn!(app = %inbound.app, "opaque TCP: app unavailable");
+            return;
+        }
+    };
+    let _ = app.set_nodelay(true);
+    let mut app = app;
+    let (received, sent) = super::tcp::splice(&mut tls, &mut app, inbound.limits.idle_timeout).await;
+    inbound.access_log.write(serde_json::json!({
+        "type": "access", "direction": "inbound", "protocol": "tcp", "peer": peer.label(),
+        "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        "bytes_received": received, "bytes_sent": sent, "duration_ms": started.elapsed().as_secs_f64() * 1e3,
+    }));
 }
 
 async fn serve_http<I>(inbound: &Arc<Inbound>, io: I, peer: Arc<Peer>)
@@ -144,13 +215,25 @@ where
         })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(inbound.limits.header_read_timeout)
+        .max_buf_size(inbound.limits.max_header_bytes.max(8192))
+        .max_headers(inbound.limits.max_headers);
     builder.http2().timer(TokioTimer::new());
-    let conn = builder.serve_connection(io, svc);
+    let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
+    let stop = inbound.drain.signaled();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            res = &mut conn => {
+            _ = &mut stop => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+                return;
+            }
+            res = conn.as_mut() => {
                 if let Err(e) = res {
                     tracing::debug!(remote = %peer.remote, error = %e, "inbound connection ended with error");
                 }
@@ -374,8 +457,19 @@ async fn forward(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>, req
         Err(_) => return error_response(StatusCode::BAD_REQUEST, "invalid request target", request_id),
     };
     *req.uri_mut() = uri;
-    *req.version_mut() = http::Version::HTTP_11;
-    match inbound.client.request(req).await {
+    // Speak to the app what the calling app spoke: gRPC needs HTTP/2 end to end.
+    let orig = req.headers_mut().remove(&super::outbound::ORIG_PROTO);
+    let h2 = match orig.as_ref().and_then(|v| v.to_str().ok()) {
+        Some(p) => p == "HTTP/2",
+        None => req.version() == http::Version::HTTP_2,
+    };
+    let (client, version) =
+        if h2 { (&inbound.h2_client, http::Version::HTTP_2) } else { (&inbound.client, http::Version::HTTP_11) };
+    *req.version_mut() = version;
+    if h2 {
+        req.headers_mut().remove(header::HOST);
+    }
+    match client.request(req).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);

@@ -4,8 +4,10 @@ pub mod detect;
 pub mod http;
 pub mod inbound;
 pub mod init;
+pub mod limits;
 pub mod original_dst;
 pub mod outbound;
+pub mod tcp;
 pub mod view;
 
 use std::net::SocketAddr;
@@ -70,6 +72,8 @@ pub struct ProxyArgs {
     /// How often counters and certificate events are reported to the control plane.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub telemetry_interval: Duration,
+    #[command(flatten)]
+    pub limits: limits::Limits,
     /// Time allowed for an inbound mTLS handshake.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
@@ -104,6 +108,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         ControlClient::new(&args.control, bundle.clone(), certs.clone(), control_plane_identity(&args.trust_domain));
     let manager = CertManager::new(certs.clone(), bundle.clone(), control.clone(), metrics.certs.clone());
     let shutdown = Arc::new(tokio::sync::Notify::new());
+    let drain = limits::Drain::new(args.limits.max_connections);
     let view = Arc::new(ArcSwap::from_pointee(MeshView::fail_closed()));
     let discovery_status = Arc::new(DiscoveryStatus::default());
 
@@ -122,6 +127,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             "routes": args.routes,
             "control": args.control,
             "trust_domain": args.trust_domain,
+            "limits": args.limits,
         });
         tokio::spawn(admin::serve(admin_listener, move |req: AdminRequest| {
             let manager = manager.clone();
@@ -213,12 +219,15 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             certs.clone(),
             bundle.clone(),
             true,
-            &[config::ALPN_H2, b"http/1.1"],
+            &[config::ALPN_H2, b"http/1.1", config::ALPN_TCP],
         ));
         let inbound = Arc::new(inbound::Inbound {
             own_id: own_id.clone(),
             app,
-            client: inbound::Inbound::app_client(),
+            client: inbound::Inbound::app_client(&args.limits, false),
+            h2_client: inbound::Inbound::app_client(&args.limits, true),
+            limits: args.limits.clone(),
+            drain: drain.clone(),
             metrics: metrics.proxy.clone(),
             handshake_timeout: args.handshake_timeout,
             bundle: bundle.clone(),
@@ -233,7 +242,17 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             TcpListener::bind(route.listen).await.with_context(|| format!("binding route {}", route.listen))?;
         let tls =
             config::client_config(certs.clone(), bundle.clone(), Some(route.identity.clone()), &[config::ALPN_H2]);
-        let out = Arc::new(outbound::Outbound::new(route.clone(), tls, metrics.proxy.clone()));
+        let tcp_tls =
+            config::client_config(certs.clone(), bundle.clone(), Some(route.identity.clone()), &[config::ALPN_TCP]);
+        let out = Arc::new(outbound::Outbound::new(
+            route.clone(),
+            tls,
+            tcp_tls,
+            metrics.proxy.clone(),
+            args.limits.clone(),
+            drain.clone(),
+            access_log.clone(),
+        ));
         let mut revocations = bundle.revocations_changed();
         let pool = out.clone();
         tokio::spawn(async move {
@@ -249,6 +268,13 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         _ = crate::shutdown_signal() => {}
         _ = shutdown.notified() => {}
     }
-    tracing::info!("sidecar stopping");
+    // Drain: stop accepting, let requests in flight finish (idle keep-alive connections close
+    // at once), give up after the grace period.
+    tracing::info!(open = drain.open(), grace = ?args.limits.drain_timeout, "draining");
+    let left = drain.drain(args.limits.drain_timeout).await;
+    if left > 0 {
+        tracing::warn!(connections = left, "drain timeout: closing connections still open");
+    }
+    tracing::info!("sidecar stopped");
     Ok(())
 }

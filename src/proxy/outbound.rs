@@ -17,8 +17,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use super::detect::{Prefixed, Protocol, detect};
 use super::http::{ProxyBody, ensure_request_id, error_response, stream, strip_hop_by_hop};
+use super::limits::{Drain, Limits};
 use crate::identity::SpiffeId;
+use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::ProxyMetrics;
 
 /// One explicit route: a local plaintext listener forwarding to one peer sidecar.
@@ -51,7 +54,7 @@ impl std::str::FromStr for Route {
 pub struct MeshConnector {
     target: String,
     tls: TlsConnector,
-    connect_timeout: Duration,
+    pub connect_timeout: Duration,
 }
 
 impl MeshConnector {
@@ -131,17 +134,36 @@ pub struct Outbound {
     /// server is re-judged by a fresh handshake.
     client: arc_swap::ArcSwap<Client<MeshConnector, Incoming>>,
     tls: Arc<rustls::ClientConfig>,
+    /// mTLS for opaque TCP: same identity pinning, ALPN `palisade-tcp`.
+    tcp_tls: Arc<rustls::ClientConfig>,
     pub metrics: Arc<ProxyMetrics>,
+    pub limits: Limits,
+    pub drain: Arc<Drain>,
+    pub access_log: AccessLog,
 }
+
+/// Header carrying the protocol the calling app spoke, so the destination sidecar can speak the
+/// same to its app (sidecars always speak HTTP/2 to each other).
+pub static ORIG_PROTO: http::HeaderName = http::HeaderName::from_static("x-palisade-orig-proto");
 
 impl Outbound {
     /// An HTTP/2 client that multiplexes every request of the route over pooled mTLS connections.
-    pub fn new(route: Route, tls: Arc<rustls::ClientConfig>, metrics: Arc<ProxyMetrics>) -> Self {
-        let client = arc_swap::ArcSwap::from_pointee(Self::client(&route, tls.clone()));
-        Outbound { route, client, tls, metrics }
+    pub fn new(
+        route: Route,
+        tls: Arc<rustls::ClientConfig>,
+        tcp_tls: Arc<rustls::ClientConfig>,
+        metrics: Arc<ProxyMetrics>,
+        limits: Limits,
+        drain: Arc<Drain>,
+        access_log: AccessLog,
+    ) -> Self {
+        let client = arc_swap::ArcSwap::from_pointee(Self::client(&route, tls.clone(), &limits));
+        Outbound { route, client, tls, tcp_tls, metrics, limits, drain, access_log }
     }
 
-    fn client(route: &Route, tls: Arc<rustls::ClientConfig>) -> Client<MeshConnector, Incoming> {
+    fn client(route: &Route, tls: Arc<rustls::ClientConfig>, limits: &Limits) -> Client<MeshConnector, Incoming> {
+        let mut connector = MeshConnector::new(route.target.clone(), tls);
+        connector.connect_timeout = limits.connect_timeout;
         Client::builder(TokioExecutor::new())
             .http2_only(true)
             .timer(TokioTimer::new())
@@ -149,32 +171,120 @@ impl Outbound {
             .pool_idle_timeout(Duration::from_secs(90))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .http2_keep_alive_timeout(Duration::from_secs(10))
-            .build(MeshConnector::new(route.target.clone(), tls))
+            .build(connector)
     }
 
     /// Drops every pooled connection; the next request handshakes afresh.
     pub fn reset_pool(&self) {
-        self.client.store(Arc::new(Self::client(&self.route, self.tls.clone())));
+        self.client.store(Arc::new(Self::client(&self.route, self.tls.clone(), &self.limits)));
     }
 }
 
-/// Serves the route's plaintext listener until the task is dropped.
+/// Serves the route's plaintext listener until draining starts.
 pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
+    let stop = outbound.drain.signaled();
+    tokio::pin!(stop);
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+            _ = &mut stop => return,
+        };
+        let Some(permit) = outbound.drain.admit() else {
+            tracing::warn!(%remote, "connection refused: connection limit reached or draining");
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let outbound = outbound.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let outbound = outbound.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&outbound, req).await) }
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
-            let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+            connection(&outbound, tcp, remote).await;
+            drop(permit);
         });
+    }
+}
+
+async fn connection(out: &Arc<Outbound>, mut tcp: TcpStream, remote: SocketAddr) {
+    let (protocol, prefix) = match detect(&mut tcp, out.limits.detect_timeout).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "outbound connection failed during detection");
+            return;
+        }
+    };
+    if protocol == Protocol::Opaque {
+        return tunnel(out, tcp, prefix, remote).await;
+    }
+    let io = TokioIo::new(Prefixed::new(prefix.freeze(), tcp));
+    let svc = {
+        let out = out.clone();
+        hyper::service::service_fn(move |req| {
+            let out = out.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle(&out, req).await) }
+        })
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(out.limits.header_read_timeout)
+        .max_buf_size(out.limits.max_header_bytes.max(8192))
+        .max_headers(out.limits.max_headers);
+    builder.http2().timer(TokioTimer::new());
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    let stop = out.drain.signaled();
+    tokio::pin!(stop);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(%remote, error = %e, "outbound connection ended with error");
+            }
+        }
+        _ = &mut stop => {
+            // Finish the requests in flight, then close; idle keep-alive connections close now.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Carries an opaque TCP stream to the peer sidecar over mTLS (ALPN `palisade-tcp`).
+async fn tunnel(out: &Outbound, mut tcp: TcpStream, prefix: bytes::BytesMut, remote: SocketAddr) {
+    let started = Instant::now();
+    let mut connector = MeshConnector::new(out.route.target.clone(), out.tcp_tls.clone());
+    connector.connect_timeout = out.limits.connect_timeout;
+    let mut upstream = match tower_service::Service::call(&mut connector, Uri::from_static("/")).await {
+        Ok(MeshConn(io)) => io.into_inner(),
+        Err(e) => {
+            if let Some(reason) = tls_failure(&e) {
+                out.metrics
+                    .handshake_failures
+                    .get_or_create(&vec![("direction".into(), "outbound".into()), ("reason".into(), reason.into())])
+                    .inc();
+            }
+            tracing::warn!(%remote, target = %out.route.target, error = %e, "opaque TCP: upstream unavailable");
+            return;
+        }
+    };
+    use tokio::io::AsyncWriteExt;
+    if !prefix.is_empty() && upstream.write_all(&prefix).await.is_err() {
+        return;
+    }
+    let (sent, received) = super::tcp::splice(&mut tcp, &mut upstream, out.limits.idle_timeout).await;
+    out.metrics.peers.record(out.route.identity.as_str(), "outbound", 200, false);
+    if out.access_log.enabled() {
+        out.access_log.write(serde_json::json!({
+            "type": "access",
+            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "direction": "outbound",
+            "protocol": "tcp",
+            "peer": out.route.identity.as_str(),
+            "bytes_sent": sent + prefix.len() as u64,
+            "bytes_received": received,
+            "duration_ms": started.elapsed().as_secs_f64() * 1e3,
+        }));
     }
 }
 
@@ -182,6 +292,8 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
     let started = Instant::now();
     let request_id = ensure_request_id(req.headers_mut());
     strip_hop_by_hop(req.headers_mut());
+    let orig = if req.version() == http::Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" };
+    req.headers_mut().insert(ORIG_PROTO.clone(), HeaderValue::from_static(orig));
     let authority = req
         .headers()
         .get(header::HOST)
@@ -200,6 +312,8 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
     };
     *req.uri_mut() = uri;
     *req.version_mut() = http::Version::HTTP_2;
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
     let client = out.client.load_full();
     let resp = match client.request(req).await {
         Ok(resp) => {
@@ -218,11 +332,7 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
             let reason =
                 format!("upstream {} ({}): {}", out.route.target, out.route.identity, super::http::error_chain(&e));
             tracing::warn!(%request_id, %reason, "outbound request failed");
-            let mut resp = error_response(StatusCode::BAD_GATEWAY, &reason, &request_id);
-            if let Ok(v) = HeaderValue::from_str(&request_id) {
-                resp.headers_mut().insert(super::http::REQUEST_ID.clone(), v);
-            }
-            resp
+            error_response(StatusCode::BAD_GATEWAY, &reason, &request_id)
         }
     };
     super::inbound::record(&out.metrics, "outbound", out.route.identity.as_str(), resp.status(), started);
@@ -232,6 +342,19 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
         resp.status().as_u16(),
         resp.status() == StatusCode::FORBIDDEN,
     );
+    if out.access_log.enabled() {
+        out.access_log.write(serde_json::json!({
+            "type": "access",
+            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            "direction": "outbound",
+            "peer": out.route.identity.as_str(),
+            "method": method.as_str(),
+            "path": path,
+            "status": resp.status().as_u16(),
+            "duration_ms": started.elapsed().as_secs_f64() * 1e3,
+            "request_id": request_id,
+        }));
+    }
     resp
 }
 

@@ -13,6 +13,9 @@ use crate::identity::SpiffeId;
 
 /// ALPN for sidecar-to-sidecar HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN for an opaque TCP stream tunnelled between sidecars: the inbound side needs no
+/// protocol detection (and so adds no delay for server-speaks-first protocols).
+pub const ALPN_TCP: &[u8] = b"palisade-tcp";
 
 /// Server side of mTLS. `mandatory_client_auth: false` only for the control plane's Certify.
 pub fn server_config(
