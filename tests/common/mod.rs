@@ -287,6 +287,10 @@ impl EchoApp {
                     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         counter.fetch_add(1, Ordering::SeqCst);
                         async move {
+                            // A slow endpoint: the app takes a second, as real ones do.
+                            if req.uri().path().starts_with("/slow") {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
                             let mut headers = BTreeMap::new();
                             for (k, v) in req.headers() {
                                 headers
