@@ -36,7 +36,8 @@ pub static DENIED_BY: http::HeaderName = http::HeaderName::from_static("x-palisa
 /// Everything the inbound side needs; shared by all its connections.
 pub struct Inbound {
     pub own_id: SpiffeId,
-    pub app: SocketAddr,
+    /// The app, or `None` in transparent mode: `127.0.0.1:<original destination port>`.
+    pub app: Option<SocketAddr>,
     pub client: Client<HttpConnector, Incoming>,
     /// HTTP/2 (prior knowledge) to the app, for callers that spoke HTTP/2 (gRPC).
     pub h2_client: Client<HttpConnector, Incoming>,
@@ -55,7 +56,10 @@ struct Peer {
     id: Option<SpiffeId>,
     serial: String,
     remote: SocketAddr,
+    /// The port the caller asked for (the original destination port in transparent mode).
     local_port: u16,
+    /// Where this connection's requests go.
+    app: SocketAddr,
 }
 
 impl Peer {
@@ -115,7 +119,16 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, inbound: Arc<In
 const TLS_HANDSHAKE: u8 = 0x16;
 
 async fn connection(inbound: &Arc<Inbound>, acceptor: TlsAcceptor, tcp: TcpStream, remote: SocketAddr) {
-    let local_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
+    let (local_port, app) = match inbound.app {
+        Some(app) => (tcp.local_addr().map(|a| a.port()).unwrap_or(0), app),
+        None => match super::original_dst::original_dst(&tcp) {
+            Ok(dst) => (dst.port(), SocketAddr::from(([127, 0, 0, 1], dst.port()))),
+            Err(e) => {
+                tracing::warn!(%remote, error = %e, "transparent inbound: no original destination; closed");
+                return;
+            }
+        },
+    };
     let mut first = [0u8; 1];
     let is_tls = match tokio::time::timeout(inbound.handshake_timeout, tcp.peek(&mut first)).await {
         Ok(Ok(1)) => first[0] == TLS_HANDSHAKE,
@@ -127,7 +140,7 @@ async fn connection(inbound: &Arc<Inbound>, acceptor: TlsAcceptor, tcp: TcpStrea
             tracing::info!(%remote, "plaintext connection refused: port is STRICT (mTLS only)");
             return;
         }
-        let peer = Arc::new(Peer { id: None, serial: String::new(), remote, local_port });
+        let peer = Arc::new(Peer { id: None, serial: String::new(), remote, local_port, app });
         return serve_http(inbound, TokioIo::new(tcp), peer).await;
     }
     let tls = match tokio::time::timeout(inbound.handshake_timeout, acceptor.accept(tcp)).await {
@@ -147,7 +160,7 @@ async fn connection(inbound: &Arc<Inbound>, acceptor: TlsAcceptor, tcp: TcpStrea
             return inbound.count_handshake_failure("no_identity");
         }
     };
-    let peer = Arc::new(Peer { id: Some(id), serial, remote, local_port });
+    let peer = Arc::new(Peer { id: Some(id), serial, remote, local_port, app });
     if tls.get_ref().1.alpn_protocol() == Some(crate::tls::config::ALPN_TCP) {
         return opaque(inbound, tls, &peer).await;
     }
@@ -185,10 +198,10 @@ where
         }));
         return;
     }
-    let app = match tokio::time::timeout(inbound.limits.connect_timeout, TcpStream::connect(inbound.app)).await {
+    let app = match tokio::time::timeout(inbound.limits.connect_timeout, TcpStream::connect(peer.app)).await {
         Ok(Ok(app)) => app,
         _ => {
-            tracing::warn!(app = %inbound.app, "opaque TCP: app unavailable");
+            tracing::warn!(app = %peer.app, "opaque TCP: app unavailable");
             return;
         }
     };
@@ -452,7 +465,7 @@ async fn forward(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>, req
         req.headers_mut().insert(header::HOST, v);
     }
     let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let uri: Uri = match format!("http://{}{}", inbound.app, pq).parse() {
+    let uri: Uri = match format!("http://{}{}", peer.app, pq).parse() {
         Ok(u) => u,
         Err(_) => return error_response(StatusCode::BAD_REQUEST, "invalid request target", request_id),
     };
@@ -476,7 +489,7 @@ async fn forward(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>, req
             Response::from_parts(parts, stream(body))
         }
         Err(e) => {
-            let reason = format!("app at {} unavailable: {}", inbound.app, super::http::error_chain(&e));
+            let reason = format!("app at {} unavailable: {}", peer.app, super::http::error_chain(&e));
             tracing::warn!(%request_id, %reason, "inbound forward failed");
             error_response(StatusCode::BAD_GATEWAY, &reason, request_id)
         }

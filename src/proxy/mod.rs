@@ -8,6 +8,7 @@ pub mod limits;
 pub mod original_dst;
 pub mod outbound;
 pub mod tcp;
+pub mod transparent;
 pub mod view;
 
 use std::net::SocketAddr;
@@ -72,6 +73,17 @@ pub struct ProxyArgs {
     /// How often counters and certificate events are reported to the control plane.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub telemetry_interval: Duration,
+    /// Transparent mode (after `palisade init`): outbound connections arrive redirected on
+    /// `--outbound` and go where the app sent them; inbound connections go to
+    /// `127.0.0.1:<original port>` unless `--app` is set.
+    #[arg(long, env = "PALISADE_TRANSPARENT")]
+    pub transparent: bool,
+    /// Transparent outbound listener (the REDIRECT target of `palisade init`).
+    #[arg(long, env = "PALISADE_OUTBOUND", default_value = "127.0.0.1:15001")]
+    pub outbound: SocketAddr,
+    /// This workload's pod IP, registered in the endpoint table for every port (transparent mode).
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<std::net::IpAddr>,
     #[command(flatten)]
     pub limits: limits::Limits,
     /// Time allowed for an inbound mTLS handshake.
@@ -96,8 +108,11 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         TrustBundle::from_pem(&bundle_pem).with_context(|| format!("CA bundle {}", args.ca_bundle.display()))?;
     let token = std::fs::read_to_string(&args.token_file)
         .with_context(|| format!("reading join token {}", args.token_file.display()))?;
-    if args.inbound.is_some() != args.app.is_some() {
+    if !args.transparent && args.inbound.is_some() != args.app.is_some() {
         anyhow::bail!("--inbound and --app go together: the inbound side needs an app to forward to");
+    }
+    if args.transparent && args.pod_ip.is_none() {
+        anyhow::bail!("--transparent needs --pod-ip (or POD_IP): the mesh must know where this workload is");
     }
 
     let metrics = Arc::new(Metrics::new());
@@ -186,7 +201,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
 
     let node = Node {
         spiffe_id: own_id.to_string(),
-        addresses: args.inbound.iter().map(|a| a.to_string()).collect(),
+        addresses: match args.pod_ip {
+            Some(ip) => vec![SocketAddr::new(ip, 0).to_string()],
+            None => args.inbound.iter().map(|a| a.to_string()).collect(),
+        },
         labels: args.labels.iter().cloned().collect(),
         proxy_version: env!("CARGO_PKG_VERSION").to_string(),
     };
@@ -213,7 +231,9 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         args.telemetry_interval,
     ));
 
-    if let (Some(listen), Some(app)) = (args.inbound, args.app) {
+    let inbound_listen = args.inbound.or(args.transparent.then(|| SocketAddr::from(([0, 0, 0, 0], 15006))));
+    if let Some(listen) = inbound_listen {
+        let app = args.app;
         let listener = TcpListener::bind(listen).await.with_context(|| format!("binding inbound {listen}"))?;
         let acceptor = TlsAcceptor::from(config::server_config(
             certs.clone(),
@@ -235,7 +255,30 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             access_log: access_log.clone(),
         });
         tokio::spawn(inbound::serve(listener, acceptor, inbound));
-        tracing::info!(%listen, %app, "inbound mTLS listener up");
+        tracing::info!(%listen, app = ?app, "inbound mTLS listener up");
+    }
+    if args.transparent {
+        let listener =
+            TcpListener::bind(args.outbound).await.with_context(|| format!("binding outbound {}", args.outbound))?;
+        let t = transparent::Transparent::new(
+            args.outbound,
+            view.clone(),
+            certs.clone(),
+            bundle.clone(),
+            metrics.proxy.clone(),
+            args.limits.clone(),
+            drain.clone(),
+            access_log.clone(),
+        );
+        let mut revocations = bundle.revocations_changed();
+        let reset = t.clone();
+        tokio::spawn(async move {
+            while revocations.changed().await.is_ok() {
+                reset.reset();
+            }
+        });
+        tokio::spawn(transparent::serve(listener, t));
+        tracing::info!(listen = %args.outbound, "transparent outbound listener up");
     }
     for route in &args.routes {
         let listener =

@@ -205,7 +205,8 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
     }
 }
 
-async fn connection(out: &Arc<Outbound>, mut tcp: TcpStream, remote: SocketAddr) {
+/// Serves one app connection: HTTP over the pooled HTTP/2 upstream, anything else tunnelled.
+pub async fn connection(out: &Arc<Outbound>, mut tcp: TcpStream, remote: SocketAddr) {
     let (protocol, prefix) = match detect(&mut tcp, out.limits.detect_timeout).await {
         Ok(found) => found,
         Err(e) => {

@@ -100,6 +100,12 @@ impl MeshView {
         })
     }
 
+    /// The identity that must answer at `dst`: an exact `IP:PORT` entry, or the workload that
+    /// registered the whole IP (`IP:0`, transparent mode).
+    pub fn identity_for(&self, dst: SocketAddr) -> Option<&SpiffeId> {
+        self.endpoints.get(&dst).or_else(|| self.endpoints.get(&SocketAddr::new(dst.ip(), 0)))
+    }
+
     /// The PeerAuthentication mode for a local port.
     pub fn mode_for_port(&self, port: u16) -> PeerAuthMode {
         self.port_peer_auth.get(&port).copied().unwrap_or(self.peer_auth)
