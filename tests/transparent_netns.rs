@@ -70,7 +70,7 @@ impl Lab {
         for (i, host) in ["cp", "a", "b", "c"].iter().enumerate() {
             let ns = lab.ns(host);
             run("ip", &["netns", "add", &ns]);
-            let (inside, outside) = (format!("eth0"), format!("v-{host}"));
+            let (inside, outside) = ("eth0".to_string(), format!("v-{host}"));
             run("ip", &["-n", &sw, "link", "add", &outside, "type", "veth", "peer", "name", &inside, "netns", &ns]);
             run("ip", &["-n", &sw, "link", "set", &outside, "master", "br0", "up"]);
             run("ip", &["-n", &ns, "addr", "add", &format!("{NET}.{}/24", i + 1), "dev", "eth0"]);
