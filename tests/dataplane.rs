@@ -149,6 +149,12 @@ async fn a_server_speaks_first_service_sends_its_banner_through_the_mesh_within_
         conn.read_exact(&mut echo).await.unwrap();
         assert_eq!(&echo, b"EHLO x\r\n");
     }
+    // Bytes of the closed streams are counted on B: 3 x (27 banner + 8 echo) sent to A's side.
+    wait_for("TCP bytes counted", Duration::from_secs(5), || async {
+        metric(&b.metrics().await, "palisade_tcp_bytes_total", "direction=\"inbound\",bytes=\"sent\"") == 105.0
+    })
+    .await;
+    assert!(b.metrics().await.contains("palisade_connections_open{direction=\"inbound\"}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,4 +255,87 @@ async fn oversized_or_too_many_headers_get_431_and_reach_nobody() {
     assert_eq!(status, 431);
     assert_eq!(app.hits.load(Ordering::SeqCst), 0);
     assert_eq!(get(&http_client(), &format!("http://{route}/"), &[]).await.unwrap().0, 200);
+}
+
+/// An app that switches protocols on `Upgrade: echo` (the HTTP mechanism WebSocket uses) and
+/// accepts CONNECT, then echoes bytes; it reports the caller identity its sidecar vouched for.
+async fn start_upgrade_app() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
+                    let caller = req
+                        .headers()
+                        .get("x-forwarded-client-cert")
+                        .map(|v| v.to_str().unwrap().to_string())
+                        .unwrap_or_default();
+                    let upgrade = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        if let Ok(up) = upgrade.await {
+                            let mut io = hyper_util::rt::TokioIo::new(up);
+                            let mut buf = [0u8; 64];
+                            while let Ok(n) = io.read(&mut buf).await {
+                                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    });
+                    let mut resp = http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                    if req.method() != http::Method::CONNECT {
+                        *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                        resp.headers_mut().insert("connection", "upgrade".parse().unwrap());
+                        resp.headers_mut().insert("upgrade", "echo".parse().unwrap());
+                    }
+                    resp.headers_mut().insert("x-caller", caller.parse().unwrap());
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_and_connect_cross_the_mesh_as_byte_streams_after_policy() {
+    let dir = tempdir("upgrade");
+    let cp = ControlPlane::start(&dir, &[]).await;
+    let app = start_upgrade_app().await;
+    let b = Sidecar::start(&cp, "ws", Some(app), &[]).await;
+    let route = free_addr();
+    let _a = Sidecar::start(&cp, "browser", None, &[format!("{route}={}@{}", b.inbound.unwrap(), id("ws"))]).await;
+
+    for head in [
+        "GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+        "CONNECT db.internal:5432 HTTP/1.1\r\nhost: db.internal:5432\r\n\r\n",
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(route).await.unwrap();
+        conn.write_all(head.as_bytes()).await.unwrap();
+        // Read the response head.
+        let mut resp = Vec::new();
+        while !resp.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut byte)).await.unwrap().unwrap();
+            resp.push(byte[0]);
+        }
+        let resp = String::from_utf8_lossy(&resp).to_lowercase();
+        let expected = if head.starts_with("CONNECT") { "http/1.1 200" } else { "http/1.1 101" };
+        assert!(resp.starts_with(expected), "{head:?} -> {resp}");
+        assert!(resp.contains(&format!("x-caller: by={};uri={}", id("ws"), id("browser"))), "{resp}");
+        // Now a raw byte stream, both ways, several round trips.
+        for i in 0..3 {
+            let msg = format!("frame-{i}");
+            conn.write_all(msg.as_bytes()).await.unwrap();
+            let mut back = vec![0u8; msg.len()];
+            tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut back)).await.unwrap().unwrap();
+            assert_eq!(back, msg.as_bytes());
+        }
+    }
 }

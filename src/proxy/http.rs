@@ -125,3 +125,54 @@ mod tests {
         assert_eq!(ensure_request_id(&mut h), minted);
     }
 }
+
+/// Whether a request switches protocols (WebSocket and other `Upgrade`s) or is `CONNECT`:
+/// such a request owns its connection and is carried over HTTP/1.1, then as raw bytes.
+pub fn is_upgrade<B>(req: &http::Request<B>) -> bool {
+    req.method() == http::Method::CONNECT || req.headers().contains_key(header::UPGRADE)
+}
+
+/// Sends an upgrade (or CONNECT) request over `io` with HTTP/1.1 and, if the upstream agrees
+/// (101, or 2xx to CONNECT), splices the two upgraded streams. The upstream's response goes back
+/// to the caller as is.
+pub async fn forward_upgrade<IO>(
+    mut req: http::Request<hyper::body::Incoming>,
+    io: IO,
+    idle: std::time::Duration,
+) -> Result<http::Response<ProxyBody>, String>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let upgrade = req.headers().get(header::UPGRADE).cloned();
+    strip_hop_by_hop(req.headers_mut());
+    if let Some(u) = upgrade {
+        req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        req.headers_mut().insert(header::UPGRADE, u);
+    }
+    let downstream = hyper::upgrade::on(&mut req);
+    let (mut parts, body) = req.into_parts();
+    if parts.method != http::Method::CONNECT {
+        let pq = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        parts.uri = pq.parse().map_err(|e| format!("request target: {e}"))?;
+    }
+    parts.version = http::Version::HTTP_11;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("upgrade handshake: {e}"))?;
+    tokio::spawn(conn.with_upgrades());
+    let mut resp = sender
+        .send_request(http::Request::from_parts(parts.clone(), body))
+        .await
+        .map_err(|e| format!("upgrade request: {}", error_chain(&e)))?;
+    let switched = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+        || (parts.method == http::Method::CONNECT && resp.status().is_success());
+    if switched {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let (Ok(a), Ok(b)) = (downstream.await, upstream.await) else { return };
+            let (mut a, mut b) = (hyper_util::rt::TokioIo::new(a), hyper_util::rt::TokioIo::new(b));
+            super::tcp::splice(&mut a, &mut b, idle).await;
+        });
+    }
+    let (parts, body) = resp.into_parts();
+    Ok(http::Response::from_parts(parts, stream(body)))
+}

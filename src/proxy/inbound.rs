@@ -109,6 +109,7 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, inbound: Arc<In
         let _ = tcp.set_nodelay(true);
         let (acceptor, inbound) = (acceptor.clone(), inbound.clone());
         tokio::spawn(async move {
+            let _open = inbound.metrics.open_connection("inbound");
             connection(&inbound, acceptor, tcp, remote).await;
             drop(permit);
         });
@@ -208,6 +209,7 @@ where
     let _ = app.set_nodelay(true);
     let mut app = app;
     let (received, sent) = super::tcp::splice(&mut tls, &mut app, inbound.limits.idle_timeout).await;
+    inbound.metrics.record_tcp_bytes("inbound", sent, received);
     inbound.access_log.write(serde_json::json!({
         "type": "access", "direction": "inbound", "protocol": "tcp", "peer": peer.label(),
         "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
@@ -452,12 +454,27 @@ async fn handle(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> R
 }
 
 async fn forward(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>, request_id: &str) -> Response<ProxyBody> {
-    let headers = req.headers_mut();
-    strip_hop_by_hop(headers);
     if let Some(id) = &peer.id {
         let xfcc = format!("By={};URI={}", inbound.own_id, id);
-        headers.insert(XFCC.clone(), HeaderValue::from_str(&xfcc).expect("SPIFFE IDs are valid header text"));
+        req.headers_mut().insert(XFCC.clone(), HeaderValue::from_str(&xfcc).expect("SPIFFE IDs are valid header text"));
     }
+    // Speak to the app what the calling app spoke: gRPC needs HTTP/2 end to end.
+    let orig = req.headers_mut().remove(&super::outbound::ORIG_PROTO);
+    if super::http::is_upgrade(&req) {
+        // WebSocket or CONNECT: its own HTTP/1.1 connection to the app, then raw bytes.
+        let app = match tokio::time::timeout(inbound.limits.connect_timeout, TcpStream::connect(peer.app)).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                return error_response(StatusCode::BAD_GATEWAY, &format!("app at {} unavailable", peer.app), request_id);
+            }
+        };
+        return match super::http::forward_upgrade(req, TokioIo::new(app), inbound.limits.idle_timeout).await {
+            Ok(resp) => resp,
+            Err(e) => error_response(StatusCode::BAD_GATEWAY, &e, request_id),
+        };
+    }
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
     if !headers.contains_key(header::HOST)
         && let Some(auth) = req.uri().authority().map(|a| a.to_string())
         && let Ok(v) = HeaderValue::from_str(&auth)
@@ -470,8 +487,6 @@ async fn forward(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>, req
         Err(_) => return error_response(StatusCode::BAD_REQUEST, "invalid request target", request_id),
     };
     *req.uri_mut() = uri;
-    // Speak to the app what the calling app spoke: gRPC needs HTTP/2 end to end.
-    let orig = req.headers_mut().remove(&super::outbound::ORIG_PROTO);
     let h2 = match orig.as_ref().and_then(|v| v.to_str().ok()) {
         Some(p) => p == "HTTP/2",
         None => req.version() == http::Version::HTTP_2,

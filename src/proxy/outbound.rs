@@ -136,6 +136,8 @@ pub struct Outbound {
     tls: Arc<rustls::ClientConfig>,
     /// mTLS for opaque TCP: same identity pinning, ALPN `palisade-tcp`.
     tcp_tls: Arc<rustls::ClientConfig>,
+    /// mTLS for upgrades and CONNECT: same identity pinning, ALPN `http/1.1`.
+    h1_tls: Arc<rustls::ClientConfig>,
     pub metrics: Arc<ProxyMetrics>,
     pub limits: Limits,
     pub drain: Arc<Drain>,
@@ -158,7 +160,10 @@ impl Outbound {
         access_log: AccessLog,
     ) -> Self {
         let client = arc_swap::ArcSwap::from_pointee(Self::client(&route, tls.clone(), &limits));
-        Outbound { route, client, tls, tcp_tls, metrics, limits, drain, access_log }
+        // Same verifier and certificate as the HTTP/2 config; only ALPN differs.
+        let mut h1 = (*tls).clone();
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Outbound { route, client, tls, tcp_tls, h1_tls: Arc::new(h1), metrics, limits, drain, access_log }
     }
 
     fn client(route: &Route, tls: Arc<rustls::ClientConfig>, limits: &Limits) -> Client<MeshConnector, Incoming> {
@@ -199,6 +204,7 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
         let _ = tcp.set_nodelay(true);
         let outbound = outbound.clone();
         tokio::spawn(async move {
+            let _open = outbound.metrics.open_connection("outbound");
             connection(&outbound, tcp, remote).await;
             drop(permit);
         });
@@ -274,6 +280,8 @@ async fn tunnel(out: &Outbound, mut tcp: TcpStream, prefix: bytes::BytesMut, rem
         return;
     }
     let (sent, received) = super::tcp::splice(&mut tcp, &mut upstream, out.limits.idle_timeout).await;
+    let sent = sent + prefix.len() as u64;
+    out.metrics.record_tcp_bytes("outbound", sent, received);
     out.metrics.peers.record(out.route.identity.as_str(), "outbound", 200, false);
     if out.access_log.enabled() {
         out.access_log.write(serde_json::json!({
@@ -282,7 +290,7 @@ async fn tunnel(out: &Outbound, mut tcp: TcpStream, prefix: bytes::BytesMut, rem
             "direction": "outbound",
             "protocol": "tcp",
             "peer": out.route.identity.as_str(),
-            "bytes_sent": sent + prefix.len() as u64,
+            "bytes_sent": sent,
             "bytes_received": received,
             "duration_ms": started.elapsed().as_secs_f64() * 1e3,
         }));
@@ -292,6 +300,21 @@ async fn tunnel(out: &Outbound, mut tcp: TcpStream, prefix: bytes::BytesMut, rem
 async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
     let request_id = ensure_request_id(req.headers_mut());
+    if super::http::is_upgrade(&req) {
+        // WebSocket or CONNECT: a dedicated HTTP/1.1 mTLS connection (the HTTP/2 pool cannot
+        // carry an upgrade), then raw bytes both ways.
+        let mut connector = MeshConnector::new(out.route.target.clone(), out.h1_tls.clone());
+        connector.connect_timeout = out.limits.connect_timeout;
+        let resp = match tower_service::Service::call(&mut connector, Uri::from_static("/")).await {
+            Ok(conn) => match super::http::forward_upgrade(req, conn, out.limits.idle_timeout).await {
+                Ok(resp) => resp,
+                Err(e) => error_response(StatusCode::BAD_GATEWAY, &e, &request_id),
+            },
+            Err(e) => error_response(StatusCode::BAD_GATEWAY, &super::http::error_chain(&e), &request_id),
+        };
+        super::inbound::record(&out.metrics, "outbound", out.route.identity.as_str(), resp.status(), started);
+        return resp;
+    }
     strip_hop_by_hop(req.headers_mut());
     let orig = if req.version() == http::Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" };
     req.headers_mut().insert(ORIG_PROTO.clone(), HeaderValue::from_static(orig));

@@ -110,6 +110,7 @@ pub async fn serve(listener: TcpListener, t: Arc<Transparent>) {
         let _ = tcp.set_nodelay(true);
         let t = t.clone();
         tokio::spawn(async move {
+            let _open = t.metrics.open_connection("outbound");
             connection(&t, tcp, remote).await;
             drop(permit);
         });
@@ -148,6 +149,7 @@ async fn connection(t: &Transparent, mut tcp: TcpStream, remote: SocketAddr) {
         }
     };
     let (sent, received) = super::tcp::splice(&mut tcp, &mut upstream, t.limits.idle_timeout).await;
+    t.metrics.record_tcp_bytes("outbound", sent, received);
     t.access_log.write(serde_json::json!({
         "type": "access", "direction": "outbound", "protocol": "tcp", "destination": dst.to_string(),
         "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),

@@ -38,8 +38,36 @@ pub struct ProxyMetrics {
     pub decisions: Family<Labels, Counter>,
     pub decision_duration: Family<Labels, Histogram>,
     pub plaintext_refused: Counter,
+    pub tcp_bytes: Family<Labels, Counter>,
     /// Per-peer totals for telemetry reports to the control plane.
     pub peers: std::sync::Arc<super::peers::PeerStats>,
+}
+
+impl ProxyMetrics {
+    /// Counts an open connection until the returned guard is dropped.
+    pub fn open_connection(self: &std::sync::Arc<Self>, direction: &'static str) -> OpenConnection {
+        let gauge = self.connections_open.get_or_create(&vec![("direction".into(), direction.into())]).clone();
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+
+    /// Counts bytes of an opaque TCP stream.
+    pub fn record_tcp_bytes(&self, direction: &'static str, sent: u64, received: u64) {
+        for (way, n) in [("sent", sent), ("received", received)] {
+            self.tcp_bytes
+                .get_or_create(&vec![("direction".into(), direction.into()), ("bytes".into(), way.into())])
+                .inc_by(n);
+        }
+    }
+}
+
+/// Decrements the open-connections gauge when dropped.
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Default for ProxyMetrics {
@@ -56,6 +84,7 @@ impl Default for ProxyMetrics {
                 Histogram::new([1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 1e-3])
             }),
             plaintext_refused: Counter::default(),
+            tcp_bytes: Family::default(),
             peers: Default::default(),
         }
     }
@@ -106,6 +135,11 @@ impl Metrics {
             "authz_evaluation_duration_seconds",
             "Time to decide one request, by engine of the deciding policy",
             proxy.decision_duration.clone(),
+        );
+        registry.register(
+            "tcp_bytes",
+            "Bytes carried by opaque TCP streams, by direction of the connection and of the bytes",
+            proxy.tcp_bytes.clone(),
         );
         registry.register(
             "plaintext_refused",
