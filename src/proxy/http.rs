@@ -101,31 +101,6 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn strips_hop_by_hop_and_connection_named_headers() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
-        h.insert("x-secret-hop", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("x-app", HeaderValue::from_static("kept"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-app"));
-    }
-
-    #[test]
-    fn request_id_is_kept_or_minted() {
-        let mut h = HeaderMap::new();
-        let minted = ensure_request_id(&mut h);
-        assert_eq!(minted.len(), 32);
-        assert_eq!(ensure_request_id(&mut h), minted);
-    }
-}
-
 /// Whether a request switches protocols (WebSocket and other `Upgrade`s) or is `CONNECT`:
 /// such a request owns its connection and is carried over HTTP/1.1, then as raw bytes.
 pub fn is_upgrade<B>(req: &http::Request<B>) -> bool {
@@ -175,4 +150,29 @@ where
     }
     let (parts, body) = resp.into_parts();
     Ok(http::Response::from_parts(parts, stream(body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-app"));
+    }
+
+    #[test]
+    fn request_id_is_kept_or_minted() {
+        let mut h = HeaderMap::new();
+        let minted = ensure_request_id(&mut h);
+        assert_eq!(minted.len(), 32);
+        assert_eq!(ensure_request_id(&mut h), minted);
+    }
 }

@@ -465,7 +465,11 @@ async fn forward(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>, req
         let app = match tokio::time::timeout(inbound.limits.connect_timeout, TcpStream::connect(peer.app)).await {
             Ok(Ok(s)) => s,
             _ => {
-                return error_response(StatusCode::BAD_GATEWAY, &format!("app at {} unavailable", peer.app), request_id);
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("app at {} unavailable", peer.app),
+                    request_id,
+                );
             }
         };
         return match super::http::forward_upgrade(req, TokioIo::new(app), inbound.limits.idle_timeout).await {
