@@ -149,9 +149,25 @@ async fn a_server_speaks_first_service_sends_its_banner_through_the_mesh_within_
         conn.read_exact(&mut echo).await.unwrap();
         assert_eq!(&echo, b"EHLO x\r\n");
     }
-    // Bytes of the closed streams are counted on B: 3 x (27 banner + 8 echo) sent to A's side.
+    // A port declared opaque skips detection entirely: the banner comes without the wait.
+    let fast_route = free_addr();
+    let _fast = Sidecar::spawn(
+        &cp,
+        "mailer-fast",
+        None,
+        &[format!("{fast_route}={}@{}", b.inbound.unwrap(), id("smtp"))],
+        &["--opaque-ports", &fast_route.port().to_string()],
+    );
+    _fast.wait_ready().await;
+    let started = Instant::now();
+    let mut conn = tokio::net::TcpStream::connect(fast_route).await.unwrap();
+    let mut banner = vec![0u8; 27];
+    tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut banner)).await.unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_millis(80), "opaque port still waited: {:?}", started.elapsed());
+    drop(conn);
+    // Bytes of the closed streams are counted on B: 4 banners (27) and 3 echoes (8) sent back.
     wait_for("TCP bytes counted", Duration::from_secs(5), || async {
-        metric(&b.metrics().await, "palisade_tcp_bytes_total", "direction=\"inbound\",bytes=\"sent\"") == 105.0
+        metric(&b.metrics().await, "palisade_tcp_bytes_total", "direction=\"inbound\",bytes=\"sent\"") == 132.0
     })
     .await;
     assert!(b.metrics().await.contains("palisade_connections_open{direction=\"inbound\"}"));

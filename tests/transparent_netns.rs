@@ -190,6 +190,9 @@ fn pods_talk_plain_http_and_the_wire_carries_only_mutual_tls() {
     std::fs::copy(state.join("ca/root.pem"), &bundle).unwrap();
     run("chmod", &["644", bundle.to_str().unwrap()]);
 
+    // Host C is outside the mesh: an app, no sidecar, no rules.
+    let c_ns = lab.ns("c");
+    lab.spawn("app-c", &c_ns, &["python3", "-c", ECHO_APP, "c"]);
     for (host, ip) in [("a", format!("{NET}.2")), ("b", format!("{NET}.3"))] {
         let ns = lab.ns(host);
         lab.spawn(&format!("app-{host}"), &ns, &["python3", "-c", ECHO_APP, host]);
@@ -243,13 +246,16 @@ fn pods_talk_plain_http_and_the_wire_carries_only_mutual_tls() {
     // Capture everything on the bridge while A calls B.
     let capture_file = lab.dir.join("bridge.txt");
     let sw = lab.ns("sw");
+    let capture_log = lab.dir.join("tcpdump.log");
     let mut capture = Command::new("ip")
         .args(["netns", "exec", &sw, "tcpdump", "-i", "br0", "-n", "-U", "-A", "-s", "0", "tcp"])
         .stdout(std::fs::File::create(&capture_file).unwrap())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&capture_log).unwrap())
         .spawn()
         .unwrap();
-    // tcpdump is listening once a packet it sees shows up; the first curl below provides one.
+    lab.wait("tcpdump listening", Duration::from_secs(10), || {
+        std::fs::read_to_string(&capture_log).is_ok_and(|l| l.contains("listening on"))
+    });
     let marker = "secret-marker-7f3a";
     let mut answer = String::new();
     lab.wait("A -> B through the mesh", Duration::from_secs(10), || {
@@ -261,7 +267,9 @@ fn pods_talk_plain_http_and_the_wire_carries_only_mutual_tls() {
             Err(_) => false,
         }
     });
-    lab.wait("capture flushed", Duration::from_secs(5), || std::fs::metadata(&capture_file).is_ok_and(|m| m.len() > 0));
+    lab.wait("capture flushed", Duration::from_secs(5), || {
+        std::fs::read_to_string(&capture_file).is_ok_and(|w| w.contains(&format!("{NET}.3.8080")))
+    });
     let _ = Command::new("kill").args(["-INT", &capture.id().to_string()]).status();
     let _ = capture.wait();
 
@@ -312,4 +320,46 @@ fn pods_talk_plain_http_and_the_wire_carries_only_mutual_tls() {
         v["headers"].get("x-forwarded-client-cert").is_none(),
         "an unauthenticated caller has no identity: {plain}"
     );
+
+    // A destination outside the mesh passes through as plain TCP (egress allow, the default)...
+    lab.wait("app c", Duration::from_secs(10), || {
+        lab.exec("c", &["curl", "-sf", "--max-time", "2", "http://127.0.0.1:8080/"]).status.success()
+    });
+    let out = lab.curl("a", &format!("http://{NET}.4:8080/outside")).expect("pass-through to an unmeshed host");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["app"], "c");
+    assert!(v["headers"].get("x-forwarded-client-cert").is_none());
+
+    // ...and is refused once the mesh's egress is deny (a control-plane restart with the flag;
+    // the sidecars reconnect and take the new snapshot), while meshed calls still work.
+    let (_, mut control) = lab.procs.remove(0);
+    let _ = control.kill();
+    let _ = control.wait();
+    lab.spawn(
+        "control-deny",
+        &cp_ns,
+        &[
+            BIN,
+            "control",
+            "--state-dir",
+            &state_s,
+            "--listen",
+            &cp,
+            "--admin",
+            &format!("{NET}.1:15014"),
+            "--resources",
+            &res_s,
+            "--default-policy",
+            "allow",
+            "--cert-ttl",
+            "10m",
+            "--egress",
+            "deny",
+        ],
+    );
+    lab.wait("egress deny reaches A", Duration::from_secs(20), || {
+        lab.curl("a", "http://127.0.0.1:15020/config_dump").is_ok_and(|d| d.contains("\"egress_allowed\": false"))
+    });
+    assert!(lab.curl("a", &format!("http://{NET}.4:8080/outside")).is_err(), "egress deny let an unmeshed call out");
+    assert!(lab.curl("a", &format!("http://{NET}.3:8080/still-meshed")).is_ok());
 }

@@ -59,6 +59,7 @@ pub struct SidecarEntry {
 pub struct MeshState {
     pub settings: MeshSettings,
     pub ca: Arc<ArcSwap<CaSet>>,
+    store: Arc<super::store::Store>,
     resources: ArcSwap<Vec<Resource>>,
     revocations: ArcSwap<(Vec<String>, Vec<String>)>,
     sidecars: Mutex<BTreeMap<u64, SidecarEntry>>,
@@ -69,13 +70,42 @@ pub struct MeshState {
 
 impl MeshState {
     /// A mesh with no resources and no sidecars yet.
-    pub fn new(settings: MeshSettings, ca: Arc<ArcSwap<CaSet>>) -> Arc<Self> {
+    ///
+    /// Sidecars registered before a restart (and seen within the endpoint grace period) are
+    /// restored as disconnected: a restart never shrinks the endpoint table, so no sidecar
+    /// mistakes a meshed peer for an outside destination while the others reconnect.
+    pub fn new(settings: MeshSettings, ca: Arc<ArcSwap<CaSet>>, store: Arc<super::store::Store>) -> Arc<Self> {
+        let mut sidecars = BTreeMap::new();
+        let since = now_unix() - settings.endpoint_grace.as_secs() as i64;
+        match store.recent_endpoints(since) {
+            Ok(rows) => {
+                for (i, (spiffe_id, addresses, labels)) in rows.into_iter().enumerate() {
+                    sidecars.insert(
+                        u64::MAX - i as u64,
+                        SidecarEntry {
+                            spiffe_id,
+                            addresses: serde_json::from_str(&addresses).unwrap_or_default(),
+                            labels: serde_json::from_str(&labels).unwrap_or_default(),
+                            pushed_version: String::new(),
+                            acked_version: String::new(),
+                            nack_message: String::new(),
+                            connected: false,
+                            last_seen: now_unix(),
+                            certificate_not_after: 0,
+                            disconnected_at: Some(Instant::now()),
+                        },
+                    );
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot restore the endpoint table"),
+        }
         Arc::new(MeshState {
             settings,
             ca,
+            store,
             resources: ArcSwap::from_pointee(Vec::new()),
             revocations: ArcSwap::from_pointee((Vec::new(), Vec::new())),
-            sidecars: Mutex::new(BTreeMap::new()),
+            sidecars: Mutex::new(sidecars),
             next_stream: AtomicU64::new(1),
             dirty: Notify::new(),
             generation: watch::channel(0).0,
@@ -88,8 +118,30 @@ impl MeshState {
             let this = self.clone();
             async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut ticks = 0u64;
                 loop {
                     tick.tick().await;
+                    ticks += 1;
+                    // Keep the persisted registrations of live sidecars fresh (well within the
+                    // grace period), in one transaction.
+                    let refresh_every = (this.settings.endpoint_grace.as_secs() / 3).max(1);
+                    if ticks.is_multiple_of(refresh_every) {
+                        let rows: Vec<(String, String, String)> = this
+                            .sidecars
+                            .lock()
+                            .values()
+                            .filter(|e| e.connected)
+                            .map(|e| {
+                                (
+                                    e.spiffe_id.clone(),
+                                    serde_json::to_string(&e.addresses).unwrap_or_default(),
+                                    serde_json::to_string(&e.labels).unwrap_or_default(),
+                                )
+                            })
+                            .collect();
+                        let store = this.store.clone();
+                        let _ = tokio::task::spawn_blocking(move || store.touch_endpoints(&rows)).await;
+                    }
                     let grace = this.settings.endpoint_grace;
                     let mut gone = false;
                     this.sidecars.lock().retain(|_, e| {
@@ -317,7 +369,11 @@ impl Discovery for DiscoveryService {
 }
 
 fn register(mesh: &MeshState, stream_id: u64, node: &Node, not_after: i64) {
-    mesh.sidecars.lock().insert(
+    persist(mesh, node);
+    let mut sidecars = mesh.sidecars.lock();
+    // A restored entry for the same workload is superseded by the live one.
+    sidecars.retain(|_, e| e.connected || e.spiffe_id != node.spiffe_id || e.addresses != node.addresses);
+    sidecars.insert(
         stream_id,
         SidecarEntry {
             spiffe_id: node.spiffe_id.clone(),
@@ -332,7 +388,22 @@ fn register(mesh: &MeshState, stream_id: u64, node: &Node, not_after: i64) {
             disconnected_at: None,
         },
     );
+    drop(sidecars);
     mesh.mark_dirty();
+}
+
+/// Writes a registration through to the store, on the blocking pool (an fsync'd upsert must not
+/// stall a runtime thread while thousands of sidecars connect).
+fn persist(mesh: &MeshState, node: &Node) {
+    let addresses = serde_json::to_string(&node.addresses).unwrap_or_default();
+    let labels: BTreeMap<_, _> = node.labels.iter().collect();
+    let labels = serde_json::to_string(&labels).unwrap_or_default();
+    let (store, id) = (mesh.store.clone(), node.spiffe_id.clone());
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = store.touch_endpoint(&id, &addresses, &labels) {
+            tracing::warn!(error = %e, "cannot persist the endpoint registration");
+        }
+    });
 }
 
 fn unregister(mesh: &MeshState, stream_id: u64) {

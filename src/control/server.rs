@@ -123,6 +123,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
             endpoint_grace: args.endpoint_grace,
         },
         ca.clone(),
+        store.clone(),
     );
     tokio::spawn(mesh.clone().run());
     let graph = Arc::new(TrafficGraph::default());

@@ -113,6 +113,13 @@ CREATE TABLE IF NOT EXISTS certificates (
     issued_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS certificates_by_identity ON certificates (spiffe_id, issued_at);
+CREATE TABLE IF NOT EXISTS endpoints (
+    spiffe_id TEXT NOT NULL,
+    addresses TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    last_seen INTEGER NOT NULL,
+    PRIMARY KEY (spiffe_id, addresses)
+);
 CREATE TABLE IF NOT EXISTS revocations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     spiffe_id TEXT,
@@ -300,6 +307,46 @@ impl Store {
                 |r| r.get(0),
             )
             .map_err(|e| self.err(e))
+    }
+
+    /// Records that a sidecar serves `addresses` (JSON array) now, so a restarted control plane
+    /// keeps it in the endpoint table until its grace period ends.
+    pub fn touch_endpoint(&self, spiffe_id: &str, addresses: &str, labels: &str) -> Result<(), StoreError> {
+        self.conn
+            .lock()
+            .execute(
+                "INSERT INTO endpoints (spiffe_id, addresses, labels, last_seen) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (spiffe_id, addresses) DO UPDATE SET labels = ?3, last_seen = ?4",
+                params![spiffe_id, addresses, labels, now_unix()],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Refreshes many registrations in one transaction: (identity, addresses JSON, labels JSON).
+    pub fn touch_endpoints(&self, rows: &[(String, String, String)]) -> Result<(), StoreError> {
+        let mut conn = self.conn.lock();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let now = now_unix();
+        for (id, addresses, labels) in rows {
+            tx.execute(
+                "INSERT INTO endpoints (spiffe_id, addresses, labels, last_seen) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (spiffe_id, addresses) DO UPDATE SET labels = ?3, last_seen = ?4",
+                params![id, addresses, labels, now],
+            )
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Endpoints seen since `since` (Unix seconds): (identity, addresses JSON, labels JSON).
+    /// Older rows are deleted.
+    pub fn recent_endpoints(&self, since: i64) -> Result<Vec<(String, String, String)>, StoreError> {
+        let conn = self.conn.lock();
+        conn.execute("DELETE FROM endpoints WHERE last_seen < ?1", [since]).map_err(|e| self.err(e))?;
+        let mut stmt = conn.prepare("SELECT spiffe_id, addresses, labels FROM endpoints").map_err(|e| self.err(e))?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }
 
     /// Every revoked identity and serial.

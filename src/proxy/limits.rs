@@ -16,6 +16,11 @@ pub struct Limits {
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde_compat")]
     pub detect_timeout: Duration,
+    /// Destination ports that are always opaque TCP: no detection, no wait (server-speaks-first
+    /// protocols: SMTP, MySQL, PostgreSQL, Redis, memcached, MongoDB, ...). Transparent mode
+    /// matches the original destination port; explicit routes their listen port.
+    #[arg(long, value_delimiter = ',', default_value = "25,3306,5432,6379,11211,27017")]
+    pub opaque_ports: Vec<u16>,
     /// Time allowed to receive a complete HTTP/1 request head (slowloris protection).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde_compat")]

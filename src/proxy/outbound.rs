@@ -205,14 +205,17 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
         let outbound = outbound.clone();
         tokio::spawn(async move {
             let _open = outbound.metrics.open_connection("outbound");
-            connection(&outbound, tcp, remote).await;
+            connection(&outbound, tcp, remote, outbound.route.listen.port()).await;
             drop(permit);
         });
     }
 }
 
 /// Serves one app connection: HTTP over the pooled HTTP/2 upstream, anything else tunnelled.
-pub async fn connection(out: &Arc<Outbound>, mut tcp: TcpStream, remote: SocketAddr) {
+pub async fn connection(out: &Arc<Outbound>, mut tcp: TcpStream, remote: SocketAddr, port: u16) {
+    if out.limits.opaque_ports.contains(&port) {
+        return tunnel(out, tcp, bytes::BytesMut::new(), remote).await;
+    }
     let (protocol, prefix) = match detect(&mut tcp, out.limits.detect_timeout).await {
         Ok(found) => found,
         Err(e) => {

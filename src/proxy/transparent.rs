@@ -128,7 +128,7 @@ async fn connection(t: &Transparent, mut tcp: TcpStream, remote: SocketAddr) {
     let view = t.view.load_full();
     if let Some(id) = view.identity_for(dst) {
         let out = t.upstream(dst, id);
-        return super::outbound::connection(&out, tcp, remote).await;
+        return super::outbound::connection(&out, tcp, remote, dst.port()).await;
     }
     if !view.egress_allowed {
         tracing::info!(%remote, %dst, "egress refused: destination is outside the mesh and egress is deny");
