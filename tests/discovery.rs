@@ -141,3 +141,54 @@ async fn a_sidecar_cannot_register_another_identity() {
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     assert!(err.message().contains("certificate proves"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_of_the_control_plane_under_traffic_loses_nothing() {
+    let dir = tempdir("cp-kill");
+    let resources = dir.join("resources");
+    std::fs::create_dir_all(&resources).unwrap();
+    let res = resources.display().to_string();
+    let mut cp = ControlPlane::start(&dir, &["--resources", &res]).await;
+    let app = EchoApp::start().await;
+    let b = Sidecar::spawn(&cp, "b", Some(app.addr), &[], &["--label", "app=b"]);
+    b.wait_ready().await;
+    let route = free_addr();
+    let _a = Sidecar::start(&cp, "a", None, &[format!("{route}={}@{}", b.inbound.unwrap(), id("b"))]).await;
+    let issued_before: std::collections::BTreeSet<String> = {
+        let store = palisade::control::Store::open(&cp.state).unwrap();
+        store.certificates(None, 1000).unwrap().into_iter().map(|r| r.serial).collect()
+    };
+    assert!(issued_before.len() >= 3, "control plane + two sidecars");
+
+    let traffic = Traffic::start(format!("http://{route}/steady"), Duration::from_millis(20));
+    wait_for("traffic flowing", Duration::from_secs(5), || {
+        let ok = traffic.ok.load(std::sync::atomic::Ordering::SeqCst);
+        async move { ok > 20 }
+    })
+    .await;
+    let listen = cp.listen;
+    cp.proc.kill9();
+    let ok_at_kill = traffic.ok.load(std::sync::atomic::Ordering::SeqCst);
+    // While it is down: a policy that denies /blocked on b is written.
+    std::fs::write(
+        resources.join("deny.yaml"),
+        "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-blocked, namespace: test}\n\
+         spec:\n  selector: {matchLabels: {app: b}}\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [\"/blocked\"]}}]\n",
+    )
+    .unwrap();
+    let client = http_client();
+    assert_eq!(get(&client, &format!("http://{route}/blocked"), &[]).await.unwrap().0, 200, "old set still in force");
+    drop(cp);
+    let cp = ControlPlane::start_at(&dir, listen, &["--resources", &res]).await;
+    wait_for("the change made during the outage reaches b", Duration::from_secs(15), || async {
+        get(&client, &format!("http://{route}/blocked"), &[]).await.map(|r| r.0) == Ok(403)
+    })
+    .await;
+    let (ok, failed, failures) = traffic.finish().await;
+    assert_eq!(failed, 0, "{:?}", &failures[..failures.len().min(5)]);
+    assert!(ok > ok_at_kill + 10, "traffic kept flowing through the outage ({ok_at_kill} -> {ok})");
+    let store = palisade::control::Store::open(&cp.state).unwrap();
+    let after: std::collections::BTreeSet<String> =
+        store.certificates(None, 1000).unwrap().into_iter().map(|r| r.serial).collect();
+    assert!(issued_before.is_subset(&after), "the ledger lost certificates issued before the kill");
+}
