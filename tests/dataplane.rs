@@ -355,3 +355,27 @@ async fn upgrades_and_connect_cross_the_mesh_as_byte_streams_after_policy() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_shutdown_on_the_admin_port_drains_and_exits_zero() {
+    let dir = tempdir("admin-shutdown");
+    let cp = ControlPlane::start(&dir, &[]).await;
+    let app = EchoApp::start().await;
+    let mut s = Sidecar::start(&cp, "stoppable", Some(app.addr), &[]).await;
+    // GET is not enough: only POST stops it.
+    assert_eq!(get(&http_client(), &format!("http://{}/shutdown", s.admin), &[]).await.unwrap().0, 403);
+    assert!(s.proc.child.try_wait().unwrap().is_none());
+    let req = http::Request::post(format!("http://{}/shutdown", s.admin))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(http_client().request(req).await.unwrap().status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = s.proc.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "did not exit after POST /shutdown");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}

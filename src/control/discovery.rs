@@ -446,3 +446,31 @@ pub fn revocation_sets(revocations: &[Revocation]) -> (HashSet<String>, HashSet<
     }
     (ids, serials)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resource(yaml: &str) -> Resource {
+        super::super::resources::parse_file("t.yaml", yaml).unwrap().remove(0)
+    }
+
+    #[test]
+    fn peer_authentication_prefers_the_selector_and_keeps_port_modes() {
+        let ns_wide = resource(
+            "apiVersion: palisade.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\n\
+             spec: {mtls: {mode: PERMISSIVE}}\n",
+        );
+        let selected = resource(
+            "apiVersion: palisade.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: orders, namespace: shop}\n\
+             spec:\n  selector: {matchLabels: {app: orders}}\n  mtls: {mode: STRICT}\n  portLevelMtls: {\"9090\": {mode: PERMISSIVE}}\n",
+        );
+        let pa = peer_authentication(&[&ns_wide, &selected]);
+        assert_eq!(pa.mode, Mode::Strict as i32);
+        assert_eq!(pa.port_modes.get(&9090), Some(&(Mode::Permissive as i32)));
+        let pa = peer_authentication(&[&selected, &ns_wide]);
+        assert_eq!(pa.mode, Mode::Strict as i32, "order of resources does not matter");
+        assert_eq!(peer_authentication(&[&ns_wide]).mode, Mode::Permissive as i32);
+        assert_eq!(peer_authentication(&[]).mode, Mode::Strict as i32, "zero trust without any resource");
+    }
+}

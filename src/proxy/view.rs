@@ -111,3 +111,53 @@ impl MeshView {
         self.port_peer_auth.get(&port).copied().unwrap_or(self.peer_auth)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::discovery::{MeshConfig, PeerAuthentication};
+
+    #[test]
+    fn port_level_mode_overrides_the_workload_mode_and_ip_entries_cover_every_port() {
+        let snap = Snapshot {
+            peer_authentication: Some(PeerAuthentication {
+                mode: Mode::Strict as i32,
+                port_modes: [(9090u32, Mode::Permissive as i32)].into(),
+            }),
+            endpoints: vec![crate::proto::discovery::Endpoint {
+                address: "10.0.0.7:0".into(),
+                spiffe_id: "spiffe://cluster.local/ns/a/sa/b".into(),
+                labels: Default::default(),
+            }],
+            mesh: Some(MeshConfig { default_policy: "deny".into(), egress: "deny".into(), ..Default::default() }),
+            ..Default::default()
+        };
+        let workload =
+            Workload { id: "spiffe://cluster.local/ns/a/sa/me".parse().unwrap(), labels: Default::default() };
+        let v = MeshView::from_snapshot("v1", &snap, &workload).unwrap();
+        assert_eq!(v.mode_for_port(9090), PeerAuthMode::Permissive);
+        assert_eq!(v.mode_for_port(8080), PeerAuthMode::Strict);
+        assert_eq!(
+            v.identity_for("10.0.0.7:5432".parse().unwrap()).unwrap().as_str(),
+            "spiffe://cluster.local/ns/a/sa/b"
+        );
+        assert!(v.identity_for("10.0.0.8:5432".parse().unwrap()).is_none());
+        assert!(!v.egress_allowed);
+    }
+
+    #[test]
+    fn a_snapshot_with_a_bad_endpoint_or_port_is_refused_whole() {
+        let workload =
+            Workload { id: "spiffe://cluster.local/ns/a/sa/me".parse().unwrap(), labels: Default::default() };
+        let bad = Snapshot {
+            endpoints: vec![crate::proto::discovery::Endpoint { address: "nope".into(), ..Default::default() }],
+            ..Default::default()
+        };
+        assert!(MeshView::from_snapshot("v", &bad, &workload).unwrap_err().contains("endpoint address"));
+        let bad_port = Snapshot {
+            peer_authentication: Some(PeerAuthentication { mode: 0, port_modes: [(70000u32, 1)].into() }),
+            ..Default::default()
+        };
+        assert!(MeshView::from_snapshot("v", &bad_port, &workload).unwrap_err().contains("out of range"));
+    }
+}
