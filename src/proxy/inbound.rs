@@ -92,28 +92,12 @@ impl Inbound {
 
 /// Accepts connections until draining starts.
 pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, inbound: Arc<Inbound>) {
-    let stop = inbound.drain.signaled();
-    tokio::pin!(stop);
-    loop {
-        let (tcp, remote) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(_) => continue,
-            },
-            _ = &mut stop => return,
-        };
-        let Some(permit) = inbound.drain.admit() else {
-            tracing::warn!(%remote, "inbound connection refused: connection limit reached or draining");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
+    let (drain, metrics) = (inbound.drain.clone(), inbound.metrics.clone());
+    super::limits::accept_loop(listener, drain, metrics, "inbound", move |tcp, remote| {
         let (acceptor, inbound) = (acceptor.clone(), inbound.clone());
-        tokio::spawn(async move {
-            let _open = inbound.metrics.open_connection("inbound");
-            connection(&inbound, acceptor, tcp, remote).await;
-            drop(permit);
-        });
-    }
+        async move { connection(&inbound, acceptor, tcp, remote).await }
+    })
+    .await
 }
 
 /// TLS records start with content type 22 (handshake); anything else is plaintext.

@@ -122,6 +122,42 @@ impl Drain {
     }
 }
 
+/// Accepts connections on `listener` until draining starts: each admitted connection (under the
+/// cap) is counted as open for `direction` and handed to `handle` on its own task.
+pub async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    drain: Arc<Drain>,
+    metrics: Arc<crate::telemetry::metrics::ProxyMetrics>,
+    direction: &'static str,
+    handle: F,
+) where
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let stop = drain.signaled();
+    tokio::pin!(stop);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+            _ = &mut stop => return,
+        };
+        let Some(permit) = drain.admit() else {
+            tracing::warn!(%remote, direction, "connection refused: connection limit reached or draining");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let open = metrics.open_connection(direction);
+        let work = handle(tcp, remote);
+        tokio::spawn(async move {
+            work.await;
+            drop((permit, open));
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -187,28 +187,12 @@ impl Outbound {
 
 /// Serves the route's plaintext listener until draining starts.
 pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
-    let stop = outbound.drain.signaled();
-    tokio::pin!(stop);
-    loop {
-        let (tcp, remote) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(_) => continue,
-            },
-            _ = &mut stop => return,
-        };
-        let Some(permit) = outbound.drain.admit() else {
-            tracing::warn!(%remote, "connection refused: connection limit reached or draining");
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
+    let (drain, metrics) = (outbound.drain.clone(), outbound.metrics.clone());
+    super::limits::accept_loop(listener, drain, metrics, "outbound", move |tcp, remote| {
         let outbound = outbound.clone();
-        tokio::spawn(async move {
-            let _open = outbound.metrics.open_connection("outbound");
-            connection(&outbound, tcp, remote, outbound.route.listen.port()).await;
-            drop(permit);
-        });
-    }
+        async move { connection(&outbound, tcp, remote, outbound.route.listen.port()).await }
+    })
+    .await
 }
 
 /// Serves one app connection: HTTP over the pooled HTTP/2 upstream, anything else tunnelled.

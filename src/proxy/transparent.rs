@@ -96,25 +96,12 @@ impl Transparent {
 
 /// Serves redirected connections until draining starts.
 pub async fn serve(listener: TcpListener, t: Arc<Transparent>) {
-    let stop = t.drain.signaled();
-    tokio::pin!(stop);
-    loop {
-        let (tcp, remote) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(_) => continue,
-            },
-            _ = &mut stop => return,
-        };
-        let Some(permit) = t.drain.admit() else { continue };
-        let _ = tcp.set_nodelay(true);
+    let (drain, metrics) = (t.drain.clone(), t.metrics.clone());
+    super::limits::accept_loop(listener, drain, metrics, "outbound", move |tcp, remote| {
         let t = t.clone();
-        tokio::spawn(async move {
-            let _open = t.metrics.open_connection("outbound");
-            connection(&t, tcp, remote).await;
-            drop(permit);
-        });
-    }
+        async move { connection(&t, tcp, remote).await }
+    })
+    .await
 }
 
 async fn connection(t: &Transparent, mut tcp: TcpStream, remote: SocketAddr) {
