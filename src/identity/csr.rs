@@ -51,7 +51,7 @@ pub fn verify_csr(der: &[u8]) -> Result<VerifiedCsr, CsrError> {
         &rcgen::PKCS_ECDSA_P384_SHA384,
         &rcgen::PKCS_ED25519,
     ];
-    if !allowed.iter().any(|a| *a == alg) {
+    if !allowed.contains(&alg) {
         return Err(CsrError::KeyType);
     }
     Ok(VerifiedCsr {
