@@ -100,6 +100,24 @@ fn bench_identity(c: &mut Criterion) {
         })
     });
 
+    // The ledger commit alone (one INSERT, one fsync); signing is setup. Shows how much of
+    // `issue_with_ledger` is the disk rather than the CPU.
+    group.bench_function("ledger_commit", |b| {
+        b.iter_batched(
+            || {
+                let verified = verify_csr(&csr).expect("CSR verifies");
+                ca.sign_workload(&id, &verified.public_key, TTL, &[])
+                    .expect("signs")
+            },
+            |issued| {
+                store
+                    .record_certificate(&issued, CredentialKind::Renewal)
+                    .expect("ledger commit")
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
     // The join-token path of Certify: verify, then in one transaction look the token up, sign,
     // spend the token and record the certificate. Minting the token (its own commit) is setup.
     let dir = StateDir::new("redeem");
