@@ -20,22 +20,15 @@ const TTL: Duration = Duration::from_secs(3600);
 /// A P-256 CSR as the sidecar's certificate manager makes one.
 fn workload_csr() -> Vec<u8> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key");
-    CertificateParams::default()
-        .serialize_request(&key)
-        .expect("CSR")
-        .der()
-        .to_vec()
+    CertificateParams::default().serialize_request(&key).expect("CSR").der().to_vec()
 }
 
 fn ca() -> CertificateAuthority {
-    CertificateAuthority::load(CaMaterial::generate("cluster.local", 1).expect("CA material"))
-        .expect("CA loads")
+    CertificateAuthority::load(CaMaterial::generate("cluster.local", 1).expect("CA material")).expect("CA loads")
 }
 
 fn workload_id() -> SpiffeId {
-    "spiffe://cluster.local/ns/shop/sa/web"
-        .parse()
-        .expect("valid SPIFFE ID")
+    "spiffe://cluster.local/ns/shop/sa/web".parse().expect("valid SPIFFE ID")
 }
 
 /// A fresh store directory on disk; removed when dropped.
@@ -43,8 +36,8 @@ struct StateDir(PathBuf);
 
 impl StateDir {
     fn new(name: &str) -> Self {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("palisade-bench-{name}-{}", rand::random::<u64>()));
+        let dir =
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("palisade-bench-{name}-{}", rand::random::<u64>()));
         StateDir(dir)
     }
 }
@@ -79,8 +72,7 @@ fn bench_identity(c: &mut Criterion) {
     group.bench_function("sign_workload", |b| {
         b.iter(|| {
             let verified = verify_csr(black_box(&csr)).expect("CSR verifies");
-            ca.sign_workload(&id, &verified.public_key, TTL, &[])
-                .expect("signs")
+            ca.sign_workload(&id, &verified.public_key, TTL, &[]).expect("signs")
         })
     });
 
@@ -90,12 +82,8 @@ fn bench_identity(c: &mut Criterion) {
     group.bench_function("issue_with_ledger", |b| {
         b.iter(|| {
             let verified = verify_csr(black_box(&csr)).expect("CSR verifies");
-            let issued = ca
-                .sign_workload(&id, &verified.public_key, TTL, &[])
-                .expect("signs");
-            store
-                .record_certificate(&issued, CredentialKind::Renewal)
-                .expect("ledger commit");
+            let issued = ca.sign_workload(&id, &verified.public_key, TTL, &[]).expect("signs");
+            store.record_certificate(&issued, CredentialKind::Renewal).expect("ledger commit");
             issued
         })
     });
@@ -106,14 +94,9 @@ fn bench_identity(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let verified = verify_csr(&csr).expect("CSR verifies");
-                ca.sign_workload(&id, &verified.public_key, TTL, &[])
-                    .expect("signs")
+                ca.sign_workload(&id, &verified.public_key, TTL, &[]).expect("signs")
             },
-            |issued| {
-                store
-                    .record_certificate(&issued, CredentialKind::Renewal)
-                    .expect("ledger commit")
-            },
+            |issued| store.record_certificate(&issued, CredentialKind::Renewal).expect("ledger commit"),
             BatchSize::SmallInput,
         )
     });
@@ -142,9 +125,7 @@ fn bench_identity(c: &mut Criterion) {
     let token = store.create_join_token(&id, TTL).expect("token minted");
     let verified = verify_csr(&csr).expect("CSR verifies");
     let issued: IssuedCertificate = store
-        .redeem_join_token::<IssueError>(&token, |id| {
-            Ok(ca.sign_workload(id, &verified.public_key, TTL, &[])?)
-        })
+        .redeem_join_token::<IssueError>(&token, |id| Ok(ca.sign_workload(id, &verified.public_key, TTL, &[])?))
         .expect("token redeems");
     assert_eq!(issued.spiffe_id, id);
 }

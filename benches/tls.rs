@@ -21,21 +21,14 @@ use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 /// certificate manager installs one.
 fn cert_store(ca: &CertificateAuthority, id: &SpiffeId) -> Arc<CertStore> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key");
-    let issued = ca
-        .sign_workload(id, &key, Duration::from_secs(3600), &[])
-        .expect("signs");
+    let issued = ca.sign_workload(id, &key, Duration::from_secs(3600), &[]).expect("signs");
     let chain = certs_from_pem(&issued.chain_pem).expect("chain PEM");
     let signing_key = provider()
         .key_provider
-        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-            key.serialize_der(),
-        )))
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
         .expect("key loads");
     let store = CertStore::new();
-    store.set(
-        Arc::new(CertifiedKey::new(chain, signing_key)),
-        issued.not_after,
-    );
+    store.set(Arc::new(CertifiedKey::new(chain, signing_key)), issued.not_after);
     store
 }
 
@@ -79,19 +72,10 @@ fn bench_tls(c: &mut Criterion) {
     palisade::tls::install_crypto_provider();
     let material = CaMaterial::generate("cluster.local", 1).expect("CA material");
     let ca = CertificateAuthority::load(material.clone()).expect("CA loads");
-    let client_id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web"
-        .parse()
-        .expect("valid");
-    let server_id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/api"
-        .parse()
-        .expect("valid");
+    let client_id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().expect("valid");
+    let server_id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/api".parse().expect("valid");
     let bundle = TrustBundle::from_pem(&material.root_cert_pem).expect("bundle");
-    let client_cfg = client_config(
-        cert_store(&ca, &client_id),
-        bundle.clone(),
-        Some(server_id.clone()),
-        &[ALPN_H2],
-    );
+    let client_cfg = client_config(cert_store(&ca, &client_id), bundle.clone(), Some(server_id.clone()), &[ALPN_H2]);
     let server_cfg = server_config(cert_store(&ca, &server_id), bundle, true, &[ALPN_H2]);
 
     let mut to_server = Vec::with_capacity(16 * 1024);
