@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use futures_util::Stream;
 use parking_lot::Mutex;
 use prost::Message;
@@ -63,6 +63,10 @@ pub struct MeshState {
     resources: ArcSwap<Vec<Resource>>,
     revocations: ArcSwap<(Vec<String>, Vec<String>)>,
     sidecars: Mutex<BTreeMap<u64, SidecarEntry>>,
+    /// The endpoint table, built once and shared by every stream until a sidecar with addresses
+    /// joins or leaves the table; rebuilding it per stream made every push O(sidecars²).
+    /// Written only while `sidecars` is locked, so it never goes stale behind a change.
+    endpoints: ArcSwapOption<Vec<Endpoint>>,
     next_stream: AtomicU64,
     dirty: Notify,
     generation: watch::Sender<u64>,
@@ -106,6 +110,7 @@ impl MeshState {
             resources: ArcSwap::from_pointee(Vec::new()),
             revocations: ArcSwap::from_pointee((Vec::new(), Vec::new())),
             sidecars: Mutex::new(sidecars),
+            endpoints: ArcSwapOption::empty(),
             next_stream: AtomicU64::new(1),
             dirty: Notify::new(),
             generation: watch::channel(0).0,
@@ -144,11 +149,16 @@ impl MeshState {
                     }
                     let grace = this.settings.endpoint_grace;
                     let mut gone = false;
-                    this.sidecars.lock().retain(|_, e| {
+                    let mut sidecars = this.sidecars.lock();
+                    sidecars.retain(|_, e| {
                         let keep = e.disconnected_at.is_none_or(|t| t.elapsed() < grace);
                         gone |= !keep;
                         keep
                     });
+                    if gone {
+                        this.endpoints.store(None);
+                    }
+                    drop(sidecars);
                     if gone {
                         this.mark_dirty();
                     }
@@ -215,20 +225,7 @@ impl MeshState {
             .map(|i| Revocation { target: Some(Target::SpiffeId(i.clone())) })
             .chain(serials.iter().map(|s| Revocation { target: Some(Target::Serial(s.clone())) }))
             .collect();
-        let mut endpoints: Vec<Endpoint> = self
-            .sidecars
-            .lock()
-            .values()
-            .flat_map(|e| {
-                e.addresses.iter().map(|a| Endpoint {
-                    address: a.clone(),
-                    spiffe_id: e.spiffe_id.clone(),
-                    labels: e.labels.clone().into_iter().collect(),
-                })
-            })
-            .collect();
-        endpoints.sort_by(|a, b| (&a.address, &a.spiffe_id).cmp(&(&b.address, &b.spiffe_id)));
-        endpoints.dedup_by(|a, b| a.address == b.address && a.spiffe_id == b.spiffe_id);
+        let endpoints = Vec::clone(&self.endpoint_table());
         let snapshot = Snapshot {
             policies,
             peer_authentication: Some(peer_authentication),
@@ -242,6 +239,31 @@ impl MeshState {
             }),
         };
         (version_of(&snapshot), snapshot)
+    }
+}
+
+impl MeshState {
+    /// Every meshed workload's address and identity, sorted; cached until it changes.
+    fn endpoint_table(&self) -> Arc<Vec<Endpoint>> {
+        if let Some(table) = self.endpoints.load_full() {
+            return table;
+        }
+        let sidecars = self.sidecars.lock();
+        let mut endpoints: Vec<Endpoint> = sidecars
+            .values()
+            .flat_map(|e| {
+                e.addresses.iter().map(|a| Endpoint {
+                    address: a.clone(),
+                    spiffe_id: e.spiffe_id.clone(),
+                    labels: e.labels.clone().into_iter().collect(),
+                })
+            })
+            .collect();
+        endpoints.sort_by(|a, b| (&a.address, &a.spiffe_id).cmp(&(&b.address, &b.spiffe_id)));
+        endpoints.dedup_by(|a, b| a.address == b.address && a.spiffe_id == b.spiffe_id);
+        let table = Arc::new(endpoints);
+        self.endpoints.store(Some(table.clone()));
+        table
     }
 }
 
@@ -372,8 +394,10 @@ fn register(mesh: &MeshState, stream_id: u64, node: &Node, not_after: i64) {
     persist(mesh, node);
     let mut sidecars = mesh.sidecars.lock();
     // A restored entry for the same workload is superseded by the live one.
+    let before = sidecars.len();
     sidecars.retain(|_, e| e.connected || e.spiffe_id != node.spiffe_id || e.addresses != node.addresses);
-    sidecars.insert(
+    let restored_dropped = sidecars.len() != before;
+    let replaced = sidecars.insert(
         stream_id,
         SidecarEntry {
             spiffe_id: node.spiffe_id.clone(),
@@ -388,6 +412,9 @@ fn register(mesh: &MeshState, stream_id: u64, node: &Node, not_after: i64) {
             disconnected_at: None,
         },
     );
+    if restored_dropped || !node.addresses.is_empty() || replaced.is_some_and(|e| !e.addresses.is_empty()) {
+        mesh.endpoints.store(None);
+    }
     drop(sidecars);
     mesh.mark_dirty();
 }

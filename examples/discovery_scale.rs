@@ -1,0 +1,507 @@
+//! Scale by simulation: N lightweight discovery clients against one real control plane.
+//!
+//! Starts `target/release/palisade control` (build it first with `cargo build --release`),
+//! connects N clients — each with its own mTLS identity and its own TLS connection, as a sidecar
+//! has — waits until every one has ACKed its first snapshot, then writes one AuthorizationPolicy
+//! into the watched resources directory and measures how long each client takes to receive the
+//! new version, how long until the control plane shows every ACK, and the control plane's memory.
+//!
+//! ```text
+//! cargo build --release
+//! cargo run --release --example discovery_scale -- --clients 5000
+//! ```
+//!
+//! The clients register no addresses, so they add no endpoints: every snapshot stays the same
+//! size however many join, and the one policy change is the only thing that changes it.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use palisade::agent::ControlClient;
+use palisade::proto::discovery::discovery_client::DiscoveryClient;
+use palisade::proto::discovery::{DiscoveryRequest, Node};
+use palisade::tls::{CertStore, TrustBundle};
+use parking_lot::Mutex;
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc};
+
+/// Flags.
+#[derive(Parser, Debug)]
+struct Args {
+    /// How many discovery clients to connect.
+    #[arg(long, default_value_t = 5000)]
+    clients: usize,
+    /// How many clients may be dialling (TCP + TLS + first snapshot) at once.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// The control plane's `--debounce`.
+    #[arg(long, default_value = "100ms")]
+    debounce: String,
+    /// The `palisade` binary to start.
+    #[arg(long, default_value = "target/release/palisade")]
+    bin: PathBuf,
+    /// Give up on a phase after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    phase_timeout: u64,
+    /// Where the markdown result is appended (the file name gets the date).
+    #[arg(long, default_value = "bench/results")]
+    results: PathBuf,
+}
+
+const NAMESPACE: &str = "scale";
+
+const POLICY: &str = "apiVersion: palisade.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: scale-allow-web, namespace: scale}
+spec:
+  selector: {matchLabels: {app: scale}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [\"spiffe://cluster.local/ns/scale/sa/web\"]}}]
+    to:   [{operation: {methods: [\"GET\"], paths: [\"/scale/*\"]}}]
+";
+
+/// What one client has seen; written by its task, read by the bench.
+#[derive(Default)]
+struct ClientLog {
+    /// Every version received, with its arrival time, in order.
+    versions: Mutex<Vec<(String, Instant)>>,
+}
+
+/// Counters shared by every client task.
+#[derive(Default)]
+struct Fleet {
+    logs: Vec<ClientLog>,
+    /// Clients that have received (and ACKed) at least one snapshot.
+    synced: AtomicUsize,
+    /// Failed dials and broken streams (each retried).
+    connect_errors: AtomicU64,
+    stream_errors: AtomicU64,
+    last_error: Mutex<String>,
+}
+
+/// The control plane process, killed on drop.
+struct ControlPlane {
+    child: Child,
+    admin: SocketAddr,
+    listen: SocketAddr,
+    state: PathBuf,
+    log: PathBuf,
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ControlPlane {
+    /// `(VmHWM, VmRSS)` in KiB, from /proc.
+    fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmHWM:"), field("VmRSS:"))
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    palisade::tls::install_crypto_provider();
+    let nofile = raise_nofile(args.clients as u64 + 1024)?;
+    if !args.bin.is_file() {
+        bail!("{} not found: run `cargo build --release` first, or pass --bin", args.bin.display());
+    }
+
+    let dir = std::env::temp_dir().join(format!("palisade-scale-{}", std::process::id()));
+    let resources = dir.join("resources");
+    std::fs::create_dir_all(&resources)?;
+    let mut cp = start_control_plane(&args, &dir, &resources).await?;
+    println!("control plane pid {} on {} (admin {}), log {}", cp.child.id(), cp.listen, cp.admin, cp.log.display());
+
+    // Identities: minted from the control plane's active CA, outside the measurement.
+    let minted = Instant::now();
+    let certs = mint_client_certs(&cp.state, args.clients)?;
+    let mint_time = minted.elapsed();
+    println!("minted {} client certificates in {:.1?}", certs.len(), mint_time);
+    let bundle_pem = std::fs::read_to_string(cp.state.join("ca/root.pem")).context("reading ca/root.pem")?;
+    let control_id = palisade::control::identity_service::control_plane_identity("cluster.local");
+
+    let fleet =
+        Arc::new(Fleet { logs: (0..args.clients).map(|_| ClientLog::default()).collect(), ..Default::default() });
+    let (hwm_idle, _) = cp.memory_kib();
+
+    // Connect phase: every client dials, sends its Node, receives and ACKs its first snapshot.
+    let dialing = Arc::new(Semaphore::new(args.connect_concurrency));
+    let connect_start = Instant::now();
+    for (i, cert) in certs.into_iter().enumerate() {
+        let bundle = TrustBundle::from_pem(&bundle_pem)?;
+        let store = CertStore::new();
+        store.set(cert, i64::MAX);
+        let client = ControlClient::new(&cp.listen.to_string(), bundle, store, control_id.clone());
+        tokio::spawn(run_client(i, client, fleet.clone(), dialing.clone()));
+    }
+    let timeout = Duration::from_secs(args.phase_timeout);
+    wait_until("every client synced", timeout, &mut cp, || fleet.synced.load(Ordering::Acquire) == args.clients)
+        .await?;
+    let connect_time = connect_start.elapsed();
+    let (hwm_connected, rss_connected) = cp.memory_kib();
+    println!("connect phase: {} clients synced in {:.2?}", args.clients, connect_time);
+    let base_versions: Vec<String> =
+        fleet.logs.iter().map(|l| l.versions.lock().last().map(|v| v.0.clone()).unwrap_or_default()).collect();
+    let base = base_versions[0].clone();
+    let acked = wait_acked(&cp, &base, args.clients, timeout).await?;
+    println!("control plane shows {acked} sidecars ACKed version {base}");
+
+    // The push: one policy change, written atomically (rename) so the watcher never reads half.
+    let tmp = resources.join(".scale-policy.tmp");
+    std::fs::write(&tmp, POLICY)?;
+    let t0 = Instant::now();
+    std::fs::rename(&tmp, resources.join("scale-policy.yaml"))?;
+    let pushed = |l: &ClientLog, before: &str| {
+        l.versions.lock().iter().find(|(v, at)| *at >= t0 && v != before).map(|(v, at)| (v.clone(), *at - t0))
+    };
+    let received = || fleet.logs.iter().zip(&base_versions).filter(|(l, b)| pushed(l, b).is_some()).count();
+    let outcome =
+        wait_until("every client received the new version", timeout, &mut cp, || received() == args.clients).await;
+    let mut latencies: Vec<Duration> = Vec::with_capacity(args.clients);
+    let mut new_version = String::new();
+    for (l, b) in fleet.logs.iter().zip(&base_versions) {
+        if let Some((v, d)) = pushed(l, b) {
+            new_version = v;
+            latencies.push(d);
+        }
+    }
+    let all_acked = if outcome.is_ok() {
+        wait_acked(&cp, &new_version, args.clients, timeout).await.map(|_| t0.elapsed()).ok()
+    } else {
+        None
+    };
+    let (hwm_after, rss_after) = cp.memory_kib();
+    latencies.sort();
+
+    let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        })
+        .unwrap_or_default();
+    let rev = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let pct = |p: f64| -> String {
+        if latencies.is_empty() {
+            return "—".into();
+        }
+        let idx = ((p / 100.0) * latencies.len() as f64).ceil() as usize;
+        ms(latencies[idx.clamp(1, latencies.len()) - 1])
+    };
+    let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
+
+    let mut md = String::new();
+    writeln!(md, "### Discovery push, {} clients ({})", args.clients, utc_now())?;
+    writeln!(md)?;
+    writeln!(
+        md,
+        "`cargo run --release --example discovery_scale -- --clients {} --connect-concurrency {} --debounce {}` \
+         at `{rev}`; {nproc} cores ({cpu}), shared with the clients; RLIMIT_NOFILE {nofile}.",
+        args.clients, args.connect_concurrency, args.debounce
+    )?;
+    writeln!(md)?;
+    writeln!(md, "| measure | value |")?;
+    writeln!(md, "| --- | --- |")?;
+    writeln!(md, "| clients (one TLS connection and one identity each) | {} |", args.clients)?;
+    writeln!(md, "| endpoints per snapshot (clients register no addresses) | 0 |")?;
+    writeln!(
+        md,
+        "| connect phase: all dialled, first snapshot received and ACKed | {:.2} s |",
+        connect_time.as_secs_f64()
+    )?;
+    writeln!(md, "| policy change received, of {} | {} |", args.clients, latencies.len())?;
+    writeln!(md, "| push latency p50 (file written → snapshot received) | {} |", pct(50.0))?;
+    writeln!(md, "| push latency p90 | {} |", pct(90.0))?;
+    writeln!(md, "| push latency p99 | {} |", pct(99.0))?;
+    writeln!(md, "| push latency max | {} |", pct(100.0))?;
+    writeln!(
+        md,
+        "| every ACK visible in `/v1/sidecars` | {} |",
+        all_acked.map(ms).unwrap_or_else(|| "not reached".into())
+    )?;
+    writeln!(md, "| control plane RSS, idle before clients | {} |", mib(hwm_idle))?;
+    writeln!(md, "| control plane RSS, all connected | {} |", mib(rss_connected))?;
+    writeln!(md, "| control plane RSS, after the push | {} |", mib(rss_after))?;
+    writeln!(md, "| control plane peak RSS (VmHWM) | {} |", mib(hwm_after.max(hwm_connected)))?;
+    writeln!(
+        md,
+        "| client connection errors (dial / stream, retried) | {} / {} |",
+        fleet.connect_errors.load(Ordering::Relaxed),
+        fleet.stream_errors.load(Ordering::Relaxed)
+    )?;
+    writeln!(md, "| client certificates minted (not measured) | {:.1} s |", mint_time.as_secs_f64())?;
+    let last_error = fleet.last_error.lock().clone();
+    if !last_error.is_empty() {
+        writeln!(md, "\nLast client error: `{last_error}`")?;
+    }
+    if let Err(e) = &outcome {
+        writeln!(md, "\n**Incomplete:** {e}")?;
+    }
+    println!("\n{md}");
+
+    std::fs::create_dir_all(&args.results)?;
+    let file = args.results.join(format!("discovery-scale-{}.md", &utc_now()[..10]));
+    let mut prior = std::fs::read_to_string(&file).unwrap_or_default();
+    prior.push_str(&md);
+    prior.push('\n');
+    std::fs::write(&file, prior)?;
+    println!("appended to {}", file.display());
+    drop(cp);
+    let _ = std::fs::remove_dir_all(&dir);
+    outcome
+}
+
+/// One lightweight sidecar: its own connection, its own identity; ACKs everything; redials on
+/// failure with a short jittered backoff, as the agent does.
+async fn run_client(i: usize, client: ControlClient, fleet: Arc<Fleet>, dialing: Arc<Semaphore>) {
+    let node = Node {
+        spiffe_id: format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/client-{i}"),
+        labels: HashMap::from([("app".to_string(), "scale".to_string())]),
+        addresses: vec![],
+        ..Default::default()
+    };
+    let mut counted = false;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let permit = dialing.clone().acquire_owned().await.ok();
+        let channel = match client.channel().await {
+            Ok(c) => c,
+            Err(e) => {
+                fleet.connect_errors.fetch_add(1, Ordering::Relaxed);
+                *fleet.last_error.lock() = e.to_string();
+                drop(permit);
+                tokio::time::sleep(backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let version = fleet.logs[i].versions.lock().last().map(|v| v.0.clone()).unwrap_or_default();
+        let first = DiscoveryRequest { node: Some(node.clone()), version_info: version, ..Default::default() };
+        let result: Result<(), String> = async {
+            tx.send(first).await.map_err(|e| e.to_string())?;
+            let mut responses = DiscoveryClient::new(channel)
+                .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner();
+            let mut permit = permit;
+            while let Some(resp) = responses.message().await.map_err(|e| e.to_string())? {
+                let at = Instant::now();
+                fleet.logs[i].versions.lock().push((resp.version_info.clone(), at));
+                let ack = DiscoveryRequest {
+                    version_info: resp.version_info,
+                    response_nonce: resp.nonce,
+                    ..Default::default()
+                };
+                tx.send(ack).await.map_err(|e| e.to_string())?;
+                if !counted {
+                    counted = true;
+                    fleet.synced.fetch_add(1, Ordering::AcqRel);
+                }
+                // Joined: let the next client dial.
+                permit.take();
+            }
+            Err("stream ended".into())
+        }
+        .await;
+        if let Err(e) = result {
+            fleet.stream_errors.fetch_add(1, Ordering::Relaxed);
+            *fleet.last_error.lock() = e;
+        }
+        tokio::time::sleep(backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE towards `want` (up to the hard limit); returns the new soft limit.
+fn raise_nofile(want: u64) -> anyhow::Result<u64> {
+    let (soft, hard) = rlimit::Resource::NOFILE.get()?;
+    if soft >= want {
+        return Ok(soft);
+    }
+    let new = want.min(hard);
+    rlimit::Resource::NOFILE.set(new, hard)?;
+    if new < want {
+        bail!("RLIMIT_NOFILE hard limit {hard} is below the {want} this run needs; raise it (`ulimit -Hn`)");
+    }
+    Ok(new)
+}
+
+async fn start_control_plane(args: &Args, dir: &Path, resources: &Path) -> anyhow::Result<ControlPlane> {
+    let listen = free_addr()?;
+    let admin = free_addr()?;
+    let state = dir.join("state");
+    let log = dir.join("control.log");
+    // The control plane holds one socket per client: give it room (root may raise the hard
+    // limit; anyone else keeps what they have).
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 65536 2>/dev/null || ulimit -n \"$(ulimit -Hn)\"; exec \"$0\" \"$@\"")
+        .arg(&args.bin)
+        .args(["control", "--state-dir"])
+        .arg(&state)
+        .args(["--listen", &listen.to_string(), "--admin", &admin.to_string(), "--resources"])
+        .arg(resources)
+        .args(["--debounce", &args.debounce, "--default-policy", "deny"])
+        .env("PALISADE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting the control plane")?;
+    let mut cp = ControlPlane { child, admin, listen, state, log };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(admin, "/ready").await.map(|(s, _)| s) != Some(200) {
+        if !cp.alive() || Instant::now() > deadline {
+            bail!("control plane not ready; see {}", cp.log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Ok(cp)
+}
+
+/// One certificate per client, signed by the active CA in the control plane's store.
+fn mint_client_certs(state: &Path, n: usize) -> anyhow::Result<Vec<Arc<CertifiedKey>>> {
+    let store = palisade::control::Store::open(state)?;
+    let material = store
+        .ca_generations()?
+        .into_iter()
+        .find(|g| g.state == "active")
+        .context("no active CA generation in the store")?
+        .material;
+    let ca = Arc::new(palisade::identity::CertificateAuthority::load(material)?);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let chunks: Vec<Vec<usize>> = (0..threads).map(|t| (0..n).filter(|i| i % threads == t).collect()).collect();
+    let mut out: Vec<Option<Arc<CertifiedKey>>> = vec![None; n];
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|idx| {
+                let ca = ca.clone();
+                s.spawn(move || -> anyhow::Result<Vec<(usize, Arc<CertifiedKey>)>> {
+                    idx.into_iter().map(|i| Ok((i, mint_one(&ca, i)?))).collect()
+                })
+            })
+            .collect();
+        for h in handles {
+            let minted = h.join().map_err(|_| anyhow::anyhow!("minting thread panicked"))??;
+            for (i, c) in minted {
+                out[i] = Some(c);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out.into_iter().flatten().collect())
+}
+
+fn mint_one(ca: &palisade::identity::CertificateAuthority, i: usize) -> anyhow::Result<Arc<CertifiedKey>> {
+    let id = format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/client-{i}").parse()?;
+    let key = rcgen::KeyPair::generate()?;
+    let now = SystemTime::now();
+    let issued =
+        ca.sign_workload_valid(&id, &key, now - Duration::from_secs(60), now + Duration::from_secs(6 * 3600), &[])?;
+    let chain = palisade::tls::certs_from_pem(&issued.chain_pem)?;
+    let sk = palisade::tls::provider().key_provider.load_private_key(rustls::pki_types::PrivateKeyDer::Pkcs8(
+        rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()),
+    ))?;
+    Ok(Arc::new(CertifiedKey::new(chain, sk)))
+}
+
+/// Waits until the control plane's `/v1/sidecars` shows `n` connected sidecars that ACKed
+/// `version`; returns how many it saw.
+async fn wait_acked(cp: &ControlPlane, version: &str, n: usize, timeout: Duration) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut count = 0;
+        if let Some((200, body)) = http_get(cp.admin, "/v1/sidecars").await {
+            let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+            count = rows.iter().filter(|r| r["connected"] == true && r["acked_version"] == version).count();
+            if count >= n {
+                return Ok(count);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("only {count} of {n} sidecars show ACK of {version} after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `cond` until it holds, the deadline passes, or the control plane exits.
+async fn wait_until(
+    what: &str,
+    timeout: Duration,
+    cp: &mut ControlPlane,
+    mut cond: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if !cp.alive() {
+            bail!("control plane exited while waiting for {what}; see {}", cp.log.display());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+/// A minimal HTTP/1.0 GET against the admin port: status and body.
+async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tcp.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+fn free_addr() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn utc_now() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    format!("{}-{:02}-{:02} {:02}:{:02} UTC", t.year(), u8::from(t.month()), t.day(), t.hour(), t.minute())
+}
