@@ -30,7 +30,7 @@ const POLICIES: &[(&str, &str)] = &[
 ];
 
 const REQUESTS: usize = 300;
-const SEED: u64 = 0x5eed_0fa;
+const SEED: u64 = 0x05ee_d0fa;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/opa")
