@@ -31,9 +31,11 @@ use super::rego::{self, RegoVerdict};
 /// The largest `policy.wasm` (and `data.json`) accepted from a bundle, uncompressed.
 const MAX_BUNDLE_FILE: u64 = 64 << 20;
 
-/// Instances kept per policy beyond which a returned one is dropped.
+/// Instances kept per policy beyond which a returned one is dropped: enough for every worker
+/// thread. (Read once: `available_parallelism` reads cgroup files on Linux.)
 fn pool_limit() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4) * 2
+    static LIMIT: OnceLock<usize> = OnceLock::new();
+    *LIMIT.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4) * 2)
 }
 
 /// The process-wide wasmtime engine: compiled modules must share the engine of the stores that
@@ -133,8 +135,9 @@ impl WasmEngine {
             .and_then(|r| r.map_err(|e| format!("{e:#}")));
         match result {
             Ok(v) => {
+                let limit = pool_limit();
                 let mut pool = c.pool.lock();
-                if pool.len() < pool_limit() {
+                if pool.len() < limit {
                     pool.push(instance);
                 }
                 drop(pool);
@@ -258,6 +261,25 @@ pub(crate) mod tests {
             assert!(e.evaluate(&input(Some(WEB), "GET", "/orders/7")).allowed);
         }
         assert_eq!(e.inner.pool.lock().len(), 1);
+    }
+
+    #[test]
+    fn concurrent_workers_get_their_own_instances() {
+        let e = WasmEngine::compile(&fixture("method_path_allowlist"), "envoy/authz/allow").unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let e = &e;
+                s.spawn(move || {
+                    for i in 0..50 {
+                        let allow = (t + i) % 2 == 0;
+                        let v = e.evaluate(&input(Some(WEB), if allow { "GET" } else { "PUT" }, "/orders/7"));
+                        assert_eq!(v.allowed, allow, "{}", v.reason);
+                    }
+                });
+            }
+        });
+        let pooled = e.inner.pool.lock().len();
+        assert!((1..=pool_limit()).contains(&pooled), "{pooled} instances pooled");
     }
 
     #[test]
