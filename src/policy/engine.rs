@@ -11,6 +11,7 @@ use super::input::Input;
 use super::rego::{RegoEngine, RegoVerdict};
 use super::resource::{self, Action, AuthorizationPolicy};
 use super::rules::RulesEngine;
+use super::wasm::WasmEngine;
 use crate::identity::SpiffeId;
 
 /// Which engine decided.
@@ -42,6 +43,8 @@ pub enum Engine {
     Rules(RulesEngine),
     /// A compiled Rego module.
     Rego(RegoEngine),
+    /// A compiled OPA Wasm bundle.
+    Wasm(WasmEngine),
 }
 
 impl Engine {
@@ -50,6 +53,7 @@ impl Engine {
         match self {
             Engine::Rules(_) => EngineKind::Rules,
             Engine::Rego(_) => EngineKind::Rego,
+            Engine::Wasm(_) => EngineKind::Wasm,
         }
     }
 }
@@ -68,13 +72,15 @@ pub enum CompileError {
     /// The Rego module does not parse or compile (regorus's text, with `file:line:col`).
     #[error("spec.rego: module does not compile: {0}")]
     Rego(String),
-    /// `wasm:` was given.
-    #[error("spec.wasm: wasm policies are not enabled in this build")]
-    WasmDisabled,
+    /// The Wasm bundle is not valid base64, not a gzip tarball with `/policy.wasm`, not an OPA
+    /// Wasm module, or lacks the entrypoint.
+    #[error("spec.wasm: {0}")]
+    Wasm(String),
 }
 
 /// What a policy's engine said about one request. `hit` is "the policy applies": a rule
-/// matched, or the Rego module allowed.
+/// matched, or the Rego module allowed. `Rego` also carries Wasm verdicts: both are OPA
+/// results with the same shape.
 #[derive(Debug, Clone)]
 pub(crate) enum Verdict {
     Rules(Option<usize>),
@@ -135,8 +141,8 @@ impl Policy {
         if chosen > 1 {
             return Err(invalid("spec", "give only one of rules, rego or wasm".to_string()));
         }
-        let engine = if spec.wasm.is_some() {
-            return Err(CompileError::WasmDisabled);
+        let engine = if let Some(wasm) = &spec.wasm {
+            Engine::Wasm(WasmEngine::compile(&wasm.bundle, &wasm.entrypoint).map_err(CompileError::Wasm)?)
         } else if let Some(rego) = &spec.rego {
             let file = format!("{}/{}.rego", p.metadata.namespace, p.metadata.name);
             Engine::Rego(
@@ -211,6 +217,7 @@ impl Policy {
         match &self.engine {
             Engine::Rules(r) => Verdict::Rules(r.first_match(input)),
             Engine::Rego(r) => Verdict::Rego(r.evaluate(input)),
+            Engine::Wasm(w) => Verdict::Rego(w.evaluate(input)),
         }
     }
 
@@ -223,6 +230,11 @@ impl Policy {
             },
             Engine::Rego(r) => {
                 let v = r.evaluate(input);
+                let why = vec![v.reason.clone()];
+                (Verdict::Rego(v), why)
+            }
+            Engine::Wasm(w) => {
+                let v = w.evaluate(input);
                 let why = vec![v.reason.clone()];
                 (Verdict::Rego(v), why)
             }
@@ -242,10 +254,22 @@ mod tests {
     }
 
     #[test]
-    fn wasm_is_a_clear_load_error() {
+    fn broken_wasm_is_a_clear_load_error() {
         let e = Policy::compile(&doc("  wasm: {bundle: AAAA, entrypoint: a/allow}\n")).unwrap_err();
-        assert_eq!(e, CompileError::WasmDisabled);
-        assert!(e.to_string().contains("wasm policies are not enabled in this build"));
+        assert!(matches!(e, CompileError::Wasm(_)), "{e}");
+        assert!(e.to_string().starts_with("spec.wasm: bundle is not a gzip tarball"), "{e}");
+    }
+
+    #[test]
+    fn wasm_policy_decides() {
+        let bundle = crate::policy::wasm::tests::fixture("method_path_allowlist");
+        let p = Policy::compile(&doc(&format!("  wasm: {{bundle: \"{bundle}\", entrypoint: envoy/authz/allow}}\n")))
+            .unwrap();
+        assert_eq!(p.engine().kind(), EngineKind::Wasm);
+        let web = Some("spiffe://cluster.local/ns/shop/sa/web");
+        let attrs = crate::policy::input::tests::attrs;
+        assert!(p.evaluate(&Input::new(attrs(web, "GET", "/orders/1"))).positive());
+        assert!(!p.evaluate(&Input::new(attrs(web, "DELETE", "/orders/1"))).positive());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! Policies are `AuthorizationPolicy` resources ([`resource`]) loaded from YAML ([`load`]) and
 //! compiled once ([`Policy`]) into one of the engines: declarative Istio-style rules
-//! ([`rules`]) or Rego ([`rego`], via `regorus`). A [`PolicySet`] is the immutable set for one
+//! ([`rules`]), Rego ([`rego`], via `regorus`) or an OPA Wasm bundle ([`wasm`], via `opa-wasm`). A [`PolicySet`] is the immutable set for one
 //! workload; the sidecar swaps it whole, and [`PolicySet::decide`] applies the evaluation order
 //! (DENY, then ALLOW, then the mesh default) to an [`Input`] built from [`RequestAttributes`].
 //! See docs/policy.md.
@@ -17,6 +17,7 @@ pub mod rego;
 pub mod resource;
 pub mod rules;
 pub mod set;
+pub mod wasm;
 
 pub use cli::{PolicyCommand, run};
 pub use decision::{Decision, DefaultPolicy};

@@ -134,7 +134,8 @@ fn deny(reason: String) -> RegoVerdict {
     RegoVerdict { allowed: false, reason, ..RegoVerdict::default() }
 }
 
-fn interpret(rule: &str, v: &regorus::Value) -> RegoVerdict {
+/// Reads a result the OPA way (shared with the Wasm engine so both fail closed alike).
+pub(super) fn interpret(rule: &str, v: &regorus::Value) -> RegoVerdict {
     use regorus::Value;
     match v {
         Value::Bool(true) => RegoVerdict { allowed: true, reason: format!("{rule} is true"), ..RegoVerdict::default() },

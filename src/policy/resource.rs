@@ -61,7 +61,7 @@ pub struct AuthorizationPolicySpec {
     /// A Rego module evaluated by the embedded interpreter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rego: Option<RegoSource>,
-    /// An OPA WebAssembly bundle (not enabled in this build).
+    /// An OPA WebAssembly bundle built by `opa build -t wasm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wasm: Option<WasmSource>,
 }
