@@ -29,6 +29,70 @@ def ms(v):
     return "—" if v is None else f"{v * 1000:.2f}"
 
 
+# Buckets for the flat profile: first match wins, on the symbol or the [k] kernel marker.
+BUCKETS = [
+    ("policy evaluation (palisade::policy, regorus)", ("palisade::policy", "regorus")),
+    ("TLS and crypto (rustls, aws-lc)", ("rustls", "aws_lc", "aws-lc", "sha256", "gcm", "aes", "chacha")),
+    ("HTTP (hyper, h2, httparse, http)", ("hyper", "h2::", "httparse", "http::")),
+    ("access log, metrics, tracing", ("serde_json", "prometheus", "tracing", "access")),
+    ("memory allocation (malloc/free)", ("malloc", "free", "cfree", "realloc", "memcpy", "memmove", "_int_")),
+    ("async runtime (tokio)", ("tokio",)),
+]
+
+
+def profile_section(out):
+    top = os.path.join(out, "profile.txt")
+    allp = os.path.join(out, "profile-all.txt")
+    if not os.path.exists(top) or os.path.getsize(top) == 0:
+        return []
+    lines = ["### Profile of the Palisade pair (5000 req/s, `perf record -F 999`)", ""]
+    lines.append(
+        "Flat self-time profile of both sidecars together (release build, no frame pointers, "
+        "so no inclusive call-graph figures); `[k]` = kernel. Buckets by symbol name:"
+    )
+    lines.append("")
+    buckets = {name: 0.0 for name, _ in BUCKETS}
+    kernel = other = 0.0
+    with open(allp) as f:
+        for line in f:
+            parts = line.split()
+            if not parts or not parts[0].endswith("%"):
+                continue
+            try:
+                pctv = float(parts[0].rstrip("%"))
+            except ValueError:
+                continue
+            sym = " ".join(parts[1:])
+            if "[k]" in sym:
+                kernel += pctv
+                continue
+            low = sym.lower()
+            for name, keys in BUCKETS:
+                if any(k in low for k in keys):
+                    buckets[name] += pctv
+                    break
+            else:
+                other += pctv
+    lines.append("| bucket | share of samples |")
+    lines.append("|---|---|")
+    lines.append(f"| kernel (syscalls, TCP loopback, scheduler) | {kernel:.1f}% |")
+    for name, _ in BUCKETS:
+        lines.append(f"| {name} | {buckets[name]:.1f}% |")
+    lines.append(f"| other user space | {other:.1f}% |")
+    lines.append("")
+    lines.append("Top entries (comm, object, symbol):")
+    lines.append("")
+    lines.append("```")
+    with open(top) as f:
+        for i, line in enumerate(f):
+            if i >= 30:
+                break
+            lines.append(line.rstrip()[:160])
+    lines.append("```")
+    lines.append("")
+    return lines
+
+
 def main(out, doc):
     machine = {}
     with open(os.path.join(out, "machine.txt")) as f:
@@ -268,6 +332,7 @@ def main(out, doc):
     else:
         lines.append("- (Palisade or nginx topology not in this run.)")
     lines.append("")
+    lines += profile_section(out)
     profile = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profile.md")
     if os.path.exists(profile):
         with open(profile) as f:
