@@ -175,6 +175,9 @@ def main(out, doc):
         f"Palisade {machine['palisade']}."
     )
     lines.append("")
+    if machine.get("palisade_bin"):
+        lines.append(f"Palisade binary: {machine['palisade_bin']}.")
+        lines.append("")
     loaded = any(
         max(float(m["load_before"]), float(m["load_after"])) > LOAD_LIMIT for m in meas.values()
     )
