@@ -162,26 +162,16 @@ fn pods_talk_plain_http_and_the_wire_carries_only_mutual_tls() {
     let cp = format!("{NET}.1:15010");
     let state_s = state.display().to_string();
     let res_s = resources.display().to_string();
-    lab.spawn(
-        "control",
-        &cp_ns,
-        &[
-            BIN,
-            "control",
-            "--state-dir",
-            &state_s,
-            "--listen",
-            &cp,
-            "--admin",
-            &format!("{NET}.1:15014"),
-            "--resources",
-            &res_s,
-            "--default-policy",
-            "allow",
-            "--cert-ttl",
-            "10m",
-        ],
-    );
+    let admin = format!("{NET}.1:15014");
+    let control_args = |egress: &'static str| -> Vec<String> {
+        [BIN, "control", "--state-dir", &state_s, "--listen", &cp, "--admin", &admin, "--resources", &res_s]
+            .into_iter()
+            .chain(["--default-policy", "allow", "--cert-ttl", "10m", "--egress", egress])
+            .map(str::to_string)
+            .collect()
+    };
+    let args = control_args("allow");
+    lab.spawn("control", &cp_ns, &args.iter().map(String::as_str).collect::<Vec<_>>());
     lab.wait("control plane", Duration::from_secs(20), || {
         lab.exec("cp", &["curl", "-sf", &format!("http://{NET}.1:15014/ready")]).status.success()
     });
@@ -335,28 +325,8 @@ fn pods_talk_plain_http_and_the_wire_carries_only_mutual_tls() {
     let (_, mut control) = lab.procs.remove(0);
     let _ = control.kill();
     let _ = control.wait();
-    lab.spawn(
-        "control-deny",
-        &cp_ns,
-        &[
-            BIN,
-            "control",
-            "--state-dir",
-            &state_s,
-            "--listen",
-            &cp,
-            "--admin",
-            &format!("{NET}.1:15014"),
-            "--resources",
-            &res_s,
-            "--default-policy",
-            "allow",
-            "--cert-ttl",
-            "10m",
-            "--egress",
-            "deny",
-        ],
-    );
+    let args = control_args("deny");
+    lab.spawn("control-deny", &cp_ns, &args.iter().map(String::as_str).collect::<Vec<_>>());
     lab.wait("egress deny reaches A", Duration::from_secs(20), || {
         lab.curl("a", "http://127.0.0.1:15020/config_dump").is_ok_and(|d| d.contains("\"egress_allowed\": false"))
     });
