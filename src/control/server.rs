@@ -107,7 +107,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
                         let _ = conn_tx.send(Ok::<_, std::io::Error>(stream)).await;
                     }
                     Ok(Err(e)) => tracing::info!(%remote, error = %e,
-                        reason = crate::proxy::inbound::handshake_failure_reason(&e), "control-plane TLS handshake refused"),
+                        reason = crate::tls::handshake_failure_reason(&e), "control-plane TLS handshake refused"),
                     Err(_) => tracing::info!(%remote, "control-plane TLS handshake timed out"),
                 }
             });

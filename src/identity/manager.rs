@@ -21,7 +21,6 @@ use crate::proto::telemetry::{CertificateEvent, certificate_event::Kind};
 use crate::telemetry::metrics::CertMetrics;
 use crate::tls::{CertStore, TrustBundle};
 
-use super::SpiffeId;
 use super::ca::now_unix;
 
 /// Why a certificate could not be obtained or installed.
@@ -75,11 +74,6 @@ impl CertManager {
     /// The certificate in service, if any.
     pub fn info(&self) -> Option<Arc<CertInfo>> {
         self.info.load_full()
-    }
-
-    /// The workload's identity, once it has a certificate.
-    pub fn identity(&self) -> Option<SpiffeId> {
-        self.info().and_then(|i| i.spiffe_id.parse().ok())
     }
 
     /// Whether a certificate is held and has not expired.

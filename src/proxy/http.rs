@@ -126,7 +126,8 @@ where
     }
     let downstream = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
-    if parts.method != http::Method::CONNECT {
+    let connect = parts.method == http::Method::CONNECT;
+    if !connect {
         let pq = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
         parts.uri = pq.parse().map_err(|e| format!("request target: {e}"))?;
     }
@@ -135,11 +136,10 @@ where
         hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("upgrade handshake: {e}"))?;
     tokio::spawn(conn.with_upgrades());
     let mut resp = sender
-        .send_request(http::Request::from_parts(parts.clone(), body))
+        .send_request(http::Request::from_parts(parts, body))
         .await
         .map_err(|e| format!("upgrade request: {}", error_chain(&e)))?;
-    let switched = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
-        || (parts.method == http::Method::CONNECT && resp.status().is_success());
+    let switched = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS || (connect && resp.status().is_success());
     if switched {
         let upstream = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {

@@ -19,9 +19,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::http::{
-    ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response, status_class, stream, strip_hop_by_hop,
-};
+use super::http::{ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response, stream, strip_hop_by_hop};
 use super::limits::{Drain, Limits};
 use super::view::{MeshView, PeerAuthMode};
 use crate::identity::SpiffeId;
@@ -131,7 +129,7 @@ async fn connection(inbound: &Arc<Inbound>, acceptor: TlsAcceptor, tcp: TcpStrea
     let tls = match tokio::time::timeout(inbound.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            let reason = handshake_failure_reason(&e);
+            let reason = crate::tls::handshake_failure_reason(&e);
             inbound.count_handshake_failure(reason);
             tracing::info!(%remote, error = %e, reason, "inbound mTLS handshake refused");
             return;
@@ -246,25 +244,6 @@ where
                 }
             }
         }
-    }
-}
-
-/// A metric label for why a handshake failed, from the rustls error inside the I/O error.
-pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
-    use rustls::{CertificateError as C, Error as E};
-    match e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) {
-        Some(E::NoCertificatesPresented) => "no_client_certificate",
-        Some(E::InvalidCertificate(C::UnknownIssuer | C::BadSignature | C::BadEncoding)) => "untrusted_issuer",
-        Some(E::InvalidCertificate(
-            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
-        )) => "expired",
-        Some(E::InvalidCertificate(C::Revoked)) => "revoked",
-        Some(E::InvalidCertificate(_)) => "bad_certificate",
-        Some(E::PeerIncompatible(_) | E::NoApplicationProtocol) => "incompatible",
-        Some(E::AlertReceived(_)) => "alert_received",
-        Some(_) => "protocol_error",
-        None if e.kind() == std::io::ErrorKind::UnexpectedEof => "eof",
-        None => "io_error",
     }
 }
 
@@ -418,7 +397,7 @@ async fn handle(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> R
     } else {
         forward(inbound, peer, req, &request_id).await
     };
-    record(&inbound.metrics, "inbound", peer.label(), resp.status(), started);
+    inbound.metrics.record_request("inbound", peer.label(), resp.status(), started);
     inbound.metrics.peers.record(peer.label(), "inbound", resp.status().as_u16(), !decision.allowed);
     if inbound.access_log.enabled() {
         inbound.access_log.write(serde_json::json!({
@@ -497,22 +476,6 @@ async fn forward(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>, req
             error_response(StatusCode::BAD_GATEWAY, &reason, request_id)
         }
     }
-}
-
-/// Counts a finished request.
-pub fn record(metrics: &ProxyMetrics, direction: &str, peer: &str, status: StatusCode, started: Instant) {
-    metrics
-        .requests
-        .get_or_create(&vec![
-            ("direction".into(), direction.into()),
-            ("status_class".into(), status_class(status).into()),
-            ("peer".into(), peer.into()),
-        ])
-        .inc();
-    metrics
-        .duration
-        .get_or_create(&vec![("direction".into(), direction.into())])
-        .observe(started.elapsed().as_secs_f64());
 }
 
 #[cfg(test)]

@@ -299,7 +299,7 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
             },
             Err(e) => error_response(StatusCode::BAD_GATEWAY, &super::http::error_chain(&e), &request_id),
         };
-        super::inbound::record(&out.metrics, "outbound", out.route.identity.as_str(), resp.status(), started);
+        out.metrics.record_request("outbound", out.route.identity.as_str(), resp.status(), started);
         return resp;
     }
     strip_hop_by_hop(req.headers_mut());
@@ -346,7 +346,7 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
             error_response(StatusCode::BAD_GATEWAY, &reason, &request_id)
         }
     };
-    super::inbound::record(&out.metrics, "outbound", out.route.identity.as_str(), resp.status(), started);
+    out.metrics.record_request("outbound", out.route.identity.as_str(), resp.status(), started);
     out.metrics.peers.record(
         out.route.identity.as_str(),
         "outbound",
@@ -376,7 +376,7 @@ fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
         if let Some(io) = err.downcast_ref::<std::io::Error>()
             && io.get_ref().is_some_and(|i| i.is::<rustls::Error>())
         {
-            return Some(super::inbound::handshake_failure_reason(io));
+            return Some(crate::tls::handshake_failure_reason(io));
         }
         cur = err.source();
     }

@@ -44,6 +44,20 @@ pub struct ProxyMetrics {
 }
 
 impl ProxyMetrics {
+    /// Counts a finished request: by direction, status class and peer, and its latency.
+    pub fn record_request(&self, direction: &str, peer: &str, status: http::StatusCode, started: std::time::Instant) {
+        self.requests
+            .get_or_create(&vec![
+                ("direction".into(), direction.into()),
+                ("status_class".into(), crate::proxy::http::status_class(status).into()),
+                ("peer".into(), peer.into()),
+            ])
+            .inc();
+        self.duration
+            .get_or_create(&vec![("direction".into(), direction.into())])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
     /// Counts an open connection until the returned guard is dropped.
     pub fn open_connection(self: &std::sync::Arc<Self>, direction: &'static str) -> OpenConnection {
         let gauge = self.connections_open.get_or_create(&vec![("direction".into(), direction.into())]).clone();

@@ -32,11 +32,6 @@ impl std::fmt::Debug for IdentityMismatch {
     }
 }
 
-/// The peer's identity or serial is revoked.
-#[derive(Debug, thiserror::Error)]
-#[error("peer {0} is revoked")]
-pub struct Revoked(pub String);
-
 /// Verifies a server: chain to the bundle, then exactly the expected SPIFFE ID, then not revoked.
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
