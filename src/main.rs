@@ -62,8 +62,21 @@ enum Command {
     },
     /// The whole mesh on one machine, no root, no Kubernetes.
     Demo(palisade::demo::DemoArgs),
-    /// Kubernetes helpers (CRDs).
-    K8s,
+    /// Kubernetes helpers.
+    K8s {
+        #[command(subcommand)]
+        command: K8sCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum K8sCommand {
+    /// Print the CustomResourceDefinitions (or write one file per CRD with `--out DIR`).
+    Crds {
+        /// Directory to write `<name>.yaml` files into (what `deploy/crds/` holds).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -235,7 +248,24 @@ fn real_main() -> anyhow::Result<ExitCode> {
         Command::Inject => return not_built("inject", 7),
         Command::Policy { command } => return palisade::policy::run(command),
         Command::Demo(args) => runtime()?.block_on(palisade::demo::run(args))?,
-        Command::K8s => return not_built("k8s", 7),
+        Command::K8s { command: K8sCommand::Crds { out } } => {
+            let crds = palisade::k8s::crd::crds();
+            match out {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                    for crd in &crds {
+                        let path = dir.join(palisade::k8s::crd::file_name(crd));
+                        std::fs::write(&path, palisade::k8s::crd::to_yaml(crd))
+                            .with_context(|| format!("writing {}", path.display()))?;
+                    }
+                    println!("wrote {} CRDs to {}", crds.len(), dir.display());
+                }
+                None => {
+                    let docs: Vec<String> = crds.iter().map(palisade::k8s::crd::to_yaml).collect();
+                    print!("{}", docs.join("---\n"));
+                }
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -4,6 +4,7 @@
 //! connection is made here with tokio-rustls and handed to tonic as a ready stream.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -40,9 +41,14 @@ impl ControlClientError {
 
 /// Connection details for the control plane. Each call dials afresh so the client certificate
 /// presented is always the current one.
+///
+/// `addr` may list several replicas separated by commas. The last one that answered is tried
+/// first; when it cannot be reached the others are tried in turn, so a sidecar moves to a live
+/// replica as soon as its own dies.
 #[derive(Clone)]
 pub struct ControlClient {
-    addr: String,
+    addrs: Arc<[String]>,
+    current: Arc<AtomicUsize>,
     tls: Arc<rustls::ClientConfig>,
 }
 
@@ -50,17 +56,48 @@ impl ControlClient {
     /// A client for the control plane at `addr`, which must prove `control_identity`.
     pub fn new(addr: &str, bundle: Arc<TrustBundle>, certs: Arc<CertStore>, control_identity: SpiffeId) -> Self {
         let tls = config::client_config(certs, bundle, Some(control_identity), &[config::ALPN_H2]);
-        ControlClient { addr: addr.to_string(), tls }
+        Self::with_tls_config(addr, tls)
     }
 
     /// A client with a ready-made TLS config (tests use it to present arbitrary certificates).
     pub fn with_tls_config(addr: &str, tls: Arc<rustls::ClientConfig>) -> Self {
-        ControlClient { addr: addr.to_string(), tls }
+        let mut addrs: Vec<String> =
+            addr.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from).collect();
+        if addrs.is_empty() {
+            addrs.push(addr.to_string()); // fails at connect, with this address in the error
+        }
+        ControlClient { addrs: addrs.into(), current: Arc::new(AtomicUsize::new(0)), tls }
     }
 
-    /// A gRPC channel (one connection) to the control plane.
+    /// The replica the client talks to now.
+    pub fn current_addr(&self) -> &str {
+        &self.addrs[self.current.load(Ordering::Relaxed) % self.addrs.len()]
+    }
+
+    /// A gRPC channel (one connection) to the control plane: the current replica, else the
+    /// next that answers.
     pub async fn channel(&self) -> Result<Channel, ControlClientError> {
-        let addr = self.addr.clone();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last_error = None;
+        for i in 0..self.addrs.len() {
+            let idx = (start + i) % self.addrs.len();
+            match self.channel_to(&self.addrs[idx]).await {
+                Ok(channel) => {
+                    if idx != start % self.addrs.len() {
+                        tracing::info!(control = %self.addrs[idx], "switched to another control-plane replica");
+                    }
+                    self.current.store(idx, Ordering::Relaxed);
+                    return Ok(channel);
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.expect("a ControlClient has at least one address"))
+    }
+
+    async fn channel_to(&self, addr: &str) -> Result<Channel, ControlClientError> {
+        let target = addr.to_string();
+        let addr = addr.to_string();
         let tls = self.tls.clone();
         let connector = tower_service_fn(move || {
             let addr = addr.clone();
@@ -72,13 +109,13 @@ impl ControlClient {
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }
         });
-        Endpoint::from_shared(format!("http://{}", self.addr))
-            .map_err(|source| ControlClientError::Connect { addr: self.addr.clone(), source })?
+        Endpoint::from_shared(format!("http://{target}"))
+            .map_err(|source| ControlClientError::Connect { addr: target.clone(), source })?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(15))
             .connect_with_connector(connector)
             .await
-            .map_err(|source| ControlClientError::Connect { addr: self.addr.clone(), source })
+            .map_err(|source| ControlClientError::Connect { addr: target, source })
     }
 
     /// Asks for a certificate for the key in `csr_der`, proving identity with `credential` or,

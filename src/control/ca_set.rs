@@ -47,6 +47,26 @@ impl CaSet {
         Self::from_generations(generations)
     }
 
+    /// Makes `material` the active generation (Kubernetes: the CA shared through a Secret),
+    /// retiring whatever the local store held before. Nothing changes if it is already active.
+    pub fn adopt(store: &Store, material: &CaMaterial) -> Result<(), CaSetError> {
+        let generations = store.ca_generations()?;
+        let same = |g: &CaGeneration| {
+            g.material.root_cert_pem == material.root_cert_pem
+                && g.material.intermediate_cert_pem == material.intermediate_cert_pem
+        };
+        if generations.iter().any(|g| g.state == "active" && same(g)) {
+            return Ok(());
+        }
+        for g in generations.iter().filter(|g| g.state != "retired") {
+            store.set_ca_state(g.generation, "retired", None)?;
+        }
+        let next = generations.iter().map(|g| g.generation).max().unwrap_or(0) + 1;
+        store.insert_ca(next, material, "active")?;
+        tracing::info!(generation = next, "adopted the shared CA as the active generation");
+        Ok(())
+    }
+
     fn from_generations(generations: Vec<CaGeneration>) -> Result<Self, CaSetError> {
         let active = generations.iter().find(|g| g.state == "active").ok_or(CaSetError::NoActive)?;
         let signer = CertificateAuthority::load(active.material.clone())?;

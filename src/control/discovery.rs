@@ -67,6 +67,9 @@ pub struct MeshState {
     /// joins or leaves the table; rebuilding it per stream made every push O(sidecars²).
     /// Written only while `sidecars` is locked, so it never goes stale behind a change.
     endpoints: ArcSwapOption<Vec<Endpoint>>,
+    /// Endpoints a cluster source knows without any sidecar registering them (Kubernetes
+    /// pods and services); merged into the table.
+    cluster_endpoints: ArcSwap<Vec<Endpoint>>,
     next_stream: AtomicU64,
     dirty: Notify,
     generation: watch::Sender<u64>,
@@ -111,6 +114,7 @@ impl MeshState {
             revocations: ArcSwap::from_pointee((Vec::new(), Vec::new())),
             sidecars: Mutex::new(sidecars),
             endpoints: ArcSwapOption::empty(),
+            cluster_endpoints: ArcSwap::from_pointee(Vec::new()),
             next_stream: AtomicU64::new(1),
             dirty: Notify::new(),
             generation: watch::channel(0).0,
@@ -188,6 +192,17 @@ impl MeshState {
         }
     }
 
+    /// Replaces the endpoints a cluster source knows (pod and service addresses).
+    pub fn set_cluster_endpoints(&self, endpoints: Vec<Endpoint>) {
+        if **self.cluster_endpoints.load() != endpoints {
+            let sidecars = self.sidecars.lock();
+            self.cluster_endpoints.store(Arc::new(endpoints));
+            self.endpoints.store(None);
+            drop(sidecars);
+            self.mark_dirty();
+        }
+    }
+
     /// Replaces the revocation lists (identities, serials).
     pub fn set_revocations(&self, ids: Vec<String>, serials: Vec<String>) {
         let next = (ids, serials);
@@ -258,6 +273,7 @@ impl MeshState {
                     labels: e.labels.clone().into_iter().collect(),
                 })
             })
+            .chain(self.cluster_endpoints.load().iter().cloned())
             .collect();
         endpoints.sort_by(|a, b| (&a.address, &a.spiffe_id).cmp(&(&b.address, &b.spiffe_id)));
         endpoints.dedup_by(|a, b| a.address == b.address && a.spiffe_id == b.spiffe_id);

@@ -19,6 +19,8 @@ pub struct IdentityService {
     pub store: Arc<Store>,
     pub ca: Arc<ArcSwap<CaSet>>,
     pub cert_ttl: Duration,
+    /// Kubernetes service-account attestation (TokenReview), when running in a cluster.
+    pub attestor: Option<crate::k8s::attest::Attestor>,
 }
 
 /// A Certify failure, mapped to the gRPC status the caller sees.
@@ -66,10 +68,27 @@ impl Identity for IdentityService {
             })
             .await
             .map_err(|e| Status::internal(e.to_string()))??,
-            Some(Credential::KubernetesToken(_)) => {
-                return Err(Status::unimplemented(
-                    "Kubernetes service-account attestation is not enabled on this control plane",
-                ));
+            Some(Credential::KubernetesToken(token)) => {
+                let Some(attestor) = &self.attestor else {
+                    return Err(Status::unimplemented(
+                        "Kubernetes service-account attestation is not enabled on this control plane (start it with --kubernetes)",
+                    ));
+                };
+                let id = attestor.identity(&token).await.map_err(|e| {
+                    tracing::info!(error = %e, "service-account token refused");
+                    if e.is_transient() {
+                        Status::unavailable(e.to_string())
+                    } else {
+                        Status::permission_denied(e.to_string())
+                    }
+                })?;
+                tokio::task::spawn_blocking(move || -> Result<IssuedCertificate, CertifyError> {
+                    let issued = ca.signer().sign_workload(&id, &csr.public_key, ttl, &[])?;
+                    store.record_certificate(&issued, CredentialKind::Kubernetes)?;
+                    Ok(issued)
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))??
             }
             None => {
                 // Renewal: the TLS layer has verified the chain and validity of the client

@@ -46,8 +46,41 @@ pub struct ControlArgs {
     #[arg(long, env = "PALISADE_CERT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub cert_ttl: Duration,
     /// Directory of YAML manifests (AuthorizationPolicy, PeerAuthentication, ...), watched.
-    #[arg(long, env = "PALISADE_RESOURCES")]
+    #[arg(long, env = "PALISADE_RESOURCES", conflicts_with = "kubernetes")]
     pub resources: Option<PathBuf>,
+    /// Kubernetes mode: resources from the CRDs, Pods and Services; the CA from a Secret shared
+    /// by every replica; workload identity from service-account tokens (TokenReview); CRD
+    /// status written by the leader. The API server is found as kubectl finds it (KUBECONFIG,
+    /// else in-cluster).
+    #[arg(long, env = "PALISADE_KUBERNETES")]
+    pub kubernetes: bool,
+    /// Namespace of the control plane (its CA Secret and leader Lease live there).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "palisade-system")]
+    pub namespace: String,
+    /// Name of the Secret holding the CA.
+    #[arg(long, env = "PALISADE_CA_SECRET", default_value = "palisade-ca")]
+    pub ca_secret: String,
+    /// This replica's name in the leader election (its pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// How long the leader's Lease lasts without renewal; a dead leader is replaced after it.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+    /// HTTPS listener of the sidecar-injection webhook (Kubernetes mode).
+    #[arg(long, env = "PALISADE_WEBHOOK")]
+    pub webhook: Option<SocketAddr>,
+    /// The MutatingWebhookConfiguration whose caBundle this control plane keeps current.
+    #[arg(long, default_value = "palisade-sidecar-injector")]
+    pub webhook_config: String,
+    /// The Service in front of the replicas: named in the webhook's serving certificate.
+    #[arg(long, default_value = "palisade-control")]
+    pub service_name: String,
+    /// Image of the injected init container and sidecar.
+    #[arg(long, env = "PALISADE_PROXY_IMAGE", default_value = "ghcr.io/palisade-mesh/palisade:0.1.0")]
+    pub proxy_image: String,
+    /// Control-plane address injected sidecars dial (default: the Service).
+    #[arg(long, env = "PALISADE_INJECT_CONTROL")]
+    pub inject_control: Option<String>,
     /// What a workload with no ALLOW policy does: `deny` (zero trust), `allow-authenticated`
     /// (any mesh identity), or `allow`.
     #[arg(long, env = "PALISADE_DEFAULT_POLICY", default_value = "deny",
@@ -77,6 +110,17 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         tracing::warn!(cert_ttl = ?args.cert_ttl, "certificate lifetime under 5 minutes: for testing only");
     }
     let store = Arc::new(Store::open(&args.state_dir)?);
+    let kube = if args.kubernetes {
+        let client = kube::Client::try_default().await.context("connecting to the Kubernetes API server")?;
+        let material =
+            crate::k8s::ca_secret::load_or_create(client.clone(), &args.namespace, &args.ca_secret, &args.trust_domain)
+                .await
+                .context("loading the CA Secret")?;
+        CaSet::adopt(&store, &material)?;
+        Some(client)
+    } else {
+        None
+    };
     let ca_set = CaSet::load_or_init(&store, &args.trust_domain)?;
     ca_set.export_bundle(&args.state_dir)?;
     let bundle = TrustBundle::from_pem(ca_set.bundle_pem())?;
@@ -128,6 +172,26 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     tokio::spawn(mesh.clone().run());
     let graph = Arc::new(TrafficGraph::default());
     let resource_errors = Arc::new(ArcSwap::from_pointee(Vec::<ResourceError>::new()));
+    if let Some(client) = &kube {
+        let identity =
+            args.pod_name.clone().unwrap_or_else(|| format!("palisade-control-{:08x}", rand::random::<u32>()));
+        let leader = crate::k8s::lease::Election {
+            namespace: args.namespace.clone(),
+            name: "palisade-control-leader".into(),
+            identity,
+            lease_duration: args.lease_duration,
+        }
+        .spawn(client.clone());
+        crate::k8s::source::KubeSource {
+            client: client.clone(),
+            trust_domain: args.trust_domain.clone(),
+            mesh: mesh.clone(),
+            errors: resource_errors.clone(),
+            leader: leader.clone(),
+        }
+        .start()
+        .await?;
+    }
     if let Some(dir) = args.resources.clone() {
         if !dir.is_dir() {
             anyhow::bail!("--resources {}: not a directory", dir.display());
@@ -225,7 +289,12 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         });
     }
 
-    let service = IdentityService { store: store.clone(), ca: ca.clone(), cert_ttl: args.cert_ttl };
+    let service = IdentityService {
+        store: store.clone(),
+        ca: ca.clone(),
+        cert_ttl: args.cert_ttl,
+        attestor: kube.clone().map(|c| crate::k8s::attest::Attestor::new(c, &args.trust_domain)),
+    };
     let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(service))

@@ -148,6 +148,11 @@ impl CertificateAuthority {
             id.as_str().try_into().map_err(|e| CaError::Material(format!("SPIFFE ID as URI SAN: {e}")))?,
         )];
         for name in dns_names {
+            // Serving certificates (the control plane's, its webhook's) may name an address.
+            if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+                params.subject_alt_names.push(SanType::IpAddress(ip));
+                continue;
+            }
             params.subject_alt_names.push(SanType::DnsName(
                 name.as_str().try_into().map_err(|e| CaError::Material(format!("DNS SAN {name}: {e}")))?,
             ));

@@ -32,6 +32,8 @@ pub enum CertError {
     Key(#[from] rcgen::Error),
     #[error("control plane returned an unusable certificate: {0}")]
     BadResponse(String),
+    #[error("reading the service-account token: {0}")]
+    TokenFile(std::io::Error),
 }
 
 /// Summary of the certificate in service, for `/config_dump`, `/ready` and logs.
@@ -53,6 +55,15 @@ pub struct CertManager {
     metrics: Arc<CertMetrics>,
     info: ArcSwapOption<CertInfo>,
     events: Arc<CertEvents>,
+}
+
+/// The credential that earns the first certificate.
+#[derive(Clone, Debug)]
+pub enum Bootstrap {
+    /// A standalone join token (single use).
+    JoinToken(String),
+    /// A projected Kubernetes service-account token, re-read for every attempt.
+    KubernetesTokenFile(std::path::PathBuf),
 }
 
 impl CertManager {
@@ -81,12 +92,20 @@ impl CertManager {
         self.certs.current().is_some()
     }
 
-    /// Gets the first certificate with a join token. Retries transient failures (control plane
-    /// not up yet); returns at once on a refusal that retrying cannot fix (bad or spent token).
-    pub async fn bootstrap(&self, token: &str) -> Result<Arc<CertInfo>, CertError> {
+    /// Gets the first certificate with a join token or a service-account token. Retries
+    /// transient failures (control plane not up yet); returns at once on a refusal that
+    /// retrying cannot fix (bad or spent token).
+    pub async fn bootstrap(&self, bootstrap: &Bootstrap) -> Result<Arc<CertInfo>, CertError> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
-            match self.request(Some(Credential::JoinToken(token.trim().to_string()))).await {
+            let credential = match bootstrap {
+                Bootstrap::JoinToken(token) => Credential::JoinToken(token.trim().to_string()),
+                // Read afresh each time: the kubelet rotates the projected token.
+                Bootstrap::KubernetesTokenFile(path) => Credential::KubernetesToken(
+                    std::fs::read_to_string(path).map_err(CertError::TokenFile)?.trim().to_string(),
+                ),
+            };
+            match self.request(Some(credential)).await {
                 Ok(info) => return Ok(info),
                 Err(CertError::Control(e)) if !e.is_permanent() => {
                     let wait = backoff.next();

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The only API version this build understands.
@@ -45,7 +46,7 @@ pub struct ObjectMeta {
 }
 
 /// The policy body: a selector, an action and exactly one of `rules`, `rego` or `wasm`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     /// Which workloads of the namespace the policy applies to; absent: all of them.
@@ -67,7 +68,7 @@ pub struct AuthorizationPolicySpec {
 }
 
 /// Selects workloads by label.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
     /// Every pair must be present on the workload.
@@ -76,7 +77,7 @@ pub struct WorkloadSelector {
 }
 
 /// What happens when a policy matches.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
     /// A match allows the request (when no DENY matches).
@@ -99,7 +100,7 @@ impl std::fmt::Display for Action {
 }
 
 /// One Istio-style rule: every non-empty part (`from`, `to`, `when`) must match.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
     /// Any entry matches; empty: any source.
@@ -114,7 +115,7 @@ pub struct Rule {
 }
 
 /// A `from` entry.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct From {
     /// Who the caller is.
@@ -122,7 +123,7 @@ pub struct From {
 }
 
 /// Properties of the caller; every non-empty list must match.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     /// SPIFFE IDs of the caller (wildcards allowed; `spiffe://` may be omitted).
@@ -146,7 +147,7 @@ pub struct Source {
 }
 
 /// A `to` entry.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct To {
     /// What the caller asks for.
@@ -154,7 +155,7 @@ pub struct To {
 }
 
 /// Properties of the request; every non-empty list must match.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     /// HTTP methods, e.g. `GET`.
@@ -193,8 +194,23 @@ pub enum Port {
     Text(String),
 }
 
+/// Kubernetes' own spelling of "a number or a string".
+impl JsonSchema for Port {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Port".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "x-kubernetes-int-or-string": true })
+    }
+}
+
 /// A `when` condition: `key` must match one of `values` and none of `notValues`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Condition {
     /// What to look at, e.g. `request.headers[x-tenant]` or `source.namespace`.
@@ -208,7 +224,7 @@ pub struct Condition {
 }
 
 /// A Rego module and the rule that decides.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RegoSource {
     /// The module source text.
@@ -218,7 +234,7 @@ pub struct RegoSource {
 }
 
 /// An OPA WebAssembly bundle built by `opa build -t wasm`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WasmSource {
     /// Base64 of the bundle.

@@ -27,6 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::agent::ControlClient;
 use crate::agent::discovery::{ApplyFn, DiscoveryStatus};
 use crate::control::identity_service::control_plane_identity;
+use crate::identity::manager::Bootstrap;
 use crate::identity::{CertManager, SpiffeId};
 use crate::policy::Workload;
 use crate::proto::discovery::{Node, Snapshot};
@@ -40,15 +41,23 @@ pub use outbound::Route;
 /// Flags of `palisade proxy`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProxyArgs {
-    /// Control plane gRPC address (host:port).
+    /// Control plane gRPC address (host:port), or several separated by commas: replicas are
+    /// tried in turn when one cannot be reached.
     #[arg(long, env = "PALISADE_CONTROL", default_value = "127.0.0.1:15010")]
     pub control: String,
     /// PEM roots that anchor the mesh (the control plane writes them to `STATE_DIR/ca/root.pem`).
-    #[arg(long, env = "PALISADE_CA_BUNDLE")]
-    pub ca_bundle: PathBuf,
-    /// File holding a join token for the first certificate.
-    #[arg(long, env = "PALISADE_TOKEN_FILE")]
-    pub token_file: PathBuf,
+    #[arg(long, env = "PALISADE_CA_BUNDLE", required_unless_present = "ca_bundle_pem")]
+    pub ca_bundle: Option<PathBuf>,
+    /// The same roots as PEM text (what the Kubernetes injector passes).
+    #[arg(long, env = "PALISADE_CA_BUNDLE_PEM", hide_env_values = true, conflicts_with = "ca_bundle")]
+    pub ca_bundle_pem: Option<String>,
+    /// File holding a join token for the first certificate (standalone).
+    #[arg(long, env = "PALISADE_TOKEN_FILE", required_unless_present = "kube_token_file")]
+    pub token_file: Option<PathBuf>,
+    /// File holding a projected service-account token, audience `palisade` (Kubernetes). It is
+    /// re-read for every attempt, as the kubelet refreshes it.
+    #[arg(long, env = "PALISADE_KUBE_TOKEN_FILE", conflicts_with = "token_file")]
+    pub kube_token_file: Option<PathBuf>,
     /// mTLS listener for peer sidecars.
     #[arg(long, env = "PALISADE_INBOUND")]
     pub inbound: Option<SocketAddr>,
@@ -65,7 +74,7 @@ pub struct ProxyArgs {
     #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
     /// Workload label `KEY=VALUE` (repeatable); policies select workloads by label.
-    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    #[arg(long = "label", env = "PALISADE_LABELS", value_delimiter = ',', value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
     /// Access and decision log (JSON lines): `stdout`, a file path, or `off`.
     #[arg(long, env = "PALISADE_ACCESS_LOG", default_value = "stdout")]
@@ -102,12 +111,27 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 /// Runs the sidecar until SIGTERM, Ctrl-C or `POST /shutdown`.
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     crate::tls::install_crypto_provider();
-    let bundle_pem = std::fs::read_to_string(&args.ca_bundle)
-        .with_context(|| format!("reading CA bundle {}", args.ca_bundle.display()))?;
-    let bundle =
-        TrustBundle::from_pem(&bundle_pem).with_context(|| format!("CA bundle {}", args.ca_bundle.display()))?;
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("reading join token {}", args.token_file.display()))?;
+    let (bundle_pem, bundle_origin) = match (&args.ca_bundle, &args.ca_bundle_pem) {
+        (Some(path), _) => (
+            std::fs::read_to_string(path).with_context(|| format!("reading CA bundle {}", path.display()))?,
+            path.display().to_string(),
+        ),
+        (None, Some(pem)) => (pem.clone(), "PALISADE_CA_BUNDLE_PEM".to_string()),
+        (None, None) => anyhow::bail!("--ca-bundle or PALISADE_CA_BUNDLE_PEM is required"),
+    };
+    let bundle = TrustBundle::from_pem(&bundle_pem).with_context(|| format!("CA bundle {bundle_origin}"))?;
+    let credential = match (&args.token_file, &args.kube_token_file) {
+        (Some(path), _) => {
+            let token =
+                std::fs::read_to_string(path).with_context(|| format!("reading join token {}", path.display()))?;
+            Bootstrap::JoinToken(token)
+        }
+        (None, Some(path)) => {
+            std::fs::metadata(path).with_context(|| format!("service-account token {}", path.display()))?;
+            Bootstrap::KubernetesTokenFile(path.clone())
+        }
+        (None, None) => anyhow::bail!("--token-file or --kube-token-file is required"),
+    };
     if !args.transparent && args.inbound.is_some() != args.app.is_some() {
         anyhow::bail!("--inbound and --app go together: the inbound side needs an app to forward to");
     }
@@ -194,7 +218,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         }));
     }
 
-    let info = manager.bootstrap(&token).await.context("obtaining the first workload certificate")?;
+    let info = manager.bootstrap(&credential).await.context("obtaining the first workload certificate")?;
     let own_id: SpiffeId = info.spiffe_id.parse()?;
     tracing::info!(spiffe_id = %own_id, serial = %info.serial, "workload identity obtained");
     tokio::spawn(manager.clone().run());

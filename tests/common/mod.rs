@@ -40,9 +40,15 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, dir: &Path, args: &[String]) -> Proc {
+        Self::spawn_with_env(name, dir, args, &[])
+    }
+
+    /// Like [`spawn`](Self::spawn) with extra environment variables for the child.
+    pub fn spawn_with_env(name: &str, dir: &Path, args: &[String], env: &[(&str, &str)]) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .env("PALISADE_LOG", "info")
             .stdout(std::fs::File::create(dir.join(format!("{name}.out"))).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())

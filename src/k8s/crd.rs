@@ -1,0 +1,285 @@
+//! The `palisade.io/v1alpha1` custom resources, generated from these types into `deploy/crds/`.
+//!
+//! `AuthorizationPolicy` reuses the policy engine's own spec types, so the schema the API server
+//! enforces and the document the engine compiles cannot drift apart. The API server's schema
+//! catches shape errors at `kubectl apply`; what only the engine can judge (a Rego module that
+//! does not compile, `rules` and `rego` together) is reported in `status.conditions`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::resource::WorkloadSelector;
+
+/// The group and version of every Palisade resource.
+pub const API_VERSION: &str = "palisade.io/v1alpha1";
+
+/// Acceptance as the control plane saw it; written by the leader replica only.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PalisadeStatus {
+    /// The `metadata.generation` the conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Accepted`: `True`, or `False` with reason `Invalid` and a message saying what is wrong.
+    #[serde(default)]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+}
+
+/// Who may call a workload, and how: the spec of the policy engine itself.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "palisade.io",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    namespaced,
+    status = "PalisadeStatus",
+    shortname = "authz",
+    category = "palisade",
+    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+pub struct AuthorizationPolicySpec {
+    #[serde(flatten)]
+    pub policy: crate::policy::resource::AuthorizationPolicySpec,
+}
+
+/// Whether workloads accept plaintext next to mutual TLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// Mutual TLS only (the default: zero trust).
+    #[default]
+    Strict,
+    /// Mutual TLS and plaintext, for migration.
+    Permissive,
+}
+
+/// The mode for all ports, or for one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MtlsSetting {
+    pub mode: MtlsMode,
+}
+
+/// Mutual-TLS requirements of the selected workloads (namespace-wide without a selector).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "palisade.io",
+    version = "v1alpha1",
+    kind = "PeerAuthentication",
+    namespaced,
+    status = "PalisadeStatus",
+    shortname = "peerauthn",
+    category = "palisade",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mtls.mode"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsSetting>,
+    /// Per-port overrides, keyed by port number.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_level_mtls: BTreeMap<String, MtlsSetting>,
+}
+
+/// Where a JWT is read from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtHeader {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+/// One trusted token issuer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtRule {
+    pub issuer: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// Where the issuer's keys are published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// The keys inline, as a JWKS document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+    /// Default: `Authorization: Bearer`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_headers: Vec<JwtHeader>,
+    #[serde(default)]
+    pub forward_original_token: bool,
+}
+
+/// End-user (JWT) authentication of requests to the selected workloads.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "palisade.io",
+    version = "v1alpha1",
+    kind = "RequestAuthentication",
+    namespaced,
+    status = "PalisadeStatus",
+    shortname = "reqauthn",
+    category = "palisade",
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestAuthenticationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+/// The period a limit counts over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum RateUnit {
+    #[default]
+    Second,
+    Minute,
+    Hour,
+}
+
+/// One token bucket.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    pub requests_per_unit: u32,
+    pub unit: RateUnit,
+    /// Extra requests allowed at once; default: `requestsPerUnit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Only requests to these paths count (wildcards allowed); empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// Count per caller identity rather than for the workload as a whole.
+    #[serde(default)]
+    pub per_source: bool,
+}
+
+/// Request rate limits of the selected workloads.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "palisade.io",
+    version = "v1alpha1",
+    kind = "RateLimitPolicy",
+    namespaced,
+    status = "PalisadeStatus",
+    shortname = "ratelimit",
+    category = "palisade",
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitPolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    pub limits: Vec<RateLimit>,
+}
+
+/// Every CRD, in a stable order.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![AuthorizationPolicy::crd(), PeerAuthentication::crd(), RequestAuthentication::crd(), RateLimitPolicy::crd()]
+}
+
+/// The file name of a CRD under `deploy/crds/`.
+pub fn file_name(crd: &CustomResourceDefinition) -> String {
+    format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("crd"))
+}
+
+/// One CRD as the YAML committed under `deploy/crds/`.
+pub fn to_yaml(crd: &CustomResourceDefinition) -> String {
+    let body = serde_yaml::to_string(crd).expect("a CRD always serializes");
+    format!("# Generated by `palisade k8s crds --out deploy/crds`; do not edit.\n{body}")
+}
+
+/// Checks a spec beyond what the schema can: a policy must compile. `Err` is the message for
+/// the `Invalid` condition.
+pub fn validate(kind: &str, name: &str, namespace: &str, spec: &serde_json::Value) -> Result<(), String> {
+    match kind {
+        "AuthorizationPolicy" => {
+            let doc = serde_json::json!({
+                "apiVersion": API_VERSION, "kind": kind,
+                "metadata": {"name": name, "namespace": namespace}, "spec": spec,
+            });
+            let policy: crate::policy::resource::AuthorizationPolicy =
+                serde_json::from_value(doc).map_err(|e| format!("spec: {e}"))?;
+            crate::policy::Policy::compile(&policy).map(|_| ()).map_err(|e| e.to_string())
+        }
+        "PeerAuthentication" => {
+            serde_json::from_value::<PeerAuthenticationSpec>(spec.clone()).map(|_| ()).map_err(|e| format!("spec: {e}"))
+        }
+        "RequestAuthentication" => {
+            let s: RequestAuthenticationSpec =
+                serde_json::from_value(spec.clone()).map_err(|e| format!("spec: {e}"))?;
+            match s.jwt_rules.iter().find(|r| r.jwks.is_none() && r.jwks_uri.is_none()) {
+                Some(r) => Err(format!("jwtRules: issuer {:?} has neither jwksUri nor jwks", r.issuer)),
+                None => Ok(()),
+            }
+        }
+        "RateLimitPolicy" => {
+            let s: RateLimitPolicySpec = serde_json::from_value(spec.clone()).map_err(|e| format!("spec: {e}"))?;
+            match s.limits.iter().position(|l| l.requests_per_unit == 0) {
+                Some(i) => Err(format!("limits[{i}].requestsPerUnit must be at least 1")),
+                None => Ok(()),
+            }
+        }
+        other => Err(format!("unknown kind {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deploy_crds_are_what_the_code_generates() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/crds");
+        for crd in crds() {
+            let path = dir.join(file_name(&crd));
+            let committed = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                committed == to_yaml(&crd),
+                "{} differs from the generated CRD: run `cargo run -- k8s crds --out deploy/crds`",
+                path.display()
+            );
+        }
+        let files = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(files, crds().len(), "deploy/crds holds a file the code no longer generates");
+    }
+
+    #[test]
+    fn schemas_are_structural() {
+        // The API server refuses a CRD whose schema mixes `properties` with
+        // `additionalProperties`, or uses `anyOf` with types; catch that before it does.
+        for crd in crds() {
+            let text = serde_json::to_string(&crd).unwrap();
+            assert!(!text.contains("\"$ref\""), "{text}");
+            assert!(!text.contains("additionalProperties\":false"), "{text}");
+        }
+    }
+
+    #[test]
+    fn validation_reports_what_the_schema_cannot() {
+        let both =
+            serde_json::json!({"rules": [], "rego": {"module": "package x\nallow := true", "entrypoint": "x/allow"}});
+        let e = validate("AuthorizationPolicy", "p", "shop", &both).unwrap_err();
+        assert!(e.contains("rules") || e.contains("exactly one"), "{e}");
+        let bad_rego = serde_json::json!({"rego": {"module": "package x\nallow := {", "entrypoint": "x/allow"}});
+        assert!(validate("AuthorizationPolicy", "p", "shop", &bad_rego).is_err());
+        let ok = serde_json::json!({"action": "ALLOW", "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]});
+        validate("AuthorizationPolicy", "p", "shop", &ok).unwrap();
+        let zero = serde_json::json!({"limits": [{"requestsPerUnit": 0, "unit": "SECOND"}]});
+        assert!(validate("RateLimitPolicy", "r", "shop", &zero).unwrap_err().contains("limits[0]"));
+    }
+}

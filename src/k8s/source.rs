@@ -1,0 +1,309 @@
+//! Resource source `kubernetes`: the CRDs, Pods and Services, watched, feeding the same mesh
+//! state as the file source.
+//!
+//! Every replica watches and serves. The leader (see [`super::lease`]) also writes each CRD's
+//! `status`: `Accepted: True`, or `False` with reason `Invalid` and what is wrong. An invalid
+//! edit never reaches sidecars; the last accepted version of that object stays in force, as a
+//! bad file does with the file source.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource as _, ResourceExt};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, watch};
+
+use super::crd;
+use crate::control::discovery::MeshState;
+use crate::control::resources::{Resource, ResourceError};
+use crate::identity::SpiffeId;
+use crate::proto::discovery::Endpoint;
+
+/// Annotation the injector sets on every pod it meshed.
+pub const INJECTED_ANNOTATION: &str = "palisade.io/status";
+
+/// One CRD object's verdict, remembered per generation so a policy compiles once.
+struct Verdict {
+    generation: i64,
+    result: Result<Resource, String>,
+    /// The newest accepted version, kept in force while a later edit is invalid.
+    last_accepted: Option<Resource>,
+}
+
+/// Watches the cluster until the process ends.
+pub struct KubeSource {
+    pub client: kube::Client,
+    pub trust_domain: String,
+    pub mesh: Arc<MeshState>,
+    pub errors: Arc<ArcSwap<Vec<ResourceError>>>,
+    pub leader: watch::Receiver<bool>,
+}
+
+impl KubeSource {
+    /// Starts the watches and returns once each has listed what exists, so the control plane
+    /// never serves a snapshot built before it read its resources.
+    pub async fn start(self) -> anyhow::Result<()> {
+        let changed = Arc::new(Notify::new());
+        let mut crds = Vec::new();
+        for ar in [
+            ApiResource::erase::<crd::AuthorizationPolicy>(&()),
+            ApiResource::erase::<crd::PeerAuthentication>(&()),
+            ApiResource::erase::<crd::RequestAuthentication>(&()),
+            ApiResource::erase::<crd::RateLimitPolicy>(&()),
+        ] {
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+            let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+            crds.push((ar, watch_into(api, writer, changed.clone())));
+        }
+        let pods = watch_into(Api::<Pod>::all(self.client.clone()), Default::default(), changed.clone());
+        let services = watch_into(Api::<Service>::all(self.client.clone()), Default::default(), changed.clone());
+        for (ar, store) in &crds {
+            store.wait_until_ready().await.map_err(|e| anyhow::anyhow!("watching {}: {e}", ar.plural))?;
+        }
+        pods.wait_until_ready().await.map_err(|e| anyhow::anyhow!("watching pods: {e}"))?;
+        services.wait_until_ready().await.map_err(|e| anyhow::anyhow!("watching services: {e}"))?;
+
+        let mut state = State { verdicts: HashMap::new(), written: HashMap::new() };
+        state.rebuild(&self, &crds, &pods, &services).await;
+        tracing::info!("kubernetes resource source synced");
+        let mut leader = self.leader.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = changed.notified() => {}
+                    r = leader.changed() => if r.is_err() { return },
+                }
+                state.rebuild(&self, &crds, &pods, &services).await;
+            }
+        });
+        Ok(())
+    }
+}
+
+/// A reflector over `api` whose every event wakes `changed`.
+fn watch_into<K>(api: Api<K>, writer: reflector::store::Writer<K>, changed: Arc<Notify>) -> Store<K>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let reader = writer.as_reader();
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(e) => tracing::warn!(error = %e, "kubernetes watch interrupted; retrying"),
+            }
+        }
+    });
+    reader
+}
+
+struct State {
+    /// Verdicts by object uid.
+    verdicts: HashMap<String, Verdict>,
+    /// The status this replica last wrote, by uid, so an unchanged verdict is not rewritten.
+    written: HashMap<String, (i64, Result<(), String>)>,
+}
+
+impl State {
+    async fn rebuild(
+        &mut self,
+        src: &KubeSource,
+        crds: &[(ApiResource, Store<DynamicObject>)],
+        pods: &Store<Pod>,
+        services: &Store<Service>,
+    ) {
+        let mut resources = Vec::new();
+        let mut errors = Vec::new();
+        let mut live = std::collections::HashSet::new();
+        let mut to_write = Vec::new();
+        for (ar, store) in crds {
+            for obj in store.state() {
+                let uid = obj.uid().unwrap_or_default();
+                live.insert(uid.clone());
+                let generation = obj.meta().generation.unwrap_or(0);
+                let verdict = match self.verdicts.remove(&uid) {
+                    Some(v) if v.generation == generation => v,
+                    previous => {
+                        let result = to_resource(&ar.kind, &obj);
+                        let last_accepted = match &result {
+                            Ok(r) => Some(r.clone()),
+                            Err(_) => previous.and_then(|p| p.last_accepted),
+                        };
+                        Verdict { generation, result, last_accepted }
+                    }
+                };
+                match &verdict.result {
+                    Ok(r) => resources.push(r.clone()),
+                    Err(message) => {
+                        let ns = obj.namespace().unwrap_or_default();
+                        errors.push(ResourceError {
+                            file: format!("kubernetes:{}/{ns}/{}", ar.kind, obj.name_any()),
+                            document: 0,
+                            message: message.clone(),
+                        });
+                        // The last accepted generation of this object stays in force.
+                        if let Some(r) = &verdict.last_accepted {
+                            resources.push(r.clone());
+                        }
+                    }
+                }
+                let status = verdict.result.as_ref().map(|_| ()).map_err(Clone::clone);
+                if !status_matches(&obj, generation, &status)
+                    && self.written.get(&uid) != Some(&(generation, status.clone()))
+                {
+                    to_write.push((ar.clone(), obj.clone(), generation, status));
+                }
+                self.verdicts.insert(uid, verdict);
+            }
+        }
+        self.verdicts.retain(|uid, _| live.contains(uid));
+        self.written.retain(|uid, _| live.contains(uid));
+        resources.sort_by(|a, b| (&a.kind, &a.namespace, &a.name).cmp(&(&b.kind, &b.namespace, &b.name)));
+        src.mesh.set_resources(resources);
+        src.errors.store(Arc::new(errors));
+        src.mesh.set_cluster_endpoints(endpoints(&src.trust_domain, pods, services));
+
+        if *src.leader.borrow() {
+            for (ar, obj, generation, status) in to_write {
+                let uid = obj.uid().unwrap_or_default();
+                match write_status(&src.client, &ar, &obj, generation, &status).await {
+                    Ok(()) => {
+                        self.written.insert(uid, (generation, status));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, kind = %ar.kind, name = %obj.name_any(), "cannot write status")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The object as the mesh sees it, or why it is refused. Metadata is reduced to what policy
+/// documents carry, so server-side bookkeeping (resourceVersion, managedFields) never changes
+/// a snapshot's version.
+fn to_resource(kind: &str, obj: &DynamicObject) -> Result<Resource, String> {
+    let name = obj.name_any();
+    let namespace = obj.namespace().unwrap_or_default();
+    let spec = obj.data.get("spec").cloned().unwrap_or(Value::Null);
+    if !spec.is_object() {
+        return Err("missing object field `spec`".into());
+    }
+    crd::validate(kind, &name, &namespace, &spec)?;
+    let mut metadata = json!({"name": name, "namespace": namespace});
+    if let Some(labels) = obj.metadata.labels.as_ref().filter(|l| !l.is_empty()) {
+        metadata["labels"] = json!(labels);
+    }
+    Ok(Resource {
+        kind: kind.to_string(),
+        namespace: namespace.clone(),
+        name: name.clone(),
+        manifest: json!({"apiVersion": crd::API_VERSION, "kind": kind, "metadata": metadata, "spec": spec}),
+        origin: format!("kubernetes:{kind}/{namespace}/{name}"),
+    })
+}
+
+fn accepted_condition(generation: i64, status: &Result<(), String>) -> Condition {
+    let (s, reason, message) = match status {
+        Ok(()) => ("True", "Accepted", "accepted by the Palisade control plane".to_string()),
+        Err(m) => ("False", "Invalid", m.clone()),
+    };
+    Condition {
+        type_: "Accepted".into(),
+        status: s.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: Some(generation),
+        last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+    }
+}
+
+/// Whether the object's status already says what we would write.
+fn status_matches(obj: &DynamicObject, generation: i64, status: &Result<(), String>) -> bool {
+    let want = accepted_condition(generation, status);
+    let Some(conds) = obj.data.get("status").and_then(|s| s.get("conditions")).and_then(|c| c.as_array()) else {
+        return false;
+    };
+    conds.iter().any(|c| {
+        c.get("type").and_then(Value::as_str) == Some("Accepted")
+            && c.get("status").and_then(Value::as_str) == Some(want.status.as_str())
+            && c.get("message").and_then(Value::as_str) == Some(want.message.as_str())
+            && c.get("observedGeneration").and_then(Value::as_i64) == Some(generation)
+    })
+}
+
+async fn write_status(
+    client: &kube::Client,
+    ar: &ApiResource,
+    obj: &DynamicObject,
+    generation: i64,
+    status: &Result<(), String>,
+) -> Result<(), kube::Error> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &obj.namespace().unwrap_or_default(), ar);
+    let body = json!({
+        "status": {"observedGeneration": generation, "conditions": [accepted_condition(generation, status)]}
+    });
+    api.patch_status(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&body)).await?;
+    Ok(())
+}
+
+/// Meshed pods by address, and services whose meshed backends share one identity.
+fn endpoints(trust_domain: &str, pods: &Store<Pod>, services: &Store<Service>) -> Vec<Endpoint> {
+    let mut out = Vec::new();
+    let mut meshed: Vec<(String, BTreeMap<String, String>, SpiffeId)> = Vec::new();
+    for pod in pods.state() {
+        let injected = pod.annotations().get(INJECTED_ANNOTATION).is_some_and(|v| v == "injected");
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("");
+        if !injected || matches!(phase, "Succeeded" | "Failed") {
+            continue;
+        }
+        let ns = pod.namespace().unwrap_or_default();
+        let sa = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+        let Ok(id) = SpiffeId::workload(trust_domain, &ns, &sa) else { continue };
+        let labels: BTreeMap<String, String> = pod.labels().clone();
+        let ips = pod.status.as_ref().and_then(|s| s.pod_ips.clone()).unwrap_or_default();
+        for ip in ips.iter().map(|i| i.ip.clone()) {
+            let Ok(ip) = ip.parse::<std::net::IpAddr>() else { continue };
+            out.push(Endpoint {
+                address: std::net::SocketAddr::new(ip, 0).to_string(),
+                spiffe_id: id.to_string(),
+                labels: labels.clone().into_iter().collect(),
+            });
+        }
+        meshed.push((ns, labels, id));
+    }
+    for svc in services.state() {
+        let ns = svc.namespace().unwrap_or_default();
+        let Some(spec) = svc.spec.as_ref() else { continue };
+        let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else { continue };
+        let ids: std::collections::BTreeSet<&SpiffeId> = meshed
+            .iter()
+            .filter(|(pns, labels, _)| *pns == ns && selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            .map(|(_, _, id)| id)
+            .collect();
+        // One address maps to one identity; a service fronting several accounts is left to
+        // pod addresses (a sidecar then verifies whichever pod it reaches).
+        let [id] = ids.into_iter().collect::<Vec<_>>()[..] else { continue };
+        for ip in spec.cluster_ips.clone().unwrap_or_default() {
+            let Ok(ip) = ip.parse::<std::net::IpAddr>() else { continue };
+            out.push(Endpoint {
+                address: std::net::SocketAddr::new(ip, 0).to_string(),
+                spiffe_id: id.to_string(),
+                labels: Default::default(),
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.address, &a.spiffe_id).cmp(&(&b.address, &b.spiffe_id)));
+    out.dedup();
+    out
+}

@@ -1,0 +1,626 @@
+//! Kubernetes, end to end against a real kube-apiserver and etcd (built from the Go module proxy
+//! by `.ci/install-k8s`), driven with a real kubectl. No kubelet runs, so pods are stored but
+//! never scheduled; sidecars run as local processes with tokens from the TokenRequest API.
+//!
+//! One API server is shared by every test of this binary; each test works in namespaces of its
+//! own and runs its own control planes (each in its own control-plane namespace, so CA Secrets
+//! and leader Leases do not mix).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::*;
+use palisade::agent::ControlClient;
+use palisade::control::identity_service::control_plane_identity;
+use palisade::proto::identity::certify_request::Credential;
+use palisade::tls::{CertStore, TrustBundle};
+use serde_json::{Value, json};
+
+const ADMIN_TOKEN: &str = "palisade-test-admin-token";
+const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// The shared API server: etcd + kube-apiserver, stopped when this test process exits.
+struct Cluster {
+    dir: PathBuf,
+    bin: PathBuf,
+    server: String,
+    kubeconfig: PathBuf,
+    /// The service-account signing key (PKCS#8 DER): tests forge tokens with it.
+    sa_key_der: Vec<u8>,
+    _keepalive: parking_lot::Mutex<Vec<ChildStdin>>,
+}
+
+fn k8s_bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("PALISADE_K8S_BIN") {
+        return PathBuf::from(dir);
+    }
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/install-k8s"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("running .ci/install-k8s");
+    assert!(out.status.success(), ".ci/install-k8s failed: kube-apiserver and etcd are required for these tests");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// Starts `bin args` under a shell that kills it when our end of its stdin closes, which
+/// happens when this test process exits, however it exits.
+fn spawn_tied(bin: &Path, args: &[String], log: &Path) -> (Child, ChildStdin) {
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg(concat!(
+            r#"exec 3<&0; "$@" </dev/null 3<&- & c=$!; "#,
+            r#"{ read -r _ <&3; kill $c 2>/dev/null; sleep 1; kill -9 $c 2>/dev/null; } & "#,
+            r#"wait $c"#
+        ))
+        .arg("tied")
+        .arg(bin)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    (child, stdin)
+}
+
+fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(start_cluster)
+}
+
+fn start_cluster() -> Cluster {
+    let bin = k8s_bin_dir();
+    let dir = tempdir("k8s");
+    let port = |_: u8| free_addr().port();
+    let (etcd_client, etcd_peer, api_port) = (port(0), port(1), port(2));
+    let (etcd, etcd_in) = spawn_tied(
+        &bin.join("etcd"),
+        &[
+            format!("--data-dir={}", dir.join("etcd").display()),
+            format!("--listen-client-urls=http://127.0.0.1:{etcd_client}"),
+            format!("--advertise-client-urls=http://127.0.0.1:{etcd_client}"),
+            format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer}"),
+            format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"),
+            format!("--initial-cluster=default=http://127.0.0.1:{etcd_peer}"),
+            "--unsafe-no-fsync".into(),
+            "--log-level=warn".into(),
+        ],
+        &dir.join("etcd.log"),
+    );
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    std::fs::write(dir.join("sa.key"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("sa.pub"), key.public_key_pem()).unwrap();
+    let sa_key_der = key.serialize_der();
+    std::fs::write(dir.join("tokens.csv"), format!("{ADMIN_TOKEN},admin,admin-uid,system:masters\n")).unwrap();
+    let cert_dir = dir.join("pki");
+    let (api, api_in) = spawn_tied(
+        &bin.join("kube-apiserver"),
+        &[
+            format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", cert_dir.display()),
+            format!("--service-account-issuer={ISSUER}"),
+            format!("--service-account-key-file={}", dir.join("sa.pub").display()),
+            format!("--service-account-signing-key-file={}", dir.join("sa.key").display()),
+            format!("--token-auth-file={}", dir.join("tokens.csv").display()),
+            "--authorization-mode=RBAC".into(),
+            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            "--enable-priority-and-fairness=false".into(),
+            "--v=1".into(),
+        ],
+        &dir.join("kube-apiserver.log"),
+    );
+    let mut children = [("etcd", etcd), ("kube-apiserver", api)];
+    let server = format!("https://127.0.0.1:{api_port}");
+    let kubeconfig = dir.join("admin.kubeconfig");
+    write_kubeconfig(&kubeconfig, &server, ADMIN_TOKEN);
+    let c = Cluster {
+        dir,
+        bin,
+        server,
+        kubeconfig,
+        sa_key_der,
+        _keepalive: parking_lot::Mutex::new(vec![etcd_in, api_in]),
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let out = c.kubectl_output(&["get", "--raw", "/readyz"]);
+        if out.status.success() {
+            break;
+        }
+        for (name, child) in children.iter_mut() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "{name} exited ({status}) before the API server was ready:\n{}",
+                    std::fs::read_to_string(c.dir.join(format!("{name}.err"))).unwrap_or_default()
+                );
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kube-apiserver not ready after 90s: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(c.dir.join("kube-apiserver.err")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.kubectl(&["apply", "--server-side", "-f", &repo("deploy/crds").display().to_string()]);
+    c.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/authorizationpolicies.palisade.io",
+        "crd/peerauthentications.palisade.io",
+        "crd/requestauthentications.palisade.io",
+        "crd/ratelimitpolicies.palisade.io",
+    ]);
+    c
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn write_kubeconfig(path: &Path, server: &str, token: &str) {
+    // The API server's certificate is self-signed per run; the token is what matters here.
+    let cfg = json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": "t",
+        "clusters": [{"name": "t", "cluster": {"server": server, "insecure-skip-tls-verify": true}}],
+        "users": [{"name": "u", "user": {"token": token}}],
+        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "u"}}],
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+}
+
+impl Cluster {
+    fn kubectl_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new(self.bin.join("kubectl")).arg("--kubeconfig").arg(&self.kubeconfig).args(args).output().unwrap()
+    }
+
+    /// Runs kubectl; panics with its stderr on failure; returns stdout.
+    fn kubectl(&self, args: &[&str]) -> String {
+        let out = self.kubectl_output(args);
+        assert!(out.status.success(), "kubectl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `kubectl apply -f -` with `yaml`; returns (success, stdout + stderr).
+    fn apply(&self, yaml: &str) -> (bool, String) {
+        let mut child = Command::new(self.bin.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
+    fn get_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_str(&self.kubectl(&all)).unwrap()
+    }
+
+    /// A namespace with service accounts (no controller-manager runs to create `default`).
+    fn namespace(&self, name: &str, labels: &[(&str, &str)], accounts: &[&str]) {
+        let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        let (ok, out) = self.apply(
+            &serde_json::to_string(
+                &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}),
+            )
+            .unwrap(),
+        );
+        assert!(ok, "{out}");
+        for sa in accounts {
+            let (ok, out) = self.apply(&format!(
+                "{{\"apiVersion\":\"v1\",\"kind\":\"ServiceAccount\",\"metadata\":{{\"name\":\"{sa}\",\"namespace\":\"{name}\"}}}}"
+            ));
+            assert!(ok, "{out}");
+        }
+    }
+
+    /// A token for `ns/sa` from the TokenRequest API.
+    fn token(&self, ns: &str, sa: &str, audience: &str) -> String {
+        self.kubectl(&["create", "token", sa, "-n", ns, "--audience", audience, "--duration", "10m"]).trim().to_string()
+    }
+
+    /// A token signed with the cluster's own key but with claims we choose (e.g. expired).
+    fn forge_token(&self, ns: &str, sa: &str, audience: &str, exp: i64, key_der: &[u8]) -> String {
+        let uid = self.kubectl(&["get", "sa", sa, "-n", ns, "-o", "jsonpath={.metadata.uid}"]);
+        let now = now_unix();
+        let claims = json!({
+            "iss": ISSUER, "sub": format!("system:serviceaccount:{ns}:{sa}"), "aud": [audience],
+            "iat": exp - 3600, "nbf": exp - 3600, "exp": exp,
+            "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": uid}},
+            "jti": format!("forged-{now}"),
+        });
+        let key = jsonwebtoken::EncodingKey::from_ec_der(key_der);
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256), &claims, &key).unwrap()
+    }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// A control plane in Kubernetes mode; `system_ns` holds its CA Secret and leader Lease.
+async fn control_plane(
+    c: &Cluster,
+    dir: &Path,
+    name: &str,
+    system_ns: &str,
+    extra: &[&str],
+) -> (ControlPlane, Option<SocketAddr>) {
+    let listen = free_addr();
+    let admin = free_addr();
+    let state = dir.join(format!("state-{name}"));
+    let mut args: Vec<String> = [
+        "control",
+        "--kubernetes",
+        "--namespace",
+        system_ns,
+        "--pod-name",
+        name,
+        "--default-policy",
+        "allow",
+        "--lease-duration",
+        "3s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(["--state-dir".into(), state.display().to_string()]);
+    args.extend(["--listen".into(), listen.to_string(), "--admin".into(), admin.to_string()]);
+    let webhook = extra.contains(&"--webhook").then(free_addr);
+    for a in extra {
+        if *a == "--webhook" {
+            args.extend(["--webhook".into(), webhook.unwrap().to_string()]);
+        } else {
+            args.push(a.to_string());
+        }
+    }
+    c.namespace(system_ns, &[], &[]);
+    let kubeconfig = c.kubeconfig.display().to_string();
+    let mut proc = Proc::spawn_with_env(name, dir, &args, &[("KUBECONFIG", &kubeconfig)]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status_of(&format!("http://{admin}/ready")).await != Some(200) {
+        if let Some(status) = proc.child.try_wait().unwrap() {
+            panic!("control plane {name} exited ({status}):\n{}", proc.log_text());
+        }
+        assert!(Instant::now() < deadline, "control plane {name} not ready after 60s");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    (ControlPlane { proc, dir: dir.to_path_buf(), state, listen, admin }, webhook)
+}
+
+/// A sidecar that proves its identity with a service-account token.
+async fn kube_sidecar(
+    dir: &Path,
+    control: &str,
+    root_pem: &Path,
+    token: &str,
+    name: &str,
+    app: Option<SocketAddr>,
+    routes: &[String],
+    labels: &[&str],
+) -> Sidecar {
+    let token_file = dir.join(format!("{name}.token"));
+    std::fs::write(&token_file, token).unwrap();
+    let admin = free_addr();
+    let mut args: Vec<String> = vec![
+        "proxy".into(),
+        "--control".into(),
+        control.into(),
+        "--ca-bundle".into(),
+        root_pem.display().to_string(),
+        "--kube-token-file".into(),
+        token_file.display().to_string(),
+        "--admin".into(),
+        admin.to_string(),
+    ];
+    let inbound = app.map(|app| {
+        let inbound = free_addr();
+        args.extend(["--inbound".into(), inbound.to_string(), "--app".into(), app.to_string()]);
+        inbound
+    });
+    for r in routes {
+        args.extend(["--route".into(), r.clone()]);
+    }
+    for l in labels {
+        args.extend(["--label".into(), l.to_string()]);
+    }
+    let proc = Proc::spawn(name, dir, &args);
+    let s = Sidecar { proc, admin, inbound, identity: name.to_string() };
+    s.wait_ready().await;
+    s
+}
+
+async fn certify(cp: &ControlPlane, token: &str) -> Result<String, tonic::Status> {
+    palisade::tls::install_crypto_provider();
+    let bundle = TrustBundle::from_pem(&std::fs::read_to_string(cp.root_pem_path()).unwrap()).unwrap();
+    let client =
+        ControlClient::new(&cp.listen.to_string(), bundle, CertStore::new(), control_plane_identity("cluster.local"));
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
+    match client.certify(csr.der().to_vec(), Some(Credential::KubernetesToken(token.to_string()))).await {
+        Ok(resp) => Ok(resp.spiffe_id),
+        Err(palisade::agent::ControlClientError::Status(s)) => Err(s),
+        Err(e) => panic!("control plane unreachable: {e}"),
+    }
+}
+
+fn accepted_condition(c: &Cluster, ns: &str, name: &str) -> Option<(String, String, i64)> {
+    let v = c.get_json(&["get", "authorizationpolicy", name, "-n", ns]);
+    let cond = v["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == "Accepted")?.clone();
+    Some((
+        cond["status"].as_str()?.to_string(),
+        cond["message"].as_str().unwrap_or("").to_string(),
+        cond["observedGeneration"].as_i64().unwrap_or(-1),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crds_apply_and_malformed_policies_are_refused_or_marked_invalid() {
+    let c = cluster();
+    let dir = tempdir("k8s-crd");
+    c.namespace("crd-test", &[], &[]);
+    // The schema refuses what it can describe, at apply time.
+    let (ok, out) = c.apply(
+        "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: permit, namespace: crd-test}\n\
+         spec: {action: PERMIT, rules: []}\n",
+    );
+    assert!(!ok && out.contains("PERMIT") && out.contains("Unsupported value"), "{out}");
+    let (ok, out) = c.apply(
+        "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: shape, namespace: crd-test}\n\
+         spec: {rules: {from: everyone}}\n",
+    );
+    assert!(!ok && out.contains("spec.rules"), "{out}");
+    let (ok, out) = c.apply(
+        "apiVersion: palisade.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: pa, namespace: crd-test}\n\
+         spec: {mtls: {mode: SOMETIMES}}\n",
+    );
+    assert!(!ok && out.contains("SOMETIMES"), "{out}");
+
+    // What only the engine can judge is marked Invalid in status, by the control plane.
+    let (_cp, _) = control_plane(c, &dir, "cp-crd", "crd-system", &[]).await;
+    let (ok, out) = c.apply(
+        "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: bad-rego, namespace: crd-test}\n\
+         spec:\n  rego:\n    entrypoint: t/allow\n    module: |\n      package t\n      allow if { input.x == \n",
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = c.apply(
+        "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: good, namespace: crd-test}\n\
+         spec: {action: ALLOW, rules: [{to: [{operation: {methods: [GET]}}]}]}\n",
+    );
+    assert!(ok, "{out}");
+    wait_for("status on both policies", Duration::from_secs(20), || async {
+        accepted_condition(c, "crd-test", "bad-rego").is_some() && accepted_condition(c, "crd-test", "good").is_some()
+    })
+    .await;
+    let (status, message, generation) = accepted_condition(c, "crd-test", "bad-rego").unwrap();
+    assert_eq!(status, "False");
+    assert!(message.contains("rego") || message.contains("module"), "the message says what is wrong: {message}");
+    assert_eq!(generation, 1);
+    let (status, _, generation) = accepted_condition(c, "crd-test", "good").unwrap();
+    assert_eq!((status.as_str(), generation), ("True", 1));
+    // Printer columns show acceptance.
+    let table = c.kubectl(&["get", "authorizationpolicies", "-n", "crd-test"]);
+    assert!(table.contains("ACCEPTED") && table.contains("False") && table.contains("True"), "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_account_tokens_earn_their_own_identity_and_nothing_else() {
+    let c = cluster();
+    let dir = tempdir("k8s-sa");
+    c.namespace("shop", &[], &["web", "other", "gone"]);
+    let (cp, _) = control_plane(c, &dir, "cp-sa", "sa-system", &[]).await;
+
+    let web = c.token("shop", "web", "palisade");
+    assert_eq!(certify(&cp, &web).await.unwrap(), "spiffe://cluster.local/ns/shop/sa/web");
+    // Another account's token earns that account's identity, never web's.
+    let other = c.token("shop", "other", "palisade");
+    assert_eq!(certify(&cp, &other).await.unwrap(), "spiffe://cluster.local/ns/shop/sa/other");
+
+    let refused = |r: Result<String, tonic::Status>, what: &str| {
+        let s = r.expect_err(what);
+        assert_eq!(s.code(), tonic::Code::PermissionDenied, "{what}: {s:?}");
+        s.message().to_string()
+    };
+    // A token minted for someone else's audience (say, stolen from a sidecar of another system).
+    let msg = refused(certify(&cp, &c.token("shop", "web", "vault")).await, "wrong audience");
+    assert!(msg.contains("refused"), "{msg}");
+    // Expired, though signed by the cluster's own key.
+    let expired = c.forge_token("shop", "web", "palisade", now_unix() - 3600, &c.sa_key_der);
+    let msg = refused(certify(&cp, &expired).await, "expired token");
+    assert!(msg.contains("expired"), "{msg}");
+    // Valid in every claim but signed by a key the cluster does not know.
+    let stranger = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap().serialize_der();
+    let unknown = c.forge_token("shop", "web", "palisade", now_unix() + 600, &stranger);
+    refused(certify(&cp, &unknown).await, "token from an unknown signer");
+    refused(certify(&cp, "not-a-token").await, "garbage token");
+    // A token outlives nothing: once its service account is deleted, it is refused.
+    let gone = c.token("shop", "gone", "palisade");
+    c.kubectl(&["delete", "sa", "gone", "-n", "shop"]);
+    refused(certify(&cp, &gone).await, "token of a deleted service account");
+
+    // The ledger records how each identity was established.
+    let ledger =
+        Command::new(BIN).args(["status", "certs", "-o", "json", "--state-dir"]).arg(&cp.state).output().unwrap();
+    let rows: Vec<Value> = serde_json::from_slice(&ledger.stdout).unwrap();
+    let kube_rows = rows.iter().filter(|r| r["credential"] == "kubernetes").count();
+    assert_eq!(kube_rows, 2, "exactly the two accepted tokens were recorded: {rows:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorization_policy_from_kubectl_reaches_a_sidecar_within_two_seconds() {
+    let c = cluster();
+    let dir = tempdir("k8s-policy");
+    c.namespace("pol", &[], &["orders", "web"]);
+    let (cp, _) = control_plane(c, &dir, "cp-pol", "pol-system", &[]).await;
+    let app = EchoApp::start().await;
+    let root = cp.root_pem_path();
+    let control = cp.listen.to_string();
+    let orders = kube_sidecar(
+        &dir,
+        &control,
+        &root,
+        &c.token("pol", "orders", "palisade"),
+        "orders",
+        Some(app.addr),
+        &[],
+        &["app=orders"],
+    )
+    .await;
+    let route = free_addr();
+    let _web = kube_sidecar(
+        &dir,
+        &control,
+        &root,
+        &c.token("pol", "web", "palisade"),
+        "web",
+        None,
+        &[format!("{route}={}@spiffe://cluster.local/ns/pol/sa/orders", orders.inbound.unwrap())],
+        &[],
+    )
+    .await;
+    let http = http_client();
+    let url = format!("http://{route}/blocked");
+    assert_eq!(get(&http, &url, &[]).await.unwrap().0, 200, "default allow before any policy");
+
+    let policy = "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\n\
+                  metadata: {name: block, namespace: pol}\n\
+                  spec: {selector: {matchLabels: {app: orders}}, action: DENY, rules: [{to: [{operation: {paths: [/blocked]}}]}]}\n";
+    let (ok, out) = c.apply(policy);
+    assert!(ok, "{out}");
+    let applied = Instant::now();
+    wait_for("the DENY policy to take effect", Duration::from_secs(2), || async {
+        get(&http, &url, &[]).await.map(|r| r.0) == Ok(403)
+    })
+    .await;
+    let took = applied.elapsed();
+    eprintln!("policy applied with kubectl took effect in {took:?}");
+    let (status, _, headers_text) = {
+        let (s, h, b) = get(&http, &url, &[]).await.unwrap();
+        (s, b, format!("{h:?}"))
+    };
+    assert_eq!(status, 403);
+    assert!(headers_text.contains("pol/block"), "the refusal names the policy: {headers_text}");
+    assert_eq!(get(&http, &format!("http://{route}/open"), &[]).await.unwrap().0, 200, "other paths unaffected");
+
+    c.kubectl(&["delete", "authorizationpolicy", "block", "-n", "pol"]);
+    let deleted = Instant::now();
+    wait_for("the deletion to take effect", Duration::from_secs(2), || async {
+        get(&http, &url, &[]).await.map(|r| r.0) == Ok(200)
+    })
+    .await;
+    eprintln!("deletion took effect in {:?}", deleted.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_moves_to_the_surviving_replica_and_keeps_receiving_updates() {
+    let c = cluster();
+    let dir = tempdir("k8s-ha");
+    c.namespace("ha", &[], &["orders", "web"]);
+    let (cp_a, _) = control_plane(c, &dir, "cp-a", "ha-system", &[]).await;
+    let (cp_b, _) = control_plane(c, &dir, "cp-b", "ha-system", &[]).await;
+    // One CA, shared through the Secret: both replicas export the same roots.
+    assert_eq!(
+        std::fs::read_to_string(cp_a.root_pem_path()).unwrap(),
+        std::fs::read_to_string(cp_b.root_pem_path()).unwrap()
+    );
+    let lease_holder = || {
+        c.kubectl(&[
+            "get",
+            "lease",
+            "palisade-control-leader",
+            "-n",
+            "ha-system",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+    };
+    wait_for("a leader", Duration::from_secs(10), || async { !lease_holder().is_empty() }).await;
+
+    let app = EchoApp::start().await;
+    let control = format!("{},{}", cp_a.listen, cp_b.listen);
+    let root = cp_a.root_pem_path();
+    let orders = kube_sidecar(
+        &dir,
+        &control,
+        &root,
+        &c.token("ha", "orders", "palisade"),
+        "ha-orders",
+        Some(app.addr),
+        &[],
+        &["app=orders"],
+    )
+    .await;
+    let route = free_addr();
+    let _web = kube_sidecar(
+        &dir,
+        &control,
+        &root,
+        &c.token("ha", "web", "palisade"),
+        "ha-web",
+        None,
+        &[format!("{route}={}@spiffe://cluster.local/ns/ha/sa/orders", orders.inbound.unwrap())],
+        &[],
+    )
+    .await;
+    let connected_to = |cp: &ControlPlane, who: &'static str| {
+        let admin = cp.admin;
+        async move {
+            let body =
+                get(&http_client(), &format!("http://{admin}/v1/sidecars"), &[]).await.map(|r| r.2).unwrap_or_default();
+            let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            v.as_array().is_some_and(|a| {
+                a.iter().any(|s| {
+                    s["spiffe_id"] == format!("spiffe://cluster.local/ns/ha/sa/{who}") && s["connected"] == true
+                })
+            })
+        }
+    };
+    wait_for("orders connected to replica A", Duration::from_secs(10), || connected_to(&cp_a, "orders")).await;
+
+    let leader_before = lease_holder();
+    let mut cp_a = cp_a;
+    cp_a.proc.kill9();
+    wait_for("orders reconnected to replica B", Duration::from_secs(20), || connected_to(&cp_b, "orders")).await;
+
+    let http = http_client();
+    let url = format!("http://{route}/blocked");
+    assert_eq!(get(&http, &url, &[]).await.unwrap().0, 200);
+    let (ok, out) = c.apply(
+        "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: block, namespace: ha}\n\
+         spec: {selector: {matchLabels: {app: orders}}, action: DENY, rules: [{to: [{operation: {paths: [/blocked]}}]}]}\n",
+    );
+    assert!(ok, "{out}");
+    wait_for("the policy pushed by replica B", Duration::from_secs(5), || async {
+        get(&http, &url, &[]).await.map(|r| r.0) == Ok(403)
+    })
+    .await;
+    // Whoever led before, B leads now and writes status.
+    wait_for("replica B to hold the lease", Duration::from_secs(15), || async { lease_holder() == "cp-b" }).await;
+    wait_for("status written by the new leader", Duration::from_secs(10), || async {
+        accepted_condition(c, "ha", "block").is_some_and(|(s, _, _)| s == "True")
+    })
+    .await;
+    eprintln!("leader before the kill: {leader_before}");
+}
