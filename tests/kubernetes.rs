@@ -30,7 +30,6 @@ const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 struct Cluster {
     dir: PathBuf,
     bin: PathBuf,
-    server: String,
     kubeconfig: PathBuf,
     /// The service-account signing key (PKCS#8 DER): tests forge tokens with it.
     sa_key_der: Vec<u8>,
@@ -128,7 +127,6 @@ fn start_cluster() -> Cluster {
     let c = Cluster {
         dir,
         bin,
-        server,
         kubeconfig,
         sa_key_der,
         _keepalive: parking_lot::Mutex::new(vec![etcd_in, api_in]),
@@ -311,6 +309,7 @@ async fn control_plane(
 }
 
 /// A sidecar that proves its identity with a service-account token.
+#[allow(clippy::too_many_arguments)]
 async fn kube_sidecar(
     dir: &Path,
     control: &str,
