@@ -8,6 +8,7 @@ pub mod agent;
 pub mod control;
 pub mod demo;
 pub mod identity;
+pub mod k8s;
 pub mod policy;
 pub mod proto;
 pub mod proxy;

@@ -1,0 +1,2 @@
+//! Kubernetes: sidecar injection (the webhook's code and `palisade inject`).
+pub mod inject;
