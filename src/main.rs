@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use palisade::control::{self, ControlArgs, Store};
 use palisade::identity::SpiffeId;
+use palisade::k8s::inject::InjectConfig;
 use palisade::proxy::{self, ProxyArgs};
 
 #[derive(Parser)]
@@ -36,8 +37,11 @@ enum Command {
     Proxy(Box<ProxyArgs>),
     /// Install iptables rules for transparent interception (init container).
     Init(palisade::proxy::init::InitArgs),
-    /// Inject the sidecar into Kubernetes YAML.
-    Inject,
+    /// Inject the sidecar into Kubernetes YAML (the webhook's code, on files).
+    ///
+    /// Every pod template is injected unless it says `palisade.io/inject: disabled`; other objects
+    /// pass through.
+    Inject(InjectArgs),
     /// Development certificates.
     Certs {
         #[command(subcommand)]
@@ -77,6 +81,25 @@ enum K8sCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct InjectArgs {
+    /// Multi-document YAML to inject; `-` reads standard input. The result goes to standard output.
+    #[arg(short = 'f', long)]
+    filename: PathBuf,
+    /// Mesh trust roots (PEM) the sidecar anchors on (the control plane's CA bundle).
+    #[arg(long)]
+    ca_bundle: PathBuf,
+    /// Sidecar image.
+    #[arg(long, default_value_t = InjectConfig::default().image)]
+    image: String,
+    /// The control plane's gRPC address, as sidecars reach it.
+    #[arg(long, default_value_t = InjectConfig::default().control_addr)]
+    control: String,
+    /// Trust domain of the mesh.
+    #[arg(long, default_value_t = InjectConfig::default().trust_domain)]
+    trust_domain: String,
 }
 
 #[derive(Subcommand)]
@@ -156,9 +179,30 @@ enum StatusCommand {
     },
 }
 
-fn not_built(what: &str, issue: u32) -> anyhow::Result<ExitCode> {
-    eprintln!("palisade {what}: not built yet (tracked in issue {issue}); nothing was done");
-    Ok(ExitCode::from(2))
+fn inject(args: InjectArgs) -> anyhow::Result<()> {
+    let ca_bundle_pem = std::fs::read_to_string(&args.ca_bundle)
+        .with_context(|| format!("reading --ca-bundle {}", args.ca_bundle.display()))?;
+    let roots = palisade::tls::certs_from_pem(&ca_bundle_pem)
+        .with_context(|| format!("--ca-bundle {}: not PEM", args.ca_bundle.display()))?;
+    anyhow::ensure!(!roots.is_empty(), "--ca-bundle {}: holds no certificate", args.ca_bundle.display());
+    let cfg = InjectConfig {
+        image: args.image,
+        control_addr: args.control,
+        trust_domain: args.trust_domain,
+        ca_bundle_pem,
+        ..InjectConfig::default()
+    };
+    let input = if args.filename.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("reading standard input")?;
+        text
+    } else {
+        std::fs::read_to_string(&args.filename).with_context(|| format!("reading {}", args.filename.display()))?
+    };
+    let output = palisade::k8s::inject::inject_yaml(&input, &cfg)
+        .with_context(|| format!("cannot inject {}", args.filename.display()))?;
+    print!("{output}");
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -245,7 +289,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             }
         }
         Command::Init(args) => palisade::proxy::init::run(args)?,
-        Command::Inject => return not_built("inject", 7),
+        Command::Inject(args) => inject(args)?,
         Command::Policy { command } => return palisade::policy::run(command),
         Command::Demo(args) => runtime()?.block_on(palisade::demo::run(args))?,
         Command::K8s { command: K8sCommand::Crds { out } } => {

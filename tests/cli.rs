@@ -1,4 +1,5 @@
-//! The command line: unbuilt commands say so and fail; `certs dev` writes usable certificates.
+//! The command line: `k8s crds` prints what `deploy/crds` holds; `certs dev` writes usable certificates;
+//! `inject` injects files and refuses bad input by name.
 
 mod common;
 
@@ -6,12 +7,26 @@ use common::{BIN, tempdir};
 use palisade::identity::SpiffeId;
 
 #[test]
-fn unbuilt_subcommands_fail_loudly_instead_of_pretending() {
-    for cmd in [&["inject"][..], &["k8s"]] {
-        let out = std::process::Command::new(BIN).args(cmd).output().unwrap();
-        assert_eq!(out.status.code(), Some(2), "{cmd:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"), "{cmd:?}");
-        assert!(out.stdout.is_empty(), "{cmd:?} printed pretend output");
+fn k8s_crds_prints_every_crd_as_committed_in_deploy_crds() {
+    let out = std::process::Command::new(BIN).args(["k8s", "crds"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let docs: Vec<serde_json::Value> =
+        serde_yaml::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
+    let names: Vec<&str> = docs.iter().map(|d| d["metadata"]["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "authorizationpolicies.palisade.io",
+            "peerauthentications.palisade.io",
+            "requestauthentications.palisade.io",
+            "ratelimitpolicies.palisade.io"
+        ]
+    );
+    for (doc, name) in docs.iter().zip(&names) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("deploy/crds/{name}.yaml"));
+        let committed: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(doc, &committed, "{name}");
     }
 }
 
@@ -41,4 +56,125 @@ fn certs_dev_writes_a_chain_that_verifies_to_its_root() {
             .unwrap_or_else(|e| panic!("{sa}.pem does not verify: {e}"));
         assert!(std::fs::read_to_string(dir.join(format!("{sa}.key"))).unwrap().contains("PRIVATE KEY"));
     }
+}
+
+const DEPLOYMENT: &str = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers: [{name: app, image: shop/web:1}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  ports: [{port: 80}]
+";
+
+/// `palisade inject` with the dev root as the CA bundle, `input` as the file (or stdin with `-`).
+fn inject(dir: &std::path::Path, input: &str, extra: &[&str], stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write;
+    let root = dir.join("root.pem");
+    if !root.exists() {
+        let out = std::process::Command::new(BIN).args(["certs", "dev", "--out"]).arg(dir).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let file = dir.join("in.yaml");
+    std::fs::write(&file, input).unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["inject", "--ca-bundle"])
+        .arg(&root)
+        .arg("-f")
+        .arg(if stdin.is_some() { std::path::PathBuf::from("-") } else { file })
+        .args(extra)
+        .env("PALISADE_LOG", "info")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    pipe.write_all(stdin.unwrap_or_default().as_bytes()).unwrap();
+    drop(pipe);
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn inject_adds_the_sidecar_to_a_deployment_and_passes_the_service_through() {
+    let dir = tempdir("inject");
+    let root_pem = |dir: &std::path::Path| std::fs::read_to_string(dir.join("root.pem")).unwrap();
+    for stdin in [None, Some(DEPLOYMENT)] {
+        let out = inject(
+            &dir,
+            DEPLOYMENT,
+            &["--image", "registry.local/palisade:dev", "--trust-domain", "prod.example"],
+            stdin,
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let docs: Vec<serde_yaml::Value> =
+            serde_yaml::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
+        assert_eq!(docs.len(), 2, "{text}");
+
+        let template = &docs[0]["spec"]["template"];
+        let init = template["spec"]["initContainers"].as_sequence().unwrap();
+        let names: Vec<_> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["palisade-init", "palisade-proxy"], "{text}");
+        let proxy = &init[1];
+        assert_eq!(proxy["restartPolicy"], "Always");
+        assert_eq!(proxy["image"], "registry.local/palisade:dev");
+        let args: Vec<_> = proxy["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        assert!(args.windows(2).any(|w| w == ["--trust-domain", "prod.example"]), "{args:?}");
+        let env = |name: &str| {
+            proxy["env"].as_sequence().unwrap().iter().find(|e| e["name"] == name).map(|e| e["value"].clone())
+        };
+        assert_eq!(env("PALISADE_CA_BUNDLE_PEM"), Some(serde_yaml::Value::from(root_pem(&dir))));
+        assert_eq!(env("PALISADE_LABELS"), Some(serde_yaml::Value::from("app=web")));
+        assert_eq!(template["metadata"]["annotations"]["palisade.io/status"], "injected");
+        assert_eq!(docs[1]["kind"], "Service");
+        assert!(docs[1].get("spec").unwrap().get("template").is_none());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("Deployment shop/web: injected"), "{stderr}");
+    }
+}
+
+#[test]
+fn inject_refuses_bad_input_with_exit_1_naming_the_problem() {
+    let dir = tempdir("inject-bad");
+    let bad_annotation = DEPLOYMENT.replace(
+        "labels: {app: web}\n    spec:",
+        "labels: {app: web}\n      annotations: {palisade.io/exclude-inbound-ports: \"80,http\"}\n    spec:",
+    );
+    assert_ne!(bad_annotation, DEPLOYMENT);
+    for (input, says) in [
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: [unclosed\n", "document 1: not valid YAML"),
+        (
+            bad_annotation.as_str(),
+            "document 1 (Deployment shop/web): annotation palisade.io/exclude-inbound-ports=\"80,http\"",
+        ),
+    ] {
+        let out = inject(&dir, input, &[], None);
+        assert_eq!(out.status.code(), Some(1), "{input}");
+        assert!(out.stdout.is_empty(), "nothing half-injected on stdout");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{stderr}");
+    }
+
+    let not_pem = dir.join("not.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let out =
+        std::process::Command::new(BIN).args(["inject", "-f", "-", "--ca-bundle"]).arg(&not_pem).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("holds no certificate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

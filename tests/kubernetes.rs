@@ -124,13 +124,7 @@ fn start_cluster() -> Cluster {
     let server = format!("https://127.0.0.1:{api_port}");
     let kubeconfig = dir.join("admin.kubeconfig");
     write_kubeconfig(&kubeconfig, &server, ADMIN_TOKEN);
-    let c = Cluster {
-        dir,
-        bin,
-        kubeconfig,
-        sa_key_der,
-        _keepalive: parking_lot::Mutex::new(vec![etcd_in, api_in]),
-    };
+    let c = Cluster { dir, bin, kubeconfig, sa_key_der, _keepalive: parking_lot::Mutex::new(vec![etcd_in, api_in]) };
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let out = c.kubectl_output(&["get", "--raw", "/readyz"]);
@@ -622,4 +616,123 @@ async fn a_sidecar_moves_to_the_surviving_replica_and_keeps_receiving_updates() 
     })
     .await;
     eprintln!("leader before the kill: {leader_before}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_in_an_enabled_namespace_are_injected_once_and_opted_out_pods_are_not() {
+    let c = cluster();
+    let dir = tempdir("k8s-inject");
+    let (cp, webhook) = control_plane(
+        c,
+        &dir,
+        "cp-inject",
+        "inject-system",
+        &["--webhook", "--webhook-config", "palisade-injector-test"],
+    )
+    .await;
+    // The webhook is reached by URL (no Service routing without kube-proxy); its caBundle is
+    // left empty here: the control plane fills it in with the mesh root.
+    let mwc = json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "palisade-injector-test"},
+        "webhooks": [{
+            "name": "inject.palisade.io",
+            "clientConfig": {"url": format!("https://{}/inject", webhook.unwrap())},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+            "namespaceSelector": {"matchExpressions": [{"key": "palisade-test/webhook", "operator": "In", "values": ["on"]}]},
+            "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 5, "reinvocationPolicy": "Never",
+        }],
+    });
+    let (ok, out) = c.apply(&mwc.to_string());
+    assert!(ok, "{out}");
+    let root = std::fs::read_to_string(cp.root_pem_path()).unwrap();
+    wait_for("the control plane to publish its root as the webhook caBundle", Duration::from_secs(10), || async {
+        let b64 = c.kubectl(&[
+            "get",
+            "mutatingwebhookconfiguration",
+            "palisade-injector-test",
+            "-o",
+            "jsonpath={.webhooks[0].clientConfig.caBundle}",
+        ]);
+        b64 == palisade::k8s::webhook::ca_bundle_base64(&root)
+    })
+    .await;
+    c.namespace("inj", &[("palisade.io/inject", "enabled"), ("palisade-test/webhook", "on")], &["default"]);
+    c.namespace("plain", &[("palisade-test/webhook", "on")], &["default"]);
+
+    let pod = |ns: &str, name: &str, annotations: Value, extra_spec: Value| {
+        let mut spec = json!({"containers": [{"name": "app", "image": "example/app:1"}]});
+        for (k, v) in extra_spec.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": ns, "labels": {"app": name}, "annotations": annotations},
+               "spec": spec})
+        .to_string()
+    };
+    let create = |yaml: String| {
+        let (ok, out) = c.apply(&yaml);
+        assert!(ok, "{out}");
+    };
+    let stored = |ns: &str, name: &str| c.get_json(&["get", "pod", name, "-n", ns]);
+    let init_names = |p: &Value| -> Vec<String> {
+        p["spec"]["initContainers"]
+            .as_array()
+            .map(|a| a.iter().map(|c| c["name"].as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    };
+
+    // Enabled by the namespace label.
+    create(pod("inj", "p1", json!({}), json!({})));
+    let p1 = stored("inj", "p1");
+    assert_eq!(init_names(&p1), ["palisade-init", "palisade-proxy"]);
+    let inits = p1["spec"]["initContainers"].as_array().unwrap();
+    let (init, proxy) = (&inits[0], &inits[1]);
+    assert_eq!(init["securityContext"]["capabilities"]["add"], json!(["NET_ADMIN", "NET_RAW"]));
+    assert_eq!(proxy["restartPolicy"], "Always", "a native sidecar");
+    assert_eq!(
+        proxy["startupProbe"]["httpGet"]["path"], "/ready",
+        "the app starts only once the proxy has its identity"
+    );
+    let env: BTreeMap<String, Value> =
+        proxy["env"].as_array().unwrap().iter().map(|e| (e["name"].as_str().unwrap().to_string(), e.clone())).collect();
+    assert_eq!(env["PALISADE_CA_BUNDLE_PEM"]["value"], root.as_str(), "the sidecar trusts the mesh root");
+    assert_eq!(env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
+    assert_eq!(env["PALISADE_LABELS"]["value"], "app=p1");
+    let token =
+        p1["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "palisade-token").expect("token volume");
+    assert_eq!(token["projected"]["sources"][0]["serviceAccountToken"]["audience"], "palisade");
+    assert_eq!(p1["metadata"]["annotations"]["palisade.io/status"], "injected");
+    assert_eq!(p1["spec"]["containers"].as_array().unwrap().len(), 1, "the app container is untouched");
+
+    // The same pod through the webhook again (its spec already carries the sidecar, without
+    // the status annotation): never injected twice.
+    let mut again = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p2", "namespace": "inj"}, "spec": p1["spec"].clone()});
+    again["spec"].as_object_mut().unwrap().remove("nodeName");
+    create(again.to_string());
+    let p2 = stored("inj", "p2");
+    assert_eq!(init_names(&p2), ["palisade-init", "palisade-proxy"], "no second sidecar");
+    assert_eq!(p2["spec"]["volumes"].as_array().unwrap().iter().filter(|v| v["name"] == "palisade-token").count(), 1);
+
+    // Opted out by annotation inside an enabled namespace; hostNetwork pods are skipped.
+    create(pod("inj", "p3", json!({"palisade.io/inject": "disabled"}), json!({})));
+    create(pod("inj", "p4", json!({}), json!({"hostNetwork": true})));
+    // Not enabled: untouched. Enabled by annotation alone: injected.
+    create(pod("plain", "p5", json!({}), json!({})));
+    create(pod("plain", "p6", json!({"palisade.io/inject": "enabled"}), json!({})));
+    for (ns, name) in [("inj", "p3"), ("inj", "p4"), ("plain", "p5")] {
+        let p = stored(ns, name);
+        assert!(init_names(&p).is_empty(), "{ns}/{name} must be untouched: {p}");
+        assert!(p["metadata"]["annotations"].get("palisade.io/status").is_none(), "{ns}/{name}");
+    }
+    assert_eq!(init_names(&stored("plain", "p6")), ["palisade-init", "palisade-proxy"]);
+
+    // An override that makes no sense is refused with its name, not silently dropped.
+    let (ok, out) = c.apply(&pod("inj", "p7", json!({"palisade.io/exclude-inbound-ports": "eighty"}), json!({})));
+    assert!(!ok, "a bad annotation must refuse the pod");
+    assert!(out.contains("palisade.io/exclude-inbound-ports"), "{out}");
+    assert!(c.kubectl_output(&["get", "pod", "p7", "-n", "inj"]).status.code() != Some(0), "p7 was not stored");
+
+    c.kubectl(&["delete", "mutatingwebhookconfiguration", "palisade-injector-test"]);
 }

@@ -128,7 +128,12 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
 
     let own_id = control_plane_identity(&args.trust_domain);
     let serving = CertStore::new();
-    let mut serving_not_after = issue_serving_cert(&store, &ca.load(), &own_id, &serving)?;
+    // The same certificate serves gRPC (checked by SPIFFE ID) and the webhook (checked by the API
+    // server by DNS name or address).
+    let svc = format!("{}.{}.svc", args.service_name, args.namespace);
+    let serving_names: Vec<String> =
+        vec![svc.clone(), format!("{svc}.cluster.local"), "localhost".into(), "127.0.0.1".into(), "::1".into()];
+    let mut serving_not_after = issue_serving_cert(&store, &ca.load(), &own_id, &serving, &serving_names)?;
 
     let tls = TlsAcceptor::from(config::server_config(serving.clone(), bundle.clone(), false, &[config::ALPN_H2]));
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
@@ -191,6 +196,43 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         }
         .start()
         .await?;
+    }
+    if let Some(addr) = args.webhook {
+        let Some(client) = &kube else {
+            anyhow::bail!("--webhook needs --kubernetes: injection reads namespace labels from the API server");
+        };
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding webhook {addr}"))?;
+        let inject = Arc::new(ArcSwap::from_pointee(crate::k8s::inject::InjectConfig {
+            image: args.proxy_image.clone(),
+            control_addr: args.inject_control.clone().unwrap_or_else(|| format!("{svc}:{}", args.listen.port())),
+            trust_domain: args.trust_domain.clone(),
+            ca_bundle_pem: ca.load().bundle_pem().to_string(),
+            ..Default::default()
+        }));
+        tokio::spawn(crate::k8s::webhook::serve(listener, serving.clone(), client.clone(), inject.clone()));
+        // Keeps the injected roots and the webhook configuration's caBundle on the current
+        // trust bundle; a missing configuration is retried, so apply order does not matter.
+        let (client, ca, name) = (client.clone(), ca.clone(), args.webhook_config.clone());
+        tokio::spawn(async move {
+            let mut synced = String::new();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let pem = ca.load().bundle_pem().to_string();
+                if pem != inject.load().ca_bundle_pem {
+                    inject.rcu(|c| crate::k8s::inject::InjectConfig { ca_bundle_pem: pem.clone(), ..(**c).clone() });
+                }
+                if pem == synced {
+                    continue;
+                }
+                match crate::k8s::webhook::sync_ca_bundle(&client, &name, &pem).await {
+                    Ok(Some(_)) => synced = pem,
+                    Ok(None) => {} // not applied yet: look again next tick
+                    Err(e) => tracing::warn!(error = %e, config = %name, "cannot update the webhook caBundle"),
+                }
+            }
+        });
+        tracing::info!(%addr, "sidecar-injection webhook listening");
     }
     if let Some(dir) = args.resources.clone() {
         if !dir.is_dir() {
@@ -278,7 +320,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
                     mesh.set_revocations(ids, serials);
                     let half_life = (SERVING_CERT_LIFETIME / 2).as_secs() as i64;
                     if signer_changed || crate::identity::ca::now_unix() >= serving_not_after - half_life {
-                        serving_not_after = issue_serving_cert(&store, &ca.load(), &own_id, &serving)?;
+                        serving_not_after = issue_serving_cert(&store, &ca.load(), &own_id, &serving, &serving_names)?;
                     }
                     Ok(())
                 })();
@@ -313,9 +355,10 @@ fn issue_serving_cert(
     ca: &CaSet,
     id: &crate::identity::SpiffeId,
     serving: &CertStore,
+    names: &[String],
 ) -> anyhow::Result<i64> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let issued = ca.signer().sign_workload(id, &key, SERVING_CERT_LIFETIME, &["localhost".to_string()])?;
+    let issued = ca.signer().sign_workload(id, &key, SERVING_CERT_LIFETIME, names)?;
     store.record_certificate(&issued, CredentialKind::ControlPlane)?;
     let chain = crate::tls::certs_from_pem(&issued.chain_pem)?;
     let signing_key = crate::tls::provider()

@@ -1,8 +1,10 @@
 //! Kubernetes: CRD types, the resource source, service-account attestation, the CA Secret,
-//! leader election and the injection webhook.
+//! leader election, sidecar injection and its webhook.
 
 pub mod attest;
 pub mod ca_secret;
 pub mod crd;
+pub mod inject;
 pub mod lease;
 pub mod source;
+pub mod webhook;

@@ -1,0 +1,880 @@
+//! Sidecar injection: the one code path behind the mutating webhook ([`admission_review`]) and
+//! `palisade inject` ([`inject_yaml`]).
+//!
+//! Injection only adds; it never edits what the pod already has:
+//! - `palisade-init` first in `initContainers`: `palisade init` installs the iptables redirect
+//!   (NET_ADMIN and NET_RAW, as root) and exits;
+//! - `palisade-proxy` right after it, as a native sidecar (an init container with
+//!   `restartPolicy: Always`): it starts before the app's own init containers, the app waits for
+//!   its startup probe on `/ready`, and it stops after the app, so Jobs still complete;
+//! - the projected token volume `palisade-token` (audience `palisade`) the sidecar certifies with,
+//!   and an `emptyDir` on `/run` for the iptables lock (the init container's root is read-only);
+//! - the annotation `palisade.io/status: injected`.
+//!
+//! Labels are left alone, so selectors and `pod-template-hash` are unaffected. A pod that has
+//! the `palisade-proxy` container or the status annotation is never injected again.
+
+mod admission;
+mod manifest;
+mod overrides;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, PodSpec, Probe, ProjectedVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+pub use admission::admission_review;
+pub use manifest::inject_yaml;
+use overrides::ProxySettings;
+
+/// Annotations (and the namespace label) that steer injection.
+pub mod annotation {
+    /// Namespace label or pod annotation: `enabled` or `disabled`. The pod's annotation wins.
+    pub const INJECT: &str = "palisade.io/inject";
+    /// Set to `injected` on every injected pod.
+    pub const STATUS: &str = "palisade.io/status";
+    /// Sidecar CPU request (a Kubernetes quantity).
+    pub const PROXY_CPU: &str = "palisade.io/proxy-cpu";
+    /// Sidecar memory request.
+    pub const PROXY_MEMORY: &str = "palisade.io/proxy-memory";
+    /// Sidecar CPU limit.
+    pub const PROXY_CPU_LIMIT: &str = "palisade.io/proxy-cpu-limit";
+    /// Sidecar memory limit.
+    pub const PROXY_MEMORY_LIMIT: &str = "palisade.io/proxy-memory-limit";
+    /// Inbound ports `palisade init` leaves alone (comma list), besides the admin port 15020.
+    pub const EXCLUDE_INBOUND_PORTS: &str = "palisade.io/exclude-inbound-ports";
+    /// Outbound ports `palisade init` leaves alone (comma list).
+    pub const EXCLUDE_OUTBOUND_PORTS: &str = "palisade.io/exclude-outbound-ports";
+    /// Inbound ports to intercept: `*` (the default) or a comma list.
+    pub const INCLUDE_INBOUND_PORTS: &str = "palisade.io/include-inbound-ports";
+    /// Ports the sidecar treats as opaque TCP without protocol detection (`--opaque-ports`).
+    pub const OPAQUE_PORTS: &str = "palisade.io/opaque-ports";
+    /// Sidecar image, instead of the injector's.
+    pub const PROXY_IMAGE: &str = "palisade.io/proxy-image";
+    /// The sidecar's log filter (`PALISADE_LOG`), e.g. `debug` or `info,palisade::proxy=trace`.
+    pub const LOG_LEVEL: &str = "palisade.io/log-level";
+}
+
+/// Name of the init container that installs the iptables rules.
+pub const INIT_CONTAINER: &str = "palisade-init";
+/// Name of the sidecar (a native sidecar: an init container with `restartPolicy: Always`).
+pub const PROXY_CONTAINER: &str = "palisade-proxy";
+/// The projected service-account token volume.
+pub const TOKEN_VOLUME: &str = "palisade-token";
+/// Where the token volume is mounted in the sidecar.
+pub const TOKEN_DIR: &str = "/var/run/secrets/palisade";
+/// Audience of the projected token; the control plane checks it with a TokenReview.
+pub const TOKEN_AUDIENCE: &str = "palisade";
+/// Writable `/run` for the init container, where iptables keeps its lock file.
+pub const XTABLES_LOCK_VOLUME: &str = "palisade-xtables-lock";
+
+const INBOUND_PORT: u16 = 15006;
+const OUTBOUND_PORT: u16 = 15001;
+const ADMIN_PORT: u16 = 15020;
+
+/// What the injector puts into pods. The webhook and `palisade inject` build one from flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InjectConfig {
+    /// Image of both injected containers (`palisade init` and `palisade proxy`).
+    pub image: String,
+    /// The control plane's gRPC address as the sidecar dials it.
+    pub control_addr: String,
+    /// Trust domain of the mesh's SPIFFE IDs.
+    pub trust_domain: String,
+    /// Mesh trust roots (PEM), handed to the sidecar in `PALISADE_CA_BUNDLE_PEM`.
+    pub ca_bundle_pem: String,
+    /// UID the sidecar runs as; `palisade init` lets this UID's traffic escape the redirect.
+    pub proxy_uid: u32,
+    /// Sidecar CPU request (Kubernetes quantity).
+    pub cpu_request: String,
+    /// Sidecar memory request.
+    pub memory_request: String,
+    /// Sidecar CPU limit.
+    pub cpu_limit: String,
+    /// Sidecar memory limit.
+    pub memory_limit: String,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        InjectConfig {
+            image: format!("ghcr.io/palisade-mesh/palisade:{}", env!("CARGO_PKG_VERSION")),
+            control_addr: "palisade-control.palisade-system.svc:15010".to_string(),
+            trust_domain: "cluster.local".to_string(),
+            ca_bundle_pem: String::new(),
+            proxy_uid: 1337,
+            cpu_request: "50m".to_string(),
+            memory_request: "32Mi".to_string(),
+            cpu_limit: "1".to_string(),
+            memory_limit: "128Mi".to_string(),
+        }
+    }
+}
+
+/// What injection did with one pod (or pod template).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The init container, the sidecar and the token volume were added.
+    Injected,
+    /// The pod already carries the sidecar or `palisade.io/status: injected`; left untouched.
+    AlreadyInjected,
+    /// The pod's annotation `palisade.io/inject: disabled` opts it out.
+    Disabled,
+    /// Neither the namespace label nor the pod's annotation asks for injection.
+    NotEnabled,
+    /// hostNetwork pods share the node's network namespace: redirecting it would capture the node.
+    HostNetwork,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Outcome::Injected => "injected",
+            Outcome::AlreadyInjected => "already injected, left unchanged",
+            Outcome::Disabled => "not injected: annotation palisade.io/inject=disabled",
+            Outcome::NotEnabled => "not injected: neither the namespace label nor the pod annotation enables it",
+            Outcome::HostNetwork => "not injected: hostNetwork pod",
+        })
+    }
+}
+
+/// Why a pod (or a manifest) could not be injected. The admission webhook refuses the pod with
+/// this message; `palisade inject` prints it and exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    /// A `palisade.io/*` annotation has a value injection cannot use.
+    #[error("annotation {annotation}={value:?} is invalid: {reason}")]
+    Annotation {
+        /// The annotation's key.
+        annotation: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A setting of the injector itself ([`InjectConfig`]) is unusable.
+    #[error("injector setting {setting}={value:?} is invalid: {reason}")]
+    Config {
+        /// The [`InjectConfig`] field.
+        setting: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The pod already uses a name injection needs, without being injected.
+    #[error("the pod already has {what} named {name:?}; rename it so the sidecar can be injected")]
+    NameTaken {
+        /// `a container` or `a volume`.
+        what: &'static str,
+        /// The name.
+        name: &'static str,
+    },
+    /// An app container would run as the sidecar's UID, whose traffic escapes the redirect.
+    #[error(
+        "container {container:?} runs as UID {uid}, the sidecar's UID: its traffic would bypass the proxy; give it another runAsUser"
+    )]
+    ProxyUid {
+        /// The container.
+        container: String,
+        /// The UID it runs as.
+        uid: i64,
+    },
+    /// A document is not YAML.
+    #[error("document {document}: not valid YAML: {source}")]
+    Yaml {
+        /// 1-based index of the document in the file.
+        document: usize,
+        /// The parser's error.
+        source: serde_yaml::Error,
+    },
+    /// An object does not have the shape of its kind (e.g. a pod spec without containers).
+    #[error("{field}: {reason}")]
+    Malformed {
+        /// Where in the object, e.g. `spec.template.spec`.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An error inside one document or list item, with where it happened.
+    #[error("{at}: {source}")]
+    In {
+        /// E.g. `document 2 (Deployment shop/web)`.
+        at: String,
+        /// The error.
+        source: Box<InjectError>,
+    },
+}
+
+/// Decides and mutates a PodSpec and its metadata in place (a pod, or a workload's pod
+/// template). `force` injects as if the namespace were enabled (what `palisade inject` does);
+/// the annotation `palisade.io/inject: disabled` still wins.
+pub fn inject_pod_template(
+    meta: &mut ObjectMeta,
+    spec: &mut PodSpec,
+    namespace_labels: &BTreeMap<String, String>,
+    cfg: &InjectConfig,
+    force: bool,
+) -> Result<Outcome, InjectError> {
+    match plan(meta, spec, namespace_labels, cfg, force)? {
+        Plan::Skip(outcome) => Ok(outcome),
+        Plan::Inject(additions) => {
+            additions.apply(meta, spec);
+            Ok(Outcome::Injected)
+        }
+    }
+}
+
+/// What to do with one pod: leave it, or add these.
+enum Plan {
+    Skip(Outcome),
+    Inject(Additions),
+}
+
+/// Everything injection adds to a pod. Applied to typed objects, to the API server's raw JSON
+/// (so the patch never rewrites fields this crate does not model) and to YAML documents (so
+/// `palisade inject` keeps the user's key order).
+struct Additions {
+    annotations: Vec<(String, String)>,
+    /// Go in front of the pod's own init containers, in this order.
+    init_containers: Vec<Container>,
+    /// Go after the pod's own volumes.
+    volumes: Vec<Volume>,
+}
+
+fn plan(
+    meta: &ObjectMeta,
+    spec: &PodSpec,
+    namespace_labels: &BTreeMap<String, String>,
+    cfg: &InjectConfig,
+    force: bool,
+) -> Result<Plan, InjectError> {
+    let annotations = meta.annotations.as_ref();
+    let get = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
+
+    let all_containers = || spec.init_containers.iter().flatten().chain(&spec.containers);
+    if get(annotation::STATUS) == Some("injected") || all_containers().any(|c| c.name == PROXY_CONTAINER) {
+        return Ok(Plan::Skip(Outcome::AlreadyInjected));
+    }
+    let enabled = match get(annotation::INJECT) {
+        Some("disabled") => return Ok(Plan::Skip(Outcome::Disabled)),
+        Some("enabled") => true,
+        Some(other) => {
+            return Err(InjectError::Annotation {
+                annotation: annotation::INJECT,
+                value: other.to_string(),
+                reason: "expected `enabled` or `disabled`".to_string(),
+            });
+        }
+        None => force || namespace_labels.get(annotation::INJECT).map(String::as_str) == Some("enabled"),
+    };
+    if !enabled {
+        return Ok(Plan::Skip(Outcome::NotEnabled));
+    }
+    if spec.host_network == Some(true) {
+        return Ok(Plan::Skip(Outcome::HostNetwork));
+    }
+
+    if all_containers().any(|c| c.name == INIT_CONTAINER) {
+        return Err(InjectError::NameTaken { what: "a container", name: INIT_CONTAINER });
+    }
+    for name in [TOKEN_VOLUME, XTABLES_LOCK_VOLUME] {
+        if spec.volumes.iter().flatten().any(|v| v.name == name) {
+            return Err(InjectError::NameTaken { what: "a volume", name });
+        }
+    }
+    let pod_uid = spec.security_context.as_ref().and_then(|s| s.run_as_user);
+    for c in all_containers() {
+        let uid = c.security_context.as_ref().and_then(|s| s.run_as_user).or(pod_uid);
+        if uid == Some(i64::from(cfg.proxy_uid)) {
+            return Err(InjectError::ProxyUid { container: c.name.clone(), uid: i64::from(cfg.proxy_uid) });
+        }
+    }
+
+    let settings = ProxySettings::resolve(meta, cfg)?;
+    Ok(Plan::Inject(Additions {
+        annotations: vec![(annotation::STATUS.to_string(), "injected".to_string())],
+        init_containers: vec![init_container(&settings, cfg), proxy_container(&settings, meta, cfg)],
+        volumes: vec![token_volume(), xtables_lock_volume()],
+    }))
+}
+
+fn init_container(s: &ProxySettings, cfg: &InjectConfig) -> Container {
+    let mut args = strings(&["init", "--proxy-uid"]);
+    args.push(cfg.proxy_uid.to_string());
+    args.extend(strings(&["--inbound-port", &INBOUND_PORT.to_string(), "--outbound-port", &OUTBOUND_PORT.to_string()]));
+    // The admin port stays reachable directly, so the kubelet's probes see the sidecar itself.
+    let mut exclude_inbound = vec![ADMIN_PORT];
+    exclude_inbound.extend(s.exclude_inbound_ports.iter().filter(|p| **p != ADMIN_PORT));
+    args.extend(["--exclude-inbound-ports".to_string(), port_list(&exclude_inbound)]);
+    if let Some(ports) = &s.exclude_outbound_ports {
+        args.extend(["--exclude-outbound-ports".to_string(), port_list(ports)]);
+    }
+    if let Some(ports) = &s.include_inbound_ports {
+        args.extend(["--include-inbound-ports".to_string(), ports.clone()]);
+    }
+    Container {
+        name: INIT_CONTAINER.to_string(),
+        image: Some(s.image.clone()),
+        args: Some(args),
+        resources: Some(s.resources.clone()),
+        security_context: Some(SecurityContext {
+            capabilities: Some(Capabilities {
+                add: Some(strings(&["NET_ADMIN", "NET_RAW"])),
+                drop: Some(strings(&["ALL"])),
+            }),
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: XTABLES_LOCK_VOLUME.to_string(),
+            mount_path: "/run".to_string(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+fn proxy_container(s: &ProxySettings, meta: &ObjectMeta, cfg: &InjectConfig) -> Container {
+    let mut args = strings(&[
+        "proxy",
+        "--transparent",
+        "--control",
+        &cfg.control_addr,
+        "--kube-token-file",
+        &format!("{TOKEN_DIR}/token"),
+        "--inbound",
+        &format!("0.0.0.0:{INBOUND_PORT}"),
+        "--outbound",
+        &format!("127.0.0.1:{OUTBOUND_PORT}"),
+        "--admin",
+        &format!("0.0.0.0:{ADMIN_PORT}"),
+        "--trust-domain",
+        &cfg.trust_domain,
+    ]);
+    if let Some(ports) = &s.opaque_ports {
+        args.extend(["--opaque-ports".to_string(), port_list(ports)]);
+    }
+
+    let labels = meta.labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("POD_IP", "status.podIP"),
+        field_env("PALISADE_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        value_env("PALISADE_CA_BUNDLE_PEM", &cfg.ca_bundle_pem),
+        value_env("PALISADE_LABELS", &labels),
+    ];
+    if let Some(level) = &s.log_level {
+        env.push(value_env("PALISADE_LOG", level));
+    }
+
+    let uid = i64::from(cfg.proxy_uid);
+    Container {
+        name: PROXY_CONTAINER.to_string(),
+        image: Some(s.image.clone()),
+        args: Some(args),
+        env: Some(env),
+        ports: Some(vec![port("palisade-in", INBOUND_PORT), port("palisade-admin", ADMIN_PORT)]),
+        resources: Some(s.resources.clone()),
+        restart_policy: Some("Always".to_string()),
+        // Up to two minutes to fetch a certificate and the first snapshot before the app starts.
+        startup_probe: Some(Probe { period_seconds: Some(1), failure_threshold: Some(120), ..http_probe("/ready") }),
+        readiness_probe: Some(http_probe("/ready")),
+        liveness_probe: Some(http_probe("/live")),
+        security_context: Some(SecurityContext {
+            capabilities: Some(Capabilities { add: None, drop: Some(strings(&["ALL"])) }),
+            run_as_user: Some(uid),
+            run_as_group: Some(uid),
+            run_as_non_root: Some(true),
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: TOKEN_VOLUME.to_string(),
+            mount_path: TOKEN_DIR.to_string(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+fn token_volume() -> Volume {
+    Volume {
+        name: TOKEN_VOLUME.to_string(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(TOKEN_AUDIENCE.to_string()),
+                    expiration_seconds: Some(3600),
+                    path: "token".to_string(),
+                }),
+                ..Default::default()
+            }]),
+            default_mode: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn xtables_lock_volume() -> Volume {
+    Volume {
+        name: XTABLES_LOCK_VOLUME.to_string(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::Int(i32::from(ADMIN_PORT)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                api_version: Some("v1".to_string()),
+                field_path: field_path.to_string(),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn value_env(name: &str, value: &str) -> EnvVar {
+    EnvVar { name: name.to_string(), value: Some(value.to_string()), ..Default::default() }
+}
+
+fn port(name: &str, number: u16) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_string()),
+        container_port: i32::from(number),
+        protocol: Some("TCP".to_string()),
+        ..Default::default()
+    }
+}
+
+fn port_list(ports: &[u16]) -> String {
+    ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+impl Additions {
+    fn apply(self, meta: &mut ObjectMeta, spec: &mut PodSpec) {
+        meta.annotations.get_or_insert_default().extend(self.annotations);
+        spec.init_containers.get_or_insert_default().splice(0..0, self.init_containers);
+        spec.volumes.get_or_insert_default().extend(self.volumes);
+    }
+
+    /// Applies to a raw pod (or pod template) as JSON: `{metadata, spec}`.
+    fn apply_json(&self, object: &mut serde_json::Value) -> Result<(), InjectError> {
+        use serde_json::{Map, Value};
+        fn child<'a>(parent: &'a mut Value, key: &str, empty: Value) -> Result<&'a mut Value, InjectError> {
+            let map = parent.as_object_mut().ok_or_else(|| malformed(key, "expected an object"))?;
+            let slot = map.entry(key).or_insert(Value::Null);
+            if slot.is_null() {
+                *slot = empty;
+            }
+            Ok(slot)
+        }
+        let annotations =
+            child(child(object, "metadata", Value::Object(Map::new()))?, "annotations", Value::Object(Map::new()))?
+                .as_object_mut()
+                .ok_or_else(|| malformed("metadata.annotations", "expected a map"))?;
+        for (k, v) in &self.annotations {
+            annotations.insert(k.clone(), Value::String(v.clone()));
+        }
+        let spec = child(object, "spec", Value::Object(Map::new()))?;
+        let new = to_json(&self.init_containers)?;
+        child(spec, "initContainers", Value::Array(Vec::new()))?
+            .as_array_mut()
+            .ok_or_else(|| malformed("spec.initContainers", "expected a list"))?
+            .splice(0..0, new);
+        let new = to_json(&self.volumes)?;
+        child(spec, "volumes", Value::Array(Vec::new()))?
+            .as_array_mut()
+            .ok_or_else(|| malformed("spec.volumes", "expected a list"))?
+            .extend(new);
+        Ok(())
+    }
+
+    /// Applies to a pod (or pod template) in a YAML document, keeping its key order.
+    fn apply_yaml(&self, object: &mut serde_yaml::Value) -> Result<(), InjectError> {
+        use serde_yaml::{Mapping, Value};
+        fn child<'a>(parent: &'a mut Value, key: &str, empty: Value) -> Result<&'a mut Value, InjectError> {
+            let map = parent.as_mapping_mut().ok_or_else(|| malformed(key, "expected a map"))?;
+            let slot = map.entry(Value::String(key.to_string())).or_insert(Value::Null);
+            if slot.is_null() {
+                *slot = empty;
+            }
+            Ok(slot)
+        }
+        let annotations = child(
+            child(object, "metadata", Value::Mapping(Mapping::new()))?,
+            "annotations",
+            Value::Mapping(Mapping::new()),
+        )?
+        .as_mapping_mut()
+        .ok_or_else(|| malformed("metadata.annotations", "expected a map"))?;
+        for (k, v) in &self.annotations {
+            annotations.insert(Value::String(k.clone()), Value::String(v.clone()));
+        }
+        let spec = child(object, "spec", Value::Mapping(Mapping::new()))?;
+        let new = to_yaml(&self.init_containers)?;
+        child(spec, "initContainers", Value::Sequence(Vec::new()))?
+            .as_sequence_mut()
+            .ok_or_else(|| malformed("spec.initContainers", "expected a list"))?
+            .splice(0..0, new);
+        let new = to_yaml(&self.volumes)?;
+        child(spec, "volumes", Value::Sequence(Vec::new()))?
+            .as_sequence_mut()
+            .ok_or_else(|| malformed("spec.volumes", "expected a list"))?
+            .extend(new);
+        Ok(())
+    }
+}
+
+fn to_json<T: serde::Serialize>(items: &[T]) -> Result<Vec<serde_json::Value>, InjectError> {
+    items.iter().map(|i| serde_json::to_value(i).map_err(|e| malformed("(injected object)", e))).collect()
+}
+
+fn to_yaml<T: serde::Serialize>(items: &[T]) -> Result<Vec<serde_yaml::Value>, InjectError> {
+    items.iter().map(|i| serde_yaml::to_value(i).map_err(|e| malformed("(injected object)", e))).collect()
+}
+
+fn malformed(field: &str, reason: impl fmt::Display) -> InjectError {
+    InjectError::Malformed { field: field.to_string(), reason: reason.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Pod;
+
+    fn pod(annotations: &[(&str, &str)]) -> Pod {
+        let annotations: BTreeMap<&str, &str> = annotations.iter().copied().collect();
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "web-1",
+                "namespace": "shop",
+                "labels": {"version": "v2", "app": "web"},
+                "annotations": annotations,
+            },
+            "spec": {
+                "serviceAccountName": "web",
+                "initContainers": [{"name": "migrate", "image": "shop/migrate:1"}],
+                "containers": [{"name": "app", "image": "shop/web:1", "ports": [{"containerPort": 8080}]}],
+                "volumes": [{"name": "cache", "emptyDir": {}}],
+            }
+        }))
+        .unwrap()
+    }
+
+    fn enabled_ns() -> BTreeMap<String, String> {
+        BTreeMap::from([(annotation::INJECT.to_string(), "enabled".to_string())])
+    }
+
+    fn inject(pod: &mut Pod, ns: &BTreeMap<String, String>, force: bool) -> Result<Outcome, InjectError> {
+        let spec = pod.spec.as_mut().unwrap();
+        inject_pod_template(&mut pod.metadata, spec, ns, &InjectConfig::default(), force)
+    }
+
+    fn init_names(pod: &Pod) -> Vec<&str> {
+        pod.spec.as_ref().unwrap().init_containers.iter().flatten().map(|c| c.name.as_str()).collect()
+    }
+
+    fn sidecar(pod: &Pod) -> &Container {
+        pod.spec.as_ref().unwrap().init_containers.iter().flatten().find(|c| c.name == PROXY_CONTAINER).unwrap()
+    }
+
+    fn init(pod: &Pod) -> &Container {
+        pod.spec.as_ref().unwrap().init_containers.iter().flatten().find(|c| c.name == INIT_CONTAINER).unwrap()
+    }
+
+    fn env<'a>(c: &'a Container, name: &str) -> Option<&'a EnvVar> {
+        c.env.iter().flatten().find(|e| e.name == name)
+    }
+
+    fn args(c: &Container) -> String {
+        c.args.as_ref().unwrap().join(" ")
+    }
+
+    #[test]
+    fn namespace_label_enables_injection_of_init_container_native_sidecar_and_token_volume() {
+        let mut p = pod(&[]);
+        let before = p.clone();
+        assert_eq!(inject(&mut p, &enabled_ns(), false).unwrap(), Outcome::Injected);
+
+        // Ours first, in order, then the pod's own init containers; app containers untouched.
+        assert_eq!(init_names(&p), [INIT_CONTAINER, PROXY_CONTAINER, "migrate"]);
+        assert_eq!(p.spec.as_ref().unwrap().containers, before.spec.as_ref().unwrap().containers);
+        assert_eq!(p.metadata.labels, before.metadata.labels, "labels (and so selectors) unchanged");
+        assert_eq!(p.metadata.annotations.as_ref().unwrap()[annotation::STATUS], "injected");
+
+        let init = init(&p);
+        assert_eq!(
+            args(init),
+            "init --proxy-uid 1337 --inbound-port 15006 --outbound-port 15001 --exclude-inbound-ports 15020"
+        );
+        let sc = init.security_context.as_ref().unwrap();
+        let caps = sc.capabilities.as_ref().unwrap();
+        assert_eq!(caps.add.as_deref(), Some(&["NET_ADMIN".to_string(), "NET_RAW".to_string()][..]));
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+        assert_eq!((sc.run_as_user, sc.run_as_non_root), (Some(0), Some(false)));
+        assert_eq!((sc.allow_privilege_escalation, sc.read_only_root_filesystem), (Some(false), Some(true)));
+        assert_eq!(init.restart_policy, None, "the init container runs once");
+
+        let proxy = sidecar(&p);
+        assert_eq!(proxy.restart_policy.as_deref(), Some("Always"), "a native sidecar");
+        assert_eq!(
+            args(proxy),
+            "proxy --transparent --control palisade-control.palisade-system.svc:15010 \
+             --kube-token-file /var/run/secrets/palisade/token --inbound 0.0.0.0:15006 --outbound 127.0.0.1:15001 \
+             --admin 0.0.0.0:15020 --trust-domain cluster.local"
+        );
+        let startup = proxy.startup_probe.as_ref().unwrap();
+        let get = startup.http_get.as_ref().unwrap();
+        assert_eq!((get.path.as_deref(), &get.port), (Some("/ready"), &IntOrString::Int(15020)));
+        assert_eq!((startup.period_seconds, startup.failure_threshold), (Some(1), Some(120)));
+        let path = |p: &Option<Probe>| p.as_ref().unwrap().http_get.as_ref().unwrap().path.clone().unwrap();
+        assert_eq!(path(&proxy.readiness_probe), "/ready");
+        assert_eq!(path(&proxy.liveness_probe), "/live");
+        let sc = proxy.security_context.as_ref().unwrap();
+        assert_eq!(
+            (sc.run_as_user, sc.run_as_non_root, sc.read_only_root_filesystem),
+            (Some(1337), Some(true), Some(true))
+        );
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
+        let resources = proxy.resources.as_ref().unwrap();
+        assert_eq!(resources.requests.as_ref().unwrap()["cpu"].0, "50m");
+        assert_eq!(resources.requests.as_ref().unwrap()["memory"].0, "32Mi");
+        assert_eq!(resources.limits.as_ref().unwrap()["cpu"].0, "1");
+        assert_eq!(resources.limits.as_ref().unwrap()["memory"].0, "128Mi");
+        let ports: Vec<_> =
+            proxy.ports.iter().flatten().map(|p| (p.container_port, p.name.clone().unwrap_or_default())).collect();
+        assert_eq!(ports, [(15006, "palisade-in".to_string()), (15020, "palisade-admin".to_string())]);
+
+        for (name, path) in [
+            ("POD_NAME", "metadata.name"),
+            ("POD_NAMESPACE", "metadata.namespace"),
+            ("POD_IP", "status.podIP"),
+            ("PALISADE_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        ] {
+            let from = env(proxy, name).unwrap().value_from.as_ref().unwrap();
+            assert_eq!(from.field_ref.as_ref().unwrap().field_path, path, "{name}");
+        }
+        assert_eq!(env(proxy, "PALISADE_LABELS").unwrap().value.as_deref(), Some("app=web,version=v2"), "sorted");
+        assert!(env(proxy, "PALISADE_CA_BUNDLE_PEM").is_some());
+        assert!(env(proxy, "PALISADE_LOG").is_none());
+
+        let mount = &proxy.volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(
+            (mount.name.as_str(), mount.mount_path.as_str(), mount.read_only),
+            (TOKEN_VOLUME, TOKEN_DIR, Some(true))
+        );
+        let volumes = p.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+        assert_eq!(volumes[0].name, "cache", "the pod's volumes stay first");
+        let token = volumes.iter().find(|v| v.name == TOKEN_VOLUME).unwrap();
+        let projection = token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0].service_account_token.clone();
+        let projection = projection.unwrap();
+        assert_eq!(
+            (projection.audience.as_deref(), projection.expiration_seconds, projection.path.as_str()),
+            (Some("palisade"), Some(3600), "token")
+        );
+    }
+
+    #[test]
+    fn nothing_enables_injection_by_default() {
+        let mut p = pod(&[]);
+        let before = p.clone();
+        assert_eq!(inject(&mut p, &BTreeMap::new(), false).unwrap(), Outcome::NotEnabled);
+        let disabled_ns = BTreeMap::from([(annotation::INJECT.to_string(), "disabled".to_string())]);
+        assert_eq!(inject(&mut p, &disabled_ns, false).unwrap(), Outcome::NotEnabled);
+        assert_eq!(p, before);
+    }
+
+    #[test]
+    fn pod_annotation_enables_without_the_namespace_label() {
+        let mut p = pod(&[(annotation::INJECT, "enabled")]);
+        assert_eq!(inject(&mut p, &BTreeMap::new(), false).unwrap(), Outcome::Injected);
+        assert_eq!(init_names(&p)[..2], [INIT_CONTAINER, PROXY_CONTAINER]);
+    }
+
+    #[test]
+    fn disabled_annotation_wins_over_namespace_label_and_force() {
+        for force in [false, true] {
+            let mut p = pod(&[(annotation::INJECT, "disabled")]);
+            let before = p.clone();
+            assert_eq!(inject(&mut p, &enabled_ns(), force).unwrap(), Outcome::Disabled);
+            assert_eq!(p, before);
+        }
+    }
+
+    #[test]
+    fn force_injects_as_if_the_namespace_were_enabled() {
+        let mut p = pod(&[]);
+        assert_eq!(inject(&mut p, &BTreeMap::new(), true).unwrap(), Outcome::Injected);
+    }
+
+    #[test]
+    fn host_network_pods_are_skipped() {
+        let mut p = pod(&[(annotation::INJECT, "enabled")]);
+        p.spec.as_mut().unwrap().host_network = Some(true);
+        let before = p.clone();
+        assert_eq!(inject(&mut p, &enabled_ns(), true).unwrap(), Outcome::HostNetwork);
+        assert_eq!(p, before);
+    }
+
+    #[test]
+    fn injecting_twice_changes_nothing() {
+        let mut p = pod(&[]);
+        assert_eq!(inject(&mut p, &enabled_ns(), false).unwrap(), Outcome::Injected);
+        let once = p.clone();
+        assert_eq!(inject(&mut p, &enabled_ns(), true).unwrap(), Outcome::AlreadyInjected);
+        assert_eq!(p, once);
+
+        // Either mark alone is enough: the status annotation, or the sidecar container.
+        let mut marked = pod(&[(annotation::STATUS, "injected")]);
+        let before = marked.clone();
+        assert_eq!(inject(&mut marked, &enabled_ns(), true).unwrap(), Outcome::AlreadyInjected);
+        assert_eq!(marked, before);
+        let mut by_hand = pod(&[]);
+        by_hand
+            .spec
+            .as_mut()
+            .unwrap()
+            .containers
+            .push(Container { name: PROXY_CONTAINER.into(), ..Default::default() });
+        assert_eq!(inject(&mut by_hand, &enabled_ns(), true).unwrap(), Outcome::AlreadyInjected);
+    }
+
+    #[test]
+    fn annotations_override_the_proxy_settings() {
+        let mut p = pod(&[
+            (annotation::PROXY_CPU, "100m"),
+            (annotation::PROXY_MEMORY, "64Mi"),
+            (annotation::PROXY_CPU_LIMIT, "2"),
+            (annotation::PROXY_MEMORY_LIMIT, "256Mi"),
+            (annotation::EXCLUDE_INBOUND_PORTS, "9090, 15020"),
+            (annotation::EXCLUDE_OUTBOUND_PORTS, "5432"),
+            (annotation::INCLUDE_INBOUND_PORTS, "8080,8443"),
+            (annotation::OPAQUE_PORTS, "3306,6379"),
+            (annotation::PROXY_IMAGE, "registry.local/palisade:dev"),
+            (annotation::LOG_LEVEL, "debug,palisade::proxy=trace"),
+        ]);
+        assert_eq!(inject(&mut p, &BTreeMap::new(), true).unwrap(), Outcome::Injected);
+        let (init, proxy) = (init(&p), sidecar(&p));
+        assert_eq!(
+            args(init),
+            "init --proxy-uid 1337 --inbound-port 15006 --outbound-port 15001 --exclude-inbound-ports 15020,9090 \
+             --exclude-outbound-ports 5432 --include-inbound-ports 8080,8443"
+        );
+        assert!(args(proxy).ends_with("--trust-domain cluster.local --opaque-ports 3306,6379"), "{}", args(proxy));
+        for c in [init, proxy] {
+            assert_eq!(c.image.as_deref(), Some("registry.local/palisade:dev"));
+            let r = c.resources.as_ref().unwrap();
+            let (req, lim) = (r.requests.as_ref().unwrap(), r.limits.as_ref().unwrap());
+            assert_eq!(
+                [&req["cpu"].0, &req["memory"].0, &lim["cpu"].0, &lim["memory"].0],
+                ["100m", "64Mi", "2", "256Mi"]
+            );
+        }
+        assert_eq!(env(proxy, "PALISADE_LOG").unwrap().value.as_deref(), Some("debug,palisade::proxy=trace"));
+    }
+
+    #[test]
+    fn unusable_annotations_are_refused_naming_the_annotation() {
+        for (key, value) in [
+            (annotation::INJECT, "yes"),
+            (annotation::PROXY_CPU, "lots"),
+            (annotation::PROXY_MEMORY, "64MB"),
+            (annotation::PROXY_CPU_LIMIT, "-1"),
+            (annotation::PROXY_MEMORY_LIMIT, "1 Gi"),
+            (annotation::EXCLUDE_INBOUND_PORTS, "80,http"),
+            (annotation::EXCLUDE_OUTBOUND_PORTS, "70000"),
+            (annotation::INCLUDE_INBOUND_PORTS, "all"),
+            (annotation::OPAQUE_PORTS, ""),
+            (annotation::PROXY_IMAGE, "bad image"),
+            (annotation::LOG_LEVEL, "palisade=loudest"),
+            // A request above the limit: the pod's own annotation is blamed.
+            (annotation::PROXY_CPU, "1500m"),
+            (annotation::PROXY_MEMORY_LIMIT, "16Mi"),
+        ] {
+            let mut p = pod(&[(key, value)]);
+            let before = p.clone();
+            let err = inject(&mut p, &BTreeMap::new(), true).expect_err(&format!("{key}={value:?} accepted"));
+            let msg = err.to_string();
+            assert!(msg.contains(key) && msg.contains(&format!("{value:?}")), "{key}={value:?}: {msg}");
+            assert_eq!(p, before, "a refused pod is left untouched");
+        }
+    }
+
+    #[test]
+    fn an_unusable_injector_setting_names_the_setting() {
+        let cfg = InjectConfig { memory_limit: "128MB".into(), ..Default::default() };
+        let mut p = pod(&[]);
+        let err = inject_pod_template(&mut p.metadata, p.spec.as_mut().unwrap(), &enabled_ns(), &cfg, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("injector setting memory_limit=\"128MB\""), "{err}");
+    }
+
+    #[test]
+    fn an_app_container_running_as_the_proxy_uid_is_refused() {
+        let mut p = pod(&[]);
+        p.spec.as_mut().unwrap().security_context =
+            Some(k8s_openapi::api::core::v1::PodSecurityContext { run_as_user: Some(1337), ..Default::default() });
+        let err = inject(&mut p, &enabled_ns(), false).unwrap_err().to_string();
+        assert!(err.contains("\"migrate\" runs as UID 1337"), "{err}");
+
+        // A container that overrides the pod's UID is fine.
+        let mut p = pod(&[]);
+        let spec = p.spec.as_mut().unwrap();
+        spec.security_context =
+            Some(k8s_openapi::api::core::v1::PodSecurityContext { run_as_user: Some(1337), ..Default::default() });
+        for c in spec.init_containers.iter_mut().flatten().chain(spec.containers.iter_mut()) {
+            c.security_context = Some(SecurityContext { run_as_user: Some(1000), ..Default::default() });
+        }
+        assert_eq!(inject(&mut p, &enabled_ns(), false).unwrap(), Outcome::Injected);
+    }
+
+    #[test]
+    fn a_name_injection_needs_that_is_taken_is_refused() {
+        let mut p = pod(&[]);
+        p.spec
+            .as_mut()
+            .unwrap()
+            .volumes
+            .get_or_insert_default()
+            .push(Volume { name: TOKEN_VOLUME.into(), ..Default::default() });
+        let err = inject(&mut p, &enabled_ns(), false).unwrap_err().to_string();
+        assert!(err.contains("a volume named \"palisade-token\""), "{err}");
+    }
+}

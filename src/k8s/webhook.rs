@@ -1,0 +1,133 @@
+//! The sidecar-injection webhook: HTTPS with a certificate from the mesh CA, the same injector
+//! `palisade inject` runs on files, and a keeper that writes the mesh root into the
+//! MutatingWebhookConfiguration's `caBundle` so the API server trusts the webhook.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, PostParams};
+use rustls::ServerConfig;
+use rustls::server::NoServerSessionStorage;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use super::inject::{InjectConfig, admission_review};
+use crate::tls::CertStore;
+
+/// The API server sends at most a few MiB per review; refuse anything larger.
+const MAX_REVIEW_BYTES: usize = 8 << 20;
+
+/// TLS for the webhook: server-authenticated only (the API server presents no client
+/// certificate), TLS 1.2 and 1.3 (the API server speaks both), HTTP/1.1.
+fn tls_config(certs: Arc<CertStore>) -> Arc<ServerConfig> {
+    let mut cfg = ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("aws-lc-rs supports TLS 1.2 and 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    cfg.session_storage = Arc::new(NoServerSessionStorage {});
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+/// Serves `POST /inject` on `listener` until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    certs: Arc<CertStore>,
+    client: kube::Client,
+    config: Arc<arc_swap::ArcSwap<InjectConfig>>,
+) {
+    let acceptor = TlsAcceptor::from(tls_config(certs));
+    let namespaces: Api<Namespace> = Api::all(client);
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else { continue };
+        let (acceptor, namespaces, config) = (acceptor.clone(), namespaces.clone(), config.clone());
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::info!(%peer, error = %e, "webhook TLS handshake refused"),
+                Err(_) => return tracing::info!(%peer, "webhook TLS handshake timed out"),
+            };
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let (namespaces, config) = (namespaces.clone(), config.clone());
+                async move { Ok::<_, Infallible>(handle(req, &namespaces, &config).await) }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("static parts are valid")
+}
+
+async fn handle(
+    req: http::Request<hyper::body::Incoming>,
+    namespaces: &Api<Namespace>,
+    config: &arc_swap::ArcSwap<InjectConfig>,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::POST || req.uri().path() != "/inject" {
+        return reply(StatusCode::NOT_FOUND, "text/plain", "POST /inject only\n");
+    }
+    let body = match Limited::new(req.into_body(), MAX_REVIEW_BYTES).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return reply(StatusCode::PAYLOAD_TOO_LARGE, "text/plain", format!("request body: {e}\n")),
+    };
+    // The namespace's labels decide injection; they are not part of the review.
+    let namespace = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.pointer("/request/namespace").and_then(|n| n.as_str()).map(str::to_string));
+    let labels: BTreeMap<String, String> = match namespace {
+        Some(ns) => match namespaces.get_opt(&ns).await {
+            Ok(found) => found.and_then(|n| n.metadata.labels).unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(namespace = %ns, error = %e, "cannot read namespace labels for injection");
+                return reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("namespace {ns}: {e}\n"));
+            }
+        },
+        None => BTreeMap::new(),
+    };
+    let out = admission_review(&body, &labels, &config.load());
+    reply(StatusCode::OK, "application/json", out)
+}
+
+/// Keeps `caBundle` of every webhook in the named configuration equal to the mesh roots.
+/// Returns whether it changed anything, or `None` when the configuration does not exist (not
+/// an error: the control plane may run before it is applied).
+pub async fn sync_ca_bundle(client: &kube::Client, name: &str, bundle_pem: &str) -> Result<Option<bool>, kube::Error> {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let Some(mut mwc) = api.get_opt(name).await? else { return Ok(None) };
+    let want = k8s_openapi::ByteString(bundle_pem.as_bytes().to_vec());
+    let mut changed = false;
+    for hook in mwc.webhooks.iter_mut().flatten() {
+        if hook.client_config.ca_bundle.as_ref() != Some(&want) {
+            hook.client_config.ca_bundle = Some(want.clone());
+            changed = true;
+        }
+    }
+    if changed {
+        api.replace(name, &PostParams::default(), &mwc).await?;
+        tracing::info!(name, "webhook caBundle updated to the mesh roots");
+    }
+    Ok(Some(changed))
+}
+
+/// The PEM as the base64 a `caBundle` field shows in YAML (for logs and tests).
+pub fn ca_bundle_base64(bundle_pem: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bundle_pem)
+}

@@ -1,0 +1,406 @@
+//! `deploy/`: every manifest is a well-formed Kubernetes object, the control plane's RBAC is least
+//! privilege, the webhook reaches the control plane, the Helm chart renders the same objects, and
+//! the chart carries the same CRDs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// YAML files under `dir`, recursively, in a stable order; `skip` folders are left out.
+fn yaml_files(dir: &Path, skip: &[&Path]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if skip.contains(&path.as_path()) {
+            continue;
+        }
+        if path.is_dir() {
+            out.extend(yaml_files(&path, skip));
+        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            out.push(path);
+        }
+    }
+    out
+}
+
+fn documents(text: &str, origin: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .enumerate()
+        .map(|(i, d)| Value::deserialize(d).unwrap_or_else(|e| panic!("{origin}, document {}: {e}", i + 1)))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Every object of the plain manifests (not the Helm chart), with the file it came from.
+fn deploy_objects() -> Vec<(String, Value)> {
+    let deploy = repo().join("deploy");
+    let helm = deploy.join("helm");
+    let mut out = Vec::new();
+    for file in yaml_files(&deploy, &[&helm]) {
+        let name = file.strip_prefix(repo()).unwrap().display().to_string();
+        let text = std::fs::read_to_string(&file).unwrap();
+        out.extend(documents(&text, &name).into_iter().map(|d| (name.clone(), d)));
+    }
+    out
+}
+
+fn text<'a>(v: &'a Value, path: &[&str]) -> &'a str {
+    let mut v = v;
+    for key in path {
+        v = &v[*key];
+    }
+    v.as_str().unwrap_or_default()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence().map(|s| s.iter().filter_map(|i| i.as_str().map(str::to_string)).collect()).unwrap_or_default()
+}
+
+/// (kind, namespace, name) of an object.
+fn key(object: &Value) -> (String, String, String) {
+    let kind = text(object, &["kind"]).to_string();
+    (kind, text(object, &["metadata", "namespace"]).to_string(), text(object, &["metadata", "name"]).to_string())
+}
+
+fn find<'a>(objects: &'a [(String, Value)], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .map(|(_, o)| o)
+        .find(|o| text(o, &["kind"]) == kind && text(o, &["metadata", "name"]) == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} under deploy/"))
+}
+
+/// One RBAC grant: (apiGroup, resource, verb, resourceName or "" for any).
+type Grant = (String, String, String, String);
+
+fn grants(role: &Value) -> BTreeSet<Grant> {
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_sequence().expect("a role without rules") {
+        let names = strings(&rule["resourceNames"]);
+        let names = if names.is_empty() { vec![String::new()] } else { names };
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    for name in &names {
+                        out.insert((group.clone(), resource.clone(), verb.clone(), name.clone()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn grant_set(list: &[(&str, &[&str], &[&str], &str)]) -> BTreeSet<Grant> {
+    let mut out = BTreeSet::new();
+    for (group, resources, verbs, name) in list {
+        for resource in *resources {
+            for verb in *verbs {
+                out.insert((group.to_string(), resource.to_string(), verb.to_string(), name.to_string()));
+            }
+        }
+    }
+    out
+}
+
+const POLICY_KINDS: &[&str] =
+    &["authorizationpolicies", "peerauthentications", "requestauthentications", "ratelimitpolicies"];
+
+#[test]
+fn every_manifest_is_an_object_with_api_version_kind_and_name() {
+    let objects = deploy_objects();
+    let mut seen = BTreeSet::new();
+    for (file, object) in &objects {
+        for field in [&["apiVersion"][..], &["kind"], &["metadata", "name"]] {
+            assert!(!text(object, field).is_empty(), "{file}: an object without {}:\n{object:?}", field.join("."));
+        }
+        assert!(seen.insert(key(object)), "{file}: {:?} is defined twice", key(object));
+    }
+    for (kind, name) in [
+        ("Namespace", "palisade-system"),
+        ("ServiceAccount", "palisade-control"),
+        ("ClusterRole", "palisade-control"),
+        ("ClusterRoleBinding", "palisade-control"),
+        ("Role", "palisade-control"),
+        ("RoleBinding", "palisade-control"),
+        ("Deployment", "palisade-control"),
+        ("Service", "palisade-control"),
+        ("PodDisruptionBudget", "palisade-control"),
+        ("MutatingWebhookConfiguration", "palisade-sidecar-injector"),
+    ] {
+        find(&objects, kind, name);
+    }
+}
+
+#[test]
+fn rbac_is_least_privilege() {
+    let objects = deploy_objects();
+    for (file, role) in objects.iter().filter(|(_, o)| matches!(text(o, &["kind"]), "ClusterRole" | "Role")) {
+        let kind = text(role, &["kind"]);
+        for (group, resource, verb, name) in grants(role) {
+            for field in [&group, &resource, &verb, &name] {
+                assert!(!field.contains('*'), "{file}: {kind} grants a wildcard: {group}/{resource} {verb}");
+            }
+            assert!(
+                !matches!(verb.as_str(), "escalate" | "bind" | "impersonate" | "delete" | "deletecollection"),
+                "{file}: {kind} grants {verb} on {resource}"
+            );
+            if resource == "secrets" {
+                assert_eq!(kind, "Role", "{file}: secrets in a {kind}: Secrets are readable only in palisade-system");
+                assert!(verb == "create" || name == "palisade-ca", "{file}: {verb} on secrets other than palisade-ca");
+                assert!(verb != "list" && verb != "watch", "{file}: {verb} on secrets reads every Secret");
+            }
+        }
+    }
+
+    let cluster_role = find(&objects, "ClusterRole", "palisade-control");
+    let status: Vec<String> = POLICY_KINDS.iter().map(|k| format!("{k}/status")).collect();
+    let status: Vec<&str> = status.iter().map(String::as_str).collect();
+    let expected = grant_set(&[
+        ("", &["pods", "services", "namespaces"], &["get", "list", "watch"], ""),
+        ("discovery.k8s.io", &["endpointslices"], &["get", "list", "watch"], ""),
+        ("palisade.io", POLICY_KINDS, &["get", "list", "watch"], ""),
+        ("palisade.io", &status, &["get", "update", "patch"], ""),
+        ("authentication.k8s.io", &["tokenreviews"], &["create"], ""),
+        (
+            "admissionregistration.k8s.io",
+            &["mutatingwebhookconfigurations"],
+            &["get", "update", "patch"],
+            "palisade-sidecar-injector",
+        ),
+    ]);
+    assert_eq!(grants(cluster_role), expected, "the ClusterRole grants exactly this");
+
+    let role = find(&objects, "Role", "palisade-control");
+    assert_eq!(text(role, &["metadata", "namespace"]), "palisade-system");
+    let expected = grant_set(&[
+        ("", &["secrets"], &["get", "update"], "palisade-ca"),
+        ("", &["secrets"], &["create"], ""),
+        ("coordination.k8s.io", &["leases"], &["get", "update"], "palisade-control-leader"),
+        ("coordination.k8s.io", &["leases"], &["create"], ""),
+    ]);
+    assert_eq!(grants(role), expected, "the Role grants exactly this");
+
+    for (kind, role_kind) in [("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")] {
+        let binding = find(&objects, kind, "palisade-control");
+        assert_eq!(text(binding, &["roleRef", "kind"]), role_kind);
+        assert_eq!(text(binding, &["roleRef", "name"]), "palisade-control");
+        let subjects = binding["subjects"].as_sequence().unwrap();
+        assert_eq!(subjects.len(), 1, "{kind} binds one subject");
+        assert_eq!(
+            (text(&subjects[0], &["kind"]), text(&subjects[0], &["name"]), text(&subjects[0], &["namespace"])),
+            ("ServiceAccount", "palisade-control", "palisade-system")
+        );
+    }
+}
+
+#[test]
+fn the_control_plane_deployment_is_hardened_and_spread() {
+    let objects = deploy_objects();
+    let deployment = find(&objects, "Deployment", "palisade-control");
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let pod = &deployment["spec"]["template"];
+    assert_eq!(text(pod, &["metadata", "annotations", "palisade.io/inject"]), "disabled");
+    assert_eq!(text(pod, &["spec", "serviceAccountName"]), "palisade-control");
+    let spread = &pod["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(text(spread, &["podAffinityTerm", "topologyKey"]), "kubernetes.io/hostname");
+
+    let containers = pod["spec"]["containers"].as_sequence().unwrap();
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    let args = strings(&c["args"]);
+    assert_eq!(args[0], "control");
+    for pair in [
+        ["--trust-domain", "cluster.local"],
+        ["--listen", "0.0.0.0:15010"],
+        ["--admin", "0.0.0.0:15014"],
+        ["--webhook", "0.0.0.0:15017"],
+        ["--state-dir", "/var/lib/palisade"],
+    ] {
+        assert!(args.windows(2).any(|w| w == pair), "args lack {pair:?}: {args:?}");
+    }
+    assert!(args.contains(&"--kubernetes".to_string()));
+    let sc = &c["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(text(c, &["readinessProbe", "httpGet", "path"]), "/ready");
+    assert_eq!(text(c, &["livenessProbe", "httpGet", "path"]), "/live");
+    let env: Vec<_> = c["env"].as_sequence().unwrap().iter().map(|e| text(e, &["name"]).to_string()).collect();
+    assert_eq!(env, ["POD_NAME", "POD_NAMESPACE"]);
+
+    let pdb = find(&objects, "PodDisruptionBudget", "palisade-control");
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert_eq!(pdb["spec"]["selector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
+}
+
+#[test]
+fn the_webhook_reaches_the_control_plane_and_spares_system_namespaces() {
+    let objects = deploy_objects();
+    let config = find(&objects, "MutatingWebhookConfiguration", "palisade-sidecar-injector");
+    let webhooks = config["webhooks"].as_sequence().unwrap();
+    assert_eq!(webhooks.len(), 1);
+    let hook = &webhooks[0];
+    assert_eq!(text(hook, &["name"]), "inject.palisade.io");
+    for (field, value) in [
+        ("failurePolicy", "Fail"),
+        ("sideEffects", "None"),
+        ("reinvocationPolicy", "Never"),
+        ("matchPolicy", "Equivalent"),
+    ] {
+        assert_eq!(text(hook, &[field]), value, "{field}");
+    }
+    assert_eq!(hook["timeoutSeconds"], 5);
+    assert_eq!(strings(&hook["admissionReviewVersions"]), ["v1"]);
+    let ca_bundle = &hook["clientConfig"]["caBundle"];
+    assert!(
+        ca_bundle.is_null() || ca_bundle == "",
+        "the control plane writes caBundle; a manifest value would wipe it"
+    );
+
+    let rule = &hook["rules"][0];
+    assert_eq!(hook["rules"].as_sequence().unwrap().len(), 1);
+    assert_eq!(
+        (
+            strings(&rule["operations"]),
+            strings(&rule["apiGroups"]),
+            strings(&rule["apiVersions"]),
+            strings(&rule["resources"])
+        ),
+        (vec!["CREATE".to_string()], vec![String::new()], vec!["v1".to_string()], vec!["pods".to_string()])
+    );
+    let selector = &hook["namespaceSelector"]["matchExpressions"][0];
+    assert_eq!(text(selector, &["key"]), "kubernetes.io/metadata.name");
+    assert_eq!(text(selector, &["operator"]), "NotIn");
+    let excluded = strings(&selector["values"]);
+    assert!(excluded.contains(&"kube-system".into()) && excluded.contains(&"palisade-system".into()), "{excluded:?}");
+
+    // service palisade-control:443 -> the Deployment's webhook port -> `--webhook 0.0.0.0:15017`.
+    let service_ref = &hook["clientConfig"]["service"];
+    assert_eq!(
+        (text(service_ref, &["name"]), text(service_ref, &["namespace"]), text(service_ref, &["path"])),
+        ("palisade-control", "palisade-system", "/inject")
+    );
+    let service = find(&objects, "Service", "palisade-control");
+    let port = service["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["port"] == service_ref["port"])
+        .expect("the Service has the webhook's port");
+    let target = text(port, &["targetPort"]);
+    let deployment = find(&objects, "Deployment", "palisade-control");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let container_port = container["ports"].as_sequence().unwrap().iter().find(|p| text(p, &["name"]) == target);
+    assert_eq!(container_port.map(|p| p["containerPort"].clone()), Some(Value::from(15017)));
+    assert_eq!(service["spec"]["selector"], deployment["spec"]["selector"]["matchLabels"]);
+}
+
+fn crd_files(dir: &Path) -> BTreeMap<String, String> {
+    match std::fs::read_dir(dir) {
+        Err(_) => BTreeMap::new(),
+        Ok(entries) => entries
+            .map(|e| e.unwrap().path())
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&p).unwrap()))
+            .collect(),
+    }
+}
+
+#[test]
+fn the_chart_carries_a_copy_of_the_generated_crds() {
+    let generated = crd_files(&repo().join("deploy/crds"));
+    let chart = crd_files(&repo().join("deploy/helm/palisade/crds"));
+    let fix = "run `cp deploy/crds/*.yaml deploy/helm/palisade/crds/` (deploy/helm/palisade/README.md)";
+    for (name, text) in &generated {
+        assert_eq!(
+            chart.get(name),
+            Some(text),
+            "deploy/helm/palisade/crds/{name} differs from deploy/crds/{name}: {fix}"
+        );
+    }
+    for name in chart.keys() {
+        assert!(generated.contains_key(name), "deploy/helm/palisade/crds/{name} has no deploy/crds/{name}: {fix}");
+    }
+}
+
+#[test]
+fn the_generated_crds_are_in_deploy_crds() {
+    let generated = crd_files(&repo().join("deploy/crds"));
+    assert!(
+        !generated.is_empty(),
+        "deploy/crds/ holds no CRD: run `palisade k8s crds --out deploy/crds`, then \
+         `cp deploy/crds/*.yaml deploy/helm/palisade/crds/`"
+    );
+}
+
+/// The Helm CLI: `PALISADE_HELM`, else built by `.ci/install-helm` (cached after the first time).
+fn helm() -> PathBuf {
+    if let Some(path) = std::env::var_os("PALISADE_HELM") {
+        return PathBuf::from(path);
+    }
+    let out = std::process::Command::new("bash")
+        .arg(repo().join(".ci/install-helm"))
+        .output()
+        .expect("cannot run bash .ci/install-helm");
+    assert!(
+        out.status.success(),
+        "no Helm CLI: set PALISADE_HELM or fix `bash .ci/install-helm`:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+#[test]
+fn the_helm_chart_renders_the_same_objects_as_deploy() {
+    let out = std::process::Command::new(helm())
+        .args(["template", "palisade"])
+        .arg(repo().join("deploy/helm/palisade"))
+        .args(["--namespace", "palisade-system"])
+        .output()
+        .expect("cannot run helm");
+    assert!(out.status.success(), "helm template failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let rendered = documents(&String::from_utf8(out.stdout).unwrap(), "helm template");
+
+    let plain = deploy_objects();
+    // The chart leaves its namespace to `helm install --create-namespace`, and installs CRDs from
+    // its crds/ folder, which `helm template` does not print (see the CRD tests above).
+    let expected: BTreeSet<_> = plain
+        .iter()
+        .filter(|(file, o)| !file.starts_with("deploy/crds/") && text(o, &["kind"]) != "Namespace")
+        .map(|(_, o)| key(o))
+        .collect();
+    let got: BTreeSet<_> = rendered.iter().map(key).collect();
+    assert_eq!(got, expected, "helm template and deploy/*.yaml define different objects");
+
+    let rendered: Vec<(String, Value)> = rendered.into_iter().map(|o| ("helm template".to_string(), o)).collect();
+    let args = |objects: &[(String, Value)]| {
+        strings(&find(objects, "Deployment", "palisade-control")["spec"]["template"]["spec"]["containers"][0]["args"])
+    };
+    assert_eq!(args(&rendered), args(&plain), "the control plane's arguments differ");
+    for kind in ["ClusterRole", "Role"] {
+        assert_eq!(
+            grants(find(&rendered, kind, "palisade-control")),
+            grants(find(&plain, kind, "palisade-control")),
+            "the chart's {kind} differs from deploy/control-plane.yaml"
+        );
+    }
+    let webhook = |objects: &[(String, Value)]| {
+        find(objects, "MutatingWebhookConfiguration", "palisade-sidecar-injector")["webhooks"].clone()
+    };
+    assert_eq!(webhook(&rendered), webhook(&plain), "the webhook configurations differ");
+    for kind in ["Service", "PodDisruptionBudget"] {
+        assert_eq!(find(&rendered, kind, "palisade-control")["spec"], find(&plain, kind, "palisade-control")["spec"]);
+    }
+}
