@@ -289,7 +289,10 @@ async fn control_plane(
         }
     }
     c.namespace(system_ns, &[], &[]);
-    let kubeconfig = c.kubeconfig.display().to_string();
+    let mut kubeconfig = c.kubeconfig.display().to_string();
+    if let Some(pos) = args.iter().position(|a| a.starts_with("--kubeconfig=")) {
+        kubeconfig = args.remove(pos)["--kubeconfig=".len()..].to_string();
+    }
     let mut proc = Proc::spawn_with_env(name, dir, &args, &[("KUBECONFIG", &kubeconfig)]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while status_of(&format!("http://{admin}/ready")).await != Some(200) {
@@ -735,4 +738,84 @@ async fn pods_in_an_enabled_namespace_are_injected_once_and_opted_out_pods_are_n
     assert!(c.kubectl_output(&["get", "pod", "p7", "-n", "inj"]).status.code() != Some(0), "p7 was not stored");
 
     c.kubectl(&["delete", "mutatingwebhookconfiguration", "palisade-injector-test"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deploy_manifests_apply_and_the_control_plane_runs_on_their_least_privilege_rbac() {
+    let c = cluster();
+    let dir = tempdir("k8s-deploy");
+    c.kubectl(&["apply", "-f", &repo("deploy/namespace.yaml").display().to_string()]);
+    c.kubectl(&["apply", "-f", &repo("deploy/control-plane.yaml").display().to_string()]);
+    // The real webhook configuration would intercept every other test's pods (and has no
+    // reachable Service here): the API server validates it without storing it.
+    c.kubectl(&["apply", "--dry-run=server", "-f", &repo("deploy/webhook.yaml").display().to_string()]);
+    let helm = std::env::var("PALISADE_HELM").unwrap_or_else(|_| {
+        let out = Command::new("bash").arg(repo(".ci/install-helm")).output().unwrap();
+        assert!(out.status.success(), ".ci/install-helm failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    });
+    let rendered = Command::new(helm)
+        .args([
+            "template",
+            "palisade",
+            &repo("deploy/helm/palisade").display().to_string(),
+            "--namespace",
+            "palisade-system",
+        ])
+        .output()
+        .unwrap();
+    assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
+    let mut dry = Command::new(c.bin.join("kubectl"))
+        .arg("--kubeconfig")
+        .arg(&c.kubeconfig)
+        .args(["apply", "--dry-run=server", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    dry.stdin.take().unwrap().write_all(&rendered.stdout).unwrap();
+    let out = dry.wait_with_output().unwrap();
+    assert!(out.status.success(), "the chart's objects are refused: {}", String::from_utf8_lossy(&out.stderr));
+
+    // The control plane with nothing but the deployed ServiceAccount's rights.
+    let token = c.token("palisade-system", "palisade-control", "https://kubernetes.default.svc.cluster.local");
+    let kubeconfig = dir.join("palisade-control.kubeconfig");
+    write_kubeconfig(
+        &kubeconfig,
+        &c.kubectl(&["config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}"]),
+        &token,
+    );
+    let kube_arg = format!("--kubeconfig={}", kubeconfig.display());
+    let (cp, _) = control_plane(c, &dir, "cp-rbac", "palisade-system", &[&kube_arg, "--webhook"]).await;
+    let lease = || {
+        c.kubectl(&[
+            "get",
+            "lease",
+            "palisade-control-leader",
+            "-n",
+            "palisade-system",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+    };
+    wait_for("the lease taken under least privilege", Duration::from_secs(10), || async { lease() == "cp-rbac" }).await;
+    c.namespace("rbac", &[], &["api"]);
+    assert_eq!(
+        certify(&cp, &c.token("rbac", "api", "palisade")).await.unwrap(),
+        "spiffe://cluster.local/ns/rbac/sa/api"
+    );
+    let (ok, out) = c.apply(
+        "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: rbac}\n\
+         spec: {action: ALLOW, rules: [{to: [{operation: {methods: [GET]}}]}]}\n",
+    );
+    assert!(ok, "{out}");
+    wait_for("status written under least privilege", Duration::from_secs(10), || async {
+        accepted_condition(c, "rbac", "p").is_some_and(|(s, _, _)| s == "True")
+    })
+    .await;
+    let secret = c.get_json(&["get", "secret", "palisade-ca", "-n", "palisade-system"]);
+    assert_eq!(secret["immutable"], true);
+    let log = cp.proc.log_text();
+    assert!(!log.contains("forbidden"), "the deployed RBAC lacks a permission the control plane uses:\n{log}");
 }
