@@ -485,7 +485,7 @@ async fn an_authorization_policy_from_kubectl_reaches_a_sidecar_within_two_secon
     )
     .await;
     let route = free_addr();
-    let _web = kube_sidecar(
+    let web = kube_sidecar(
         &dir,
         &control,
         &root,
@@ -503,14 +503,17 @@ async fn an_authorization_policy_from_kubectl_reaches_a_sidecar_within_two_secon
     let policy = "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\n\
                   metadata: {name: block, namespace: pol}\n\
                   spec: {selector: {matchLabels: {app: orders}}, action: DENY, rules: [{to: [{operation: {paths: [/blocked]}}]}]}\n";
+    // Timed from before kubectl starts: the 2 s include kubectl's own round trips.
+    let applied = Instant::now();
     let (ok, out) = c.apply(policy);
     assert!(ok, "{out}");
-    let applied = Instant::now();
+    eprintln!("kubectl apply returned after {:?}", applied.elapsed());
     wait_for("the DENY policy to take effect", Duration::from_secs(2), || async {
         get(&http, &url, &[]).await.map(|r| r.0) == Ok(403)
     })
     .await;
     let took = applied.elapsed();
+    assert!(took < Duration::from_secs(2), "took {took:?}");
     eprintln!("policy applied with kubectl took effect in {took:?}");
     let (status, _, headers_text) = {
         let (s, h, b) = get(&http, &url, &[]).await.unwrap();
@@ -520,13 +523,46 @@ async fn an_authorization_policy_from_kubectl_reaches_a_sidecar_within_two_secon
     assert!(headers_text.contains("pol/block"), "the refusal names the policy: {headers_text}");
     assert_eq!(get(&http, &format!("http://{route}/open"), &[]).await.unwrap().0, 200, "other paths unaffected");
 
-    c.kubectl(&["delete", "authorizationpolicy", "block", "-n", "pol"]);
+    // Pods and Services feed the endpoint table: an injected pod that gets an address (patched
+    // in, as no kubelet runs) and the Service in front of it reach the sidecars.
+    let (ok, out) = c.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: orders-0, namespace: pol, labels: {app: orders},\n\
+         annotations: {palisade.io/status: injected}}\nspec: {serviceAccountName: orders, containers: [{name: app, image: example/orders:1}]}\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: {name: orders, namespace: pol}\n\
+         spec: {selector: {app: orders}, ports: [{port: 80, targetPort: 8080}]}\n",
+    );
+    assert!(ok, "{out}");
+    c.kubectl(&[
+        "patch",
+        "pod",
+        "orders-0",
+        "-n",
+        "pol",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Running","podIP":"10.44.0.7","podIPs":[{"ip":"10.44.0.7"}]}}"#,
+    ]);
+    let cluster_ip = c.kubectl(&["get", "svc", "orders", "-n", "pol", "-o", "jsonpath={.spec.clusterIP}"]);
+    let orders_id = "spiffe://cluster.local/ns/pol/sa/orders";
+    wait_for("pod and service addresses in the sidecar's endpoint table", Duration::from_secs(5), || async {
+        let dump = web.config_dump().await;
+        let eps = &dump["mesh"]["endpoints"];
+        eps["10.44.0.7:0"] == orders_id && eps[format!("{cluster_ip}:0").as_str()] == orders_id
+    })
+    .await;
+
+    assert_eq!(get(&http, &url, &[]).await.unwrap().0, 403, "still denied before the deletion");
     let deleted = Instant::now();
+    c.kubectl(&["delete", "authorizationpolicy", "block", "-n", "pol"]);
+    eprintln!("kubectl delete returned after {:?}", deleted.elapsed());
     wait_for("the deletion to take effect", Duration::from_secs(2), || async {
         get(&http, &url, &[]).await.map(|r| r.0) == Ok(200)
     })
     .await;
-    eprintln!("deletion took effect in {:?}", deleted.elapsed());
+    let took = deleted.elapsed();
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    eprintln!("deletion took effect in {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
