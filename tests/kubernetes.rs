@@ -260,7 +260,10 @@ async fn control_plane(
     system_ns: &str,
     extra: &[&str],
 ) -> (ControlPlane, Option<SocketAddr>) {
-    let listen = free_addr();
+    let listen =
+        extra.iter().find_map(|a| a.strip_prefix("--listen=")).map(|a| a.parse().unwrap()).unwrap_or_else(free_addr);
+    let extra: Vec<&str> = extra.iter().copied().filter(|a| !a.starts_with("--listen=")).collect();
+    let extra = &extra[..];
     let admin = free_addr();
     let state = dir.join(format!("state-{name}"));
     let mut args: Vec<String> = [
@@ -854,4 +857,46 @@ async fn the_deploy_manifests_apply_and_the_control_plane_runs_on_their_least_pr
     assert_eq!(secret["immutable"], true);
     let log = cp.proc.log_text();
     assert!(!log.contains("forbidden"), "the deployed RBAC lacks a permission the control plane uses:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_whose_certificate_expired_in_an_outage_attests_again_with_its_token() {
+    let c = cluster();
+    let dir = tempdir("k8s-expiry");
+    c.namespace("exp", &[], &["api"]);
+    let next_listen = free_addr();
+    let (mut first, _) = control_plane(c, &dir, "cp-exp-1", "exp-system", &["--cert-ttl", "3s"]).await;
+    let control = format!("{},{next_listen}", first.listen);
+    let sidecar = kube_sidecar(
+        &dir,
+        &control,
+        &first.root_pem_path(),
+        &c.token("exp", "api", "palisade"),
+        "exp-api",
+        None,
+        &[],
+        &[],
+    )
+    .await;
+    first.proc.kill9();
+    let ready = || async { status_of(&format!("http://{}/ready", sidecar.admin)).await };
+    wait_for("the certificate to expire with no control plane", Duration::from_secs(10), || async {
+        ready().await == Some(503)
+    })
+    .await;
+    // A new replica (same CA, from the Secret) comes up; the expired certificate proves nothing,
+    // so the sidecar presents its service-account token again.
+    let listen_arg = format!("--listen={next_listen}");
+    let (second, _) = control_plane(c, &dir, "cp-exp-2", "exp-system", &["--cert-ttl", "3s", &listen_arg]).await;
+    wait_for("the sidecar to recover by itself", Duration::from_secs(20), || async { ready().await == Some(200) })
+        .await;
+    let ledger =
+        Command::new(BIN).args(["status", "certs", "-o", "json", "--state-dir"]).arg(&second.state).output().unwrap();
+    let rows: Vec<Value> = serde_json::from_slice(&ledger.stdout).unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r["spiffe_id"] == "spiffe://cluster.local/ns/exp/sa/api" && r["credential"] == "kubernetes"),
+        "re-attested with the token, not renewed: {rows:?}"
+    );
+    assert!(sidecar.proc.log_text().contains("attesting again"), "{}", sidecar.proc.log_text());
 }

@@ -66,6 +66,23 @@ pub enum Bootstrap {
     KubernetesTokenFile(std::path::PathBuf),
 }
 
+impl Bootstrap {
+    fn credential(&self) -> Result<Credential, CertError> {
+        Ok(match self {
+            Bootstrap::JoinToken(token) => Credential::JoinToken(token.trim().to_string()),
+            // Read afresh each time: the kubelet rotates the projected token.
+            Bootstrap::KubernetesTokenFile(path) => Credential::KubernetesToken(
+                std::fs::read_to_string(path).map_err(CertError::TokenFile)?.trim().to_string(),
+            ),
+        })
+    }
+
+    /// Whether this credential can be presented again (a join token is single use).
+    fn reusable(&self) -> bool {
+        matches!(self, Bootstrap::KubernetesTokenFile(_))
+    }
+}
+
 impl CertManager {
     /// A manager that installs certificates into `certs` and roots into `bundle`.
     pub fn new(
@@ -98,14 +115,7 @@ impl CertManager {
     pub async fn bootstrap(&self, bootstrap: &Bootstrap) -> Result<Arc<CertInfo>, CertError> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
-            let credential = match bootstrap {
-                Bootstrap::JoinToken(token) => Credential::JoinToken(token.trim().to_string()),
-                // Read afresh each time: the kubelet rotates the projected token.
-                Bootstrap::KubernetesTokenFile(path) => Credential::KubernetesToken(
-                    std::fs::read_to_string(path).map_err(CertError::TokenFile)?.trim().to_string(),
-                ),
-            };
-            match self.request(Some(credential)).await {
+            match self.request(Some(bootstrap.credential()?)).await {
                 Ok(info) => return Ok(info),
                 Err(CertError::Control(e)) if !e.is_permanent() => {
                     let wait = backoff.next();
@@ -118,7 +128,11 @@ impl CertManager {
     }
 
     /// Renews for ever. Spawn it after [`bootstrap`](Self::bootstrap).
-    pub async fn run(self: Arc<Self>) {
+    ///
+    /// Renewal proves identity with the current certificate. Once that has expired (a control
+    /// plane unreachable for longer than a lifetime) it can prove nothing; a reusable bootstrap
+    /// credential (a Kubernetes token) then attests the workload again, so it recovers alone.
+    pub async fn run(self: Arc<Self>, bootstrap: Bootstrap) {
         loop {
             let Some(info) = self.info() else { return };
             let wait = renewal_delay(&info, now_unix(), rand::random::<f64>());
@@ -129,7 +143,17 @@ impl CertManager {
             let cap = Duration::from_secs(lifetime / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
             let mut backoff = Backoff::new(Duration::from_millis(250), cap);
             loop {
-                match self.request(None).await {
+                let expired = now_unix() >= self.info().map_or(0, |i| i.not_after);
+                let result = if expired && bootstrap.reusable() {
+                    tracing::warn!("certificate expired; attesting again with the bootstrap credential");
+                    match bootstrap.credential() {
+                        Ok(credential) => self.request(Some(credential)).await,
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    self.request(None).await
+                };
+                match result {
                     Ok(_) => break,
                     Err(e) => {
                         self.metrics.renewals.get_or_create(&vec![("result".into(), "failure".into())]).inc();

@@ -221,7 +221,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let info = manager.bootstrap(&credential).await.context("obtaining the first workload certificate")?;
     let own_id: SpiffeId = info.spiffe_id.parse()?;
     tracing::info!(spiffe_id = %own_id, serial = %info.serial, "workload identity obtained");
-    tokio::spawn(manager.clone().run());
+    tokio::spawn(manager.clone().run(credential));
 
     let node = Node {
         spiffe_id: own_id.to_string(),
