@@ -262,7 +262,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
 
     {
         let (mesh, store, errors, graph) = (mesh.clone(), store.clone(), resource_errors.clone(), graph.clone());
-        tokio::spawn(admin::serve(admin_listener, move |req: AdminRequest| {
+        admin::spawn_on_own_runtime(admin_listener, move |req: AdminRequest| {
             let (mesh, store, errors, graph) = (mesh.clone(), store.clone(), errors.clone(), graph.clone());
             async move {
                 match req.path.as_str() {
@@ -284,7 +284,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
                     _ => admin::respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
                 }
             }
-        }));
+        })?;
     }
 
     // Keeps the CA view in step with the store (the CLI may start a rotation while we run),

@@ -168,7 +168,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             "trust_domain": args.trust_domain,
             "limits": args.limits,
         });
-        tokio::spawn(admin::serve(admin_listener, move |req: AdminRequest| {
+        admin::spawn_on_own_runtime(admin_listener, move |req: AdminRequest| {
             let manager = manager.clone();
             let metrics = metrics.clone();
             let shutdown = shutdown.clone();
@@ -215,7 +215,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
                     _ => admin::respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
                 }
             }
-        }));
+        })?;
     }
 
     let info = manager.bootstrap(&credential).await.context("obtaining the first workload certificate")?;

@@ -1,6 +1,8 @@
 //! A tiny HTTP/1.1 server for admin endpoints (`/ready`, `/metrics`, ...).
 //!
-//! It runs on its own listener and tasks so a scrape never queues behind data-path work.
+//! It runs on its own listener, thread and single-threaded runtime
+//! ([`spawn_on_own_runtime`]), so a scrape never queues behind data-path work and a busy data
+//! path never delays `/ready`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -59,5 +61,57 @@ where
             });
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
+    }
+}
+
+/// Runs [`serve`] on a dedicated thread with its own current-thread runtime. Handlers may use
+/// tokio (timers, `spawn_blocking`) as usual; what they share with the data path must be
+/// `Send + Sync` (snapshots behind `ArcSwap`, atomics).
+pub fn spawn_on_own_runtime<H, F>(listener: TcpListener, handler: H) -> std::io::Result<()>
+where
+    H: Fn(AdminRequest) -> F + Send + Sync + 'static,
+    F: Future<Output = AdminResponse> + Send + 'static,
+{
+    // A tokio listener is tied to the runtime that made it; move the socket itself across.
+    let listener = listener.into_std()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("palisade-admin".into()).spawn(move || {
+        runtime.block_on(async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => serve(listener, handler).await,
+                Err(e) => tracing::error!(error = %e, "admin listener unusable; admin endpoints are down"),
+            }
+        })
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn admin_answers_while_the_runtime_that_started_it_is_stalled() {
+        let data_path = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let addr = data_path.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            spawn_on_own_runtime(listener, |_| async { respond(StatusCode::OK, "text/plain", "ready\n") }).unwrap();
+            addr
+        });
+        // Occupy the data-path runtime's only thread with a blocking call: anything scheduled
+        // on it could not run until the call returns, so only another runtime can answer.
+        let reply = data_path.block_on(async move {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        });
+        assert!(reply.starts_with("HTTP/1.1 200"), "admin stalled with the data path: {reply:?}");
     }
 }
