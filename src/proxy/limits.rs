@@ -114,11 +114,12 @@ impl Drain {
     /// Returns the number of connections still open at the end.
     pub async fn drain(&self, grace: Duration) -> usize {
         self.draining.send_replace(true);
-        let deadline = tokio::time::Instant::now() + grace;
-        while self.open() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // Every open connection holds a permit: holding all of them means none is open.
+        let all = u32::try_from(self.max).unwrap_or(u32::MAX);
+        match tokio::time::timeout(grace, self.permits.acquire_many(all)).await {
+            Ok(Ok(_every_permit)) => 0,
+            _ => self.open(),
         }
-        self.open()
     }
 }
 
@@ -174,5 +175,25 @@ mod tests {
         let left = d.drain(Duration::from_millis(50)).await;
         assert_eq!(left, 1, "a connection still open at the deadline is reported");
         assert!(d.admit().is_none(), "draining admits nothing");
+    }
+
+    #[tokio::test]
+    async fn drain_returns_when_the_last_connection_closes_not_at_the_deadline() {
+        let d = Drain::new(3);
+        let conn = d.admit().unwrap();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        let closer = tokio::spawn(async move {
+            let _ = closed_rx.await;
+            drop(conn);
+        });
+        let drained = {
+            let d = d.clone();
+            tokio::spawn(async move { d.drain(Duration::from_secs(60)).await })
+        };
+        assert!(!drained.is_finished());
+        closed_tx.send(()).unwrap();
+        let left = tokio::time::timeout(Duration::from_secs(10), drained).await;
+        assert_eq!(left.expect("drain woke on the close, not at its 60 s deadline").unwrap(), 0);
+        closer.await.unwrap();
     }
 }
