@@ -71,6 +71,19 @@ pub fn entrypoint_rule(entrypoint: &str) -> Result<String, String> {
     }
 }
 
+/// Wall-clock budget of one decision. A decision takes microseconds; a policy that runs away (a
+/// comprehension over a huge range, say) is stopped and the request denied, with a reason,
+/// instead of holding a data-path thread.
+pub const EVALUATION_BUDGET: std::time::Duration = std::time::Duration::from_millis(250);
+
+fn time_budget() -> regorus::utils::limits::ExecutionTimerConfig {
+    regorus::utils::limits::ExecutionTimerConfig {
+        limit: EVALUATION_BUDGET,
+        // Clock reads are not free: look every few hundred steps.
+        check_interval: std::num::NonZeroU32::new(256).expect("non-zero"),
+    }
+}
+
 impl RegoEngine {
     /// Parses and compiles `module`; `file_name` appears in error positions
     /// (`shop/orders.rego:3:5`). The error text is regorus's, which carries line and column.
@@ -87,8 +100,13 @@ impl RegoEngine {
     }
 
     fn compile_as(file_name: &str, module: &str, rule: &str, v0: bool) -> Result<Self, String> {
+        // The interpreter path evaluates through engines made from the compiled policy, which
+        // take the process-wide fallback: set it once for every Rego evaluation.
+        static FALLBACK: std::sync::Once = std::sync::Once::new();
+        FALLBACK.call_once(|| regorus::utils::limits::set_fallback_execution_timer_config(Some(time_budget())));
         let mut engine = regorus::Engine::new();
         engine.set_rego_v0(v0);
+        engine.set_execution_timer_config(time_budget());
         engine.add_policy(file_name.to_string(), module.to_string()).map_err(|e| e.to_string())?;
         let compiled = engine.compile_with_entrypoint(&rule.into()).map_err(|e| format!("entrypoint {rule}: {e}"))?;
         let program = VmCompiler::compile_from_policy(&compiled, &[rule]).ok();
@@ -104,6 +122,8 @@ impl RegoEngine {
     pub fn evaluate(&self, input: &Input) -> RegoVerdict {
         match self.run_vm(input) {
             Some(Ok(v)) => interpret(&self.rule, &v),
+            // Out of time in the VM: the interpreter would only spend the budget again.
+            Some(Err(e)) if is_out_of_time(&e) => deny(format!("{} exceeded its evaluation budget ({e})", self.rule)),
             _ => self.evaluate_interpreted(input),
         }
     }
@@ -111,6 +131,7 @@ impl RegoEngine {
     fn run_vm(&self, input: &Input) -> Option<Result<regorus::Value, String>> {
         let program = self.program.as_ref()?;
         let mut vm = RegoVM::new();
+        vm.set_execution_timer_config(Some(time_budget()));
         vm.load_program(program.clone());
         vm.set_input(input.rego_value().clone());
         Some(vm.execute().map_err(|e| e.to_string()))
@@ -128,6 +149,11 @@ impl RegoEngine {
     pub fn uses_vm(&self) -> bool {
         self.program.is_some()
     }
+}
+
+fn is_out_of_time(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    e.contains("time limit") || e.contains("timed out") || e.contains("timeout") || e.contains("deadline")
 }
 
 fn deny(reason: String) -> RegoVerdict {
@@ -203,6 +229,18 @@ allow if {
 
     fn input(method: &str, path: &str) -> Input {
         Input::new(attrs(Some("spiffe://cluster.local/ns/shop/sa/web"), method, path))
+    }
+
+    #[test]
+    fn a_runaway_policy_is_stopped_at_its_budget_and_denies() {
+        let module = include_str!("../../tests/fixtures/opa/runaway.rego");
+        let e = RegoEngine::compile("runaway.rego", module, "runaway/allow").unwrap();
+        let started = std::time::Instant::now();
+        let v = e.evaluate(&input("GET", "/"));
+        let took = started.elapsed();
+        assert!(!v.allowed);
+        assert!(v.reason.contains("time limit") || v.reason.contains("budget"), "{}", v.reason);
+        assert!(took < std::time::Duration::from_secs(2), "unbounded it runs for seconds; took {took:?}");
     }
 
     #[test]

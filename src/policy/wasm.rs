@@ -40,10 +40,41 @@ fn pool_limit() -> usize {
 
 /// The process-wide wasmtime engine: compiled modules must share the engine of the stores that
 /// run them, and one engine keeps one code cache and one set of compiler threads.
+///
+/// Epoch interruption bounds every evaluation: a thread advances the engine's epoch every
+/// [`EPOCH_TICK`], and each evaluation may run for [`EPOCH_BUDGET`] ticks before it traps (and
+/// the request is denied). Cheaper than fuel: the generated code checks one counter at loop
+/// heads and calls.
 fn shared_engine() -> &'static wasmtime::Engine {
     static ENGINE: OnceLock<wasmtime::Engine> = OnceLock::new();
-    ENGINE.get_or_init(wasmtime::Engine::default)
+    ENGINE.get_or_init(|| {
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        let engine = wasmtime::Engine::new(&config).expect("a default config with epochs is valid");
+        let clock = engine.weak();
+        let spawned = std::thread::Builder::new().name("palisade-wasm-epoch".into()).spawn(move || {
+            // A clock, not synchronisation: it only measures time for the deadlines.
+            while let Some(engine) = clock.upgrade() {
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+                match clock.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => return,
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "no epoch thread: Wasm policies run without a time limit");
+        }
+        engine
+    })
 }
+
+/// How often the epoch advances.
+const EPOCH_TICK: std::time::Duration = std::time::Duration::from_millis(10);
+/// Ticks one evaluation (or instantiation) may take: 250 ms, as for Rego
+/// ([`super::rego::EVALUATION_BUDGET`]).
+const EPOCH_BUDGET: u64 = 25;
 
 /// One ready instance: a store and the OPA policy instantiated in it.
 struct Instance {
@@ -131,8 +162,9 @@ impl WasmEngine {
             },
         };
         let Instance { store, policy } = &mut instance;
+        store.set_epoch_deadline(EPOCH_BUDGET);
         let result: Result<Value, String> = poll_ready(policy.evaluate(&mut *store, &c.entrypoint, input.document()))
-            .and_then(|r| r.map_err(|e| format!("{e:#}")));
+            .and_then(|r| r.map_err(|e| out_of_time(e).unwrap_or_else(|e| format!("{e:#}"))));
         match result {
             Ok(v) => {
                 let limit = pool_limit();
@@ -149,9 +181,20 @@ impl WasmEngine {
     }
 }
 
+/// The reason for an evaluation stopped at its deadline, or the error unchanged.
+fn out_of_time(e: anyhow::Error) -> Result<String, anyhow::Error> {
+    match e.chain().find_map(|c| c.downcast_ref::<wasmtime::Trap>()) {
+        Some(wasmtime::Trap::Interrupt) => {
+            Ok(format!("exceeded its evaluation budget ({} ms)", EPOCH_TICK.as_millis() as u64 * EPOCH_BUDGET))
+        }
+        _ => Err(e),
+    }
+}
+
 impl Compiled {
     fn instantiate(&self) -> Result<Instance, String> {
         let mut store = wasmtime::Store::new(shared_engine(), ());
+        store.set_epoch_deadline(EPOCH_BUDGET);
         let policy = poll_ready(async {
             let runtime = opa_wasm::Runtime::new(&mut store, &self.module).await?;
             runtime.with_data(&mut store, &self.data).await
@@ -240,6 +283,20 @@ pub(crate) mod tests {
     }
 
     const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    #[test]
+    fn a_runaway_policy_is_stopped_at_its_budget_and_denies() {
+        let e = WasmEngine::compile(&fixture("runaway"), "runaway/allow").unwrap();
+        let started = std::time::Instant::now();
+        let v = e.evaluate(&input(Some(WEB), "GET", "/"));
+        let took = started.elapsed();
+        assert!(!v.allowed);
+        assert!(v.reason.contains("exceeded its evaluation budget"), "{}", v.reason);
+        // Unbounded, this policy runs for seconds; the budget is 250 ms (plus one epoch tick).
+        assert!(took < std::time::Duration::from_secs(2), "took {took:?}");
+        // The engine stays usable for the next request.
+        assert!(e.evaluate(&input(Some(WEB), "GET", "/")).reason.contains("budget"));
+    }
 
     #[test]
     fn engine_is_send_and_sync() {
