@@ -1,4 +1,4 @@
-//! `palisade init` for real, in throwaway network namespaces: the rules are installed, a second
+//! `palisade init` for real, in throwaway network namespaces (IPv4 and IPv6): the rules are installed, a second
 //! run does not duplicate them, and traffic really goes where they say: outbound TCP lands on
 //! 15001 with its original destination readable through `original_dst`, inbound TCP on 15006,
 //! while the proxy's own UID, excluded ports and the admin port pass untouched.
@@ -30,6 +30,8 @@ const PROXY_UID: u32 = 1337;
 /// Namespace A (the "pod" with the rules) and B (a remote host), joined by a veth pair.
 const A_IP: &str = "192.0.2.1";
 const B_IP: &str = "192.0.2.2";
+const A_IP6: &str = "fd00:7a1::1";
+const B_IP6: &str = "fd00:7a1::2";
 
 /// Two namespaces, deleted when dropped (also on panic). Deleting A destroys the veth pair.
 struct Netns {
@@ -237,8 +239,20 @@ fn init_redirects_in_a_real_network_namespace() {
     let untouched = ns.exec(&ns.b, &[iptables, "-t", "nat", "-S"]);
     assert!(!untouched.contains("PALISADE"), "dry run changed rules:\n{untouched}");
 
-    // The rules are there.
+    // The rules are there, for IPv4 and (the namespace has IPv6) for IPv6.
     init_in(&ns, &ns.a, &exe, &args);
+    let ip6tables = init::ip6tables_program().unwrap_or_else(|| panic!("ip6tables not found; {INSTALL}"));
+    let ip6tables = ip6tables.to_str().expect("UTF-8 path");
+    let rules6 = ns.exec(&ns.a, &[ip6tables, "-t", "nat", "-S"]);
+    for rule in [
+        "-A OUTPUT -p tcp -j PALISADE_OUTPUT",
+        "-A PREROUTING -p tcp -j PALISADE_INBOUND",
+        "-A PALISADE_OUTPUT -d ::1/128 -j RETURN",
+        "-A PALISADE_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        "-A PALISADE_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+    ] {
+        assert!(rules6.lines().any(|l| l == rule), "missing IPv6 {rule:?} in:\n{rules6}");
+    }
     let rules = ns.exec(&ns.a, &[iptables, "-t", "nat", "-S"]);
     for rule in [
         "-N PALISADE_INBOUND",
@@ -264,19 +278,28 @@ fn init_redirects_in_a_real_network_namespace() {
     init_in(&ns, &ns.a, &exe, &args);
     let again = ns.exec(&ns.a, &[iptables, "-t", "nat", "-S"]);
     assert_eq!(again, rules, "a second init changed the rules");
+    assert_eq!(ns.exec(&ns.a, &[ip6tables, "-t", "nat", "-S"]), rules6, "a second init changed the IPv6 rules");
     assert_eq!(again.lines().filter(|l| *l == "-A OUTPUT -p tcp -j PALISADE_OUTPUT").count(), 1);
 
     // Wire A and B together; the veth pair lives only inside the namespaces.
     ns.exec(&ns.a, &["ip", "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", &ns.b]);
-    for (name, dev, ip) in [(&ns.a, "va", A_IP), (&ns.b, "vb", B_IP)] {
+    for (name, dev, ip, ip6) in [(&ns.a, "va", A_IP, A_IP6), (&ns.b, "vb", B_IP, B_IP6)] {
         ns.exec(name, &["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]);
+        // `nodad`: usable at once, without duplicate-address detection's delay.
+        ns.exec(name, &["ip", "-6", "addr", "add", &format!("{ip6}/64"), "dev", dev, "nodad"]);
         ns.exec(name, &["ip", "link", "set", dev, "up"]);
         ns.exec(name, &["ip", "link", "set", "lo", "up"]);
     }
 
-    let _pod = serve(&ns, &ns.a, &exe, "0.0.0.0:15001=dst,0.0.0.0:15006=dst,0.0.0.0:15020=tag:admin");
-    let _remote =
-        serve(&ns, &ns.b, &exe, &format!("{B_IP}:8080=tag:direct,{B_IP}:9999=tag:direct,{B_IP}:80=tag:direct"));
+    // Dual-stack listeners in the pod: IPv4 arrives as IPv4-mapped, and `original_dst` reads
+    // the IPv4 record for it.
+    let _pod = serve(&ns, &ns.a, &exe, "[::]:15001=dst,[::]:15006=dst,[::]:15020=tag:admin");
+    let _remote = serve(
+        &ns,
+        &ns.b,
+        &exe,
+        &format!("{B_IP}:8080=tag:direct,{B_IP}:9999=tag:direct,{B_IP}:80=tag:direct,[{B_IP6}]:8080=tag:direct"),
+    );
 
     // Outbound from the app (any UID but the proxy's) lands on 15001, original destination intact.
     assert_eq!(connect(&ns, &ns.a, &exe, 0, &format!("{B_IP}:8080")), format!("redirected {B_IP}:8080"));
@@ -287,6 +310,11 @@ fn init_redirects_in_a_real_network_namespace() {
     // Inbound from elsewhere lands on 15006, except the admin port.
     assert_eq!(connect(&ns, &ns.b, &exe, 0, &format!("{A_IP}:8080")), format!("redirected {A_IP}:8080"));
     assert_eq!(connect(&ns, &ns.b, &exe, 0, &format!("{A_IP}:15020")), "admin");
+    // IPv6 is intercepted the same way: no IPv6 path around the proxy.
+    assert_eq!(connect(&ns, &ns.a, &exe, 0, &format!("[{B_IP6}]:8080")), format!("redirected [{B_IP6}]:8080"));
+    assert_eq!(connect(&ns, &ns.a, &exe, PROXY_UID, &format!("[{B_IP6}]:8080")), "direct");
+    assert_eq!(connect(&ns, &ns.b, &exe, 0, &format!("[{A_IP6}]:8080")), format!("redirected [{A_IP6}]:8080"));
+    assert_eq!(connect(&ns, &ns.b, &exe, 0, &format!("[{A_IP6}]:15020")), "admin");
 
     assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
 }

@@ -53,6 +53,13 @@ pub struct InitArgs {
     /// The iptables program to run (default: `iptables-legacy` if on PATH, else `iptables`).
     #[arg(long, env = "PALISADE_IPTABLES")]
     pub iptables: Option<PathBuf>,
+    /// IPv6 interception with the same rules: `auto` (when the kernel has IPv6, so no IPv6
+    /// path escapes the mesh), `on` (fail if it cannot be installed), or `off`.
+    #[arg(long, env = "PALISADE_IPV6", default_value = "auto", value_parser = ["auto", "on", "off"])]
+    pub ipv6: String,
+    /// The ip6tables program (default: `ip6tables-legacy` if on PATH, else `ip6tables`).
+    #[arg(long, env = "PALISADE_IP6TABLES")]
+    pub ip6tables: Option<PathBuf>,
     /// Print the commands as shell lines and change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -131,6 +138,15 @@ pub enum InitError {
 
 /// The iptables commands (argv without the program name, all in the `nat` table), in order.
 pub fn rules(args: &InitArgs) -> Vec<Vec<String>> {
+    rules_for(args, "127.0.0.1/32")
+}
+
+/// The same rules for ip6tables.
+pub fn rules_v6(args: &InitArgs) -> Vec<Vec<String>> {
+    rules_for(args, "::1/128")
+}
+
+fn rules_for(args: &InitArgs, loopback: &str) -> Vec<Vec<String>> {
     let mut out: Vec<Vec<String>> = Vec::new();
     let mut cmd = |parts: &[&str]| {
         let mut argv = vec!["-t".to_string(), "nat".to_string()];
@@ -171,7 +187,7 @@ pub fn rules(args: &InitArgs) -> Vec<Vec<String>> {
     // Outbound. The UID exclusion comes first: without it the sidecar's own upstream
     // connections would be redirected back to itself.
     cmd(&["-A", OUTPUT_CHAIN, "-m", "owner", "--uid-owner", &uid, "-j", "RETURN"]);
-    cmd(&["-A", OUTPUT_CHAIN, "-d", "127.0.0.1/32", "-j", "RETURN"]);
+    cmd(&["-A", OUTPUT_CHAIN, "-d", loopback, "-j", "RETURN"]);
     cmd(&["-A", OUTPUT_CHAIN, "-o", "lo", "-j", "RETURN"]);
     for port in &args.exclude_outbound_ports.0 {
         cmd(&["-A", OUTPUT_CHAIN, "-p", "tcp", "--dport", &port.to_string(), "-j", "RETURN"]);
@@ -218,6 +234,20 @@ pub fn iptables_program() -> Option<PathBuf> {
     ["iptables-legacy", "iptables"].into_iter().find_map(which)
 }
 
+/// The ip6tables program to run: `ip6tables-legacy` if it is on PATH, else `ip6tables`.
+pub fn ip6tables_program() -> Option<PathBuf> {
+    ["ip6tables-legacy", "ip6tables"].into_iter().find_map(which)
+}
+
+/// Whether IPv6 rules are installed: `on`, `off`, or (`auto`) when this namespace has IPv6.
+fn wants_ipv6(args: &InitArgs) -> bool {
+    match args.ipv6.as_str() {
+        "on" => true,
+        "off" => false,
+        _ => Path::new("/proc/net/if_inet6").exists(),
+    }
+}
+
 fn which(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH")?;
@@ -238,9 +268,15 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
     }
     let rules = rules(&args);
     let program = args.iptables.clone().or_else(iptables_program);
+    let ipv6 = wants_ipv6(&args);
+    let program6 = args.ip6tables.clone().or_else(ip6tables_program);
     if args.dry_run {
         let name = program.as_deref().and_then(Path::file_name).and_then(|n| n.to_str()).unwrap_or("iptables");
         print!("{}", dry_run_script(name, &rules));
+        if ipv6 {
+            let name6 = program6.as_deref().and_then(Path::file_name).and_then(|n| n.to_str()).unwrap_or("ip6tables");
+            print!("{}", dry_run_script(name6, &rules_v6(&args)));
+        }
         return Ok(());
     }
     let program = program.ok_or_else(|| {
@@ -257,6 +293,21 @@ pub fn run(args: InitArgs) -> anyhow::Result<()> {
         execute(&program, argv)?;
     }
     tracing::info!(commands = rules.len(), "iptables rules installed");
+    if ipv6 {
+        // An IPv6 path left open would carry the app's traffic around the proxy: failing here
+        // keeps the pod from starting unmeshed.
+        let program6 = program6.ok_or_else(|| {
+            anyhow::anyhow!(
+                "this namespace has IPv6 but neither ip6tables-legacy nor ip6tables is on PATH \
+                 (install the iptables package, or pass --ipv6 off if IPv6 is unused)"
+            )
+        })?;
+        let rules6 = rules_v6(&args);
+        for argv in &rules6 {
+            execute(&program6, argv)?;
+        }
+        tracing::info!(commands = rules6.len(), ip6tables = %program6.display(), "ip6tables rules installed");
+    }
     Ok(())
 }
 
