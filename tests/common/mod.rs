@@ -18,10 +18,26 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_palisade");
 
-/// A free loopback port. The kernel may hand it out again before the child binds it, but
-/// ephemeral allocation makes that rare on a quiet loopback.
+/// A free loopback port for a child process to bind.
+///
+/// Ports come from 10000–31999, below the kernel's ephemeral range (32768+), so no outgoing
+/// connection can take one between our check and the child's bind; and each is handed out once
+/// per test process, so two tests running in parallel never get the same one (asking the kernel
+/// for port 0 did both, and a control plane then answered another test's readiness probe).
 pub fn free_addr() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    const FIRST: u32 = 10_000;
+    const COUNT: u32 = 22_000;
+    static NEXT: std::sync::OnceLock<AtomicU64> = std::sync::OnceLock::new();
+    // Spread concurrent test processes (other binaries, other checkouts) over the range.
+    let next = NEXT.get_or_init(|| AtomicU64::new(u64::from(std::process::id()) * 7919 % u64::from(COUNT)));
+    for _ in 0..COUNT {
+        let port = FIRST + (next.fetch_add(1, Ordering::Relaxed) % u64::from(COUNT)) as u32;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        if StdListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT)
 }
 
 pub fn tempdir(tag: &str) -> PathBuf {
