@@ -300,7 +300,7 @@ fn plan(
     let settings = ProxySettings::resolve(meta, cfg)?;
     Ok(Plan::Inject(Additions {
         annotations: vec![(annotation::STATUS.to_string(), "injected".to_string())],
-        init_containers: vec![init_container(&settings, cfg), proxy_container(&settings, meta, cfg)],
+        init_containers: vec![init_container(&settings, cfg), proxy_container(&settings, meta, spec, cfg)],
         volumes: vec![token_volume(), xtables_lock_volume()],
     }))
 }
@@ -345,7 +345,45 @@ fn init_container(s: &ProxySettings, cfg: &InjectConfig) -> Container {
     }
 }
 
-fn proxy_container(s: &ProxySettings, meta: &ObjectMeta, cfg: &InjectConfig) -> Container {
+/// `PORT/PATH` of every plain-HTTP probe of the app's containers. The kubelet probes in
+/// plaintext from the node; the sidecar lets exactly these requests through on a STRICT port
+/// (as Linkerd does) so that STRICT pods can become ready. HTTPS probes and paths with a comma
+/// are left out.
+fn probe_endpoints(spec: &PodSpec) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in &spec.containers {
+        for probe in [&c.liveness_probe, &c.readiness_probe, &c.startup_probe].into_iter().flatten() {
+            let Some(get) = &probe.http_get else { continue };
+            if get.scheme.as_deref().is_some_and(|s| !s.eq_ignore_ascii_case("HTTP")) {
+                continue;
+            }
+            let port = match &get.port {
+                IntOrString::Int(n) => u16::try_from(*n).ok(),
+                IntOrString::String(name) => c
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.as_deref() == Some(name.as_str()))
+                    .and_then(|p| u16::try_from(p.container_port).ok()),
+            };
+            let path = get.path.as_deref().unwrap_or("/");
+            let path = path.split('?').next().unwrap_or("/");
+            if let Some(port) = port
+                && !path.contains(',')
+            {
+                out.push(format!(
+                    "{port}{}",
+                    if path.starts_with('/') { path.to_string() } else { format!("/{path}") }
+                ));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn proxy_container(s: &ProxySettings, meta: &ObjectMeta, spec: &PodSpec, cfg: &InjectConfig) -> Container {
     let mut args = strings(&[
         "proxy",
         "--transparent",
@@ -377,6 +415,10 @@ fn proxy_container(s: &ProxySettings, meta: &ObjectMeta, cfg: &InjectConfig) -> 
     ];
     if let Some(level) = &s.log_level {
         env.push(value_env("PALISADE_LOG", level));
+    }
+    let probes = probe_endpoints(spec);
+    if !probes.is_empty() {
+        env.push(value_env("PALISADE_PROBES", &probes.join(",")));
     }
 
     let uid = i64::from(cfg.proxy_uid);
@@ -595,6 +637,27 @@ mod tests {
             }
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn plain_http_probes_are_passed_to_the_sidecar_by_port_and_path() {
+        let mut p = pod(&[]);
+        let app = &mut p.spec.as_mut().unwrap().containers[0];
+        app.ports = Some(vec![port("http", 8080)]);
+        let probe = |v: serde_json::Value| Some(serde_json::from_value::<Probe>(v).unwrap());
+        app.liveness_probe = probe(serde_json::json!({"httpGet": {"port": "http", "path": "/healthz?full=1"}}));
+        app.readiness_probe = probe(serde_json::json!({"httpGet": {"port": 9090, "path": "ready"}}));
+        app.startup_probe = probe(serde_json::json!({"httpGet": {"port": 8443, "path": "/s", "scheme": "HTTPS"}}));
+        inject(&mut p, &enabled_ns(), false).unwrap();
+        let probes = env(sidecar(&p), "PALISADE_PROBES").and_then(|e| e.value.clone());
+        assert_eq!(
+            probes.as_deref(),
+            Some("8080/healthz,9090/ready"),
+            "named port resolved, query dropped, HTTPS left out"
+        );
+        let mut bare = pod(&[]);
+        inject(&mut bare, &enabled_ns(), false).unwrap();
+        assert!(env(sidecar(&bare), "PALISADE_PROBES").is_none());
     }
 
     fn enabled_ns() -> BTreeMap<String, String> {
