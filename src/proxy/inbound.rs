@@ -277,8 +277,25 @@ fn attributes(inbound: &Inbound, peer: &Peer, req: &Request<Incoming>) -> Reques
         path: req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
         host,
         scheme: if peer.id.is_some() { "https".into() } else { "http".into() },
-        protocol: format!("{:?}", req.version()),
+        protocol: app_protocol(req).to_string(),
         headers,
+    }
+}
+
+/// The protocol the calling app spoke (`HTTP/1.1`, `HTTP/2.0`, ...), whatever carried the
+/// request between the sidecars: the peer sidecar names it in `x-palisade-orig-proto` when the
+/// hop's protocol differs.
+fn app_protocol<B>(req: &Request<B>) -> &'static str {
+    match req.headers().get(&super::outbound::ORIG_PROTO).map(HeaderValue::as_bytes) {
+        Some(b"HTTP/2") => "HTTP/2.0",
+        Some(b"HTTP/1.1") => "HTTP/1.1",
+        _ => match req.version() {
+            http::Version::HTTP_09 => "HTTP/0.9",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_2 => "HTTP/2.0",
+            http::Version::HTTP_3 => "HTTP/3.0",
+            _ => "HTTP/1.1",
+        },
     }
 }
 
@@ -502,5 +519,23 @@ mod tests {
         assert!(!decision.allowed);
         assert_eq!(denied_by(&decision), "no-policy-yet");
         assert_eq!(view.mode_for_port(15006), PeerAuthMode::Strict);
+    }
+
+    #[test]
+    fn policy_sees_the_protocol_the_calling_app_spoke() {
+        let req = |version, orig: Option<&'static str>| {
+            let mut r = Request::builder().version(version);
+            if let Some(o) = orig {
+                r = r.header(&super::super::outbound::ORIG_PROTO, o);
+            }
+            r.body(()).unwrap()
+        };
+        // HTTP/1 callers travel on HTTP/1.1 between sidecars and name no protocol.
+        assert_eq!(app_protocol(&req(http::Version::HTTP_11, None)), "HTTP/1.1");
+        assert_eq!(app_protocol(&req(http::Version::HTTP_2, Some("HTTP/2"))), "HTTP/2.0");
+        // An older peer sidecar carries HTTP/1.1 callers over HTTP/2 and says so.
+        assert_eq!(app_protocol(&req(http::Version::HTTP_2, Some("HTTP/1.1"))), "HTTP/1.1");
+        // A plaintext caller on a PERMISSIVE port: the protocol it spoke.
+        assert_eq!(app_protocol(&req(http::Version::HTTP_10, None)), "HTTP/1.0");
     }
 }
