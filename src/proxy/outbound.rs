@@ -25,7 +25,7 @@ use super::http::{ProxyBody, ensure_request_id, error_response, stream, strip_ho
 use super::limits::{Drain, Limits};
 use crate::identity::SpiffeId;
 use crate::telemetry::access_log::AccessLog;
-use crate::telemetry::metrics::ProxyMetrics;
+use crate::telemetry::metrics::{ProxyMetrics, RequestMetrics};
 use crate::tls::config::ALPN_HTTP1;
 
 /// One explicit route: a local plaintext listener forwarding to one peer sidecar.
@@ -159,6 +159,8 @@ pub struct Outbound {
     /// is not a valid authority (then every HTTP/1.1 request fails with 502, as a dial would).
     h1_authority: Option<Authority>,
     pub metrics: Arc<ProxyMetrics>,
+    /// The route's request metrics, resolved once.
+    requests: RequestMetrics,
     pub limits: Limits,
     pub drain: Arc<Drain>,
     pub access_log: AccessLog,
@@ -185,7 +187,8 @@ impl Outbound {
         let h1_tls = Arc::new(h1);
         let pools = arc_swap::ArcSwap::from_pointee(Self::pools(&route, &tls, &h1_tls, &limits));
         let h1_authority = route.target.parse().ok();
-        Outbound { route, pools, tls, tcp_tls, h1_tls, h1_authority, metrics, limits, drain, access_log }
+        let requests = metrics.requests_for("outbound", route.identity.as_str());
+        Outbound { route, pools, tls, tcp_tls, h1_tls, h1_authority, metrics, requests, limits, drain, access_log }
     }
 
     fn pools(
@@ -293,10 +296,7 @@ async fn tunnel(out: &Outbound, mut tcp: TcpStream, prefix: bytes::BytesMut, rem
         Ok(MeshConn(io)) => io.into_inner(),
         Err(e) => {
             if let Some(reason) = tls_failure(&e) {
-                out.metrics
-                    .handshake_failures
-                    .get_or_create(&vec![("direction".into(), "outbound".into()), ("reason".into(), reason.into())])
-                    .inc();
+                out.metrics.handshake_failure("outbound", reason);
             }
             tracing::warn!(%remote, target = %out.route.target, error = %e, "opaque TCP: upstream unavailable");
             return;
@@ -309,7 +309,7 @@ async fn tunnel(out: &Outbound, mut tcp: TcpStream, prefix: bytes::BytesMut, rem
     let (sent, received) = super::tcp::splice(&mut tcp, &mut upstream, out.limits.idle_timeout).await;
     let sent = sent + prefix.len() as u64;
     out.metrics.record_tcp_bytes("outbound", sent, received);
-    out.metrics.peers.record(out.route.identity.as_str(), "outbound", 200, false);
+    out.requests.peer().record(200, false);
     if out.access_log.enabled() {
         out.access_log.write(serde_json::json!({
             "type": "access",
@@ -339,7 +339,7 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
             },
             Err(e) => error_response(StatusCode::BAD_GATEWAY, &super::http::error_chain(&e), &request_id),
         };
-        out.metrics.record_request("outbound", out.route.identity.as_str(), resp.status(), started);
+        out.requests.record(resp.status(), started);
         return resp;
     }
     strip_hop_by_hop(req.headers_mut());
@@ -362,10 +362,7 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
         }
         Err(e) => {
             if let Some(tls_reason) = tls_failure(&e) {
-                out.metrics
-                    .handshake_failures
-                    .get_or_create(&vec![("direction".into(), "outbound".into()), ("reason".into(), tls_reason.into())])
-                    .inc();
+                out.metrics.handshake_failure("outbound", tls_reason);
                 out.metrics.peers.handshake_failure(out.route.identity.as_str(), "outbound");
             }
             let reason =
@@ -374,13 +371,8 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
             error_response(StatusCode::BAD_GATEWAY, &reason, &request_id)
         }
     };
-    out.metrics.record_request("outbound", out.route.identity.as_str(), resp.status(), started);
-    out.metrics.peers.record(
-        out.route.identity.as_str(),
-        "outbound",
-        resp.status().as_u16(),
-        resp.status() == StatusCode::FORBIDDEN,
-    );
+    out.requests.record(resp.status(), started);
+    out.requests.peer().record(resp.status().as_u16(), resp.status() == StatusCode::FORBIDDEN);
     if let Some((method, path)) = logged {
         out.access_log.write(serde_json::json!({
             "type": "access",
