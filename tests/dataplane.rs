@@ -110,6 +110,32 @@ async fn grpc_unary_and_bidi_streams_cross_the_mesh_with_metadata_and_trailers()
     assert_eq!(got, (0..50).map(|i| format!("echo:{i}")).collect::<Vec<_>>());
 }
 
+/// HTTP/1.1 callers cross the mesh on pooled HTTP/1.1 keep-alive mTLS connections: the app sees
+/// the caller's `Host` and no mesh-internal header, and sequential requests share one connection
+/// between the sidecars (no handshake per request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_callers_share_one_keep_alive_connection_between_sidecars_and_keep_their_host() {
+    let dir = tempdir("h1pool");
+    let cp = ControlPlane::start(&dir, &[]).await;
+    let app = EchoApp::start().await;
+    let b = Sidecar::start(&cp, "h1-b", Some(app.addr), &[]).await;
+    let route = free_addr();
+    let _a = Sidecar::start(&cp, "h1-a", None, &[format!("{route}={}@{}", b.inbound.unwrap(), id("h1-b"))]).await;
+    let client = http_client();
+    for i in 0..20 {
+        let url = format!("http://{route}/items/{i}");
+        let (status, _, body) = get(&client, &url, &[("host", "orders.shop:8080")]).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(seen["path"], format!("/items/{i}"));
+        assert_eq!(seen["headers"]["host"], serde_json::json!(["orders.shop:8080"]), "{body}");
+        assert!(seen["headers"].get("x-palisade-orig-proto").is_none(), "{body}");
+    }
+    assert_eq!(app.hits.load(Ordering::SeqCst), 20);
+    let metrics = b.metrics().await;
+    assert_eq!(metric(&metrics, "palisade_connections_open", "direction=\"inbound\""), 1.0, "{metrics}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_speaks_first_service_sends_its_banner_through_the_mesh_within_200ms() {
     let dir = tempdir("banner");

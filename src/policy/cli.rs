@@ -67,7 +67,7 @@ fn read_request(path: &Path) -> anyhow::Result<RequestAttributes> {
 }
 
 /// Loads the policies and the request and builds the set for the request's destination.
-fn prepare(args: &EvalArgs) -> anyhow::Result<(PolicySet, Input)> {
+fn prepare(args: &EvalArgs) -> anyhow::Result<(PolicySet, Input<'static>)> {
     let policies = load_path(&args.policies)?;
     let attrs = read_request(&args.request)?;
     let workload =

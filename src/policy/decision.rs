@@ -2,6 +2,7 @@
 //! has a say.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -52,8 +53,8 @@ pub struct Decision {
     /// Let the request through?
     pub allowed: bool,
     /// `namespace/name` of the deciding policy; `None` for the mesh default, a failed-closed
-    /// set, or "no ALLOW policy matched".
-    pub policy: Option<String>,
+    /// set, or "no ALLOW policy matched". Shared with the policy, not copied per request.
+    pub policy: Option<Arc<str>>,
     /// The engine of the deciding policy.
     pub engine: Option<EngineKind>,
     /// Why, in words: which rule matched, or what was missing.

@@ -4,6 +4,7 @@
 //! written once.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -26,13 +27,20 @@ pub enum EngineKind {
     Wasm,
 }
 
-impl std::fmt::Display for EngineKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl EngineKind {
+    /// The lower-case name, as in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
             EngineKind::Rules => "rules",
             EngineKind::Rego => "rego",
             EngineKind::Wasm => "wasm",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -110,7 +118,8 @@ impl Verdict {
 /// many workloads.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    id: String,
+    /// Shared with every decision it makes (and their metric labels) rather than copied.
+    id: Arc<str>,
     namespace: String,
     name: String,
     action: Action,
@@ -156,7 +165,7 @@ impl Policy {
             )
         };
         Ok(Policy {
-            id: format!("{}/{}", p.metadata.namespace, p.metadata.name),
+            id: Arc::from(format!("{}/{}", p.metadata.namespace, p.metadata.name)),
             namespace: p.metadata.namespace.clone(),
             name: p.metadata.name.clone(),
             action: spec.action,
@@ -167,6 +176,11 @@ impl Policy {
 
     /// `namespace/name`.
     pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// `namespace/name`, shared.
+    pub fn shared_id(&self) -> &Arc<str> {
         &self.id
     }
 

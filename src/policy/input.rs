@@ -1,11 +1,14 @@
 //! The request as policy sees it.
 //!
 //! [`RequestAttributes`] is what the proxy knows about a request (and what
-//! `palisade policy eval --request FILE.json` reads). [`Input`] wraps it once per request:
-//! the declarative engine reads its fields directly, and the OPA-Envoy compatible JSON document
-//! (`input.attributes...`, `input.parsed_path`, ...) is built lazily, only when a Rego policy or an
-//! explanation needs it, and then shared by every policy of the set.
+//! `palisade policy eval --request FILE.json` reads). [`Input`] wraps it once per request — or,
+//! on the data path, wraps the live request itself ([`LiveRequest`]) without copying it: the
+//! declarative engine reads method, path, host and headers in place, and the attributes and the
+//! OPA-Envoy compatible document (`input.attributes...`, `input.parsed_path`, ...) are built
+//! lazily, only when a Rego or Wasm policy, an explanation or a decision log needs them, and then
+//! shared by every policy of the set.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::OnceLock;
@@ -64,17 +67,51 @@ fn default_protocol() -> String {
     "HTTP/1.1".to_string()
 }
 
+/// A request on the data path, borrowed where it lies: [`Input::live`] reads it in place, so a
+/// request decided by rules alone copies no header and builds no attribute string.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveRequest<'a> {
+    /// The caller's SPIFFE ID from its mTLS certificate; `None` for a plaintext caller.
+    pub source: Option<&'a SpiffeId>,
+    /// The peer address.
+    pub source_ip: Option<IpAddr>,
+    /// The peer port.
+    pub source_port: Option<u16>,
+    /// The workload being called.
+    pub destination: &'a SpiffeId,
+    /// The port the caller connected to.
+    pub destination_port: u16,
+    /// The request's method.
+    pub method: &'a http::Method,
+    /// The request's target (its authority, if any, is the host).
+    pub uri: &'a http::Uri,
+    /// The request's headers (names are lower case already).
+    pub headers: &'a http::HeaderMap,
+    /// `http` or `https`.
+    pub scheme: &'static str,
+    /// The protocol the calling app spoke, e.g. `HTTP/1.1`.
+    pub protocol: &'static str,
+}
+
 /// One request, normalised once (lower-case header names and host, canonical IP) and read by
 /// every policy of a set.
 #[derive(Debug)]
-pub struct Input {
-    attrs: RequestAttributes,
+pub struct Input<'a> {
+    repr: Repr<'a>,
     http: bool,
+    /// A live request's attributes, copied out only when something needs them whole.
+    attrs: OnceLock<RequestAttributes>,
     json: OnceLock<Value>,
     rego: OnceLock<regorus::Value>,
 }
 
-impl Input {
+#[derive(Debug)]
+enum Repr<'a> {
+    Owned(RequestAttributes),
+    Live { req: LiveRequest<'a>, host: Cow<'a, str> },
+}
+
+impl Input<'static> {
     /// Normalises the attributes. Allocates only when a header name or the host has upper case.
     pub fn new(mut attrs: RequestAttributes) -> Self {
         if attrs.headers.keys().any(|k| k.bytes().any(|b| b.is_ascii_uppercase())) {
@@ -100,12 +137,46 @@ impl Input {
             attrs.host = attrs.host.to_ascii_lowercase();
         }
         attrs.source_ip = attrs.source_ip.map(|ip| ip.to_canonical());
-        Input { http: !attrs.protocol.eq_ignore_ascii_case("tcp"), attrs, json: OnceLock::new(), rego: OnceLock::new() }
+        Input {
+            http: !attrs.protocol.eq_ignore_ascii_case("tcp"),
+            repr: Repr::Owned(attrs),
+            attrs: OnceLock::new(),
+            json: OnceLock::new(),
+            rego: OnceLock::new(),
+        }
+    }
+}
+
+impl<'a> Input<'a> {
+    /// A live HTTP request, read in place. The host is the URI's authority, else the `host`
+    /// header; it is the only thing copied, and only when it has upper case.
+    pub fn live(req: LiveRequest<'a>) -> Self {
+        let host = req
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
+            .unwrap_or("");
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(host.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(host)
+        };
+        Input {
+            repr: Repr::Live { req, host },
+            http: true,
+            attrs: OnceLock::new(),
+            json: OnceLock::new(),
+            rego: OnceLock::new(),
+        }
     }
 
-    /// The attributes as normalised.
+    /// The attributes as normalised (for a live request, copied out on first use).
     pub fn attributes(&self) -> &RequestAttributes {
-        &self.attrs
+        match &self.repr {
+            Repr::Owned(attrs) => attrs,
+            Repr::Live { req, host } => self.attrs.get_or_init(|| copy_out(req, host)),
+        }
     }
 
     /// False for opaque TCP (`protocol: tcp`), which has no method, path, host or headers.
@@ -115,48 +186,78 @@ impl Input {
 
     /// The caller's SPIFFE ID, if it presented a certificate.
     pub fn source(&self) -> Option<&SpiffeId> {
-        self.attrs.source.as_ref()
+        match &self.repr {
+            Repr::Owned(a) => a.source.as_ref(),
+            Repr::Live { req, .. } => req.source,
+        }
     }
 
     /// The caller's SPIFFE ID as text.
     pub fn source_principal(&self) -> Option<&str> {
-        self.attrs.source.as_ref().map(SpiffeId::as_str)
+        self.source().map(SpiffeId::as_str)
     }
 
     /// The caller's namespace from its SPIFFE ID.
     pub fn source_namespace(&self) -> Option<&str> {
-        self.attrs.source.as_ref().and_then(SpiffeId::namespace)
+        self.source().and_then(SpiffeId::namespace)
     }
 
     /// The peer address.
     pub fn source_ip(&self) -> Option<IpAddr> {
-        self.attrs.source_ip
+        match &self.repr {
+            Repr::Owned(a) => a.source_ip,
+            Repr::Live { req, .. } => req.source_ip.map(|ip| ip.to_canonical()),
+        }
     }
 
     /// The port the caller connected to.
     pub fn destination_port(&self) -> u16 {
-        self.attrs.destination_port
+        match &self.repr {
+            Repr::Owned(a) => a.destination_port,
+            Repr::Live { req, .. } => req.destination_port,
+        }
     }
 
     /// The HTTP method.
     pub fn method(&self) -> &str {
-        &self.attrs.method
+        match &self.repr {
+            Repr::Owned(a) => &a.method,
+            Repr::Live { req, .. } => req.method.as_str(),
+        }
     }
 
     /// The path without the query string.
     pub fn url_path(&self) -> &str {
-        let p = &self.attrs.path;
-        p.find('?').map_or(p.as_str(), |i| &p[..i])
+        match &self.repr {
+            Repr::Owned(a) => a.path.find('?').map_or(a.path.as_str(), |i| &a.path[..i]),
+            Repr::Live { req, .. } => match req.uri.path() {
+                "" => "/",
+                p => p,
+            },
+        }
     }
 
     /// The lower-cased host.
     pub fn host(&self) -> &str {
-        &self.attrs.host
+        match &self.repr {
+            Repr::Owned(a) => &a.host,
+            Repr::Live { host, .. } => host,
+        }
     }
 
-    /// A header by lower-case name.
+    /// A header by lower-case name. A repeated header reads as its values joined by `, `.
     pub fn header(&self, lower_name: &str) -> Option<&str> {
-        self.attrs.headers.get(lower_name).map(String::as_str)
+        match &self.repr {
+            Repr::Owned(a) => a.headers.get(lower_name).map(String::as_str),
+            Repr::Live { req, .. } => {
+                let mut values = req.headers.get_all(lower_name).iter().filter_map(|v| v.to_str().ok());
+                let first = values.next()?;
+                if values.next().is_none() {
+                    return Some(first);
+                }
+                self.attributes().headers.get(lower_name).map(String::as_str)
+            }
+        }
     }
 
     /// The OPA-Envoy compatible input document as JSON (built on first use; for explanations
@@ -181,11 +282,41 @@ impl Input {
 
     /// The input document as a regorus value (built on first use, shared by every Rego policy).
     pub(crate) fn rego_value(&self) -> &regorus::Value {
-        self.rego.get_or_init(|| build_document(&self.attrs))
+        self.rego.get_or_init(|| build_document(self.attributes()))
     }
 }
 
-impl From<RequestAttributes> for Input {
+/// A live request's attributes, as [`Input::new`] would have normalised them. Header values
+/// that are not visible ASCII are left out; a repeated header's values join with `, `.
+fn copy_out(req: &LiveRequest<'_>, host: &str) -> RequestAttributes {
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in req.headers {
+        if let Ok(v) = value.to_str() {
+            headers
+                .entry(name.as_str().to_string())
+                .and_modify(|cur| {
+                    cur.push_str(", ");
+                    cur.push_str(v);
+                })
+                .or_insert_with(|| v.to_string());
+        }
+    }
+    RequestAttributes {
+        source: req.source.cloned(),
+        source_ip: req.source_ip.map(|ip| ip.to_canonical()),
+        source_port: req.source_port,
+        destination: req.destination.clone(),
+        destination_port: req.destination_port,
+        method: req.method.as_str().to_string(),
+        path: req.uri.path_and_query().map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+        host: host.to_string(),
+        scheme: req.scheme.to_string(),
+        protocol: req.protocol.to_string(),
+        headers,
+    }
+}
+
+impl From<RequestAttributes> for Input<'static> {
     fn from(attrs: RequestAttributes) -> Self {
         Input::new(attrs)
     }
@@ -399,6 +530,63 @@ pub(crate) mod tests {
             serde_json::from_str::<RequestAttributes>(r#"{"destination":"x"}"#).is_err(),
             "a bad SPIFFE ID is refused"
         );
+    }
+
+    #[test]
+    fn a_live_request_reads_as_its_copied_attributes() {
+        let req = http::Request::get("/orders/7?expand=items")
+            .header("Host", "Orders.Shop:8080")
+            .header("x-tenant", "a")
+            .header("accept", "text/plain")
+            .header("accept", "application/json")
+            .header("x-bin", http::HeaderValue::from_bytes(b"\xff").unwrap())
+            .body(())
+            .unwrap();
+        let (source, destination): (SpiffeId, SpiffeId) = (
+            "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap(),
+            "spiffe://cluster.local/ns/shop/sa/orders".parse().unwrap(),
+        );
+        let live = Input::live(LiveRequest {
+            source: Some(&source),
+            source_ip: Some("::ffff:10.1.2.3".parse().unwrap()),
+            source_port: Some(40000),
+            destination: &destination,
+            destination_port: 8080,
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+            scheme: "https",
+            protocol: "HTTP/1.1",
+        });
+        // What the rules engine reads, in place.
+        assert_eq!(live.method(), "GET");
+        assert_eq!(live.url_path(), "/orders/7");
+        assert_eq!(live.host(), "orders.shop:8080");
+        assert_eq!(live.header("x-tenant"), Some("a"));
+        assert_eq!(live.header("accept"), Some("text/plain, application/json"));
+        assert_eq!(live.header("x-bin"), None, "values that are not text are not seen");
+        assert_eq!(live.source_ip(), Some("10.1.2.3".parse().unwrap()));
+        // The same request given as attributes decides and documents the same.
+        let owned = Input::new(RequestAttributes {
+            source: Some(source.clone()),
+            source_ip: Some("10.1.2.3".parse().unwrap()),
+            source_port: Some(40000),
+            destination: destination.clone(),
+            destination_port: 8080,
+            method: "GET".into(),
+            path: "/orders/7?expand=items".into(),
+            host: "orders.shop:8080".into(),
+            scheme: "https".into(),
+            protocol: "HTTP/1.1".into(),
+            headers: BTreeMap::from([
+                ("host".to_string(), "Orders.Shop:8080".to_string()),
+                ("x-tenant".to_string(), "a".to_string()),
+                ("accept".to_string(), "text/plain, application/json".to_string()),
+            ]),
+        });
+        assert_eq!(live.attributes(), owned.attributes());
+        assert_eq!(live.document(), owned.document());
+        assert_eq!(live.header("accept"), owned.header("accept"));
     }
 
     #[test]

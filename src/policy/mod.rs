@@ -23,7 +23,7 @@ pub use cli::{PolicyCommand, run};
 pub use decision::{Decision, DefaultPolicy};
 pub use engine::{CompileError, Engine, EngineKind, Policy};
 pub use explain::{Explanation, PolicyTrace};
-pub use input::{Input, RequestAttributes};
+pub use input::{Input, LiveRequest, RequestAttributes};
 pub use load::{LoadError, LoadErrorKind, load_path, parse_documents};
 pub use resource::{Action, AuthorizationPolicy};
 pub use set::{PolicySet, Workload};

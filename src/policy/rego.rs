@@ -227,7 +227,7 @@ allow if {
 }
 "#;
 
-    fn input(method: &str, path: &str) -> Input {
+    fn input(method: &str, path: &str) -> Input<'static> {
         Input::new(attrs(Some("spiffe://cluster.local/ns/shop/sa/web"), method, path))
     }
 

@@ -505,7 +505,7 @@ mod tests {
     const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
     const ADMIN: &str = "spiffe://cluster.local/ns/ops/sa/admin";
 
-    fn req(source: Option<&str>, method: &str, path: &str) -> Input {
+    fn req(source: Option<&str>, method: &str, path: &str) -> Input<'static> {
         Input::new(attrs(source, method, path))
     }
 

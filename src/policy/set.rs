@@ -214,7 +214,7 @@ impl PolicySet {
 
 fn decided(allowed: bool, p: &Policy, reason: String, v: Verdict) -> Decision {
     let mut d = Decision::bare(allowed, reason);
-    d.policy = Some(p.id().to_string());
+    d.policy = Some(p.shared_id().clone());
     d.engine = Some(p.engine().kind());
     if let Verdict::Rego(r) = v {
         d.http_status = r.http_status;
@@ -249,7 +249,7 @@ mod tests {
         PolicySet::new(policies(yaml), workload(&[("app", "orders")]), default)
     }
 
-    fn get(source: Option<&str>, path: &str) -> Input {
+    fn get(source: Option<&str>, path: &str) -> Input<'static> {
         Input::new(attrs(source, "GET", path))
     }
 

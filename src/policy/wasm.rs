@@ -278,7 +278,7 @@ pub(crate) mod tests {
         base64::engine::general_purpose::STANDARD.encode(bytes)
     }
 
-    fn input(source: Option<&str>, method: &str, path: &str) -> Input {
+    fn input(source: Option<&str>, method: &str, path: &str) -> Input<'static> {
         Input::new(attrs(source, method, path))
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -23,9 +24,9 @@ use super::http::{ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response
 use super::limits::{Drain, Limits};
 use super::view::{MeshView, PeerAuthMode};
 use crate::identity::SpiffeId;
-use crate::policy::{Decision, Input, RequestAttributes};
+use crate::policy::{Decision, EngineKind, Input, LiveRequest, RequestAttributes};
 use crate::telemetry::access_log::{AccessLog, is_secret_header};
-use crate::telemetry::metrics::ProxyMetrics;
+use crate::telemetry::metrics::{PolicyLabel, ProxyMetrics, RequestMetrics};
 use crate::tls::TrustBundle;
 
 /// Header naming the policy that refused a request.
@@ -66,6 +67,28 @@ impl Peer {
     }
 }
 
+/// What every request of one HTTP connection shares, worked out once when it opens.
+struct ConnState {
+    peer: Arc<Peer>,
+    /// The `x-forwarded-client-cert` value for a verified caller.
+    xfcc: Option<HeaderValue>,
+    /// `peer.app` as a URI authority.
+    app_authority: Option<Authority>,
+    requests: RequestMetrics,
+}
+
+impl ConnState {
+    fn new(inbound: &Inbound, peer: Arc<Peer>) -> Self {
+        let xfcc = peer.id.as_ref().map(|id| {
+            HeaderValue::from_str(&format!("By={};URI={}", inbound.own_id, id))
+                .expect("SPIFFE IDs are valid header text")
+        });
+        let app_authority = peer.app.to_string().parse().ok();
+        let requests = inbound.metrics.requests_for("inbound", peer.label());
+        ConnState { peer, xfcc, app_authority, requests }
+    }
+}
+
 impl Inbound {
     /// A pooled client to the app: HTTP/1.1 keep-alive, or HTTP/2 prior knowledge.
     pub fn app_client(limits: &Limits, h2: bool) -> Client<HttpConnector, Incoming> {
@@ -80,11 +103,8 @@ impl Inbound {
             .build(http)
     }
 
-    fn count_handshake_failure(&self, reason: &str) {
-        self.metrics
-            .handshake_failures
-            .get_or_create(&vec![("direction".into(), "inbound".into()), ("reason".into(), reason.into())])
-            .inc();
+    fn count_handshake_failure(&self, reason: &'static str) {
+        self.metrics.handshake_failure("inbound", reason);
     }
 }
 
@@ -205,10 +225,10 @@ where
 {
     let mut revocations = inbound.bundle.revocations_changed();
     let svc = {
-        let (inbound, peer) = (inbound.clone(), peer.clone());
+        let (inbound, conn) = (inbound.clone(), Arc::new(ConnState::new(inbound, peer.clone())));
         hyper::service::service_fn(move |req| {
-            let (inbound, peer) = (inbound.clone(), peer.clone());
-            async move { Ok::<_, std::convert::Infallible>(handle(&inbound, &peer, req).await) }
+            let (inbound, conn) = (inbound.clone(), conn.clone());
+            async move { Ok::<_, std::convert::Infallible>(handle(&inbound, &conn, req).await) }
         })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -247,38 +267,20 @@ where
     }
 }
 
-/// The policy input for one request.
-fn attributes(inbound: &Inbound, peer: &Peer, req: &Request<Incoming>) -> RequestAttributes {
-    let mut headers = BTreeMap::new();
-    for (name, value) in req.headers() {
-        if let Ok(v) = value.to_str() {
-            headers
-                .entry(name.as_str().to_string())
-                .and_modify(|cur: &mut String| {
-                    cur.push_str(", ");
-                    cur.push_str(v);
-                })
-                .or_insert_with(|| v.to_string());
-        }
-    }
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
-        .unwrap_or_default();
-    RequestAttributes {
-        source: peer.id.clone(),
-        source_ip: Some(peer.remote.ip()),
-        source_port: Some(peer.remote.port()),
-        destination: inbound.own_id.clone(),
-        destination_port: peer.local_port,
-        method: req.method().as_str().to_string(),
-        path: req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
-        host,
-        scheme: if peer.id.is_some() { "https".into() } else { "http".into() },
-        protocol: format!("{:?}", req.version()),
-        headers,
+/// The protocol the calling app spoke (`HTTP/1.1`, `HTTP/2.0`, ...), whatever carried the
+/// request between the sidecars: the peer sidecar names it in `x-palisade-orig-proto` when the
+/// hop's protocol differs.
+fn app_protocol<B>(req: &Request<B>) -> &'static str {
+    match req.headers().get(&super::outbound::ORIG_PROTO).map(HeaderValue::as_bytes) {
+        Some(b"HTTP/2") => "HTTP/2.0",
+        Some(b"HTTP/1.1") => "HTTP/1.1",
+        _ => match req.version() {
+            http::Version::HTTP_09 => "HTTP/0.9",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_2 => "HTTP/2.0",
+            http::Version::HTTP_3 => "HTTP/3.0",
+            _ => "HTTP/1.1",
+        },
     }
 }
 
@@ -290,12 +292,31 @@ fn is_grpc(req: &Request<Incoming>) -> bool {
 }
 
 /// What decided a refusal: the policy's `namespace/name`, or which rule of the evaluation order.
-pub fn denied_by(decision: &Decision) -> String {
+pub fn denied_by(decision: &Decision) -> &str {
     match &decision.policy {
-        Some(p) => p.clone(),
-        None if decision.reason.starts_with(crate::policy::set::NO_ALLOW_MATCHED) => "no-allow-matched".into(),
-        None if decision.reason.starts_with(crate::policy::set::FAIL_CLOSED_REASON) => "no-policy-yet".into(),
-        None => "mesh-default".into(),
+        Some(p) => p,
+        None => unnamed_decider(decision),
+    }
+}
+
+/// Which rule of the evaluation order decided, when no policy did.
+fn unnamed_decider(decision: &Decision) -> &'static str {
+    if decision.reason.starts_with(crate::policy::set::NO_ALLOW_MATCHED) {
+        "no-allow-matched"
+    } else if decision.reason.starts_with(crate::policy::set::FAIL_CLOSED_REASON) {
+        "no-policy-yet"
+    } else {
+        "mesh-default"
+    }
+}
+
+/// The `policy` label of a decision: the deciding policy, else `mesh-default` for an allow
+/// and the rule of the evaluation order for a refusal.
+fn policy_label(decision: &Decision) -> PolicyLabel {
+    match &decision.policy {
+        Some(p) => PolicyLabel::Policy(p.clone()),
+        None if decision.allowed => PolicyLabel::Fixed("mesh-default"),
+        None => PolicyLabel::Fixed(unnamed_decider(decision)),
     }
 }
 
@@ -334,7 +355,7 @@ fn denial(decision: &Decision, request_id: &str, grpc: bool) -> Response<ProxyBo
             h.insert(k, v);
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&denied_by) {
+    if let Ok(v) = HeaderValue::from_str(denied_by) {
         h.insert(DENIED_BY.clone(), v);
     }
     if let Ok(v) = HeaderValue::from_str(request_id) {
@@ -343,39 +364,33 @@ fn denial(decision: &Decision, request_id: &str, grpc: bool) -> Response<ProxyBo
     resp
 }
 
-async fn handle(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
+    let peer = &*conn.peer;
     let request_id = ensure_request_id(req.headers_mut());
     // Only this sidecar may say who the caller is: drop anything that arrived from outside,
     // before policy sees the headers.
     req.headers_mut().remove(&XFCC);
 
     let view = inbound.view.load();
-    let input = Input::new(attributes(inbound, peer, &req));
+    // Policy reads the request where it lies; the full input document is built only if a Rego
+    // or Wasm policy or the decision log asks for it.
+    let input = Input::live(LiveRequest {
+        source: peer.id.as_ref(),
+        source_ip: Some(peer.remote.ip()),
+        source_port: Some(peer.remote.port()),
+        destination: &inbound.own_id,
+        destination_port: peer.local_port,
+        method: req.method(),
+        uri: req.uri(),
+        headers: req.headers(),
+        scheme: if peer.id.is_some() { "https" } else { "http" },
+        protocol: app_protocol(&req),
+    });
     let decided = Instant::now();
     let decision = view.policies.decide(&input);
-    let engine = decision.engine.map(|e| e.to_string()).unwrap_or_else(|| "none".into());
-    inbound
-        .metrics
-        .decision_duration
-        .get_or_create(&vec![("engine".into(), engine.clone())])
-        .observe(decided.elapsed().as_secs_f64());
-    inbound
-        .metrics
-        .decisions
-        .get_or_create(&vec![
-            ("result".into(), if decision.allowed { "allow" } else { "deny" }.into()),
-            (
-                "policy".into(),
-                if decision.allowed {
-                    decision.policy.clone().unwrap_or_else(|| "mesh-default".into())
-                } else {
-                    denied_by(&decision)
-                },
-            ),
-            ("engine".into(), engine),
-        ])
-        .inc();
+    let engine = decision.engine.map_or("none", EngineKind::as_str);
+    inbound.metrics.record_decision(decision.allowed, policy_label(&decision), engine, decided.elapsed());
     if (!decision.allowed || !decision.audits.is_empty()) && inbound.access_log.enabled() {
         let mut doc = input.document().clone();
         if let Some(h) = doc.pointer_mut("/attributes/request/http/headers").and_then(|h| h.as_object_mut()) {
@@ -389,17 +404,19 @@ async fn handle(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> R
             "input": doc,
         }));
     }
+    // The input borrows the request, which moves on now.
+    drop((input, view));
     let grpc = is_grpc(&req);
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // Only the access log needs these; skip the copies when it is off.
+    let logged = inbound.access_log.enabled().then(|| (req.method().clone(), req.uri().path().to_string()));
     let resp = if !decision.allowed {
         denial(&decision, &request_id, grpc)
     } else {
-        forward(inbound, peer, req, &request_id).await
+        forward(inbound, conn, req, &request_id).await
     };
-    inbound.metrics.record_request("inbound", peer.label(), resp.status(), started);
-    inbound.metrics.peers.record(peer.label(), "inbound", resp.status().as_u16(), !decision.allowed);
-    if inbound.access_log.enabled() {
+    conn.requests.record(resp.status(), started);
+    conn.requests.peer().record(resp.status().as_u16(), !decision.allowed);
+    if let Some((method, path)) = logged {
         inbound.access_log.write(serde_json::json!({
             "type": "access",
             "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
@@ -416,10 +433,15 @@ async fn handle(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> R
     resp
 }
 
-async fn forward(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>, request_id: &str) -> Response<ProxyBody> {
-    if let Some(id) = &peer.id {
-        let xfcc = format!("By={};URI={}", inbound.own_id, id);
-        req.headers_mut().insert(XFCC.clone(), HeaderValue::from_str(&xfcc).expect("SPIFFE IDs are valid header text"));
+async fn forward(
+    inbound: &Inbound,
+    conn: &ConnState,
+    mut req: Request<Incoming>,
+    request_id: &str,
+) -> Response<ProxyBody> {
+    let peer = &*conn.peer;
+    if let Some(xfcc) = &conn.xfcc {
+        req.headers_mut().insert(XFCC.clone(), xfcc.clone());
     }
     // Speak to the app what the calling app spoke: gRPC needs HTTP/2 end to end.
     let orig = req.headers_mut().remove(&super::outbound::ORIG_PROTO);
@@ -443,17 +465,22 @@ async fn forward(inbound: &Inbound, peer: &Peer, mut req: Request<Incoming>, req
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     if !headers.contains_key(header::HOST)
-        && let Some(auth) = req.uri().authority().map(|a| a.to_string())
-        && let Ok(v) = HeaderValue::from_str(&auth)
+        && let Some(auth) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     {
-        req.headers_mut().insert(header::HOST, v);
+        req.headers_mut().insert(header::HOST, auth);
     }
-    let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let uri: Uri = match format!("http://{}{}", peer.app, pq).parse() {
+    let Some(authority) = conn.app_authority.clone() else {
+        return error_response(StatusCode::BAD_GATEWAY, &format!("app address {} is not usable", peer.app), request_id);
+    };
+    let mut target = http::uri::Parts::default();
+    target.scheme = Some(http::uri::Scheme::HTTP);
+    target.authority = Some(authority);
+    target.path_and_query =
+        Some(req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+    *req.uri_mut() = match Uri::from_parts(target) {
         Ok(u) => u,
         Err(_) => return error_response(StatusCode::BAD_REQUEST, "invalid request target", request_id),
     };
-    *req.uri_mut() = uri;
     let h2 = match orig.as_ref().and_then(|v| v.to_str().ok()) {
         Some(p) => p == "HTTP/2",
         None => req.version() == http::Version::HTTP_2,
@@ -502,5 +529,23 @@ mod tests {
         assert!(!decision.allowed);
         assert_eq!(denied_by(&decision), "no-policy-yet");
         assert_eq!(view.mode_for_port(15006), PeerAuthMode::Strict);
+    }
+
+    #[test]
+    fn policy_sees_the_protocol_the_calling_app_spoke() {
+        let req = |version, orig: Option<&'static str>| {
+            let mut r = Request::builder().version(version);
+            if let Some(o) = orig {
+                r = r.header(&super::super::outbound::ORIG_PROTO, o);
+            }
+            r.body(()).unwrap()
+        };
+        // HTTP/1 callers travel on HTTP/1.1 between sidecars and name no protocol.
+        assert_eq!(app_protocol(&req(http::Version::HTTP_11, None)), "HTTP/1.1");
+        assert_eq!(app_protocol(&req(http::Version::HTTP_2, Some("HTTP/2"))), "HTTP/2.0");
+        // An older peer sidecar carries HTTP/1.1 callers over HTTP/2 and says so.
+        assert_eq!(app_protocol(&req(http::Version::HTTP_2, Some("HTTP/1.1"))), "HTTP/1.1");
+        // A plaintext caller on a PERMISSIVE port: the protocol it spoke.
+        assert_eq!(app_protocol(&req(http::Version::HTTP_10, None)), "HTTP/1.0");
     }
 }

@@ -263,7 +263,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             certs.clone(),
             bundle.clone(),
             true,
-            &[config::ALPN_H2, b"http/1.1", config::ALPN_TCP],
+            &[config::ALPN_H2, config::ALPN_HTTP1, config::ALPN_TCP],
         ));
         let inbound = Arc::new(inbound::Inbound {
             own_id: own_id.clone(),

@@ -1,5 +1,7 @@
 //! Outbound: take plaintext HTTP from the local app and carry it to a peer sidecar over pooled
-//! HTTP/2 mTLS connections, accepting only the peer identity the route names.
+//! mTLS connections, accepting only the peer identity the route names. HTTP/2 callers (gRPC)
+//! are multiplexed over HTTP/2; HTTP/1 callers ride pooled HTTP/1.1 keep-alive connections,
+//! which cost far less per request than HPACK and h2 framing.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -7,6 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -22,7 +25,8 @@ use super::http::{ProxyBody, ensure_request_id, error_response, stream, strip_ho
 use super::limits::{Drain, Limits};
 use crate::identity::SpiffeId;
 use crate::telemetry::access_log::AccessLog;
-use crate::telemetry::metrics::ProxyMetrics;
+use crate::telemetry::metrics::{ProxyMetrics, RequestMetrics};
+use crate::tls::config::ALPN_HTTP1;
 
 /// One explicit route: a local plaintext listener forwarding to one peer sidecar.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -69,7 +73,12 @@ pub struct MeshConn(TokioIo<TlsStream<TcpStream>>);
 
 impl Connection for MeshConn {
     fn connected(&self) -> Connected {
-        Connected::new().negotiated_h2()
+        // The pool must know what ALPN chose: an `h2` connection is shared, an `http/1.1` one is not.
+        if self.0.inner().get_ref().1.alpn_protocol() == Some(crate::tls::config::ALPN_H2) {
+            Connected::new().negotiated_h2()
+        } else {
+            Connected::new()
+        }
     }
 }
 
@@ -127,29 +136,42 @@ impl tower_service::Service<Uri> for MeshConnector {
     }
 }
 
+/// The pooled upstream clients of one route.
+struct Pools {
+    /// HTTP/2 (ALPN `h2`): every HTTP/2 request of the route multiplexed over few connections.
+    h2: Client<MeshConnector, Incoming>,
+    /// HTTP/1.1 keep-alive (ALPN `http/1.1`): one request at a time per pooled connection.
+    h1: Client<MeshConnector, Incoming>,
+}
+
 /// State of one route's listener.
 pub struct Outbound {
     pub route: Route,
     /// Replaced (dropping its pooled connections) whenever revocations change, so a revoked
     /// server is re-judged by a fresh handshake.
-    client: arc_swap::ArcSwap<Client<MeshConnector, Incoming>>,
+    pools: arc_swap::ArcSwap<Pools>,
     tls: Arc<rustls::ClientConfig>,
     /// mTLS for opaque TCP: same identity pinning, ALPN `palisade-tcp`.
     tcp_tls: Arc<rustls::ClientConfig>,
-    /// mTLS for upgrades and CONNECT: same identity pinning, ALPN `http/1.1`.
+    /// mTLS for HTTP/1.1, upgrades and CONNECT: same identity pinning, ALPN `http/1.1`.
     h1_tls: Arc<rustls::ClientConfig>,
+    /// The authority of HTTP/1.1 request URIs: the pool key, parsed once. `None` if the target
+    /// is not a valid authority (then every HTTP/1.1 request fails with 502, as a dial would).
+    h1_authority: Option<Authority>,
     pub metrics: Arc<ProxyMetrics>,
+    /// The route's request metrics, resolved once.
+    requests: RequestMetrics,
     pub limits: Limits,
     pub drain: Arc<Drain>,
     pub access_log: AccessLog,
 }
 
 /// Header carrying the protocol the calling app spoke, so the destination sidecar can speak the
-/// same to its app (sidecars always speak HTTP/2 to each other).
+/// same to its app. Sent on HTTP/2 between sidecars; on HTTP/1.1 the transport says it.
 pub static ORIG_PROTO: http::HeaderName = http::HeaderName::from_static("x-palisade-orig-proto");
 
 impl Outbound {
-    /// An HTTP/2 client that multiplexes every request of the route over pooled mTLS connections.
+    /// Pooled mTLS clients for the route: HTTP/2 for HTTP/2 callers, HTTP/1.1 for the rest.
     pub fn new(
         route: Route,
         tls: Arc<rustls::ClientConfig>,
@@ -159,29 +181,50 @@ impl Outbound {
         drain: Arc<Drain>,
         access_log: AccessLog,
     ) -> Self {
-        let client = arc_swap::ArcSwap::from_pointee(Self::client(&route, tls.clone(), &limits));
         // Same verifier and certificate as the HTTP/2 config; only ALPN differs.
         let mut h1 = (*tls).clone();
-        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Outbound { route, client, tls, tcp_tls, h1_tls: Arc::new(h1), metrics, limits, drain, access_log }
+        h1.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+        let h1_tls = Arc::new(h1);
+        let pools = arc_swap::ArcSwap::from_pointee(Self::pools(&route, &tls, &h1_tls, &limits));
+        let h1_authority = route.target.parse().ok();
+        let requests = metrics.requests_for("outbound", route.identity.as_str());
+        Outbound { route, pools, tls, tcp_tls, h1_tls, h1_authority, metrics, requests, limits, drain, access_log }
     }
 
-    fn client(route: &Route, tls: Arc<rustls::ClientConfig>, limits: &Limits) -> Client<MeshConnector, Incoming> {
-        let mut connector = MeshConnector::new(route.target.clone(), tls);
-        connector.connect_timeout = limits.connect_timeout;
-        Client::builder(TokioExecutor::new())
+    fn pools(
+        route: &Route,
+        tls: &Arc<rustls::ClientConfig>,
+        h1_tls: &Arc<rustls::ClientConfig>,
+        limits: &Limits,
+    ) -> Pools {
+        let connector = |tls: &Arc<rustls::ClientConfig>| {
+            let mut c = MeshConnector::new(route.target.clone(), tls.clone());
+            c.connect_timeout = limits.connect_timeout;
+            c
+        };
+        let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .http2_keep_alive_timeout(Duration::from_secs(10))
-            .build(connector)
+            .build(connector(tls));
+        // The peer sidecar closes an HTTP/1.1 connection that stays idle for its header-read
+        // timeout (hyper's idle and slowloris limit are one). Give pooled connections up well
+        // before, so a request is never written into a connection the peer is closing.
+        let h1_idle = (limits.header_read_timeout / 2).clamp(Duration::from_millis(500), Duration::from_secs(90));
+        let h1 = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(h1_idle)
+            .build(connector(h1_tls));
+        Pools { h2, h1 }
     }
 
     /// Drops every pooled connection; the next request handshakes afresh.
     pub fn reset_pool(&self) {
-        self.client.store(Arc::new(Self::client(&self.route, self.tls.clone(), &self.limits)));
+        self.pools.store(Arc::new(Self::pools(&self.route, &self.tls, &self.h1_tls, &self.limits)));
     }
 }
 
@@ -253,10 +296,7 @@ async fn tunnel(out: &Outbound, mut tcp: TcpStream, prefix: bytes::BytesMut, rem
         Ok(MeshConn(io)) => io.into_inner(),
         Err(e) => {
             if let Some(reason) = tls_failure(&e) {
-                out.metrics
-                    .handshake_failures
-                    .get_or_create(&vec![("direction".into(), "outbound".into()), ("reason".into(), reason.into())])
-                    .inc();
+                out.metrics.handshake_failure("outbound", reason);
             }
             tracing::warn!(%remote, target = %out.route.target, error = %e, "opaque TCP: upstream unavailable");
             return;
@@ -269,7 +309,7 @@ async fn tunnel(out: &Outbound, mut tcp: TcpStream, prefix: bytes::BytesMut, rem
     let (sent, received) = super::tcp::splice(&mut tcp, &mut upstream, out.limits.idle_timeout).await;
     let sent = sent + prefix.len() as u64;
     out.metrics.record_tcp_bytes("outbound", sent, received);
-    out.metrics.peers.record(out.route.identity.as_str(), "outbound", 200, false);
+    out.requests.peer().record(200, false);
     if out.access_log.enabled() {
         out.access_log.write(serde_json::json!({
             "type": "access",
@@ -299,34 +339,22 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
             },
             Err(e) => error_response(StatusCode::BAD_GATEWAY, &super::http::error_chain(&e), &request_id),
         };
-        out.metrics.record_request("outbound", out.route.identity.as_str(), resp.status(), started);
+        out.requests.record(resp.status(), started);
         return resp;
     }
     strip_hop_by_hop(req.headers_mut());
-    let orig = if req.version() == http::Version::HTTP_2 { "HTTP/2" } else { "HTTP/1.1" };
-    req.headers_mut().insert(ORIG_PROTO.clone(), HeaderValue::from_static(orig));
-    let authority = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_else(|| out.route.target.clone());
-    // HTTP/2 carries the authority in the URI; a Host header would be redundant.
-    req.headers_mut().remove(header::HOST);
-    let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let uri: Uri = match format!("http://{authority}{pq}").parse() {
-        Ok(u) => u,
-        Err(_) => {
-            return error_response(StatusCode::BAD_REQUEST, "invalid Host or request target", &request_id);
-        }
+    let h2 = req.version() == http::Version::HTTP_2;
+    let prepared = if h2 { to_h2(out, &mut req) } else { to_h1(out, &mut req) };
+    if let Err(reason) = prepared {
+        return error_response(StatusCode::BAD_REQUEST, reason, &request_id);
+    }
+    // Only the access log needs these; skip the copies when it is off.
+    let logged = out.access_log.enabled().then(|| (req.method().clone(), req.uri().path().to_string()));
+    let sent = {
+        let pools = out.pools.load();
+        if h2 { pools.h2.request(req) } else { pools.h1.request(req) }
     };
-    *req.uri_mut() = uri;
-    *req.version_mut() = http::Version::HTTP_2;
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let client = out.client.load_full();
-    let resp = match client.request(req).await {
+    let resp = match sent.await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -334,10 +362,7 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
         }
         Err(e) => {
             if let Some(tls_reason) = tls_failure(&e) {
-                out.metrics
-                    .handshake_failures
-                    .get_or_create(&vec![("direction".into(), "outbound".into()), ("reason".into(), tls_reason.into())])
-                    .inc();
+                out.metrics.handshake_failure("outbound", tls_reason);
                 out.metrics.peers.handshake_failure(out.route.identity.as_str(), "outbound");
             }
             let reason =
@@ -346,14 +371,9 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
             error_response(StatusCode::BAD_GATEWAY, &reason, &request_id)
         }
     };
-    out.metrics.record_request("outbound", out.route.identity.as_str(), resp.status(), started);
-    out.metrics.peers.record(
-        out.route.identity.as_str(),
-        "outbound",
-        resp.status().as_u16(),
-        resp.status() == StatusCode::FORBIDDEN,
-    );
-    if out.access_log.enabled() {
+    out.requests.record(resp.status(), started);
+    out.requests.peer().record(resp.status().as_u16(), resp.status() == StatusCode::FORBIDDEN);
+    if let Some((method, path)) = logged {
         out.access_log.write(serde_json::json!({
             "type": "access",
             "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
@@ -367,6 +387,44 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
         }));
     }
     resp
+}
+
+/// Readies a request for the HTTP/2 pool: the authority moves from `Host` into the URI (HTTP/2
+/// carries it in `:authority`), and the app's protocol goes along in [`ORIG_PROTO`].
+fn to_h2(out: &Outbound, req: &mut Request<Incoming>) -> Result<(), &'static str> {
+    req.headers_mut().insert(ORIG_PROTO.clone(), HeaderValue::from_static("HTTP/2"));
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| out.route.target.clone());
+    req.headers_mut().remove(header::HOST);
+    let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    *req.uri_mut() = format!("http://{authority}{pq}").parse().map_err(|_| "invalid Host or request target")?;
+    *req.version_mut() = http::Version::HTTP_2;
+    Ok(())
+}
+
+/// Readies a request for the HTTP/1.1 pool. `Host` stays the app's (an absolute-form target's
+/// authority becomes `Host` if there was none); the URI names the peer sidecar, which is the
+/// pool key, so every request of the route shares one pool whatever its `Host`.
+fn to_h1(out: &Outbound, req: &mut Request<Incoming>) -> Result<(), &'static str> {
+    let authority = out.h1_authority.clone().ok_or("invalid upstream address")?;
+    if !req.headers().contains_key(header::HOST)
+        && let Some(host) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(header::HOST, host);
+    }
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| "invalid request target")?;
+    // HTTP/1.0 callers too: the hop between sidecars stays keep-alive.
+    *req.version_mut() = http::Version::HTTP_11;
+    Ok(())
 }
 
 /// The reason label of a TLS handshake failure somewhere in `e`'s source chain, if any.

@@ -1,13 +1,18 @@
 //! Prometheus metrics. Names follow `palisade_<area>_<what>_<unit>`.
 
 use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use super::peers::PeerCounters;
 
 /// Label set as name/value pairs.
 pub type Labels = Vec<(String, String)>;
@@ -29,49 +34,155 @@ impl CertMetrics {
     }
 }
 
+/// Labels of `palisade_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: &'static str,
+    pub status_class: &'static str,
+    pub peer: Arc<str>,
+}
+
+/// Labels of metrics kept per direction only.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+/// Labels of `palisade_tls_handshake_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+/// Labels of `palisade_authz_decisions_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub result: &'static str,
+    pub policy: PolicyLabel,
+    pub engine: &'static str,
+}
+
+/// Labels of `palisade_authz_evaluation_duration_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EngineLabels {
+    pub engine: &'static str,
+}
+
+/// Labels of `palisade_tcp_bytes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpBytesLabels {
+    pub direction: &'static str,
+    pub bytes: &'static str,
+}
+
+/// What decided, as a label: a policy's shared `namespace/name`, or a fixed word for the
+/// decisions no policy made (`mesh-default`, `no-allow-matched`, ...). Neither allocates.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum PolicyLabel {
+    Policy(Arc<str>),
+    Fixed(&'static str),
+}
+
+impl EncodeLabelValue for PolicyLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        match self {
+            PolicyLabel::Policy(p) => EncodeLabelValue::encode(&&**p, encoder),
+            PolicyLabel::Fixed(s) => EncodeLabelValue::encode(s, encoder),
+        }
+    }
+}
+
 /// Data-path metrics of a sidecar.
 pub struct ProxyMetrics {
-    pub requests: Family<Labels, Counter>,
-    pub duration: Family<Labels, Histogram>,
-    pub handshake_failures: Family<Labels, Counter>,
-    pub connections_open: Family<Labels, Gauge>,
-    pub decisions: Family<Labels, Counter>,
-    pub decision_duration: Family<Labels, Histogram>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<DirectionLabels, Histogram>,
+    pub handshake_failures: Family<HandshakeLabels, Counter>,
+    pub connections_open: Family<DirectionLabels, Gauge>,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub decision_duration: Family<EngineLabels, Histogram>,
     pub plaintext_refused: Counter,
-    pub tcp_bytes: Family<Labels, Counter>,
+    pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     /// Per-peer totals for telemetry reports to the control plane.
-    pub peers: std::sync::Arc<super::peers::PeerStats>,
+    pub peers: Arc<super::peers::PeerStats>,
 }
 
 impl ProxyMetrics {
-    /// Counts a finished request: by direction, status class and peer, and its latency.
-    pub fn record_request(&self, direction: &str, peer: &str, status: http::StatusCode, started: std::time::Instant) {
-        self.requests
-            .get_or_create(&vec![
-                ("direction".into(), direction.into()),
-                ("status_class".into(), crate::proxy::http::status_class(status).into()),
-                ("peer".into(), peer.into()),
-            ])
-            .inc();
-        self.duration
-            .get_or_create(&vec![("direction".into(), direction.into())])
-            .observe(started.elapsed().as_secs_f64());
+    /// The request metrics of one (direction, peer), to resolve once per route or connection.
+    pub fn requests_for(&self, direction: &'static str, peer: &str) -> RequestMetrics {
+        RequestMetrics {
+            requests: self.requests.clone(),
+            direction,
+            peer: Arc::from(peer),
+            by_class: Default::default(),
+            duration: self.duration.get_or_create_owned(&DirectionLabels { direction }),
+            peer_counters: self.peers.counters(peer, direction),
+        }
+    }
+
+    /// Counts a failed mTLS handshake.
+    pub fn handshake_failure(&self, direction: &'static str, reason: &'static str) {
+        self.handshake_failures.get_or_create(&HandshakeLabels { direction, reason }).inc();
+    }
+
+    /// Counts an authorization decision and the time it took.
+    pub fn record_decision(&self, allowed: bool, policy: PolicyLabel, engine: &'static str, took: Duration) {
+        self.decision_duration.get_or_create(&EngineLabels { engine }).observe(took.as_secs_f64());
+        let result = if allowed { "allow" } else { "deny" };
+        self.decisions.get_or_create(&DecisionLabels { result, policy, engine }).inc();
     }
 
     /// Counts an open connection until the returned guard is dropped.
-    pub fn open_connection(self: &std::sync::Arc<Self>, direction: &'static str) -> OpenConnection {
-        let gauge = self.connections_open.get_or_create(&vec![("direction".into(), direction.into())]).clone();
+    pub fn open_connection(self: &Arc<Self>, direction: &'static str) -> OpenConnection {
+        let gauge = self.connections_open.get_or_create_owned(&DirectionLabels { direction });
         gauge.inc();
         OpenConnection(gauge)
     }
 
     /// Counts bytes of an opaque TCP stream.
     pub fn record_tcp_bytes(&self, direction: &'static str, sent: u64, received: u64) {
-        for (way, n) in [("sent", sent), ("received", received)] {
-            self.tcp_bytes
-                .get_or_create(&vec![("direction".into(), direction.into()), ("bytes".into(), way.into())])
-                .inc_by(n);
+        for (bytes, n) in [("sent", sent), ("received", received)] {
+            self.tcp_bytes.get_or_create(&TcpBytesLabels { direction, bytes }).inc_by(n);
         }
+    }
+}
+
+/// Request metrics of one (direction, peer), resolved once per route or connection, so a
+/// request bumps atomics without building, hashing or looking up labels. A status class gets
+/// its series on first use, as before.
+pub struct RequestMetrics {
+    requests: Family<RequestLabels, Counter>,
+    direction: &'static str,
+    peer: Arc<str>,
+    /// `1xx` to `5xx`.
+    by_class: [OnceLock<Counter>; 5],
+    duration: Histogram,
+    peer_counters: Arc<PeerCounters>,
+}
+
+impl RequestMetrics {
+    /// Counts a finished request by status class, and its latency.
+    pub fn record(&self, status: http::StatusCode, started: Instant) {
+        let class = crate::proxy::http::status_class(status);
+        let slot = match class.as_bytes()[0] {
+            b'1' => 0,
+            b'2' => 1,
+            b'3' => 2,
+            b'4' => 3,
+            _ => 4,
+        };
+        self.by_class[slot]
+            .get_or_init(|| {
+                let labels = RequestLabels { direction: self.direction, status_class: class, peer: self.peer.clone() };
+                self.requests.get_or_create_owned(&labels)
+            })
+            .inc();
+        self.duration.observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The peer's totals for telemetry reports.
+    pub fn peer(&self) -> &PeerCounters {
+        &self.peer_counters
     }
 }
 
@@ -107,15 +218,15 @@ impl Default for ProxyMetrics {
 /// All metrics of one process and the registry that renders them.
 pub struct Metrics {
     registry: Registry,
-    pub certs: std::sync::Arc<CertMetrics>,
-    pub proxy: std::sync::Arc<ProxyMetrics>,
+    pub certs: Arc<CertMetrics>,
+    pub proxy: Arc<ProxyMetrics>,
 }
 
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
-        let certs = std::sync::Arc::new(CertMetrics::default());
-        let proxy = std::sync::Arc::new(ProxyMetrics::default());
+        let certs = Arc::new(CertMetrics::default());
+        let proxy = Arc::new(ProxyMetrics::default());
         let mut registry = Registry::with_prefix("palisade");
         registry.register(
             "cert_expiry_timestamp_seconds",

@@ -27,8 +27,23 @@ pub struct PeerStats {
     map: ArcSwap<HashMap<PeerKey, Arc<PeerCounters>>>,
 }
 
+impl PeerCounters {
+    /// Counts one finished request.
+    pub fn record(&self, status: u16, denied: bool) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if denied {
+            self.denials.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl PeerStats {
-    fn counters(&self, peer: &str, direction: &'static str) -> Arc<PeerCounters> {
+    /// The counters of one (peer, direction), created on first use. The data path looks them up
+    /// once per route or connection and keeps them.
+    pub fn counters(&self, peer: &str, direction: &'static str) -> Arc<PeerCounters> {
         if let Some(c) = self.map.load().get(&(Arc::from(peer), direction)) {
             return c.clone();
         }
@@ -45,14 +60,7 @@ impl PeerStats {
 
     /// Counts one finished request.
     pub fn record(&self, peer: &str, direction: &'static str, status: u16, denied: bool) {
-        let c = self.counters(peer, direction);
-        c.requests.fetch_add(1, Ordering::Relaxed);
-        if status >= 500 {
-            c.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        if denied {
-            c.denials.fetch_add(1, Ordering::Relaxed);
-        }
+        self.counters(peer, direction).record(status, denied);
     }
 
     /// Counts a failed handshake with a known peer (outbound: the expected identity).

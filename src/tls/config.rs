@@ -11,8 +11,10 @@ use super::verify::{SpiffeClientVerifier, SpiffeServerVerifier};
 use super::{CertStore, TrustBundle};
 use crate::identity::SpiffeId;
 
-/// ALPN for sidecar-to-sidecar HTTP/2.
+/// ALPN for sidecar-to-sidecar HTTP/2 (callers that spoke HTTP/2, gRPC among them).
 pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN for sidecar-to-sidecar HTTP/1.1 (callers that spoke HTTP/1, and upgrades).
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 /// ALPN for an opaque TCP stream tunnelled between sidecars: the inbound side needs no
 /// protocol detection (and so adds no delay for server-speaks-first protocols).
 pub const ALPN_TCP: &[u8] = b"palisade-tcp";
