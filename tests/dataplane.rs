@@ -133,7 +133,10 @@ async fn http1_callers_share_one_keep_alive_connection_between_sidecars_and_keep
     }
     assert_eq!(app.hits.load(Ordering::SeqCst), 20);
     let metrics = b.metrics().await;
-    assert_eq!(metric(&metrics, "palisade_connections_open", "direction=\"inbound\""), 1.0, "{metrics}");
+    // One pooled connection; hyper may open a second when a request starts just before the
+    // previous one's connection is back in the pool (seen on a loaded machine), never one per request.
+    let open = metric(&metrics, "palisade_connections_open", "direction=\"inbound\"");
+    assert!((1.0..=2.0).contains(&open), "{open} inbound connections for 20 sequential requests\n{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
