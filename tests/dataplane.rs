@@ -408,3 +408,41 @@ async fn post_shutdown_on_the_admin_port_drains_and_exits_zero() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// Kubernetes probes arrive in plaintext from the kubelet. A STRICT port lets exactly the
+/// declared probe paths through (GET/HEAD), and refuses every other plaintext request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_port_answers_declared_kubelet_probes_and_nothing_else_in_plaintext() {
+    let dir = tempdir("probes");
+    let cp = ControlPlane::start(&dir, &["--default-policy", "deny"]).await;
+    let app = EchoApp::start().await;
+    let inbound = free_addr();
+    let probe = format!("{}/healthz", inbound.port());
+    let b = Sidecar::spawn(
+        &cp,
+        "probed",
+        None,
+        &[],
+        &["--inbound", &inbound.to_string(), "--app", &app.addr.to_string(), "--probe", &probe],
+    );
+    b.wait_ready().await;
+    let client = http_client();
+    let (status, _, body) =
+        get(&client, &format!("http://{inbound}/healthz"), &[("x-forwarded-client-cert", "By=x;URI=spiffe://evil")])
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "the probe reaches the app: {body}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(seen["headers"].get("x-forwarded-client-cert").is_none(), "a probe carries no identity: {body}");
+    let hits = app.hits.load(Ordering::SeqCst);
+    for path in ["/healthz/../admin", "/admin", "/healthzz"] {
+        let (status, _, _) = get(&client, &format!("http://{inbound}{path}"), &[]).await.unwrap();
+        assert_eq!(status, 403, "{path} is not a probe");
+    }
+    let post = http::Request::post(format!("http://{inbound}/healthz"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(client.request(post).await.unwrap().status(), 403, "only GET and HEAD");
+    assert_eq!(app.hits.load(Ordering::SeqCst), hits, "nothing but the probe reached the app");
+    assert!(metric(&b.metrics().await, "palisade_plaintext_refused", "") >= 4.0);
+}

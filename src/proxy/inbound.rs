@@ -47,6 +47,9 @@ pub struct Inbound {
     pub bundle: Arc<TrustBundle>,
     pub view: Arc<ArcSwap<MeshView>>,
     pub access_log: AccessLog,
+    /// Plain-HTTP kubelet probes (`port`, `path`) let through a STRICT port: GET or HEAD of
+    /// exactly these, nothing else, so that a STRICT pod can become ready.
+    pub probes: Vec<(u16, String)>,
 }
 
 /// The caller of one connection.
@@ -139,6 +142,9 @@ async fn connection(inbound: &Arc<Inbound>, acceptor: TlsAcceptor, tcp: TcpStrea
     };
     if !is_tls {
         if inbound.view.load().mode_for_port(local_port) != PeerAuthMode::Permissive {
+            if inbound.probes.iter().any(|(port, _)| *port == local_port) {
+                return serve_probes(inbound, tcp, remote, local_port, app).await;
+            }
             inbound.metrics.plaintext_refused.inc();
             tracing::info!(%remote, "plaintext connection refused: port is STRICT (mTLS only)");
             return;
@@ -168,6 +174,47 @@ async fn connection(inbound: &Arc<Inbound>, acceptor: TlsAcceptor, tcp: TcpStrea
         return opaque(inbound, tls, &peer).await;
     }
     serve_http(inbound, TokioIo::new(tls), peer).await
+}
+
+/// A plaintext connection to a STRICT port that has kubelet probes: GET or HEAD of a probe path
+/// goes to the app (no policy: a probe carries no identity and reveals only health); anything
+/// else is refused as a STRICT port refuses plaintext.
+async fn serve_probes(inbound: &Arc<Inbound>, tcp: TcpStream, remote: SocketAddr, port: u16, app: SocketAddr) {
+    let inbound2 = inbound.clone();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let inbound = inbound2.clone();
+        async move {
+            let path = req.uri().path().to_string();
+            let allowed = matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+                && inbound.probes.iter().any(|(p, probe)| *p == port && *probe == path);
+            if !allowed {
+                inbound.metrics.plaintext_refused.inc();
+                tracing::info!(%remote, port, %path, "plaintext request refused: port is STRICT and this is not a probe");
+                return Ok::<_, std::convert::Infallible>(error_response(
+                    StatusCode::FORBIDDEN,
+                    "plaintext refused: this port accepts mutual TLS only (kubelet probe paths excepted)",
+                    "",
+                ));
+            }
+            let (mut parts, body) = req.into_parts();
+            let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            parts.uri = Uri::try_from(format!("http://{app}{pq}")).unwrap_or_default();
+            strip_hop_by_hop(&mut parts.headers);
+            parts.headers.remove(&XFCC);
+            match inbound.client.request(Request::from_parts(parts, body)).await {
+                Ok(resp) => Ok(resp.map(stream)),
+                Err(e) => {
+                    tracing::info!(%remote, port, %path, error = %e, "probe could not reach the app");
+                    Ok(error_response(StatusCode::BAD_GATEWAY, "probe: the app did not answer", ""))
+                }
+            }
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(inbound.limits.header_read_timeout)
+        .serve_connection(TokioIo::new(tcp), svc)
+        .await;
 }
 
 /// An opaque TCP connection from a peer sidecar: one decision for the whole connection, then

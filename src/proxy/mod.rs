@@ -95,9 +95,19 @@ pub struct ProxyArgs {
     pub pod_ip: Option<std::net::IpAddr>,
     #[command(flatten)]
     pub limits: limits::Limits,
+    /// A plain-HTTP kubelet probe `PORT/PATH` let through a STRICT port without mTLS: GET or
+    /// HEAD of exactly that path, nothing else (repeatable; the injector sets PALISADE_PROBES).
+    #[arg(long = "probe", env = "PALISADE_PROBES", value_delimiter = ',', value_name = "PORT/PATH", value_parser = parse_probe)]
+    pub probes: Vec<(u16, String)>,
     /// Time allowed for an inbound mTLS handshake.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
+}
+
+fn parse_probe(s: &str) -> Result<(u16, String), String> {
+    let (port, path) = s.split_once('/').ok_or_else(|| format!("probe {s:?}: expected PORT/PATH"))?;
+    let port = port.parse().map_err(|_| format!("probe {s:?}: {port:?} is not a port"))?;
+    Ok((port, format!("/{path}")))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -277,6 +287,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             bundle: bundle.clone(),
             view: view.clone(),
             access_log: access_log.clone(),
+            probes: args.probes.clone(),
         });
         tokio::spawn(inbound::serve(listener, acceptor, inbound));
         tracing::info!(%listen, app = ?app, "inbound mTLS listener up");
