@@ -351,6 +351,27 @@ async fn kube_sidecar(
     s
 }
 
+/// An echo app behind the sidecar of `ns/orders` (label `app=orders`), and the sidecar of
+/// `ns/web` with a route to it; returns the app, both sidecars and the route's address.
+async fn orders_and_web(
+    c: &Cluster,
+    dir: &Path,
+    ns: &str,
+    control: &str,
+    root: &Path,
+) -> (EchoApp, Sidecar, Sidecar, SocketAddr) {
+    let app = EchoApp::start().await;
+    let orders_token = c.token(ns, "orders", "palisade");
+    let orders =
+        kube_sidecar(dir, control, root, &orders_token, &format!("{ns}-orders"), Some(app.addr), &[], &["app=orders"])
+            .await;
+    let route = free_addr();
+    let to_orders = format!("{route}={}@spiffe://cluster.local/ns/{ns}/sa/orders", orders.inbound.unwrap());
+    let web_token = c.token(ns, "web", "palisade");
+    let web = kube_sidecar(dir, control, root, &web_token, &format!("{ns}-web"), None, &[to_orders], &[]).await;
+    (app, orders, web, route)
+}
+
 async fn certify(cp: &ControlPlane, token: &str) -> Result<String, tonic::Status> {
     palisade::tls::install_crypto_provider();
     let bundle = TrustBundle::from_pem(&std::fs::read_to_string(cp.root_pem_path()).unwrap()).unwrap();
@@ -473,32 +494,7 @@ async fn an_authorization_policy_from_kubectl_reaches_a_sidecar_within_two_secon
     let dir = tempdir("k8s-policy");
     c.namespace("pol", &[], &["orders", "web"]);
     let (cp, _) = control_plane(c, &dir, "cp-pol", "pol-system", &[]).await;
-    let app = EchoApp::start().await;
-    let root = cp.root_pem_path();
-    let control = cp.listen.to_string();
-    let orders = kube_sidecar(
-        &dir,
-        &control,
-        &root,
-        &c.token("pol", "orders", "palisade"),
-        "orders",
-        Some(app.addr),
-        &[],
-        &["app=orders"],
-    )
-    .await;
-    let route = free_addr();
-    let web = kube_sidecar(
-        &dir,
-        &control,
-        &root,
-        &c.token("pol", "web", "palisade"),
-        "web",
-        None,
-        &[format!("{route}={}@spiffe://cluster.local/ns/pol/sa/orders", orders.inbound.unwrap())],
-        &[],
-    )
-    .await;
+    let (_app, _orders, web, route) = orders_and_web(c, &dir, "pol", &cp.listen.to_string(), &cp.root_pem_path()).await;
     let http = http_client();
     let url = format!("http://{route}/blocked");
     assert_eq!(get(&http, &url, &[]).await.unwrap().0, 200, "default allow before any policy");
@@ -593,32 +589,8 @@ async fn a_sidecar_moves_to_the_surviving_replica_and_keeps_receiving_updates() 
     };
     wait_for("a leader", Duration::from_secs(10), || async { !lease_holder().is_empty() }).await;
 
-    let app = EchoApp::start().await;
     let control = format!("{},{}", cp_a.listen, cp_b.listen);
-    let root = cp_a.root_pem_path();
-    let orders = kube_sidecar(
-        &dir,
-        &control,
-        &root,
-        &c.token("ha", "orders", "palisade"),
-        "ha-orders",
-        Some(app.addr),
-        &[],
-        &["app=orders"],
-    )
-    .await;
-    let route = free_addr();
-    let _web = kube_sidecar(
-        &dir,
-        &control,
-        &root,
-        &c.token("ha", "web", "palisade"),
-        "ha-web",
-        None,
-        &[format!("{route}={}@spiffe://cluster.local/ns/ha/sa/orders", orders.inbound.unwrap())],
-        &[],
-    )
-    .await;
+    let (_app, _orders, _web, route) = orders_and_web(c, &dir, "ha", &control, &cp_a.root_pem_path()).await;
     let connected_to = |cp: &ControlPlane, who: &'static str| {
         let admin = cp.admin;
         async move {
