@@ -82,10 +82,8 @@ impl Identity for IdentityService {
                         Status::permission_denied(e.to_string())
                     }
                 })?;
-                tokio::task::spawn_blocking(move || -> Result<IssuedCertificate, CertifyError> {
-                    let issued = ca.signer().sign_workload(&id, &csr.public_key, ttl, &[])?;
-                    store.record_certificate(&issued, CredentialKind::Kubernetes)?;
-                    Ok(issued)
+                tokio::task::spawn_blocking(move || {
+                    sign_and_record(&ca, &store, &id, &csr.public_key, ttl, CredentialKind::Kubernetes)
                 })
                 .await
                 .map_err(|e| Status::internal(e.to_string()))??
@@ -102,10 +100,7 @@ impl Identity for IdentityService {
                     if store.is_revoked(id.as_str(), &serial).map_err(CertifyError::from)? {
                         return Err(Status::permission_denied(format!("{id} (serial {serial}) is revoked")));
                     }
-                    let issued =
-                        ca.signer().sign_workload(&id, &csr.public_key, ttl, &[]).map_err(CertifyError::from)?;
-                    store.record_certificate(&issued, CredentialKind::Renewal).map_err(CertifyError::from)?;
-                    Ok(issued)
+                    Ok(sign_and_record(&ca, &store, &id, &csr.public_key, ttl, CredentialKind::Renewal)?)
                 })
                 .await
                 .map_err(|e| Status::internal(e.to_string()))??
@@ -122,6 +117,20 @@ impl Identity for IdentityService {
             not_after: issued.not_after,
         }))
     }
+}
+
+/// Signs a workload certificate and records it in the ledger before anyone sees it.
+fn sign_and_record(
+    ca: &CaSet,
+    store: &Store,
+    id: &SpiffeId,
+    key: &rcgen::PublicKey,
+    ttl: Duration,
+    kind: CredentialKind,
+) -> Result<IssuedCertificate, CertifyError> {
+    let issued = ca.signer().sign_workload(id, key, ttl, &[])?;
+    store.record_certificate(&issued, kind)?;
+    Ok(issued)
 }
 
 /// The identity the control plane's own serving certificate carries.
