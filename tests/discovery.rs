@@ -178,6 +178,12 @@ async fn kill_dash_nine_of_the_control_plane_under_traffic_loses_nothing() {
     .unwrap();
     let client = http_client();
     assert_eq!(get(&client, &format!("http://{route}/blocked"), &[]).await.unwrap().0, 200, "old set still in force");
+    // Traffic keeps flowing while no control plane runs at all.
+    wait_for("traffic flowing with the control plane dead", Duration::from_secs(5), || {
+        let ok = traffic.ok.load(std::sync::atomic::Ordering::SeqCst);
+        async move { ok > ok_at_kill + 10 }
+    })
+    .await;
     drop(cp);
     let cp = ControlPlane::start_at(&dir, listen, &["--resources", &res]).await;
     wait_for("the change made during the outage reaches b", Duration::from_secs(15), || async {
