@@ -241,7 +241,8 @@ mod tests {
         let took = start.elapsed();
         assert_eq!(p, Protocol::Opaque);
         assert!(prefix.is_empty());
-        assert!(took >= timeout && took < timeout + Duration::from_millis(50), "{took:?}");
+        // The upper bound only proves it does not hang on; a loaded CI machine may be late.
+        assert!(took >= timeout && took < timeout * 10, "{took:?}");
     }
 
     #[tokio::test]
