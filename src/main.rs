@@ -253,7 +253,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             store.revoke(identity.as_ref().map(|i| i.as_str()), serial.as_deref())?;
             println!("revoked {}", identity.map(|i| i.to_string()).or(serial).unwrap_or_default());
         }
-        Command::Proxy(args) => runtime()?.block_on(proxy::run(*args))?,
+        Command::Proxy(args) => args.runtime()?.block_on(proxy::run(*args))?,
         Command::Certs { command: CertsCommand::Dev { out } } => {
             let files = palisade::identity::dev::write_dev_certs(&out, Duration::from_secs(30 * 24 * 3600))
                 .with_context(|| format!("writing {}", out.display()))?;

@@ -178,3 +178,30 @@ fn inject_refuses_bad_input_with_exit_1_naming_the_problem() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn palisade_proxy_takes_the_flags_of_palisade_proxy_and_refuses_zero_workers() {
+    let help = |cmd: &mut std::process::Command| {
+        let out = cmd.arg("--help").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        // The flag lines, without the usage line that names the program (and `--version`, which
+        // only a top-level command has).
+        text.lines()
+            .filter(|l| l.trim_start().starts_with('-') && !l.contains("--version"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let sidecar_only = help(&mut std::process::Command::new(common::PROXY_BIN));
+    let subcommand = help(std::process::Command::new(BIN).arg("proxy"));
+    assert!(sidecar_only.iter().any(|l| l.contains("--workers")), "{sidecar_only:?}");
+    assert_eq!(sidecar_only, subcommand);
+
+    let out = std::process::Command::new(common::PROXY_BIN)
+        .args(["--workers", "0", "--ca-bundle", "/nonexistent", "--token-file", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--workers") && err.contains("0"), "{err}");
+}

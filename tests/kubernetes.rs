@@ -324,7 +324,6 @@ async fn kube_sidecar(
     std::fs::write(&token_file, token).unwrap();
     let admin = free_addr();
     let mut args: Vec<String> = vec![
-        "proxy".into(),
         "--control".into(),
         control.into(),
         "--ca-bundle".into(),
@@ -345,7 +344,7 @@ async fn kube_sidecar(
     for l in labels {
         args.extend(["--label".into(), l.to_string()]);
     }
-    let proc = Proc::spawn(name, dir, &args);
+    let proc = Proc::spawn_proxy(name, dir, &args);
     let s = Sidecar { proc, admin, inbound, identity: name.to_string() };
     s.wait_ready().await;
     s

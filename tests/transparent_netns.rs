@@ -14,6 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_palisade");
+/// The sidecar runs as the injector runs it.
+const PROXY_BIN: &str = env!("CARGO_BIN_EXE_palisade-proxy");
 const PROXY_UID: &str = "1337";
 const NET: &str = "10.231.0";
 const INSTALL: &str = "run as root with: apt-get install -y iproute2 iptables tcpdump curl python3";
@@ -200,8 +202,7 @@ fn pods_talk_plain_http_and_the_wire_carries_only_mutual_tls() {
                 PROXY_UID,
                 "--clear-groups",
                 "--",
-                BIN,
-                "proxy",
+                PROXY_BIN,
                 "--transparent",
                 "--pod-ip",
                 &ip,

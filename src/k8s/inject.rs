@@ -65,6 +65,8 @@ pub mod annotation {
 pub const INIT_CONTAINER: &str = "palisade-init";
 /// Name of the sidecar (a native sidecar: an init container with `restartPolicy: Always`).
 pub const PROXY_CONTAINER: &str = "palisade-proxy";
+/// The sidecar's program in the image (`palisade-proxy`, next to `palisade`).
+pub const PROXY_COMMAND: &str = "palisade-proxy";
 /// The projected service-account token volume.
 pub const TOKEN_VOLUME: &str = "palisade-token";
 /// Where the token volume is mounted in the sidecar.
@@ -322,6 +324,7 @@ fn init_container(s: &ProxySettings, cfg: &InjectConfig) -> Container {
     Container {
         name: INIT_CONTAINER.to_string(),
         image: Some(s.image.clone()),
+        command: Some(strings(&["palisade"])),
         args: Some(args),
         resources: Some(s.resources.clone()),
         security_context: Some(SecurityContext {
@@ -385,7 +388,6 @@ fn probe_endpoints(spec: &PodSpec) -> Vec<String> {
 
 fn proxy_container(s: &ProxySettings, meta: &ObjectMeta, spec: &PodSpec, cfg: &InjectConfig) -> Container {
     let mut args = strings(&[
-        "proxy",
         "--transparent",
         "--control",
         &cfg.control_addr,
@@ -425,6 +427,8 @@ fn proxy_container(s: &ProxySettings, meta: &ObjectMeta, spec: &PodSpec, cfg: &I
     Container {
         name: PROXY_CONTAINER.to_string(),
         image: Some(s.image.clone()),
+        // The sidecar-only binary: the same code as `palisade proxy`, fewer pages mapped.
+        command: Some(strings(&[PROXY_COMMAND])),
         args: Some(args),
         env: Some(env),
         ports: Some(vec![port("palisade-in", INBOUND_PORT), port("palisade-admin", ADMIN_PORT)]),
@@ -685,8 +689,9 @@ mod tests {
         c.env.iter().flatten().find(|e| e.name == name)
     }
 
+    /// The command line the container runs: command, then args.
     fn args(c: &Container) -> String {
-        c.args.as_ref().unwrap().join(" ")
+        c.command.iter().flatten().chain(c.args.iter().flatten()).cloned().collect::<Vec<_>>().join(" ")
     }
 
     #[test]
@@ -704,7 +709,7 @@ mod tests {
         let init = init(&p);
         assert_eq!(
             args(init),
-            "init --proxy-uid 1337 --inbound-port 15006 --outbound-port 15001 --exclude-inbound-ports 15020"
+            "palisade init --proxy-uid 1337 --inbound-port 15006 --outbound-port 15001 --exclude-inbound-ports 15020"
         );
         let sc = init.security_context.as_ref().unwrap();
         let caps = sc.capabilities.as_ref().unwrap();
@@ -718,7 +723,7 @@ mod tests {
         assert_eq!(proxy.restart_policy.as_deref(), Some("Always"), "a native sidecar");
         assert_eq!(
             args(proxy),
-            "proxy --transparent --control palisade-control.palisade-system.svc:15010 \
+            "palisade-proxy --transparent --control palisade-control.palisade-system.svc:15010 \
              --kube-token-file /var/run/secrets/palisade/token --inbound 0.0.0.0:15006 --outbound 127.0.0.1:15001 \
              --admin 0.0.0.0:15020 --trust-domain cluster.local"
         );
@@ -856,7 +861,7 @@ mod tests {
         let (init, proxy) = (init(&p), sidecar(&p));
         assert_eq!(
             args(init),
-            "init --proxy-uid 1337 --inbound-port 15006 --outbound-port 15001 --exclude-inbound-ports 15020,9090 \
+            "palisade init --proxy-uid 1337 --inbound-port 15006 --outbound-port 15001 --exclude-inbound-ports 15020,9090 \
              --exclude-outbound-ports 5432 --include-inbound-ports 8080,8443"
         );
         assert!(args(proxy).ends_with("--trust-domain cluster.local --opaque-ports 3306,6379"), "{}", args(proxy));

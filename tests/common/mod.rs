@@ -17,6 +17,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_palisade");
+/// The sidecar binary the injector runs (`palisade proxy` without the rest).
+pub const PROXY_BIN: &str = env!("CARGO_BIN_EXE_palisade-proxy");
 
 /// A free loopback port for a child process to bind.
 ///
@@ -61,8 +63,17 @@ impl Proc {
 
     /// Like [`spawn`](Self::spawn) with extra environment variables for the child.
     pub fn spawn_with_env(name: &str, dir: &Path, args: &[String], env: &[(&str, &str)]) -> Proc {
+        Self::spawn_program(BIN, name, dir, args, env)
+    }
+
+    /// A `palisade-proxy` sidecar process with `args`.
+    pub fn spawn_proxy(name: &str, dir: &Path, args: &[String]) -> Proc {
+        Self::spawn_program(PROXY_BIN, name, dir, args, &[])
+    }
+
+    fn spawn_program(program: &str, name: &str, dir: &Path, args: &[String], env: &[(&str, &str)]) -> Proc {
         let log = dir.join(format!("{name}.log"));
-        let child = Command::new(BIN)
+        let child = Command::new(program)
             .args(args)
             .envs(env.iter().copied())
             .env("PALISADE_LOG", "info")
@@ -239,8 +250,7 @@ impl Sidecar {
         std::fs::write(&token_file, cp.token(&identity)).unwrap();
         let admin = free_addr();
         let mut args = vec![
-            "proxy".to_string(),
-            "--control".into(),
+            "--control".to_string(),
             cp.listen.to_string(),
             "--ca-bundle".into(),
             cp.root_pem_path().display().to_string(),
@@ -258,7 +268,7 @@ impl Sidecar {
             args.extend(["--route".into(), r.clone()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let proc = Proc::spawn(&format!("sidecar-{sa}"), &cp.dir, &args);
+        let proc = Proc::spawn_proxy(&format!("sidecar-{sa}"), &cp.dir, &args);
         Sidecar { proc, admin, inbound, identity }
     }
 
