@@ -201,7 +201,7 @@ def main(out, doc):
         "`return 200` with a 1 KiB body. The client, backend and Palisade control plane are pinned "
         "to CPU 0 and both proxies of the pair under test to CPU 1 (`taskset`); each proxy runs "
         "one worker (nginx `worker_processes 1`, HAProxy `nbthread 1`, Palisade "
-        "`TOKIO_WORKER_THREADS=1`). Proxy-to-proxy hops are mTLS, TLS 1.3 only, with keep-alive "
+        "`--workers 1`). Proxy-to-proxy hops are mTLS, TLS 1.3 only, with keep-alive "
         "pooling (nginx `keepalive` upstream, HAProxy `http-reuse always`) and no session "
         "resumption. Palisade runs with authorization on (a 10-rule ALLOW policy selected by "
         "`app=orders`; the request matches only the last rule; a non-matching path is checked "
