@@ -109,17 +109,23 @@ pub struct ProxyArgs {
 }
 
 impl ProxyArgs {
-    /// The runtime the data path runs on (`--workers`). Multi-threaded even with one worker: a
-    /// single-threaded runtime measured about 4 % more requests per second at saturation, but
-    /// 10-30 % higher p99 at 1000 req/s (docs/benchmarks.md), and tail latency is what a mesh
-    /// adds to every call.
+    /// The runtime the data path runs on (`--workers`). With one worker it is single-threaded,
+    /// as Linkerd's proxy is on one core: no handoff between the thread that waits in
+    /// `block_on` and a worker, no work-stealing bookkeeping. Measured against a one-worker
+    /// multi-threaded runtime in alternating `bench/run` rounds: 4-12 % more requests per second
+    /// at saturation, p99 at 1000 req/s within the noise of this machine (docs/benchmarks.md).
     pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
         let workers = match self.workers {
             Some(n) => usize::from(n),
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.worker_threads(workers);
+        let mut builder = if workers == 1 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(workers);
+            b
+        };
         builder.enable_all().thread_name("palisade-data").build()
     }
 }
