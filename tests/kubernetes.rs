@@ -386,10 +386,17 @@ async fn certify(cp: &ControlPlane, token: &str) -> Result<String, tonic::Status
 }
 
 fn accepted_condition(c: &Cluster, ns: &str, name: &str) -> Option<(String, String, i64)> {
-    let v = c.get_json(&["get", "authorizationpolicy", name, "-n", ns]);
+    condition_of(c, "authorizationpolicy", ns, name)
+        .map(|(status, _, message, generation)| (status, message, generation))
+}
+
+/// Status, reason, message and observedGeneration of the `Accepted` condition of `kind/name`.
+fn condition_of(c: &Cluster, kind: &str, ns: &str, name: &str) -> Option<(String, String, String, i64)> {
+    let v = c.get_json(&["get", kind, name, "-n", ns]);
     let cond = v["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == "Accepted")?.clone();
     Some((
         cond["status"].as_str()?.to_string(),
+        cond["reason"].as_str().unwrap_or("").to_string(),
         cond["message"].as_str().unwrap_or("").to_string(),
         cond["observedGeneration"].as_i64().unwrap_or(-1),
     ))
@@ -442,6 +449,20 @@ async fn crds_apply_and_malformed_policies_are_refused_or_marked_invalid() {
     // Printer columns show acceptance.
     let table = c.kubectl(&["get", "authorizationpolicies", "-n", "crd-test"]);
     assert!(table.contains("ACCEPTED") && table.contains("False") && table.contains("True"), "{table}");
+
+    // A valid JWT rule is accepted, and its status says plainly that nothing enforces it yet.
+    let (ok, out) = c.apply(
+        "apiVersion: palisade.io/v1alpha1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: crd-test}\n\
+         spec: {jwtRules: [{issuer: https://issuer.test, jwksUri: https://issuer.test/jwks.json}]}\n",
+    );
+    assert!(ok, "{out}");
+    wait_for("status on the RequestAuthentication", Duration::from_secs(20), || async {
+        condition_of(c, "requestauthentication", "crd-test", "jwt").is_some()
+    })
+    .await;
+    let (status, reason, message, _) = condition_of(c, "requestauthentication", "crd-test", "jwt").unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "NotEnforced"), "{message}");
+    assert!(message.contains("does not enforce RequestAuthentication"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -158,7 +158,7 @@ impl State {
                     }
                 }
                 let status = verdict.result.as_ref().map(|_| ()).map_err(Clone::clone);
-                if !status_matches(&obj, generation, &status)
+                if !status_matches(&obj, &ar.kind, generation, &status)
                     && self.written.get(&uid) != Some(&(generation, status.clone()))
                 {
                     to_write.push((ar.clone(), obj.clone(), generation, status));
@@ -213,11 +213,25 @@ fn to_resource(kind: &str, obj: &DynamicObject) -> Result<Resource, String> {
     })
 }
 
-fn accepted_condition(generation: i64, status: &Result<(), String>) -> Condition {
-    let (s, reason, message) = match status {
-        Ok(()) => ("True", "Accepted", "accepted by the Palisade control plane".to_string()),
+/// Status, reason and message of the `Accepted` condition for a `kind` object with `status`.
+fn acceptance(kind: &str, status: &Result<(), String>) -> (&'static str, &'static str, String) {
+    match status {
         Err(m) => ("False", "Invalid", m.clone()),
-    };
+        // Said plainly, so nobody takes an accepted JWT or rate-limit rule for a protection.
+        Ok(()) if NOT_ENFORCED.contains(&kind) => (
+            "True",
+            "NotEnforced",
+            format!("accepted and valid, but this version of Palisade does not enforce {kind} yet"),
+        ),
+        Ok(()) => ("True", "Accepted", "accepted by the Palisade control plane".to_string()),
+    }
+}
+
+/// Kinds the control plane validates and pushes but sidecars do not enforce yet.
+const NOT_ENFORCED: &[&str] = &["RequestAuthentication", "RateLimitPolicy"];
+
+fn accepted_condition(kind: &str, generation: i64, status: &Result<(), String>) -> Condition {
+    let (s, reason, message) = acceptance(kind, status);
     Condition {
         type_: "Accepted".into(),
         status: s.into(),
@@ -229,15 +243,17 @@ fn accepted_condition(generation: i64, status: &Result<(), String>) -> Condition
 }
 
 /// Whether the object's status already says what we would write.
-fn status_matches(obj: &DynamicObject, generation: i64, status: &Result<(), String>) -> bool {
-    let want = accepted_condition(generation, status);
+fn status_matches(obj: &DynamicObject, kind: &str, generation: i64, status: &Result<(), String>) -> bool {
+    let (want_status, want_reason, want_message) = acceptance(kind, status);
     let Some(conds) = obj.data.get("status").and_then(|s| s.get("conditions")).and_then(|c| c.as_array()) else {
         return false;
     };
     conds.iter().any(|c| {
-        c.get("type").and_then(Value::as_str) == Some("Accepted")
-            && c.get("status").and_then(Value::as_str) == Some(want.status.as_str())
-            && c.get("message").and_then(Value::as_str) == Some(want.message.as_str())
+        let field = |name: &str| c.get(name).and_then(Value::as_str);
+        field("type") == Some("Accepted")
+            && field("status") == Some(want_status)
+            && field("reason") == Some(want_reason)
+            && field("message") == Some(want_message.as_str())
             && c.get("observedGeneration").and_then(Value::as_i64) == Some(generation)
     })
 }
@@ -251,7 +267,7 @@ async fn write_status(
 ) -> Result<(), kube::Error> {
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &obj.namespace().unwrap_or_default(), ar);
     let body = json!({
-        "status": {"observedGeneration": generation, "conditions": [accepted_condition(generation, status)]}
+        "status": {"observedGeneration": generation, "conditions": [accepted_condition(&ar.kind, generation, status)]}
     });
     api.patch_status(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&body)).await?;
     Ok(())
