@@ -11,6 +11,11 @@ use serde_json::Value;
 
 /// The kinds the mesh understands.
 pub const KINDS: &[&str] = &["AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication", "RateLimitPolicy"];
+
+/// Kinds validated and pushed to sidecars, which do not enforce them yet (JWT validation and
+/// rate limits are not built). Said in logs and Kubernetes status, so nobody mistakes one for
+/// a protection.
+pub const NOT_ENFORCED: &[&str] = &["RequestAuthentication", "RateLimitPolicy"];
 /// The API group/version every manifest must carry.
 pub const API_VERSION: &str = "palisade.io/v1alpha1";
 
@@ -142,6 +147,12 @@ impl FileSource {
                 .and_then(|text| parse_file(&name, &text));
             match parsed {
                 Ok(resources) => {
+                    for r in resources.iter().filter(|r| NOT_ENFORCED.contains(&r.kind.as_str())) {
+                        tracing::warn!(
+                            file = %name, kind = %r.kind, namespace = %r.namespace, name = %r.name,
+                            "accepted and pushed, but this version of Palisade does not enforce this kind yet"
+                        );
+                    }
                     self.errors.remove(path);
                     self.good.insert(path.clone(), resources);
                 }

@@ -218,7 +218,7 @@ fn acceptance(kind: &str, status: &Result<(), String>) -> (&'static str, &'stati
     match status {
         Err(m) => ("False", "Invalid", m.clone()),
         // Said plainly, so nobody takes an accepted JWT or rate-limit rule for a protection.
-        Ok(()) if NOT_ENFORCED.contains(&kind) => (
+        Ok(()) if crate::control::resources::NOT_ENFORCED.contains(&kind) => (
             "True",
             "NotEnforced",
             format!("accepted and valid, but this version of Palisade does not enforce {kind} yet"),
@@ -226,9 +226,6 @@ fn acceptance(kind: &str, status: &Result<(), String>) -> (&'static str, &'stati
         Ok(()) => ("True", "Accepted", "accepted by the Palisade control plane".to_string()),
     }
 }
-
-/// Kinds the control plane validates and pushes but sidecars do not enforce yet.
-const NOT_ENFORCED: &[&str] = &["RequestAuthentication", "RateLimitPolicy"];
 
 fn accepted_condition(kind: &str, generation: i64, status: &Result<(), String>) -> Condition {
     let (s, reason, message) = acceptance(kind, status);
