@@ -47,7 +47,7 @@ def profile_section(out):
         return []
     lines = ["### Profile of the Palisade pair (5000 req/s, `perf record -F 999`)", ""]
     lines.append(
-        "Flat self-time profile of both sidecars together (release build, no frame pointers, "
+        "Flat self-time profile of both sidecars together (`dist` build, no frame pointers, "
         "so no inclusive call-graph figures); `[k]` = kernel. Buckets by symbol name:"
     )
     lines.append("")
