@@ -175,7 +175,7 @@ fn rbac_is_least_privilege() {
         (
             "admissionregistration.k8s.io",
             &["mutatingwebhookconfigurations"],
-            &["get", "update", "patch"],
+            &["get", "list", "watch", "update", "patch"],
             "palisade-sidecar-injector",
         ),
     ]);
@@ -245,47 +245,144 @@ fn the_control_plane_deployment_is_hardened_and_spread() {
     assert_eq!(pdb["spec"]["selector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
 }
 
+/// Whether a Kubernetes label selector (`matchLabels` and `matchExpressions`) selects `labels`;
+/// an absent selector selects everything, as in the API server.
+fn selects(selector: &Value, labels: &BTreeMap<&str, &str>) -> bool {
+    let labels_match = selector["matchLabels"]
+        .as_mapping()
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k.as_str().unwrap()).copied() == v.as_str());
+    let expressions_match = selector["matchExpressions"].as_sequence().into_iter().flatten().all(|e| {
+        let value = labels.get(text(e, &["key"])).copied();
+        let values = strings(&e["values"]);
+        match text(e, &["operator"]) {
+            "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
+            "NotIn" => value.is_none_or(|v| !values.iter().any(|x| x == v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            other => panic!("unknown selector operator {other}"),
+        }
+    });
+    labels_match && expressions_match
+}
+
+#[test]
+fn the_webhooks_see_each_pod_at_most_once_and_fail_closed_only_for_label_opt_ins() {
+    let objects = deploy_objects();
+    let config = find(&objects, "MutatingWebhookConfiguration", "palisade-sidecar-injector");
+    let webhooks = config["webhooks"].as_sequence().unwrap();
+    let names: Vec<_> = webhooks.iter().map(|h| text(h, &["name"])).collect();
+    assert_eq!(names, ["namespace.inject.palisade.io", "object.inject.palisade.io", "annotation.inject.palisade.io"]);
+
+    let cfg = palisade::k8s::inject::InjectConfig::default();
+    let settings = [None, Some("enabled"), Some("disabled")];
+    for namespace in ["shop", "kube-system", "palisade-system"] {
+        for ns_label in settings {
+            for pod_label in settings {
+                for pod_annotation in settings {
+                    let case = format!(
+                        "namespace {namespace} labelled {ns_label:?}, pod labelled {pod_label:?}, annotated {pod_annotation:?}"
+                    );
+                    let mut ns_labels = BTreeMap::from([("kubernetes.io/metadata.name", namespace)]);
+                    ns_labels.extend(ns_label.map(|v| ("palisade.io/inject", v)));
+                    let pod_labels: BTreeMap<_, _> = pod_label.map(|v| ("palisade.io/inject", v)).into_iter().collect();
+                    let seen_by: Vec<_> = webhooks
+                        .iter()
+                        .filter(|h| {
+                            selects(&h["namespaceSelector"], &ns_labels) && selects(&h["objectSelector"], &pod_labels)
+                        })
+                        .collect();
+                    assert!(seen_by.len() <= 1, "{case}: seen by {} webhooks", seen_by.len());
+
+                    let system = namespace != "shop";
+                    // The documented rule: the pod's label, else its annotation, else its namespace.
+                    let wanted = pod_label.or(pod_annotation).map_or(ns_label == Some("enabled"), |v| v == "enabled");
+                    // What a selector can see: a label, the pod's or else its namespace's.
+                    let asked_by_label = pod_label.or(ns_label) == Some("enabled");
+                    match seen_by.first() {
+                        None => assert!(
+                            system || pod_label == Some("disabled"),
+                            "{case}: only system namespaces and pods labelled out of the mesh go unseen"
+                        ),
+                        Some(hook) => {
+                            assert!(!system, "{case}: system namespaces are never sent to the webhook");
+                            let policy = text(hook, &["failurePolicy"]);
+                            assert_eq!(policy == "Fail", asked_by_label, "{case}: failurePolicy {policy}");
+                        }
+                    }
+                    if system {
+                        continue;
+                    }
+                    // What the webhook would not see must be what the injector would not inject,
+                    // so the selectors never change a decision, only who waits for it.
+                    let mut meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                        labels: Some(pod_labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                        annotations: Some(
+                            pod_annotation
+                                .map(|v| ("palisade.io/inject".to_string(), v.to_string()))
+                                .into_iter()
+                                .collect(),
+                        ),
+                        ..Default::default()
+                    };
+                    let mut spec = k8s_openapi::api::core::v1::PodSpec {
+                        containers: vec![k8s_openapi::api::core::v1::Container {
+                            name: "app".into(),
+                            image: Some("app:1".into()),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    };
+                    let ns_for_injector = ns_labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                    let outcome =
+                        palisade::k8s::inject::inject_pod_template(&mut meta, &mut spec, &ns_for_injector, &cfg, false)
+                            .unwrap_or_else(|e| panic!("{case}: {e}"));
+                    let injected = outcome == palisade::k8s::inject::Outcome::Injected;
+                    assert_eq!(injected, wanted, "{case}: {outcome}");
+                    if seen_by.is_empty() {
+                        assert!(!wanted, "{case}: no webhook sends the injector a pod that wants the mesh");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn the_webhook_reaches_the_control_plane_and_spares_system_namespaces() {
     let objects = deploy_objects();
     let config = find(&objects, "MutatingWebhookConfiguration", "palisade-sidecar-injector");
     let webhooks = config["webhooks"].as_sequence().unwrap();
-    assert_eq!(webhooks.len(), 1);
-    let hook = &webhooks[0];
-    assert_eq!(text(hook, &["name"]), "inject.palisade.io");
-    for (field, value) in [
-        ("failurePolicy", "Fail"),
-        ("sideEffects", "None"),
-        ("reinvocationPolicy", "Never"),
-        ("matchPolicy", "Equivalent"),
-    ] {
-        assert_eq!(text(hook, &[field]), value, "{field}");
+    assert_eq!(webhooks.len(), 3);
+    for hook in webhooks {
+        let name = text(hook, &["name"]);
+        for (field, value) in [("sideEffects", "None"), ("reinvocationPolicy", "Never"), ("matchPolicy", "Equivalent")]
+        {
+            assert_eq!(text(hook, &[field]), value, "{name}: {field}");
+        }
+        assert_eq!(hook["timeoutSeconds"], 5, "{name}");
+        assert_eq!(strings(&hook["admissionReviewVersions"]), ["v1"], "{name}");
+        let ca_bundle = &hook["clientConfig"]["caBundle"];
+        assert!(
+            ca_bundle.is_null() || ca_bundle == "",
+            "{name}: the control plane writes caBundle; a manifest value would wipe it"
+        );
+        let rule = &hook["rules"][0];
+        assert_eq!(hook["rules"].as_sequence().unwrap().len(), 1, "{name}");
+        assert_eq!(
+            (
+                strings(&rule["operations"]),
+                strings(&rule["apiGroups"]),
+                strings(&rule["apiVersions"]),
+                strings(&rule["resources"])
+            ),
+            (vec!["CREATE".to_string()], vec![String::new()], vec!["v1".to_string()], vec!["pods".to_string()]),
+            "{name}"
+        );
+        assert_eq!(hook["clientConfig"], webhooks[0]["clientConfig"], "{name}: one endpoint for all three");
     }
-    assert_eq!(hook["timeoutSeconds"], 5);
-    assert_eq!(strings(&hook["admissionReviewVersions"]), ["v1"]);
-    let ca_bundle = &hook["clientConfig"]["caBundle"];
-    assert!(
-        ca_bundle.is_null() || ca_bundle == "",
-        "the control plane writes caBundle; a manifest value would wipe it"
-    );
-
-    let rule = &hook["rules"][0];
-    assert_eq!(hook["rules"].as_sequence().unwrap().len(), 1);
-    assert_eq!(
-        (
-            strings(&rule["operations"]),
-            strings(&rule["apiGroups"]),
-            strings(&rule["apiVersions"]),
-            strings(&rule["resources"])
-        ),
-        (vec!["CREATE".to_string()], vec![String::new()], vec!["v1".to_string()], vec!["pods".to_string()])
-    );
-    let selector = &hook["namespaceSelector"]["matchExpressions"][0];
-    assert_eq!(text(selector, &["key"]), "kubernetes.io/metadata.name");
-    assert_eq!(text(selector, &["operator"]), "NotIn");
-    let excluded = strings(&selector["values"]);
-    assert!(excluded.contains(&"kube-system".into()) && excluded.contains(&"palisade-system".into()), "{excluded:?}");
-
+    let hook = &webhooks[0];
     // service palisade-control:443 -> the Deployment's webhook port -> `--webhook 0.0.0.0:15017`.
     let service_ref = &hook["clientConfig"]["service"];
     assert_eq!(

@@ -189,16 +189,21 @@ impl Cluster {
 
     /// `kubectl apply -f -` with `yaml`; returns (success, stdout + stderr).
     fn apply(&self, yaml: &str) -> (bool, String) {
+        self.kubectl_stdin(&["apply", "-f", "-"], yaml)
+    }
+
+    /// kubectl with `input` on stdin: success, and stdout followed by stderr.
+    fn kubectl_stdin(&self, args: &[&str], input: &str) -> (bool, String) {
         let mut child = Command::new(self.bin.join("kubectl"))
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
-            .args(["apply", "-f", "-"])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
         let out = child.wait_with_output().unwrap();
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         (out.status.success(), text)
@@ -656,7 +661,7 @@ async fn a_sidecar_moves_to_the_surviving_replica_and_keeps_receiving_updates() 
 async fn pods_in_an_enabled_namespace_are_injected_once_and_opted_out_pods_are_not() {
     let c = cluster();
     let dir = tempdir("k8s-inject");
-    let (cp, webhook) = control_plane(
+    let (mut cp, webhook) = control_plane(
         c,
         &dir,
         "cp-inject",
@@ -664,32 +669,53 @@ async fn pods_in_an_enabled_namespace_are_injected_once_and_opted_out_pods_are_n
         &["--webhook", "--webhook-config", "palisade-injector-test"],
     )
     .await;
-    // The webhook is reached by URL (no Service routing without kube-proxy); its caBundle is
-    // left empty here: the control plane fills it in with the mesh root.
+    // The shipped webhooks (deploy/webhook.yaml), reached by URL (no Service routing without
+    // kube-proxy) and confined to this test's namespaces; caBundle is left empty as shipped: the
+    // control plane fills it in with the mesh root.
+    let shipped: Value = serde_yaml::from_str(&std::fs::read_to_string(repo("deploy/webhook.yaml")).unwrap()).unwrap();
+    let mut webhooks = shipped["webhooks"].as_array().expect("deploy/webhook.yaml has webhooks").clone();
+    for hook in &mut webhooks {
+        hook["clientConfig"] = json!({"url": format!("https://{}/inject", webhook.unwrap())});
+        hook["namespaceSelector"]["matchExpressions"].as_array_mut().unwrap().push(json!(
+            {"key": "palisade-test/webhook", "operator": "In", "values": ["on"]}
+        ));
+    }
     let mwc = json!({
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": "palisade-injector-test"},
-        "webhooks": [{
-            "name": "inject.palisade.io",
-            "clientConfig": {"url": format!("https://{}/inject", webhook.unwrap())},
-            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
-            "namespaceSelector": {"matchExpressions": [{"key": "palisade-test/webhook", "operator": "In", "values": ["on"]}]},
-            "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": 5, "reinvocationPolicy": "Never",
-        }],
+        "webhooks": webhooks,
     });
     let (ok, out) = c.apply(&mwc.to_string());
     assert!(ok, "{out}");
     let root = std::fs::read_to_string(cp.root_pem_path()).unwrap();
-    wait_for("the control plane to publish its root as the webhook caBundle", Duration::from_secs(10), || async {
+    let want = vec![palisade::k8s::webhook::ca_bundle_base64(&root); webhooks.len()].join(" ");
+    wait_for("the control plane to publish its root as every webhook's caBundle", Duration::from_secs(10), || async {
         let b64 = c.kubectl(&[
             "get",
             "mutatingwebhookconfiguration",
             "palisade-injector-test",
             "-o",
-            "jsonpath={.webhooks[0].clientConfig.caBundle}",
+            "jsonpath={.webhooks[*].clientConfig.caBundle}",
         ]);
-        b64 == palisade::k8s::webhook::ca_bundle_base64(&root)
+        b64 == want
+    })
+    .await;
+    // Replaced by a tool that drops caBundle (as `kubectl replace` of the shipped file would):
+    // the control plane notices through its watch and writes it back.
+    let (ok, out) = c.kubectl_stdin(
+        &["replace", "-f", "-", "-o", "jsonpath={.webhooks[*].clientConfig.caBundle}"],
+        &mwc.to_string(),
+    );
+    assert!(ok && out.trim().is_empty(), "the replace stores no caBundle: {out}");
+    wait_for("the control plane to restore the wiped caBundle", Duration::from_secs(10), || async {
+        let b64 = c.kubectl(&[
+            "get",
+            "mutatingwebhookconfiguration",
+            "palisade-injector-test",
+            "-o",
+            "jsonpath={.webhooks[*].clientConfig.caBundle}",
+        ]);
+        b64 == want
     })
     .await;
     c.namespace("inj", &[("palisade.io/inject", "enabled"), ("palisade-test/webhook", "on")], &["default"]);
@@ -704,6 +730,11 @@ async fn pods_in_an_enabled_namespace_are_injected_once_and_opted_out_pods_are_n
                "metadata": {"name": name, "namespace": ns, "labels": {"app": name}, "annotations": annotations},
                "spec": spec})
         .to_string()
+    };
+    let labelled = |yaml: String, inject: &str| {
+        let mut pod: Value = serde_json::from_str(&yaml).unwrap();
+        pod["metadata"]["labels"]["palisade.io/inject"] = json!(inject);
+        pod.to_string()
     };
     let create = |yaml: String| {
         let (ok, out) = c.apply(&yaml);
@@ -761,12 +792,38 @@ async fn pods_in_an_enabled_namespace_are_injected_once_and_opted_out_pods_are_n
         assert!(p["metadata"]["annotations"].get("palisade.io/status").is_none(), "{ns}/{name}");
     }
     assert_eq!(init_names(&stored("plain", "p6")), ["palisade-init", "palisade-proxy"]);
+    // The pod label opts in and out as the annotation does.
+    create(labelled(pod("plain", "p8", json!({}), json!({})), "enabled"));
+    create(labelled(pod("inj", "p9", json!({}), json!({})), "disabled"));
+    assert_eq!(init_names(&stored("plain", "p8")), ["palisade-init", "palisade-proxy"]);
+    assert!(init_names(&stored("inj", "p9")).is_empty(), "a pod labelled disabled stays out");
 
     // An override that makes no sense is refused with its name, not silently dropped.
     let (ok, out) = c.apply(&pod("inj", "p7", json!({"palisade.io/exclude-inbound-ports": "eighty"}), json!({})));
     assert!(!ok, "a bad annotation must refuse the pod");
     assert!(out.contains("palisade.io/exclude-inbound-ports"), "{out}");
     assert!(c.kubectl_output(&["get", "pod", "p7", "-n", "inj"]).status.code() != Some(0), "p7 was not stored");
+
+    // The control plane goes away. A pod that asked for the mesh by label, its own or its
+    // namespace's, is refused rather than started without it; every other pod is created, so
+    // a mesh outage never blocks the rest of the cluster. An annotation alone cannot be
+    // selected on and fails open (deploy/webhook.yaml says so).
+    cp.proc.kill9();
+    for (ns, name, yaml, hook) in [
+        ("inj", "q1", pod("inj", "q1", json!({}), json!({})), "namespace.inject.palisade.io"),
+        ("plain", "q2", labelled(pod("plain", "q2", json!({}), json!({})), "enabled"), "object.inject.palisade.io"),
+    ] {
+        let (ok, out) = c.apply(&yaml);
+        assert!(!ok, "{ns}/{name} asked for the mesh and must not start without it");
+        assert!(out.contains(&format!("failed calling webhook \"{hook}\"")), "{ns}/{name}: {out}");
+        assert!(c.kubectl_output(&["get", "pod", name, "-n", ns]).status.code() != Some(0), "{ns}/{name} was stored");
+    }
+    create(pod("plain", "q3", json!({}), json!({})));
+    create(labelled(pod("inj", "q4", json!({}), json!({})), "disabled"));
+    create(pod("plain", "q5", json!({"palisade.io/inject": "enabled"}), json!({})));
+    for (ns, name) in [("plain", "q3"), ("inj", "q4"), ("plain", "q5")] {
+        assert!(init_names(&stored(ns, name)).is_empty(), "{ns}/{name} is created, uninjected");
+    }
 
     c.kubectl(&["delete", "mutatingwebhookconfiguration", "palisade-injector-test"]);
 }

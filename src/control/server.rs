@@ -211,27 +211,16 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         }));
         tokio::spawn(crate::k8s::webhook::serve(listener, serving.clone(), client.clone(), inject.clone()));
         // Keeps the injected roots and the webhook configuration's caBundle on the current
-        // trust bundle; a missing configuration is retried, so apply order does not matter.
+        // trust bundle; a configuration applied after the control plane starts is picked up.
         let (client, ca, name) = (client.clone(), ca.clone(), args.webhook_config.clone());
-        tokio::spawn(async move {
-            let mut synced = String::new();
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let pem = ca.load().bundle_pem().to_string();
-                if pem != inject.load().ca_bundle_pem {
-                    inject.rcu(|c| crate::k8s::inject::InjectConfig { ca_bundle_pem: pem.clone(), ..(**c).clone() });
-                }
-                if pem == synced {
-                    continue;
-                }
-                match crate::k8s::webhook::sync_ca_bundle(&client, &name, &pem).await {
-                    Ok(Some(_)) => synced = pem,
-                    Ok(None) => {} // not applied yet: look again next tick
-                    Err(e) => tracing::warn!(error = %e, config = %name, "cannot update the webhook caBundle"),
-                }
+        let roots = move || {
+            let pem = ca.load().bundle_pem().to_string();
+            if pem != inject.load().ca_bundle_pem {
+                inject.rcu(|c| crate::k8s::inject::InjectConfig { ca_bundle_pem: pem.clone(), ..(**c).clone() });
             }
-        });
+            pem
+        };
+        tokio::spawn(crate::k8s::webhook::keep_ca_bundle(client, name, roots));
         tracing::info!(%addr, "sidecar-injection webhook listening");
     }
     if let Some(dir) = args.resources.clone() {

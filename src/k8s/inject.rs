@@ -35,7 +35,10 @@ use overrides::ProxySettings;
 
 /// Annotations (and the namespace label) that steer injection.
 pub mod annotation {
-    /// Namespace label or pod annotation: `enabled` or `disabled`. The pod's annotation wins.
+    /// Namespace label, pod label or pod annotation: `enabled` or `disabled`. The pod's own
+    /// setting wins over its namespace's, and its label over its annotation. The label is what
+    /// the webhook configuration can select on, so only a label opt-in fails closed when the
+    /// control plane is down (see `deploy/webhook.yaml`).
     pub const INJECT: &str = "palisade.io/inject";
     /// Set to `injected` on every injected pod.
     pub const STATUS: &str = "palisade.io/status";
@@ -126,9 +129,9 @@ pub enum Outcome {
     Injected,
     /// The pod already carries the sidecar or `palisade.io/status: injected`; left untouched.
     AlreadyInjected,
-    /// The pod's annotation `palisade.io/inject: disabled` opts it out.
+    /// The pod's annotation or label `palisade.io/inject: disabled` opts it out.
     Disabled,
-    /// Neither the namespace label nor the pod's annotation asks for injection.
+    /// Neither the namespace label nor the pod's label or annotation asks for injection.
     NotEnabled,
     /// hostNetwork pods share the node's network namespace: redirecting it would capture the node.
     HostNetwork,
@@ -139,8 +142,10 @@ impl fmt::Display for Outcome {
         f.write_str(match self {
             Outcome::Injected => "injected",
             Outcome::AlreadyInjected => "already injected, left unchanged",
-            Outcome::Disabled => "not injected: annotation palisade.io/inject=disabled",
-            Outcome::NotEnabled => "not injected: neither the namespace label nor the pod annotation enables it",
+            Outcome::Disabled => "not injected: the pod sets palisade.io/inject=disabled",
+            Outcome::NotEnabled => {
+                "not injected: neither the namespace label nor the pod's label or annotation enables it"
+            }
             Outcome::HostNetwork => "not injected: hostNetwork pod",
         })
     }
@@ -155,6 +160,16 @@ pub enum InjectError {
     Annotation {
         /// The annotation's key.
         annotation: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The pod's `palisade.io/inject` label has a value injection cannot use.
+    #[error("label {label}={value:?} is invalid: {reason}")]
+    Label {
+        /// The label's key.
+        label: &'static str,
         /// Its value.
         value: String,
         /// What is wrong with it.
@@ -264,17 +279,24 @@ fn plan(
     if get(annotation::STATUS) == Some("injected") || all_containers().any(|c| c.name == PROXY_CONTAINER) {
         return Ok(Plan::Skip(Outcome::AlreadyInjected));
     }
-    let enabled = match get(annotation::INJECT) {
-        Some("disabled") => return Ok(Plan::Skip(Outcome::Disabled)),
-        Some("enabled") => true,
-        Some(other) => {
+    let label = meta.labels.as_ref().and_then(|l| l.get(annotation::INJECT)).map(String::as_str);
+    let expected = || "expected `enabled` or `disabled`".to_string();
+    // The label first: it is what the webhook configuration selects on, so only this order
+    // gives the same answer as the selectors in `deploy/webhook.yaml`.
+    let enabled = match (label, get(annotation::INJECT)) {
+        (Some("disabled"), _) | (None, Some("disabled")) => return Ok(Plan::Skip(Outcome::Disabled)),
+        (Some("enabled"), _) | (None, Some("enabled")) => true,
+        (Some(other), _) => {
+            return Err(InjectError::Label { label: annotation::INJECT, value: other.to_string(), reason: expected() });
+        }
+        (None, Some(other)) => {
             return Err(InjectError::Annotation {
                 annotation: annotation::INJECT,
                 value: other.to_string(),
-                reason: "expected `enabled` or `disabled`".to_string(),
+                reason: expected(),
             });
         }
-        None => force || namespace_labels.get(annotation::INJECT).map(String::as_str) == Some("enabled"),
+        (None, None) => force || namespace_labels.get(annotation::INJECT).map(String::as_str) == Some("enabled"),
     };
     if !enabled {
         return Ok(Plan::Skip(Outcome::NotEnabled));
@@ -803,6 +825,28 @@ mod tests {
             assert_eq!(inject(&mut p, &enabled_ns(), force).unwrap(), Outcome::Disabled);
             assert_eq!(p, before);
         }
+    }
+
+    #[test]
+    fn the_pod_label_opts_in_and_out_and_wins_over_the_annotation() {
+        let labelled = |value: &str, annotations: &[(&str, &str)]| {
+            let mut p = pod(annotations);
+            p.metadata.labels.as_mut().unwrap().insert(annotation::INJECT.to_string(), value.to_string());
+            p
+        };
+        let mut p = labelled("enabled", &[]);
+        assert_eq!(inject(&mut p, &BTreeMap::new(), false).unwrap(), Outcome::Injected);
+        let mut p = labelled("disabled", &[]);
+        assert_eq!(inject(&mut p, &enabled_ns(), true).unwrap(), Outcome::Disabled);
+        let mut p = labelled("enabled", &[(annotation::INJECT, "disabled")]);
+        assert_eq!(inject(&mut p, &BTreeMap::new(), false).unwrap(), Outcome::Injected);
+        let mut p = labelled("disabled", &[(annotation::INJECT, "enabled")]);
+        assert_eq!(inject(&mut p, &enabled_ns(), false).unwrap(), Outcome::Disabled);
+        let mut p = labelled("yes", &[]);
+        let before = p.clone();
+        let err = inject(&mut p, &enabled_ns(), false).unwrap_err().to_string();
+        assert_eq!(err, r#"label palisade.io/inject="yes" is invalid: expected `enabled` or `disabled`"#);
+        assert_eq!(p, before);
     }
 
     #[test]

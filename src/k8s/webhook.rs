@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::server::conn::http1;
@@ -17,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
 use rustls::ServerConfig;
 use rustls::server::NoServerSessionStorage;
 use tokio::net::TcpListener;
@@ -106,7 +108,54 @@ async fn handle(
     reply(StatusCode::OK, "application/json", out)
 }
 
-/// Keeps `caBundle` of every webhook in the named configuration equal to the mesh roots.
+/// Keeps the `caBundle` of every webhook in the configuration `name` equal to `roots()`: at
+/// start, within a second of the roots changing, and whenever the configuration is created or
+/// changed under it (a `kubectl replace`, a re-install, another tool dropping the field), which
+/// it learns from a watch on that one object. Runs until dropped.
+pub async fn keep_ca_bundle(client: kube::Client, name: String, roots: impl Fn() -> String + Send) {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let one = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut changes = std::pin::pin!(watcher(api, one).default_backoff().applied_objects());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut written, mut pending) = (String::new(), true);
+    let mut retry = (tokio::time::Instant::now(), Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            change = changes.next() => match change {
+                Some(Ok(config)) => pending |= !bundle_is(&config, &roots()),
+                Some(Err(e)) => tracing::warn!(error = %e, config = %name, "watching the webhook configuration"),
+                None => return,
+            },
+            _ = tick.tick() => {}
+        }
+        let pem = roots();
+        pending |= pem != written;
+        if !pending || tokio::time::Instant::now() < retry.0 {
+            continue;
+        }
+        match sync_ca_bundle(&client, &name, &pem).await {
+            // Absent: not applied yet, and the watch reports its creation.
+            Ok(_) => (written, pending, retry.1) = (pem, false, Duration::from_millis(500)),
+            // Another replica wrote it first: the watch brings its version to compare.
+            Err(kube::Error::Api(e)) if e.code == 409 => (written, pending) = (pem, false),
+            Err(e) => {
+                tracing::warn!(error = %e, config = %name, retry_in = ?retry.1, "cannot update the webhook caBundle");
+                retry = (tokio::time::Instant::now() + retry.1, (retry.1 * 2).min(Duration::from_secs(30)));
+            }
+        }
+    }
+}
+
+fn bundle_is(config: &MutatingWebhookConfiguration, pem: &str) -> bool {
+    config
+        .webhooks
+        .iter()
+        .flatten()
+        .all(|h| h.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()) == Some(pem.as_bytes()))
+}
+
+/// Sets the `caBundle` of every webhook in the named configuration to the mesh roots.
 /// Returns whether it changed anything, or `None` when the configuration does not exist (not
 /// an error: the control plane may run before it is applied).
 pub async fn sync_ca_bundle(client: &kube::Client, name: &str, bundle_pem: &str) -> Result<Option<bool>, kube::Error> {
