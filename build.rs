@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/palisade/discovery/v1/discovery.proto",
         "proto/palisade/telemetry/v1/telemetry.proto",
         "proto/palisade/admin/v1/admin.proto",
+        "proto/grpc/health/v1/health.proto",
     ];
     let fds = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;

@@ -17,3 +17,8 @@ pub mod telemetry {
 pub mod admin {
     tonic::include_proto!("palisade.admin.v1");
 }
+/// `grpc.health.v1`: the health protocol of Kubernetes' grpc probes, which the sidecar runs
+/// against the app for a rewritten probe.
+pub mod health {
+    tonic::include_proto!("grpc.health.v1");
+}

@@ -792,6 +792,21 @@ async fn pods_in_an_enabled_namespace_are_injected_once_and_opted_out_pods_are_n
         assert!(p["metadata"]["annotations"].get("palisade.io/status").is_none(), "{ns}/{name}");
     }
     assert_eq!(init_names(&stored("plain", "p6")), ["palisade-init", "palisade-proxy"]);
+    // A TCP probe would pass at the sidecar whatever the app does: it moves to the admin port,
+    // and the sidecar gets the original to run.
+    let tcp_probed = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p10", "namespace": "inj"},
+        "spec": {"containers": [{"name": "app", "image": "example/app:1",
+                                 "livenessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 3}}]}});
+    create(tcp_probed.to_string());
+    let p10 = stored("inj", "p10");
+    let live = &p10["spec"]["containers"][0]["livenessProbe"];
+    assert_eq!(live["httpGet"], json!({"path": "/app-health/app/livez", "port": 15020, "scheme": "HTTP"}), "{live}");
+    assert_eq!((live.get("tcpSocket"), &live["periodSeconds"]), (None, &json!(3)));
+    let env = p10["spec"]["initContainers"][1]["env"].as_array().unwrap();
+    let app_probes = env.iter().find(|e| e["name"] == "PALISADE_APP_PROBES").expect("the originals for the sidecar");
+    let originals: Value = serde_json::from_str(app_probes["value"].as_str().unwrap()).unwrap();
+    assert_eq!(originals["/app-health/app/livez"]["tcpSocket"]["port"], 8080);
+
     // The pod label opts in and out as the annotation does.
     create(labelled(pod("plain", "p8", json!({}), json!({})), "enabled"));
     create(labelled(pod("inj", "p9", json!({}), json!({})), "disabled"));

@@ -1,7 +1,7 @@
 //! Sidecar injection: the one code path behind the mutating webhook ([`admission_review`]) and
 //! `palisade inject` ([`inject_yaml`]).
 //!
-//! Injection only adds; it never edits what the pod already has:
+//! Injection adds, and edits only the app's probes that could not pass the sidecar:
 //! - `palisade-init` first in `initContainers`: `palisade init` installs the iptables redirect
 //!   (NET_ADMIN and NET_RAW, as root) and exits;
 //! - `palisade-proxy` right after it, as a native sidecar (an init container with
@@ -9,7 +9,11 @@
 //!   its startup probe on `/ready`, and it stops after the app, so Jobs still complete;
 //! - the projected token volume `palisade-token` (audience `palisade`) the sidecar certifies with,
 //!   and an `emptyDir` on `/run` for the iptables lock (the init container's root is read-only);
-//! - the annotation `palisade.io/status: injected`.
+//! - the annotation `palisade.io/status: injected`;
+//! - the app containers' TCP, gRPC and HTTPS probes become plain GETs of
+//!   `/app-health/<container>/<livez|readyz|startupz>` on the sidecar's admin port, and the
+//!   sidecar runs the originals against the app (`proxy::app_probe`); thresholds, periods and
+//!   timeouts are kept.
 //!
 //! Labels are left alone, so selectors and `pod-template-hash` are unaffected. A pod that has
 //! the `palisade-proxy` container or the status annotation is never injected again.
@@ -259,6 +263,8 @@ enum Plan {
 /// `palisade inject` keeps the user's key order).
 struct Additions {
     annotations: Vec<(String, String)>,
+    /// App probes replaced by a GET on the sidecar's admin port.
+    probes: Vec<ProbeRewrite>,
     /// Go in front of the pod's own init containers, in this order.
     init_containers: Vec<Container>,
     /// Go after the pod's own volumes.
@@ -322,9 +328,11 @@ fn plan(
     }
 
     let settings = ProxySettings::resolve(meta, cfg)?;
+    let probes = probe_rewrites(spec);
     Ok(Plan::Inject(Additions {
         annotations: vec![(annotation::STATUS.to_string(), "injected".to_string())],
-        init_containers: vec![init_container(&settings, cfg), proxy_container(&settings, meta, spec, cfg)],
+        init_containers: vec![init_container(&settings, cfg), proxy_container(&settings, meta, spec, &probes, cfg)],
+        probes,
         volumes: vec![token_volume(), xtables_lock_volume()],
     }))
 }
@@ -408,7 +416,77 @@ fn probe_endpoints(spec: &PodSpec) -> Vec<String> {
     out
 }
 
-fn proxy_container(s: &ProxySettings, meta: &ObjectMeta, spec: &PodSpec, cfg: &InjectConfig) -> Container {
+/// The probe fields of a container, with the name of their `/app-health/` path.
+const PROBE_FIELDS: [(&str, &str); 3] =
+    [("livenessProbe", "livez"), ("readinessProbe", "readyz"), ("startupProbe", "startupz")];
+
+/// One app probe the kubelet cannot run through the sidecar (see `proxy::app_probe`).
+struct ProbeRewrite {
+    /// Index in `spec.containers`.
+    container: usize,
+    /// `livenessProbe`, `readinessProbe` or `startupProbe`.
+    field: &'static str,
+    /// Its path on the admin port.
+    path: String,
+    /// The original, named ports resolved to numbers: what the sidecar runs.
+    original: Probe,
+}
+
+impl ProbeRewrite {
+    /// The handler that replaces the original's: everything else of the probe is kept.
+    fn handler(&self) -> HTTPGetAction {
+        HTTPGetAction {
+            path: Some(self.path.clone()),
+            port: IntOrString::Int(i32::from(ADMIN_PORT)),
+            scheme: Some("HTTP".to_string()),
+            ..Default::default()
+        }
+    }
+}
+
+/// The app containers' TCP, gRPC and HTTPS probes. Left alone: plain-HTTP probes (a STRICT port
+/// lets them through), exec probes (they run inside the container), probes with a `host` (they
+/// do not probe this pod) and probes on a named port the container does not declare.
+fn probe_rewrites(spec: &PodSpec) -> Vec<ProbeRewrite> {
+    let mut out = Vec::new();
+    for (index, c) in spec.containers.iter().enumerate() {
+        let resolve = |port: &IntOrString| match port {
+            IntOrString::Int(n) => Some(IntOrString::Int(*n)),
+            IntOrString::String(name) => c
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .map(|p| IntOrString::Int(p.container_port)),
+        };
+        let probes = [&c.liveness_probe, &c.readiness_probe, &c.startup_probe];
+        for (probe, (field, kind)) in probes.into_iter().zip(PROBE_FIELDS) {
+            let Some(probe) = probe else { continue };
+            let mut original = probe.clone();
+            let rewrite = if let Some(tcp) = &mut original.tcp_socket {
+                tcp.host.is_none() && resolve(&tcp.port).map(|p| tcp.port = p).is_some()
+            } else if let Some(get) = &mut original.http_get {
+                let https = get.scheme.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"));
+                https && get.host.is_none() && resolve(&get.port).map(|p| get.port = p).is_some()
+            } else {
+                original.grpc.is_some()
+            };
+            if rewrite {
+                let path = format!("/app-health/{}/{kind}", c.name);
+                out.push(ProbeRewrite { container: index, field, path, original });
+            }
+        }
+    }
+    out
+}
+
+fn proxy_container(
+    s: &ProxySettings,
+    meta: &ObjectMeta,
+    spec: &PodSpec,
+    rewrites: &[ProbeRewrite],
+    cfg: &InjectConfig,
+) -> Container {
     let mut args = strings(&[
         "--transparent",
         "--control",
@@ -443,6 +521,11 @@ fn proxy_container(s: &ProxySettings, meta: &ObjectMeta, spec: &PodSpec, cfg: &I
     let probes = probe_endpoints(spec);
     if !probes.is_empty() {
         env.push(value_env("PALISADE_PROBES", &probes.join(",")));
+    }
+    if !rewrites.is_empty() {
+        let originals: BTreeMap<&str, &Probe> = rewrites.iter().map(|r| (r.path.as_str(), &r.original)).collect();
+        let json = serde_json::to_string(&originals).expect("probes serialize");
+        env.push(value_env("PALISADE_APP_PROBES", &json));
     }
 
     let uid = i64::from(cfg.proxy_uid);
@@ -554,6 +637,18 @@ fn strings(items: &[&str]) -> Vec<String> {
 
 impl Additions {
     fn apply(self, meta: &mut ObjectMeta, spec: &mut PodSpec) {
+        for rewrite in &self.probes {
+            let c = &mut spec.containers[rewrite.container];
+            let probe = match rewrite.field {
+                "livenessProbe" => &mut c.liveness_probe,
+                "readinessProbe" => &mut c.readiness_probe,
+                _ => &mut c.startup_probe,
+            };
+            if let Some(probe) = probe {
+                (probe.tcp_socket, probe.grpc, probe.exec) = (None, None, None);
+                probe.http_get = Some(rewrite.handler());
+            }
+        }
         meta.annotations.get_or_insert_default().extend(self.annotations);
         spec.init_containers.get_or_insert_default().splice(0..0, self.init_containers);
         spec.volumes.get_or_insert_default().extend(self.volumes);
@@ -578,6 +673,20 @@ impl Additions {
             annotations.insert(k.clone(), Value::String(v.clone()));
         }
         let spec = child(object, "spec", Value::Object(Map::new()))?;
+        for rewrite in &self.probes {
+            let at = format!("spec.containers[{}].{}", rewrite.container, rewrite.field);
+            let probe = spec
+                .get_mut("containers")
+                .and_then(|c| c.get_mut(rewrite.container))
+                .and_then(|c| c.get_mut(rewrite.field))
+                .and_then(Value::as_object_mut)
+                .ok_or_else(|| malformed(&at, "expected a probe"))?;
+            for handler in ["tcpSocket", "grpc", "httpGet", "exec"] {
+                probe.remove(handler);
+            }
+            probe
+                .insert("httpGet".to_string(), serde_json::to_value(rewrite.handler()).map_err(|e| malformed(&at, e))?);
+        }
         let new = to_json(&self.init_containers)?;
         child(spec, "initContainers", Value::Array(Vec::new()))?
             .as_array_mut()
@@ -613,6 +722,22 @@ impl Additions {
             annotations.insert(Value::String(k.clone()), Value::String(v.clone()));
         }
         let spec = child(object, "spec", Value::Mapping(Mapping::new()))?;
+        for rewrite in &self.probes {
+            let at = format!("spec.containers[{}].{}", rewrite.container, rewrite.field);
+            let probe = spec
+                .get_mut("containers")
+                .and_then(|c| c.get_mut(rewrite.container))
+                .and_then(|c| c.get_mut(rewrite.field))
+                .and_then(Value::as_mapping_mut)
+                .ok_or_else(|| malformed(&at, "expected a probe"))?;
+            for handler in ["tcpSocket", "grpc", "httpGet", "exec"] {
+                probe.remove(handler);
+            }
+            probe.insert(
+                Value::String("httpGet".to_string()),
+                serde_yaml::to_value(rewrite.handler()).map_err(|e| malformed(&at, e))?,
+            );
+        }
         let new = to_yaml(&self.init_containers)?;
         child(spec, "initContainers", Value::Sequence(Vec::new()))?
             .as_sequence_mut()
@@ -847,6 +972,53 @@ mod tests {
         let err = inject(&mut p, &enabled_ns(), false).unwrap_err().to_string();
         assert_eq!(err, r#"label palisade.io/inject="yes" is invalid: expected `enabled` or `disabled`"#);
         assert_eq!(p, before);
+    }
+
+    #[test]
+    fn tcp_grpc_and_https_probes_move_to_the_sidecar_and_the_rest_stay() {
+        let mut p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop"},
+            "spec": {"containers": [
+                {"name": "app", "image": "web:1", "ports": [{"name": "tls", "containerPort": 8443}],
+                 "livenessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 7, "failureThreshold": 5, "timeoutSeconds": 3},
+                 "readinessProbe": {"grpc": {"port": 9090, "service": "shop"}},
+                 "startupProbe": {"httpGet": {"port": "tls", "path": "/healthz", "scheme": "HTTPS"}}},
+                {"name": "side", "image": "side:1",
+                 "livenessProbe": {"httpGet": {"port": 8081, "path": "/live"}},
+                 "readinessProbe": {"exec": {"command": ["true"]}},
+                 "startupProbe": {"tcpSocket": {"port": 8082, "host": "10.0.0.9"}}},
+                {"name": "unnamed", "image": "u:1", "livenessProbe": {"tcpSocket": {"port": "nope"}}},
+            ]}
+        }))
+        .unwrap();
+        let before = p.clone();
+        assert_eq!(inject(&mut p, &enabled_ns(), false).unwrap(), Outcome::Injected);
+        let containers = &p.spec.as_ref().unwrap().containers;
+        let get = |probe: &Option<Probe>| probe.as_ref().unwrap().http_get.clone().unwrap();
+        let app = &containers[0];
+        for (probe, path) in [
+            (&app.liveness_probe, "/app-health/app/livez"),
+            (&app.readiness_probe, "/app-health/app/readyz"),
+            (&app.startup_probe, "/app-health/app/startupz"),
+        ] {
+            assert_eq!(get(probe).path.as_deref(), Some(path));
+            assert_eq!(get(probe).port, IntOrString::Int(15020));
+            let p = probe.as_ref().unwrap();
+            assert!(p.tcp_socket.is_none() && p.grpc.is_none(), "{path}: one handler");
+        }
+        let live = app.liveness_probe.as_ref().unwrap();
+        assert_eq!((live.period_seconds, live.failure_threshold, live.timeout_seconds), (Some(7), Some(5), Some(3)));
+        let untouched = &before.spec.as_ref().unwrap().containers;
+        assert_eq!(containers[1], untouched[1], "HTTP, exec and other-host probes stay");
+        assert_eq!(containers[2], untouched[2], "a probe on an undeclared named port stays");
+
+        let env = env(sidecar(&p), "PALISADE_APP_PROBES").unwrap().value.clone().unwrap();
+        let probes = crate::proxy::app_probe::parse(&env).unwrap();
+        let paths: Vec<_> = probes.paths().collect();
+        assert_eq!(paths, ["/app-health/app/livez", "/app-health/app/readyz", "/app-health/app/startupz"]);
+        let originals: BTreeMap<String, serde_json::Value> = serde_json::from_str(&env).unwrap();
+        assert_eq!(originals["/app-health/app/startupz"]["httpGet"]["port"], 8443, "named port resolved");
+        assert_eq!(originals["/app-health/app/livez"]["timeoutSeconds"], 3, "the sidecar keeps the timeout");
     }
 
     #[test]

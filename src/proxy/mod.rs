@@ -1,5 +1,6 @@
 //! `palisade proxy`: the sidecar.
 
+pub mod app_probe;
 pub mod detect;
 pub mod http;
 pub mod inbound;
@@ -99,6 +100,12 @@ pub struct ProxyArgs {
     /// HEAD of exactly that path, nothing else (repeatable; the injector sets PALISADE_PROBES).
     #[arg(long = "probe", env = "PALISADE_PROBES", value_delimiter = ',', value_name = "PORT/PATH", value_parser = parse_probe)]
     pub probes: Vec<(u16, String)>,
+    /// The app's TCP, gRPC and HTTPS kubelet probes, which the injector rewrites to
+    /// `GET /app-health/<container>/<kind>` on the admin port: a JSON map from that path to the
+    /// original probe. The sidecar runs the original against the app on 127.0.0.1 and answers
+    /// 200 or 503, so the probe proves the app is up, not the sidecar.
+    #[arg(long, env = "PALISADE_APP_PROBES", value_name = "JSON", value_parser = app_probe::parse)]
+    pub app_probes: Option<app_probe::AppProbes>,
     /// Time allowed for an inbound mTLS handshake.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
@@ -196,6 +203,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         let shutdown = shutdown.clone();
         let view = view.clone();
         let discovery_status = discovery_status.clone();
+        let app_probes = Arc::new(args.app_probes.clone().unwrap_or_default());
         let dump = serde_json::json!({
             "inbound": args.inbound,
             "app": args.app,
@@ -203,6 +211,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             "control": args.control,
             "trust_domain": args.trust_domain,
             "limits": args.limits,
+            "app_probes": args.app_probes.as_ref().map(|p| p.paths().collect::<Vec<_>>()),
         });
         admin::spawn_on_own_runtime(admin_listener, move |req: AdminRequest| {
             let manager = manager.clone();
@@ -210,9 +219,18 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             let shutdown = shutdown.clone();
             let view = view.clone();
             let discovery_status = discovery_status.clone();
+            let app_probes = app_probes.clone();
             let mut dump = dump.clone();
             async move {
                 match (req.method.clone(), req.path.as_str()) {
+                    (_, path) if path.starts_with(app_probe::PATH_PREFIX) => match app_probes.run(path).await {
+                        None => admin::respond(StatusCode::NOT_FOUND, "text/plain", "no such app probe\n"),
+                        Some(Ok(())) => admin::respond(StatusCode::OK, "text/plain", "ok\n"),
+                        Some(Err(e)) => {
+                            tracing::debug!(probe = path, error = %e, "app probe failed");
+                            admin::respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{e}\n"))
+                        }
+                    },
                     (_, "/live") => admin::respond(StatusCode::OK, "text/plain", "ok\n"),
                     (_, "/ready") if !manager.ready() => admin::respond(
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -164,7 +164,13 @@ mod tests {
                 "annotations": annotations,
             },
             "spec": {
-                "containers": [{"name": "app", "image": "shop/web:1", "resources": {}, "aFutureField": {"x": 1}}],
+                "containers": [{
+                    "name": "app", "image": "shop/web:1", "resources": {}, "aFutureField": {"x": 1},
+                    "ports": [{"name": "tls", "containerPort": 8443}],
+                    "livenessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 7, "aFutureProbeField": 2},
+                    "readinessProbe": {"grpc": {"port": 9090}},
+                    "startupProbe": {"httpGet": {"port": "tls", "path": "/healthz", "scheme": "HTTPS"}},
+                }],
                 "serviceAccountName": "web",
                 "aFuturePodField": true,
             },
@@ -232,6 +238,11 @@ mod tests {
         // ...and what the typed model does not know is kept, not rewritten.
         assert_eq!(patched["spec"]["aFuturePodField"], true);
         assert_eq!(patched["spec"]["containers"][0]["aFutureField"], json!({"x": 1}));
+        assert_eq!(
+            patched["spec"]["containers"][0]["livenessProbe"],
+            json!({"httpGet": {"path": "/app-health/app/livez", "port": 15020, "scheme": "HTTP"}, "periodSeconds": 7, "aFutureProbeField": 2}),
+            "the probe is rewritten in place"
+        );
         assert_eq!(patched["metadata"]["creationTimestamp"], Value::Null);
         assert_eq!(patched["metadata"]["labels"], original["metadata"]["labels"]);
     }

@@ -225,6 +225,31 @@ items:
     }
 
     #[test]
+    fn probes_are_rewritten_in_files_too() {
+        let file = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  template:
+    spec:
+      containers:
+        - name: app
+          image: web:1
+          livenessProbe:
+            tcpSocket: {port: 8080}
+            periodSeconds: 4
+"#;
+        let out = inject_yaml(file, &InjectConfig::default()).unwrap();
+        let doc = &documents(&out)[0];
+        let probe = &doc["spec"]["template"]["spec"]["containers"][0]["livenessProbe"];
+        assert_eq!(probe["httpGet"]["path"].as_str(), Some("/app-health/app/livez"), "{out}");
+        assert_eq!(probe["httpGet"]["port"].as_u64(), Some(15020));
+        assert!(probe.get("tcpSocket").is_none(), "{out}");
+        assert_eq!(probe["periodSeconds"].as_u64(), Some(4));
+    }
+
+    #[test]
     fn injecting_the_output_again_changes_nothing() {
         let once = inject_yaml(FILE, &InjectConfig::default()).unwrap();
         assert_eq!(inject_yaml(&once, &InjectConfig::default()).unwrap(), once);
