@@ -689,15 +689,17 @@ async fn pods_in_an_enabled_namespace_are_injected_once_and_opted_out_pods_are_n
     assert!(ok, "{out}");
     let root = std::fs::read_to_string(cp.root_pem_path()).unwrap();
     let want = vec![palisade::k8s::webhook::ca_bundle_base64(&root); webhooks.len()].join(" ");
-    wait_for("the control plane to publish its root as every webhook's caBundle", Duration::from_secs(10), || async {
-        let b64 = c.kubectl(&[
+    let ca_bundles = || {
+        c.kubectl(&[
             "get",
             "mutatingwebhookconfiguration",
             "palisade-injector-test",
             "-o",
             "jsonpath={.webhooks[*].clientConfig.caBundle}",
-        ]);
-        b64 == want
+        ])
+    };
+    wait_for("the control plane to publish its root as every webhook's caBundle", Duration::from_secs(10), || async {
+        ca_bundles() == want
     })
     .await;
     // Replaced by a tool that drops caBundle (as `kubectl replace` of the shipped file would):
@@ -708,14 +710,7 @@ async fn pods_in_an_enabled_namespace_are_injected_once_and_opted_out_pods_are_n
     );
     assert!(ok && out.trim().is_empty(), "the replace stores no caBundle: {out}");
     wait_for("the control plane to restore the wiped caBundle", Duration::from_secs(10), || async {
-        let b64 = c.kubectl(&[
-            "get",
-            "mutatingwebhookconfiguration",
-            "palisade-injector-test",
-            "-o",
-            "jsonpath={.webhooks[*].clientConfig.caBundle}",
-        ]);
-        b64 == want
+        ca_bundles() == want
     })
     .await;
     c.namespace("inj", &[("palisade.io/inject", "enabled"), ("palisade-test/webhook", "on")], &["default"]);
