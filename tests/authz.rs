@@ -61,6 +61,8 @@ struct Shop {
     orders: Sidecar,
     web: String,
     batch: String,
+    /// The callers' sidecars: dropped (killed) with the fixture.
+    _callers: (Sidecar, Sidecar),
 }
 
 fn write_atomically(path: &Path, text: &str) {
@@ -83,7 +85,6 @@ async fn shop(default_policy: &str) -> Shop {
     let target = orders.inbound.unwrap();
     let web = Sidecar::start(&cp, "web", None, &[format!("{web_route}={target}@{}", id("orders"))]).await;
     let batch = Sidecar::start(&cp, "batch", None, &[format!("{batch_route}={target}@{}", id("orders"))]).await;
-    std::mem::forget((web, batch)); // kept alive until the test process ends; see Drop of Proc
     Shop {
         _dir: dir,
         cp,
@@ -92,6 +93,7 @@ async fn shop(default_policy: &str) -> Shop {
         orders,
         web: format!("http://{web_route}"),
         batch: format!("http://{batch_route}"),
+        _callers: (web, batch),
     }
 }
 
