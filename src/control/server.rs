@@ -202,25 +202,18 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
             anyhow::bail!("--webhook needs --kubernetes: injection reads namespace labels from the API server");
         };
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding webhook {addr}"))?;
-        let inject = Arc::new(ArcSwap::from_pointee(crate::k8s::inject::InjectConfig {
+        let inject = crate::k8s::inject::InjectConfig {
             image: args.proxy_image.clone(),
             control_addr: args.inject_control.clone().unwrap_or_else(|| format!("{svc}:{}", args.listen.port())),
             trust_domain: args.trust_domain.clone(),
-            ca_bundle_pem: ca.load().bundle_pem().to_string(),
             ..Default::default()
-        }));
-        tokio::spawn(crate::k8s::webhook::serve(listener, serving.clone(), client.clone(), inject.clone()));
-        // Keeps the injected roots and the webhook configuration's caBundle on the current
-        // trust bundle; a configuration applied after the control plane starts is picked up.
-        let (client, ca, name) = (client.clone(), ca.clone(), args.webhook_config.clone());
-        let roots = move || {
-            let pem = ca.load().bundle_pem().to_string();
-            if pem != inject.load().ca_bundle_pem {
-                inject.rcu(|c| crate::k8s::inject::InjectConfig { ca_bundle_pem: pem.clone(), ..(**c).clone() });
-            }
-            pem
         };
-        tokio::spawn(crate::k8s::webhook::keep_ca_bundle(client, name, roots));
+        // The current trust bundle, read where it is used: injected pods get the roots of the
+        // moment, and the keeper writes them into the webhook configuration's caBundle.
+        let ca = ca.clone();
+        let roots: crate::k8s::webhook::Roots = Arc::new(move || ca.load().bundle_pem().to_string());
+        tokio::spawn(crate::k8s::webhook::serve(listener, serving.clone(), client.clone(), inject, roots.clone()));
+        tokio::spawn(crate::k8s::webhook::keep_ca_bundle(client.clone(), args.webhook_config.clone(), roots));
         tracing::info!(%addr, "sidecar-injection webhook listening");
     }
     if let Some(dir) = args.resources.clone() {

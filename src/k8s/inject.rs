@@ -390,15 +390,7 @@ fn probe_endpoints(spec: &PodSpec) -> Vec<String> {
             if get.scheme.as_deref().is_some_and(|s| !s.eq_ignore_ascii_case("HTTP")) {
                 continue;
             }
-            let port = match &get.port {
-                IntOrString::Int(n) => u16::try_from(*n).ok(),
-                IntOrString::String(name) => c
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|p| p.name.as_deref() == Some(name.as_str()))
-                    .and_then(|p| u16::try_from(p.container_port).ok()),
-            };
+            let port = port_number(c, &get.port).and_then(|n| u16::try_from(n).ok());
             let path = get.path.as_deref().unwrap_or("/");
             let path = path.split('?').next().unwrap_or("/");
             if let Some(port) = port
@@ -416,16 +408,67 @@ fn probe_endpoints(spec: &PodSpec) -> Vec<String> {
     out
 }
 
-/// The probe fields of a container, with the name of their `/app-health/` path.
-const PROBE_FIELDS: [(&str, &str); 3] =
-    [("livenessProbe", "livez"), ("readinessProbe", "readyz"), ("startupProbe", "startupz")];
+/// A probe's port as a number: a named port is looked up among the container's ports.
+fn port_number(c: &Container, port: &IntOrString) -> Option<i32> {
+    match port {
+        IntOrString::Int(n) => Some(*n),
+        IntOrString::String(name) => {
+            c.ports.iter().flatten().find(|p| p.name.as_deref() == Some(name.as_str())).map(|p| p.container_port)
+        }
+    }
+}
+
+/// The three probes of a container.
+#[derive(Debug, Clone, Copy)]
+enum ProbeKind {
+    Liveness,
+    Readiness,
+    Startup,
+}
+
+impl ProbeKind {
+    const ALL: [ProbeKind; 3] = [ProbeKind::Liveness, ProbeKind::Readiness, ProbeKind::Startup];
+
+    /// The container's field, as in the API.
+    fn field(self) -> &'static str {
+        match self {
+            ProbeKind::Liveness => "livenessProbe",
+            ProbeKind::Readiness => "readinessProbe",
+            ProbeKind::Startup => "startupProbe",
+        }
+    }
+
+    /// The last segment of its `/app-health/` path.
+    fn path_name(self) -> &'static str {
+        match self {
+            ProbeKind::Liveness => "livez",
+            ProbeKind::Readiness => "readyz",
+            ProbeKind::Startup => "startupz",
+        }
+    }
+
+    fn of(self, c: &Container) -> Option<&Probe> {
+        match self {
+            ProbeKind::Liveness => c.liveness_probe.as_ref(),
+            ProbeKind::Readiness => c.readiness_probe.as_ref(),
+            ProbeKind::Startup => c.startup_probe.as_ref(),
+        }
+    }
+
+    fn of_mut(self, c: &mut Container) -> Option<&mut Probe> {
+        match self {
+            ProbeKind::Liveness => c.liveness_probe.as_mut(),
+            ProbeKind::Readiness => c.readiness_probe.as_mut(),
+            ProbeKind::Startup => c.startup_probe.as_mut(),
+        }
+    }
+}
 
 /// One app probe the kubelet cannot run through the sidecar (see `proxy::app_probe`).
 struct ProbeRewrite {
     /// Index in `spec.containers`.
     container: usize,
-    /// `livenessProbe`, `readinessProbe` or `startupProbe`.
-    field: &'static str,
+    kind: ProbeKind,
     /// Its path on the admin port.
     path: String,
     /// The original, named ports resolved to numbers: what the sidecar runs.
@@ -442,7 +485,15 @@ impl ProbeRewrite {
             ..Default::default()
         }
     }
+
+    /// Where it is, for errors: `spec.containers[0].livenessProbe`.
+    fn at(&self) -> String {
+        format!("spec.containers[{}].{}", self.container, self.kind.field())
+    }
 }
+
+/// The probe handlers a rewrite removes before it sets `httpGet`.
+const PROBE_HANDLERS: [&str; 4] = ["tcpSocket", "grpc", "httpGet", "exec"];
 
 /// The app containers' TCP, gRPC and HTTPS probes. Left alone: plain-HTTP probes (a STRICT port
 /// lets them through), exec probes (they run inside the container), probes with a `host` (they
@@ -450,30 +501,20 @@ impl ProbeRewrite {
 fn probe_rewrites(spec: &PodSpec) -> Vec<ProbeRewrite> {
     let mut out = Vec::new();
     for (index, c) in spec.containers.iter().enumerate() {
-        let resolve = |port: &IntOrString| match port {
-            IntOrString::Int(n) => Some(IntOrString::Int(*n)),
-            IntOrString::String(name) => c
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.as_deref() == Some(name.as_str()))
-                .map(|p| IntOrString::Int(p.container_port)),
-        };
-        let probes = [&c.liveness_probe, &c.readiness_probe, &c.startup_probe];
-        for (probe, (field, kind)) in probes.into_iter().zip(PROBE_FIELDS) {
-            let Some(probe) = probe else { continue };
-            let mut original = probe.clone();
+        for kind in ProbeKind::ALL {
+            let Some(mut original) = kind.of(c).cloned() else { continue };
+            let resolved = |port: &mut IntOrString| port_number(c, port).map(|n| *port = IntOrString::Int(n)).is_some();
             let rewrite = if let Some(tcp) = &mut original.tcp_socket {
-                tcp.host.is_none() && resolve(&tcp.port).map(|p| tcp.port = p).is_some()
+                tcp.host.is_none() && resolved(&mut tcp.port)
             } else if let Some(get) = &mut original.http_get {
                 let https = get.scheme.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"));
-                https && get.host.is_none() && resolve(&get.port).map(|p| get.port = p).is_some()
+                https && get.host.is_none() && resolved(&mut get.port)
             } else {
                 original.grpc.is_some()
             };
             if rewrite {
-                let path = format!("/app-health/{}/{kind}", c.name);
-                out.push(ProbeRewrite { container: index, field, path, original });
+                let path = format!("/app-health/{}/{}", c.name, kind.path_name());
+                out.push(ProbeRewrite { container: index, kind, path, original });
             }
         }
     }
@@ -638,13 +679,7 @@ fn strings(items: &[&str]) -> Vec<String> {
 impl Additions {
     fn apply(self, meta: &mut ObjectMeta, spec: &mut PodSpec) {
         for rewrite in &self.probes {
-            let c = &mut spec.containers[rewrite.container];
-            let probe = match rewrite.field {
-                "livenessProbe" => &mut c.liveness_probe,
-                "readinessProbe" => &mut c.readiness_probe,
-                _ => &mut c.startup_probe,
-            };
-            if let Some(probe) = probe {
+            if let Some(probe) = rewrite.kind.of_mut(&mut spec.containers[rewrite.container]) {
                 (probe.tcp_socket, probe.grpc, probe.exec) = (None, None, None);
                 probe.http_get = Some(rewrite.handler());
             }
@@ -674,14 +709,14 @@ impl Additions {
         }
         let spec = child(object, "spec", Value::Object(Map::new()))?;
         for rewrite in &self.probes {
-            let at = format!("spec.containers[{}].{}", rewrite.container, rewrite.field);
+            let at = rewrite.at();
             let probe = spec
                 .get_mut("containers")
                 .and_then(|c| c.get_mut(rewrite.container))
-                .and_then(|c| c.get_mut(rewrite.field))
+                .and_then(|c| c.get_mut(rewrite.kind.field()))
                 .and_then(Value::as_object_mut)
                 .ok_or_else(|| malformed(&at, "expected a probe"))?;
-            for handler in ["tcpSocket", "grpc", "httpGet", "exec"] {
+            for handler in PROBE_HANDLERS {
                 probe.remove(handler);
             }
             probe
@@ -723,14 +758,14 @@ impl Additions {
         }
         let spec = child(object, "spec", Value::Mapping(Mapping::new()))?;
         for rewrite in &self.probes {
-            let at = format!("spec.containers[{}].{}", rewrite.container, rewrite.field);
+            let at = rewrite.at();
             let probe = spec
                 .get_mut("containers")
                 .and_then(|c| c.get_mut(rewrite.container))
-                .and_then(|c| c.get_mut(rewrite.field))
+                .and_then(|c| c.get_mut(rewrite.kind.field()))
                 .and_then(Value::as_mapping_mut)
                 .ok_or_else(|| malformed(&at, "expected a probe"))?;
-            for handler in ["tcpSocket", "grpc", "httpGet", "exec"] {
+            for handler in PROBE_HANDLERS {
                 probe.remove(handler);
             }
             probe.insert(

@@ -43,18 +43,25 @@ fn tls_config(certs: Arc<CertStore>) -> Arc<ServerConfig> {
     Arc::new(cfg)
 }
 
-/// Serves `POST /inject` on `listener` until the task is dropped.
+/// The mesh's current trust roots (PEM).
+pub type Roots = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Serves `POST /inject` on `listener` until the task is dropped. Injected sidecars get
+/// `config` with the roots of the moment.
 pub async fn serve(
     listener: TcpListener,
     certs: Arc<CertStore>,
     client: kube::Client,
-    config: Arc<arc_swap::ArcSwap<InjectConfig>>,
+    config: InjectConfig,
+    roots: Roots,
 ) {
+    let config = Arc::new(config);
     let acceptor = TlsAcceptor::from(tls_config(certs));
     let namespaces: Api<Namespace> = Api::all(client);
     loop {
         let Ok((tcp, peer)) = listener.accept().await else { continue };
-        let (acceptor, namespaces, config) = (acceptor.clone(), namespaces.clone(), config.clone());
+        let (acceptor, namespaces, config, roots) =
+            (acceptor.clone(), namespaces.clone(), config.clone(), roots.clone());
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
@@ -62,7 +69,8 @@ pub async fn serve(
                 Err(_) => return tracing::info!(%peer, "webhook TLS handshake timed out"),
             };
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let (namespaces, config) = (namespaces.clone(), config.clone());
+                let (namespaces, config) =
+                    (namespaces.clone(), InjectConfig { ca_bundle_pem: roots(), ..(*config).clone() });
                 async move { Ok::<_, Infallible>(handle(req, &namespaces, &config).await) }
             });
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
@@ -81,7 +89,7 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
 async fn handle(
     req: http::Request<hyper::body::Incoming>,
     namespaces: &Api<Namespace>,
-    config: &arc_swap::ArcSwap<InjectConfig>,
+    config: &InjectConfig,
 ) -> Response<Full<Bytes>> {
     if req.method() != Method::POST || req.uri().path() != "/inject" {
         return reply(StatusCode::NOT_FOUND, "text/plain", "POST /inject only\n");
@@ -104,7 +112,7 @@ async fn handle(
         },
         None => BTreeMap::new(),
     };
-    let out = admission_review(&body, &labels, &config.load());
+    let out = admission_review(&body, &labels, config);
     reply(StatusCode::OK, "application/json", out)
 }
 
@@ -112,7 +120,7 @@ async fn handle(
 /// start, within a second of the roots changing, and whenever the configuration is created or
 /// changed under it (a `kubectl replace`, a re-install, another tool dropping the field), which
 /// it learns from a watch on that one object. Runs until dropped.
-pub async fn keep_ca_bundle(client: kube::Client, name: String, roots: impl Fn() -> String + Send) {
+pub async fn keep_ca_bundle(client: kube::Client, name: String, roots: Roots) {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let one = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut changes = std::pin::pin!(watcher(api, one).default_backoff().applied_objects());

@@ -30,33 +30,34 @@ use crate::proto::health::{HealthCheckRequest, health_client::HealthClient};
 /// Where the rewritten probes live on the admin port.
 pub const PATH_PREFIX: &str = "/app-health/";
 
-/// The app's original probes by admin path, as `PALISADE_APP_PROBES` gives them.
+/// The app's probes by admin path, validated once from `PALISADE_APP_PROBES`.
 #[derive(Debug, Clone, Default)]
-pub struct AppProbes(BTreeMap<String, Probe>);
+pub struct AppProbes(BTreeMap<String, (Check, Duration)>);
 
 /// Parses `PALISADE_APP_PROBES`: a JSON map from `/app-health/...` paths to Kubernetes probes,
-/// each a `tcpSocket`, a `grpc` or an `httpGet` with scheme HTTPS, with a numeric port.
+/// each a `tcpSocket`, a `grpc` or an `httpGet` with scheme HTTPS, with a numeric port. The
+/// probe's own `timeoutSeconds` (the kubelet's default 1 s when unset) bounds each run.
 pub fn parse(json: &str) -> Result<AppProbes, String> {
     let probes: BTreeMap<String, Probe> =
         serde_json::from_str(json).map_err(|e| format!("expected a JSON map from path to Kubernetes probe: {e}"))?;
-    for (path, probe) in &probes {
+    let mut out = BTreeMap::new();
+    for (path, probe) in probes {
         if !path.starts_with(PATH_PREFIX) {
             return Err(format!("{path}: expected a path under {PATH_PREFIX}"));
         }
-        Check::of(probe).map_err(|e| format!("{path}: {e}"))?;
+        let check = Check::of(&probe).map_err(|e| format!("{path}: {e}"))?;
+        let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1).unsigned_abs().into());
+        out.insert(path, (check, timeout));
     }
-    Ok(AppProbes(probes))
+    Ok(AppProbes(out))
 }
 
 impl AppProbes {
-    /// Runs the probe served at `path` against the app; `None` when there is none. The probe's
-    /// own `timeoutSeconds` (the kubelet's default 1 s when unset) bounds it.
+    /// Runs the probe served at `path` against the app; `None` when there is none.
     pub async fn run(&self, path: &str) -> Option<Result<(), String>> {
-        let probe = self.0.get(path)?;
-        let check = Check::of(probe).expect("validated when parsed");
-        let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1).unsigned_abs().into());
-        Some(match tokio::time::timeout(timeout, check.run()).await {
-            Ok(result) => result,
+        let (check, timeout) = self.0.get(path)?;
+        Some(match tokio::time::timeout(*timeout, check.run()).await {
+            Ok(result) => result.map_err(|e| format!("{check}: {e}")),
             Err(_) => Err(format!("{check}: no answer within {timeout:?}")),
         })
     }
@@ -68,6 +69,7 @@ impl AppProbes {
 }
 
 /// One probe, as the sidecar runs it.
+#[derive(Debug, Clone)]
 enum Check {
     Tcp { port: u16 },
     Grpc { port: u16, service: String },
@@ -101,37 +103,34 @@ impl Check {
         }
     }
 
+    /// Runs the probe once; the error says what failed, [`AppProbes::run`] adds which probe.
     async fn run(&self) -> Result<(), String> {
         let app = |port: u16| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
         match self {
-            Check::Tcp { port } => {
-                TcpStream::connect(app(*port)).await.map_err(|e| format!("{self}: {e}"))?;
-                Ok(())
-            }
+            Check::Tcp { port } => TcpStream::connect(app(*port)).await.map(drop).map_err(|e| e.to_string()),
             Check::Grpc { port, service } => {
                 let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app(*port)))
-                    .map_err(|e| format!("{self}: {e}"))?
+                    .map_err(|e| e.to_string())?
                     .connect()
                     .await
-                    .map_err(|e| format!("{self}: {e}"))?;
+                    .map_err(|e| e.to_string())?;
                 let reply = HealthClient::new(channel)
                     .check(HealthCheckRequest { service: service.clone() })
                     .await
-                    .map_err(|e| format!("{self}: {} {}", e.code(), e.message()))?;
+                    .map_err(|e| format!("{} {}", e.code(), e.message()))?;
                 match reply.into_inner().status() {
                     ServingStatus::Serving => Ok(()),
-                    other => Err(format!("{self}: {}", other.as_str_name())),
+                    other => Err(other.as_str_name().to_string()),
                 }
             }
             Check::Https { port, path, headers } => {
-                let tcp = TcpStream::connect(app(*port)).await.map_err(|e| format!("{self}: {e}"))?;
+                let tcp = TcpStream::connect(app(*port)).await.map_err(|e| e.to_string())?;
                 let tls = tokio_rustls::TlsConnector::from(kubelet_tls())
                     .connect(ServerName::IpAddress(Ipv4Addr::LOCALHOST.into()), tcp)
                     .await
-                    .map_err(|e| format!("{self}: TLS: {e}"))?;
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                    .await
-                    .map_err(|e| format!("{self}: {e}"))?;
+                    .map_err(|e| format!("TLS: {e}"))?;
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
                 tokio::spawn(conn);
                 let mut request = http::Request::get(path.as_str())
                     .header(http::header::HOST, app(*port).to_string())
@@ -139,14 +138,10 @@ impl Check {
                 for (name, value) in headers {
                     request = request.header(name.as_str(), value.as_str());
                 }
-                let request = request.body(Empty::<Bytes>::new()).map_err(|e| format!("{self}: {e}"))?;
-                let status = sender.send_request(request).await.map_err(|e| format!("{self}: {e}"))?.status();
+                let request = request.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+                let status = sender.send_request(request).await.map_err(|e| e.to_string())?.status();
                 // The kubelet's rule: 2xx and 3xx pass.
-                if status.is_success() || status.is_redirection() {
-                    Ok(())
-                } else {
-                    Err(format!("{self}: HTTP {status}"))
-                }
+                if status.is_success() || status.is_redirection() { Ok(()) } else { Err(format!("HTTP {status}")) }
             }
         }
     }
