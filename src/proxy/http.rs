@@ -78,14 +78,51 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// The request id of a request, minting one if the caller sent none.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> String {
-    if let Some(id) = headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty() && v.len() <= 128)
-    {
-        return id.to_string();
+pub fn ensure_request_id(headers: &mut HeaderMap) -> RequestId {
+    if let Some(id) = headers.get(&REQUEST_ID).filter(|v| !v.is_empty() && v.len() <= 128 && v.to_str().is_ok()) {
+        return RequestId(id.clone());
     }
-    let id = format!("{:032x}", rand::random::<u128>());
-    headers.insert(REQUEST_ID.clone(), HeaderValue::from_str(&id).expect("hex is a valid header value"));
+    let id = RequestId::mint();
+    headers.insert(REQUEST_ID.clone(), id.0.clone());
     id
+}
+
+/// A request id: the header's value itself (visible ASCII, checked once), shared rather than
+/// copied into a string for every request.
+#[derive(Clone, Debug)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    /// 128 random bits as 32 lowercase hex digits.
+    fn mint() -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let n = rand::random::<u128>();
+        let mut text = [0u8; 32];
+        for (i, c) in text.iter_mut().enumerate() {
+            *c = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        RequestId(HeaderValue::from_bytes(&text).expect("hex digits are a valid header value"))
+    }
+}
+
+impl std::ops::Deref for RequestId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        // Only visible-ASCII values are ever wrapped (see `ensure_request_id`).
+        self.0.to_str().unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl serde::Serialize for RequestId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self)
+    }
 }
 
 /// `2xx`, `4xx`, ... for metrics.
@@ -193,6 +230,15 @@ mod tests {
         let mut h = HeaderMap::new();
         let minted = ensure_request_id(&mut h);
         assert_eq!(minted.len(), 32);
-        assert_eq!(ensure_request_id(&mut h), minted);
+        assert!(minted.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{minted}");
+        assert_eq!(&*ensure_request_id(&mut h), &*minted);
+        assert_ne!(&*ensure_request_id(&mut HeaderMap::new()), &*minted);
+        // A caller's id is kept if it is short visible text, replaced otherwise.
+        h.insert(&REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(&*ensure_request_id(&mut h), "abc-123");
+        h.insert(&REQUEST_ID, HeaderValue::from_bytes(&[b'a'; 129]).unwrap());
+        assert_eq!(ensure_request_id(&mut h).len(), 32);
+        h.insert(&REQUEST_ID, HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap());
+        assert_eq!(ensure_request_id(&mut h).len(), 32);
     }
 }

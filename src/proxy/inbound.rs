@@ -20,6 +20,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use super::h1_pool::{Dial, Pool, Sticky};
 use super::http::{ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response, stream, strip_hop_by_hop};
 use super::limits::{Drain, Limits};
 use super::view::{MeshView, PeerAuthMode};
@@ -38,6 +39,9 @@ pub struct Inbound {
     /// The app, or `None` in transparent mode: `127.0.0.1:<original destination port>`.
     pub app: Option<SocketAddr>,
     pub client: Client<HttpConnector, Incoming>,
+    /// HTTP/1.1 keep-alive connections to the app, per app address (one in explicit mode, one
+    /// per port in transparent mode); each caller connection keeps one between its requests.
+    pub app_pools: AppPools,
     /// HTTP/2 (prior knowledge) to the app, for callers that spoke HTTP/2 (gRPC).
     pub h2_client: Client<HttpConnector, Incoming>,
     pub limits: Limits,
@@ -78,6 +82,42 @@ struct ConnState {
     /// `peer.app` as a URI authority.
     app_authority: Option<Authority>,
     requests: RequestMetrics,
+    /// HTTP/1.1 to the app: the pool for `peer.app`, and the connection this caller holds.
+    app_pool: Arc<Pool<AppDial>>,
+    sticky: Sticky<AppDial>,
+}
+
+/// Dials the app over plain TCP.
+pub struct AppDial {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+}
+
+impl Dial for AppDial {
+    type Io = TokioIo<TcpStream>;
+    async fn dial(&self) -> std::io::Result<Self::Io> {
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await.map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {} timed out", self.addr))
+        })??;
+        tcp.set_nodelay(true)?;
+        Ok(TokioIo::new(tcp))
+    }
+}
+
+/// The app's HTTP/1.1 pools by address.
+#[derive(Default)]
+pub struct AppPools(parking_lot::Mutex<std::collections::HashMap<SocketAddr, Arc<Pool<AppDial>>>>);
+
+impl AppPools {
+    fn get(&self, addr: SocketAddr, limits: &Limits) -> Arc<Pool<AppDial>> {
+        self.0
+            .lock()
+            .entry(addr)
+            .or_insert_with(|| {
+                Pool::new(AppDial { addr, connect_timeout: limits.connect_timeout }, Duration::from_secs(90))
+            })
+            .clone()
+    }
 }
 
 impl ConnState {
@@ -88,7 +128,8 @@ impl ConnState {
         });
         let app_authority = peer.app.to_string().parse().ok();
         let requests = inbound.metrics.requests_for("inbound", peer.label());
-        ConnState { peer, xfcc, app_authority, requests }
+        let app_pool = inbound.app_pools.get(peer.app, &inbound.limits);
+        ConnState { peer, xfcc, app_authority, requests, app_pool, sticky: Sticky::default() }
     }
 }
 
@@ -516,36 +557,52 @@ async fn forward(
     {
         req.headers_mut().insert(header::HOST, auth);
     }
-    let Some(authority) = conn.app_authority.clone() else {
-        return error_response(StatusCode::BAD_GATEWAY, &format!("app address {} is not usable", peer.app), request_id);
-    };
-    let mut target = http::uri::Parts::default();
-    target.scheme = Some(http::uri::Scheme::HTTP);
-    target.authority = Some(authority);
-    target.path_and_query =
-        Some(req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
-    *req.uri_mut() = match Uri::from_parts(target) {
-        Ok(u) => u,
-        Err(_) => return error_response(StatusCode::BAD_REQUEST, "invalid request target", request_id),
-    };
     let h2 = match orig.as_ref().and_then(|v| v.to_str().ok()) {
         Some(p) => p == "HTTP/2",
         None => req.version() == http::Version::HTTP_2,
     };
-    let (client, version) =
-        if h2 { (&inbound.h2_client, http::Version::HTTP_2) } else { (&inbound.client, http::Version::HTTP_11) };
-    *req.version_mut() = version;
-    if h2 {
+    let sent = if h2 {
+        let Some(authority) = conn.app_authority.clone() else {
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                &format!("app address {} is not usable", peer.app),
+                request_id,
+            );
+        };
+        let mut target = http::uri::Parts::default();
+        target.scheme = Some(http::uri::Scheme::HTTP);
+        target.authority = Some(authority);
+        target.path_and_query =
+            Some(req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+        *req.uri_mut() = match Uri::from_parts(target) {
+            Ok(u) => u,
+            Err(_) => return error_response(StatusCode::BAD_REQUEST, "invalid request target", request_id),
+        };
+        *req.version_mut() = http::Version::HTTP_2;
         req.headers_mut().remove(header::HOST);
-    }
-    match client.request(req).await {
+        inbound.h2_client.request(req).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+    } else {
+        if !req.headers().contains_key(header::HOST) {
+            match HeaderValue::from_str(&peer.app.to_string()) {
+                Ok(host) => req.headers_mut().insert(header::HOST, host),
+                Err(_) => return error_response(StatusCode::BAD_REQUEST, "invalid request target", request_id),
+            };
+        }
+        if req.uri().authority().is_some() || req.uri().scheme().is_some() {
+            let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(pq);
+        }
+        *req.version_mut() = http::Version::HTTP_11;
+        conn.sticky.send(&conn.app_pool, req).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+    };
+    match sent {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, stream(body))
         }
         Err(e) => {
-            let reason = format!("app at {} unavailable: {}", peer.app, super::http::error_chain(&e));
+            let reason = format!("app at {} unavailable: {}", peer.app, super::http::error_chain(&*e));
             tracing::warn!(%request_id, %reason, "inbound forward failed");
             error_response(StatusCode::BAD_GATEWAY, &reason, request_id)
         }

@@ -2,6 +2,7 @@
 
 pub mod app_probe;
 pub mod detect;
+pub mod h1_pool;
 pub mod http;
 pub mod inbound;
 pub mod init;
@@ -323,6 +324,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             own_id: own_id.clone(),
             app,
             client: inbound::Inbound::app_client(&args.limits, false),
+            app_pools: Default::default(),
             h2_client: inbound::Inbound::app_client(&args.limits, true),
             limits: args.limits.clone(),
             drain: drain.clone(),

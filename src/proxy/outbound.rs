@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -21,6 +21,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::detect::{Prefixed, Protocol, detect};
+use super::h1_pool::{Dial, Pool, Sticky};
 use super::http::{ProxyBody, ensure_request_id, error_response, stream, strip_hop_by_hop};
 use super::limits::{Drain, Limits};
 use crate::identity::SpiffeId;
@@ -114,6 +115,19 @@ impl hyper::rt::Write for MeshConn {
     }
 }
 
+impl MeshConnector {
+    /// TCP to the target, then the mTLS handshake that must prove the pinned identity.
+    async fn connect(&self) -> std::io::Result<MeshConn> {
+        let tcp =
+            tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.target)).await.map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {} timed out", self.target))
+            })??;
+        tcp.set_nodelay(true)?;
+        let tls = self.tls.connect(crate::tls::config::sni(), tcp).await?;
+        Ok(MeshConn(TokioIo::new(tls)))
+    }
+}
+
 impl tower_service::Service<Uri> for MeshConnector {
     type Response = MeshConn;
     type Error = std::io::Error;
@@ -125,14 +139,14 @@ impl tower_service::Service<Uri> for MeshConnector {
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move {
-            let tcp = tokio::time::timeout(this.connect_timeout, TcpStream::connect(&this.target)).await.map_err(
-                |_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {} timed out", this.target)),
-            )??;
-            tcp.set_nodelay(true)?;
-            let tls = this.tls.connect(crate::tls::config::sni(), tcp).await?;
-            Ok(MeshConn(TokioIo::new(tls)))
-        })
+        Box::pin(async move { this.connect().await })
+    }
+}
+
+impl Dial for MeshConnector {
+    type Io = MeshConn;
+    fn dial(&self) -> impl std::future::Future<Output = std::io::Result<MeshConn>> + Send {
+        self.connect()
     }
 }
 
@@ -140,8 +154,9 @@ impl tower_service::Service<Uri> for MeshConnector {
 struct Pools {
     /// HTTP/2 (ALPN `h2`): every HTTP/2 request of the route multiplexed over few connections.
     h2: Client<MeshConnector, Incoming>,
-    /// HTTP/1.1 keep-alive (ALPN `http/1.1`): one request at a time per pooled connection.
-    h1: Client<MeshConnector, Incoming>,
+    /// HTTP/1.1 keep-alive (ALPN `http/1.1`): one request at a time per connection, each app
+    /// connection keeping one between its requests.
+    h1: Arc<Pool<MeshConnector>>,
 }
 
 /// State of one route's listener.
@@ -155,9 +170,9 @@ pub struct Outbound {
     tcp_tls: Arc<rustls::ClientConfig>,
     /// mTLS for HTTP/1.1, upgrades and CONNECT: same identity pinning, ALPN `http/1.1`.
     h1_tls: Arc<rustls::ClientConfig>,
-    /// The authority of HTTP/1.1 request URIs: the pool key, parsed once. `None` if the target
-    /// is not a valid authority (then every HTTP/1.1 request fails with 502, as a dial would).
-    h1_authority: Option<Authority>,
+    /// `Host` for an HTTP/1.1 request that has none (HTTP/1.0 callers): the target. `None` if
+    /// the target is not valid header text.
+    h1_host: Option<HeaderValue>,
     pub metrics: Arc<ProxyMetrics>,
     /// The route's request metrics, resolved once.
     requests: RequestMetrics,
@@ -186,9 +201,9 @@ impl Outbound {
         h1.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
         let h1_tls = Arc::new(h1);
         let pools = arc_swap::ArcSwap::from_pointee(Self::pools(&route, &tls, &h1_tls, &limits));
-        let h1_authority = route.target.parse().ok();
+        let h1_host = HeaderValue::from_str(&route.target).ok();
         let requests = metrics.requests_for("outbound", route.identity.as_str());
-        Outbound { route, pools, tls, tcp_tls, h1_tls, h1_authority, metrics, requests, limits, drain, access_log }
+        Outbound { route, pools, tls, tcp_tls, h1_tls, h1_host, metrics, requests, limits, drain, access_log }
     }
 
     fn pools(
@@ -214,12 +229,7 @@ impl Outbound {
         // timeout (hyper's idle and slowloris limit are one). Give pooled connections up well
         // before, so a request is never written into a connection the peer is closing.
         let h1_idle = (limits.header_read_timeout / 2).clamp(Duration::from_millis(500), Duration::from_secs(90));
-        let h1 = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(h1_idle)
-            .build(connector(h1_tls));
-        Pools { h2, h1 }
+        Pools { h2, h1: Pool::new(connector(h1_tls), h1_idle) }
     }
 
     /// Drops every pooled connection; the next request handshakes afresh.
@@ -255,10 +265,10 @@ pub async fn connection(out: &Arc<Outbound>, mut tcp: TcpStream, remote: SocketA
     }
     let io = TokioIo::new(Prefixed::new(prefix.freeze(), tcp));
     let svc = {
-        let out = out.clone();
+        let (out, sticky) = (out.clone(), Arc::new(Sticky::default()));
         hyper::service::service_fn(move |req| {
-            let out = out.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(&out, req).await) }
+            let (out, sticky) = (out.clone(), sticky.clone());
+            async move { Ok::<_, std::convert::Infallible>(handle(&out, &sticky, req).await) }
         })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -324,7 +334,7 @@ async fn tunnel(out: &Outbound, mut tcp: TcpStream, prefix: bytes::BytesMut, rem
     }
 }
 
-async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(out: &Outbound, sticky: &Sticky<MeshConnector>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
     let request_id = ensure_request_id(req.headers_mut());
     if super::http::is_upgrade(&req) {
@@ -350,23 +360,26 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<ProxyBod
     }
     // Only the access log needs these; skip the copies when it is off.
     let logged = out.access_log.enabled().then(|| (req.method().clone(), req.uri().path().to_string()));
-    let sent = {
-        let pools = out.pools.load();
-        if h2 { pools.h2.request(req) } else { pools.h1.request(req) }
+    let pools = out.pools.load_full();
+    let sent = if h2 {
+        pools.h2.request(req).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+    } else {
+        sticky.send(&pools.h1, req).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
     };
-    let resp = match sent.await {
+    let resp = match sent {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, stream(body))
         }
         Err(e) => {
-            if let Some(tls_reason) = tls_failure(&e) {
+            let e = &*e as &(dyn std::error::Error + 'static);
+            if let Some(tls_reason) = tls_failure(e) {
                 out.metrics.handshake_failure("outbound", tls_reason);
                 out.metrics.peers.handshake_failure(out.route.identity.as_str(), "outbound");
             }
             let reason =
-                format!("upstream {} ({}): {}", out.route.target, out.route.identity, super::http::error_chain(&e));
+                format!("upstream {} ({}): {}", out.route.target, out.route.identity, super::http::error_chain(e));
             tracing::warn!(%request_id, %reason, "outbound request failed");
             error_response(StatusCode::BAD_GATEWAY, &reason, &request_id)
         }
@@ -407,21 +420,20 @@ fn to_h2(out: &Outbound, req: &mut Request<Incoming>) -> Result<(), &'static str
     Ok(())
 }
 
-/// Readies a request for the HTTP/1.1 pool. `Host` stays the app's (an absolute-form target's
-/// authority becomes `Host` if there was none); the URI names the peer sidecar, which is the
-/// pool key, so every request of the route shares one pool whatever its `Host`.
+/// Readies a request for the HTTP/1.1 connection: `Host` stays the app's (else an absolute-form
+/// target's authority, else the peer's address) and the target goes in origin form.
 fn to_h1(out: &Outbound, req: &mut Request<Incoming>) -> Result<(), &'static str> {
-    let authority = out.h1_authority.clone().ok_or("invalid upstream address")?;
-    if !req.headers().contains_key(header::HOST)
-        && let Some(host) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
+    if !req.headers().contains_key(header::HOST) {
+        let host = match req.uri().authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).map_err(|_| "invalid request target")?,
+            None => out.h1_host.clone().ok_or("invalid upstream address")?,
+        };
         req.headers_mut().insert(header::HOST, host);
     }
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(authority);
-    parts.path_and_query = Some(req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
-    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| "invalid request target")?;
+    if req.uri().authority().is_some() || req.uri().scheme().is_some() {
+        let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(pq);
+    }
     // HTTP/1.0 callers too: the hop between sidecars stays keep-alive.
     *req.version_mut() = http::Version::HTTP_11;
     Ok(())
