@@ -125,6 +125,9 @@ pub struct Policy {
     action: Action,
     match_labels: Option<BTreeMap<String, String>>,
     engine: Engine,
+    /// For a rules policy, the reason of a decision by each rule, written once here rather
+    /// than formatted for every request.
+    rule_reasons: Vec<Box<str>>,
 }
 
 impl Policy {
@@ -164,13 +167,21 @@ impl Policy {
                     .map_err(|e| CompileError::Invalid { field: e.field, message: e.message })?,
             )
         };
+        let id: Arc<str> = Arc::from(format!("{}/{}", p.metadata.namespace, p.metadata.name));
+        let rule_reasons = match &engine {
+            Engine::Rules(r) => (0..r.rule_count())
+                .map(|i| decision_reason(spec.action, &id, &Verdict::Rules(Some(i)).describe()).into())
+                .collect(),
+            _ => Vec::new(),
+        };
         Ok(Policy {
-            id: Arc::from(format!("{}/{}", p.metadata.namespace, p.metadata.name)),
+            id,
             namespace: p.metadata.namespace.clone(),
             name: p.metadata.name.clone(),
             action: spec.action,
             match_labels: spec.selector.as_ref().map(|s| s.match_labels.clone()),
             engine,
+            rule_reasons,
         })
     }
 
@@ -227,6 +238,14 @@ impl Policy {
         Ok(())
     }
 
+    /// Why this policy decided as it did: "allowed by ALLOW policy ns/name: rules[2] matched".
+    pub(crate) fn reason(&self, v: &Verdict) -> String {
+        match v {
+            Verdict::Rules(Some(i)) if *i < self.rule_reasons.len() => self.rule_reasons[*i].to_string(),
+            _ => decision_reason(self.action, &self.id, &v.describe()),
+        }
+    }
+
     pub(crate) fn evaluate(&self, input: &Input) -> Verdict {
         match &self.engine {
             Engine::Rules(r) => Verdict::Rules(r.first_match(input)),
@@ -253,6 +272,14 @@ impl Policy {
                 (Verdict::Rego(v), why)
             }
         }
+    }
+}
+
+/// The words of a decision made by policy `id` of `action`.
+fn decision_reason(action: Action, id: &str, verdict: &str) -> String {
+    match action {
+        Action::Deny => format!("denied by DENY policy {id}: {verdict}"),
+        _ => format!("allowed by ALLOW policy {id}: {verdict}"),
     }
 }
 

@@ -219,7 +219,10 @@ impl SourceMatcher {
         if let Err(neg) = self.principals.check(input.source_principal()) {
             return Some(if neg { "notPrincipals" } else { "principals" });
         }
-        if let Err(neg) = self.namespaces.check(input.source_namespace()) {
+        // The namespace is cut out of the SPIFFE ID: only when a rule asks for it.
+        if !self.namespaces.is_empty()
+            && let Err(neg) = self.namespaces.check(input.source_namespace())
+        {
             return Some(if neg { "notNamespaces" } else { "namespaces" });
         }
         if let Err(neg) = self.ip_blocks.check(ip.as_ref()) {
@@ -464,6 +467,11 @@ impl RulesEngine {
                 .map(|(i, r)| CompiledRule::compile(r, &format!("spec.rules[{i}]"), deny))
                 .collect::<Result<_, _>>()?,
         })
+    }
+
+    /// How many rules the policy has.
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
     }
 
     /// The index of the first matching rule.

@@ -123,7 +123,7 @@ impl PolicySet {
                 Verdict::Rego(r) => !r.allowed,
             };
             if denies {
-                let reason = format!("denied by DENY policy {}: {}", p.id(), v.describe());
+                let reason = p.reason(&v);
                 return decided(false, p, reason, v);
             }
         }
@@ -132,7 +132,7 @@ impl PolicySet {
             for p in &self.allow {
                 let v = p.evaluate(input);
                 if v.positive() {
-                    let reason = format!("allowed by ALLOW policy {}: {}", p.id(), v.describe());
+                    let reason = p.reason(&v);
                     return decided(true, p, reason, v);
                 }
                 if let Verdict::Rego(r) = v

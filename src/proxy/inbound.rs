@@ -27,7 +27,7 @@ use super::view::{MeshView, PeerAuthMode};
 use crate::identity::SpiffeId;
 use crate::policy::{Decision, EngineKind, Input, LiveRequest, RequestAttributes};
 use crate::telemetry::access_log::{AccessLog, is_secret_header};
-use crate::telemetry::metrics::{PolicyLabel, ProxyMetrics, RequestMetrics};
+use crate::telemetry::metrics::{LastDecision, PolicyLabel, ProxyMetrics, RequestMetrics};
 use crate::tls::TrustBundle;
 
 /// Header naming the policy that refused a request.
@@ -85,6 +85,7 @@ struct ConnState {
     /// HTTP/1.1 to the app: the pool for `peer.app`, and the connection this caller holds.
     app_pool: Arc<Pool<AppDial>>,
     sticky: Sticky<AppDial>,
+    last_decision: LastDecision,
 }
 
 /// Dials the app over plain TCP.
@@ -129,7 +130,15 @@ impl ConnState {
         let app_authority = peer.app.to_string().parse().ok();
         let requests = inbound.metrics.requests_for("inbound", peer.label());
         let app_pool = inbound.app_pools.get(peer.app, &inbound.limits);
-        ConnState { peer, xfcc, app_authority, requests, app_pool, sticky: Sticky::default() }
+        ConnState {
+            peer,
+            xfcc,
+            app_authority,
+            requests,
+            app_pool,
+            sticky: Sticky::default(),
+            last_decision: LastDecision::default(),
+        }
     }
 }
 
@@ -478,7 +487,13 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
     let decided = Instant::now();
     let decision = view.policies.decide(&input);
     let engine = decision.engine.map_or("none", EngineKind::as_str);
-    inbound.metrics.record_decision(decision.allowed, policy_label(&decision), engine, decided.elapsed());
+    inbound.metrics.record_decision(
+        &conn.last_decision,
+        decision.allowed,
+        policy_label(&decision),
+        engine,
+        decided.elapsed(),
+    );
     if (!decision.allowed || !decision.audits.is_empty()) && inbound.access_log.enabled() {
         let mut doc = input.document().clone();
         if let Some(h) = doc.pointer_mut("/attributes/request/http/headers").and_then(|h| h.as_object_mut()) {

@@ -126,10 +126,27 @@ impl ProxyMetrics {
     }
 
     /// Counts an authorization decision and the time it took.
-    pub fn record_decision(&self, allowed: bool, policy: PolicyLabel, engine: &'static str, took: Duration) {
-        self.decision_duration.get_or_create(&EngineLabels { engine }).observe(took.as_secs_f64());
+    pub fn record_decision(
+        &self,
+        last: &LastDecision,
+        allowed: bool,
+        policy: PolicyLabel,
+        engine: &'static str,
+        took: Duration,
+    ) {
         let result = if allowed { "allow" } else { "deny" };
-        self.decisions.get_or_create(&DecisionLabels { result, policy, engine }).inc();
+        let labels = DecisionLabels { result, policy, engine };
+        let mut last = last.0.lock();
+        let (_, count, duration) = match &mut *last {
+            Some(same) if same.0 == labels => same,
+            other => other.insert((
+                labels.clone(),
+                self.decisions.get_or_create_owned(&labels),
+                self.decision_duration.get_or_create_owned(&EngineLabels { engine }),
+            )),
+        };
+        count.inc();
+        duration.observe(took.as_secs_f64());
     }
 
     /// Counts an open connection until the returned guard is dropped.
@@ -146,6 +163,11 @@ impl ProxyMetrics {
         }
     }
 }
+
+/// The decision series a connection recorded last. A connection's requests are mostly decided
+/// alike, so a decision usually bumps these without building, hashing or looking up labels.
+#[derive(Default)]
+pub struct LastDecision(parking_lot::Mutex<Option<(DecisionLabels, Counter, Histogram)>>);
 
 /// Request metrics of one (direction, peer), resolved once per route or connection, so a
 /// request bumps atomics without building, hashing or looking up labels. A status class gets
