@@ -15,12 +15,6 @@ pub mod proxy;
 pub mod telemetry;
 pub mod tls;
 
-/// mimalloc for every binary and test: the data path allocates and frees small buffers and
-/// header maps for every request, where glibc's malloc measured about a tenth of a sidecar's
-/// CPU (docs/benchmarks.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Resolves on SIGTERM or Ctrl-C: the signal every long-running process drains on.
 pub async fn shutdown_signal() {
     let term = async {
