@@ -309,3 +309,35 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-connection shortcut counts each decision under its own labels, however a
+    /// connection's decisions alternate, and the duration histogram follows the engine.
+    #[test]
+    fn decisions_are_counted_under_their_own_labels_through_the_connection_shortcut() {
+        let metrics = Metrics::new();
+        let (a, b) = (LastDecision::default(), LastDecision::default());
+        let shop: Arc<str> = Arc::from("shop/allow-web");
+        let took = Duration::from_micros(1);
+        let p = &metrics.proxy;
+        p.record_decision(&a, true, PolicyLabel::Policy(shop.clone()), "rules", took);
+        p.record_decision(&a, true, PolicyLabel::Policy(shop.clone()), "rules", took);
+        p.record_decision(&a, false, PolicyLabel::Fixed("no-allow-matched"), "none", took);
+        p.record_decision(&a, true, PolicyLabel::Policy(Arc::from("shop/allow-web")), "rules", took);
+        p.record_decision(&b, true, PolicyLabel::Policy(shop), "rego", took);
+        let text = metrics.render();
+        for line in [
+            r#"palisade_authz_decisions_total{result="allow",policy="shop/allow-web",engine="rules"} 3"#,
+            r#"palisade_authz_decisions_total{result="deny",policy="no-allow-matched",engine="none"} 1"#,
+            r#"palisade_authz_decisions_total{result="allow",policy="shop/allow-web",engine="rego"} 1"#,
+            r#"palisade_authz_evaluation_duration_seconds_count{engine="rules"} 3"#,
+            r#"palisade_authz_evaluation_duration_seconds_count{engine="none"} 1"#,
+            r#"palisade_authz_evaluation_duration_seconds_count{engine="rego"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+    }
+}
