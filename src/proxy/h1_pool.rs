@@ -170,10 +170,13 @@ impl<D: Dial> Sticky<D> {
     /// The held connection if it belongs to `pool` and is ready, else an idle one of `pool`.
     fn ready_sender(&self, pool: &Arc<Pool<D>>) -> Option<SendRequest<Incoming>> {
         if let Some((p, mut c)) = self.held.lock().take() {
-            if Arc::ptr_eq(&p, pool) && c.since.elapsed() < pool.max_idle_time && is_ready_now(&mut c.sender) {
-                return Some(c.sender);
+            // A connection of a replaced pool is closed here, not kept where nothing takes it.
+            if Arc::ptr_eq(&p, pool) {
+                if c.since.elapsed() < pool.max_idle_time && is_ready_now(&mut c.sender) {
+                    return Some(c.sender);
+                }
+                p.put(c);
             }
-            p.put(c);
         }
         pool.take()
     }

@@ -38,6 +38,7 @@ pub struct Inbound {
     pub own_id: SpiffeId,
     /// The app, or `None` in transparent mode: `127.0.0.1:<original destination port>`.
     pub app: Option<SocketAddr>,
+    /// HTTP/1.1 to the app for plaintext kubelet probes on a STRICT port (rare; pooled by hyper).
     pub client: Client<HttpConnector, Incoming>,
     /// HTTP/1.1 keep-alive connections to the app, per app address (one in explicit mode, one
     /// per port in transparent mode); each caller connection keeps one between its requests.
