@@ -10,7 +10,14 @@ use std::str::FromStr;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
     uri: String,
-    td_end: usize,
+    /// Offsets into `uri` (at most 2048 bytes, so `u16`: an ID is part of every request's
+    /// policy input and stays small).
+    td_end: u16,
+    /// Where the values of `/ns/<namespace>` and `/sa/<service-account>` sit in `uri`, found
+    /// once when the ID is parsed (once per peer connection): policy reads the namespace per
+    /// request.
+    ns: Option<(u16, u16)>,
+    sa: Option<(u16, u16)>,
 }
 
 /// Why a string is not an acceptable SPIFFE ID.
@@ -37,33 +44,41 @@ impl SpiffeId {
 
     /// The trust domain, e.g. `cluster.local`.
     pub fn trust_domain(&self) -> &str {
-        &self.uri["spiffe://".len()..self.td_end]
+        &self.uri["spiffe://".len()..self.td_end.into()]
     }
 
     /// The path after the trust domain, starting with `/` (may be empty).
     pub fn path(&self) -> &str {
-        &self.uri[self.td_end..]
-    }
-
-    fn segment_after(&self, key: &str) -> Option<&str> {
-        let mut parts = self.path().trim_start_matches('/').split('/');
-        while let Some(p) = parts.next() {
-            if p == key {
-                return parts.next();
-            }
-        }
-        None
+        &self.uri[usize::from(self.td_end)..]
     }
 
     /// The namespace (`/ns/<namespace>`), if the ID follows the Kubernetes shape.
     pub fn namespace(&self) -> Option<&str> {
-        self.segment_after("ns")
+        self.ns.map(|(start, end)| &self.uri[start.into()..end.into()])
     }
 
     /// The service account (`/sa/<sa>`), if the ID follows the Kubernetes shape.
     pub fn service_account(&self) -> Option<&str> {
-        self.segment_after("sa")
+        self.sa.map(|(start, end)| &self.uri[start.into()..end.into()])
     }
+}
+
+/// The bounds in `uri` of the segment after the first segment `key` of the path, which starts
+/// at `path_start`.
+fn segment_after(uri: &str, path_start: usize, key: &str) -> Option<(u16, u16)> {
+    let mut at = path_start;
+    let mut parts = uri[path_start..].split('/');
+    let _leading = parts.next(); // before the path's first '/'
+    at += 1;
+    while let Some(p) = parts.next() {
+        at += p.len() + 1;
+        if p == key {
+            // Both fit: an ID is at most 2048 bytes (`from_str` refuses a longer path; a trust
+            // domain alone is at most 255).
+            return parts.next().map(|value| (at as u16, (at + value.len()) as u16));
+        }
+    }
+    None
 }
 
 impl FromStr for SpiffeId {
@@ -91,7 +106,9 @@ impl FromStr for SpiffeId {
                 return Err(SpiffeIdError::Path(s.to_string()));
             }
         }
-        Ok(SpiffeId { uri: s.to_string(), td_end: "spiffe://".len() + td_len })
+        let td_end = "spiffe://".len() + td_len;
+        let (ns, sa) = (segment_after(s, td_end, "ns"), segment_after(s, td_end, "sa"));
+        Ok(SpiffeId { uri: s.to_string(), td_end: td_end as u16, ns, sa })
     }
 }
 
@@ -125,6 +142,23 @@ mod tests {
         assert_eq!(id.namespace(), Some("shop"));
         assert_eq!(id.service_account(), Some("web"));
         assert_eq!(id.path(), "/ns/shop/sa/web");
+    }
+
+    #[test]
+    fn namespace_and_service_account_follow_their_keys_wherever_they_are() {
+        let cases = [
+            ("spiffe://td/sa/web/ns/shop", Some("shop"), Some("web")),
+            ("spiffe://td/region/eu/ns/shop", Some("shop"), None),
+            ("spiffe://td/ns/ns/sa/sa", Some("ns"), Some("sa")),
+            ("spiffe://td/ns", None, None),
+            ("spiffe://td/x/sa", None, None),
+            ("spiffe://td", None, None),
+            ("spiffe://nsns/ns-x/ns/a.b", Some("a.b"), None),
+        ];
+        for (uri, ns, sa) in cases {
+            let id: SpiffeId = uri.parse().unwrap();
+            assert_eq!((id.namespace(), id.service_account()), (ns, sa), "{uri}");
+        }
     }
 
     #[test]

@@ -240,10 +240,12 @@ impl Policy {
 
     /// Why this policy decided as it did: "allowed by ALLOW policy ns/name: rules[2] matched".
     pub(crate) fn reason(&self, v: &Verdict) -> String {
-        match v {
-            Verdict::Rules(Some(i)) if *i < self.rule_reasons.len() => self.rule_reasons[*i].to_string(),
-            _ => decision_reason(self.action, &self.id, &v.describe()),
+        if let Verdict::Rules(Some(i)) = v
+            && let Some(written) = self.rule_reasons.get(*i)
+        {
+            return written.to_string();
         }
+        decision_reason(self.action, &self.id, &v.describe())
     }
 
     pub(crate) fn evaluate(&self, input: &Input) -> Verdict {
@@ -275,11 +277,13 @@ impl Policy {
     }
 }
 
-/// The words of a decision made by policy `id` of `action`.
+/// The words of a decision made by policy `id` of `action`; for an AUDIT policy, the line it
+/// adds to the decision's audits.
 fn decision_reason(action: Action, id: &str, verdict: &str) -> String {
     match action {
+        Action::Allow => format!("allowed by ALLOW policy {id}: {verdict}"),
         Action::Deny => format!("denied by DENY policy {id}: {verdict}"),
-        _ => format!("allowed by ALLOW policy {id}: {verdict}"),
+        Action::Audit => format!("{id}: {verdict}"),
     }
 }
 

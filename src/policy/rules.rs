@@ -219,10 +219,7 @@ impl SourceMatcher {
         if let Err(neg) = self.principals.check(input.source_principal()) {
             return Some(if neg { "notPrincipals" } else { "principals" });
         }
-        // The namespace is cut out of the SPIFFE ID: only when a rule asks for it.
-        if !self.namespaces.is_empty()
-            && let Err(neg) = self.namespaces.check(input.source_namespace())
-        {
+        if let Err(neg) = self.namespaces.check(input.source_namespace()) {
             return Some(if neg { "notNamespaces" } else { "namespaces" });
         }
         if let Err(neg) = self.ip_blocks.check(ip.as_ref()) {

@@ -107,8 +107,7 @@ impl PolicySet {
         if self.workload.is_none() {
             return Decision::bare(false, FAIL_CLOSED_REASON);
         }
-        let audits: Vec<String> =
-            self.audit.iter().map(|p| format!("{}: {}", p.id(), p.evaluate(input).describe())).collect();
+        let audits: Vec<String> = self.audit.iter().map(|p| p.reason(&p.evaluate(input))).collect();
         let mut d = self.decide_enforced(input);
         d.audits = audits;
         d
@@ -285,9 +284,16 @@ mod tests {
         assert!(!d.allowed);
         assert_eq!(d.policy.as_deref(), Some("shop/no-admin"));
         assert_eq!(d.engine, Some(crate::policy::EngineKind::Rules));
+        assert_eq!(d.reason, "denied by DENY policy shop/no-admin: rules[0] matched");
         let d = s.decide(&get(Some(WEB), "/orders"));
         assert!(d.allowed);
         assert_eq!(d.policy.as_deref(), Some("shop/all"));
+        assert_eq!(d.reason, "allowed by ALLOW policy shop/all: rules[0] matched");
+        // The reason names the rule that matched, not the first one.
+        let two =
+            policy("two", "ALLOW", "[{to: [{operation: {paths: [\"/a\"]}}]}, {to: [{operation: {paths: [\"/b\"]}}]}]");
+        let d = set(&two, DefaultPolicy::Deny).decide(&get(Some(WEB), "/b"));
+        assert_eq!(d.reason, "allowed by ALLOW policy shop/two: rules[1] matched");
     }
 
     #[test]

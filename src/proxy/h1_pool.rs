@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -43,6 +44,8 @@ pub struct Pool<D> {
     /// An idle connection older than this is closed rather than reused: the upstream may be
     /// closing it at the same moment, and a request written into it would fail.
     max_idle_time: Duration,
+    /// Replaced by a new pool: connections given back are closed, not kept.
+    retired: AtomicBool,
 }
 
 struct Idle {
@@ -57,7 +60,19 @@ const MAX_TRIES: usize = 3;
 
 impl<D: Dial> Pool<D> {
     pub fn new(dial: D, max_idle_time: Duration) -> Arc<Self> {
-        Arc::new(Pool { dial, idle: parking_lot::Mutex::new(Vec::new()), max_idle_time })
+        Arc::new(Pool {
+            dial,
+            idle: parking_lot::Mutex::new(Vec::new()),
+            max_idle_time,
+            retired: AtomicBool::new(false),
+        })
+    }
+
+    /// Closes the idle connections and every one given back later: the pool has been replaced,
+    /// e.g. because revocations changed and each peer must be judged by a fresh handshake.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.idle.lock().clear();
     }
 
     /// A ready idle connection, if one is left: the most recently used first.
@@ -71,9 +86,10 @@ impl<D: Dial> Pool<D> {
         None
     }
 
-    /// Keeps `sender` for reuse once it is ready; a closed or expired one is dropped (closing it).
+    /// Keeps `sender` for reuse once it is ready; a closed or expired one, or any once the pool
+    /// is retired, is dropped (closing it).
     fn put(self: &Arc<Self>, mut c: Idle) {
-        if c.sender.is_closed() || c.since.elapsed() >= self.max_idle_time {
+        if self.retired.load(Ordering::Acquire) || c.sender.is_closed() || c.since.elapsed() >= self.max_idle_time {
             return;
         }
         if is_ready_now(&mut c.sender) {
@@ -137,11 +153,15 @@ impl<D: Dial> Drop for Sticky<D> {
 impl<D: Dial> Sticky<D> {
     /// Sends `req` through `pool`: over the held connection if it is ready, else an idle one of
     /// the pool, else a new one. `req` must carry `Host` and an origin-form target. A held
-    /// connection of another pool (the pool was replaced, e.g. after a revocation) is given up.
+    /// connection of another pool (the pool was replaced, e.g. after a revocation) is given back
+    /// to that pool, which closes it once retired.
     pub async fn send(&self, pool: &Arc<Pool<D>>, mut req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
-        for attempt in 0..=MAX_TRIES {
-            // The last try dials: idle connections may all have been closing.
-            let reusable = if attempt < MAX_TRIES { self.ready_sender(pool) } else { None };
+        let mut tries = 0;
+        loop {
+            // After MAX_TRIES reused connections turned out to be closing, dial: a fresh
+            // connection either answers or fails, so the loop ends.
+            let reusable = if tries < MAX_TRIES { self.ready_sender(pool) } else { None };
+            tries += 1;
             let (mut sender, reused) = match reusable {
                 Some(s) => (s, true),
                 None => (pool.connect().await?, false),
@@ -164,19 +184,15 @@ impl<D: Dial> Sticky<D> {
                 },
             }
         }
-        unreachable!("the last attempt dials a new connection, which either answers or fails")
     }
 
     /// The held connection if it belongs to `pool` and is ready, else an idle one of `pool`.
     fn ready_sender(&self, pool: &Arc<Pool<D>>) -> Option<SendRequest<Incoming>> {
         if let Some((p, mut c)) = self.held.lock().take() {
-            // A connection of a replaced pool is closed here, not kept where nothing takes it.
-            if Arc::ptr_eq(&p, pool) {
-                if c.since.elapsed() < pool.max_idle_time && is_ready_now(&mut c.sender) {
-                    return Some(c.sender);
-                }
-                p.put(c);
+            if Arc::ptr_eq(&p, pool) && c.since.elapsed() < pool.max_idle_time && is_ready_now(&mut c.sender) {
+                return Some(c.sender);
             }
+            p.put(c);
         }
         pool.take()
     }
@@ -186,7 +202,7 @@ impl<D: Dial> Sticky<D> {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
     use tokio::net::{TcpListener, TcpStream};
 
     struct CountingDial {
@@ -301,6 +317,24 @@ mod tests {
         let resp = sticky.send(&fresh, relay_request(addr).await).await.unwrap();
         assert_eq!(body(resp).await, "2");
         assert_eq!(dials.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_retired_pool_closes_its_idle_connections_and_keeps_none_given_back() {
+        let addr = server(usize::MAX).await;
+        let dials = Arc::new(AtomicUsize::new(0));
+        let pool = Pool::new(CountingDial { addr, dials: dials.clone() }, Duration::from_secs(60));
+        let (idle, held) = (Sticky::default(), Sticky::default());
+        idle.send(&pool, relay_request(addr).await).await.unwrap();
+        held.send(&pool, relay_request(addr).await).await.unwrap();
+        drop(idle);
+        assert_eq!(pool.idle.lock().len(), 1);
+        pool.retire();
+        assert_eq!(pool.idle.lock().len(), 0);
+        // A downstream connection that closes after the retirement does not refill it.
+        drop(held);
+        assert_eq!(pool.idle.lock().len(), 0);
+        assert_eq!(dials.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

@@ -5,6 +5,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 
+/// Why an upstream request failed, whichever client carried it; the source chain is kept, so a
+/// TLS failure can still be found in it.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body every proxy response has: the upstream's streamed body or one we wrote.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 

@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::h1_pool::{Dial, Pool, Sticky};
-use super::http::{ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response, stream, strip_hop_by_hop};
+use super::http::{BoxError, ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response, stream, strip_hop_by_hop};
 use super::limits::{Drain, Limits};
 use super::view::{MeshView, PeerAuthMode};
 use crate::identity::SpiffeId;
@@ -98,11 +98,7 @@ pub struct AppDial {
 impl Dial for AppDial {
     type Io = TokioIo<TcpStream>;
     async fn dial(&self) -> std::io::Result<Self::Io> {
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await.map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {} timed out", self.addr))
-        })??;
-        tcp.set_nodelay(true)?;
-        Ok(TokioIo::new(tcp))
+        Ok(TokioIo::new(super::tcp::connect(self.addr, self.connect_timeout).await?))
     }
 }
 
@@ -299,15 +295,13 @@ where
         }));
         return;
     }
-    let app = match tokio::time::timeout(inbound.limits.connect_timeout, TcpStream::connect(peer.app)).await {
-        Ok(Ok(app)) => app,
-        _ => {
-            tracing::warn!(app = %peer.app, "opaque TCP: app unavailable");
+    let mut app = match super::tcp::connect(peer.app, inbound.limits.connect_timeout).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::warn!(app = %peer.app, error = %e, "opaque TCP: app unavailable");
             return;
         }
     };
-    let _ = app.set_nodelay(true);
-    let mut app = app;
     let (received, sent) = super::tcp::splice(&mut tls, &mut app, inbound.limits.idle_timeout).await;
     inbound.metrics.record_tcp_bytes("inbound", sent, received);
     inbound.access_log.write(serde_json::json!({
@@ -551,12 +545,12 @@ async fn forward(
     let orig = req.headers_mut().remove(&super::outbound::ORIG_PROTO);
     if super::http::is_upgrade(&req) {
         // WebSocket or CONNECT: its own HTTP/1.1 connection to the app, then raw bytes.
-        let app = match tokio::time::timeout(inbound.limits.connect_timeout, TcpStream::connect(peer.app)).await {
-            Ok(Ok(s)) => s,
-            _ => {
+        let app = match super::tcp::connect(peer.app, inbound.limits.connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
                 return error_response(
                     StatusCode::BAD_GATEWAY,
-                    &format!("app at {} unavailable", peer.app),
+                    &format!("app at {} unavailable: {e}", peer.app),
                     request_id,
                 );
             }
@@ -596,7 +590,7 @@ async fn forward(
         };
         *req.version_mut() = http::Version::HTTP_2;
         req.headers_mut().remove(header::HOST);
-        inbound.h2_client.request(req).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        inbound.h2_client.request(req).await.map_err(BoxError::from)
     } else {
         if !req.headers().contains_key(header::HOST) {
             match HeaderValue::from_str(&peer.app.to_string()) {
@@ -609,7 +603,7 @@ async fn forward(
             *req.uri_mut() = Uri::from(pq);
         }
         *req.version_mut() = http::Version::HTTP_11;
-        conn.sticky.send(&conn.app_pool, req).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        conn.sticky.send(&conn.app_pool, req).await.map_err(BoxError::from)
     };
     match sent {
         Ok(resp) => {

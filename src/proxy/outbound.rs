@@ -22,7 +22,7 @@ use tokio_rustls::client::TlsStream;
 
 use super::detect::{Prefixed, Protocol, detect};
 use super::h1_pool::{Dial, Pool, Sticky};
-use super::http::{ProxyBody, ensure_request_id, error_response, stream, strip_hop_by_hop};
+use super::http::{BoxError, ProxyBody, ensure_request_id, error_response, stream, strip_hop_by_hop};
 use super::limits::{Drain, Limits};
 use crate::identity::SpiffeId;
 use crate::telemetry::access_log::AccessLog;
@@ -59,13 +59,20 @@ impl std::str::FromStr for Route {
 pub struct MeshConnector {
     target: String,
     tls: TlsConnector,
-    pub connect_timeout: Duration,
+    connect_timeout: Duration,
 }
 
 impl MeshConnector {
     /// A connector to `target` that pins the identity built into `tls`.
-    pub fn new(target: String, tls: Arc<rustls::ClientConfig>) -> Self {
-        MeshConnector { target, tls: TlsConnector::from(tls), connect_timeout: Duration::from_secs(5) }
+    pub fn new(target: String, tls: Arc<rustls::ClientConfig>, connect_timeout: Duration) -> Self {
+        MeshConnector { target, tls: TlsConnector::from(tls), connect_timeout }
+    }
+
+    /// TCP to the target, then the mTLS handshake that must prove the pinned identity.
+    async fn connect(&self) -> std::io::Result<MeshConn> {
+        let tcp = super::tcp::connect(self.target.as_str(), self.connect_timeout).await?;
+        let tls = self.tls.connect(crate::tls::config::sni(), tcp).await?;
+        Ok(MeshConn(TokioIo::new(tls)))
     }
 }
 
@@ -112,19 +119,6 @@ impl hyper::rt::Write for MeshConn {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
-    }
-}
-
-impl MeshConnector {
-    /// TCP to the target, then the mTLS handshake that must prove the pinned identity.
-    async fn connect(&self) -> std::io::Result<MeshConn> {
-        let tcp =
-            tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.target)).await.map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {} timed out", self.target))
-            })??;
-        tcp.set_nodelay(true)?;
-        let tls = self.tls.connect(crate::tls::config::sni(), tcp).await?;
-        Ok(MeshConn(TokioIo::new(tls)))
     }
 }
 
@@ -213,9 +207,7 @@ impl Outbound {
         limits: &Limits,
     ) -> Pools {
         let connector = |tls: &Arc<rustls::ClientConfig>| {
-            let mut c = MeshConnector::new(route.target.clone(), tls.clone());
-            c.connect_timeout = limits.connect_timeout;
-            c
+            MeshConnector::new(route.target.clone(), tls.clone(), limits.connect_timeout)
         };
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
@@ -234,7 +226,9 @@ impl Outbound {
 
     /// Drops every pooled connection; the next request handshakes afresh.
     pub fn reset_pool(&self) {
-        self.pools.store(Arc::new(Self::pools(&self.route, &self.tls, &self.h1_tls, &self.limits)));
+        let old = self.pools.swap(Arc::new(Self::pools(&self.route, &self.tls, &self.h1_tls, &self.limits)));
+        // Connections app connections still hold go back to the old pool, which closes them.
+        old.h1.retire();
     }
 }
 
@@ -300,9 +294,8 @@ pub async fn connection(out: &Arc<Outbound>, mut tcp: TcpStream, remote: SocketA
 /// Carries an opaque TCP stream to the peer sidecar over mTLS (ALPN `palisade-tcp`).
 async fn tunnel(out: &Outbound, mut tcp: TcpStream, prefix: bytes::BytesMut, remote: SocketAddr) {
     let started = Instant::now();
-    let mut connector = MeshConnector::new(out.route.target.clone(), out.tcp_tls.clone());
-    connector.connect_timeout = out.limits.connect_timeout;
-    let mut upstream = match tower_service::Service::call(&mut connector, Uri::from_static("/")).await {
+    let connector = MeshConnector::new(out.route.target.clone(), out.tcp_tls.clone(), out.limits.connect_timeout);
+    let mut upstream = match connector.connect().await {
         Ok(MeshConn(io)) => io.into_inner(),
         Err(e) => {
             if let Some(reason) = tls_failure(&e) {
@@ -340,9 +333,8 @@ async fn handle(out: &Outbound, sticky: &Sticky<MeshConnector>, mut req: Request
     if super::http::is_upgrade(&req) {
         // WebSocket or CONNECT: a dedicated HTTP/1.1 mTLS connection (the HTTP/2 pool cannot
         // carry an upgrade), then raw bytes both ways.
-        let mut connector = MeshConnector::new(out.route.target.clone(), out.h1_tls.clone());
-        connector.connect_timeout = out.limits.connect_timeout;
-        let resp = match tower_service::Service::call(&mut connector, Uri::from_static("/")).await {
+        let connector = MeshConnector::new(out.route.target.clone(), out.h1_tls.clone(), out.limits.connect_timeout);
+        let resp = match connector.connect().await {
             Ok(conn) => match super::http::forward_upgrade(req, conn, out.limits.idle_timeout).await {
                 Ok(resp) => resp,
                 Err(e) => error_response(StatusCode::BAD_GATEWAY, &e, &request_id),
@@ -362,9 +354,9 @@ async fn handle(out: &Outbound, sticky: &Sticky<MeshConnector>, mut req: Request
     let logged = out.access_log.enabled().then(|| (req.method().clone(), req.uri().path().to_string()));
     let pools = out.pools.load_full();
     let sent = if h2 {
-        pools.h2.request(req).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        pools.h2.request(req).await.map_err(BoxError::from)
     } else {
-        sticky.send(&pools.h1, req).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        sticky.send(&pools.h1, req).await.map_err(BoxError::from)
     };
     let resp = match sent {
         Ok(resp) => {
@@ -373,13 +365,12 @@ async fn handle(out: &Outbound, sticky: &Sticky<MeshConnector>, mut req: Request
             Response::from_parts(parts, stream(body))
         }
         Err(e) => {
-            let e = &*e as &(dyn std::error::Error + 'static);
-            if let Some(tls_reason) = tls_failure(e) {
+            if let Some(tls_reason) = tls_failure(&*e) {
                 out.metrics.handshake_failure("outbound", tls_reason);
                 out.metrics.peers.handshake_failure(out.route.identity.as_str(), "outbound");
             }
             let reason =
-                format!("upstream {} ({}): {}", out.route.target, out.route.identity, super::http::error_chain(e));
+                format!("upstream {} ({}): {}", out.route.target, out.route.identity, super::http::error_chain(&*e));
             tracing::warn!(%request_id, %reason, "outbound request failed");
             error_response(StatusCode::BAD_GATEWAY, &reason, &request_id)
         }

@@ -3,6 +3,17 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, ToSocketAddrs};
+
+/// Connects to `addr` within `timeout`, with Nagle off: the data path writes whole messages and
+/// waits for answers, so delaying small writes only adds latency.
+pub async fn connect(addr: impl ToSocketAddrs + std::fmt::Display, timeout: Duration) -> std::io::Result<TcpStream> {
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(&addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {addr} timed out")))??;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
 
 /// Copies both directions until both ends have closed, or until no byte moved either way for
 /// `idle`. Returns (bytes a→b, bytes b→a).

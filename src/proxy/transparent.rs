@@ -128,10 +128,10 @@ async fn connection(t: &Transparent, mut tcp: TcpStream, remote: SocketAddr) {
     }
     // Outside the mesh: plain TCP, as the app asked. The sidecar's own UID is exempt from the
     // redirect, so this connection goes straight out.
-    let mut upstream = match tokio::time::timeout(t.limits.connect_timeout, TcpStream::connect(dst)).await {
-        Ok(Ok(s)) => s,
-        _ => {
-            tracing::info!(%dst, "pass-through: destination unreachable");
+    let mut upstream = match super::tcp::connect(dst, t.limits.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(%dst, error = %e, "pass-through: destination unreachable");
             return;
         }
     };
