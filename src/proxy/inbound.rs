@@ -504,11 +504,10 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
     }
     // The input borrows the request, which moves on now.
     drop((input, view));
-    let grpc = is_grpc(&req);
     // Only the access log needs these; skip the copies when it is off.
     let logged = inbound.access_log.enabled().then(|| (req.method().clone(), req.uri().path().to_string()));
     let resp = if !decision.allowed {
-        denial(&decision, &request_id, grpc)
+        denial(&decision, &request_id, is_grpc(&req))
     } else {
         forward(inbound, conn, req, &request_id).await
     };
