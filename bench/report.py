@@ -347,9 +347,9 @@ def main(out, doc):
         lines.append(f"### Repeated rounds ({rounds} interleaved; the goals are judged on these)")
         lines.append("")
         lines.append(
-            f"On this VM one pass gives one sample per topology, and a topology's maximum moved by "
-            f"±20 % between identical passes (Palisade 16.5k–25.3k req/s, nginx 16.7k–24.3k, same "
-            f"binaries). So after the pass above the script runs {rounds} rounds; each starts every "
+            f"One pass gives one sample per topology, and on a noisy VM a topology's maximum can "
+            f"move by 20 % or more between identical passes. So after the pass above the script "
+            f"runs {rounds} rounds; each starts every "
             f"topology in turn (the order rotates per round), runs {rates[0]} req/s open loop and "
             f"the closed-loop max for {machine.get('round_duration', '?')} s each, and stops it. "
             "Cells are the median over the rounds with the range in brackets; ratios against nginx "
