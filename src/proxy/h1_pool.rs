@@ -7,12 +7,17 @@
 //! hyper-util's pooled client, which this replaces for HTTP/1.1, checked a connection out of a
 //! hashed map and back in through a spawned readiness task on every request.
 //!
+//! A held connection is still the pool's to lend: when a new downstream connection finds no idle
+//! connection in the pool, it takes one that another downstream connection holds between its
+//! requests, rather than paying a handshake while connections sit idle (nginx's shared
+//! keep-alive pool has the same property).
+//!
 //! A request that was never written (the connection turned out closed) is retried on another
 //! connection; one that was written is not, as it may have had effects.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -46,7 +51,14 @@ pub struct Pool<D> {
     max_idle_time: Duration,
     /// Replaced by a new pool: connections given back are closed, not kept.
     retired: AtomicBool,
+    /// The slots of downstream connections holding a connection of this pool, for
+    /// [`Pool::take`] to borrow from when `idle` is empty. Dead entries are swept as it goes.
+    lent: parking_lot::Mutex<Vec<Weak<Slot<D>>>>,
 }
+
+/// Where a downstream connection keeps its upstream connection (and that connection's pool)
+/// between requests.
+type Slot<D> = parking_lot::Mutex<Option<(Arc<Pool<D>>, Idle)>>;
 
 struct Idle {
     sender: SendRequest<Incoming>,
@@ -65,6 +77,7 @@ impl<D: Dial> Pool<D> {
             idle: parking_lot::Mutex::new(Vec::new()),
             max_idle_time,
             retired: AtomicBool::new(false),
+            lent: parking_lot::Mutex::new(Vec::new()),
         })
     }
 
@@ -73,17 +86,53 @@ impl<D: Dial> Pool<D> {
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Release);
         self.idle.lock().clear();
+        self.lent.lock().clear();
     }
 
-    /// A ready idle connection, if one is left: the most recently used first.
-    fn take(&self) -> Option<SendRequest<Incoming>> {
-        let mut idle = self.idle.lock();
-        while let Some(mut c) = idle.pop() {
-            if c.since.elapsed() < self.max_idle_time && is_ready_now(&mut c.sender) {
-                return Some(c.sender);
+    /// A ready idle connection, if one is left (the most recently used first), else one that a
+    /// downstream connection holds between its requests.
+    fn take(self: &Arc<Self>) -> Option<SendRequest<Incoming>> {
+        {
+            let mut idle = self.idle.lock();
+            while let Some(mut c) = idle.pop() {
+                if c.since.elapsed() < self.max_idle_time && is_ready_now(&mut c.sender) {
+                    return Some(c.sender);
+                }
             }
         }
-        None
+        self.borrow()
+    }
+
+    /// Takes a ready connection from a downstream connection that holds one of this pool between
+    /// its requests; that connection takes or dials another on its next request. A slot in use
+    /// (its owner is sending) is skipped, never waited for.
+    fn borrow(self: &Arc<Self>) -> Option<SendRequest<Incoming>> {
+        let mut found = None;
+        self.lent.lock().retain(|slot| {
+            let Some(slot) = slot.upgrade() else { return false };
+            if found.is_none()
+                && let Some(mut held) = slot.try_lock()
+                && let Some((pool, c)) = held.as_mut()
+                && Arc::ptr_eq(pool, self)
+                && c.since.elapsed() < self.max_idle_time
+                && is_ready_now(&mut c.sender)
+            {
+                found = held.take().map(|(_, c)| c.sender);
+            }
+            true
+        });
+        found
+    }
+
+    /// Makes `slot` a place [`Pool::borrow`] looks; called once per downstream connection and
+    /// pool.
+    fn lend_from(&self, slot: &Arc<Slot<D>>) {
+        let mut lent = self.lent.lock();
+        // Closed downstream connections leave dead entries; sweep them as the list doubles.
+        if lent.len() >= 64 && lent.len().is_power_of_two() {
+            lent.retain(|w| w.strong_count() > 0);
+        }
+        lent.push(Arc::downgrade(slot));
     }
 
     /// Keeps `sender` for reuse once it is ready; a closed or expired one, or any once the pool
@@ -133,18 +182,20 @@ fn is_ready_now(sender: &mut SendRequest<Incoming>) -> bool {
 /// The upstream connection one downstream connection holds between its requests. Dropping it
 /// (the downstream connection closed) gives the connection back to its pool.
 pub struct Sticky<D: Dial> {
-    held: parking_lot::Mutex<Option<(Arc<Pool<D>>, Idle)>>,
+    held: Arc<Slot<D>>,
+    /// The pool whose [`Pool::borrow`] knows `held`.
+    lent_to: parking_lot::Mutex<Weak<Pool<D>>>,
 }
 
 impl<D: Dial> Default for Sticky<D> {
     fn default() -> Self {
-        Sticky { held: parking_lot::Mutex::new(None) }
+        Sticky { held: Arc::default(), lent_to: parking_lot::Mutex::new(Weak::new()) }
     }
 }
 
 impl<D: Dial> Drop for Sticky<D> {
     fn drop(&mut self) {
-        if let Some((pool, c)) = self.held.get_mut().take() {
+        if let Some((pool, c)) = self.held.lock().take() {
             pool.put(c);
         }
     }
@@ -174,6 +225,11 @@ impl<D: Dial> Sticky<D> {
                     let previous = self.held.lock().replace((pool.clone(), Idle { sender, since: Instant::now() }));
                     if let Some((p, c)) = previous {
                         p.put(c);
+                    }
+                    let mut lent_to = self.lent_to.lock();
+                    if lent_to.as_ptr() != Arc::as_ptr(pool) {
+                        pool.lend_from(&self.held);
+                        *lent_to = Arc::downgrade(pool);
                     }
                     return Ok(resp);
                 }
@@ -300,6 +356,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_downstream_connection_borrows_an_idle_held_connection_instead_of_dialling() {
+        let addr = server(usize::MAX).await;
+        let dials = Arc::new(AtomicUsize::new(0));
+        let pool = Pool::new(CountingDial { addr, dials: dials.clone() }, Duration::from_secs(60));
+        let (first, second) = (Sticky::default(), Sticky::default());
+        let resp = first.send(&pool, relay_request(addr).await).await.unwrap();
+        assert_eq!(body(resp).await, "0");
+        // `first` holds the only connection, idle between its requests: `second` takes it.
+        let resp = second.send(&pool, relay_request(addr).await).await.unwrap();
+        assert_eq!(body(resp).await, "0");
+        assert!(first.held.lock().is_none());
+        // And back: `first` finds its slot empty and borrows from `second`.
+        let resp = first.send(&pool, relay_request(addr).await).await.unwrap();
+        assert_eq!(body(resp).await, "0");
+        assert_eq!(dials.load(Ordering::SeqCst), 1);
+        // Two requests at once: one connection is not enough, so the second one dials.
+        let (r1, r2) = (relay_request(addr).await, relay_request(addr).await);
+        let (a, b) = tokio::join!(first.send(&pool, r1), second.send(&pool, r2));
+        let mut seen = [body(a.unwrap()).await, body(b.unwrap()).await];
+        seen.sort();
+        assert_eq!(seen, ["0", "1"]);
+        assert_eq!(dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
     async fn a_closed_connection_is_replaced_and_a_replaced_pool_is_not_used() {
         let addr = server(2).await;
         let dials = Arc::new(AtomicUsize::new(0));
@@ -325,8 +406,10 @@ mod tests {
         let dials = Arc::new(AtomicUsize::new(0));
         let pool = Pool::new(CountingDial { addr, dials: dials.clone() }, Duration::from_secs(60));
         let (idle, held) = (Sticky::default(), Sticky::default());
-        idle.send(&pool, relay_request(addr).await).await.unwrap();
-        held.send(&pool, relay_request(addr).await).await.unwrap();
+        // At once, so that each dials its own connection.
+        let (r1, r2) = (relay_request(addr).await, relay_request(addr).await);
+        let (a, b) = tokio::join!(idle.send(&pool, r1), held.send(&pool, r2));
+        (a.unwrap(), b.unwrap());
         drop(idle);
         assert_eq!(pool.idle.lock().len(), 1);
         pool.retire();
