@@ -409,7 +409,8 @@ mod tests {
         // At once, so that each dials its own connection.
         let (r1, r2) = (relay_request(addr).await, relay_request(addr).await);
         let (a, b) = tokio::join!(idle.send(&pool, r1), held.send(&pool, r2));
-        (a.unwrap(), b.unwrap());
+        a.unwrap();
+        b.unwrap();
         drop(idle);
         assert_eq!(pool.idle.lock().len(), 1);
         pool.retire();
