@@ -331,6 +331,12 @@ mod tests {
         rx.await.unwrap()
     }
 
+    /// A pool dialling `addr`, and the count of its dials.
+    fn counted_pool(addr: std::net::SocketAddr, max_idle: Duration) -> (Arc<Pool<CountingDial>>, Arc<AtomicUsize>) {
+        let dials = Arc::new(AtomicUsize::new(0));
+        (Pool::new(CountingDial { addr, dials: dials.clone() }, max_idle), dials)
+    }
+
     async fn body(resp: Response<Incoming>) -> String {
         String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
     }
@@ -338,8 +344,7 @@ mod tests {
     #[tokio::test]
     async fn one_downstream_connection_keeps_one_upstream_connection() {
         let addr = server(usize::MAX).await;
-        let dials = Arc::new(AtomicUsize::new(0));
-        let pool = Pool::new(CountingDial { addr, dials: dials.clone() }, Duration::from_secs(60));
+        let (pool, dials) = counted_pool(addr, Duration::from_secs(60));
         let sticky = Sticky::default();
         for _ in 0..5 {
             let resp = sticky.send(&pool, relay_request(addr).await).await.unwrap();
@@ -358,8 +363,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_downstream_connection_borrows_an_idle_held_connection_instead_of_dialling() {
         let addr = server(usize::MAX).await;
-        let dials = Arc::new(AtomicUsize::new(0));
-        let pool = Pool::new(CountingDial { addr, dials: dials.clone() }, Duration::from_secs(60));
+        let (pool, dials) = counted_pool(addr, Duration::from_secs(60));
         let (first, second) = (Sticky::default(), Sticky::default());
         let resp = first.send(&pool, relay_request(addr).await).await.unwrap();
         assert_eq!(body(resp).await, "0");
@@ -383,8 +387,7 @@ mod tests {
     #[tokio::test]
     async fn a_closed_connection_is_replaced_and_a_replaced_pool_is_not_used() {
         let addr = server(2).await;
-        let dials = Arc::new(AtomicUsize::new(0));
-        let pool = Pool::new(CountingDial { addr, dials: dials.clone() }, Duration::from_secs(60));
+        let (pool, dials) = counted_pool(addr, Duration::from_secs(60));
         let sticky = Sticky::default();
         let mut seen = Vec::new();
         for _ in 0..4 {
@@ -403,8 +406,7 @@ mod tests {
     #[tokio::test]
     async fn a_retired_pool_closes_its_idle_connections_and_keeps_none_given_back() {
         let addr = server(usize::MAX).await;
-        let dials = Arc::new(AtomicUsize::new(0));
-        let pool = Pool::new(CountingDial { addr, dials: dials.clone() }, Duration::from_secs(60));
+        let (pool, dials) = counted_pool(addr, Duration::from_secs(60));
         let (idle, held) = (Sticky::default(), Sticky::default());
         // At once, so that each dials its own connection.
         let (r1, r2) = (relay_request(addr).await, relay_request(addr).await);
@@ -424,8 +426,7 @@ mod tests {
     #[tokio::test]
     async fn an_expired_idle_connection_is_not_reused() {
         let addr = server(usize::MAX).await;
-        let dials = Arc::new(AtomicUsize::new(0));
-        let pool = Pool::new(CountingDial { addr, dials: dials.clone() }, Duration::ZERO);
+        let (pool, dials) = counted_pool(addr, Duration::ZERO);
         let sticky = Sticky::default();
         for _ in 0..2 {
             sticky.send(&pool, relay_request(addr).await).await.unwrap();
