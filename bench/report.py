@@ -183,13 +183,21 @@ def main(out, doc):
         p, d = pct(t, f"r{r}-{first}", "p99"), pct("direct", f"r{r}-{first}", "p99")
         return None if p is None or d is None else p - d
 
-    def max_ratio(t, r):
-        a, b = rps(t, f"r{r}-max"), rps("nginx", f"r{r}-max")
-        return None if not a or not b else a / b
+    def round_max(t, r):
+        return rps(t, f"r{r}-max")
 
-    def cpu_sum(t, step):
-        c, s = cpu_per_k(t, step, "client"), cpu_per_k(t, step, "server")
+    def round_cpu(t, r):
+        c, s = cpu_per_k(t, f"r{r}-max", "client"), cpu_per_k(t, f"r{r}-max", "server")
         return None if c is None or s is None else c + s
+
+    def vs_nginx(fn, t):
+        """fn(t, r) / fn("nginx", r) for each round where both have a value."""
+
+        def one(r):
+            a, b = fn(t, r), fn("nginx", r)
+            return None if a is None or not b else a / b
+
+        return per_round(one)
 
     def spread(v, fmt):
         if not v:
@@ -365,14 +373,10 @@ def main(out, doc):
         fm = lambda v: f"{v * 1000:.2f}"
         f3 = lambda v: f"{v:.3f}"
         for t in rt:
-            maxes = per_round(lambda r: rps(t, f"r{r}-max"))
-            ratios = per_round(lambda r: max_ratio(t, r))
-            cpus = per_round(lambda r: cpu_sum(t, f"r{r}-max"))
-            cpu_ratios = per_round(
-                lambda r: None
-                if cpu_sum(t, f"r{r}-max") is None or not cpu_sum("nginx", f"r{r}-max")
-                else cpu_sum(t, f"r{r}-max") / cpu_sum("nginx", f"r{r}-max")
-            )
+            maxes = per_round(lambda r: round_max(t, r))
+            ratios = vs_nginx(round_max, t)
+            cpus = per_round(lambda r: round_cpu(t, r))
+            cpu_ratios = vs_nginx(round_cpu, t)
             p99s = per_round(lambda r: pct(t, f"r{r}-{first}", "p99"))
             p999s = per_round(lambda r: pct(t, f"r{r}-{first}", "p99.9"))
             adds = per_round(lambda r: added_p99(t, r))
@@ -387,14 +391,10 @@ def main(out, doc):
     lines.append("### Goals of issue 8")
     lines.append("")
     if rounds > 0 and "palisade" in topos and "nginx" in topos and "direct" in topos:
-        ap, an = per_round(lambda r: added_p99("palisade", r)), per_round(lambda r: added_p99("nginx", r))
-        pairs = per_round(
-            lambda r: None
-            if added_p99("palisade", r) is None or added_p99("nginx", r) is None
-            else (added_p99("palisade", r), added_p99("nginx", r))
-        )
-        if ap and an:
-            mp, mn = median(ap), median(an)
+        both = [(added_p99("palisade", r), added_p99("nginx", r)) for r in range(1, rounds + 1)]
+        pairs = [(p_, n_) for p_, n_ in both if p_ is not None and n_ is not None]
+        if pairs:
+            mp, mn = median([p_ for p_, _ in pairs]), median([n_ for _, n_ in pairs])
             wins = sum(1 for p_, n_ in pairs if p_ <= n_)
             verdict = "met" if mp <= mn else f"**missed** by {(mp - mn) * 1000:.2f} ms"
             lines.append(
@@ -402,7 +402,7 @@ def main(out, doc):
                 f"Palisade {mp * 1000:.2f} ms, nginx {mn * 1000:.2f} ms — {verdict}; Palisade's was "
                 f"≤ nginx's in {wins} of {len(pairs)} rounds."
             )
-        ratios = per_round(lambda r: max_ratio("palisade", r))
+        ratios = vs_nginx(round_max, "palisade")
         if ratios:
             mr = median(ratios)
             wins = sum(1 for x in ratios if x >= 1)
@@ -410,8 +410,8 @@ def main(out, doc):
             lines.append(
                 f"- Max throughput ≥ nginx pair's (median of per-round ratios, {len(ratios)} rounds): "
                 f"{mr:.2f}× — {verdict}; Palisade was ahead in {wins} of {len(ratios)} rounds "
-                f"(medians: Palisade {median(per_round(lambda r: rps('palisade', f'r{r}-max'))):.0f} req/s, "
-                f"nginx {median(per_round(lambda r: rps('nginx', f'r{r}-max'))):.0f} req/s)."
+                f"(medians: Palisade {median(per_round(lambda r: round_max('palisade', r))):.0f} req/s, "
+                f"nginx {median(per_round(lambda r: round_max('nginx', r))):.0f} req/s)."
             )
         lines.append("- The single pass above, for comparison (one sample each):")
     if "palisade" in topos and "nginx" in topos:

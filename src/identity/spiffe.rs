@@ -66,10 +66,9 @@ impl SpiffeId {
 /// The bounds in `uri` of the segment after the first segment `key` of the path, which starts
 /// at `path_start`.
 fn segment_after(uri: &str, path_start: usize, key: &str) -> Option<(u16, u16)> {
-    let mut at = path_start;
-    let mut parts = uri[path_start..].split('/');
-    let _leading = parts.next(); // before the path's first '/'
-    at += 1;
+    // Past the path's leading '/'; an empty path has no segments.
+    let mut at = path_start + 1;
+    let mut parts = uri.get(at..)?.split('/');
     while let Some(p) = parts.next() {
         at += p.len() + 1;
         if p == key {

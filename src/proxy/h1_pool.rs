@@ -1,16 +1,18 @@
 //! HTTP/1.1 connection reuse on the data path without a pool operation per request.
 //!
 //! An HTTP/1.1 connection carries one request at a time, and so does the downstream HTTP/1.1
-//! connection a request arrives on. So each downstream connection keeps ("sticks to") one
-//! upstream connection for as long as it lives: the shared [`Pool`] is touched when the
-//! downstream connection sends its first request and when it closes, not per request.
-//! hyper-util's pooled client, which this replaces for HTTP/1.1, checked a connection out of a
-//! hashed map and back in through a spawned readiness task on every request.
+//! connection a request arrives on. So each downstream connection keeps ("sticks to") the
+//! upstream connection it last used, and sends its next request over it: the shared [`Pool`] is
+//! touched when the downstream connection starts, when it closes, and when its connection was
+//! lent away, not per request. hyper-util's pooled client, which this replaces for HTTP/1.1,
+//! checked a connection out of a hashed map and back in through a spawned readiness task on
+//! every request.
 //!
-//! A held connection is still the pool's to lend: when a new downstream connection finds no idle
-//! connection in the pool, it takes one that another downstream connection holds between its
+//! A held connection is still the pool's to lend: a downstream connection that finds no idle
+//! connection in the pool takes one that another downstream connection holds between its
 //! requests, rather than paying a handshake while connections sit idle (nginx's shared
-//! keep-alive pool has the same property).
+//! keep-alive pool has the same property). So the pool holds about as many connections as
+//! requests were in flight at once, not one per downstream connection.
 //!
 //! A request that was never written (the connection turned out closed) is retried on another
 //! connection; one that was written is not, as it may have had effects.

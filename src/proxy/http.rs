@@ -55,15 +55,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    // Names listed in `Connection` other than the connection options (`keep-alive`, `close`)
-    // and the fixed set; collected first, as they are removed from the map they are read from.
+    // Names listed in `Connection` outside the fixed set (which covers the `keep-alive` option)
+    // and other than the `close` option; collected first, as they are removed from the map they
+    // are read from.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+        .filter(|n| !n.eq_ignore_ascii_case("close"))
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .filter(|n| hop_index(n).is_none())
         .collect();
