@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
@@ -22,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::h1_pool::{Dial, Pool, Sticky};
 use super::http::{BoxError, ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response, stream, strip_hop_by_hop};
-use super::limits::{Drain, Limits};
+use super::limits::{Drain, Limits, heed};
 use super::view::{MeshView, PeerAuthMode};
 use crate::identity::SpiffeId;
 use crate::policy::{Decision, EngineKind, Input, LiveRequest, RequestAttributes};
@@ -333,30 +334,43 @@ where
     builder.http2().timer(TokioTimer::new());
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
-    let stop = inbound.drain.signaled();
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = &mut stop => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-                return;
-            }
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(remote = %peer.remote, error = %e, "inbound connection ended with error");
-                }
-                return;
-            }
-            // A revocation cuts the peer's open connections, not only its next handshake.
-            Ok(()) = revocations.changed() => {
-                if let Some(id) = &peer.id && inbound.bundle.is_revoked(id.as_str(), &peer.serial) {
-                    tracing::warn!(remote = %peer.remote, peer = %id, serial = %peer.serial, "closing connection of a revoked peer");
-                    return;
+    // Draining, or a revocation of this peer: a revocation cuts its open connections, not only
+    // its next handshake.
+    let interrupt = async {
+        let stop = inbound.drain.signaled();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return Interrupt::Drain,
+                Ok(()) = revocations.changed() => {
+                    if let Some(id) = &peer.id && inbound.bundle.is_revoked(id.as_str(), &peer.serial) {
+                        return Interrupt::Revoked(id.clone());
+                    }
                 }
             }
         }
+    };
+    tokio::pin!(interrupt);
+    match heed(conn.as_mut(), interrupt.as_mut()).await {
+        Either::Left(res) => {
+            if let Err(e) = res {
+                tracing::debug!(remote = %peer.remote, error = %e, "inbound connection ended with error");
+            }
+        }
+        Either::Right(Interrupt::Drain) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+        Either::Right(Interrupt::Revoked(id)) => {
+            tracing::warn!(remote = %peer.remote, peer = %id, serial = %peer.serial, "closing connection of a revoked peer");
+        }
     }
+}
+
+/// Why an inbound connection stops before its peer or app ends it.
+enum Interrupt {
+    Drain,
+    Revoked(SpiffeId),
 }
 
 /// The protocol the calling app spoke (`HTTP/1.1`, `HTTP/2.0`, ...), whatever carried the

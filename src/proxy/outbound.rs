@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_util::future::Either;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
@@ -23,7 +24,7 @@ use tokio_rustls::client::TlsStream;
 use super::detect::{Prefixed, Protocol, detect};
 use super::h1_pool::{Dial, Pool, Sticky};
 use super::http::{BoxError, ProxyBody, ensure_request_id, error_response, stream, strip_hop_by_hop};
-use super::limits::{Drain, Limits};
+use super::limits::{Drain, Limits, heed};
 use crate::identity::SpiffeId;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::{ProxyMetrics, RequestMetrics};
@@ -277,13 +278,13 @@ pub async fn connection(out: &Arc<Outbound>, mut tcp: TcpStream, remote: SocketA
     tokio::pin!(conn);
     let stop = out.drain.signaled();
     tokio::pin!(stop);
-    tokio::select! {
-        res = conn.as_mut() => {
+    match heed(conn.as_mut(), stop.as_mut()).await {
+        Either::Left(res) => {
             if let Err(e) = res {
                 tracing::debug!(%remote, error = %e, "outbound connection ended with error");
             }
         }
-        _ = &mut stop => {
+        Either::Right(()) => {
             // Finish the requests in flight, then close; idle keep-alive connections close now.
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
