@@ -35,7 +35,8 @@ BUCKETS = [
     ("TLS and crypto (rustls, aws-lc)", ("rustls", "aws_lc", "aws-lc", "sha256", "gcm", "aes", "chacha")),
     ("HTTP (hyper, h2, httparse, http)", ("hyper", "h2::", "httparse", "http::")),
     ("access log, metrics, tracing", ("serde_json", "prometheus", "tracing", "access")),
-    ("memory allocation (malloc/free)", ("malloc", "free", "cfree", "realloc", "memcpy", "memmove", "_int_")),
+    # jemalloc's symbols (the sidecar's allocator since d7d0138) all start with `_rjem_`.
+    ("memory allocation (malloc/free)", ("malloc", "free", "cfree", "realloc", "memcpy", "memmove", "_int_", "_rjem_")),
     ("async runtime (tokio)", ("tokio",)),
 ]
 

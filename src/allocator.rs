@@ -3,7 +3,7 @@
 //! Per request a sidecar allocates and frees a few buffers of 1–8 KiB: a TLS record to encrypt,
 //! HTTP read buffers. glibc's malloc serves sizes above its 1 KiB per-thread cache from shared
 //! bins, at 300–600 instructions a call; jemalloc's per-thread cache holds them. Measured on a
-//! sidecar pair with callgrind (`bench/instructions`): 3.5 % fewer instructions per request.
+//! sidecar pair with callgrind (`bench/instructions`): 2.5 % fewer instructions per request.
 //! mimalloc did as well on instructions but, in both versions tried, kept 5–9 MiB more resident
 //! per sidecar unless an environment variable turned its eager arena commit off; jemalloc's
 //! options are compiled in below (docs/benchmarks.md has the figures).
@@ -15,7 +15,8 @@ use std::ffi::c_char;
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// The options jemalloc reads before `main` (its weak `malloc_conf` symbol, `_rjem_`-prefixed
-/// as `tikv-jemalloc-sys` builds it). `MALLOC_CONF` in the environment still overrides them.
+/// as `tikv-jemalloc-sys` builds it). `_RJEM_MALLOC_CONF` in the environment still overrides
+/// them, for an experiment.
 /// - `narenas:1`: one arena. A sidecar's data path is one thread; the default, four arenas per
 ///   CPU, spreads the control-plane and admin threads' few allocations over arenas of their
 ///   own, each with its own partly used pages.
