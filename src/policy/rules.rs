@@ -214,6 +214,7 @@ impl SourceMatcher {
     }
 
     /// The first field that does not match.
+    ///
     /// A field the rule leaves out is not read from the request (the caller's address is made
     /// canonical for every rule otherwise).
     fn miss(&self, input: &Input) -> Option<&'static str> {
