@@ -15,6 +15,9 @@ NAMES = {
     "haproxy": "HAProxy pair",
 }
 LOAD_LIMIT = 1.0
+# A CPU taken away by the host for longer than this (bench/run's stall probe) marks the latency
+# verdicts of a run as the host's rather than the proxies'.
+STALL_LIMIT_MS = 2.0
 
 
 def load_oha(path):
@@ -225,6 +228,24 @@ def main(out, doc):
             "ran the script, not necessarily the source of that binary."
         )
         lines.append("")
+    # Host stalls: bench/run's busy-loop probe per CPU at start and end ("cpu:longest_ms:gaps").
+    probes = {}
+    for when in ("start", "end"):
+        for item in machine.get(f"stalls_{when}", "").split():
+            cpu, longest, gaps = item.split(":")
+            probes.setdefault(when, []).append((cpu, float(longest), int(gaps)))
+    worst_stall = max((longest for p_ in probes.values() for _, longest, _ in p_), default=None)
+    if probes:
+        said = "; ".join(
+            f"at {when} " + ", ".join(f"CPU {c} {l:.1f} ms ({g} over 0.5 ms)" for c, l, g in p_)
+            for when, p_ in probes.items()
+        )
+        lines.append(
+            f"Host stalls (a busy loop on every CPU for 5 s; the longest time the host took the CPU "
+            f"away, and how often it took more than 0.5 ms): {said}."
+        )
+        lines.append("")
+    noisy_host = worst_stall is not None and worst_stall > STALL_LIMIT_MS
     loaded = any(
         max(float(m["load_before"]), float(m["load_after"])) > LOAD_LIMIT for m in meas.values()
     )
@@ -450,6 +471,13 @@ def main(out, doc):
             lines.append(
                 "- These verdicts come from a run on a loaded machine (see above); the ratios are "
                 "from the same run, but treat small gaps as noise."
+            )
+        if noisy_host:
+            lines.append(
+                f"- **Noisy host:** the probe saw a CPU taken away for {worst_stall:.1f} ms (more than "
+                f"{STALL_LIMIT_MS} ms). Such stalls land in every proxy pair's latency tail and not in "
+                "the direct baseline's; the p99 verdicts of this run say more about the host than "
+                "about the proxies."
             )
     else:
         lines.append("- (Palisade or nginx topology not in this run.)")
