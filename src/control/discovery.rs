@@ -20,9 +20,10 @@ use tokio::sync::{Notify, mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::ca_set::CaSet;
-use super::resources::Resource;
+use super::source::{Resource, Spec};
 use crate::identity::SpiffeId;
 use crate::identity::ca::now_unix;
+use crate::k8s::crd::MtlsMode;
 use crate::proto::discovery::discovery_server::Discovery;
 use crate::proto::discovery::{
     DiscoveryRequest, DiscoveryResponse, Endpoint, MeshConfig, Node, PeerAuthentication, Revocation, Snapshot,
@@ -224,13 +225,14 @@ impl MeshState {
         let selected: Vec<&Resource> = resources.iter().filter(|r| r.selects(ns, labels)).collect();
         let policies = selected
             .iter()
-            .filter(|r| r.kind != "PeerAuthentication")
+            .filter(|r| !matches!(r.spec, Spec::PeerAuthentication(_)))
             .map(|r| crate::proto::discovery::Resource {
-                kind: r.kind.clone(),
+                kind: r.kind().to_string(),
                 namespace: r.namespace.clone(),
                 name: r.name.clone(),
-                manifest_json: r.manifest.to_string(),
                 origin: r.origin.clone(),
+                spec_json: r.spec.to_json(),
+                labels: r.labels.clone().into_iter().collect(),
             })
             .collect();
         let peer_authentication = peer_authentication(&selected);
@@ -286,28 +288,27 @@ impl MeshState {
 /// The most specific PeerAuthentication: one with a selector beats the namespace-wide one.
 /// Without any, STRICT (zero trust).
 fn peer_authentication(selected: &[&Resource]) -> PeerAuthentication {
-    let mut chosen: Option<&&Resource> = None;
-    for r in selected.iter().filter(|r| r.kind == "PeerAuthentication") {
-        if chosen.is_none_or(|c| c.match_labels().is_none() && r.match_labels().is_some()) {
-            chosen = Some(r);
+    let mut chosen: Option<(bool, &crate::k8s::crd::PeerAuthenticationSpec)> = None;
+    for r in selected {
+        let Spec::PeerAuthentication(spec) = &r.spec else { continue };
+        if chosen.is_none_or(|(has_selector, _)| !has_selector && spec.selector.is_some()) {
+            chosen = Some((spec.selector.is_some(), spec));
         }
     }
-    let mode_of = |v: Option<&serde_json::Value>| match v.and_then(|m| m.as_str()) {
-        Some("PERMISSIVE") => Mode::Permissive,
+    let mode_of = |m: Option<MtlsMode>| match m {
+        Some(MtlsMode::Permissive) => Mode::Permissive,
         _ => Mode::Strict,
     };
-    let Some(r) = chosen else {
+    let Some((_, spec)) = chosen else {
         return PeerAuthentication { mode: Mode::Strict as i32, port_modes: Default::default() };
     };
-    let spec = &r.manifest["spec"];
+    // Ports were checked when the resource was validated.
     let port_modes = spec
-        .get("portLevelMtls")
-        .and_then(|p| p.as_object())
-        .map(|m| {
-            m.iter().filter_map(|(port, v)| Some((port.parse::<u32>().ok()?, mode_of(v.get("mode")) as i32))).collect()
-        })
-        .unwrap_or_default();
-    PeerAuthentication { mode: mode_of(spec.get("mtls").and_then(|m| m.get("mode"))) as i32, port_modes }
+        .port_level_mtls
+        .iter()
+        .filter_map(|(port, m)| Some((port.parse::<u16>().ok()?.into(), mode_of(Some(m.mode)) as i32)))
+        .collect();
+    PeerAuthentication { mode: mode_of(spec.mtls.as_ref().map(|m| m.mode)) as i32, port_modes }
 }
 
 /// A content hash: equal snapshots have equal versions, across restarts too.
@@ -494,19 +495,18 @@ pub fn revocation_sets(revocations: &[Revocation]) -> (HashSet<String>, HashSet<
 mod tests {
     use super::*;
 
-    fn resource(yaml: &str) -> Resource {
-        super::super::resources::parse_file("t.yaml", yaml).unwrap().remove(0)
+    fn resource(spec: serde_json::Value, name: &str) -> Resource {
+        super::super::source::validate("PeerAuthentication", "shop", name, Default::default(), spec, "t".into())
+            .unwrap()
     }
 
     #[test]
     fn peer_authentication_prefers_the_selector_and_keeps_port_modes() {
-        let ns_wide = resource(
-            "apiVersion: palisade.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\n\
-             spec: {mtls: {mode: PERMISSIVE}}\n",
-        );
+        let ns_wide = resource(serde_json::json!({"mtls": {"mode": "PERMISSIVE"}}), "default");
         let selected = resource(
-            "apiVersion: palisade.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: orders, namespace: shop}\n\
-             spec:\n  selector: {matchLabels: {app: orders}}\n  mtls: {mode: STRICT}\n  portLevelMtls: {\"9090\": {mode: PERMISSIVE}}\n",
+            serde_json::json!({"selector": {"matchLabels": {"app": "orders"}}, "mtls": {"mode": "STRICT"},
+                               "portLevelMtls": {"9090": {"mode": "PERMISSIVE"}}}),
+            "orders",
         );
         let pa = peer_authentication(&[&ns_wide, &selected]);
         assert_eq!(pa.mode, Mode::Strict as i32);

@@ -4,8 +4,8 @@
 pub mod ca_set;
 pub mod discovery;
 pub mod identity_service;
-pub mod resources;
 pub mod server;
+pub mod source;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -6,5 +6,4 @@ pub mod ca_secret;
 pub mod crd;
 pub mod inject;
 pub mod lease;
-pub mod source;
 pub mod webhook;

@@ -29,6 +29,29 @@ pub struct AuthorizationPolicy {
     pub spec: AuthorizationPolicySpec,
 }
 
+impl AuthorizationPolicy {
+    /// The document for a policy known by namespace, name and typed spec: how the control plane
+    /// compiles a resource and how a sidecar compiles what it was sent, so both compile the same.
+    pub fn from_spec(
+        namespace: &str,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        spec: AuthorizationPolicySpec,
+    ) -> Self {
+        AuthorizationPolicy {
+            api_version: API_VERSION.to_string(),
+            kind: KIND.to_string(),
+            metadata: ObjectMeta {
+                name: name.to_string(),
+                namespace: namespace.to_string(),
+                labels: labels.clone(),
+                annotations: BTreeMap::new(),
+            },
+            spec,
+        }
+    }
+}
+
 /// The subset of Kubernetes object metadata a policy uses.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

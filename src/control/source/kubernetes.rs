@@ -9,7 +9,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -20,10 +19,9 @@ use kube::{Resource as _, ResourceExt};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 
-use super::crd;
-use crate::control::discovery::MeshState;
-use crate::control::resources::{Resource, ResourceError};
+use super::{ConfigSource, NOT_ENFORCED, Resource, ResourceError, SourceState, validate};
 use crate::identity::SpiffeId;
+use crate::k8s::crd;
 use crate::proto::discovery::Endpoint;
 
 /// Annotation the injector sets on every pod it meshed.
@@ -37,19 +35,23 @@ struct Verdict {
     last_accepted: Option<Resource>,
 }
 
-/// Watches the cluster until the process ends.
+/// Watches the cluster's CRDs, Pods and Services.
 pub struct KubeSource {
-    pub client: kube::Client,
-    pub trust_domain: String,
-    pub mesh: Arc<MeshState>,
-    pub errors: Arc<ArcSwap<Vec<ResourceError>>>,
-    pub leader: watch::Receiver<bool>,
+    client: kube::Client,
+    trust_domain: String,
+    leader: watch::Receiver<bool>,
+    changed: Arc<Notify>,
+    crds: Vec<(ApiResource, Store<DynamicObject>)>,
+    pods: Store<Pod>,
+    services: Store<Service>,
+    verdicts: HashMap<String, Verdict>,
+    /// The status this replica last wrote, by uid, so an unchanged verdict is not rewritten.
+    written: HashMap<String, (i64, Result<(), String>)>,
 }
 
 impl KubeSource {
-    /// Starts the watches and returns once each has listed what exists, so the control plane
-    /// never serves a snapshot built before it read its resources.
-    pub async fn start(self) -> anyhow::Result<()> {
+    /// Starts the watches. CRD status is written while `leader` says this replica leads.
+    pub fn new(client: kube::Client, trust_domain: String, leader: watch::Receiver<bool>) -> Self {
         let changed = Arc::new(Notify::new());
         let mut crds = Vec::new();
         for ar in [
@@ -58,32 +60,45 @@ impl KubeSource {
             ApiResource::erase::<crd::RequestAuthentication>(&()),
             ApiResource::erase::<crd::RateLimitPolicy>(&()),
         ] {
-            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
             let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
             crds.push((ar, watch_into(api, writer, changed.clone())));
         }
-        let pods = watch_into(Api::<Pod>::all(self.client.clone()), Default::default(), changed.clone());
-        let services = watch_into(Api::<Service>::all(self.client.clone()), Default::default(), changed.clone());
-        for (ar, store) in &crds {
+        let pods = watch_into(Api::<Pod>::all(client.clone()), Default::default(), changed.clone());
+        let services = watch_into(Api::<Service>::all(client.clone()), Default::default(), changed.clone());
+        KubeSource {
+            client,
+            trust_domain,
+            leader,
+            changed,
+            crds,
+            pods,
+            services,
+            verdicts: HashMap::new(),
+            written: HashMap::new(),
+        }
+    }
+}
+
+impl ConfigSource for KubeSource {
+    /// Returns once each watch has listed what exists.
+    async fn initial(&mut self) -> anyhow::Result<SourceState> {
+        for (ar, store) in &self.crds {
             store.wait_until_ready().await.map_err(|e| anyhow::anyhow!("watching {}: {e}", ar.plural))?;
         }
-        pods.wait_until_ready().await.map_err(|e| anyhow::anyhow!("watching pods: {e}"))?;
-        services.wait_until_ready().await.map_err(|e| anyhow::anyhow!("watching services: {e}"))?;
-
-        let mut state = State { verdicts: HashMap::new(), written: HashMap::new() };
-        state.rebuild(&self, &crds, &pods, &services).await;
+        self.pods.wait_until_ready().await.map_err(|e| anyhow::anyhow!("watching pods: {e}"))?;
+        self.services.wait_until_ready().await.map_err(|e| anyhow::anyhow!("watching services: {e}"))?;
+        let state = self.rebuild().await;
         tracing::info!("kubernetes resource source synced");
-        let mut leader = self.leader.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = changed.notified() => {}
-                    r = leader.changed() => if r.is_err() { return },
-                }
-                state.rebuild(&self, &crds, &pods, &services).await;
-            }
-        });
-        Ok(())
+        Ok(state)
+    }
+
+    async fn changed(&mut self) -> SourceState {
+        tokio::select! {
+            _ = self.changed.notified() => {}
+            r = self.leader.changed() => if r.is_err() { std::future::pending::<()>().await },
+        }
+        self.rebuild().await
     }
 }
 
@@ -107,26 +122,14 @@ where
     reader
 }
 
-struct State {
-    /// Verdicts by object uid.
-    verdicts: HashMap<String, Verdict>,
-    /// The status this replica last wrote, by uid, so an unchanged verdict is not rewritten.
-    written: HashMap<String, (i64, Result<(), String>)>,
-}
-
-impl State {
-    async fn rebuild(
-        &mut self,
-        src: &KubeSource,
-        crds: &[(ApiResource, Store<DynamicObject>)],
-        pods: &Store<Pod>,
-        services: &Store<Service>,
-    ) {
+impl KubeSource {
+    /// Judges every object (once per generation), and writes CRD status when leading.
+    async fn rebuild(&mut self) -> SourceState {
         let mut resources = Vec::new();
         let mut errors = Vec::new();
         let mut live = std::collections::HashSet::new();
         let mut to_write = Vec::new();
-        for (ar, store) in crds {
+        for (ar, store) in &self.crds {
             for obj in store.state() {
                 let uid = obj.uid().unwrap_or_default();
                 live.insert(uid.clone());
@@ -147,8 +150,11 @@ impl State {
                     Err(message) => {
                         let ns = obj.namespace().unwrap_or_default();
                         errors.push(ResourceError {
-                            file: format!("kubernetes:{}/{ns}/{}", ar.kind, obj.name_any()),
-                            document: 0,
+                            origin: format!("kubernetes:{}/{ns}/{}", ar.kind, obj.name_any()),
+                            document: None,
+                            line: None,
+                            column: None,
+                            object: Some(format!("{} {ns}/{}", ar.kind, obj.name_any())),
                             message: message.clone(),
                         });
                         // The last accepted generation of this object stays in force.
@@ -168,15 +174,11 @@ impl State {
         }
         self.verdicts.retain(|uid, _| live.contains(uid));
         self.written.retain(|uid, _| live.contains(uid));
-        resources.sort_by(|a, b| (&a.kind, &a.namespace, &a.name).cmp(&(&b.kind, &b.namespace, &b.name)));
-        src.mesh.set_resources(resources);
-        src.errors.store(Arc::new(errors));
-        src.mesh.set_cluster_endpoints(endpoints(&src.trust_domain, pods, services));
-
-        if *src.leader.borrow() {
+        let endpoints = endpoints(&self.trust_domain, &self.pods, &self.services);
+        if *self.leader.borrow() {
             for (ar, obj, generation, status) in to_write {
                 let uid = obj.uid().unwrap_or_default();
-                match write_status(&src.client, &ar, &obj, generation, &status).await {
+                match write_status(&self.client, &ar, &obj, generation, &status).await {
                     Ok(()) => {
                         self.written.insert(uid, (generation, status));
                     }
@@ -186,6 +188,7 @@ impl State {
                 }
             }
         }
+        SourceState { resources, errors, endpoints: Some(endpoints) }
     }
 }
 
@@ -199,18 +202,9 @@ fn to_resource(kind: &str, obj: &DynamicObject) -> Result<Resource, String> {
     if !spec.is_object() {
         return Err("missing object field `spec`".into());
     }
-    crd::validate(kind, &name, &namespace, &spec)?;
-    let mut metadata = json!({"name": name, "namespace": namespace});
-    if let Some(labels) = obj.metadata.labels.as_ref().filter(|l| !l.is_empty()) {
-        metadata["labels"] = json!(labels);
-    }
-    Ok(Resource {
-        kind: kind.to_string(),
-        namespace: namespace.clone(),
-        name: name.clone(),
-        manifest: json!({"apiVersion": crd::API_VERSION, "kind": kind, "metadata": metadata, "spec": spec}),
-        origin: format!("kubernetes:{kind}/{namespace}/{name}"),
-    })
+    let labels: BTreeMap<String, String> = obj.metadata.labels.clone().unwrap_or_default();
+    let origin = format!("kubernetes:{kind}/{namespace}/{name}");
+    validate(kind, &namespace, &name, labels, spec, origin).map_err(|e| e.message)
 }
 
 /// Status, reason and message of the `Accepted` condition for a `kind` object with `status`.
@@ -218,7 +212,7 @@ fn acceptance(kind: &str, status: &Result<(), String>) -> (&'static str, &'stati
     match status {
         Err(m) => ("False", "Invalid", m.clone()),
         // Said plainly, so nobody takes an accepted JWT or rate-limit rule for a protection.
-        Ok(()) if crate::control::resources::NOT_ENFORCED.contains(&kind) => (
+        Ok(()) if NOT_ENFORCED.contains(&kind) => (
             "True",
             "NotEnforced",
             format!("accepted and valid, but this version of Palisade does not enforce {kind} yet"),
