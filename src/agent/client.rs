@@ -15,7 +15,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::identity::SpiffeId;
 use crate::proto::identity::identity_client::IdentityClient;
 use crate::proto::identity::{CertifyRequest, CertifyResponse, certify_request::Credential};
-use crate::tls::{CertStore, TrustBundle, config};
+use crate::tls::{CertStore, TrustSource, config};
 
 /// A failure to reach or use the control plane.
 #[derive(Debug, thiserror::Error)]
@@ -54,8 +54,8 @@ pub struct ControlClient {
 
 impl ControlClient {
     /// A client for the control plane at `addr`, which must prove `control_identity`.
-    pub fn new(addr: &str, bundle: Arc<TrustBundle>, certs: Arc<CertStore>, control_identity: SpiffeId) -> Self {
-        let tls = config::client_config(certs, bundle, Some(control_identity), &[config::ALPN_H2]);
+    pub fn new(addr: &str, trust: Arc<dyn TrustSource>, certs: Arc<CertStore>, control_identity: SpiffeId) -> Self {
+        let tls = config::client_config(certs, trust, Some(control_identity), &[config::ALPN_H2]);
         Self::with_tls_config(addr, tls)
     }
 

@@ -19,7 +19,7 @@ use crate::agent::{ControlClient, ControlClientError};
 use crate::proto::identity::certify_request::Credential;
 use crate::proto::telemetry::{CertificateEvent, certificate_event::Kind};
 use crate::telemetry::metrics::CertMetrics;
-use crate::tls::{CertStore, TrustBundle};
+use crate::tls::CertStore;
 
 use super::ca::now_unix;
 
@@ -50,7 +50,7 @@ pub struct CertInfo {
 /// Owns the workload certificate of one sidecar.
 pub struct CertManager {
     certs: Arc<CertStore>,
-    bundle: Arc<TrustBundle>,
+    roots: tokio::sync::watch::Sender<Option<Arc<str>>>,
     control: ControlClient,
     metrics: Arc<CertMetrics>,
     info: ArcSwapOption<CertInfo>,
@@ -84,14 +84,15 @@ impl Bootstrap {
 }
 
 impl CertManager {
-    /// A manager that installs certificates into `certs` and roots into `bundle`.
-    pub fn new(
-        certs: Arc<CertStore>,
-        bundle: Arc<TrustBundle>,
-        control: ControlClient,
-        metrics: Arc<CertMetrics>,
-    ) -> Arc<Self> {
-        Arc::new(CertManager { certs, bundle, control, metrics, info: ArcSwapOption::empty(), events: Arc::default() })
+    /// A manager that installs certificates into `certs`.
+    pub fn new(certs: Arc<CertStore>, control: ControlClient, metrics: Arc<CertMetrics>) -> Arc<Self> {
+        let roots = tokio::sync::watch::channel(None).0;
+        Arc::new(CertManager { certs, roots, control, metrics, info: ArcSwapOption::empty(), events: Arc::default() })
+    }
+
+    /// The roots of the latest Certify response that carried any.
+    pub fn roots(&self) -> tokio::sync::watch::Receiver<Option<Arc<str>>> {
+        self.roots.subscribe()
     }
 
     /// Certificate events for the telemetry reporter.
@@ -190,7 +191,9 @@ impl CertManager {
             .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
             .map_err(|e| CertError::BadResponse(format!("key: {e}")))?;
         if !resp.trust_bundle_pem.is_empty() {
-            self.bundle.set_roots(&resp.trust_bundle_pem).map_err(|e| CertError::BadResponse(e.to_string()))?;
+            crate::tls::certs_from_pem(&resp.trust_bundle_pem)
+                .map_err(|e| CertError::BadResponse(format!("trust bundle PEM: {e}")))?;
+            self.roots.send_replace(Some(resp.trust_bundle_pem.as_str().into()));
         }
         self.certs.set(Arc::new(CertifiedKey::new(chain, signing_key)), resp.not_after);
         let info = Arc::new(CertInfo {

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::future::Either;
 use http::uri::Authority;
@@ -24,12 +23,11 @@ use tokio_rustls::TlsAcceptor;
 use super::h1_pool::{Dial, Pool, Sticky};
 use super::http::{BoxError, ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response, stream, strip_hop_by_hop};
 use super::limits::{Drain, Limits, heed};
-use super::view::{MeshView, PeerAuthMode};
+use super::view::{PeerAuthMode, SharedView};
 use crate::identity::SpiffeId;
 use crate::policy::{Decision, EngineKind, Input, LiveRequest, RequestAttributes};
 use crate::telemetry::access_log::{AccessLog, is_secret_header};
 use crate::telemetry::metrics::{LastDecision, PolicyLabel, ProxyMetrics, RequestMetrics};
-use crate::tls::TrustBundle;
 
 /// Header naming the policy that refused a request.
 pub static DENIED_BY: http::HeaderName = http::HeaderName::from_static("x-palisade-denied-by");
@@ -50,8 +48,7 @@ pub struct Inbound {
     pub drain: Arc<Drain>,
     pub metrics: Arc<ProxyMetrics>,
     pub handshake_timeout: Duration,
-    pub bundle: Arc<TrustBundle>,
-    pub view: Arc<ArcSwap<MeshView>>,
+    pub view: Arc<SharedView>,
     pub access_log: AccessLog,
     /// Plain-HTTP kubelet probes (`port`, `path`) let through a STRICT port: GET or HEAD of
     /// exactly these, nothing else, so that a STRICT pod can become ready.
@@ -141,6 +138,30 @@ impl ConnState {
 }
 
 impl Inbound {
+    /// The inbound side of a sidecar whose workload is `own_id`.
+    pub fn new(
+        dp: &super::DataPlane,
+        own_id: SpiffeId,
+        app: Option<SocketAddr>,
+        handshake_timeout: Duration,
+        probes: Vec<(u16, String)>,
+    ) -> Self {
+        Inbound {
+            own_id,
+            app,
+            client: Self::app_client(&dp.limits, false),
+            app_pools: Default::default(),
+            h2_client: Self::app_client(&dp.limits, true),
+            limits: dp.limits.clone(),
+            drain: dp.drain.clone(),
+            metrics: dp.metrics.clone(),
+            handshake_timeout,
+            view: dp.view.clone(),
+            access_log: dp.access_log.clone(),
+            probes,
+        }
+    }
+
     /// A pooled client to the app: HTTP/1.1 keep-alive, or HTTP/2 prior knowledge.
     pub fn app_client(limits: &Limits, h2: bool) -> Client<HttpConnector, Incoming> {
         let mut http = HttpConnector::new();
@@ -316,7 +337,7 @@ async fn serve_http<I>(inbound: &Arc<Inbound>, io: I, peer: Arc<Peer>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let mut revocations = inbound.bundle.revocations_changed();
+    let mut revocations = inbound.view.revocations_changed();
     let svc = {
         let (inbound, conn) = (inbound.clone(), Arc::new(ConnState::new(inbound, peer.clone())));
         hyper::service::service_fn(move |req| {
@@ -343,7 +364,7 @@ where
             tokio::select! {
                 _ = &mut stop => return Interrupt::Drain,
                 Ok(()) = revocations.changed() => {
-                    if let Some(id) = &peer.id && inbound.bundle.is_revoked(id.as_str(), &peer.serial) {
+                    if let Some(id) = &peer.id && inbound.view.load().trust.is_revoked(id.as_str(), &peer.serial) {
                         return Interrupt::Revoked(id.clone());
                     }
                 }
@@ -638,7 +659,8 @@ mod tests {
 
     #[test]
     fn before_the_first_snapshot_every_request_is_refused() {
-        let view = MeshView::fail_closed();
+        let roots = crate::identity::CaMaterial::generate("cluster.local", 1).unwrap().root_cert_pem;
+        let view = super::super::view::MeshView::fail_closed(crate::tls::BundleState::from_pem(&roots).unwrap());
         let attrs = RequestAttributes {
             source: Some("spiffe://cluster.local/ns/a/sa/b".parse().unwrap()),
             source_ip: None,

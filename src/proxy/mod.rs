@@ -5,7 +5,6 @@ pub mod detect;
 pub mod h1_pool;
 pub mod http;
 pub mod inbound;
-pub mod init;
 pub mod limits;
 pub mod original_dst;
 pub mod outbound;
@@ -16,27 +15,28 @@ pub mod view;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
-
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use ::http::{Method, StatusCode};
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 
 use crate::agent::ControlClient;
 use crate::agent::discovery::{ApplyFn, DiscoveryStatus};
-use crate::control::identity_service::control_plane_identity;
 use crate::identity::manager::Bootstrap;
 use crate::identity::{CertManager, SpiffeId};
 use crate::policy::Workload;
-use crate::proto::discovery::{Node, Snapshot};
+use crate::ports;
+use crate::proto::discovery::Node;
+use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::admin::{self, AdminRequest};
-use crate::telemetry::metrics::Metrics;
-use crate::tls::{CertStore, TrustBundle, config};
-use view::MeshView;
+use crate::telemetry::metrics::{Metrics, ProxyMetrics};
+use crate::tls::{BundleState, CertStore, config};
+use limits::{Drain, Limits};
+use view::{SharedView, ViewWriter};
 
 pub use outbound::Route;
 
@@ -45,7 +45,7 @@ pub use outbound::Route;
 pub struct ProxyArgs {
     /// Control plane gRPC address (host:port), or several separated by commas: replicas are
     /// tried in turn when one cannot be reached.
-    #[arg(long, env = "PALISADE_CONTROL", default_value = "127.0.0.1:15010")]
+    #[arg(long, env = "PALISADE_CONTROL", default_value_t = format!("127.0.0.1:{}", ports::CONTROL_GRPC))]
     pub control: String,
     /// PEM roots that anchor the mesh (the control plane writes them to `STATE_DIR/ca/root.pem`).
     #[arg(long, env = "PALISADE_CA_BUNDLE", required_unless_present = "ca_bundle_pem")]
@@ -67,7 +67,7 @@ pub struct ProxyArgs {
     #[arg(long, env = "PALISADE_APP")]
     pub app: Option<SocketAddr>,
     /// Admin HTTP listener (`/ready`, `/live`, `/metrics`, `/config_dump`, `POST /shutdown`).
-    #[arg(long, env = "PALISADE_ADMIN", default_value = "127.0.0.1:15020")]
+    #[arg(long, env = "PALISADE_ADMIN", default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::SIDECAR_ADMIN)))]
     pub admin: SocketAddr,
     /// Explicit outbound route `LISTEN=TARGET@SPIFFE_ID` (repeatable).
     #[arg(long = "route", value_name = "LISTEN=TARGET@SPIFFE_ID")]
@@ -90,7 +90,7 @@ pub struct ProxyArgs {
     #[arg(long, env = "PALISADE_TRANSPARENT")]
     pub transparent: bool,
     /// Transparent outbound listener (the REDIRECT target of `palisade init`).
-    #[arg(long, env = "PALISADE_OUTBOUND", default_value = "127.0.0.1:15001")]
+    #[arg(long, env = "PALISADE_OUTBOUND", default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::SIDECAR_OUTBOUND)))]
     pub outbound: SocketAddr,
     /// This workload's pod IP, registered in the endpoint table for every port (transparent mode).
     #[arg(long, env = "POD_IP")]
@@ -152,10 +152,94 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
+/// What every listener of a sidecar shares: its certificate, its one view of the mesh, and the
+/// process-wide limits, drain, metrics and access log.
+#[derive(Clone)]
+pub struct DataPlane {
+    pub certs: Arc<CertStore>,
+    pub view: Arc<SharedView>,
+    pub metrics: Arc<ProxyMetrics>,
+    pub limits: Limits,
+    pub drain: Arc<Drain>,
+    pub access_log: AccessLog,
+}
+
+/// The sidecar's inputs, built once by [`run`] from its flags, and handed to each worker.
+struct ProxyInputs {
+    args: ProxyArgs,
+    credential: Bootstrap,
+    control: ControlClient,
+    manager: Arc<CertManager>,
+    metrics: Arc<Metrics>,
+    dp: DataPlane,
+    writer: Arc<ViewWriter>,
+    discovery: Arc<DiscoveryStatus>,
+    shutdown: Arc<Notify>,
+}
+
 /// Runs the sidecar until SIGTERM, Ctrl-C or `POST /shutdown`.
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     crate::tls::install_crypto_provider();
-    let (bundle_pem, bundle_origin) = match (&args.ca_bundle, &args.ca_bundle_pem) {
+    let inputs = ProxyInputs::from_args(args)?;
+    // The admin port comes up first, so an orchestrator sees "not ready" rather than nothing.
+    serve_admin(&inputs).await?;
+    let own_id = obtain_identity(&inputs).await?;
+    start_agent(&inputs, &own_id);
+    let ProxyInputs { args, dp, shutdown, .. } = inputs;
+    start_listeners(&args, &dp, &own_id).await?;
+
+    tokio::select! {
+        _ = crate::shutdown_signal() => {}
+        _ = shutdown.notified() => {}
+    }
+    drain(&dp.drain, args.limits.drain_timeout).await;
+    Ok(())
+}
+
+impl ProxyInputs {
+    /// Checks the flags and builds the shared state; nothing is bound or dialled yet.
+    fn from_args(args: ProxyArgs) -> anyhow::Result<Self> {
+        let roots = initial_roots(&args)?;
+        let credential = credential(&args)?;
+        if !args.transparent && args.inbound.is_some() != args.app.is_some() {
+            anyhow::bail!("--inbound and --app go together: the inbound side needs an app to forward to");
+        }
+        if args.transparent && args.pod_ip.is_none() {
+            anyhow::bail!("--transparent needs --pod-ip (or POD_IP): the mesh must know where this workload is");
+        }
+        let control_id = SpiffeId::control_plane(&args.trust_domain)
+            .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
+        let metrics = Arc::new(Metrics::new());
+        let access_log = AccessLog::start(args.access_log.clone()).context("opening the access log")?;
+        let certs = CertStore::new();
+        let (view, writer) = ViewWriter::new(roots);
+        let control = ControlClient::new(&args.control, view.clone(), certs.clone(), control_id);
+        let manager = CertManager::new(certs.clone(), control.clone(), metrics.certs.clone());
+        let dp = DataPlane {
+            certs,
+            view,
+            metrics: metrics.proxy.clone(),
+            limits: args.limits.clone(),
+            drain: Drain::new(args.limits.max_connections),
+            access_log,
+        };
+        Ok(ProxyInputs {
+            args,
+            credential,
+            control,
+            manager,
+            metrics,
+            dp,
+            writer: Arc::new(writer),
+            discovery: Arc::new(DiscoveryStatus::default()),
+            shutdown: Arc::new(Notify::new()),
+        })
+    }
+}
+
+/// The roots the sidecar trusts until the control plane sends others.
+fn initial_roots(args: &ProxyArgs) -> anyhow::Result<BundleState> {
+    let (pem, origin) = match (&args.ca_bundle, &args.ca_bundle_pem) {
         (Some(path), _) => (
             std::fs::read_to_string(path).with_context(|| format!("reading CA bundle {}", path.display()))?,
             path.display().to_string(),
@@ -163,49 +247,38 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         (None, Some(pem)) => (pem.clone(), "PALISADE_CA_BUNDLE_PEM".to_string()),
         (None, None) => anyhow::bail!("--ca-bundle or PALISADE_CA_BUNDLE_PEM is required"),
     };
-    let bundle = TrustBundle::from_pem(&bundle_pem).with_context(|| format!("CA bundle {bundle_origin}"))?;
-    let credential = match (&args.token_file, &args.kube_token_file) {
+    BundleState::from_pem(&pem).with_context(|| format!("CA bundle {origin}"))
+}
+
+/// The credential that earns the first certificate.
+fn credential(args: &ProxyArgs) -> anyhow::Result<Bootstrap> {
+    match (&args.token_file, &args.kube_token_file) {
         (Some(path), _) => {
             let token =
                 std::fs::read_to_string(path).with_context(|| format!("reading join token {}", path.display()))?;
-            Bootstrap::JoinToken(token)
+            Ok(Bootstrap::JoinToken(token))
         }
         (None, Some(path)) => {
             std::fs::metadata(path).with_context(|| format!("service-account token {}", path.display()))?;
-            Bootstrap::KubernetesTokenFile(path.clone())
+            Ok(Bootstrap::KubernetesTokenFile(path.clone()))
         }
         (None, None) => anyhow::bail!("--token-file or --kube-token-file is required"),
-    };
-    if !args.transparent && args.inbound.is_some() != args.app.is_some() {
-        anyhow::bail!("--inbound and --app go together: the inbound side needs an app to forward to");
     }
-    if args.transparent && args.pod_ip.is_none() {
-        anyhow::bail!("--transparent needs --pod-ip (or POD_IP): the mesh must know where this workload is");
-    }
+}
 
-    let metrics = Arc::new(Metrics::new());
-    let access_log =
-        crate::telemetry::access_log::AccessLog::start(args.access_log.clone()).context("opening the access log")?;
-    let certs = CertStore::new();
-    let control =
-        ControlClient::new(&args.control, bundle.clone(), certs.clone(), control_plane_identity(&args.trust_domain));
-    let manager = CertManager::new(certs.clone(), bundle.clone(), control.clone(), metrics.certs.clone());
-    let shutdown = Arc::new(tokio::sync::Notify::new());
-    let drain = limits::Drain::new(args.limits.max_connections);
-    let view = Arc::new(ArcSwap::from_pointee(MeshView::fail_closed()));
-    let discovery_status = Arc::new(DiscoveryStatus::default());
-
-    // The admin port comes up first, so an orchestrator sees "not ready" rather than nothing.
-    let admin_listener =
-        TcpListener::bind(args.admin).await.with_context(|| format!("binding admin {}", args.admin))?;
-    {
-        let manager = manager.clone();
-        let metrics = metrics.clone();
-        let shutdown = shutdown.clone();
-        let view = view.clone();
-        let discovery_status = discovery_status.clone();
-        let app_probes = Arc::new(args.app_probes.clone().unwrap_or_default());
-        let dump = serde_json::json!({
+/// The admin port (`/ready`, `/live`, `/metrics`, app probes, and on loopback `/config_dump`
+/// and `POST /shutdown`), on its own runtime so a scrape never waits behind the data path.
+async fn serve_admin(inputs: &ProxyInputs) -> anyhow::Result<()> {
+    let args = &inputs.args;
+    let listener = TcpListener::bind(args.admin).await.with_context(|| format!("binding admin {}", args.admin))?;
+    let admin = Arc::new(AdminState {
+        manager: inputs.manager.clone(),
+        metrics: inputs.metrics.clone(),
+        shutdown: inputs.shutdown.clone(),
+        view: inputs.dp.view.clone(),
+        discovery: inputs.discovery.clone(),
+        app_probes: args.app_probes.clone().unwrap_or_default(),
+        dump: serde_json::json!({
             "inbound": args.inbound,
             "app": args.app,
             "routes": args.routes,
@@ -213,71 +286,91 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             "trust_domain": args.trust_domain,
             "limits": args.limits,
             "app_probes": args.app_probes.as_ref().map(|p| p.paths().collect::<Vec<_>>()),
-        });
-        admin::spawn_on_own_runtime(admin_listener, move |req: AdminRequest| {
-            let manager = manager.clone();
-            let metrics = metrics.clone();
-            let shutdown = shutdown.clone();
-            let view = view.clone();
-            let discovery_status = discovery_status.clone();
-            let app_probes = app_probes.clone();
-            let mut dump = dump.clone();
-            async move {
-                match (req.method.clone(), req.path.as_str()) {
-                    (_, path) if path.starts_with(app_probe::PATH_PREFIX) => match app_probes.run(path).await {
-                        None => admin::respond(StatusCode::NOT_FOUND, "text/plain", "no such app probe\n"),
-                        Some(Ok(())) => admin::respond(StatusCode::OK, "text/plain", "ok\n"),
-                        Some(Err(e)) => {
-                            tracing::debug!(probe = path, error = %e, "app probe failed");
-                            admin::respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{e}\n"))
-                        }
-                    },
-                    (_, "/live") => admin::respond(StatusCode::OK, "text/plain", "ok\n"),
-                    (_, "/ready") if !manager.ready() => admin::respond(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "text/plain",
-                        "not ready: no valid workload certificate\n",
-                    ),
-                    (_, "/ready") if !discovery_status.has_snapshot.load(Ordering::Acquire) => admin::respond(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "text/plain",
-                        "not ready: no configuration received from the control plane yet\n",
-                    ),
-                    (_, "/ready") => admin::respond(StatusCode::OK, "text/plain", "ready\n"),
-                    (_, "/metrics") => admin::respond(
-                        StatusCode::OK,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        metrics.render(),
-                    ),
-                    (_, "/config_dump") => {
-                        // Certificate summary only: the private key never leaves the CertStore.
-                        dump["certificate"] = serde_json::to_value(manager.info().as_deref()).unwrap_or_default();
-                        dump["mesh"] = serde_json::to_value(&**view.load()).unwrap_or_default();
-                        dump["discovery"] = serde_json::json!({
-                            "connected": discovery_status.connected.load(Ordering::Acquire),
-                            "version": discovery_status.version.load().as_str(),
-                            "last_nack": discovery_status.last_nack.load().as_str(),
-                        });
-                        admin::json(StatusCode::OK, &dump)
-                    }
-                    (Method::POST, "/shutdown") if req.peer.ip().is_loopback() => {
-                        shutdown.notify_one();
-                        admin::respond(StatusCode::OK, "text/plain", "shutting down\n")
-                    }
-                    (_, "/shutdown") => {
-                        admin::respond(StatusCode::FORBIDDEN, "text/plain", "POST from loopback only\n")
-                    }
-                    _ => admin::respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        }),
+    });
+    admin::spawn_on_own_runtime(listener, move |req: AdminRequest| {
+        let admin = admin.clone();
+        async move { admin.answer(req).await }
+    })?;
+    Ok(())
+}
+
+/// What the admin port reads.
+struct AdminState {
+    manager: Arc<CertManager>,
+    metrics: Arc<Metrics>,
+    shutdown: Arc<Notify>,
+    view: Arc<SharedView>,
+    discovery: Arc<DiscoveryStatus>,
+    app_probes: app_probe::AppProbes,
+    /// The flags part of `/config_dump`.
+    dump: serde_json::Value,
+}
+
+impl AdminState {
+    async fn answer(&self, req: AdminRequest) -> admin::AdminResponse {
+        let text = |status, body: &str| admin::respond(status, "text/plain", body.to_string());
+        match (req.method.clone(), req.path.as_str()) {
+            (_, path) if path.starts_with(app_probe::PATH_PREFIX) => match self.app_probes.run(path).await {
+                None => text(StatusCode::NOT_FOUND, "no such app probe\n"),
+                Some(Ok(())) => text(StatusCode::OK, "ok\n"),
+                Some(Err(e)) => {
+                    tracing::debug!(probe = path, error = %e, "app probe failed");
+                    text(StatusCode::SERVICE_UNAVAILABLE, &format!("{e}\n"))
                 }
+            },
+            (_, "/live") => text(StatusCode::OK, "ok\n"),
+            (_, "/ready") if !self.manager.ready() => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: no valid workload certificate\n")
             }
-        })?;
+            (_, "/ready") if !self.discovery.has_snapshot.load(Ordering::Acquire) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: no configuration received from the control plane yet\n",
+            ),
+            (_, "/ready") => text(StatusCode::OK, "ready\n"),
+            (_, "/metrics") => admin::respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.metrics.render(),
+            ),
+            (_, "/config_dump") if req.peer.ip().is_loopback() => admin::json(StatusCode::OK, &self.config_dump()),
+            (Method::POST, "/shutdown") if req.peer.ip().is_loopback() => {
+                self.shutdown.notify_one();
+                text(StatusCode::OK, "shutting down\n")
+            }
+            (_, "/shutdown" | "/config_dump") => text(StatusCode::FORBIDDEN, "from loopback only\n"),
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
     }
 
-    let info = manager.bootstrap(&credential).await.context("obtaining the first workload certificate")?;
+    fn config_dump(&self) -> serde_json::Value {
+        let mut dump = self.dump.clone();
+        // Certificate summary only: the private key never leaves the CertStore.
+        dump["certificate"] = serde_json::to_value(self.manager.info().as_deref()).unwrap_or_default();
+        dump["mesh"] = serde_json::to_value(&**self.view.load()).unwrap_or_default();
+        dump["discovery"] = serde_json::json!({
+            "connected": self.discovery.connected.load(Ordering::Acquire),
+            "version": self.discovery.version.load().as_str(),
+            "last_nack": self.discovery.last_nack.load().as_str(),
+        });
+        dump
+    }
+}
+
+/// Gets the first certificate, then keeps it renewed; the roots that come with each new
+/// certificate reach the view through its one writer.
+async fn obtain_identity(inputs: &ProxyInputs) -> anyhow::Result<SpiffeId> {
+    let manager = &inputs.manager;
+    let info = manager.bootstrap(&inputs.credential).await.context("obtaining the first workload certificate")?;
     let own_id: SpiffeId = info.spiffe_id.parse()?;
     tracing::info!(spiffe_id = %own_id, serial = %info.serial, "workload identity obtained");
-    tokio::spawn(manager.clone().run(credential));
+    tokio::spawn(manager.clone().run(inputs.credential.clone()));
+    Ok(own_id)
+}
 
+/// The discovery stream (whose snapshots the view writer applies) and the telemetry reporter.
+fn start_agent(inputs: &ProxyInputs, own_id: &SpiffeId) {
+    let args = &inputs.args;
     let node = Node {
         spiffe_id: own_id.to_string(),
         addresses: match args.pod_ip {
@@ -288,75 +381,56 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         proxy_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let workload = Workload { id: own_id.clone(), labels: args.labels.iter().cloned().collect() };
+    let writer = inputs.writer.clone();
     let apply: ApplyFn = {
-        let (view, bundle) = (view.clone(), bundle.clone());
-        Arc::new(move |version: &str, snap: &Snapshot| {
-            let next = MeshView::from_snapshot(version, snap, &workload)?;
-            if !snap.trust_bundle_pem.is_empty() {
-                bundle.set_roots(&snap.trust_bundle_pem).map_err(|e| e.to_string())?;
-            }
-            let (ids, serials) = crate::control::discovery::revocation_sets(&snap.revocations);
-            bundle.set_revocations(ids, serials);
-            view.store(Arc::new(next));
-            Ok(())
-        })
+        let writer = writer.clone();
+        Arc::new(move |version, snap| writer.apply_snapshot(version, snap, &workload).map_err(|n| n.to_string()))
     };
-    tokio::spawn(crate::agent::discovery::run(control.clone(), node, apply, discovery_status.clone()));
+    let mut roots = inputs.manager.roots();
+    tokio::spawn(async move {
+        while roots.changed().await.is_ok() {
+            let pem = roots.borrow_and_update().clone();
+            if let Some(pem) = pem
+                && let Err(e) = writer.apply_roots(&pem)
+            {
+                tracing::error!(error = %e, "roots that came with a certificate refused");
+            }
+        }
+    });
+    tokio::spawn(crate::agent::discovery::run(inputs.control.clone(), node, apply, inputs.discovery.clone()));
     tokio::spawn(crate::agent::telemetry::run(
-        control.clone(),
+        inputs.control.clone(),
         own_id.to_string(),
-        metrics.proxy.peers.clone(),
-        manager.events(),
+        inputs.metrics.proxy.peers.clone(),
+        inputs.manager.events(),
         args.telemetry_interval,
     ));
+}
 
-    let inbound_listen = args.inbound.or(args.transparent.then(|| SocketAddr::from(([0, 0, 0, 0], 15006))));
+/// Binds and serves every listener the flags ask for: inbound mTLS, transparent outbound, and
+/// each explicit route.
+async fn start_listeners(args: &ProxyArgs, dp: &DataPlane, own_id: &SpiffeId) -> anyhow::Result<()> {
+    let inbound_listen =
+        args.inbound.or(args.transparent.then(|| SocketAddr::from(([0, 0, 0, 0], ports::SIDECAR_INBOUND))));
     if let Some(listen) = inbound_listen {
-        let app = args.app;
         let listener = TcpListener::bind(listen).await.with_context(|| format!("binding inbound {listen}"))?;
         let acceptor = TlsAcceptor::from(config::server_config(
-            certs.clone(),
-            bundle.clone(),
+            dp.certs.clone(),
+            dp.view.clone(),
             true,
             &[config::ALPN_H2, config::ALPN_HTTP1, config::ALPN_TCP],
         ));
-        let inbound = Arc::new(inbound::Inbound {
-            own_id: own_id.clone(),
-            app,
-            client: inbound::Inbound::app_client(&args.limits, false),
-            app_pools: Default::default(),
-            h2_client: inbound::Inbound::app_client(&args.limits, true),
-            limits: args.limits.clone(),
-            drain: drain.clone(),
-            metrics: metrics.proxy.clone(),
-            handshake_timeout: args.handshake_timeout,
-            bundle: bundle.clone(),
-            view: view.clone(),
-            access_log: access_log.clone(),
-            probes: args.probes.clone(),
-        });
-        tokio::spawn(inbound::serve(listener, acceptor, inbound));
-        tracing::info!(%listen, app = ?app, "inbound mTLS listener up");
+        let inbound = inbound::Inbound::new(dp, own_id.clone(), args.app, args.handshake_timeout, args.probes.clone());
+        tokio::spawn(inbound::serve(listener, acceptor, Arc::new(inbound)));
+        tracing::info!(%listen, app = ?args.app, "inbound mTLS listener up");
     }
     if args.transparent {
         let listener =
             TcpListener::bind(args.outbound).await.with_context(|| format!("binding outbound {}", args.outbound))?;
-        let t = transparent::Transparent::new(
-            args.outbound,
-            view.clone(),
-            certs.clone(),
-            bundle.clone(),
-            metrics.proxy.clone(),
-            args.limits.clone(),
-            drain.clone(),
-            access_log.clone(),
-        );
-        let mut revocations = bundle.revocations_changed();
-        let reset = t.clone();
-        tokio::spawn(async move {
-            while revocations.changed().await.is_ok() {
-                reset.reset();
-            }
+        let t = transparent::Transparent::new(args.outbound, dp);
+        on_revocation(dp, {
+            let t = t.clone();
+            move || t.reset()
         });
         tokio::spawn(transparent::serve(listener, t));
         tracing::info!(listen = %args.outbound, "transparent outbound listener up");
@@ -364,41 +438,35 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     for route in &args.routes {
         let listener =
             TcpListener::bind(route.listen).await.with_context(|| format!("binding route {}", route.listen))?;
-        let tls =
-            config::client_config(certs.clone(), bundle.clone(), Some(route.identity.clone()), &[config::ALPN_H2]);
-        let tcp_tls =
-            config::client_config(certs.clone(), bundle.clone(), Some(route.identity.clone()), &[config::ALPN_TCP]);
-        let out = Arc::new(outbound::Outbound::new(
-            route.clone(),
-            tls,
-            tcp_tls,
-            metrics.proxy.clone(),
-            args.limits.clone(),
-            drain.clone(),
-            access_log.clone(),
-        ));
-        let mut revocations = bundle.revocations_changed();
-        let pool = out.clone();
-        tokio::spawn(async move {
-            while revocations.changed().await.is_ok() {
-                pool.reset_pool();
-            }
+        let out = Arc::new(outbound::Outbound::new(route.clone(), dp));
+        on_revocation(dp, {
+            let out = out.clone();
+            move || out.reset_pool()
         });
         tokio::spawn(outbound::serve(listener, out));
         tracing::info!(listen = %route.listen, target = %route.target, identity = %route.identity, "outbound route up");
     }
+    Ok(())
+}
 
-    tokio::select! {
-        _ = crate::shutdown_signal() => {}
-        _ = shutdown.notified() => {}
-    }
-    // Drain: stop accepting, let requests in flight finish (idle keep-alive connections close
-    // at once), give up after the grace period.
-    tracing::info!(open = drain.open(), grace = ?args.limits.drain_timeout, "draining");
-    let left = drain.drain(args.limits.drain_timeout).await;
+/// Runs `reset` whenever revocations change, so pooled connections to a revoked peer are
+/// dropped and every peer is judged afresh by a new handshake.
+fn on_revocation(dp: &DataPlane, reset: impl Fn() + Send + 'static) {
+    let mut revocations = dp.view.revocations_changed();
+    tokio::spawn(async move {
+        while revocations.changed().await.is_ok() {
+            reset();
+        }
+    });
+}
+
+/// Stops accepting, lets requests in flight finish (idle keep-alive connections close at
+/// once), and gives up after the grace period.
+async fn drain(drain: &Drain, grace: Duration) {
+    tracing::info!(open = drain.open(), ?grace, "draining");
+    let left = drain.drain(grace).await;
     if left > 0 {
         tracing::warn!(connections = left, "drain timeout: closing connections still open");
     }
     tracing::info!("sidecar stopped");
-    Ok(())
 }

@@ -182,15 +182,14 @@ pub static ORIG_PROTO: http::HeaderName = http::HeaderName::from_static("x-palis
 
 impl Outbound {
     /// Pooled mTLS clients for the route: HTTP/2 for HTTP/2 callers, HTTP/1.1 for the rest.
-    pub fn new(
-        route: Route,
-        tls: Arc<rustls::ClientConfig>,
-        tcp_tls: Arc<rustls::ClientConfig>,
-        metrics: Arc<ProxyMetrics>,
-        limits: Limits,
-        drain: Arc<Drain>,
-        access_log: AccessLog,
-    ) -> Self {
+    pub fn new(route: Route, dp: &super::DataPlane) -> Self {
+        let client = |alpn: &[u8]| {
+            let trust = dp.view.clone();
+            crate::tls::config::client_config(dp.certs.clone(), trust, Some(route.identity.clone()), &[alpn])
+        };
+        let (tls, tcp_tls) = (client(crate::tls::config::ALPN_H2), client(crate::tls::config::ALPN_TCP));
+        let (metrics, limits, drain, access_log) =
+            (dp.metrics.clone(), dp.limits.clone(), dp.drain.clone(), dp.access_log.clone());
         // Same verifier and certificate as the HTTP/2 config; only ALPN differs.
         let mut h1 = (*tls).clone();
         h1.alpn_protocols = vec![ALPN_HTTP1.to_vec()];

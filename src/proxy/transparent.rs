@@ -7,27 +7,26 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 
+use super::DataPlane;
 use super::limits::{Drain, Limits};
 use super::outbound::{Outbound, Route};
-use super::view::MeshView;
+use super::view::SharedView;
 use crate::identity::SpiffeId;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::ProxyMetrics;
-use crate::tls::{CertStore, TrustBundle, config};
 
 /// Shared state of the transparent outbound listener.
 pub struct Transparent {
-    pub view: Arc<ArcSwap<MeshView>>,
-    pub certs: Arc<CertStore>,
-    pub bundle: Arc<TrustBundle>,
+    pub view: Arc<SharedView>,
     pub metrics: Arc<ProxyMetrics>,
     pub limits: Limits,
     pub drain: Arc<Drain>,
     pub access_log: AccessLog,
+    /// What each upstream is built from.
+    dp: DataPlane,
     /// One pooled upstream per (destination, identity); dropped whole on revocation changes.
     upstreams: Mutex<HashMap<(SocketAddr, SpiffeId), Arc<Outbound>>>,
     listen: SocketAddr,
@@ -35,25 +34,14 @@ pub struct Transparent {
 
 impl Transparent {
     /// State for a listener bound at `listen`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        listen: SocketAddr,
-        view: Arc<ArcSwap<MeshView>>,
-        certs: Arc<CertStore>,
-        bundle: Arc<TrustBundle>,
-        metrics: Arc<ProxyMetrics>,
-        limits: Limits,
-        drain: Arc<Drain>,
-        access_log: AccessLog,
-    ) -> Arc<Self> {
+    pub fn new(listen: SocketAddr, dp: &DataPlane) -> Arc<Self> {
         Arc::new(Transparent {
-            view,
-            certs,
-            bundle,
-            metrics,
-            limits,
-            drain,
-            access_log,
+            view: dp.view.clone(),
+            metrics: dp.metrics.clone(),
+            limits: dp.limits.clone(),
+            drain: dp.drain.clone(),
+            access_log: dp.access_log.clone(),
+            dp: dp.clone(),
             upstreams: Mutex::new(HashMap::new()),
             listen,
         })
@@ -68,27 +56,8 @@ impl Transparent {
         let mut map = self.upstreams.lock();
         map.entry((dst, id.clone()))
             .or_insert_with(|| {
-                let tls = config::client_config(
-                    self.certs.clone(),
-                    self.bundle.clone(),
-                    Some(id.clone()),
-                    &[config::ALPN_H2],
-                );
-                let tcp_tls = config::client_config(
-                    self.certs.clone(),
-                    self.bundle.clone(),
-                    Some(id.clone()),
-                    &[config::ALPN_TCP],
-                );
-                Arc::new(Outbound::new(
-                    Route { listen: self.listen, target: dst.to_string(), identity: id.clone() },
-                    tls,
-                    tcp_tls,
-                    self.metrics.clone(),
-                    self.limits.clone(),
-                    self.drain.clone(),
-                    self.access_log.clone(),
-                ))
+                let route = Route { listen: self.listen, target: dst.to_string(), identity: id.clone() };
+                Arc::new(Outbound::new(route, &self.dp))
             })
             .clone()
     }

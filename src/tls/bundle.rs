@@ -32,20 +32,57 @@ pub enum BundleError {
     Verifier(String),
 }
 
-/// The live trust bundle, shared by every TLS config of a process.
+impl BundleState {
+    /// The roots in `pem`, with nothing revoked.
+    pub fn from_pem(pem: &str) -> Result<Self, BundleError> {
+        build(pem, HashSet::new(), HashSet::new())
+    }
+
+    /// The same roots with other revocation lists (the verifier is shared, not rebuilt).
+    pub fn with_revocations(&self, revoked_ids: HashSet<String>, revoked_serials: HashSet<String>) -> Self {
+        BundleState {
+            roots: self.roots.clone(),
+            pem: self.pem.clone(),
+            client_verifier: self.client_verifier.clone(),
+            revoked_ids,
+            revoked_serials,
+        }
+    }
+
+    /// Whether a peer with this identity or serial (lower-case hex) is revoked.
+    pub fn is_revoked(&self, id: &str, serial: &str) -> bool {
+        self.revoked_ids.contains(id) || self.revoked_serials.contains(serial)
+    }
+
+    /// Whether both hold the same revocation lists.
+    pub fn same_revocations(&self, other: &BundleState) -> bool {
+        self.revoked_ids == other.revoked_ids && self.revoked_serials == other.revoked_serials
+    }
+}
+
+/// Where TLS configs read the trust in force at each handshake. A sidecar's is its mesh view
+/// (one snapshot holds roots, revocations and everything else, swapped whole); a process that
+/// holds only a bundle (the control plane, a CLI client) uses [`TrustBundle`].
+pub trait TrustSource: Send + Sync {
+    /// The roots and revocations in force now.
+    fn trust(&self) -> Arc<BundleState>;
+}
+
+/// A trust bundle on its own, shared by every TLS config of a process that has no mesh view.
 pub struct TrustBundle {
     state: ArcSwap<BundleState>,
-    /// Bumped whenever revocations change, so open connections can re-judge their peer.
-    revocation_epoch: tokio::sync::watch::Sender<u64>,
+}
+
+impl TrustSource for TrustBundle {
+    fn trust(&self) -> Arc<BundleState> {
+        self.state.load_full()
+    }
 }
 
 impl TrustBundle {
     /// A bundle of the roots in `pem`.
     pub fn from_pem(pem: &str) -> Result<Arc<Self>, BundleError> {
-        Ok(Arc::new(TrustBundle {
-            state: ArcSwap::from_pointee(build(pem, HashSet::new(), HashSet::new())?),
-            revocation_epoch: tokio::sync::watch::channel(0).0,
-        }))
+        Ok(Arc::new(TrustBundle { state: ArcSwap::from_pointee(BundleState::from_pem(pem)?) }))
     }
 
     /// The current version.
@@ -54,41 +91,11 @@ impl TrustBundle {
     }
 
     /// Replaces the roots; revocations are kept. New handshakes use the new roots at once.
+    /// Built before the swap and swapped with `rcu`, so a concurrent change is never lost.
     pub fn set_roots(&self, pem: &str) -> Result<(), BundleError> {
-        let cur = self.state.load();
-        if cur.pem == pem {
-            return Ok(());
-        }
-        let next = build(pem, cur.revoked_ids.clone(), cur.revoked_serials.clone())?;
-        self.state.store(Arc::new(next));
+        let roots = BundleState::from_pem(pem)?;
+        self.state.rcu(|cur| Arc::new(roots.with_revocations(cur.revoked_ids.clone(), cur.revoked_serials.clone())));
         Ok(())
-    }
-
-    /// Replaces the revocation lists.
-    pub fn set_revocations(&self, ids: HashSet<String>, serials: HashSet<String>) {
-        let cur = self.state.load_full();
-        if cur.revoked_ids == ids && cur.revoked_serials == serials {
-            return;
-        }
-        self.state.store(Arc::new(BundleState {
-            roots: cur.roots.clone(),
-            pem: cur.pem.clone(),
-            client_verifier: cur.client_verifier.clone(),
-            revoked_ids: ids,
-            revoked_serials: serials,
-        }));
-        self.revocation_epoch.send_modify(|e| *e += 1);
-    }
-
-    /// Notifies on every change of the revocation lists.
-    pub fn revocations_changed(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.revocation_epoch.subscribe()
-    }
-
-    /// Whether a peer with this identity or serial is revoked.
-    pub fn is_revoked(&self, id: &str, serial: &str) -> bool {
-        let s = self.state.load();
-        s.revoked_ids.contains(id) || s.revoked_serials.contains(serial)
     }
 }
 

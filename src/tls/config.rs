@@ -8,8 +8,8 @@ use rustls::server::NoServerSessionStorage;
 use rustls::{ClientConfig, ServerConfig};
 
 use super::verify::{SpiffeClientVerifier, SpiffeServerVerifier};
-use super::{CertStore, TrustBundle};
-use crate::identity::SpiffeId;
+use super::{CertStore, TrustSource};
+use crate::identity::spiffe::SpiffeId;
 
 /// ALPN for sidecar-to-sidecar HTTP/2 (callers that spoke HTTP/2, gRPC among them).
 pub const ALPN_H2: &[u8] = b"h2";
@@ -22,11 +22,11 @@ pub const ALPN_TCP: &[u8] = b"palisade-tcp";
 /// Server side of mTLS. `mandatory_client_auth: false` only for the control plane's Certify.
 pub fn server_config(
     certs: Arc<CertStore>,
-    bundle: Arc<TrustBundle>,
+    trust: Arc<dyn TrustSource>,
     mandatory_client_auth: bool,
     alpn: &[&[u8]],
 ) -> Arc<ServerConfig> {
-    let verifier = Arc::new(SpiffeClientVerifier::new(bundle, mandatory_client_auth));
+    let verifier = Arc::new(SpiffeClientVerifier::new(trust, mandatory_client_auth));
     let mut cfg = ServerConfig::builder_with_provider(super::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("aws-lc-rs supports TLS 1.3")
@@ -41,11 +41,11 @@ pub fn server_config(
 /// Client side of mTLS to a server that must prove `expected`.
 pub fn client_config(
     certs: Arc<CertStore>,
-    bundle: Arc<TrustBundle>,
+    trust: Arc<dyn TrustSource>,
     expected: Option<SpiffeId>,
     alpn: &[&[u8]],
 ) -> Arc<ClientConfig> {
-    let verifier = Arc::new(SpiffeServerVerifier::new(bundle, expected));
+    let verifier = Arc::new(SpiffeServerVerifier::new(trust, expected));
     let mut cfg = ClientConfig::builder_with_provider(super::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("aws-lc-rs supports TLS 1.3")

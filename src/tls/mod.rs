@@ -9,7 +9,7 @@ pub mod verify;
 
 use std::sync::Arc;
 
-pub use bundle::TrustBundle;
+pub use bundle::{BundleError, BundleState, TrustBundle, TrustSource};
 pub use peer::{PeerCertError, peer_identity, spiffe_id_of};
 pub use resolver::CertStore;
 

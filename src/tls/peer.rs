@@ -3,7 +3,7 @@
 use rustls::pki_types::CertificateDer;
 use x509_parser::prelude::*;
 
-use crate::identity::SpiffeId;
+use crate::identity::spiffe::SpiffeId;
 
 /// Why a peer certificate does not name exactly one SPIFFE identity.
 #[derive(thiserror::Error, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //!
 //! Stock webpki verifiers check DNS names (server) or nothing (client). In the mesh the name that
 //! matters is the SPIFFE ID in the URI SAN, and the roots change during a CA rotation, so both
-//! verifiers read the live [`TrustBundle`] on every handshake.
+//! verifiers read the live trust ([`TrustSource`]) on every handshake.
 
 use std::sync::Arc;
 
@@ -14,8 +14,8 @@ use rustls::server::ParsedCertificate;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme};
 
-use super::TrustBundle;
-use crate::identity::SpiffeId;
+use super::TrustSource;
+use crate::identity::spiffe::SpiffeId;
 
 /// The server presented a valid chain for an identity other than the expected one.
 #[derive(thiserror::Error)]
@@ -35,21 +35,21 @@ impl std::fmt::Debug for IdentityMismatch {
 /// Verifies a server: chain to the bundle, then exactly the expected SPIFFE ID, then not revoked.
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
-    bundle: Arc<TrustBundle>,
+    trust: Arc<dyn TrustSource>,
     expected: Option<SpiffeId>,
     provider: Arc<CryptoProvider>,
 }
 
 impl SpiffeServerVerifier {
     /// `expected: None` accepts any identity in the trust domain's bundle (used by tests only).
-    pub fn new(bundle: Arc<TrustBundle>, expected: Option<SpiffeId>) -> Self {
-        SpiffeServerVerifier { bundle, expected, provider: super::provider() }
+    pub fn new(trust: Arc<dyn TrustSource>, expected: Option<SpiffeId>) -> Self {
+        SpiffeServerVerifier { trust, expected, provider: super::provider() }
     }
 }
 
-impl std::fmt::Debug for TrustBundle {
+impl std::fmt::Debug for dyn TrustSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TrustBundle")
+        f.write_str("TrustSource")
     }
 }
 
@@ -62,7 +62,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let state = self.bundle.load();
+        let state = self.trust.trust();
         let parsed = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &parsed,
@@ -81,7 +81,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
                 actual: id.to_string(),
             })))));
         }
-        if state.revoked_ids.contains(id.as_str()) || state.revoked_serials.contains(&serial) {
+        if state.is_revoked(id.as_str(), &serial) {
             return Err(Error::InvalidCertificate(CertificateError::Revoked));
         }
         Ok(ServerCertVerified::assertion())
@@ -115,15 +115,15 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 /// Which identities may do what is policy's job, after the handshake; this only proves who.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
-    bundle: Arc<TrustBundle>,
+    trust: Arc<dyn TrustSource>,
     mandatory: bool,
 }
 
 impl SpiffeClientVerifier {
     /// `mandatory: false` lets clients without a certificate finish the handshake (the control
     /// plane's Certify, where a new workload has no certificate yet).
-    pub fn new(bundle: Arc<TrustBundle>, mandatory: bool) -> Self {
-        SpiffeClientVerifier { bundle, mandatory }
+    pub fn new(trust: Arc<dyn TrustSource>, mandatory: bool) -> Self {
+        SpiffeClientVerifier { trust, mandatory }
     }
 }
 
@@ -147,11 +147,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let state = self.bundle.load();
+        let state = self.trust.trust();
         state.client_verifier.verify_client_cert(end_entity, intermediates, now)?;
         let (id, serial) = super::spiffe_id_of(end_entity)
             .map_err(|e| Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))))?;
-        if state.revoked_ids.contains(id.as_str()) || state.revoked_serials.contains(&serial) {
+        if state.is_revoked(id.as_str(), &serial) {
             return Err(Error::InvalidCertificate(CertificateError::Revoked));
         }
         Ok(ClientCertVerified::assertion())
@@ -163,7 +163,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.bundle.load().client_verifier.verify_tls12_signature(message, cert, dss)
+        self.trust.trust().client_verifier.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -172,10 +172,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.bundle.load().client_verifier.verify_tls13_signature(message, cert, dss)
+        self.trust.trust().client_verifier.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.bundle.load().client_verifier.supported_verify_schemes()
+        self.trust.trust().client_verifier.supported_verify_schemes()
     }
 }
