@@ -95,6 +95,20 @@ impl CaSet {
         self.generations.iter().map(|g| format!("{}:{}:{:?};", g.generation, g.state, g.retire_after)).collect()
     }
 
+    /// When the rotation in progress takes its next step (Unix seconds), if one is in progress:
+    /// the time [`advance_rotation`] will act, so the control plane wakes for it instead of
+    /// polling.
+    pub fn next_step_at(&self, propagation: Duration) -> Option<i64> {
+        self.generations
+            .iter()
+            .filter_map(|g| match g.state.as_str() {
+                "next" => Some(g.created_at + propagation.as_secs() as i64),
+                "retiring" => g.retire_after,
+                _ => None,
+            })
+            .min()
+    }
+
     /// Writes the trust bundle to `DIR/ca/root.pem` for sidecars started by hand.
     pub fn export_bundle(&self, state_dir: &Path) -> Result<(), CaSetError> {
         let dir = state_dir.join("ca");

@@ -20,10 +20,11 @@ use crate::tls::{CertStore, TrustBundle, config};
 
 use super::ca_set::{self, CaSet};
 use super::discovery::{DiscoveryService, MeshSettings, MeshState};
-use super::identity_service::{IdentityService, control_plane_identity};
-use super::resources::{FileSource, ResourceError};
+use super::identity_service::IdentityService;
+use super::source::{self, ResourceError, Sink};
 use super::store::{CredentialKind, Store};
 use super::telemetry::{TelemetryService, TrafficGraph};
+use crate::identity::SpiffeId;
 use crate::proto::discovery::discovery_server::DiscoveryServer;
 use crate::proto::telemetry::telemetry_server::TelemetryServer;
 
@@ -34,10 +35,10 @@ pub struct ControlArgs {
     #[arg(long, env = "PALISADE_STATE_DIR", default_value = "palisade-state")]
     pub state_dir: PathBuf,
     /// gRPC listen address (TLS).
-    #[arg(long, env = "PALISADE_LISTEN", default_value = "127.0.0.1:15010")]
+    #[arg(long, env = "PALISADE_LISTEN", default_value_t = SocketAddr::from(([127, 0, 0, 1], crate::ports::CONTROL_GRPC)))]
     pub listen: SocketAddr,
     /// Admin HTTP listen address (`/ready`, `/metrics`).
-    #[arg(long, env = "PALISADE_ADMIN", default_value = "127.0.0.1:15014")]
+    #[arg(long, env = "PALISADE_ADMIN", default_value_t = SocketAddr::from(([127, 0, 0, 1], crate::ports::CONTROL_ADMIN)))]
     pub admin: SocketAddr,
     /// Trust domain of every identity this control plane issues.
     #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = "cluster.local")]
@@ -100,47 +101,198 @@ pub struct ControlArgs {
 /// Lifetime of the control plane's own serving certificate; it renews at half of it.
 const SERVING_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
+/// The control plane's inputs, built once by [`run`] and handed to each worker.
+struct ControlInputs {
+    args: ControlArgs,
+    store: Arc<Store>,
+    /// The CA generations in force; written only by the CA worker.
+    ca: Arc<ArcSwap<CaSet>>,
+    /// The roots the gRPC listener verifies clients against; written only by the CA worker.
+    bundle: Arc<TrustBundle>,
+    own_id: SpiffeId,
+    /// The serving certificate of gRPC and the webhook.
+    serving: Arc<CertStore>,
+    serving_names: Vec<String>,
+    mesh: Arc<MeshState>,
+    graph: Arc<TrafficGraph>,
+    resource_errors: Arc<ArcSwap<Vec<ResourceError>>>,
+    kube: Option<kube::Client>,
+}
+
 /// Runs the control plane until SIGTERM or Ctrl-C.
 pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     crate::tls::install_crypto_provider();
-    if args.cert_ttl < Duration::from_secs(2) {
-        anyhow::bail!("--cert-ttl {:?} is too short to renew in time; use at least 2s", args.cert_ttl);
-    }
-    if args.cert_ttl < Duration::from_secs(300) {
-        tracing::warn!(cert_ttl = ?args.cert_ttl, "certificate lifetime under 5 minutes: for testing only");
-    }
-    let store = Arc::new(Store::open(&args.state_dir)?);
-    let kube = if args.kubernetes {
-        let client = kube::Client::try_default().await.context("connecting to the Kubernetes API server")?;
-        let material =
-            crate::k8s::ca_secret::load_or_create(client.clone(), &args.namespace, &args.ca_secret, &args.trust_domain)
-                .await
-                .context("loading the CA Secret")?;
-        CaSet::adopt(&store, &material)?;
-        Some(client)
-    } else {
-        None
-    };
-    let ca_set = CaSet::load_or_init(&store, &args.trust_domain)?;
-    ca_set.export_bundle(&args.state_dir)?;
-    let bundle = TrustBundle::from_pem(ca_set.bundle_pem())?;
-    let ca = Arc::new(ArcSwap::from_pointee(ca_set));
-
-    let own_id = control_plane_identity(&args.trust_domain);
-    let serving = CertStore::new();
-    // The same certificate serves gRPC (checked by SPIFFE ID) and the webhook (checked by the API
-    // server by DNS name or address).
-    let svc = format!("{}.{}.svc", args.service_name, args.namespace);
-    let serving_names: Vec<String> =
-        vec![svc.clone(), format!("{svc}.cluster.local"), "localhost".into(), "127.0.0.1".into(), "::1".into()];
-    let mut serving_not_after = issue_serving_cert(&store, &ca.load(), &own_id, &serving, &serving_names)?;
-
-    let tls = TlsAcceptor::from(config::server_config(serving.clone(), bundle.clone(), false, &[config::ALPN_H2]));
+    let inputs = Arc::new(ControlInputs::build(args).await?);
+    let args = &inputs.args;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let admin_listener = TcpListener::bind(args.admin).await.with_context(|| format!("binding {}", args.admin))?;
     tracing::info!(listen = %args.listen, admin = %args.admin, state_dir = %args.state_dir.display(),
         trust_domain = %args.trust_domain, cert_ttl = ?args.cert_ttl, "control plane started");
+    let serving_not_after = issue_serving_cert(&inputs)?;
+    tokio::spawn(inputs.mesh.clone().run());
+    start_source(&inputs).await?;
+    start_webhook(&inputs).await?;
+    serve_admin(&inputs, admin_listener)?;
+    tokio::spawn(run_ca(inputs.clone(), serving_not_after));
+    serve_grpc(&inputs, listener).await?;
+    tracing::info!("control plane stopped");
+    Ok(())
+}
 
+impl ControlInputs {
+    /// Opens the store, loads (or creates, or on Kubernetes adopts) the CA, and builds the
+    /// mesh state. Nothing is bound yet.
+    async fn build(args: ControlArgs) -> anyhow::Result<Self> {
+        if args.cert_ttl < Duration::from_secs(2) {
+            anyhow::bail!("--cert-ttl {:?} is too short to renew in time; use at least 2s", args.cert_ttl);
+        }
+        if args.cert_ttl < Duration::from_secs(300) {
+            tracing::warn!(cert_ttl = ?args.cert_ttl, "certificate lifetime under 5 minutes: for testing only");
+        }
+        if args.webhook.is_some() && !args.kubernetes {
+            anyhow::bail!("--webhook needs --kubernetes: injection reads namespace labels from the API server");
+        }
+        let own_id = SpiffeId::control_plane(&args.trust_domain)
+            .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
+        let store = Arc::new(Store::open(&args.state_dir)?);
+        let kube = if args.kubernetes {
+            let client = kube::Client::try_default().await.context("connecting to the Kubernetes API server")?;
+            let material = crate::k8s::ca_secret::load_or_create(
+                client.clone(),
+                &args.namespace,
+                &args.ca_secret,
+                &args.trust_domain,
+            )
+            .await
+            .context("loading the CA Secret")?;
+            CaSet::adopt(&store, &material)?;
+            Some(client)
+        } else {
+            None
+        };
+        let ca_set = CaSet::load_or_init(&store, &args.trust_domain)?;
+        ca_set.export_bundle(&args.state_dir)?;
+        let bundle = TrustBundle::from_pem(ca_set.bundle_pem())?;
+        let ca = Arc::new(ArcSwap::from_pointee(ca_set));
+        // The same certificate serves gRPC (checked by SPIFFE ID) and the webhook (checked by the
+        // API server by DNS name or address).
+        let svc = format!("{}.{}.svc", args.service_name, args.namespace);
+        let serving_names =
+            vec![svc.clone(), format!("{svc}.cluster.local"), "localhost".into(), "127.0.0.1".into(), "::1".into()];
+        let settings = MeshSettings {
+            trust_domain: args.trust_domain.clone(),
+            default_policy: args.default_policy.clone(),
+            egress: args.egress.clone(),
+            debounce: args.debounce,
+            endpoint_grace: args.endpoint_grace,
+        };
+        let mesh = MeshState::new(settings, ca.clone(), store.clone());
+        let (revoked_ids, revoked_serials) = store.revocations()?;
+        mesh.set_revocations(revoked_ids, revoked_serials);
+        Ok(ControlInputs {
+            args,
+            store,
+            ca,
+            bundle,
+            own_id,
+            serving: CertStore::new(),
+            serving_names,
+            mesh,
+            graph: Arc::new(TrafficGraph::default()),
+            resource_errors: Arc::new(ArcSwap::from_pointee(Vec::new())),
+            kube,
+        })
+    }
+}
+
+/// Reads the configuration source (a resources directory, or the Kubernetes API with leader
+/// election for CRD status) before anything is served, then follows it.
+async fn start_source(inputs: &ControlInputs) -> anyhow::Result<()> {
+    let sink = Sink { mesh: inputs.mesh.clone(), errors: inputs.resource_errors.clone() };
+    let args = &inputs.args;
+    if let Some(client) = &inputs.kube {
+        let identity =
+            args.pod_name.clone().unwrap_or_else(|| format!("palisade-control-{:08x}", rand::random::<u32>()));
+        let leader = crate::k8s::lease::Election {
+            namespace: args.namespace.clone(),
+            name: "palisade-control-leader".into(),
+            identity,
+            lease_duration: args.lease_duration,
+        }
+        .spawn(client.clone());
+        let kube = source::kubernetes::KubeSource::new(client.clone(), args.trust_domain.clone(), leader);
+        source::start(kube, sink).await?;
+    } else if let Some(dir) = &args.resources {
+        let files = source::file::FileSource::new(dir).with_context(|| format!("--resources {}", dir.display()))?;
+        source::start(files, sink).await.with_context(|| format!("reading --resources {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// The sidecar-injection webhook, and the keeper of its configuration's caBundle.
+async fn start_webhook(inputs: &ControlInputs) -> anyhow::Result<()> {
+    let args = &inputs.args;
+    let (Some(addr), Some(client)) = (args.webhook, &inputs.kube) else { return Ok(()) };
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding webhook {addr}"))?;
+    let inject = crate::k8s::inject::InjectConfig {
+        image: args.proxy_image.clone(),
+        control_addr: args
+            .inject_control
+            .clone()
+            .unwrap_or_else(|| format!("{}.{}.svc:{}", args.service_name, args.namespace, args.listen.port())),
+        trust_domain: args.trust_domain.clone(),
+        ..Default::default()
+    };
+    // The current trust bundle, read where it is used: injected pods get the roots of the
+    // moment, and the keeper writes them into the webhook configuration's caBundle.
+    let ca = inputs.ca.clone();
+    let roots: crate::k8s::webhook::Roots = Arc::new(move || ca.load().bundle_pem().to_string());
+    tokio::spawn(crate::k8s::webhook::serve(listener, inputs.serving.clone(), client.clone(), inject, roots.clone()));
+    tokio::spawn(crate::k8s::webhook::keep_ca_bundle(client.clone(), args.webhook_config.clone(), roots));
+    tracing::info!(%addr, "sidecar-injection webhook listening");
+    Ok(())
+}
+
+/// The admin HTTP port, on its own runtime.
+fn serve_admin(inputs: &Arc<ControlInputs>, listener: TcpListener) -> anyhow::Result<()> {
+    let inputs = inputs.clone();
+    admin::spawn_on_own_runtime(listener, move |req: AdminRequest| {
+        let inputs = inputs.clone();
+        async move { admin_answer(&inputs, &req).await }
+    })?;
+    Ok(())
+}
+
+async fn admin_answer(inputs: &ControlInputs, req: &AdminRequest) -> admin::AdminResponse {
+    match req.path.as_str() {
+        "/ready" | "/live" => admin::respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/v1/sidecars" => admin::json(StatusCode::OK, &inputs.mesh.sidecars()),
+        "/v1/resources/errors" => {
+            let errs: Vec<String> = inputs.resource_errors.load().iter().map(|e| e.to_string()).collect();
+            admin::json(StatusCode::OK, &errs)
+        }
+        "/v1/certificates" => {
+            let store = inputs.store.clone();
+            match tokio::task::spawn_blocking(move || store.certificates(None, 1000)).await {
+                Ok(Ok(rows)) => admin::json(StatusCode::OK, &rows),
+                _ => admin::respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "ledger unavailable\n"),
+            }
+        }
+        "/v1/mesh" => admin::json(StatusCode::OK, &inputs.mesh.settings),
+        "/v1/traffic" => admin::json(StatusCode::OK, &inputs.graph.edges()),
+        "/v1/events" => admin::json(StatusCode::OK, &inputs.graph.events()),
+        _ => admin::respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// Accepts TLS connections for the gRPC services until shutdown.
+async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Result<()> {
+    let tls = TlsAcceptor::from(config::server_config(
+        inputs.serving.clone(),
+        inputs.bundle.clone(),
+        false,
+        &[config::ALPN_H2],
+    ));
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
         loop {
@@ -162,190 +314,111 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
             });
         }
     });
-
-    let mesh = MeshState::new(
-        MeshSettings {
-            trust_domain: args.trust_domain.clone(),
-            default_policy: args.default_policy.clone(),
-            egress: args.egress.clone(),
-            debounce: args.debounce,
-            endpoint_grace: args.endpoint_grace,
-        },
-        ca.clone(),
-        store.clone(),
-    );
-    tokio::spawn(mesh.clone().run());
-    let graph = Arc::new(TrafficGraph::default());
-    let resource_errors = Arc::new(ArcSwap::from_pointee(Vec::<ResourceError>::new()));
-    if let Some(client) = &kube {
-        let identity =
-            args.pod_name.clone().unwrap_or_else(|| format!("palisade-control-{:08x}", rand::random::<u32>()));
-        let leader = crate::k8s::lease::Election {
-            namespace: args.namespace.clone(),
-            name: "palisade-control-leader".into(),
-            identity,
-            lease_duration: args.lease_duration,
-        }
-        .spawn(client.clone());
-        crate::k8s::source::KubeSource {
-            client: client.clone(),
-            trust_domain: args.trust_domain.clone(),
-            mesh: mesh.clone(),
-            errors: resource_errors.clone(),
-            leader: leader.clone(),
-        }
-        .start()
-        .await?;
-    }
-    if let Some(addr) = args.webhook {
-        let Some(client) = &kube else {
-            anyhow::bail!("--webhook needs --kubernetes: injection reads namespace labels from the API server");
-        };
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding webhook {addr}"))?;
-        let inject = crate::k8s::inject::InjectConfig {
-            image: args.proxy_image.clone(),
-            control_addr: args.inject_control.clone().unwrap_or_else(|| format!("{svc}:{}", args.listen.port())),
-            trust_domain: args.trust_domain.clone(),
-            ..Default::default()
-        };
-        // The current trust bundle, read where it is used: injected pods get the roots of the
-        // moment, and the keeper writes them into the webhook configuration's caBundle.
-        let ca = ca.clone();
-        let roots: crate::k8s::webhook::Roots = Arc::new(move || ca.load().bundle_pem().to_string());
-        tokio::spawn(crate::k8s::webhook::serve(listener, serving.clone(), client.clone(), inject, roots.clone()));
-        tokio::spawn(crate::k8s::webhook::keep_ca_bundle(client.clone(), args.webhook_config.clone(), roots));
-        tracing::info!(%addr, "sidecar-injection webhook listening");
-    }
-    if let Some(dir) = args.resources.clone() {
-        if !dir.is_dir() {
-            anyhow::bail!("--resources {}: not a directory", dir.display());
-        }
-        let mesh = mesh.clone();
-        let errors = resource_errors.clone();
-        let mut source = FileSource::new(&dir);
-        source.load_initial().with_context(|| format!("reading --resources {}", dir.display()))?;
-        mesh.set_resources(source.resources());
-        errors.store(Arc::new(source.errors()));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(FileSource::INTERVAL);
-            loop {
-                tick.tick().await;
-                match source.poll() {
-                    Ok(true) => {
-                        mesh.set_resources(source.resources());
-                        errors.store(Arc::new(source.errors()));
-                    }
-                    Ok(false) => {}
-                    Err(e) => tracing::error!(dir = %dir.display(), error = %e, "cannot read resources directory"),
-                }
-            }
-        });
-    }
-
-    {
-        let (mesh, store, errors, graph) = (mesh.clone(), store.clone(), resource_errors.clone(), graph.clone());
-        admin::spawn_on_own_runtime(admin_listener, move |req: AdminRequest| {
-            let (mesh, store, errors, graph) = (mesh.clone(), store.clone(), errors.clone(), graph.clone());
-            async move {
-                match req.path.as_str() {
-                    "/ready" | "/live" => admin::respond(StatusCode::OK, "text/plain", "ok\n"),
-                    "/v1/sidecars" => admin::json(StatusCode::OK, &mesh.sidecars()),
-                    "/v1/resources/errors" => {
-                        let errs: Vec<String> = errors.load().iter().map(|e| e.to_string()).collect();
-                        admin::json(StatusCode::OK, &errs)
-                    }
-                    "/v1/certificates" => match tokio::task::spawn_blocking(move || store.certificates(None, 1000))
-                        .await
-                    {
-                        Ok(Ok(rows)) => admin::json(StatusCode::OK, &rows),
-                        _ => admin::respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "ledger unavailable\n"),
-                    },
-                    "/v1/mesh" => admin::json(StatusCode::OK, &mesh.settings),
-                    "/v1/traffic" => admin::json(StatusCode::OK, &graph.edges()),
-                    "/v1/events" => admin::json(StatusCode::OK, &graph.events()),
-                    _ => admin::respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
-                }
-            }
-        })?;
-    }
-
-    // Keeps the CA view in step with the store (the CLI may start a rotation while we run),
-    // advances rotations, and renews the serving certificate.
-    {
-        let store = store.clone();
-        let ca = ca.clone();
-        let bundle = bundle.clone();
-        let state_dir = args.state_dir.clone();
-        let ttl = args.cert_ttl;
-        let trust_domain = args.trust_domain.clone();
-        let mesh = mesh.clone();
-        tokio::spawn(async move {
-            // Fast enough that a revocation made with the CLI is pushed well within a second.
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                tick.tick().await;
-                let res: anyhow::Result<()> = (|| {
-                    // A new root must reach every sidecar before it signs: each renews within
-                    // 60% of a lifetime, and its fresh certificate carries the new bundle.
-                    ca_set::advance_rotation(&store, ttl + Duration::from_secs(2), ttl)?;
-                    let fresh = CaSet::load_or_init(&store, &trust_domain)?;
-                    let cur = ca.load();
-                    let signer_changed = fresh.active_generation() != cur.active_generation();
-                    if fresh.fingerprint() != cur.fingerprint() {
-                        bundle.set_roots(fresh.bundle_pem())?;
-                        fresh.export_bundle(&state_dir)?;
-                        tracing::info!(active = fresh.active_generation(), "CA state changed; trust bundle updated");
-                        ca.store(Arc::new(fresh));
-                        mesh.mark_dirty();
-                    }
-                    let (ids, serials) = store.revocations()?;
-                    mesh.set_revocations(ids, serials);
-                    let half_life = (SERVING_CERT_LIFETIME / 2).as_secs() as i64;
-                    if signer_changed || crate::identity::ca::now_unix() >= serving_not_after - half_life {
-                        serving_not_after = issue_serving_cert(&store, &ca.load(), &own_id, &serving, &serving_names)?;
-                    }
-                    Ok(())
-                })();
-                if let Err(e) = res {
-                    tracing::error!(error = %e, "CA maintenance failed");
-                }
-            }
-        });
-    }
-
-    let service = IdentityService {
-        store: store.clone(),
-        ca: ca.clone(),
-        cert_ttl: args.cert_ttl,
-        attestor: kube.clone().map(|c| crate::k8s::attest::Attestor::new(c, &args.trust_domain)),
+    let identity = IdentityService {
+        store: inputs.store.clone(),
+        ca: inputs.ca.clone(),
+        cert_ttl: inputs.args.cert_ttl,
+        attestor: inputs.kube.clone().map(|c| crate::k8s::attest::Attestor::new(c, &inputs.args.trust_domain)),
     };
-    let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
     tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(service))
-        .add_service(DiscoveryServer::new(DiscoveryService { mesh: mesh.clone() }))
-        .add_service(TelemetryServer::new(TelemetryService { graph: graph.clone() }))
-        .serve_with_incoming_shutdown(incoming, crate::shutdown_signal())
+        .add_service(IdentityServer::new(identity))
+        .add_service(DiscoveryServer::new(DiscoveryService { mesh: inputs.mesh.clone() }))
+        .add_service(TelemetryServer::new(TelemetryService { graph: inputs.graph.clone() }))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), crate::shutdown_signal())
         .await
-        .context("gRPC server")?;
-    tracing::info!("control plane stopped");
-    Ok(())
+        .context("gRPC server")
+}
+
+/// The CA worker, the only writer of the CA view and the serving trust bundle: it takes CA and
+/// revocation changes the CLI writes to the store (woken by a watch on the state directory, not
+/// by polling), advances rotations when their time comes, and renews the serving certificate.
+async fn run_ca(inputs: Arc<ControlInputs>, mut serving_not_after: i64) {
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let _watcher = match inputs.store.watch(changed.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the state directory: CLI changes reach this process at CA steps only");
+            None
+        }
+    };
+    loop {
+        let step = {
+            let inputs = inputs.clone();
+            tokio::task::spawn_blocking(move || ca_step(&inputs, serving_not_after)).await
+        };
+        let wake_at = match step {
+            Ok(Ok(step)) => {
+                serving_not_after = step.serving_not_after;
+                step.wake_at
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "CA maintenance failed; retrying");
+                crate::identity::ca::now_unix() + 1
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "CA maintenance panicked; retrying");
+                crate::identity::ca::now_unix() + 1
+            }
+        };
+        let wait = Duration::from_secs((wake_at - crate::identity::ca::now_unix()).max(0) as u64);
+        tracing::debug!(?wait, "CA worker waits for a store change or its next step");
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// What one pass of the CA worker decided.
+struct CaStep {
+    serving_not_after: i64,
+    /// When to look again without being woken (Unix seconds).
+    wake_at: i64,
+}
+
+/// One pass of the CA worker (blocking: it reads and writes the store).
+fn ca_step(inputs: &ControlInputs, serving_not_after: i64) -> anyhow::Result<CaStep> {
+    let args = &inputs.args;
+    let changed_elsewhere = inputs.store.changed_elsewhere()?;
+    tracing::debug!(changed_elsewhere, "CA worker woken");
+    // A new root must reach every sidecar before it signs: each renews within 60% of a
+    // lifetime, and its fresh certificate carries the new bundle.
+    let propagation = args.cert_ttl + Duration::from_secs(2);
+    let advanced = ca_set::advance_rotation(&inputs.store, propagation, args.cert_ttl)?;
+    let cur = inputs.ca.load_full();
+    let mut signer_changed = false;
+    if changed_elsewhere || advanced {
+        let fresh = CaSet::load_or_init(&inputs.store, &args.trust_domain)?;
+        signer_changed = fresh.active_generation() != cur.active_generation();
+        if fresh.fingerprint() != cur.fingerprint() {
+            inputs.bundle.set_roots(fresh.bundle_pem())?;
+            fresh.export_bundle(&args.state_dir)?;
+            tracing::info!(active = fresh.active_generation(), "CA state changed; trust bundle updated");
+            inputs.ca.store(Arc::new(fresh));
+            inputs.mesh.mark_dirty();
+        }
+        let (ids, serials) = inputs.store.revocations()?;
+        inputs.mesh.set_revocations(ids, serials);
+    }
+    let renew_at = serving_not_after - (SERVING_CERT_LIFETIME / 2).as_secs() as i64;
+    let now = crate::identity::ca::now_unix();
+    let serving_not_after =
+        if signer_changed || now >= renew_at { issue_serving_cert(inputs)? } else { serving_not_after };
+    let renew_at = serving_not_after - (SERVING_CERT_LIFETIME / 2).as_secs() as i64;
+    let wake_at = inputs.ca.load().next_step_at(propagation).map_or(renew_at, |t| t.min(renew_at));
+    Ok(CaStep { serving_not_after, wake_at })
 }
 
 /// Signs the control plane's own serving certificate and installs it.
-fn issue_serving_cert(
-    store: &Store,
-    ca: &CaSet,
-    id: &crate::identity::SpiffeId,
-    serving: &CertStore,
-    names: &[String],
-) -> anyhow::Result<i64> {
+fn issue_serving_cert(inputs: &ControlInputs) -> anyhow::Result<i64> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let issued = ca.signer().sign_workload(id, &key, SERVING_CERT_LIFETIME, names)?;
-    store.record_certificate(&issued, CredentialKind::ControlPlane)?;
+    let ca = inputs.ca.load();
+    let issued = ca.signer().sign_workload(&inputs.own_id, &key, SERVING_CERT_LIFETIME, &inputs.serving_names)?;
+    inputs.store.record_certificate(&issued, CredentialKind::ControlPlane)?;
     let chain = crate::tls::certs_from_pem(&issued.chain_pem)?;
     let signing_key = crate::tls::provider()
         .key_provider
         .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))?;
-    serving.set(Arc::new(CertifiedKey::new(chain, signing_key)), issued.not_after);
+    inputs.serving.set(Arc::new(CertifiedKey::new(chain, signing_key)), issued.not_after);
     Ok(issued.not_after)
 }

@@ -80,9 +80,14 @@ pub struct CaGeneration {
     pub created_at: i64,
 }
 
+/// Written after every committed CA or revocation change; what [`Store::watch`] watches.
+const ANNOUNCE_FILE: &str = ".changed";
+
 /// Handle to the state store. Cheap to share; every call is one short transaction.
 pub struct Store {
     conn: Mutex<Connection>,
+    /// The `data_version` last seen by [`Store::changed_elsewhere`].
+    data_version: Mutex<Option<i64>>,
     path: PathBuf,
 }
 
@@ -147,7 +152,57 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
         conn.execute_batch(SCHEMA).map_err(sql)?;
-        Ok(Store { conn: Mutex::new(conn), path })
+        Ok(Store { conn: Mutex::new(conn), path, data_version: Mutex::new(None) })
+    }
+
+    /// Wakes `on_change` after every committed change of the CA or the revocations, by this
+    /// process or another (the CLI revoking or starting a rotation): each such commit is
+    /// followed by a write of `STATE_DIR/.changed`, which this watches (inotify), so a wake never
+    /// comes before the commit it announces. [`Self::changed_elsewhere`] tells whose it was.
+    /// The returned watcher must be kept alive.
+    pub fn watch(
+        &self,
+        on_change: std::sync::Arc<tokio::sync::Notify>,
+    ) -> Result<notify::RecommendedWatcher, StoreError> {
+        use notify::Watcher;
+        let dir = self.announce_path().parent().unwrap_or(Path::new(".")).to_path_buf();
+        let watch_err = |e: notify::Error| StoreError::Io { path: dir.clone(), source: std::io::Error::other(e) };
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let announced = event.is_ok_and(|e| {
+                (e.kind.is_modify() || e.kind.is_create())
+                    && e.paths.iter().any(|p| p.file_name().is_some_and(|n| n == ANNOUNCE_FILE))
+            });
+            if announced {
+                on_change.notify_one();
+            }
+        })
+        .map_err(watch_err)?;
+        watcher.watch(&dir, notify::RecursiveMode::NonRecursive).map_err(watch_err)?;
+        Ok(watcher)
+    }
+
+    fn announce_path(&self) -> PathBuf {
+        self.path.with_file_name(ANNOUNCE_FILE)
+    }
+
+    /// Tells watchers that a change was committed. Best effort: a watcher that misses it still
+    /// sees the change at its next step.
+    fn announce(&self) {
+        if let Err(e) = std::fs::write(self.announce_path(), now_unix().to_string()) {
+            tracing::warn!(error = %e, "cannot announce a store change to the running control plane");
+        }
+    }
+
+    /// Whether another connection (another process) committed since the last call: SQLite's
+    /// `data_version` moves only for commits made elsewhere, so this process's own writes (the
+    /// ledger of every certificate it issues) do not count.
+    pub fn changed_elsewhere(&self) -> Result<bool, StoreError> {
+        let conn = self.conn.lock();
+        let version: i64 = conn.pragma_query_value(None, "data_version", |r| r.get(0)).map_err(|e| self.err(e))?;
+        let mut last = self.data_version.lock();
+        let changed = *last != Some(version);
+        *last = Some(version);
+        Ok(changed)
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
@@ -200,6 +255,7 @@ impl Store {
                 ],
             )
             .map_err(|e| self.err(e))?;
+        self.announce();
         Ok(())
     }
 
@@ -212,6 +268,7 @@ impl Store {
                 params![generation, state, retire_after],
             )
             .map_err(|e| self.err(e))?;
+        self.announce();
         Ok(())
     }
 
@@ -379,6 +436,7 @@ impl Store {
                 params![identity, serial, now_unix()],
             )
             .map_err(|e| self.err(e))?;
+        self.announce();
         Ok(())
     }
 }
@@ -445,6 +503,24 @@ mod tests {
         let failed = store.redeem_join_token::<E>(&t, |_| Err(E::S(StoreError::Corrupt("boom".into()))));
         assert!(failed.is_err());
         store.redeem_join_token::<E>(&t, fake_issue).expect("token survives a failed issue");
+    }
+
+    #[tokio::test]
+    async fn a_write_by_another_process_wakes_the_watch_and_own_writes_do_not_count() {
+        let dir = tempdir();
+        let server = Store::open(&dir).unwrap();
+        assert!(server.changed_elsewhere().unwrap(), "the first look counts as a change");
+        assert!(!server.changed_elsewhere().unwrap());
+        server.revoke(Some("spiffe://cluster.local/ns/a/sa/own"), None).unwrap();
+        assert!(!server.changed_elsewhere().unwrap(), "this connection's own commit");
+        let woken = std::sync::Arc::new(tokio::sync::Notify::new());
+        let _watcher = server.watch(woken.clone()).unwrap();
+
+        let cli = Store::open(&dir).unwrap(); // what `palisade control revoke` opens
+        cli.revoke(Some("spiffe://cluster.local/ns/a/sa/b"), None).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), woken.notified()).await.expect("the watch wakes");
+        assert!(server.changed_elsewhere().unwrap());
+        assert_eq!(server.revocations().unwrap().0.len(), 2);
     }
 
     fn tempdir() -> PathBuf {
