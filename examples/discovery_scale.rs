@@ -146,7 +146,7 @@ async fn main() -> anyhow::Result<()> {
     let mint_time = minted.elapsed();
     println!("minted {} client certificates in {:.1?}", certs.len(), mint_time);
     let bundle_pem = std::fs::read_to_string(cp.state.join("ca/root.pem")).context("reading ca/root.pem")?;
-    let control_id = palisade::control::identity_service::control_plane_identity("cluster.local");
+    let control_id = palisade::identity::SpiffeId::control_plane("cluster.local").unwrap();
 
     let fleet =
         Arc::new(Fleet { logs: (0..args.clients).map(|_| ClientLog::default()).collect(), ..Default::default() });

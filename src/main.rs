@@ -36,7 +36,7 @@ enum Command {
     /// The sidecar proxy.
     Proxy(Box<ProxyArgs>),
     /// Install iptables rules for transparent interception (init container).
-    Init(palisade::proxy::init::InitArgs),
+    Init(palisade::init::InitArgs),
     /// Inject the sidecar into Kubernetes YAML (the webhook's code, on files).
     ///
     /// Every pod template is injected unless it says `palisade.io/inject: disabled`; other objects
@@ -58,7 +58,8 @@ enum Command {
         #[command(subcommand)]
         command: Option<StatusCommand>,
         /// The control plane's admin address.
-        #[arg(long, env = "PALISADE_CONTROL_ADMIN", default_value = "127.0.0.1:15014")]
+        #[arg(long, env = "PALISADE_CONTROL_ADMIN",
+              default_value_t = std::net::SocketAddr::from(([127, 0, 0, 1], palisade::ports::CONTROL_ADMIN)))]
         admin: std::net::SocketAddr,
         /// Output format: `table` or `json`.
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
@@ -288,7 +289,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Init(args) => palisade::proxy::init::run(args)?,
+        Command::Init(args) => palisade::init::run(args)?,
         Command::Inject(args) => inject(args)?,
         Command::Policy { command } => return palisade::policy::run(command),
         Command::Demo(args) => runtime()?.block_on(palisade::demo::run(args))?,

@@ -130,7 +130,7 @@ async fn a_sidecar_cannot_register_another_identity() {
         &cp.listen.to_string(),
         bundle,
         store,
-        palisade::control::identity_service::control_plane_identity("cluster.local"),
+        palisade::identity::SpiffeId::control_plane("cluster.local").unwrap(),
     );
     let mut d = DiscoveryClient::new(client.channel().await.unwrap());
     let first = DiscoveryRequest {

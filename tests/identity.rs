@@ -9,7 +9,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use palisade::agent::ControlClient;
-use palisade::control::identity_service::control_plane_identity;
 use palisade::proto::identity::certify_request::Credential;
 use palisade::tls::{CertStore, TrustBundle};
 use rcgen::{CertificateParams, KeyPair, SanType};
@@ -199,8 +198,10 @@ fn client(cp: &ControlPlane, cert: Option<Arc<rustls::sign::CertifiedKey>>) -> C
     match cert {
         // Present the certificate whatever its validity: the server must be the one to judge.
         Some(c) => {
-            let verifier =
-                palisade::tls::verify::SpiffeServerVerifier::new(bundle, Some(control_plane_identity("cluster.local")));
+            let verifier = palisade::tls::verify::SpiffeServerVerifier::new(
+                bundle,
+                Some(palisade::identity::SpiffeId::control_plane("cluster.local").unwrap()),
+            );
             let mut cfg = rustls::ClientConfig::builder_with_provider(palisade::tls::provider())
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .unwrap()
@@ -210,7 +211,12 @@ fn client(cp: &ControlPlane, cert: Option<Arc<rustls::sign::CertifiedKey>>) -> C
             cfg.alpn_protocols = vec![b"h2".to_vec()];
             ControlClient::with_tls_config(&cp.listen.to_string(), Arc::new(cfg))
         }
-        None => ControlClient::new(&cp.listen.to_string(), bundle, store, control_plane_identity("cluster.local")),
+        None => ControlClient::new(
+            &cp.listen.to_string(),
+            bundle,
+            store,
+            palisade::identity::SpiffeId::control_plane("cluster.local").unwrap(),
+        ),
     }
 }
 

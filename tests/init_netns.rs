@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use palisade::proxy::init::{self, InitArgs};
+use palisade::init::{self, InitArgs};
 use palisade::proxy::original_dst::original_dst;
 
 const HELPER: &str = "PALISADE_NETNS_HELPER";
@@ -174,7 +174,7 @@ fn connect(ns: &Netns, name: &str, exe: &HelperExe, uid: u32, target: &str) -> S
 }
 
 /// Runs `palisade init ARGS` in namespace `name` and returns its stdout: the real binary once
-/// `main.rs` wires `init`, until then the same library entry point (`proxy::init::run`) through
+/// `main.rs` wires `init`, until then the same library entry point (`init::run`) through
 /// the helper.
 fn init_in(ns: &Netns, name: &str, exe: &HelperExe, args: &[&str]) -> String {
     let bin = Path::new(env!("CARGO_BIN_EXE_palisade"));
@@ -183,7 +183,7 @@ fn init_in(ns: &Netns, name: &str, exe: &HelperExe, args: &[&str]) -> String {
     let out = if wired {
         ns.command(name, bin).arg("init").args(args).output().expect("spawning ip netns exec")
     } else {
-        eprintln!("palisade init is not wired in main.rs yet: calling proxy::init::run directly");
+        eprintln!("palisade init is not wired in main.rs yet: calling init::run directly");
         helper_args(&mut ns.command(name, &exe.path), "init")
             .env("INIT_ARGS", args.join(" "))
             .output()

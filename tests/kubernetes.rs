@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use palisade::agent::ControlClient;
-use palisade::control::identity_service::control_plane_identity;
 use palisade::proto::identity::certify_request::Credential;
 use palisade::tls::{CertStore, TrustBundle};
 use serde_json::{Value, json};
@@ -379,8 +378,12 @@ async fn orders_and_web(
 async fn certify(cp: &ControlPlane, token: &str) -> Result<String, tonic::Status> {
     palisade::tls::install_crypto_provider();
     let bundle = TrustBundle::from_pem(&std::fs::read_to_string(cp.root_pem_path()).unwrap()).unwrap();
-    let client =
-        ControlClient::new(&cp.listen.to_string(), bundle, CertStore::new(), control_plane_identity("cluster.local"));
+    let client = ControlClient::new(
+        &cp.listen.to_string(),
+        bundle,
+        CertStore::new(),
+        palisade::identity::SpiffeId::control_plane("cluster.local").unwrap(),
+    );
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let csr = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
     match client.certify(csr.der().to_vec(), Some(Credential::KubernetesToken(token.to_string()))).await {

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use common::*;
 use palisade::agent::ControlClient;
-use palisade::control::identity_service::control_plane_identity;
 use palisade::identity::{CaMaterial, CertificateAuthority, SpiffeId};
 use palisade::proto::identity::certify_request::Credential;
 use palisade::tls::{CertStore, TrustBundle};
@@ -171,7 +170,12 @@ fn csr_claiming(identity: &str) -> Vec<u8> {
 
 fn control_client(cp: &ControlPlane) -> ControlClient {
     let bundle = TrustBundle::from_pem(&std::fs::read_to_string(cp.root_pem_path()).unwrap()).unwrap();
-    ControlClient::new(&cp.listen.to_string(), bundle, CertStore::new(), control_plane_identity("cluster.local"))
+    ControlClient::new(
+        &cp.listen.to_string(),
+        bundle,
+        CertStore::new(),
+        palisade::identity::SpiffeId::control_plane("cluster.local").unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -132,9 +132,3 @@ fn sign_and_record(
     store.record_certificate(&issued, kind)?;
     Ok(issued)
 }
-
-/// The identity the control plane's own serving certificate carries.
-pub fn control_plane_identity(trust_domain: &str) -> SpiffeId {
-    SpiffeId::workload(trust_domain, "palisade-system", "palisade-control")
-        .unwrap_or_else(|_| "spiffe://cluster.local/ns/palisade-system/sa/palisade-control".parse().expect("valid"))
-}

@@ -37,6 +37,13 @@ impl SpiffeId {
         format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
+    /// The identity the control plane's serving certificate carries in `trust_domain`; a sidecar
+    /// accepts no other at the control-plane address. An invalid trust domain is an error, never
+    /// a silent fallback to another domain.
+    pub fn control_plane(trust_domain: &str) -> Result<Self, SpiffeIdError> {
+        Self::workload(trust_domain, "palisade-system", "palisade-control")
+    }
+
     /// The full URI.
     pub fn as_str(&self) -> &str {
         &self.uri

@@ -83,9 +83,9 @@ pub const TOKEN_AUDIENCE: &str = "palisade";
 /// Writable `/run` for the init container, where iptables keeps its lock file.
 pub const XTABLES_LOCK_VOLUME: &str = "palisade-xtables-lock";
 
-const INBOUND_PORT: u16 = 15006;
-const OUTBOUND_PORT: u16 = 15001;
-const ADMIN_PORT: u16 = 15020;
+const INBOUND_PORT: u16 = crate::ports::SIDECAR_INBOUND;
+const OUTBOUND_PORT: u16 = crate::ports::SIDECAR_OUTBOUND;
+const ADMIN_PORT: u16 = crate::ports::SIDECAR_ADMIN;
 
 /// What the injector puts into pods. The webhook and `palisade inject` build one from flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,7 +114,7 @@ impl Default for InjectConfig {
     fn default() -> Self {
         InjectConfig {
             image: format!("ghcr.io/palisade-mesh/palisade:{}", env!("CARGO_PKG_VERSION")),
-            control_addr: "palisade-control.palisade-system.svc:15010".to_string(),
+            control_addr: format!("palisade-control.palisade-system.svc:{}", crate::ports::CONTROL_GRPC),
             trust_domain: "cluster.local".to_string(),
             ca_bundle_pem: String::new(),
             proxy_uid: 1337,

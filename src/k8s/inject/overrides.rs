@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{InjectConfig, InjectError, annotation};
-use crate::proxy::init::{InboundPorts, PortList};
+use crate::init::{InboundPorts, PortList};
 
 /// Resolved, validated sidecar settings.
 pub(super) struct ProxySettings {
