@@ -185,7 +185,7 @@ pub struct RequestMetrics {
 impl RequestMetrics {
     /// Counts a finished request by status class, and its latency.
     pub fn record(&self, status: http::StatusCode, started: Instant) {
-        let class = crate::proxy::http::status_class(status);
+        let class = status_class(status);
         let slot = match class.as_bytes()[0] {
             b'1' => 0,
             b'2' => 1,
@@ -205,6 +205,17 @@ impl RequestMetrics {
     /// The peer's totals for telemetry reports.
     pub fn peer(&self) -> &PeerCounters {
         &self.peer_counters
+    }
+}
+
+/// `2xx`, `4xx`, ...: the `status_class` label of `palisade_requests_total`.
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
     }
 }
 
