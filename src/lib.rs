@@ -13,6 +13,7 @@ pub mod k8s;
 pub mod policy;
 pub mod proto;
 pub mod proxy;
+pub mod redact;
 pub mod telemetry;
 pub mod tls;
 

@@ -27,7 +27,7 @@ use super::limits::{Drain, Limits, heed};
 use super::view::{MeshView, PeerAuthMode};
 use crate::identity::SpiffeId;
 use crate::policy::{Decision, EngineKind, Input, LiveRequest, RequestAttributes};
-use crate::telemetry::access_log::{AccessLog, is_secret_header};
+use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::{LastDecision, PolicyLabel, ProxyMetrics, RequestMetrics};
 use crate::tls::TrustBundle;
 
@@ -504,10 +504,7 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
         decided.elapsed(),
     );
     if (!decision.allowed || !decision.audits.is_empty()) && inbound.access_log.enabled() {
-        let mut doc = input.document().clone();
-        if let Some(h) = doc.pointer_mut("/attributes/request/http/headers").and_then(|h| h.as_object_mut()) {
-            h.retain(|k, _| !is_secret_header(k));
-        }
+        let doc = input.redacted_document();
         inbound.access_log.write(serde_json::json!({
             "type": "decision",
             "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),

@@ -88,10 +88,3 @@ impl AccessLog {
         self.dropped.load(Ordering::Relaxed)
     }
 }
-
-/// Header names whose values never reach a log.
-pub fn is_secret_header(name: &str) -> bool {
-    matches!(name, "authorization" | "proxy-authorization" | "cookie" | "set-cookie" | "x-api-key")
-        || name.contains("token")
-        || name.contains("secret")
-}
