@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::decision::{Decision, DefaultPolicy};
+use super::decision::{Decider, Decision, DefaultPolicy};
 use super::engine::{Policy, Verdict};
 use super::explain::{Explanation, PolicyTrace};
 use super::input::Input;
@@ -105,7 +105,7 @@ impl PolicySet {
     /// Decides one request.
     pub fn decide(&self, input: &Input) -> Decision {
         if self.workload.is_none() {
-            return Decision::bare(false, FAIL_CLOSED_REASON);
+            return Decision::bare(false, Decider::FailClosed, FAIL_CLOSED_REASON);
         }
         let audits: Vec<String> = self.audit.iter().map(|p| p.reason(&p.evaluate(input))).collect();
         let mut d = self.decide_enforced(input);
@@ -141,7 +141,8 @@ impl PolicySet {
                 }
             }
             let names: Vec<&str> = self.allow.iter().map(|p| p.id()).collect();
-            let mut d = Decision::bare(false, format!("{NO_ALLOW_MATCHED} (considered {})", names.join(", ")));
+            let reason = format!("{NO_ALLOW_MATCHED} (considered {})", names.join(", "));
+            let mut d = Decision::bare(false, Decider::NoAllowMatched, reason);
             // A Rego policy's chosen refusal (status, headers, body) is the response.
             if let Some(r) = refusal {
                 d.http_status = r.http_status;
@@ -150,18 +151,15 @@ impl PolicySet {
             }
             return d;
         }
-        match self.default {
-            DefaultPolicy::Deny => {
-                Decision::bare(false, "no ALLOW or DENY policy selects this workload; mesh default is deny")
-            }
+        let (allowed, reason) = match self.default {
+            DefaultPolicy::Deny => (false, "no ALLOW or DENY policy selects this workload; mesh default is deny"),
             DefaultPolicy::AllowAuthenticated if input.source().is_none() => {
-                Decision::bare(false, "mesh default allow-authenticated: the caller presented no mesh identity")
+                (false, "mesh default allow-authenticated: the caller presented no mesh identity")
             }
-            DefaultPolicy::AllowAuthenticated => {
-                Decision::bare(true, "mesh default allow-authenticated: the caller is authenticated")
-            }
-            DefaultPolicy::Allow => Decision::bare(true, "mesh default is allow"),
-        }
+            DefaultPolicy::AllowAuthenticated => (true, "mesh default allow-authenticated: the caller is authenticated"),
+            DefaultPolicy::Allow => (true, "mesh default is allow"),
+        };
+        Decision::bare(allowed, Decider::Default(self.default), reason)
     }
 
     /// The decision, plus every policy known and what it made of the request.
@@ -190,7 +188,7 @@ impl PolicySet {
                 engine: p.engine().kind(),
                 selected: selection.is_ok(),
                 not_selected_because: selection.err(),
-                decided: decision.policy.as_deref() == Some(p.id()),
+                decided: decision.policy() == Some(p.id()),
                 matched: None,
                 details: Vec::new(),
             };
@@ -212,8 +210,8 @@ impl PolicySet {
 }
 
 fn decided(allowed: bool, p: &Policy, reason: String, v: Verdict) -> Decision {
-    let mut d = Decision::bare(allowed, reason);
-    d.policy = Some(p.shared_id().clone());
+    let decider = Decider::Policy { id: p.shared_id().clone(), action: p.action() };
+    let mut d = Decision::bare(allowed, decider, reason);
     d.engine = Some(p.engine().kind());
     if let Verdict::Rego(r) = v {
         d.http_status = r.http_status;
@@ -282,12 +280,12 @@ mod tests {
         let s = set(&yaml, DefaultPolicy::Allow);
         let d = s.decide(&get(Some(WEB), "/admin/x"));
         assert!(!d.allowed);
-        assert_eq!(d.policy.as_deref(), Some("shop/no-admin"));
+        assert_eq!(d.policy(), Some("shop/no-admin"));
         assert_eq!(d.engine, Some(crate::policy::EngineKind::Rules));
         assert_eq!(d.reason, "denied by DENY policy shop/no-admin: rules[0] matched");
         let d = s.decide(&get(Some(WEB), "/orders"));
         assert!(d.allowed);
-        assert_eq!(d.policy.as_deref(), Some("shop/all"));
+        assert_eq!(d.policy(), Some("shop/all"));
         assert_eq!(d.reason, "allowed by ALLOW policy shop/all: rules[0] matched");
         // The reason names the rule that matched, not the first one.
         let two =
@@ -303,7 +301,7 @@ mod tests {
         let d = s.decide(&get(Some(WEB), "/other"));
         assert!(!d.allowed, "the mesh default does not apply once ALLOW policies exist");
         assert!(d.reason.starts_with(NO_ALLOW_MATCHED), "{}", d.reason);
-        assert_eq!(d.policy, None);
+        assert_eq!(d.decider, Decider::NoAllowMatched);
     }
 
     #[test]
@@ -344,7 +342,7 @@ mod tests {
         assert_eq!(s.selected(), 1);
         let d = s.decide(&get(Some(WEB), "/"));
         assert!(d.allowed);
-        assert_eq!(d.policy.as_deref(), Some("shop/z"));
+        assert_eq!(d.policy(), Some("shop/z"));
         let e = s.explain(&get(Some(WEB), "/"));
         assert_eq!(e.policies.len(), 3);
         // Selected policies first, in evaluation order; then the rest, with the reason.
@@ -396,7 +394,7 @@ spec:
         let d = s.decide(&get(Some(WEB), "/orders/1"));
         assert!(d.allowed, "{d:?}");
         assert_eq!(d.engine, Some(crate::policy::EngineKind::Rego));
-        assert_eq!(d.policy.as_deref(), Some("shop/envoy"));
+        assert_eq!(d.policy(), Some("shop/envoy"));
         let d = s.decide(&Input::new(attrs(Some(WEB), "POST", "/orders/1")));
         assert!(!d.allowed);
     }
@@ -423,7 +421,7 @@ spec:
         a.headers.clear();
         let d = s.decide(&Input::new(a));
         assert!(!d.allowed);
-        assert_eq!(d.policy.as_deref(), Some("shop/tenant-guard"));
+        assert_eq!(d.policy(), Some("shop/tenant-guard"));
         assert_eq!(d.http_status, Some(401));
         assert_eq!(d.body.as_deref(), Some("tenant required"));
     }

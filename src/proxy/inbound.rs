@@ -26,7 +26,7 @@ use super::http::{BoxError, ProxyBody, REQUEST_ID, XFCC, ensure_request_id, erro
 use super::limits::{Drain, Limits, heed};
 use super::view::{MeshView, PeerAuthMode};
 use crate::identity::SpiffeId;
-use crate::policy::{Decision, EngineKind, Input, LiveRequest, RequestAttributes};
+use crate::policy::{Decider, Decision, EngineKind, Input, LiveRequest, RequestAttributes};
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::{LastDecision, PolicyLabel, ProxyMetrics, RequestMetrics};
 use crate::tls::TrustBundle;
@@ -399,30 +399,16 @@ fn is_grpc(req: &Request<Incoming>) -> bool {
 
 /// What decided a refusal: the policy's `namespace/name`, or which rule of the evaluation order.
 pub fn denied_by(decision: &Decision) -> &str {
-    match &decision.policy {
-        Some(p) => p,
-        None => unnamed_decider(decision),
-    }
+    decision.decider.name()
 }
 
-/// Which rule of the evaluation order decided, when no policy did.
-fn unnamed_decider(decision: &Decision) -> &'static str {
-    if decision.reason.starts_with(crate::policy::set::NO_ALLOW_MATCHED) {
-        "no-allow-matched"
-    } else if decision.reason.starts_with(crate::policy::set::FAIL_CLOSED_REASON) {
-        "no-policy-yet"
-    } else {
-        "mesh-default"
-    }
-}
-
-/// The `policy` label of a decision: the deciding policy, else `mesh-default` for an allow
-/// and the rule of the evaluation order for a refusal.
+/// The `policy` label of a decision: the deciding policy, else the step of the evaluation order.
 fn policy_label(decision: &Decision) -> PolicyLabel {
-    match &decision.policy {
-        Some(p) => PolicyLabel::Policy(p.clone()),
-        None if decision.allowed => PolicyLabel::Fixed("mesh-default"),
-        None => PolicyLabel::Fixed(unnamed_decider(decision)),
+    match &decision.decider {
+        Decider::Policy { id, .. } => PolicyLabel::Policy(id.clone()),
+        Decider::NoAllowMatched => PolicyLabel::Fixed("no-allow-matched"),
+        Decider::Default(_) => PolicyLabel::Fixed("mesh-default"),
+        Decider::FailClosed => PolicyLabel::Fixed("no-policy-yet"),
     }
 }
 
@@ -443,7 +429,7 @@ fn denial(decision: &Decision, request_id: &str, grpc: bool) -> Response<ProxyBo
         let body = decision.body.clone().unwrap_or_else(|| {
             serde_json::json!({
                 "error": "denied by policy",
-                "policy": decision.policy,
+                "policy": decision.policy(),
                 "reason": decision.reason,
                 "request_id": request_id,
             })
