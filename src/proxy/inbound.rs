@@ -289,11 +289,9 @@ where
     inbound.metrics.peers.record(peer.label(), "inbound", if decision.allowed { 200 } else { 403 }, !decision.allowed);
     if !decision.allowed {
         tracing::info!(peer = peer.label(), denied_by = %denied_by(&decision), reason = %decision.reason, "opaque TCP connection denied");
-        inbound.access_log.write(serde_json::json!({
-            "type": "access", "direction": "inbound", "protocol": "tcp", "peer": peer.label(),
-            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            "denied_by": denied_by(&decision),
-        }));
+        if let Some(r) = inbound.access_log.access("inbound") {
+            inbound.access_log.write(r.tcp().peer(Arc::from(peer.label())).denied_by(policy_label(&decision)));
+        }
         return;
     }
     let mut app = match super::tcp::connect(peer.app, inbound.limits.connect_timeout).await {
@@ -305,11 +303,9 @@ where
     };
     let (received, sent) = super::tcp::splice(&mut tls, &mut app, inbound.limits.idle_timeout).await;
     inbound.metrics.record_tcp_bytes("inbound", sent, received);
-    inbound.access_log.write(serde_json::json!({
-        "type": "access", "direction": "inbound", "protocol": "tcp", "peer": peer.label(),
-        "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-        "bytes_received": received, "bytes_sent": sent, "duration_ms": started.elapsed().as_secs_f64() * 1e3,
-    }));
+    if let Some(r) = inbound.access_log.access("inbound") {
+        inbound.access_log.write(r.tcp().peer(Arc::from(peer.label())).bytes(sent, received).took(started.elapsed()));
+    }
 }
 
 async fn serve_http<I>(inbound: &Arc<Inbound>, io: I, peer: Arc<Peer>)
@@ -489,20 +485,18 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
         engine,
         decided.elapsed(),
     );
-    if (!decision.allowed || !decision.audits.is_empty()) && inbound.access_log.enabled() {
-        let doc = input.redacted_document();
-        inbound.access_log.write(serde_json::json!({
-            "type": "decision",
-            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            "request_id": request_id,
-            "decision": decision,
-            "input": doc,
-        }));
+    if (!decision.allowed || !decision.audits.is_empty())
+        && let Some(r) = inbound.access_log.decision(&request_id)
+    {
+        let decided = serde_json::to_value(&decision).unwrap_or_default();
+        inbound.access_log.write(r.decided(decided, input.redacted_document()));
     }
     // The input borrows the request, which moves on now.
     drop((input, view));
-    // Only the access log needs these; skip the copies when it is off.
-    let logged = inbound.access_log.enabled().then(|| (req.method().clone(), req.uri().path().to_string()));
+    // The request line is copied now, before the request moves on, and only if the log is on.
+    let record = inbound.access_log.access("inbound").map(|r| {
+        r.peer(conn.requests.peer_label().clone()).request(req.method(), req.uri().path(), &request_id)
+    });
     let resp = if !decision.allowed {
         denial(&decision, &request_id, is_grpc(&req))
     } else {
@@ -510,19 +504,9 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
     };
     conn.requests.record(resp.status(), started);
     conn.requests.peer().record(resp.status().as_u16(), !decision.allowed);
-    if let Some((method, path)) = logged {
-        inbound.access_log.write(serde_json::json!({
-            "type": "access",
-            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            "direction": "inbound",
-            "peer": peer.label(),
-            "method": method.as_str(),
-            "path": path,
-            "status": resp.status().as_u16(),
-            "duration_ms": started.elapsed().as_secs_f64() * 1e3,
-            "request_id": request_id,
-            "denied_by": (!decision.allowed).then(|| denied_by(&decision)),
-        }));
+    if let Some(r) = record {
+        let r = r.status(resp.status().as_u16()).took(started.elapsed());
+        inbound.access_log.write(if decision.allowed { r } else { r.denied_by(policy_label(&decision)) });
     }
     resp
 }
