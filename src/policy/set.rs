@@ -82,11 +82,6 @@ impl PolicySet {
         set
     }
 
-    /// Whether this is the fail-closed placeholder.
-    pub fn is_fail_closed(&self) -> bool {
-        self.workload.is_none()
-    }
-
     /// The workload it was built for.
     pub fn workload(&self) -> Option<&Workload> {
         self.workload.as_ref()
@@ -95,11 +90,6 @@ impl PolicySet {
     /// The mesh default in force.
     pub fn default_policy(&self) -> DefaultPolicy {
         self.default
-    }
-
-    /// How many policies select the workload.
-    pub fn selected(&self) -> usize {
-        self.deny.len() + self.allow.len() + self.audit.len()
     }
 
     /// Decides one request.
@@ -270,7 +260,7 @@ mod tests {
         let d = s.decide(&get(Some(WEB), "/"));
         assert!(!d.allowed);
         assert_eq!(d.reason, FAIL_CLOSED_REASON);
-        assert!(s.is_fail_closed());
+        assert_eq!(d.decider, Decider::FailClosed);
     }
 
     #[test]
@@ -339,12 +329,12 @@ mod tests {
         let other_app = "---\napiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: y, namespace: shop}\nspec: {selector: {matchLabels: {app: web}}, action: DENY, rules: [{}]}\n";
         let mine = "---\napiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: z, namespace: shop}\nspec: {selector: {matchLabels: {app: orders}}, rules: [{}]}\n";
         let s = set(&format!("{other_ns}{other_app}{mine}"), DefaultPolicy::Deny);
-        assert_eq!(s.selected(), 1);
         let d = s.decide(&get(Some(WEB), "/"));
         assert!(d.allowed);
         assert_eq!(d.policy(), Some("shop/z"));
         let e = s.explain(&get(Some(WEB), "/"));
         assert_eq!(e.policies.len(), 3);
+        assert_eq!(e.policies.iter().filter(|t| t.selected).count(), 1, "one of three selects the workload");
         // Selected policies first, in evaluation order; then the rest, with the reason.
         assert_eq!(e.policies[0].policy, "shop/z");
         assert_eq!(e.policies[0].matched, Some(true));
