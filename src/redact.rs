@@ -23,9 +23,7 @@ pub const SECRET_WORDS: &[&str] =
 /// allocates nothing.
 pub fn is_secret(name: &str) -> bool {
     let name = name.as_bytes();
-    SECRET_WORDS.iter().any(|word| {
-        name.windows(word.len()).any(|w| w.eq_ignore_ascii_case(word.as_bytes()))
-    })
+    SECRET_WORDS.iter().any(|word| name.windows(word.len()).any(|w| w.eq_ignore_ascii_case(word.as_bytes())))
 }
 
 /// A path with the values of its secret query parameters replaced by [`REDACTED`]; borrowed

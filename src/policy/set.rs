@@ -146,7 +146,9 @@ impl PolicySet {
             DefaultPolicy::AllowAuthenticated if input.source().is_none() => {
                 (false, "mesh default allow-authenticated: the caller presented no mesh identity")
             }
-            DefaultPolicy::AllowAuthenticated => (true, "mesh default allow-authenticated: the caller is authenticated"),
+            DefaultPolicy::AllowAuthenticated => {
+                (true, "mesh default allow-authenticated: the caller is authenticated")
+            }
             DefaultPolicy::Allow => (true, "mesh default is allow"),
         };
         Decision::bare(allowed, Decider::Default(self.default), reason)

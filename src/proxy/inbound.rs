@@ -494,9 +494,10 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
     // The input borrows the request, which moves on now.
     drop((input, view));
     // The request line is copied now, before the request moves on, and only if the log is on.
-    let record = inbound.access_log.access("inbound").map(|r| {
-        r.peer(conn.requests.peer_label().clone()).request(req.method(), req.uri().path(), &request_id)
-    });
+    let record = inbound
+        .access_log
+        .access("inbound")
+        .map(|r| r.peer(conn.requests.peer_label().clone()).request(req.method(), req.uri().path(), &request_id));
     let resp = if !decision.allowed {
         denial(&decision, &request_id, is_grpc(&req))
     } else {

@@ -344,9 +344,10 @@ async fn handle(out: &Outbound, sticky: &Sticky<MeshConnector>, mut req: Request
         return error_response(StatusCode::BAD_REQUEST, reason, &request_id);
     }
     // The request line is copied now, before the request moves on, and only if the log is on.
-    let record = out.access_log.access("outbound").map(|r| {
-        r.peer(out.requests.peer_label().clone()).request(req.method(), req.uri().path(), &request_id)
-    });
+    let record = out
+        .access_log
+        .access("outbound")
+        .map(|r| r.peer(out.requests.peer_label().clone()).request(req.method(), req.uri().path(), &request_id));
     let pools = out.pools.load_full();
     let sent = if h2 {
         pools.h2.request(req).await.map_err(BoxError::from)
