@@ -15,6 +15,7 @@ pub mod policy;
 pub mod ports;
 pub mod proto;
 pub mod proxy;
+pub mod redact;
 pub mod telemetry;
 pub mod tls;
 

@@ -2,6 +2,8 @@
 //! privilege, the webhook reaches the control plane, the Helm chart renders the same objects, and
 //! the chart carries the same CRDs.
 
+mod tools;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -442,26 +444,9 @@ fn the_generated_crds_are_in_deploy_crds() {
     );
 }
 
-/// The Helm CLI: `PALISADE_HELM`, else built by `.ci/install-helm` (cached after the first time).
-fn helm() -> PathBuf {
-    if let Some(path) = std::env::var_os("PALISADE_HELM") {
-        return PathBuf::from(path);
-    }
-    let out = std::process::Command::new("bash")
-        .arg(repo().join(".ci/install-helm"))
-        .output()
-        .expect("cannot run bash .ci/install-helm");
-    assert!(
-        out.status.success(),
-        "no Helm CLI: set PALISADE_HELM or fix `bash .ci/install-helm`:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
 #[test]
 fn the_helm_chart_renders_the_same_objects_as_deploy() {
-    let out = std::process::Command::new(helm())
+    let out = std::process::Command::new(tools::helm())
         .args(["template", "palisade"])
         .arg(repo().join("deploy/helm/palisade"))
         .args(["--namespace", "palisade-system"])

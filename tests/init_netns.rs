@@ -3,11 +3,14 @@
 //! 15001 with its original destination readable through `original_dst`, inbound TCP on 15006,
 //! while the proxy's own UID, excluded ports and the admin port pass untouched.
 //!
-//! Needs root, `ip` (iproute2) and iptables. Without them it fails and says what to install: a
-//! silently skipped test would hide that transparent mode is untested.
+//! Needs root, `ip` (iproute2) and iptables; as root it installs whichever is missing
+//! (`.ci/install-netns-tools`). Without root it fails and says what to install: a silently
+//! skipped test would hide that transparent mode is untested.
 //!
 //! Processes inside a namespace are this test binary run again through `ip netns exec`, in the
 //! role named by `PALISADE_NETNS_HELPER` (the ignored `netns_helper` test).
+
+mod tools;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -215,6 +218,7 @@ fn is_root() -> bool {
 #[test]
 fn init_redirects_in_a_real_network_namespace() {
     assert!(is_root(), "init_netns needs root; {INSTALL}");
+    tools::netns_tools();
     let probe = Command::new("ip").arg("-V").output();
     assert!(probe.is_ok_and(|o| o.status.success()), "`ip` not found; {INSTALL}");
     let iptables =

@@ -7,6 +7,7 @@
 //! and leader Leases do not mix).
 
 mod common;
+mod tools;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -33,19 +34,6 @@ struct Cluster {
     /// The service-account signing key (PKCS#8 DER): tests forge tokens with it.
     sa_key_der: Vec<u8>,
     _keepalive: parking_lot::Mutex<Vec<ChildStdin>>,
-}
-
-fn k8s_bin_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("PALISADE_K8S_BIN") {
-        return PathBuf::from(dir);
-    }
-    let out = Command::new("bash")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/install-k8s"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("running .ci/install-k8s");
-    assert!(out.status.success(), ".ci/install-k8s failed: kube-apiserver and etcd are required for these tests");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 /// Starts `bin args` under a shell that kills it when our end of its stdin closes, which
@@ -76,7 +64,7 @@ fn cluster() -> &'static Cluster {
 }
 
 fn start_cluster() -> Cluster {
-    let bin = k8s_bin_dir();
+    let bin = tools::k8s_bin_dir().to_path_buf();
     let dir = tempdir("k8s");
     let port = |_: u8| free_addr().port();
     let (etcd_client, etcd_peer, api_port) = (port(0), port(1), port(2));
@@ -850,12 +838,7 @@ async fn the_deploy_manifests_apply_and_the_control_plane_runs_on_their_least_pr
     // The real webhook configuration would intercept every other test's pods (and has no
     // reachable Service here): the API server validates it without storing it.
     c.kubectl(&["apply", "--dry-run=server", "-f", &repo("deploy/webhook.yaml").display().to_string()]);
-    let helm = std::env::var("PALISADE_HELM").unwrap_or_else(|_| {
-        let out = Command::new("bash").arg(repo(".ci/install-helm")).output().unwrap();
-        assert!(out.status.success(), ".ci/install-helm failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    });
-    let rendered = Command::new(helm)
+    let rendered = Command::new(tools::helm())
         .args([
             "template",
             "palisade",

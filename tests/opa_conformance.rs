@@ -2,8 +2,11 @@
 //! on the same generated requests by regorus (the Rego engine), by opa-wasm (the Wasm engine,
 //! with the committed bundle) and by the real `opa eval`. All three must agree on every request.
 //!
-//! The OPA CLI is `$PALISADE_OPA`, or the one `.ci/install-opa` caches. Without it the test
-//! fails with the command that installs it: a conformance test that skips proves nothing.
+//! The OPA CLI is `$PALISADE_OPA`, else the test builds it with `.ci/install-opa` (once, cached
+//! under `~/.cache/palisade-tools`). It never skips: a conformance test that skips proves
+//! nothing.
+
+mod tools;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,8 +19,6 @@ use palisade::policy::{Input, RequestAttributes};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-
-const OPA_VERSION: &str = "v1.22.3";
 
 /// The fixtures and their entrypoints (as in each file's `# entrypoint:` line).
 const POLICIES: &[(&str, &str)] = &[
@@ -34,24 +35,6 @@ const SEED: u64 = 0x05ee_d0fa;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/opa")
-}
-
-fn opa_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("PALISADE_OPA") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var_os("PALISADE_TOOL_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/palisade-tools")))
-        .unwrap_or_default();
-    let bin = cache.join(format!("opa-{OPA_VERSION}/opa"));
-    assert!(
-        bin.is_file(),
-        "the OPA CLI is needed for the conformance test and is not at {} (nor in $PALISADE_OPA).\n\
-         Install it with:  .ci/install-opa\n(needs Go; it builds github.com/open-policy-agent/opa@{OPA_VERSION} into the cache)",
-        bin.display()
-    );
-    bin
 }
 
 /// What a decision comes to: the fields the proxy acts on, and whether the rule was undefined.
@@ -283,7 +266,7 @@ fn opa_eval(opa: &Path, rego: &Path, entrypoint: &str, inputs: &[Value]) -> Vec<
 
 #[test]
 fn regorus_wasm_and_opa_agree() {
-    let opa = opa_binary();
+    let opa = tools::opa();
     let requests = requests();
     assert!(requests.len() >= 200);
     let inputs: Vec<Input> = requests.into_iter().map(Input::new).collect();
@@ -299,7 +282,7 @@ fn regorus_wasm_and_opa_agree() {
             .unwrap_or_else(|e| panic!("{name}.tar.gz: {e} (run tests/fixtures/opa/build.sh)"));
         let wasm = WasmEngine::compile(&base64::engine::general_purpose::STANDARD.encode(bundle), entrypoint)
             .unwrap_or_else(|e| panic!("{name}: the Wasm engine refuses the bundle: {e}"));
-        let by_opa = opa_eval(&opa, &rego_path, entrypoint, &documents);
+        let by_opa = opa_eval(opa, &rego_path, entrypoint, &documents);
         let mut allowed = 0;
         for (i, input) in inputs.iter().enumerate() {
             let a = Outcome::from_verdict(&rego.evaluate(input));

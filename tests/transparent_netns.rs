@@ -5,9 +5,11 @@
 //! identity in `x-forwarded-client-cert`; a capture on the bridge shows only TLS; a plaintext
 //! client on a third host is refused in STRICT and accepted, unauthenticated, in PERMISSIVE.
 //!
-//! Needs root, iproute2, iptables, tcpdump, curl and python3 (CI installs them). Missing tools
-//! fail the test with what to install: a skipped test would hide that transparent mode is
-//! untested. All addresses live inside namespaces this test creates and deletes.
+//! Needs root, iproute2, iptables, tcpdump, curl and python3; as root it installs whichever is
+//! missing (`.ci/install-netns-tools`). Without root the test fails with what to install: a
+//! skipped test would hide that transparent mode is untested. All addresses live inside namespaces this test creates and deletes.
+
+mod tools;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -51,6 +53,7 @@ impl Lab {
     }
 
     fn new() -> Lab {
+        tools::netns_tools();
         for tool in ["ip", "iptables", "tcpdump", "curl", "python3", "setpriv"] {
             assert!(
                 Command::new("sh")

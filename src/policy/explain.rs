@@ -56,7 +56,7 @@ impl fmt::Display for Explanation {
             f,
             "decision: {}{}",
             if d.allowed { "ALLOWED" } else { "DENIED" },
-            d.policy.as_ref().map(|p| format!(" by {p}")).unwrap_or_default()
+            d.policy().map(|p| format!(" by {p}")).unwrap_or_default()
         )?;
         writeln!(f, "reason:   {}", d.reason)?;
         if let Some(s) = d.http_status {

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::identity::SpiffeId;
+use crate::redact;
 
 /// What the proxy knows about one inbound request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,10 +55,6 @@ pub struct RequestAttributes {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
 }
-
-/// Headers whose values never reach a decision log.
-pub const SECRET_HEADERS: &[&str] =
-    &["authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "x-auth-token"];
 
 fn default_scheme() -> String {
     "http".to_string()
@@ -266,14 +263,29 @@ impl<'a> Input<'a> {
         self.json.get_or_init(|| serde_json::to_value(self.rego_value()).unwrap_or(Value::Null))
     }
 
-    /// The document for a decision log: as [`Input::document`], with the values of headers that
-    /// carry credentials replaced by `"<redacted>"`.
+    /// The document for a decision log: as [`Input::document`], with the values of credential
+    /// headers and query parameters replaced by the one rule of [`crate::redact`], in the
+    /// headers, the path and `parsed_query` alike.
     pub fn redacted_document(&self) -> Value {
         let mut doc = self.document().clone();
         if let Some(Value::Object(headers)) = doc.pointer_mut("/attributes/request/http/headers") {
             for (name, value) in headers.iter_mut() {
-                if SECRET_HEADERS.contains(&name.as_str()) {
-                    *value = Value::from("<redacted>");
+                if redact::is_secret(name) {
+                    *value = Value::from(redact::REDACTED);
+                }
+            }
+        }
+        if let Some(Value::String(path)) = doc.pointer_mut("/attributes/request/http/path")
+            && let Cow::Owned(hidden) = redact::query(path)
+        {
+            *path = hidden;
+        }
+        if let Some(Value::Object(query)) = doc.pointer_mut("/parsed_query") {
+            for (name, values) in query.iter_mut() {
+                if redact::is_secret(name)
+                    && let Value::Array(values) = values
+                {
+                    values.iter_mut().for_each(|v| *v = Value::from(redact::REDACTED));
                 }
             }
         }
@@ -491,18 +503,28 @@ pub(crate) mod tests {
 
     #[test]
     fn decision_log_document_hides_credentials() {
-        let mut a = attrs(None, "GET", "/");
-        a.headers.insert("Authorization".into(), "Bearer secret".into());
-        a.headers.insert("cookie".into(), "session=secret".into());
+        let mut a = attrs(None, "GET", "/cb?access_token=s3cret&Password=s3cret&page=2");
+        a.headers.insert("Authorization".into(), "Bearer s3cret".into());
+        a.headers.insert("cookie".into(), "session=s3cret".into());
+        a.headers.insert("X-Session-Id".into(), "s3cret".into());
+        a.headers.insert("Api-Key".into(), "s3cret".into());
         let input = Input::new(a);
         let doc = input.redacted_document();
         let h = &doc["attributes"]["request"]["http"]["headers"];
-        assert_eq!(h["authorization"], "<redacted>");
-        assert_eq!(h["cookie"], "<redacted>");
+        for name in ["authorization", "cookie", "x-session-id", "api-key"] {
+            assert_eq!(h[name], redact::REDACTED, "{name}");
+        }
         assert_eq!(h["x-tenant"], "a");
-        assert!(!doc.to_string().contains("secret"));
-        // Policies still see the real value.
-        assert_eq!(input.header("authorization"), Some("Bearer secret"));
+        assert_eq!(
+            doc["attributes"]["request"]["http"]["path"],
+            "/cb?access_token=[redacted]&Password=[redacted]&page=2"
+        );
+        assert_eq!(doc["parsed_query"]["access_token"], json!([redact::REDACTED]));
+        assert_eq!(doc["parsed_query"]["page"], json!(["2"]));
+        assert!(!doc.to_string().contains("s3cret"), "{doc}");
+        // Policies still see the real values.
+        assert_eq!(input.header("authorization"), Some("Bearer s3cret"));
+        assert_eq!(input.document()["parsed_query"]["access_token"], json!(["s3cret"]));
     }
 
     #[test]

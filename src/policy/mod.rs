@@ -20,7 +20,7 @@ pub mod set;
 pub mod wasm;
 
 pub use cli::{PolicyCommand, run};
-pub use decision::{Decision, DefaultPolicy};
+pub use decision::{Decider, Decision, DefaultPolicy};
 pub use engine::{CompileError, Engine, EngineKind, Policy};
 pub use explain::{Explanation, PolicyTrace};
 pub use input::{Input, LiveRequest, RequestAttributes};

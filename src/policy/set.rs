@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::decision::{Decision, DefaultPolicy};
+use super::decision::{Decider, Decision, DefaultPolicy};
 use super::engine::{Policy, Verdict};
 use super::explain::{Explanation, PolicyTrace};
 use super::input::Input;
@@ -82,11 +82,6 @@ impl PolicySet {
         set
     }
 
-    /// Whether this is the fail-closed placeholder.
-    pub fn is_fail_closed(&self) -> bool {
-        self.workload.is_none()
-    }
-
     /// The workload it was built for.
     pub fn workload(&self) -> Option<&Workload> {
         self.workload.as_ref()
@@ -97,15 +92,10 @@ impl PolicySet {
         self.default
     }
 
-    /// How many policies select the workload.
-    pub fn selected(&self) -> usize {
-        self.deny.len() + self.allow.len() + self.audit.len()
-    }
-
     /// Decides one request.
     pub fn decide(&self, input: &Input) -> Decision {
         if self.workload.is_none() {
-            return Decision::bare(false, FAIL_CLOSED_REASON);
+            return Decision::bare(false, Decider::FailClosed, FAIL_CLOSED_REASON);
         }
         let audits: Vec<String> = self.audit.iter().map(|p| p.reason(&p.evaluate(input))).collect();
         let mut d = self.decide_enforced(input);
@@ -141,7 +131,8 @@ impl PolicySet {
                 }
             }
             let names: Vec<&str> = self.allow.iter().map(|p| p.id()).collect();
-            let mut d = Decision::bare(false, format!("{NO_ALLOW_MATCHED} (considered {})", names.join(", ")));
+            let reason = format!("{NO_ALLOW_MATCHED} (considered {})", names.join(", "));
+            let mut d = Decision::bare(false, Decider::NoAllowMatched, reason);
             // A Rego policy's chosen refusal (status, headers, body) is the response.
             if let Some(r) = refusal {
                 d.http_status = r.http_status;
@@ -150,18 +141,17 @@ impl PolicySet {
             }
             return d;
         }
-        match self.default {
-            DefaultPolicy::Deny => {
-                Decision::bare(false, "no ALLOW or DENY policy selects this workload; mesh default is deny")
-            }
+        let (allowed, reason) = match self.default {
+            DefaultPolicy::Deny => (false, "no ALLOW or DENY policy selects this workload; mesh default is deny"),
             DefaultPolicy::AllowAuthenticated if input.source().is_none() => {
-                Decision::bare(false, "mesh default allow-authenticated: the caller presented no mesh identity")
+                (false, "mesh default allow-authenticated: the caller presented no mesh identity")
             }
             DefaultPolicy::AllowAuthenticated => {
-                Decision::bare(true, "mesh default allow-authenticated: the caller is authenticated")
+                (true, "mesh default allow-authenticated: the caller is authenticated")
             }
-            DefaultPolicy::Allow => Decision::bare(true, "mesh default is allow"),
-        }
+            DefaultPolicy::Allow => (true, "mesh default is allow"),
+        };
+        Decision::bare(allowed, Decider::Default(self.default), reason)
     }
 
     /// The decision, plus every policy known and what it made of the request.
@@ -190,7 +180,7 @@ impl PolicySet {
                 engine: p.engine().kind(),
                 selected: selection.is_ok(),
                 not_selected_because: selection.err(),
-                decided: decision.policy.as_deref() == Some(p.id()),
+                decided: decision.policy() == Some(p.id()),
                 matched: None,
                 details: Vec::new(),
             };
@@ -212,8 +202,8 @@ impl PolicySet {
 }
 
 fn decided(allowed: bool, p: &Policy, reason: String, v: Verdict) -> Decision {
-    let mut d = Decision::bare(allowed, reason);
-    d.policy = Some(p.shared_id().clone());
+    let decider = Decider::Policy { id: p.shared_id().clone(), action: p.action() };
+    let mut d = Decision::bare(allowed, decider, reason);
     d.engine = Some(p.engine().kind());
     if let Verdict::Rego(r) = v {
         d.http_status = r.http_status;
@@ -272,7 +262,7 @@ mod tests {
         let d = s.decide(&get(Some(WEB), "/"));
         assert!(!d.allowed);
         assert_eq!(d.reason, FAIL_CLOSED_REASON);
-        assert!(s.is_fail_closed());
+        assert_eq!(d.decider, Decider::FailClosed);
     }
 
     #[test]
@@ -282,12 +272,12 @@ mod tests {
         let s = set(&yaml, DefaultPolicy::Allow);
         let d = s.decide(&get(Some(WEB), "/admin/x"));
         assert!(!d.allowed);
-        assert_eq!(d.policy.as_deref(), Some("shop/no-admin"));
+        assert_eq!(d.policy(), Some("shop/no-admin"));
         assert_eq!(d.engine, Some(crate::policy::EngineKind::Rules));
         assert_eq!(d.reason, "denied by DENY policy shop/no-admin: rules[0] matched");
         let d = s.decide(&get(Some(WEB), "/orders"));
         assert!(d.allowed);
-        assert_eq!(d.policy.as_deref(), Some("shop/all"));
+        assert_eq!(d.policy(), Some("shop/all"));
         assert_eq!(d.reason, "allowed by ALLOW policy shop/all: rules[0] matched");
         // The reason names the rule that matched, not the first one.
         let two =
@@ -303,7 +293,7 @@ mod tests {
         let d = s.decide(&get(Some(WEB), "/other"));
         assert!(!d.allowed, "the mesh default does not apply once ALLOW policies exist");
         assert!(d.reason.starts_with(NO_ALLOW_MATCHED), "{}", d.reason);
-        assert_eq!(d.policy, None);
+        assert_eq!(d.decider, Decider::NoAllowMatched);
     }
 
     #[test]
@@ -341,12 +331,12 @@ mod tests {
         let other_app = "---\napiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: y, namespace: shop}\nspec: {selector: {matchLabels: {app: web}}, action: DENY, rules: [{}]}\n";
         let mine = "---\napiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: z, namespace: shop}\nspec: {selector: {matchLabels: {app: orders}}, rules: [{}]}\n";
         let s = set(&format!("{other_ns}{other_app}{mine}"), DefaultPolicy::Deny);
-        assert_eq!(s.selected(), 1);
         let d = s.decide(&get(Some(WEB), "/"));
         assert!(d.allowed);
-        assert_eq!(d.policy.as_deref(), Some("shop/z"));
+        assert_eq!(d.policy(), Some("shop/z"));
         let e = s.explain(&get(Some(WEB), "/"));
         assert_eq!(e.policies.len(), 3);
+        assert_eq!(e.policies.iter().filter(|t| t.selected).count(), 1, "one of three selects the workload");
         // Selected policies first, in evaluation order; then the rest, with the reason.
         assert_eq!(e.policies[0].policy, "shop/z");
         assert_eq!(e.policies[0].matched, Some(true));
@@ -396,7 +386,7 @@ spec:
         let d = s.decide(&get(Some(WEB), "/orders/1"));
         assert!(d.allowed, "{d:?}");
         assert_eq!(d.engine, Some(crate::policy::EngineKind::Rego));
-        assert_eq!(d.policy.as_deref(), Some("shop/envoy"));
+        assert_eq!(d.policy(), Some("shop/envoy"));
         let d = s.decide(&Input::new(attrs(Some(WEB), "POST", "/orders/1")));
         assert!(!d.allowed);
     }
@@ -423,7 +413,7 @@ spec:
         a.headers.clear();
         let d = s.decide(&Input::new(a));
         assert!(!d.allowed);
-        assert_eq!(d.policy.as_deref(), Some("shop/tenant-guard"));
+        assert_eq!(d.policy(), Some("shop/tenant-guard"));
         assert_eq!(d.http_status, Some(401));
         assert_eq!(d.body.as_deref(), Some("tenant required"));
     }

@@ -158,17 +158,6 @@ impl serde::Serialize for RequestId {
     }
 }
 
-/// `2xx`, `4xx`, ... for metrics.
-pub fn status_class(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
-}
-
 /// The full error chain as one line, so a 502 says what actually failed.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();

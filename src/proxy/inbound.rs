@@ -25,8 +25,8 @@ use super::http::{BoxError, ProxyBody, REQUEST_ID, XFCC, ensure_request_id, erro
 use super::limits::{Drain, Limits, heed};
 use super::view::{PeerAuthMode, SharedView};
 use crate::identity::SpiffeId;
-use crate::policy::{Decision, EngineKind, Input, LiveRequest, RequestAttributes};
-use crate::telemetry::access_log::{AccessLog, is_secret_header};
+use crate::policy::{Decider, Decision, EngineKind, Input, LiveRequest, RequestAttributes};
+use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::{LastDecision, PolicyLabel, ProxyMetrics, RequestMetrics};
 
 /// Header naming the policy that refused a request.
@@ -310,11 +310,9 @@ where
     inbound.metrics.peers.record(peer.label(), "inbound", if decision.allowed { 200 } else { 403 }, !decision.allowed);
     if !decision.allowed {
         tracing::info!(peer = peer.label(), denied_by = %denied_by(&decision), reason = %decision.reason, "opaque TCP connection denied");
-        inbound.access_log.write(serde_json::json!({
-            "type": "access", "direction": "inbound", "protocol": "tcp", "peer": peer.label(),
-            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            "denied_by": denied_by(&decision),
-        }));
+        if let Some(r) = inbound.access_log.access("inbound") {
+            inbound.access_log.write(r.tcp().peer(Arc::from(peer.label())).denied_by(policy_label(&decision)));
+        }
         return;
     }
     let mut app = match super::tcp::connect(peer.app, inbound.limits.connect_timeout).await {
@@ -326,11 +324,9 @@ where
     };
     let (received, sent) = super::tcp::splice(&mut tls, &mut app, inbound.limits.idle_timeout).await;
     inbound.metrics.record_tcp_bytes("inbound", sent, received);
-    inbound.access_log.write(serde_json::json!({
-        "type": "access", "direction": "inbound", "protocol": "tcp", "peer": peer.label(),
-        "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-        "bytes_received": received, "bytes_sent": sent, "duration_ms": started.elapsed().as_secs_f64() * 1e3,
-    }));
+    if let Some(r) = inbound.access_log.access("inbound") {
+        inbound.access_log.write(r.tcp().peer(Arc::from(peer.label())).bytes(sent, received).took(started.elapsed()));
+    }
 }
 
 async fn serve_http<I>(inbound: &Arc<Inbound>, io: I, peer: Arc<Peer>)
@@ -420,30 +416,16 @@ fn is_grpc(req: &Request<Incoming>) -> bool {
 
 /// What decided a refusal: the policy's `namespace/name`, or which rule of the evaluation order.
 pub fn denied_by(decision: &Decision) -> &str {
-    match &decision.policy {
-        Some(p) => p,
-        None => unnamed_decider(decision),
-    }
+    decision.decider.name()
 }
 
-/// Which rule of the evaluation order decided, when no policy did.
-fn unnamed_decider(decision: &Decision) -> &'static str {
-    if decision.reason.starts_with(crate::policy::set::NO_ALLOW_MATCHED) {
-        "no-allow-matched"
-    } else if decision.reason.starts_with(crate::policy::set::FAIL_CLOSED_REASON) {
-        "no-policy-yet"
-    } else {
-        "mesh-default"
-    }
-}
-
-/// The `policy` label of a decision: the deciding policy, else `mesh-default` for an allow
-/// and the rule of the evaluation order for a refusal.
+/// The `policy` label of a decision: the deciding policy, else the step of the evaluation order.
 fn policy_label(decision: &Decision) -> PolicyLabel {
-    match &decision.policy {
-        Some(p) => PolicyLabel::Policy(p.clone()),
-        None if decision.allowed => PolicyLabel::Fixed("mesh-default"),
-        None => PolicyLabel::Fixed(unnamed_decider(decision)),
+    match &decision.decider {
+        Decider::Policy { id, .. } => PolicyLabel::Policy(id.clone()),
+        Decider::NoAllowMatched => PolicyLabel::Fixed("no-allow-matched"),
+        Decider::Default(_) => PolicyLabel::Fixed("mesh-default"),
+        Decider::FailClosed => PolicyLabel::Fixed("no-policy-yet"),
     }
 }
 
@@ -464,7 +446,7 @@ fn denial(decision: &Decision, request_id: &str, grpc: bool) -> Response<ProxyBo
         let body = decision.body.clone().unwrap_or_else(|| {
             serde_json::json!({
                 "error": "denied by policy",
-                "policy": decision.policy,
+                "policy": decision.policy(),
                 "reason": decision.reason,
                 "request_id": request_id,
             })
@@ -524,23 +506,19 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
         engine,
         decided.elapsed(),
     );
-    if (!decision.allowed || !decision.audits.is_empty()) && inbound.access_log.enabled() {
-        let mut doc = input.document().clone();
-        if let Some(h) = doc.pointer_mut("/attributes/request/http/headers").and_then(|h| h.as_object_mut()) {
-            h.retain(|k, _| !is_secret_header(k));
-        }
-        inbound.access_log.write(serde_json::json!({
-            "type": "decision",
-            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            "request_id": request_id,
-            "decision": decision,
-            "input": doc,
-        }));
+    if (!decision.allowed || !decision.audits.is_empty())
+        && let Some(r) = inbound.access_log.decision(&request_id)
+    {
+        let decided = serde_json::to_value(&decision).unwrap_or_default();
+        inbound.access_log.write(r.decided(decided, input.redacted_document()));
     }
     // The input borrows the request, which moves on now.
     drop((input, view));
-    // Only the access log needs these; skip the copies when it is off.
-    let logged = inbound.access_log.enabled().then(|| (req.method().clone(), req.uri().path().to_string()));
+    // The request line is copied now, before the request moves on, and only if the log is on.
+    let record = inbound
+        .access_log
+        .access("inbound")
+        .map(|r| r.peer(conn.requests.peer_label().clone()).request(req.method(), req.uri().path(), &request_id));
     let resp = if !decision.allowed {
         denial(&decision, &request_id, is_grpc(&req))
     } else {
@@ -548,19 +526,9 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
     };
     conn.requests.record(resp.status(), started);
     conn.requests.peer().record(resp.status().as_u16(), !decision.allowed);
-    if let Some((method, path)) = logged {
-        inbound.access_log.write(serde_json::json!({
-            "type": "access",
-            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            "direction": "inbound",
-            "peer": peer.label(),
-            "method": method.as_str(),
-            "path": path,
-            "status": resp.status().as_u16(),
-            "duration_ms": started.elapsed().as_secs_f64() * 1e3,
-            "request_id": request_id,
-            "denied_by": (!decision.allowed).then(|| denied_by(&decision)),
-        }));
+    if let Some(r) = record {
+        let r = r.status(resp.status().as_u16()).took(started.elapsed());
+        inbound.access_log.write(if decision.allowed { r } else { r.denied_by(policy_label(&decision)) });
     }
     resp
 }

@@ -209,8 +209,9 @@ impl ProxyInputs {
         }
         let control_id = SpiffeId::control_plane(&args.trust_domain)
             .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
-        let metrics = Arc::new(Metrics::new());
-        let access_log = AccessLog::start(args.access_log.clone()).context("opening the access log")?;
+        let dropped_lines = prometheus_client::metrics::counter::Counter::default();
+        let metrics = Arc::new(Metrics::new(dropped_lines.clone()));
+        let access_log = AccessLog::start(args.access_log.clone(), dropped_lines).context("opening the access log")?;
         let certs = CertStore::new();
         let (view, writer) = ViewWriter::new(roots);
         let control = ControlClient::new(&args.control, view.clone(), certs.clone(), control_id);

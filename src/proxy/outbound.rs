@@ -313,17 +313,9 @@ async fn tunnel(out: &Outbound, mut tcp: TcpStream, prefix: bytes::BytesMut, rem
     let sent = sent + prefix.len() as u64;
     out.metrics.record_tcp_bytes("outbound", sent, received);
     out.requests.peer().record(200, false);
-    if out.access_log.enabled() {
-        out.access_log.write(serde_json::json!({
-            "type": "access",
-            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            "direction": "outbound",
-            "protocol": "tcp",
-            "peer": out.route.identity.as_str(),
-            "bytes_sent": sent,
-            "bytes_received": received,
-            "duration_ms": started.elapsed().as_secs_f64() * 1e3,
-        }));
+    if let Some(r) = out.access_log.access("outbound") {
+        let r = r.tcp().peer(out.requests.peer_label().clone());
+        out.access_log.write(r.bytes(sent, received).took(started.elapsed()));
     }
 }
 
@@ -350,8 +342,11 @@ async fn handle(out: &Outbound, sticky: &Sticky<MeshConnector>, mut req: Request
     if let Err(reason) = prepared {
         return error_response(StatusCode::BAD_REQUEST, reason, &request_id);
     }
-    // Only the access log needs these; skip the copies when it is off.
-    let logged = out.access_log.enabled().then(|| (req.method().clone(), req.uri().path().to_string()));
+    // The request line is copied now, before the request moves on, and only if the log is on.
+    let record = out
+        .access_log
+        .access("outbound")
+        .map(|r| r.peer(out.requests.peer_label().clone()).request(req.method(), req.uri().path(), &request_id));
     let pools = out.pools.load_full();
     let sent = if h2 {
         pools.h2.request(req).await.map_err(BoxError::from)
@@ -377,18 +372,8 @@ async fn handle(out: &Outbound, sticky: &Sticky<MeshConnector>, mut req: Request
     };
     out.requests.record(resp.status(), started);
     out.requests.peer().record(resp.status().as_u16(), resp.status() == StatusCode::FORBIDDEN);
-    if let Some((method, path)) = logged {
-        out.access_log.write(serde_json::json!({
-            "type": "access",
-            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            "direction": "outbound",
-            "peer": out.route.identity.as_str(),
-            "method": method.as_str(),
-            "path": path,
-            "status": resp.status().as_u16(),
-            "duration_ms": started.elapsed().as_secs_f64() * 1e3,
-            "request_id": request_id,
-        }));
+    if let Some(r) = record {
+        out.access_log.write(r.status(resp.status().as_u16()).took(started.elapsed()));
     }
     resp
 }

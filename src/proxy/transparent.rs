@@ -16,7 +16,7 @@ use super::outbound::{Outbound, Route};
 use super::view::SharedView;
 use crate::identity::SpiffeId;
 use crate::telemetry::access_log::AccessLog;
-use crate::telemetry::metrics::ProxyMetrics;
+use crate::telemetry::metrics::{PolicyLabel, ProxyMetrics};
 
 /// Shared state of the transparent outbound listener.
 pub struct Transparent {
@@ -88,11 +88,9 @@ async fn connection(t: &Transparent, mut tcp: TcpStream, remote: SocketAddr) {
     }
     if !view.egress_allowed {
         tracing::info!(%remote, %dst, "egress refused: destination is outside the mesh and egress is deny");
-        t.access_log.write(serde_json::json!({
-            "type": "access", "direction": "outbound", "protocol": "tcp", "destination": dst.to_string(),
-            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            "denied_by": "egress-deny",
-        }));
+        if let Some(r) = t.access_log.access("outbound") {
+            t.access_log.write(r.tcp().destination(dst).denied_by(PolicyLabel::Fixed("egress-deny")));
+        }
         return;
     }
     // Outside the mesh: plain TCP, as the app asked. The sidecar's own UID is exempt from the
@@ -106,9 +104,7 @@ async fn connection(t: &Transparent, mut tcp: TcpStream, remote: SocketAddr) {
     };
     let (sent, received) = super::tcp::splice(&mut tcp, &mut upstream, t.limits.idle_timeout).await;
     t.metrics.record_tcp_bytes("outbound", sent, received);
-    t.access_log.write(serde_json::json!({
-        "type": "access", "direction": "outbound", "protocol": "tcp", "destination": dst.to_string(),
-        "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-        "mesh": false, "bytes_sent": sent, "bytes_received": received,
-    }));
+    if let Some(r) = t.access_log.access("outbound") {
+        t.access_log.write(r.tcp().destination(dst).outside_mesh().bytes(sent, received));
+    }
 }

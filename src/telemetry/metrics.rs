@@ -84,12 +84,26 @@ pub enum PolicyLabel {
     Fixed(&'static str),
 }
 
+impl PolicyLabel {
+    /// The label's text.
+    pub fn as_str(&self) -> &str {
+        match self {
+            PolicyLabel::Policy(p) => p,
+            PolicyLabel::Fixed(s) => s,
+        }
+    }
+}
+
+/// As its text (the access log's `denied_by`).
+impl serde::Serialize for PolicyLabel {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 impl EncodeLabelValue for PolicyLabel {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        match self {
-            PolicyLabel::Policy(p) => EncodeLabelValue::encode(&&**p, encoder),
-            PolicyLabel::Fixed(s) => EncodeLabelValue::encode(s, encoder),
-        }
+        EncodeLabelValue::encode(&self.as_str(), encoder)
     }
 }
 
@@ -185,7 +199,7 @@ pub struct RequestMetrics {
 impl RequestMetrics {
     /// Counts a finished request by status class, and its latency.
     pub fn record(&self, status: http::StatusCode, started: Instant) {
-        let class = crate::proxy::http::status_class(status);
+        let class = status_class(status);
         let slot = match class.as_bytes()[0] {
             b'1' => 0,
             b'2' => 1,
@@ -202,9 +216,25 @@ impl RequestMetrics {
         self.duration.observe(started.elapsed().as_secs_f64());
     }
 
+    /// The peer's label (its SPIFFE ID, or `unauthenticated`), shared.
+    pub fn peer_label(&self) -> &Arc<str> {
+        &self.peer
+    }
+
     /// The peer's totals for telemetry reports.
     pub fn peer(&self) -> &PeerCounters {
         &self.peer_counters
+    }
+}
+
+/// `2xx`, `4xx`, ...: the `status_class` label of `palisade_requests_total`.
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
     }
 }
 
@@ -245,8 +275,11 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric.
-    pub fn new() -> Self {
+    /// Registers every metric, exporting `access_log_dropped` (the counter given to
+    /// [`AccessLog::start`]) as `palisade_access_log_dropped_lines_total`.
+    ///
+    /// [`AccessLog::start`]: super::access_log::AccessLog::start
+    pub fn new(access_log_dropped: Counter) -> Self {
         let certs = Arc::new(CertMetrics::default());
         let proxy = Arc::new(ProxyMetrics::default());
         let mut registry = Registry::with_prefix("palisade");
@@ -293,6 +326,11 @@ impl Metrics {
             "Plaintext connections refused because the port is STRICT",
             proxy.plaintext_refused.clone(),
         );
+        registry.register(
+            "access_log_dropped_lines",
+            "Access- and decision-log lines dropped because the log writer fell behind or failed",
+            access_log_dropped,
+        );
         Metrics { registry, certs, proxy }
     }
 
@@ -304,21 +342,40 @@ impl Metrics {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::access_log::{AccessLog, LogTarget};
+
+    /// Lines the access log drops reach the exposition as an OpenMetrics counter.
+    #[test]
+    fn dropped_access_log_lines_are_exported() {
+        let dropped = Counter::default();
+        let metrics = Metrics::new(dropped.clone());
+        let text = metrics.render();
+        assert!(text.contains("# TYPE palisade_access_log_dropped_lines counter"), "{text}");
+        assert!(text.lines().any(|l| l == "palisade_access_log_dropped_lines_total 0"), "{text}");
+        // A log whose file cannot be written: its writer stops, and every line after is dropped.
+        let log = AccessLog::start(LogTarget::File("/dev/full".into()), dropped).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while log.dropped() == 0 {
+            assert!(Instant::now() < deadline, "the log never dropped a line");
+            if let Some(r) = log.access("inbound") {
+                log.write(r);
+            }
+            std::thread::yield_now();
+        }
+        let n = log.dropped();
+        let text = metrics.render();
+        let line = format!("palisade_access_log_dropped_lines_total {n}");
+        assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+    }
 
     /// The per-connection shortcut counts each decision under its own labels, however a
     /// connection's decisions alternate, and the duration histogram follows the engine.
     #[test]
     fn decisions_are_counted_under_their_own_labels_through_the_connection_shortcut() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(Counter::default());
         let (a, b) = (LastDecision::default(), LastDecision::default());
         let shop: Arc<str> = Arc::from("shop/allow-web");
         let took = Duration::from_micros(1);

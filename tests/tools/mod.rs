@@ -1,0 +1,66 @@
+//! The external tools integration tests run, each found or installed the way CI installs it, so
+//! that `cargo test` on a machine with only the Rust and Go toolchains runs every test binary.
+//!
+//! A tool is `$PALISADE_<TOOL>` when set, else what its `.ci/install-*` script prints: the OPA
+//! CLI, Helm and the Kubernetes binaries are built once through the Go module proxy into
+//! `~/.cache/palisade-tools` (or `$PALISADE_TOOL_CACHE`) and reused; the network-namespace tools
+//! are Debian packages. Each script runs at most once per test process, however many tests ask,
+//! and its progress goes straight to the terminal (not to the test's captured output), so a
+//! first run that builds for minutes says what it is building.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+/// The OPA CLI (`$PALISADE_OPA`, else `.ci/install-opa`).
+pub fn opa() -> &'static Path {
+    static OPA: OnceLock<PathBuf> = OnceLock::new();
+    OPA.get_or_init(|| from_env_or_script("PALISADE_OPA", "install-opa"))
+}
+
+/// The Helm CLI (`$PALISADE_HELM`, else `.ci/install-helm`).
+pub fn helm() -> &'static Path {
+    static HELM: OnceLock<PathBuf> = OnceLock::new();
+    HELM.get_or_init(|| from_env_or_script("PALISADE_HELM", "install-helm"))
+}
+
+/// The directory holding kube-apiserver, etcd and kubectl (`$PALISADE_K8S_BIN`, else
+/// `.ci/install-k8s`).
+pub fn k8s_bin_dir() -> &'static Path {
+    static K8S: OnceLock<PathBuf> = OnceLock::new();
+    K8S.get_or_init(|| from_env_or_script("PALISADE_K8S_BIN", "install-k8s"))
+}
+
+/// Installs whichever of the network-namespace tests' commands (`ip`, `iptables`, `tcpdump`,
+/// `curl`, `python3`, `setpriv`) are missing, with `.ci/install-netns-tools` (as root; the
+/// packages `.ci/run` installs). Fails the test, saying what to install, where it cannot.
+pub fn netns_tools() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        run_script("install-netns-tools", "");
+    });
+}
+
+fn from_env_or_script(var: &str, script: &str) -> PathBuf {
+    match std::env::var_os(var) {
+        Some(path) => PathBuf::from(path),
+        None => PathBuf::from(run_script(script, &format!("; set {var} to use one you already have")).trim()),
+    }
+}
+
+/// Runs `.ci/<script>` with its progress on the terminal, and returns what it printed on stdout.
+fn run_script(script: &str, hint: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci").join(script);
+    // Straight to stderr: the test harness would hold an `eprintln!` back until the test ends.
+    let _ = writeln!(std::io::stderr(), "tests: running .ci/{script} (installs on first use, then reuses it){hint}");
+    let out = Command::new("bash")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bash {}: {e}", path.display()));
+    assert!(out.status.success(), ".ci/{script} failed ({}); its output is above", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
