@@ -74,10 +74,15 @@ async fn resources_reach_only_the_selected_sidecars_and_edits_apply_within_a_sec
     .unwrap();
     wait_for("error reported", Duration::from_secs(5), || async {
         let body = get(&http_client(), &format!("http://{}/v1/resources/errors", cp.admin), &[]).await.unwrap().2;
-        body.contains("pa.yaml: document 0") && body.contains("metadata.namespace")
+        body.contains("pa.yaml:1: document 0") && body.contains("metadata.namespace")
     })
     .await;
     assert_eq!(orders.config_dump().await["mesh"]["peer_auth"], "Strict");
+    let pushed = sidecars_json(&cp).await;
+    assert!(
+        pushed.as_array().unwrap().iter().all(|e| e["nack_message"] == ""),
+        "the refused document never reached a sidecar: {pushed}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

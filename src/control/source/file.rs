@@ -43,11 +43,14 @@ struct Metadata {
 
 /// Judges every document of one file's text. `previous` is what the file yielded before: an
 /// object whose new document is refused keeps its previous version; after a syntax error that
-/// stops the reading of the file, every object of the previous content not read again is kept.
+/// stops the reading of the file, or a refused document whose object cannot be told, every
+/// object of the previous content not read again is kept.
 fn judge_file(file: &str, text: &str, previous: &FileState) -> FileState {
     let starts = document_lines(text);
     let mut next = FileState::default();
-    let mut read_whole_file = true;
+    // Whether previous objects not read again stay (the file could not be read whole, or a
+    // refused document's object is unknown).
+    let mut keep_unread = false;
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let start = starts.get(i).copied().unwrap_or(1);
         let error = |line: usize, column: Option<usize>, object: Option<String>, message: String| ResourceError {
@@ -63,7 +66,7 @@ fn judge_file(file: &str, text: &str, previous: &FileState) -> FileState {
             Err(e) => {
                 let (line, column) = e.location().map_or((start, None), |l| (l.line(), Some(l.column())));
                 next.errors.push(error(line, column, None, e.to_string()));
-                read_whole_file = false;
+                keep_unread = true;
                 break; // the parser cannot find the next document reliably after a syntax error
             }
         };
@@ -79,13 +82,19 @@ fn judge_file(file: &str, text: &str, previous: &FileState) -> FileState {
                 let (line, column) = position.map_or((start, None), |(l, c)| (l, Some(c)));
                 let object = key.as_ref().map(|(k, ns, n)| format!("{k} {ns}/{n}"));
                 next.errors.push(error(line, column, object, message));
-                if let Some(last_good) = key.and_then(|k| previous.objects.get(&k).map(|r| (k, r))) {
-                    next.objects.insert(last_good.0, last_good.1.clone());
+                match key {
+                    Some(key) => {
+                        if let Some(last_good) = previous.objects.get(&key) {
+                            next.objects.insert(key, last_good.clone());
+                        }
+                    }
+                    // Which object this document meant is unknown: keep every previous one.
+                    None => keep_unread = true,
                 }
             }
         }
     }
-    if !read_whole_file {
+    if keep_unread {
         for (key, r) in &previous.objects {
             next.objects.entry(key.clone()).or_insert_with(|| r.clone());
         }
@@ -386,6 +395,13 @@ spec: {mtls: {mode: STRICT}}
         let broken = judge_file("p.yaml", "garbage: [ this does not parse", &good);
         assert_eq!(broken.objects.len(), 2);
         assert_eq!(broken.errors.len(), 1);
+        // A document refused before its object could be told (no namespace): same.
+        let unnamed = "apiVersion: palisade.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: x}\nspec: {}\n";
+        let refused = judge_file("p.yaml", unnamed, &good);
+        assert_eq!((refused.objects.len(), refused.errors.len()), (2, 1));
+        // A valid file that no longer defines an object does drop it.
+        let first_only = &OK[..OK.find("---").unwrap()];
+        assert_eq!(judge_file("p.yaml", first_only, &good).objects.len(), 1);
     }
 
     #[test]
