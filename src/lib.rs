@@ -6,8 +6,10 @@
 
 pub mod agent;
 mod allocator;
+pub mod clock;
 pub mod control;
 pub mod demo;
+pub mod hex;
 pub mod identity;
 pub mod k8s;
 pub mod policy;

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::ControlClient;
-use crate::identity::ca::now_unix;
+use crate::clock::now_unix;
 use crate::proto::telemetry::telemetry_client::TelemetryClient;
 use crate::proto::telemetry::{CertificateEvent, PeerCounters, TelemetryReport};
 use crate::telemetry::peers::{PeerKey, PeerStats};

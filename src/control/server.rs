@@ -301,7 +301,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
                     let (ids, serials) = store.revocations()?;
                     mesh.set_revocations(ids, serials);
                     let half_life = (SERVING_CERT_LIFETIME / 2).as_secs() as i64;
-                    if signer_changed || crate::identity::ca::now_unix() >= serving_not_after - half_life {
+                    if signer_changed || crate::clock::now_unix() >= serving_not_after - half_life {
                         serving_not_after = issue_serving_cert(&store, &ca.load(), &own_id, &serving, &serving_names)?;
                     }
                     Ok(())

@@ -16,12 +16,11 @@ use rustls::sign::CertifiedKey;
 
 use crate::agent::telemetry::CertEvents;
 use crate::agent::{ControlClient, ControlClientError};
+use crate::clock::now_unix;
 use crate::proto::identity::certify_request::Credential;
 use crate::proto::telemetry::{CertificateEvent, certificate_event::Kind};
 use crate::telemetry::metrics::CertMetrics;
 use crate::tls::{CertStore, TrustBundle};
-
-use super::ca::now_unix;
 
 /// Why a certificate could not be obtained or installed.
 #[derive(Debug, thiserror::Error)]

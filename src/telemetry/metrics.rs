@@ -29,7 +29,7 @@ impl CertMetrics {
     /// Records a certificate installed.
     pub fn record_issued(&self, not_after: i64) {
         self.expiry.set(not_after);
-        self.last_renewal.set(crate::identity::ca::now_unix());
+        self.last_renewal.set(crate::clock::now_unix());
         self.renewals.get_or_create(&vec![("result".into(), "success".into())]).inc();
     }
 }
