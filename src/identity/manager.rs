@@ -16,6 +16,7 @@ use rustls::sign::CertifiedKey;
 
 use crate::agent::telemetry::CertEvents;
 use crate::agent::{ControlClient, ControlClientError};
+use crate::backoff::Backoff;
 use crate::clock::now_unix;
 use crate::proto::identity::certify_request::Credential;
 use crate::proto::telemetry::{CertificateEvent, certificate_event::Kind};
@@ -117,7 +118,7 @@ impl CertManager {
             match self.request(Some(bootstrap.credential()?)).await {
                 Ok(info) => return Ok(info),
                 Err(CertError::Control(e)) if !e.is_permanent() => {
-                    let wait = backoff.next();
+                    let wait = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?wait, "first certificate not obtained yet");
                     tokio::time::sleep(wait).await;
                 }
@@ -162,7 +163,7 @@ impl CertManager {
                             not_after: info.not_after,
                             message: e.to_string(),
                         });
-                        let wait = backoff.next();
+                        let wait = backoff.next_delay();
                         tracing::warn!(error = %e, retry_in = ?wait, expires_in_s = info.not_after - now_unix(),
                             "certificate renewal failed; still serving with the current certificate");
                         tokio::time::sleep(wait).await;
@@ -221,25 +222,6 @@ fn renewal_delay(info: &CertInfo, now: i64, unit: f64) -> Duration {
     Duration::from_secs_f64((at - now as f64).max(0.0))
 }
 
-/// Capped exponential backoff with full jitter.
-struct Backoff {
-    next: Duration,
-    cap: Duration,
-}
-
-impl Backoff {
-    fn new(initial: Duration, cap: Duration) -> Self {
-        Backoff { next: initial, cap }
-    }
-
-    fn next(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(self.cap);
-        // Full jitter between half and all of the step.
-        base.mul_f64(0.5 + rand::random::<f64>() * 0.5)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,13 +243,5 @@ mod tests {
         assert_eq!(renewal_delay(&i, 1000, 0.0), Duration::from_secs(40));
         assert!((renewal_delay(&i, 1000, 0.999_999).as_secs_f64() - 60.0).abs() < 0.01);
         assert_eq!(renewal_delay(&i, 1080, 0.5), Duration::ZERO, "overdue renews at once");
-    }
-
-    #[test]
-    fn backoff_grows_to_cap_with_jitter() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
-        let steps: Vec<_> = (0..6).map(|_| b.next()).collect();
-        assert!(steps[0] >= Duration::from_millis(50) && steps[0] <= Duration::from_millis(100));
-        assert!(steps[5] >= Duration::from_millis(400) && steps[5] <= Duration::from_millis(800));
     }
 }
