@@ -8,36 +8,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::ControlClient;
 use crate::backoff::Backoff;
 use crate::clock::now_unix;
+use crate::identity::CertEvents;
 use crate::proto::telemetry::telemetry_client::TelemetryClient;
-use crate::proto::telemetry::{CertificateEvent, PeerCounters, TelemetryReport};
+use crate::proto::telemetry::{PeerCounters, TelemetryReport};
 use crate::telemetry::peers::{PeerKey, PeerStats};
-
-/// Certificate events waiting for the next report.
-#[derive(Default)]
-pub struct CertEvents {
-    queue: Mutex<Vec<CertificateEvent>>,
-}
-
-impl CertEvents {
-    /// Queues an event (bounded: the oldest are dropped past 256).
-    pub fn push(&self, event: CertificateEvent) {
-        let mut q = self.queue.lock();
-        if q.len() >= 256 {
-            q.remove(0);
-        }
-        q.push(event);
-    }
-
-    fn drain(&self) -> Vec<CertificateEvent> {
-        std::mem::take(&mut *self.queue.lock())
-    }
-}
 
 /// Streams a report every `interval`, reconnecting with capped, jittered backoff.
 pub async fn run(

@@ -14,20 +14,19 @@ use rcgen::{CertificateParams, KeyPair};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 
-use crate::agent::telemetry::CertEvents;
-use crate::agent::{ControlClient, ControlClientError};
+use super::{CertEvents, CertMetrics, Certifier, CertifyError};
 use crate::backoff::Backoff;
 use crate::clock::now_unix;
+use crate::proto::identity::CertifyRequest;
 use crate::proto::identity::certify_request::Credential;
 use crate::proto::telemetry::{CertificateEvent, certificate_event::Kind};
-use crate::telemetry::metrics::CertMetrics;
 use crate::tls::{CertStore, TrustBundle};
 
 /// Why a certificate could not be obtained or installed.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error(transparent)]
-    Control(#[from] ControlClientError),
+    Certify(#[from] CertifyError),
     #[error("key generation failed: {0}")]
     Key(#[from] rcgen::Error),
     #[error("control plane returned an unusable certificate: {0}")]
@@ -51,7 +50,7 @@ pub struct CertInfo {
 pub struct CertManager {
     certs: Arc<CertStore>,
     bundle: Arc<TrustBundle>,
-    control: ControlClient,
+    certifier: Box<dyn Certifier>,
     metrics: Arc<CertMetrics>,
     info: ArcSwapOption<CertInfo>,
     events: Arc<CertEvents>,
@@ -84,14 +83,22 @@ impl Bootstrap {
 }
 
 impl CertManager {
-    /// A manager that installs certificates into `certs` and roots into `bundle`.
+    /// A manager that gets certificates from `certifier`, installs them into `certs` and the
+    /// roots that come with them into `bundle`.
     pub fn new(
         certs: Arc<CertStore>,
         bundle: Arc<TrustBundle>,
-        control: ControlClient,
+        certifier: impl Certifier + 'static,
         metrics: Arc<CertMetrics>,
     ) -> Arc<Self> {
-        Arc::new(CertManager { certs, bundle, control, metrics, info: ArcSwapOption::empty(), events: Arc::default() })
+        Arc::new(CertManager {
+            certs,
+            bundle,
+            certifier: Box::new(certifier),
+            metrics,
+            info: ArcSwapOption::empty(),
+            events: Arc::default(),
+        })
     }
 
     /// Certificate events for the telemetry reporter.
@@ -117,7 +124,7 @@ impl CertManager {
         loop {
             match self.request(Some(bootstrap.credential()?)).await {
                 Ok(info) => return Ok(info),
-                Err(CertError::Control(e)) if !e.is_permanent() => {
+                Err(CertError::Certify(e)) if !e.is_permanent() => {
                     let wait = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?wait, "first certificate not obtained yet");
                     tokio::time::sleep(wait).await;
@@ -156,7 +163,7 @@ impl CertManager {
                 match result {
                     Ok(_) => break,
                     Err(e) => {
-                        self.metrics.renewals.get_or_create(&vec![("result".into(), "failure".into())]).inc();
+                        self.metrics.record_failure();
                         self.events.push(CertificateEvent {
                             kind: Kind::RenewalFailed as i32,
                             serial: info.serial.clone(),
@@ -178,7 +185,7 @@ impl CertManager {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         // The CSR's names are ignored by the control plane; it only proves possession of the key.
         let csr = CertificateParams::default().serialize_request(&key)?;
-        let resp = self.control.certify(csr.der().to_vec(), credential).await?;
+        let resp = self.certifier.certify(CertifyRequest { csr_der: csr.der().to_vec(), credential }).await?;
         let chain = crate::tls::certs_from_pem(&resp.certificate_chain_pem)
             .map_err(|e| CertError::BadResponse(format!("chain PEM: {e}")))?;
         let (id, serial) = chain
