@@ -189,7 +189,19 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let certs = CertStore::new();
     let control =
         ControlClient::new(&args.control, bundle.clone(), certs.clone(), control_plane_identity(&args.trust_domain));
-    let manager = CertManager::new(certs.clone(), bundle.clone(), control.clone(), metrics.certs.clone());
+    let manager = CertManager::new(certs.clone(), control.clone(), metrics.certs.clone());
+    // Roots from Certify responses into the trust bundle (until the snapshot applier owns it).
+    let (mut roots, roots_bundle) = (manager.roots(), bundle.clone());
+    tokio::spawn(async move {
+        while roots.changed().await.is_ok() {
+            let pem = roots.borrow_and_update().clone();
+            if let Some(pem) = pem
+                && let Err(e) = roots_bundle.set_roots(&pem)
+            {
+                tracing::error!(error = %e, "trust bundle from Certify refused; the previous roots stay");
+            }
+        }
+    });
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let drain = limits::Drain::new(args.limits.max_connections);
     let view = Arc::new(ArcSwap::from_pointee(MeshView::fail_closed()));
