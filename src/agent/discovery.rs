@@ -143,6 +143,8 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::fake_control::{DEADLINE, FakeControl, SIDECAR_ID};
+    use crate::proto::discovery::DiscoveryResponse;
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -212,5 +214,84 @@ mod tests {
         assert!(step_of(waits[5], 3200), "up 2 s without a snapshot proves nothing: {waits:?}");
         assert!(step_of(waits[6], 5000), "{waits:?}");
         assert!(step_of(waits[7], 100), "up for {STABLE_AFTER:?}, the backoff starts over: {waits:?}");
+    }
+
+    fn node() -> Node {
+        Node { spiffe_id: SIDECAR_ID.into(), addresses: vec!["127.0.0.1:15006".into()], ..Default::default() }
+    }
+
+    /// Applies every snapshot but those whose version starts with `bad`.
+    fn apply() -> ApplyFn {
+        Arc::new(|version: &str, _: &Snapshot| {
+            if version.starts_with("bad") {
+                return Err(format!("policy shop/broken in {version} does not compile"));
+            }
+            Ok(())
+        })
+    }
+
+    fn snapshot(version: &str, nonce: &str) -> DiscoveryResponse {
+        DiscoveryResponse { version_info: version.into(), nonce: nonce.into(), snapshot: Some(Snapshot::default()) }
+    }
+
+    fn reply(version: &str, nonce: &str, nack: Option<&str>) -> DiscoveryRequest {
+        DiscoveryRequest {
+            node: None,
+            version_info: version.into(),
+            response_nonce: nonce.into(),
+            error_detail: nack.map(|m| ErrorDetail { message: m.into() }),
+        }
+    }
+
+    /// A fake control plane and an agent streaming from it.
+    async fn agent() -> (FakeControl, Arc<DiscoveryStatus>) {
+        let control = FakeControl::start().await;
+        let status = Arc::new(DiscoveryStatus::default());
+        tokio::spawn(run(control.client.clone(), node(), apply(), status.clone()));
+        (control, status)
+    }
+
+    #[tokio::test]
+    async fn each_snapshot_is_acked_with_its_version_or_nacked_with_the_version_kept_and_why() {
+        let (mut control, status) = agent().await;
+        let mut stream = control.next_stream().await;
+        let hello = stream.request().await;
+        assert_eq!(hello, DiscoveryRequest { node: Some(node()), ..Default::default() }, "no version before the first");
+
+        stream.push(snapshot("v1", "n1")).await;
+        assert_eq!(stream.request().await, reply("v1", "n1", None));
+        stream.push(snapshot("bad2", "n2")).await;
+        let why = "policy shop/broken in bad2 does not compile";
+        assert_eq!(stream.request().await, reply("v1", "n2", Some(why)), "a NACK names the version kept");
+        assert_eq!((status.version.load().as_str(), status.last_nack.load().as_str()), ("v1", why));
+        assert!(status.has_snapshot.load(Ordering::Acquire) && status.connected.load(Ordering::Acquire));
+
+        stream.push(snapshot("v3", "n3")).await;
+        assert_eq!(stream.request().await, reply("v3", "n3", None));
+        assert_eq!(status.version.load().as_str(), "v3");
+    }
+
+    #[tokio::test]
+    async fn a_broken_stream_reconnects_and_resumes_from_the_last_acked_version() {
+        let (mut control, status) = agent().await;
+        let mut stream = control.next_stream().await;
+        stream.request().await;
+        stream.push(snapshot("v1", "n1")).await;
+        assert_eq!(stream.request().await, reply("v1", "n1", None));
+        stream.push(snapshot("bad2", "n2")).await;
+        assert!(stream.request().await.error_detail.is_some(), "bad2 was NACKed");
+        stream.break_with(tonic::Status::unavailable("control plane shutting down")).await;
+
+        let mut resumed = control.next_stream().await;
+        let hello = resumed.request().await;
+        assert_eq!(hello, DiscoveryRequest { node: Some(node()), version_info: "v1".into(), ..Default::default() });
+        let deadline = Instant::now() + DEADLINE;
+        while !status.connected.load(Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "the resumed stream never came up");
+            tokio::time::sleep(10 * MS).await;
+        }
+        assert_eq!(status.version.load().as_str(), "v1", "the last good snapshot stayed in force");
+        resumed.push(snapshot("v3", "n1")).await;
+        assert_eq!(resumed.request().await, reply("v3", "n1", None));
     }
 }
