@@ -6,8 +6,11 @@
 
 pub mod agent;
 mod allocator;
+pub mod backoff;
+pub mod clock;
 pub mod control;
 pub mod demo;
+pub mod hex;
 pub mod identity;
 pub mod init;
 pub mod k8s;

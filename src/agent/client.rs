@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::identity::SpiffeId;
+use crate::identity::{Certifier, CertifyError, SpiffeId};
 use crate::proto::identity::identity_client::IdentityClient;
 use crate::proto::identity::{CertifyRequest, CertifyResponse, certify_request::Credential};
 use crate::tls::{CertStore, TrustSource, config};
@@ -127,6 +127,22 @@ impl ControlClient {
     ) -> Result<CertifyResponse, ControlClientError> {
         let mut client = IdentityClient::new(self.channel().await?);
         Ok(client.certify(CertifyRequest { csr_der, credential }).await?.into_inner())
+    }
+}
+
+/// The sidecar's certificate manager gets its certificates over this client.
+impl Certifier for ControlClient {
+    fn certify(
+        &self,
+        request: CertifyRequest,
+    ) -> futures_util::future::BoxFuture<'_, Result<CertifyResponse, CertifyError>> {
+        Box::pin(async move { Ok(ControlClient::certify(self, request.csr_der, request.credential).await?) })
+    }
+}
+
+impl From<ControlClientError> for CertifyError {
+    fn from(e: ControlClientError) -> Self {
+        if e.is_permanent() { CertifyError::Refused(Box::new(e)) } else { CertifyError::Unavailable(Box::new(e)) }
     }
 }
 

@@ -6,3 +6,6 @@ pub mod discovery;
 pub mod telemetry;
 
 pub use client::{ControlClient, ControlClientError};
+
+#[cfg(test)]
+mod fake_control;

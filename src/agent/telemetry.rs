@@ -8,37 +8,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::ControlClient;
-use crate::identity::ca::now_unix;
+use crate::backoff::Backoff;
+use crate::clock::now_unix;
+use crate::identity::CertEvents;
 use crate::proto::telemetry::telemetry_client::TelemetryClient;
-use crate::proto::telemetry::{CertificateEvent, PeerCounters, TelemetryReport};
+use crate::proto::telemetry::{PeerCounters, TelemetryReport};
 use crate::telemetry::peers::{PeerKey, PeerStats};
 
-/// Certificate events waiting for the next report.
-#[derive(Default)]
-pub struct CertEvents {
-    queue: Mutex<Vec<CertificateEvent>>,
-}
-
-impl CertEvents {
-    /// Queues an event (bounded: the oldest are dropped past 256).
-    pub fn push(&self, event: CertificateEvent) {
-        let mut q = self.queue.lock();
-        if q.len() >= 256 {
-            q.remove(0);
-        }
-        q.push(event);
-    }
-
-    fn drain(&self) -> Vec<CertificateEvent> {
-        std::mem::take(&mut *self.queue.lock())
-    }
-}
-
-/// Streams a report every `interval`, reconnecting as needed.
+/// Streams a report every `interval`, reconnecting with capped, jittered backoff.
 pub async fn run(
     control: ControlClient,
     spiffe_id: String,
@@ -47,10 +27,13 @@ pub async fn run(
     interval: Duration,
 ) {
     let mut last: HashMap<PeerKey, [u64; 4]> = HashMap::new();
+    let mut backoff = Backoff::new(interval.min(Duration::from_secs(1)), Duration::from_secs(5));
     loop {
         let (tx, rx) = mpsc::channel::<TelemetryReport>(4);
+        let mut connected_at = None;
         let stream = async {
             let mut client = TelemetryClient::new(control.channel().await?);
+            connected_at = Some(tokio::time::Instant::now());
             client.report(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
         };
@@ -89,6 +72,10 @@ pub async fn run(
             res = stream => if let Err(e) = res { tracing::debug!(error = %e, "telemetry stream ended") },
             _ = feed => {}
         }
-        tokio::time::sleep(interval.min(Duration::from_secs(5))).await;
+        // A stream that stayed up for a report interval worked: the next loss is a fresh one.
+        if connected_at.is_some_and(|at| at.elapsed() >= interval) {
+            backoff.reset();
+        }
+        backoff.wait().await;
     }
 }

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::identity::ca::now_unix;
+use crate::clock::now_unix;
 use crate::identity::{CaMaterial, CertificateAuthority};
 
 use super::store::{CaGeneration, Store, StoreError};

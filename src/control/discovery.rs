@@ -21,8 +21,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::ca_set::CaSet;
 use super::source::{Resource, Spec};
+use crate::clock::now_unix;
 use crate::identity::SpiffeId;
-use crate::identity::ca::now_unix;
 use crate::k8s::crd::MtlsMode;
 use crate::proto::discovery::discovery_server::Discovery;
 use crate::proto::discovery::{
@@ -314,7 +314,7 @@ fn peer_authentication(selected: &[&Resource]) -> PeerAuthentication {
 /// A content hash: equal snapshots have equal versions, across restarts too.
 fn version_of(snapshot: &Snapshot) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &snapshot.encode_to_vec());
-    crate::identity::ca::hex(&digest.as_ref()[..8])
+    crate::hex::encode(&digest.as_ref()[..8])
 }
 
 /// The gRPC service.

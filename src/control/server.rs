@@ -353,14 +353,14 @@ async fn run_ca(inputs: Arc<ControlInputs>, mut serving_not_after: i64) {
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "CA maintenance failed; retrying");
-                crate::identity::ca::now_unix() + 1
+                crate::clock::now_unix() + 1
             }
             Err(e) => {
                 tracing::error!(error = %e, "CA maintenance panicked; retrying");
-                crate::identity::ca::now_unix() + 1
+                crate::clock::now_unix() + 1
             }
         };
-        let wait = Duration::from_secs((wake_at - crate::identity::ca::now_unix()).max(0) as u64);
+        let wait = Duration::from_secs((wake_at - crate::clock::now_unix()).max(0) as u64);
         tracing::debug!(?wait, "CA worker waits for a store change or its next step");
         tokio::select! {
             _ = changed.notified() => {}
@@ -401,7 +401,7 @@ fn ca_step(inputs: &ControlInputs, serving_not_after: i64) -> anyhow::Result<CaS
         inputs.mesh.set_revocations(ids, serials);
     }
     let renew_at = serving_not_after - (SERVING_CERT_LIFETIME / 2).as_secs() as i64;
-    let now = crate::identity::ca::now_unix();
+    let now = crate::clock::now_unix();
     let serving_not_after =
         if signer_changed || now >= renew_at { issue_serving_cert(inputs)? } else { serving_not_after };
     let renew_at = serving_not_after - (SERVING_CERT_LIFETIME / 2).as_secs() as i64;

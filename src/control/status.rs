@@ -46,12 +46,12 @@ pub async fn fetch(admin: SocketAddr) -> anyhow::Result<StatusReport> {
 }
 
 fn ago(unix: i64) -> String {
-    let secs = (crate::identity::ca::now_unix() - unix).max(0);
+    let secs = (crate::clock::now_unix() - unix).max(0);
     if secs < 120 { format!("{secs}s ago") } else { format!("{}m ago", secs / 60) }
 }
 
 fn until(unix: i64) -> String {
-    let secs = unix - crate::identity::ca::now_unix();
+    let secs = unix - crate::clock::now_unix();
     if secs <= 0 {
         return "EXPIRED".into();
     }

@@ -10,7 +10,8 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use crate::identity::ca::{CaMaterial, IssuedCertificate, now_unix};
+use crate::clock::now_unix;
+use crate::identity::ca::{CaMaterial, IssuedCertificate};
 use crate::identity::{SpiffeId, token};
 
 /// A store failure.

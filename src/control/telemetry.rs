@@ -79,7 +79,7 @@ impl TrafficGraph {
                 serial: ev.serial.clone(),
                 not_after: ev.not_after,
                 message: ev.message.clone(),
-                received_at: crate::identity::ca::now_unix(),
+                received_at: crate::clock::now_unix(),
             });
         }
         let excess = events.len().saturating_sub(1000);

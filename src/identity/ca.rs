@@ -1,6 +1,6 @@
 //! The mesh certificate authority: a root that anchors trust and an intermediate that signs.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -8,6 +8,7 @@ use rcgen::{
 };
 
 use super::SpiffeId;
+use crate::clock::unix;
 
 /// Clock-skew allowance: certificates are valid from this long before they were issued.
 pub const BACKDATE: Duration = Duration::from_secs(60);
@@ -169,32 +170,11 @@ impl CertificateAuthority {
         Ok(IssuedCertificate {
             chain_pem: format!("{}{}", cert.pem(), self.material.intermediate_cert_pem),
             spiffe_id: id.clone(),
-            serial: hex(&serial.to_bytes()),
+            serial: crate::hex::encode(&serial.to_bytes()),
             not_before: unix(not_before),
             not_after: unix(not_after),
         })
     }
-}
-
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[(b >> 4) as usize] as char);
-        out.push(DIGITS[(b & 0xf) as usize] as char);
-    }
-    out
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
-/// Now, in seconds since the Unix epoch.
-pub fn now_unix() -> i64 {
-    unix(SystemTime::now())
 }
 
 #[cfg(test)]
@@ -216,8 +196,7 @@ mod tests {
         let (_, cert) = X509Certificate::from_der(&chain[0]).unwrap();
         let san = cert.subject_alternative_name().unwrap().unwrap();
         assert_eq!(san.value.general_names, vec![GeneralName::URI("spiffe://cluster.local/ns/shop/sa/web")]);
-        assert_eq!(hex(cert.raw_serial()), issued.serial);
-        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(crate::hex::encode(cert.raw_serial()), issued.serial);
         let eku = cert.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);
     }

@@ -5,6 +5,9 @@
 //!   renew together.
 //! - A failed renewal keeps the current certificate in service and retries with capped, jittered
 //!   exponential backoff; only expiry takes the certificate away (handshakes then fail closed).
+//! - The trust roots a Certify response carries are published on [`CertManager::roots`], not
+//!   installed: the trust bundle belongs to whoever applies the mesh's configuration (in the
+//!   sidecar, the discovery snapshot applier), so it has one writer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,21 +16,21 @@ use arc_swap::ArcSwapOption;
 use rcgen::{CertificateParams, KeyPair};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
+use tokio::sync::watch;
 
-use crate::agent::telemetry::CertEvents;
-use crate::agent::{ControlClient, ControlClientError};
+use super::{CertEvents, CertMetrics, Certifier, CertifyError};
+use crate::backoff::Backoff;
+use crate::clock::now_unix;
+use crate::proto::identity::CertifyRequest;
 use crate::proto::identity::certify_request::Credential;
 use crate::proto::telemetry::{CertificateEvent, certificate_event::Kind};
-use crate::telemetry::metrics::CertMetrics;
 use crate::tls::CertStore;
-
-use super::ca::now_unix;
 
 /// Why a certificate could not be obtained or installed.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error(transparent)]
-    Control(#[from] ControlClientError),
+    Certify(#[from] CertifyError),
     #[error("key generation failed: {0}")]
     Key(#[from] rcgen::Error),
     #[error("control plane returned an unusable certificate: {0}")]
@@ -50,11 +53,11 @@ pub struct CertInfo {
 /// Owns the workload certificate of one sidecar.
 pub struct CertManager {
     certs: Arc<CertStore>,
-    roots: tokio::sync::watch::Sender<Option<Arc<str>>>,
-    control: ControlClient,
+    certifier: Box<dyn Certifier>,
     metrics: Arc<CertMetrics>,
     info: ArcSwapOption<CertInfo>,
     events: Arc<CertEvents>,
+    roots: watch::Sender<Option<Arc<str>>>,
 }
 
 /// The credential that earns the first certificate.
@@ -84,14 +87,22 @@ impl Bootstrap {
 }
 
 impl CertManager {
-    /// A manager that installs certificates into `certs`.
-    pub fn new(certs: Arc<CertStore>, control: ControlClient, metrics: Arc<CertMetrics>) -> Arc<Self> {
-        let roots = tokio::sync::watch::channel(None).0;
-        Arc::new(CertManager { certs, roots, control, metrics, info: ArcSwapOption::empty(), events: Arc::default() })
+    /// A manager that gets certificates from `certifier` and installs them into `certs`.
+    pub fn new(certs: Arc<CertStore>, certifier: impl Certifier + 'static, metrics: Arc<CertMetrics>) -> Arc<Self> {
+        Arc::new(CertManager {
+            certs,
+            certifier: Box::new(certifier),
+            metrics,
+            info: ArcSwapOption::empty(),
+            events: Arc::default(),
+            roots: watch::channel(None).0,
+        })
     }
 
-    /// The roots of the latest Certify response that carried any.
-    pub fn roots(&self) -> tokio::sync::watch::Receiver<Option<Arc<str>>> {
+    /// The PEM roots of the latest Certify response that carried any (`None` until one has).
+    /// They were checked to be PEM certificates usable as trust anchors before being published;
+    /// whoever owns the trust bundle decides whether to install them.
+    pub fn roots(&self) -> watch::Receiver<Option<Arc<str>>> {
         self.roots.subscribe()
     }
 
@@ -118,8 +129,8 @@ impl CertManager {
         loop {
             match self.request(Some(bootstrap.credential()?)).await {
                 Ok(info) => return Ok(info),
-                Err(CertError::Control(e)) if !e.is_permanent() => {
-                    let wait = backoff.next();
+                Err(CertError::Certify(e)) if !e.is_permanent() => {
+                    let wait = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?wait, "first certificate not obtained yet");
                     tokio::time::sleep(wait).await;
                 }
@@ -157,14 +168,14 @@ impl CertManager {
                 match result {
                     Ok(_) => break,
                     Err(e) => {
-                        self.metrics.renewals.get_or_create(&vec![("result".into(), "failure".into())]).inc();
+                        self.metrics.record_failure();
                         self.events.push(CertificateEvent {
                             kind: Kind::RenewalFailed as i32,
                             serial: info.serial.clone(),
                             not_after: info.not_after,
                             message: e.to_string(),
                         });
-                        let wait = backoff.next();
+                        let wait = backoff.next_delay();
                         tracing::warn!(error = %e, retry_in = ?wait, expires_in_s = info.not_after - now_unix(),
                             "certificate renewal failed; still serving with the current certificate");
                         tokio::time::sleep(wait).await;
@@ -179,7 +190,7 @@ impl CertManager {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         // The CSR's names are ignored by the control plane; it only proves possession of the key.
         let csr = CertificateParams::default().serialize_request(&key)?;
-        let resp = self.control.certify(csr.der().to_vec(), credential).await?;
+        let resp = self.certifier.certify(CertifyRequest { csr_der: csr.der().to_vec(), credential }).await?;
         let chain = crate::tls::certs_from_pem(&resp.certificate_chain_pem)
             .map_err(|e| CertError::BadResponse(format!("chain PEM: {e}")))?;
         let (id, serial) = chain
@@ -191,9 +202,14 @@ impl CertManager {
             .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
             .map_err(|e| CertError::BadResponse(format!("key: {e}")))?;
         if !resp.trust_bundle_pem.is_empty() {
-            crate::tls::certs_from_pem(&resp.trust_bundle_pem)
-                .map_err(|e| CertError::BadResponse(format!("trust bundle PEM: {e}")))?;
-            self.roots.send_replace(Some(resp.trust_bundle_pem.as_str().into()));
+            let roots = usable_roots(&resp.trust_bundle_pem)?;
+            self.roots.send_if_modified(|current| {
+                let changed = current.as_deref() != Some(&*roots);
+                if changed {
+                    *current = Some(roots);
+                }
+                changed
+            });
         }
         self.certs.set(Arc::new(CertifiedKey::new(chain, signing_key)), resp.not_after);
         let info = Arc::new(CertInfo {
@@ -225,23 +241,18 @@ fn renewal_delay(info: &CertInfo, now: i64, unit: f64) -> Duration {
     Duration::from_secs_f64((at - now as f64).max(0.0))
 }
 
-/// Capped exponential backoff with full jitter.
-struct Backoff {
-    next: Duration,
-    cap: Duration,
-}
-
-impl Backoff {
-    fn new(initial: Duration, cap: Duration) -> Self {
-        Backoff { next: initial, cap }
+/// `pem` if it holds at least one certificate and every one is usable as a trust anchor.
+fn usable_roots(pem: &str) -> Result<Arc<str>, CertError> {
+    let certs =
+        crate::tls::certs_from_pem(pem).map_err(|e| CertError::BadResponse(format!("trust bundle PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(CertError::BadResponse("trust bundle holds no certificate".into()));
     }
-
-    fn next(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(self.cap);
-        // Full jitter between half and all of the step.
-        base.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+    let mut anchors = rustls::RootCertStore::empty();
+    for cert in certs {
+        anchors.add(cert).map_err(|e| CertError::BadResponse(format!("trust bundle certificate: {e}")))?;
     }
+    Ok(Arc::from(pem))
 }
 
 #[cfg(test)]
@@ -267,11 +278,136 @@ mod tests {
         assert_eq!(renewal_delay(&i, 1080, 0.5), Duration::ZERO, "overdue renews at once");
     }
 
-    #[test]
-    fn backoff_grows_to_cap_with_jitter() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
-        let steps: Vec<_> = (0..6).map(|_| b.next()).collect();
-        assert!(steps[0] >= Duration::from_millis(50) && steps[0] <= Duration::from_millis(100));
-        assert!(steps[5] >= Duration::from_millis(400) && steps[5] <= Duration::from_millis(800));
+    /// A control plane in a box: answers each Certify with the next scripted outcome, signing
+    /// with a real CA when the outcome is a certificate.
+    struct ScriptedCertifier {
+        ca: crate::identity::CertificateAuthority,
+        script: parking_lot::Mutex<std::collections::VecDeque<Outcome>>,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    enum Outcome {
+        Issue { trust_bundle_pem: String },
+        Unavailable,
+        Refused,
+    }
+
+    impl ScriptedCertifier {
+        fn new(script: impl IntoIterator<Item = Outcome>) -> Self {
+            let material = crate::identity::CaMaterial::generate("cluster.local", 1).unwrap();
+            ScriptedCertifier {
+                ca: crate::identity::CertificateAuthority::load(material).unwrap(),
+                script: parking_lot::Mutex::new(script.into_iter().collect()),
+                calls: Default::default(),
+            }
+        }
+
+        fn root_pem(&self) -> String {
+            self.ca.material().root_cert_pem.clone()
+        }
+    }
+
+    impl Certifier for Arc<ScriptedCertifier> {
+        fn certify(
+            &self,
+            request: CertifyRequest,
+        ) -> futures_util::future::BoxFuture<'_, Result<crate::proto::identity::CertifyResponse, CertifyError>>
+        {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let outcome = self.script.lock().pop_front().expect("a Certify the script did not plan for");
+            Box::pin(async move {
+                match outcome {
+                    Outcome::Unavailable => Err(CertifyError::Unavailable("connection refused".into())),
+                    Outcome::Refused => Err(CertifyError::Refused("join token already used".into())),
+                    Outcome::Issue { trust_bundle_pem } => {
+                        let csr = crate::identity::csr::verify_csr(&request.csr_der).unwrap();
+                        let id: crate::identity::SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+                        let issued =
+                            self.ca.sign_workload(&id, &csr.public_key, Duration::from_secs(3600), &[]).unwrap();
+                        Ok(crate::proto::identity::CertifyResponse {
+                            certificate_chain_pem: issued.chain_pem,
+                            trust_bundle_pem,
+                            spiffe_id: id.to_string(),
+                            serial: issued.serial,
+                            not_before: issued.not_before,
+                            not_after: issued.not_after,
+                        })
+                    }
+                }
+            })
+        }
+    }
+
+    fn manager_of(certifier: &Arc<ScriptedCertifier>) -> (Arc<CertManager>, Arc<CertStore>) {
+        let certs = CertStore::new();
+        (CertManager::new(certs.clone(), certifier.clone(), Arc::default()), certs)
+    }
+
+    fn token() -> Bootstrap {
+        Bootstrap::JoinToken("pjt_test".into())
+    }
+
+    #[tokio::test]
+    async fn roots_from_certify_are_published_for_the_bundle_owner_not_installed() {
+        let certifier = Arc::new(ScriptedCertifier::new([]));
+        let root = certifier.root_pem();
+        certifier.script.lock().extend([
+            Outcome::Issue { trust_bundle_pem: root.clone() },
+            Outcome::Issue { trust_bundle_pem: String::new() },
+        ]);
+        let (manager, certs) = manager_of(&certifier);
+        let mut roots = manager.roots();
+        assert!(roots.borrow_and_update().is_none(), "nothing published before a response carried roots");
+
+        let info = manager.bootstrap(&token()).await.unwrap();
+        assert_eq!(info.spiffe_id, "spiffe://cluster.local/ns/shop/sa/web");
+        assert!(manager.ready() && certs.current().is_some());
+        assert!(roots.has_changed().unwrap());
+        assert_eq!(roots.borrow_and_update().as_deref(), Some(root.as_str()));
+
+        // A response without roots leaves the published ones alone.
+        manager.request(None).await.unwrap();
+        assert!(!roots.has_changed().unwrap());
+        assert_eq!(roots.borrow().as_deref(), Some(root.as_str()));
+    }
+
+    #[tokio::test]
+    async fn an_unusable_trust_bundle_refuses_the_whole_response() {
+        let not_base64 = "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n";
+        let not_a_certificate = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        for bundle in ["no PEM here", not_base64, not_a_certificate] {
+            let certifier = Arc::new(ScriptedCertifier::new([Outcome::Issue { trust_bundle_pem: bundle.to_string() }]));
+            let (manager, certs) = manager_of(&certifier);
+            let err = manager.bootstrap(&token()).await.unwrap_err();
+            assert!(matches!(&err, CertError::BadResponse(m) if m.contains("trust bundle")), "{bundle:?}: {err}");
+            assert!(certs.current().is_none() && manager.info().is_none(), "{bundle:?}: no certificate installed");
+            assert!(manager.roots().borrow().is_none(), "{bundle:?}: nothing published");
+        }
+    }
+
+    /// Paused time: the retries' waits pass at once, and their sum shows they backed off.
+    #[tokio::test(start_paused = true)]
+    async fn bootstrap_retries_an_unavailable_control_plane_and_stops_at_a_refusal() {
+        let certifier = Arc::new(ScriptedCertifier::new([]));
+        let root = certifier.root_pem();
+        certifier.script.lock().extend([
+            Outcome::Unavailable,
+            Outcome::Unavailable,
+            Outcome::Unavailable,
+            Outcome::Issue { trust_bundle_pem: root },
+        ]);
+        let (manager, _) = manager_of(&certifier);
+        let started = tokio::time::Instant::now();
+        manager.bootstrap(&token()).await.unwrap();
+        assert_eq!(certifier.calls.load(std::sync::atomic::Ordering::SeqCst), 4);
+        // 200, 400 and 800 ms steps, each jittered to between half and all of itself.
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(700) && waited <= Duration::from_millis(1400), "{waited:?}");
+
+        let certifier = Arc::new(ScriptedCertifier::new([Outcome::Unavailable, Outcome::Refused]));
+        let (manager, _) = manager_of(&certifier);
+        let err = manager.bootstrap(&token()).await.unwrap_err();
+        assert!(matches!(&err, CertError::Certify(e) if e.is_permanent()), "{err}");
+        assert_eq!(certifier.calls.load(std::sync::atomic::Ordering::SeqCst), 2, "no retry after a refusal");
     }
 }

@@ -2,12 +2,18 @@
 //! certificate manager.
 
 pub mod ca;
+pub mod certifier;
 pub mod csr;
 pub mod dev;
+pub mod events;
 pub mod manager;
+pub mod metrics;
 pub mod spiffe;
 pub mod token;
 
 pub use ca::{CaMaterial, CertificateAuthority, IssuedCertificate};
+pub use certifier::{Certifier, CertifyError};
+pub use events::CertEvents;
 pub use manager::CertManager;
+pub use metrics::CertMetrics;
 pub use spiffe::SpiffeId;

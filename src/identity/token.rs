@@ -21,7 +21,7 @@ pub fn mint() -> JoinToken {
 
 /// The stored form of a token: SHA-256, hex. A stolen database does not yield usable tokens.
 pub fn hash(token: &str) -> String {
-    super::ca::hex(digest::digest(&digest::SHA256, token.trim().as_bytes()).as_ref())
+    crate::hex::encode(digest::digest(&digest::SHA256, token.trim().as_bytes()).as_ref())
 }
 
 #[cfg(test)]

@@ -1,6 +1,5 @@
 //! Prometheus metrics. Names follow `palisade_<area>_<what>_<unit>`.
 
-use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -13,26 +12,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::peers::PeerCounters;
-
-/// Label set as name/value pairs.
-pub type Labels = Vec<(String, String)>;
-
-/// Certificate lifecycle metrics of a sidecar.
-#[derive(Default)]
-pub struct CertMetrics {
-    pub expiry: Gauge<i64, AtomicI64>,
-    pub renewals: Family<Labels, Counter>,
-    pub last_renewal: Gauge<i64, AtomicI64>,
-}
-
-impl CertMetrics {
-    /// Records a certificate installed.
-    pub fn record_issued(&self, not_after: i64) {
-        self.expiry.set(not_after);
-        self.last_renewal.set(crate::identity::ca::now_unix());
-        self.renewals.get_or_create(&vec![("result".into(), "success".into())]).inc();
-    }
-}
+use crate::identity::CertMetrics;
 
 /// Labels of `palisade_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -29,7 +29,7 @@ impl std::fmt::Debug for PeerCertError {
 /// The one SPIFFE ID in `cert`'s URI SANs, and its serial (lower-case hex).
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<(SpiffeId, String), PeerCertError> {
     let (_, cert) = X509Certificate::from_der(cert).map_err(|_| PeerCertError::Malformed)?;
-    let serial = crate::identity::ca::hex(cert.raw_serial());
+    let serial = crate::hex::encode(cert.raw_serial());
     let san = cert.subject_alternative_name().map_err(|_| PeerCertError::Malformed)?;
     let mut found = None;
     for name in san.iter().flat_map(|s| s.value.general_names.iter()) {

@@ -33,7 +33,7 @@ impl CertStore {
 
     /// The certificate, if there is one and it has not expired.
     pub fn current(&self) -> Option<Arc<CertifiedKey>> {
-        if crate::identity::ca::now_unix() >= self.not_after.load(Ordering::Acquire) {
+        if crate::clock::now_unix() >= self.not_after.load(Ordering::Acquire) {
             return None;
         }
         self.current.load_full()
