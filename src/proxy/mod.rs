@@ -389,12 +389,16 @@ fn start_agent(inputs: &ProxyInputs, own_id: &SpiffeId) {
     };
     let mut roots = inputs.manager.roots();
     tokio::spawn(async move {
-        while roots.changed().await.is_ok() {
+        // The roots of the first certificate were published before this task subscribed.
+        loop {
             let pem = roots.borrow_and_update().clone();
             if let Some(pem) = pem
                 && let Err(e) = writer.apply_roots(&pem)
             {
                 tracing::error!(error = %e, "roots that came with a certificate refused");
+            }
+            if roots.changed().await.is_err() {
+                return;
             }
         }
     });
