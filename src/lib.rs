@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod clock;
 pub mod control;
 pub mod demo;
+pub mod guard;
 pub mod hex;
 pub mod identity;
 pub mod init;

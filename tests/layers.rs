@@ -8,8 +8,8 @@
 //! | 0 leaf | `proto`, `ports`, `clock`, `hex`, `backoff`, `redact`, `allocator`, `identity::spiffe`, the crate root's items |
 //! | 1 | `tls` |
 //! | 2 | `identity` |
-//! | 3 | `policy`, `guard`, `telemetry`, `init` |
-//! | 4 | `agent` |
+//! | 3 | `policy`, `telemetry`, `init` |
+//! | 4 | `agent`, `guard` |
 //! | 5 | `proxy` |
 //! | 6 | `k8s` |
 //! | 7 | `control` |
@@ -37,7 +37,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("tls", 1),
     ("identity", 2),
     ("policy", 3),
-    ("guard", 3),
+    ("guard", 4),
     ("telemetry", 3),
     ("init", 3),
     ("agent", 4),

@@ -6,7 +6,7 @@
 //! snapshot. A stream sends only when its snapshot's version (a content hash) changed, so a
 //! change reaches exactly the sidecars it concerns.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +36,7 @@ pub struct MeshSettings {
     pub trust_domain: String,
     pub default_policy: String,
     pub egress: String,
+    pub path_normalization: crate::guard::path::Normalization,
     pub debounce: Duration,
     pub endpoint_grace: Duration,
 }
@@ -253,6 +254,7 @@ impl MeshState {
                 trust_domain: self.settings.trust_domain.clone(),
                 default_policy: self.settings.default_policy.clone(),
                 egress: self.settings.egress.clone(),
+                path_normalization: self.settings.path_normalization.as_str().to_string(),
             }),
         };
         (version_of(&snapshot), snapshot)
@@ -471,24 +473,6 @@ fn ack(mesh: &MeshState, stream_id: u64, version: &str, nack: Option<String>) {
             }
         }
     }
-}
-
-/// Revocations as sets, for the sidecar side.
-pub fn revocation_sets(revocations: &[Revocation]) -> (HashSet<String>, HashSet<String>) {
-    let mut ids = HashSet::new();
-    let mut serials = HashSet::new();
-    for r in revocations {
-        match &r.target {
-            Some(Target::SpiffeId(i)) => {
-                ids.insert(i.clone());
-            }
-            Some(Target::Serial(s)) => {
-                serials.insert(s.to_lowercase());
-            }
-            None => {}
-        }
-    }
-    (ids, serials)
 }
 
 #[cfg(test)]

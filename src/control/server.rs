@@ -90,6 +90,12 @@ pub struct ControlArgs {
     /// Destinations outside the mesh: `allow` (plain TCP pass-through) or `deny`.
     #[arg(long, env = "PALISADE_EGRESS", default_value = "allow", value_parser = ["allow", "deny"])]
     pub egress: String,
+    /// Path normalization before any decision (see docs/security.md): `NONE`, `BASE`,
+    /// `MERGE_SLASHES` or `DECODE_AND_MERGE_SLASHES`. Below the last, encoded slashes and
+    /// backslashes are refused with 400.
+    #[arg(long, env = "PALISADE_PATH_NORMALIZATION", default_value = "MERGE_SLASHES",
+          value_parser = clap::value_parser!(crate::guard::path::Normalization))]
+    pub path_normalization: crate::guard::path::Normalization,
     /// Changes are batched for this long before they are pushed.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     pub debounce: Duration,
@@ -183,6 +189,7 @@ impl ControlInputs {
             trust_domain: args.trust_domain.clone(),
             default_policy: args.default_policy.clone(),
             egress: args.egress.clone(),
+            path_normalization: args.path_normalization,
             debounce: args.debounce,
             endpoint_grace: args.endpoint_grace,
         };

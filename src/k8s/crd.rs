@@ -88,35 +88,6 @@ pub struct PeerAuthenticationSpec {
     pub port_level_mtls: BTreeMap<String, MtlsSetting>,
 }
 
-/// Where a JWT is read from.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct JwtHeader {
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prefix: Option<String>,
-}
-
-/// One trusted token issuer.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct JwtRule {
-    pub issuer: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub audiences: Vec<String>,
-    /// Where the issuer's keys are published.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jwks_uri: Option<String>,
-    /// The keys inline, as a JWKS document.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jwks: Option<String>,
-    /// Default: `Authorization: Bearer`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub from_headers: Vec<JwtHeader>,
-    #[serde(default)]
-    pub forward_original_token: bool,
-}
-
 /// End-user (JWT) authentication of requests to the selected workloads.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
@@ -130,38 +101,9 @@ pub struct JwtRule {
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[serde(rename_all = "camelCase")]
 pub struct RequestAuthenticationSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selector: Option<WorkloadSelector>,
-    pub jwt_rules: Vec<JwtRule>,
-}
-
-/// The period a limit counts over.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum RateUnit {
-    #[default]
-    Second,
-    Minute,
-    Hour,
-}
-
-/// One token bucket.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct RateLimit {
-    pub requests_per_unit: u32,
-    pub unit: RateUnit,
-    /// Extra requests allowed at once; default: `requestsPerUnit`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub burst: Option<u32>,
-    /// Only requests to these paths count (wildcards allowed); empty: all.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub paths: Vec<String>,
-    /// Count per caller identity rather than for the workload as a whole.
-    #[serde(default)]
-    pub per_source: bool,
+    #[serde(flatten)]
+    pub spec: crate::guard::jwt::RequestAuthenticationSpec,
 }
 
 /// Request rate limits of the selected workloads.
@@ -177,11 +119,9 @@ pub struct RateLimit {
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[serde(rename_all = "camelCase")]
 pub struct RateLimitPolicySpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub selector: Option<WorkloadSelector>,
-    pub limits: Vec<RateLimit>,
+    #[serde(flatten)]
+    pub spec: crate::guard::rate::RateLimitPolicySpec,
 }
 
 /// Every CRD, in a stable order.

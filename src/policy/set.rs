@@ -82,16 +82,6 @@ impl PolicySet {
         set
     }
 
-    /// The workload it was built for.
-    pub fn workload(&self) -> Option<&Workload> {
-        self.workload.as_ref()
-    }
-
-    /// The mesh default in force.
-    pub fn default_policy(&self) -> DefaultPolicy {
-        self.default
-    }
-
     /// Decides one request.
     pub fn decide(&self, input: &Input) -> Decision {
         if self.workload.is_none() {

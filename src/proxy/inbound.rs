@@ -24,10 +24,12 @@ use super::h1_pool::{Dial, Pool, Sticky};
 use super::http::{BoxError, ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response, stream, strip_hop_by_hop};
 use super::limits::{Drain, Limits, heed};
 use super::view::{PeerAuthMode, SharedView};
+use crate::guard::Refusal;
+use crate::guard::path::PathGuard;
 use crate::identity::SpiffeId;
 use crate::policy::{Decider, Decision, EngineKind, Input, LiveRequest, RequestAttributes};
 use crate::telemetry::access_log::AccessLog;
-use crate::telemetry::metrics::{LastDecision, PolicyLabel, ProxyMetrics, RequestMetrics};
+use crate::telemetry::metrics::{GuardLabels, LastDecision, PolicyLabel, ProxyMetrics, RequestMetrics};
 
 /// Header naming the policy that refused a request.
 pub static DENIED_BY: http::HeaderName = http::HeaderName::from_static("x-palisade-denied-by");
@@ -408,6 +410,10 @@ fn app_protocol<B>(req: &Request<B>) -> &'static str {
 }
 
 fn is_grpc(req: &Request<Incoming>) -> bool {
+    is_grpc_request(req)
+}
+
+fn is_grpc_request<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -482,6 +488,10 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
     req.headers_mut().remove(&XFCC);
 
     let view = inbound.view.load();
+    // The app receives the path that was decided on: normalized before anything reads it.
+    if let Err(refusal) = normalize_path(&view.guards.path, &mut req) {
+        return guard_refusal(inbound, conn, &req, &refusal, &request_id, started);
+    }
     // Policy reads the request where it lies; the full input document is built only if a Rego
     // or Wasm policy or the decision log asks for it.
     let input = Input::live(LiveRequest {
@@ -529,6 +539,55 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
     if let Some(r) = record {
         let r = r.status(resp.status().as_u16()).took(started.elapsed());
         inbound.access_log.write(if decision.allowed { r } else { r.denied_by(policy_label(&decision)) });
+    }
+    resp
+}
+
+/// Rewrites the request's path to its normal form (the query is kept as sent).
+fn normalize_path<B>(guard: &PathGuard, req: &mut Request<B>) -> Result<(), Refusal> {
+    let normal = match guard.normalize(req.uri().path())? {
+        std::borrow::Cow::Borrowed(_) => return Ok(()),
+        std::borrow::Cow::Owned(p) => p,
+    };
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{normal}?{q}"),
+        None => normal,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().map_err(|_| Refusal::BadRequest { rule: "unparsable" })?);
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| Refusal::BadRequest { rule: "unparsable" })?;
+    Ok(())
+}
+
+/// A guard's refusal: its status (or gRPC status), its reason, counted and logged.
+fn guard_refusal<B>(
+    inbound: &Inbound,
+    conn: &ConnState,
+    req: &Request<B>,
+    refusal: &Refusal,
+    request_id: &str,
+    started: Instant,
+) -> Response<ProxyBody> {
+    let (guard, reason) = refusal.label();
+    inbound.metrics.guard_refusals.get_or_create(&GuardLabels { guard, reason }).inc();
+    let mut resp = error_response(refusal.status(), &refusal.reason(), request_id);
+    if is_grpc_request(req) {
+        *resp.status_mut() = StatusCode::OK;
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from_static(refusal.grpc_status()));
+        if let Ok(v) = HeaderValue::from_str(&refusal.reason()) {
+            h.insert("grpc-message", v);
+        }
+    }
+    for (name, value) in refusal.headers() {
+        resp.headers_mut().insert(name, value);
+    }
+    conn.requests.record(resp.status(), started);
+    conn.requests.peer().record(resp.status().as_u16(), true);
+    if let Some(r) = inbound.access_log.access("inbound") {
+        let r = r.peer(conn.requests.peer_label().clone()).request(req.method(), req.uri().path(), request_id);
+        inbound.access_log.write(r.status(resp.status().as_u16()).took(started.elapsed()).refused(refusal.reason()));
     }
     resp
 }

@@ -17,6 +17,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
+use crate::guard::Guards;
+use crate::guard::jwt::{JwtGuard, RequestAuthenticationSpec};
+use crate::guard::path::PathGuard;
+use crate::guard::rate::{RateGuard, RateLimitPolicySpec};
 use crate::identity::SpiffeId;
 use crate::policy::resource::{AuthorizationPolicy, AuthorizationPolicySpec, KIND as AUTHORIZATION_POLICY};
 use crate::policy::{DefaultPolicy, Policy, PolicySet, Workload};
@@ -51,6 +55,9 @@ pub struct MeshView {
     /// The roots this sidecar trusts and the peers it refuses.
     #[serde(skip)]
     pub trust: Arc<BundleState>,
+    /// API protection before policy: path normalization, end-user tokens, rate limits.
+    #[serde(skip)]
+    pub guards: Arc<Guards>,
     /// Whether this view came from the control plane. Before the first snapshot every request
     /// is refused: a workload that never received policy fails closed.
     pub received: bool,
@@ -70,6 +77,7 @@ impl MeshView {
             policies: Arc::new(PolicySet::fail_closed()),
             policy_names: Vec::new(),
             trust: Arc::new(trust),
+            guards: Arc::new(Guards::default()),
             received: false,
         }
     }
@@ -129,6 +137,10 @@ pub enum NackReason {
     Port(u32),
     #[error("mesh default policy: {0}")]
     DefaultPolicy(String),
+    #[error("{kind} {origin} ({namespace}/{name}): {message}")]
+    Guard { kind: String, origin: String, namespace: String, name: String, message: String },
+    #[error("mesh path normalization: {0}")]
+    PathNormalization(String),
 }
 
 /// What a snapshot could not change, as the agent reports it (one message for the NACK).
@@ -197,6 +209,7 @@ impl ViewWriter {
                 cur.default_policy
             }),
         };
+        let guards = compile_guards(snap, &mesh.path_normalization, &cur.guards, &mut nack);
         let (policies, policy_names, version) = match compile_policies(snap) {
             Ok((compiled, names)) => {
                 *in_force = compiled;
@@ -219,6 +232,7 @@ impl ViewWriter {
             policies,
             policy_names,
             trust,
+            guards,
             received: true,
         };
         self.store(&cur, next);
@@ -245,6 +259,7 @@ impl ViewWriter {
             policies: cur.policies.clone(),
             policy_names: cur.policy_names.clone(),
             trust,
+            guards: cur.guards.clone(),
             received: cur.received,
         };
         self.store(&cur, next);
@@ -321,6 +336,69 @@ fn compile_policies(snap: &Snapshot) -> Result<(Vec<Arc<Policy>>, Vec<String>), 
         names.push(format!("{}/{}", r.namespace, r.name));
     }
     Ok((compiled, names))
+}
+
+/// The guards of the snapshot's `RequestAuthentication` and `RateLimitPolicy` resources (the
+/// control plane sent only those selecting this workload) and the mesh's path normalization.
+/// Each part this sidecar cannot compile keeps its previous version and is reported.
+fn compile_guards(snap: &Snapshot, path_normalization: &str, cur: &Guards, nack: &mut Vec<NackReason>) -> Arc<Guards> {
+    let path = match path_normalization.parse() {
+        Ok(level) => PathGuard { level },
+        Err(e) => {
+            nack.push(NackReason::PathNormalization(e));
+            cur.path
+        }
+    };
+    // An unchanged set of specs keeps its compiled guard, and with it the rate limits' buckets
+    // and the token cache: a snapshot that changed something else resets nothing.
+    let jwt = decode_specs::<RequestAuthenticationSpec>(snap, "RequestAuthentication").and_then(|specs| {
+        if specs == cur.jwt.specs() {
+            return Ok(cur.jwt.clone());
+        }
+        JwtGuard::compile(specs).map(Arc::new).map_err(|m| guard_error("RequestAuthentication", m))
+    });
+    let rate = decode_specs::<RateLimitPolicySpec>(snap, "RateLimitPolicy").and_then(|specs| {
+        if specs == cur.rate.specs() {
+            return Ok(cur.rate.clone());
+        }
+        RateGuard::compile(specs).map(Arc::new).map_err(|m| guard_error("RateLimitPolicy", m))
+    });
+    let jwt = jwt.unwrap_or_else(|e| {
+        nack.push(e);
+        cur.jwt.clone()
+    });
+    let rate = rate.unwrap_or_else(|e| {
+        nack.push(e);
+        cur.rate.clone()
+    });
+    Arc::new(Guards { path, jwt, rate })
+}
+
+fn guard_error(kind: &str, message: String) -> NackReason {
+    NackReason::Guard {
+        kind: kind.into(),
+        origin: String::new(),
+        namespace: String::new(),
+        name: String::new(),
+        message,
+    }
+}
+
+/// Decodes (once) every resource of `kind` into its typed spec.
+fn decode_specs<T: serde::de::DeserializeOwned>(snap: &Snapshot, kind: &str) -> Result<Vec<T>, NackReason> {
+    snap.policies
+        .iter()
+        .filter(|r| r.kind == kind)
+        .map(|r| {
+            serde_json::from_str(&r.spec_json).map_err(|e| NackReason::Guard {
+                kind: kind.into(),
+                origin: r.origin.clone(),
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                message: e.to_string(),
+            })
+        })
+        .collect()
 }
 
 /// Revocations as sets: SPIFFE IDs, and serials in lower-case hex.

@@ -155,6 +155,9 @@ pub struct AccessRecord {
     /// What refused it: a policy's `namespace/name`, or a step such as `no-allow-matched`.
     #[serde(skip_serializing_if = "Option::is_none")]
     denied_by: Option<PolicyLabel>,
+    /// Why an API guard refused it before policy (never the token or other credential).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refused: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bytes_sent: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -183,6 +186,7 @@ impl AccessRecord {
             duration: None,
             request_id: None,
             denied_by: None,
+            refused: None,
             bytes_sent: None,
             bytes_received: None,
             decision: None,
@@ -243,6 +247,12 @@ impl AccessRecord {
     /// What refused the request or connection.
     pub fn denied_by(mut self, decider: PolicyLabel) -> Self {
         self.denied_by = Some(decider);
+        self
+    }
+
+    /// Why an API guard refused the request before policy.
+    pub fn refused(mut self, reason: String) -> Self {
+        self.refused = Some(reason);
         self
     }
 

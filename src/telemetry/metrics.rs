@@ -35,6 +35,15 @@ pub struct HandshakeLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `palisade_guard_refusals_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GuardLabels {
+    /// `path`, `jwt` or `rate_limit`.
+    pub guard: &'static str,
+    /// The rule or reason that refused (`encoded-slash`, `expired`, ...), or the policy.
+    pub reason: String,
+}
+
 /// Labels of `palisade_authz_decisions_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
@@ -96,6 +105,8 @@ pub struct ProxyMetrics {
     pub decisions: Family<DecisionLabels, Counter>,
     pub decision_duration: Family<EngineLabels, Histogram>,
     pub plaintext_refused: Counter,
+    /// Requests refused by an API guard before policy.
+    pub guard_refusals: Family<GuardLabels, Counter>,
     pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     /// Per-peer totals for telemetry reports to the control plane.
     pub peers: Arc<super::peers::PeerStats>,
@@ -241,6 +252,7 @@ impl Default for ProxyMetrics {
                 Histogram::new([1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 1e-3])
             }),
             plaintext_refused: Counter::default(),
+            guard_refusals: Family::default(),
             tcp_bytes: Family::default(),
             peers: Default::default(),
         }
@@ -300,6 +312,11 @@ impl Metrics {
             "tcp_bytes",
             "Bytes carried by opaque TCP streams, by direction of the connection and of the bytes",
             proxy.tcp_bytes.clone(),
+        );
+        registry.register(
+            "guard_refusals",
+            "Requests refused before policy by an API guard (path normalization, token, rate limit), by rule",
+            proxy.guard_refusals.clone(),
         );
         registry.register(
             "plaintext_refused",

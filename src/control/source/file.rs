@@ -14,7 +14,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::{ConfigSource, KINDS, NOT_ENFORCED, Resource, ResourceError, SourceState, validate};
-use crate::k8s::crd::{PeerAuthenticationSpec, RateLimitPolicySpec, RequestAuthenticationSpec};
+use crate::guard::jwt::RequestAuthenticationSpec;
+use crate::guard::rate::RateLimitPolicySpec;
+use crate::k8s::crd::PeerAuthenticationSpec;
 use crate::policy::resource::{API_VERSION, AuthorizationPolicySpec};
 
 /// The object key of a resource: `(kind, namespace, name)`.

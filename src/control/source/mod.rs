@@ -18,7 +18,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use super::discovery::MeshState;
-use crate::k8s::crd::{PeerAuthenticationSpec, RateLimitPolicySpec, RequestAuthenticationSpec};
+use crate::guard::jwt::RequestAuthenticationSpec;
+use crate::guard::rate::RateLimitPolicySpec;
+use crate::k8s::crd::PeerAuthenticationSpec;
 use crate::policy::resource::{AuthorizationPolicy, AuthorizationPolicySpec, WorkloadSelector};
 use crate::proto::discovery::Endpoint;
 
@@ -177,18 +179,15 @@ pub fn validate(
             }
             Spec::PeerAuthentication(spec)
         }
+        // The sidecar's own compilation, run here first.
         "RequestAuthentication" => {
             let spec: RequestAuthenticationSpec = serde_json::from_value(spec).map_err(|e| decode("spec", e))?;
-            if let Some(r) = spec.jwt_rules.iter().find(|r| r.jwks.is_none() && r.jwks_uri.is_none()) {
-                return Err(format!("spec.jwtRules: issuer {:?} has neither jwksUri nor jwks", r.issuer).into());
-            }
+            crate::guard::jwt::JwtGuard::compile(vec![spec.clone()])?;
             Spec::RequestAuthentication(spec)
         }
         "RateLimitPolicy" => {
             let spec: RateLimitPolicySpec = serde_json::from_value(spec).map_err(|e| decode("spec", e))?;
-            if let Some(i) = spec.limits.iter().position(|l| l.requests_per_unit == 0) {
-                return Err(format!("spec.limits[{i}].requestsPerUnit must be at least 1").into());
-            }
+            crate::guard::rate::RateGuard::compile(vec![spec.clone()])?;
             Spec::RateLimitPolicy(spec)
         }
         other => return Err(format!("kind {other:?} is not one of {KINDS:?}").into()),
