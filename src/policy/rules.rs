@@ -149,6 +149,26 @@ fn strings(
     Ok(Clause { any: one(any, names.0)?, none: one(none, names.1)? })
 }
 
+/// An exact path pattern also matches the same path with a trailing slash: most frameworks
+/// route `/internal/` to `/internal` (Express, Flask and Spring by default), so a DENY on
+/// `/internal` must cover both. Paths reach rules normalized (dot segments resolved, slashes
+/// merged), so this is the one spelling left to cover.
+fn with_trailing_slash(mut clause: Clause<StrMatch>) -> Clause<StrMatch> {
+    let widen = |list: &mut Vec<StrMatch>| {
+        let extra: Vec<StrMatch> = list
+            .iter()
+            .filter_map(|m| match m {
+                StrMatch::Exact(p) if !p.ends_with('/') => Some(StrMatch::Exact(format!("{p}/").into())),
+                _ => None,
+            })
+            .collect();
+        list.extend(extra);
+    };
+    widen(&mut clause.any);
+    widen(&mut clause.none);
+    clause
+}
+
 fn parse_net(s: &str, field: String) -> Result<IpNet, RuleError> {
     if let Ok(net) = s.parse::<IpNet>() {
         return Ok(net);
@@ -251,7 +271,7 @@ impl OperationMatcher {
         Ok(OperationMatcher {
             deny,
             methods: strings(&o.methods, &o.not_methods, &base, ("methods", "notMethods"), same)?,
-            paths: strings(&o.paths, &o.not_paths, &base, ("paths", "notPaths"), same)?,
+            paths: with_trailing_slash(strings(&o.paths, &o.not_paths, &base, ("paths", "notPaths"), same)?),
             ports: ports(&o.ports, &o.not_ports, &base, ("ports", "notPorts"))?,
             hosts: strings(&o.hosts, &o.not_hosts, &base, ("hosts", "notHosts"), |h| h.to_ascii_lowercase())?,
         })
@@ -544,6 +564,9 @@ mod tests {
         for (pattern, value, expect) in [
             ("/orders", "/orders", true),
             ("/orders", "/orders/1", false),
+            ("/orders", "/orders/", true),
+            ("/orders", "/orderss", false),
+            ("/orders/", "/orders", false),
             ("/orders/*", "/orders/1", true),
             ("/orders/*", "/order", false),
             ("*.json", "/a/b.json", true),

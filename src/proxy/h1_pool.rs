@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
+
+use super::body::RequestBody;
 use hyper::client::conn::http1::SendRequest;
 
 /// Opens a new upstream byte stream (TCP, or mTLS to a peer sidecar).
@@ -63,7 +65,7 @@ pub struct Pool<D> {
 type Slot<D> = parking_lot::Mutex<Option<(Arc<Pool<D>>, Idle)>>;
 
 struct Idle {
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<RequestBody>,
     since: Instant,
 }
 
@@ -93,7 +95,7 @@ impl<D: Dial> Pool<D> {
 
     /// A ready idle connection, if one is left (the most recently used first), else one that a
     /// downstream connection holds between its requests.
-    fn take(self: &Arc<Self>) -> Option<SendRequest<Incoming>> {
+    fn take(self: &Arc<Self>) -> Option<SendRequest<RequestBody>> {
         {
             let mut idle = self.idle.lock();
             while let Some(mut c) = idle.pop() {
@@ -108,7 +110,7 @@ impl<D: Dial> Pool<D> {
     /// Takes a ready connection from a downstream connection that holds one of this pool between
     /// its requests; that connection takes or dials another on its next request. A slot in use
     /// (its owner is sending) is skipped, never waited for.
-    fn borrow(self: &Arc<Self>) -> Option<SendRequest<Incoming>> {
+    fn borrow(self: &Arc<Self>) -> Option<SendRequest<RequestBody>> {
         let mut found = None;
         self.lent.lock().retain(|slot| {
             let Some(slot) = slot.upgrade() else { return false };
@@ -163,7 +165,7 @@ impl<D: Dial> Pool<D> {
         });
     }
 
-    async fn connect(&self) -> Result<SendRequest<Incoming>, SendError> {
+    async fn connect(&self) -> Result<SendRequest<RequestBody>, SendError> {
         let io = self.dial.dial().await.map_err(SendError::Connect)?;
         let (sender, conn) =
             hyper::client::conn::http1::Builder::new().handshake(io).await.map_err(SendError::Handshake)?;
@@ -177,7 +179,7 @@ impl<D: Dial> Pool<D> {
 }
 
 /// Whether `sender` can take a request right now (without waiting).
-fn is_ready_now(sender: &mut SendRequest<Incoming>) -> bool {
+fn is_ready_now(sender: &mut SendRequest<RequestBody>) -> bool {
     matches!(sender.ready().now_or_never(), Some(Ok(())))
 }
 
@@ -208,7 +210,11 @@ impl<D: Dial> Sticky<D> {
     /// the pool, else a new one. `req` must carry `Host` and an origin-form target. A held
     /// connection of another pool (the pool was replaced, e.g. after a revocation) is given back
     /// to that pool, which closes it once retired.
-    pub async fn send(&self, pool: &Arc<Pool<D>>, mut req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
+    pub async fn send(
+        &self,
+        pool: &Arc<Pool<D>>,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, SendError> {
         let mut tries = 0;
         loop {
             // After MAX_TRIES reused connections turned out to be closing, dial: a fresh
@@ -245,7 +251,7 @@ impl<D: Dial> Sticky<D> {
     }
 
     /// The held connection if it belongs to `pool` and is ready, else an idle one of `pool`.
-    fn ready_sender(&self, pool: &Arc<Pool<D>>) -> Option<SendRequest<Incoming>> {
+    fn ready_sender(&self, pool: &Arc<Pool<D>>) -> Option<SendRequest<RequestBody>> {
         if let Some((p, mut c)) = self.held.lock().take() {
             if Arc::ptr_eq(&p, pool) && c.since.elapsed() < pool.max_idle_time && is_ready_now(&mut c.sender) {
                 return Some(c.sender);
@@ -305,7 +311,7 @@ mod tests {
 
     /// Requests with a body of type `Incoming` come from a real connection: a tiny relay turns
     /// an empty request into one.
-    async fn relay_request(addr: std::net::SocketAddr) -> Request<Incoming> {
+    async fn relay_request(addr: std::net::SocketAddr) -> Request<RequestBody> {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let local = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -330,7 +336,7 @@ mod tests {
                 Request::get("/").header("host", addr.to_string()).body(http_body_util::Empty::<bytes::Bytes>::new());
             let _ = s.send_request(req.unwrap()).await;
         });
-        rx.await.unwrap()
+        rx.await.unwrap().map(RequestBody::unpaced)
     }
 
     /// A pool dialling `addr`, and the count of its dials.

@@ -24,6 +24,31 @@ pub fn stream(body: hyper::body::Incoming) -> ProxyBody {
     body.boxed()
 }
 
+/// Removes every `x-palisade-*` header: only sidecars set them, and only between sidecars, so
+/// any that an app or an unauthenticated caller sends is removed before it can be believed.
+pub fn strip_palisade_headers(headers: &mut HeaderMap) {
+    // One pass finds them; most messages carry none, and then nothing is allocated.
+    let found: Vec<HeaderName> = headers.keys().filter(|n| n.as_str().starts_with("x-palisade-")).cloned().collect();
+    for name in found {
+        headers.remove(name);
+    }
+}
+
+/// Removes an `Upgrade` header that names a protocol outside `allowed` (or `h2c`, always): the
+/// request then goes on as an ordinary request, decided and forwarded like any other.
+pub fn keep_allowed_upgrade(headers: &mut HeaderMap, allowed: &[String]) {
+    let Some(value) = headers.get(header::UPGRADE) else { return };
+    let ok = value.to_str().is_ok_and(|v| {
+        v.split(',').map(str::trim).all(|proto| {
+            let name = proto.split('/').next().unwrap_or(proto);
+            !name.eq_ignore_ascii_case("h2c") && allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+        })
+    });
+    if !ok {
+        headers.remove(header::UPGRADE);
+    }
+}
+
 /// A response the proxy writes itself: JSON body with the reason and request id.
 pub fn error_response(status: StatusCode, reason: &str, request_id: &str) -> Response<ProxyBody> {
     let body = serde_json::json!({ "error": reason, "request_id": request_id }).to_string();

@@ -20,8 +20,12 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
+use super::body::RequestBody;
 use super::h1_pool::{Dial, Pool, Sticky};
-use super::http::{BoxError, ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response, stream, strip_hop_by_hop};
+use super::http::{
+    BoxError, ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response, keep_allowed_upgrade, stream,
+    strip_hop_by_hop, strip_palisade_headers,
+};
 use super::limits::{Drain, Limits, heed};
 use super::view::{PeerAuthMode, SharedView};
 use crate::guard::Refusal;
@@ -40,12 +44,12 @@ pub struct Inbound {
     /// The app, or `None` in transparent mode: `127.0.0.1:<original destination port>`.
     pub app: Option<SocketAddr>,
     /// HTTP/1.1 to the app for plaintext kubelet probes on a STRICT port (rare; pooled by hyper).
-    pub client: Client<HttpConnector, Incoming>,
+    pub client: Client<HttpConnector, RequestBody>,
     /// HTTP/1.1 keep-alive connections to the app, per app address (one in explicit mode, one
     /// per port in transparent mode); each caller connection keeps one between its requests.
     pub app_pools: AppPools,
     /// HTTP/2 (prior knowledge) to the app, for callers that spoke HTTP/2 (gRPC).
-    pub h2_client: Client<HttpConnector, Incoming>,
+    pub h2_client: Client<HttpConnector, RequestBody>,
     pub limits: Limits,
     pub drain: Arc<Drain>,
     pub metrics: Arc<ProxyMetrics>,
@@ -165,7 +169,7 @@ impl Inbound {
     }
 
     /// A pooled client to the app: HTTP/1.1 keep-alive, or HTTP/2 prior knowledge.
-    pub fn app_client(limits: &Limits, h2: bool) -> Client<HttpConnector, Incoming> {
+    pub fn app_client(limits: &Limits, h2: bool) -> Client<HttpConnector, RequestBody> {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(limits.connect_timeout));
@@ -271,8 +275,10 @@ async fn serve_probes(inbound: &Arc<Inbound>, tcp: TcpStream, remote: SocketAddr
             let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
             parts.uri = Uri::try_from(format!("http://{app}{pq}")).unwrap_or_default();
             strip_hop_by_hop(&mut parts.headers);
+            strip_palisade_headers(&mut parts.headers);
             parts.headers.remove(&XFCC);
-            match inbound.client.request(Request::from_parts(parts, body)).await {
+            // GET or HEAD of a probe path: no body to pace.
+            match inbound.client.request(Request::from_parts(parts, RequestBody::unpaced(body))).await {
                 Ok(resp) => Ok(resp.map(stream)),
                 Err(e) => {
                     tracing::info!(%remote, port, %path, error = %e, "probe could not reach the app");
@@ -602,8 +608,15 @@ async fn forward(
     if let Some(xfcc) = &conn.xfcc {
         req.headers_mut().insert(XFCC.clone(), xfcc.clone());
     }
-    // Speak to the app what the calling app spoke: gRPC needs HTTP/2 end to end.
-    let orig = req.headers_mut().remove(&super::outbound::ORIG_PROTO);
+    // Speak to the app what the calling app spoke: gRPC needs HTTP/2 end to end. Only a peer
+    // sidecar says so, and only on HTTP/2 between sidecars (HTTP/1 callers ride HTTP/1.1);
+    // every other `x-palisade-*` header stops here, whoever sent it.
+    let orig = req
+        .headers_mut()
+        .remove(&super::outbound::ORIG_PROTO)
+        .filter(|_| peer.id.is_some() && req.version() == http::Version::HTTP_2);
+    strip_palisade_headers(req.headers_mut());
+    keep_allowed_upgrade(req.headers_mut(), &inbound.limits.allowed_upgrades);
     if super::http::is_upgrade(&req) {
         // WebSocket or CONNECT: its own HTTP/1.1 connection to the app, then raw bytes.
         let app = match super::tcp::connect(peer.app, inbound.limits.connect_timeout).await {
@@ -621,6 +634,7 @@ async fn forward(
             Err(e) => error_response(StatusCode::BAD_GATEWAY, &e, request_id),
         };
     }
+    let pace = inbound.limits.body_pace();
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
     if !headers.contains_key(header::HOST)
@@ -651,7 +665,7 @@ async fn forward(
         };
         *req.version_mut() = http::Version::HTTP_2;
         req.headers_mut().remove(header::HOST);
-        inbound.h2_client.request(req).await.map_err(BoxError::from)
+        inbound.h2_client.request(req.map(|b| RequestBody::paced(b, pace))).await.map_err(BoxError::from)
     } else {
         if !req.headers().contains_key(header::HOST) {
             match HeaderValue::from_str(&peer.app.to_string()) {
@@ -664,13 +678,17 @@ async fn forward(
             *req.uri_mut() = Uri::from(pq);
         }
         *req.version_mut() = http::Version::HTTP_11;
-        conn.sticky.send(&conn.app_pool, req).await.map_err(BoxError::from)
+        conn.sticky.send(&conn.app_pool, req.map(|b| RequestBody::paced(b, pace))).await.map_err(BoxError::from)
     };
     match sent {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            strip_palisade_headers(&mut parts.headers);
             Response::from_parts(parts, stream(body))
+        }
+        Err(e) if super::body::too_slow(&*e) => {
+            error_response(StatusCode::REQUEST_TIMEOUT, "request body arrived too slowly", request_id)
         }
         Err(e) => {
             let reason = format!("app at {} unavailable: {}", peer.app, super::http::error_chain(&*e));

@@ -47,10 +47,32 @@ pub struct Limits {
     /// Most HTTP/1 request headers; more gets 431.
     #[arg(long, default_value_t = 100)]
     pub max_headers: usize,
+    /// A request body must keep arriving: after `--request-body-grace`, at least this many
+    /// bytes per second on average, else the request is aborted with 408 (a body trickled a
+    /// byte at a time would hold a connection to the peer and to the app). 0 turns it off.
+    #[arg(long, default_value_t = 1024)]
+    pub request_body_min_rate: u64,
+    /// How long a request body may take before `--request-body-min-rate` applies.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub request_body_grace: Duration,
+    /// Upgrade protocols let through (`Upgrade:` values, case-insensitive); any other
+    /// `Upgrade` header is removed and the request goes on as a plain request, so an app that
+    /// answers 101 to anything cannot turn a connection into bytes policy no longer sees.
+    /// `h2c` is always removed.
+    #[arg(long, value_delimiter = ',', default_value = "websocket")]
+    pub allowed_upgrades: Vec<String>,
     /// On SIGTERM or `POST /shutdown`, how long in-flight requests get to finish.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde_compat")]
     pub drain_timeout: Duration,
+}
+
+impl Limits {
+    /// The pace request bodies must keep.
+    pub fn body_pace(&self) -> super::body::Pace {
+        super::body::Pace { min_rate: self.request_body_min_rate, grace: self.request_body_grace }
+    }
 }
 
 mod humantime_serde_compat {

@@ -1,6 +1,7 @@
 //! `palisade proxy`: the sidecar.
 
 pub mod app_probe;
+pub mod body;
 pub mod detect;
 pub mod h1_pool;
 pub mod http;

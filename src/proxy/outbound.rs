@@ -21,9 +21,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use super::body::RequestBody;
 use super::detect::{Prefixed, Protocol, detect};
 use super::h1_pool::{Dial, Pool, Sticky};
-use super::http::{BoxError, ProxyBody, ensure_request_id, error_response, stream, strip_hop_by_hop};
+use super::http::{
+    BoxError, ProxyBody, ensure_request_id, error_response, keep_allowed_upgrade, stream, strip_hop_by_hop,
+    strip_palisade_headers,
+};
 use super::limits::{Drain, Limits, heed};
 use crate::identity::SpiffeId;
 use crate::telemetry::access_log::AccessLog;
@@ -148,7 +152,7 @@ impl Dial for MeshConnector {
 /// The pooled upstream clients of one route.
 struct Pools {
     /// HTTP/2 (ALPN `h2`): every HTTP/2 request of the route multiplexed over few connections.
-    h2: Client<MeshConnector, Incoming>,
+    h2: Client<MeshConnector, RequestBody>,
     /// HTTP/1.1 keep-alive (ALPN `http/1.1`): one request at a time per connection, each app
     /// connection keeping one between its requests.
     h1: Arc<Pool<MeshConnector>>,
@@ -322,6 +326,9 @@ async fn tunnel(out: &Outbound, mut tcp: TcpStream, prefix: bytes::BytesMut, rem
 async fn handle(out: &Outbound, sticky: &Sticky<MeshConnector>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let started = Instant::now();
     let request_id = ensure_request_id(req.headers_mut());
+    // Only sidecars set `x-palisade-*` headers; the app's own never travel.
+    strip_palisade_headers(req.headers_mut());
+    keep_allowed_upgrade(req.headers_mut(), &out.limits.allowed_upgrades);
     if super::http::is_upgrade(&req) {
         // WebSocket or CONNECT: a dedicated HTTP/1.1 mTLS connection (the HTTP/2 pool cannot
         // carry an upgrade), then raw bytes both ways.
@@ -348,6 +355,7 @@ async fn handle(out: &Outbound, sticky: &Sticky<MeshConnector>, mut req: Request
         .access("outbound")
         .map(|r| r.peer(out.requests.peer_label().clone()).request(req.method(), req.uri().path(), &request_id));
     let pools = out.pools.load_full();
+    let req = req.map(|b| RequestBody::paced(b, out.limits.body_pace()));
     let sent = if h2 {
         pools.h2.request(req).await.map_err(BoxError::from)
     } else {
@@ -358,6 +366,9 @@ async fn handle(out: &Outbound, sticky: &Sticky<MeshConnector>, mut req: Request
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, stream(body))
+        }
+        Err(e) if super::body::too_slow(&*e) => {
+            error_response(StatusCode::REQUEST_TIMEOUT, "request body arrived too slowly", &request_id)
         }
         Err(e) => {
             if let Some(tls_reason) = tls_failure(&*e) {
