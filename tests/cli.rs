@@ -20,7 +20,8 @@ fn k8s_crds_prints_every_crd_as_committed_in_deploy_crds() {
             "authorizationpolicies.palisade.io",
             "peerauthentications.palisade.io",
             "requestauthentications.palisade.io",
-            "ratelimitpolicies.palisade.io"
+            "ratelimitpolicies.palisade.io",
+            "workloadsecurities.palisade.io"
         ]
     );
     for (doc, name) in docs.iter().zip(&names) {

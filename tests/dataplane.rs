@@ -356,9 +356,13 @@ async fn upgrades_and_connect_cross_the_mesh_as_byte_streams_after_policy() {
     let dir = tempdir("upgrade");
     let cp = ControlPlane::start(&dir, &[]).await;
     let app = start_upgrade_app().await;
-    let b = Sidecar::start(&cp, "ws", Some(app), &[]).await;
+    // `echo` is not WebSocket: both sidecars must be told to let it through.
+    let allow = ["--allowed-upgrades", "websocket,echo"];
+    let b = Sidecar::spawn(&cp, "ws", Some(app), &[], &allow);
+    b.wait_ready().await;
     let route = free_addr();
-    let _a = Sidecar::start(&cp, "browser", None, &[format!("{route}={}@{}", b.inbound.unwrap(), id("ws"))]).await;
+    let a = Sidecar::spawn(&cp, "browser", None, &[format!("{route}={}@{}", b.inbound.unwrap(), id("ws"))], &allow);
+    a.wait_ready().await;
 
     for head in [
         "GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",

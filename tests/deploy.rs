@@ -115,8 +115,13 @@ fn grant_set(list: &[(&str, &[&str], &[&str], &str)]) -> BTreeSet<Grant> {
     out
 }
 
-const POLICY_KINDS: &[&str] =
-    &["authorizationpolicies", "peerauthentications", "requestauthentications", "ratelimitpolicies"];
+const POLICY_KINDS: &[&str] = &[
+    "authorizationpolicies",
+    "peerauthentications",
+    "requestauthentications",
+    "ratelimitpolicies",
+    "workloadsecurities",
+];
 
 #[test]
 fn every_manifest_is_an_object_with_api_version_kind_and_name() {

@@ -36,10 +36,18 @@ struct Mesh {
 }
 
 async fn mesh(app: std::net::SocketAddr, extra: &[&str]) -> Mesh {
+    mesh_with(app, extra, "").await
+}
+
+/// A mesh whose resources are [`POLICIES`] and `more` (YAML documents).
+async fn mesh_with(app: std::net::SocketAddr, extra: &[&str], more: &str) -> Mesh {
     let dir = tempdir("guards");
     let resources = dir.join("resources");
     std::fs::create_dir_all(&resources).unwrap();
     std::fs::write(resources.join("policies.yaml"), POLICIES).unwrap();
+    if !more.is_empty() {
+        std::fs::write(resources.join("more.yaml"), more).unwrap();
+    }
     let res = resources.display().to_string();
     let cp = ControlPlane::start(&dir, &["--resources", &res, "--default-policy", "deny"]).await;
     let server = Sidecar::spawn(&cp, "server", Some(app), &[], extra);
@@ -336,4 +344,54 @@ async fn a_trickled_request_body_is_cut_off_with_408_instead_of_holding_connecti
     };
     assert_eq!(status, 200);
     assert_eq!(body, "read 200000 bytes");
+}
+
+const HARDENED: &str = r#"apiVersion: palisade.io/v1alpha1
+kind: WorkloadSecurity
+metadata: {name: edge, namespace: test}
+spec:
+  maxRequestBodyBytes: 1000
+  responseHeaders:
+    hsts: {maxAgeSeconds: 31536000, includeSubDomains: true}
+    contentSecurityPolicy: "default-src 'self'"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_security_limits_bodies_and_hardens_every_response() {
+    let app = start_body_reading_app().await;
+    let m = mesh_with(app, &[], HARDENED).await;
+    let head = |resp: &str, name: &str| {
+        resp.split("\r\n\r\n").next().unwrap().lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    };
+    let small =
+        raw(m.route, b"POST /public/x HTTP/1.1\r\nhost: server\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello")
+            .await;
+    assert_eq!(status_of_raw(&small), 200, "{small}");
+    assert!(small.ends_with("read 5 bytes"), "{small}");
+    assert_eq!(head(&small, "strict-transport-security").as_deref(), Some("max-age=31536000; includeSubDomains"));
+    assert_eq!(head(&small, "x-content-type-options").as_deref(), Some("nosniff"));
+    assert_eq!(head(&small, "content-security-policy").as_deref(), Some("default-src 'self'"));
+    assert_eq!(head(&small, "server"), None, "the app's Server header is removed: {small}");
+    assert_eq!(head(&small, "x-powered-by"), None);
+    // Over the limit by Content-Length: refused before the app, hardened too.
+    let big =
+        raw(m.route, b"POST /public/x HTTP/1.1\r\nhost: server\r\ncontent-length: 5000\r\nconnection: close\r\n\r\n")
+            .await;
+    assert_eq!(status_of_raw(&big), 413, "{big}");
+    assert_eq!(head(&big, "x-content-type-options").as_deref(), Some("nosniff"));
+    // Over the limit in a chunked body: cut off when it passes the limit.
+    let chunk = "x".repeat(600);
+    let chunked = format!(
+        "POST /public/x HTTP/1.1\r\nhost: server\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+         258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    let resp = raw(m.route, chunked.as_bytes()).await;
+    assert_eq!(status_of_raw(&resp), 413, "{resp}");
+    // Denials carry the hardening as well.
+    let denied = raw(m.route, b"GET /admin/x HTTP/1.1\r\nhost: server\r\nconnection: close\r\n\r\n").await;
+    assert_eq!(status_of_raw(&denied), 403);
+    assert_eq!(head(&denied, "x-content-type-options").as_deref(), Some("nosniff"));
 }

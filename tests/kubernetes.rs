@@ -143,6 +143,7 @@ fn start_cluster() -> Cluster {
         "crd/peerauthentications.palisade.io",
         "crd/requestauthentications.palisade.io",
         "crd/ratelimitpolicies.palisade.io",
+        "crd/workloadsecurities.palisade.io",
     ]);
     c
 }

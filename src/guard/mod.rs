@@ -10,6 +10,7 @@
 pub mod jwt;
 pub mod path;
 pub mod rate;
+pub mod security;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,8 @@ pub enum Refusal {
     BadRequest { rule: &'static str },
     /// The end-user token is invalid (401 with `WWW-Authenticate: Bearer error="invalid_token"`).
     InvalidToken { reason: &'static str },
+    /// A request body over the workload's limit (413).
+    TooLarge { limit: u64 },
     /// Over a rate limit (429 with `Retry-After`).
     RateLimited { policy: String, retry_after: Duration, headers: Vec<(&'static str, HeaderValue)> },
 }
@@ -33,6 +36,7 @@ impl Refusal {
         match self {
             Refusal::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Refusal::InvalidToken { .. } => StatusCode::UNAUTHORIZED,
+            Refusal::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -42,6 +46,7 @@ impl Refusal {
         match self {
             Refusal::BadRequest { rule } => format!("path refused: {rule}"),
             Refusal::InvalidToken { reason } => format!("invalid token: {reason}"),
+            Refusal::TooLarge { limit } => format!("request body over {limit} bytes"),
             Refusal::RateLimited { policy, .. } => format!("rate limited by {policy}"),
         }
     }
@@ -51,6 +56,7 @@ impl Refusal {
         match self {
             Refusal::BadRequest { rule } => ("path", (*rule).to_string()),
             Refusal::InvalidToken { reason } => ("jwt", (*reason).to_string()),
+            Refusal::TooLarge { .. } => ("body", "too-large".to_string()),
             Refusal::RateLimited { policy, .. } => ("rate_limit", policy.clone()),
         }
     }
@@ -60,6 +66,7 @@ impl Refusal {
         match self {
             Refusal::BadRequest { .. } => "3",    // INVALID_ARGUMENT
             Refusal::InvalidToken { .. } => "16", // UNAUTHENTICATED
+            Refusal::TooLarge { .. } => "8",      // RESOURCE_EXHAUSTED
             Refusal::RateLimited { .. } => "8",   // RESOURCE_EXHAUSTED
         }
     }
@@ -67,7 +74,7 @@ impl Refusal {
     /// Headers the refusal carries besides the request id.
     pub fn headers(&self) -> Vec<(&'static str, HeaderValue)> {
         match self {
-            Refusal::BadRequest { .. } => Vec::new(),
+            Refusal::BadRequest { .. } | Refusal::TooLarge { .. } => Vec::new(),
             Refusal::InvalidToken { .. } => {
                 vec![("www-authenticate", HeaderValue::from_static("Bearer error=\"invalid_token\""))]
             }
@@ -88,4 +95,5 @@ pub struct Guards {
     /// Shared with the next snapshot's guards while its specs are unchanged.
     pub jwt: Arc<jwt::JwtGuard>,
     pub rate: Arc<rate::RateGuard>,
+    pub security: Arc<security::SecurityGuard>,
 }

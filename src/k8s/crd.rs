@@ -124,9 +124,35 @@ pub struct RateLimitPolicySpec {
     pub spec: crate::guard::rate::RateLimitPolicySpec,
 }
 
+/// Request and response hardening of the selected workloads: a body limit and the response
+/// headers browsers act on.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "palisade.io",
+    version = "v1alpha1",
+    kind = "WorkloadSecurity",
+    plural = "workloadsecurities",
+    namespaced,
+    status = "PalisadeStatus",
+    shortname = "wlsec",
+    category = "palisade",
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+pub struct WorkloadSecuritySpec {
+    #[serde(flatten)]
+    pub spec: crate::guard::security::WorkloadSecuritySpec,
+}
+
 /// Every CRD, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![AuthorizationPolicy::crd(), PeerAuthentication::crd(), RequestAuthentication::crd(), RateLimitPolicy::crd()]
+    vec![
+        AuthorizationPolicy::crd(),
+        PeerAuthentication::crd(),
+        RequestAuthentication::crd(),
+        RateLimitPolicy::crd(),
+        WorkloadSecurity::crd(),
+    ]
 }
 
 /// The file name of a CRD under `deploy/crds/`.

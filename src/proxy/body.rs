@@ -26,6 +26,13 @@ pub struct Pace {
     pub grace: Duration,
 }
 
+/// The body passed the workload's size limit; the request is answered 413.
+#[derive(Debug, thiserror::Error)]
+#[error("request body over {limit} bytes")]
+pub struct BodyTooLarge {
+    pub limit: u64,
+}
+
 /// The body fell behind its pace; the request is answered 408.
 #[derive(Debug, thiserror::Error)]
 #[error("request body arrived slower than {min_rate} bytes/s after {grace:?}")]
@@ -38,6 +45,8 @@ pub struct BodyTooSlow {
 pub struct RequestBody {
     inner: Incoming,
     pacer: Option<Box<Pacer>>,
+    /// Bytes still allowed, when the workload limits bodies.
+    allowance: Option<(u64, u64)>,
 }
 
 struct Pacer {
@@ -56,6 +65,13 @@ impl Pacer {
 }
 
 impl RequestBody {
+    /// Paces `inner` unless it is empty or pacing is off, and cuts it off past `limit` bytes.
+    pub fn guarded(inner: Incoming, pace: Pace, limit: Option<u64>) -> Self {
+        let mut body = Self::paced(inner, pace);
+        body.allowance = limit.map(|l| (l, l));
+        body
+    }
+
     /// Paces `inner` unless it is empty or pacing is off.
     pub fn paced(inner: Incoming, pace: Pace) -> Self {
         let pacer = (pace.min_rate > 0 && !inner.is_end_stream()).then(|| {
@@ -67,12 +83,12 @@ impl RequestBody {
                 deadline: Box::pin(tokio::time::sleep_until(started + pace.grace)),
             })
         });
-        RequestBody { inner, pacer }
+        RequestBody { inner, pacer, allowance: None }
     }
 
     /// `inner` as it is, with no pace (tests, and bodies already bounded elsewhere).
     pub fn unpaced(inner: Incoming) -> Self {
-        RequestBody { inner, pacer: None }
+        RequestBody { inner, pacer: None, allowance: None }
     }
 }
 
@@ -84,6 +100,12 @@ impl Body for RequestBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if let (Some((limit, left)), Some(data)) = (this.allowance.as_mut(), frame.data_ref()) {
+                    match left.checked_sub(data.len() as u64) {
+                        Some(l) => *left = l,
+                        None => return Poll::Ready(Some(Err(BodyTooLarge { limit: *limit }.into()))),
+                    }
+                }
                 if let (Some(p), Some(data)) = (this.pacer.as_mut(), frame.data_ref()) {
                     p.received += data.len() as u64;
                     let due = p.due();
@@ -118,9 +140,18 @@ impl Body for RequestBody {
 
 /// Whether an upstream failure was a request body that fell behind its pace.
 pub fn too_slow(e: &(dyn std::error::Error + 'static)) -> bool {
+    in_chain::<BodyTooSlow>(e)
+}
+
+/// Whether an upstream failure was a request body over the workload's limit.
+pub fn too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    in_chain::<BodyTooLarge>(e)
+}
+
+fn in_chain<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
-        if err.is::<BodyTooSlow>() {
+        if err.is::<E>() {
             return true;
         }
         cur = err.source();

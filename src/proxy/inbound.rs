@@ -498,6 +498,16 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
     if let Err(refusal) = normalize_path(&view.guards.path, &mut req) {
         return guard_refusal(inbound, conn, &req, &refusal, &request_id, started);
     }
+    // Hardening the workload asked for (WorkloadSecurity); most workloads have none.
+    let security = (!view.guards.security.is_noop()).then(|| view.guards.security.clone());
+    let body_limit = security.as_ref().and_then(|s| s.max_request_body);
+    if let Some(limit) = body_limit
+        && content_length(&req).is_some_and(|n| n > limit)
+    {
+        let mut resp = guard_refusal(inbound, conn, &req, &Refusal::TooLarge { limit }, &request_id, started);
+        view.guards.security.harden(resp.headers_mut());
+        return resp;
+    }
     // Policy reads the request where it lies; the full input document is built only if a Rego
     // or Wasm policy or the decision log asks for it.
     let input = Input::live(LiveRequest {
@@ -535,11 +545,14 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
         .access_log
         .access("inbound")
         .map(|r| r.peer(conn.requests.peer_label().clone()).request(req.method(), req.uri().path(), &request_id));
-    let resp = if !decision.allowed {
+    let mut resp = if !decision.allowed {
         denial(&decision, &request_id, is_grpc(&req))
     } else {
-        forward(inbound, conn, req, &request_id).await
+        forward(inbound, conn, req, &request_id, body_limit).await
     };
+    if let Some(security) = &security {
+        security.harden(resp.headers_mut());
+    }
     conn.requests.record(resp.status(), started);
     conn.requests.peer().record(resp.status().as_u16(), !decision.allowed);
     if let Some(r) = record {
@@ -549,8 +562,35 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
     resp
 }
 
+/// WebSocket or CONNECT: its own HTTP/1.1 connection to the app, then raw bytes.
+async fn upgrade(inbound: &Inbound, peer: &Peer, req: Request<Incoming>, request_id: &str) -> Response<ProxyBody> {
+    let app = match super::tcp::connect(peer.app, inbound.limits.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                &format!("app at {} unavailable: {e}", peer.app),
+                request_id,
+            );
+        }
+    };
+    match super::http::forward_upgrade(req, TokioIo::new(app), inbound.limits.idle_timeout).await {
+        Ok(resp) => resp,
+        Err(e) => error_response(StatusCode::BAD_GATEWAY, &e, request_id),
+    }
+}
+
+/// The declared body length, if any.
+fn content_length<B>(req: &Request<B>) -> Option<u64> {
+    req.headers().get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
 /// Rewrites the request's path to its normal form (the query is kept as sent).
 fn normalize_path<B>(guard: &PathGuard, req: &mut Request<B>) -> Result<(), Refusal> {
+    // CONNECT's authority-form and OPTIONS' `*` have no path to normalize.
+    if req.method() == http::Method::CONNECT || req.uri().path_and_query().is_none_or(|pq| pq.as_str() == "*") {
+        return Ok(());
+    }
     let normal = match guard.normalize(req.uri().path())? {
         std::borrow::Cow::Borrowed(_) => return Ok(()),
         std::borrow::Cow::Owned(p) => p,
@@ -603,6 +643,7 @@ async fn forward(
     conn: &ConnState,
     mut req: Request<Incoming>,
     request_id: &str,
+    body_limit: Option<u64>,
 ) -> Response<ProxyBody> {
     let peer = &*conn.peer;
     if let Some(xfcc) = &conn.xfcc {
@@ -618,21 +659,7 @@ async fn forward(
     strip_palisade_headers(req.headers_mut());
     keep_allowed_upgrade(req.headers_mut(), &inbound.limits.allowed_upgrades);
     if super::http::is_upgrade(&req) {
-        // WebSocket or CONNECT: its own HTTP/1.1 connection to the app, then raw bytes.
-        let app = match super::tcp::connect(peer.app, inbound.limits.connect_timeout).await {
-            Ok(s) => s,
-            Err(e) => {
-                return error_response(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("app at {} unavailable: {e}", peer.app),
-                    request_id,
-                );
-            }
-        };
-        return match super::http::forward_upgrade(req, TokioIo::new(app), inbound.limits.idle_timeout).await {
-            Ok(resp) => resp,
-            Err(e) => error_response(StatusCode::BAD_GATEWAY, &e, request_id),
-        };
+        return upgrade(inbound, peer, req, request_id).await;
     }
     let pace = inbound.limits.body_pace();
     let headers = req.headers_mut();
@@ -665,7 +692,7 @@ async fn forward(
         };
         *req.version_mut() = http::Version::HTTP_2;
         req.headers_mut().remove(header::HOST);
-        inbound.h2_client.request(req.map(|b| RequestBody::paced(b, pace))).await.map_err(BoxError::from)
+        inbound.h2_client.request(req.map(|b| RequestBody::guarded(b, pace, body_limit))).await.map_err(BoxError::from)
     } else {
         if !req.headers().contains_key(header::HOST) {
             match HeaderValue::from_str(&peer.app.to_string()) {
@@ -678,7 +705,10 @@ async fn forward(
             *req.uri_mut() = Uri::from(pq);
         }
         *req.version_mut() = http::Version::HTTP_11;
-        conn.sticky.send(&conn.app_pool, req.map(|b| RequestBody::paced(b, pace))).await.map_err(BoxError::from)
+        conn.sticky
+            .send(&conn.app_pool, req.map(|b| RequestBody::guarded(b, pace, body_limit)))
+            .await
+            .map_err(BoxError::from)
     };
     match sent {
         Ok(resp) => {
@@ -689,6 +719,10 @@ async fn forward(
         }
         Err(e) if super::body::too_slow(&*e) => {
             error_response(StatusCode::REQUEST_TIMEOUT, "request body arrived too slowly", request_id)
+        }
+        Err(e) if super::body::too_large(&*e) => {
+            let limit = body_limit.unwrap_or_default();
+            error_response(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body over {limit} bytes"), request_id)
         }
         Err(e) => {
             let reason = format!("app at {} unavailable: {}", peer.app, super::http::error_chain(&*e));

@@ -21,6 +21,7 @@ use crate::guard::Guards;
 use crate::guard::jwt::{JwtGuard, RequestAuthenticationSpec};
 use crate::guard::path::PathGuard;
 use crate::guard::rate::{RateGuard, RateLimitPolicySpec};
+use crate::guard::security::{SecurityGuard, WorkloadSecuritySpec};
 use crate::identity::SpiffeId;
 use crate::policy::resource::{AuthorizationPolicy, AuthorizationPolicySpec, KIND as AUTHORIZATION_POLICY};
 use crate::policy::{DefaultPolicy, Policy, PolicySet, Workload};
@@ -363,6 +364,16 @@ fn compile_guards(snap: &Snapshot, path_normalization: &str, cur: &Guards, nack:
         }
         RateGuard::compile(specs).map(Arc::new).map_err(|m| guard_error("RateLimitPolicy", m))
     });
+    let security = decode_specs::<WorkloadSecuritySpec>(snap, "WorkloadSecurity").and_then(|specs| {
+        if specs == cur.security.specs() {
+            return Ok(cur.security.clone());
+        }
+        SecurityGuard::compile(specs).map(Arc::new).map_err(|m| guard_error("WorkloadSecurity", m))
+    });
+    let security = security.unwrap_or_else(|e| {
+        nack.push(e);
+        cur.security.clone()
+    });
     let jwt = jwt.unwrap_or_else(|e| {
         nack.push(e);
         cur.jwt.clone()
@@ -371,7 +382,7 @@ fn compile_guards(snap: &Snapshot, path_normalization: &str, cur: &Guards, nack:
         nack.push(e);
         cur.rate.clone()
     });
-    Arc::new(Guards { path, jwt, rate })
+    Arc::new(Guards { path, jwt, rate, security })
 }
 
 fn guard_error(kind: &str, message: String) -> NackReason {

@@ -16,6 +16,7 @@ use serde_json::Value;
 use super::{ConfigSource, KINDS, NOT_ENFORCED, Resource, ResourceError, SourceState, validate};
 use crate::guard::jwt::RequestAuthenticationSpec;
 use crate::guard::rate::RateLimitPolicySpec;
+use crate::guard::security::WorkloadSecuritySpec;
 use crate::k8s::crd::PeerAuthenticationSpec;
 use crate::policy::resource::{API_VERSION, AuthorizationPolicySpec};
 
@@ -133,7 +134,8 @@ fn judge_document(file: &str, index: usize, text: &str, value: &Value) -> Result
         "AuthorizationPolicy" => typed_spec::<AuthorizationPolicySpec>(text, index),
         "PeerAuthentication" => typed_spec::<PeerAuthenticationSpec>(text, index),
         "RequestAuthentication" => typed_spec::<RequestAuthenticationSpec>(text, index),
-        _ => typed_spec::<RateLimitPolicySpec>(text, index),
+        "RateLimitPolicy" => typed_spec::<RateLimitPolicySpec>(text, index),
+        _ => typed_spec::<WorkloadSecuritySpec>(text, index),
     };
     let (labels, spec) = typed.map_err(|(position, message)| (Some(key.clone()), position, message))?;
     let resource = validate(kind, namespace, name, labels, spec, format!("{file}#{index}"))

@@ -59,6 +59,7 @@ impl KubeSource {
             ApiResource::erase::<crd::PeerAuthentication>(&()),
             ApiResource::erase::<crd::RequestAuthentication>(&()),
             ApiResource::erase::<crd::RateLimitPolicy>(&()),
+            ApiResource::erase::<crd::WorkloadSecurity>(&()),
         ] {
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
             let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());

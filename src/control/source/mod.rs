@@ -20,12 +20,14 @@ use arc_swap::ArcSwap;
 use super::discovery::MeshState;
 use crate::guard::jwt::RequestAuthenticationSpec;
 use crate::guard::rate::RateLimitPolicySpec;
+use crate::guard::security::WorkloadSecuritySpec;
 use crate::k8s::crd::PeerAuthenticationSpec;
 use crate::policy::resource::{AuthorizationPolicy, AuthorizationPolicySpec, WorkloadSelector};
 use crate::proto::discovery::Endpoint;
 
 /// The kinds the mesh understands.
-pub const KINDS: &[&str] = &["AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication", "RateLimitPolicy"];
+pub const KINDS: &[&str] =
+    &["AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication", "RateLimitPolicy", "WorkloadSecurity"];
 
 /// Kinds validated and pushed to sidecars, which do not enforce them yet (JWT validation and
 /// rate limits are not built). Said in logs and Kubernetes status, so nobody mistakes one for
@@ -39,6 +41,7 @@ pub enum Spec {
     PeerAuthentication(PeerAuthenticationSpec),
     RequestAuthentication(RequestAuthenticationSpec),
     RateLimitPolicy(RateLimitPolicySpec),
+    WorkloadSecurity(WorkloadSecuritySpec),
 }
 
 impl Spec {
@@ -49,6 +52,7 @@ impl Spec {
             Spec::PeerAuthentication(_) => "PeerAuthentication",
             Spec::RequestAuthentication(_) => "RequestAuthentication",
             Spec::RateLimitPolicy(_) => "RateLimitPolicy",
+            Spec::WorkloadSecurity(_) => "WorkloadSecurity",
         }
     }
 
@@ -58,6 +62,7 @@ impl Spec {
             Spec::PeerAuthentication(s) => s.selector.as_ref(),
             Spec::RequestAuthentication(s) => s.selector.as_ref(),
             Spec::RateLimitPolicy(s) => s.selector.as_ref(),
+            Spec::WorkloadSecurity(s) => s.selector.as_ref(),
         }
     }
 
@@ -68,6 +73,7 @@ impl Spec {
             Spec::PeerAuthentication(s) => serde_json::to_string(s),
             Spec::RequestAuthentication(s) => serde_json::to_string(s),
             Spec::RateLimitPolicy(s) => serde_json::to_string(s),
+            Spec::WorkloadSecurity(s) => serde_json::to_string(s),
         };
         json.expect("typed specs always serialize")
     }
@@ -189,6 +195,11 @@ pub fn validate(
             let spec: RateLimitPolicySpec = serde_json::from_value(spec).map_err(|e| decode("spec", e))?;
             crate::guard::rate::RateGuard::compile(vec![spec.clone()])?;
             Spec::RateLimitPolicy(spec)
+        }
+        "WorkloadSecurity" => {
+            let spec: WorkloadSecuritySpec = serde_json::from_value(spec).map_err(|e| decode("spec", e))?;
+            crate::guard::security::SecurityGuard::compile(vec![spec.clone()])?;
+            Spec::WorkloadSecurity(spec)
         }
         other => return Err(format!("kind {other:?} is not one of {KINDS:?}").into()),
     };
