@@ -187,7 +187,7 @@ pub fn validate(
         }
         "RateLimitPolicy" => {
             let spec: RateLimitPolicySpec = serde_json::from_value(spec).map_err(|e| decode("spec", e))?;
-            crate::guard::rate::RateGuard::compile(vec![spec.clone()])?;
+            crate::guard::rate::RateGuard::compile(vec![(format!("{namespace}/{name}"), spec.clone())])?;
             Spec::RateLimitPolicy(spec)
         }
         other => return Err(format!("kind {other:?} is not one of {KINDS:?}").into()),
