@@ -72,13 +72,16 @@ const KEYS_PER_SHARD: usize = 128;
 /// More shards than this only add memory; the bound stays exact either way.
 const MAX_SHARDS: usize = 4096;
 
+/// One shard's buckets: key → TAT.
+type Shard = HashMap<Box<[u8]>, u64>;
+
 /// Buckets by key, at most `max_keys` of them.
 #[derive(Debug)]
 pub struct KeyedBuckets {
     /// Picks a key's shard; independent of the maps' own hashers, so that keys of one shard
     /// do not also cluster inside its map.
     shard_of: RandomState,
-    shards: Box<[Mutex<HashMap<Box<[u8]>, u64>>]>,
+    shards: Box<[Mutex<Shard>]>,
     per_shard: usize,
 }
 
@@ -126,7 +129,7 @@ impl KeyedBuckets {
 
 /// Makes room for one key in a full shard: buckets that have refilled go first, else the one
 /// nearest to full (the least to lose: its caller regains the fewest tokens).
-fn evict(map: &mut HashMap<Box<[u8]>, u64>, room: usize, now: u64) {
+fn evict(map: &mut Shard, room: usize, now: u64) {
     map.retain(|_, tat| *tat > now);
     if map.len() < room {
         return;
