@@ -26,6 +26,7 @@ use super::limits::{Drain, Limits, heed};
 use super::view::{PeerAuthMode, SharedView};
 use crate::guard::Refusal;
 use crate::guard::path::PathGuard;
+use crate::guard::rate::{RateGuard, RateRequest};
 use crate::identity::SpiffeId;
 use crate::policy::{Decider, Decision, EngineKind, Input, LiveRequest, RequestAttributes};
 use crate::telemetry::access_log::AccessLog;
@@ -492,6 +493,9 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
     if let Err(refusal) = normalize_path(&view.guards.path, &mut req) {
         return guard_refusal(inbound, conn, &req, &refusal, &request_id, started);
     }
+    if let Err(refusal) = check_rate_limits(inbound, &view.guards.rate, peer, &req) {
+        return guard_refusal(inbound, conn, &req, &refusal, &request_id, started);
+    }
     // Policy reads the request where it lies; the full input document is built only if a Rego
     // or Wasm policy or the decision log asks for it.
     let input = Input::live(LiveRequest {
@@ -557,6 +561,24 @@ fn normalize_path<B>(guard: &PathGuard, req: &mut Request<B>) -> Result<(), Refu
     parts.path_and_query = Some(path_and_query.parse().map_err(|_| Refusal::BadRequest { rule: "unparsable" })?);
     *req.uri_mut() = Uri::from_parts(parts).map_err(|_| Refusal::BadRequest { rule: "unparsable" })?;
     Ok(())
+}
+
+/// Counts the request against the workload's rate limits (nothing to do without any).
+fn check_rate_limits<B>(inbound: &Inbound, rate: &RateGuard, peer: &Peer, req: &Request<B>) -> Result<(), Refusal> {
+    if rate.is_empty() {
+        return Ok(());
+    }
+    let request = RateRequest {
+        method: req.method(),
+        path: req.uri().path(),
+        source: peer.id.as_ref().map(SpiffeId::as_str),
+        peer_ip: peer.remote.ip(),
+        headers: req.headers(),
+        // The verified end user, once the JWT guard runs before this.
+        principal: None,
+        claims: None,
+    };
+    rate.check(&request, &inbound.metrics.rate_limited)
 }
 
 /// A guard's refusal: its status (or gRPC status), its reason, counted and logged.
