@@ -549,6 +549,10 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
 
 /// Rewrites the request's path to its normal form (the query is kept as sent).
 fn normalize_path<B>(guard: &PathGuard, req: &mut Request<B>) -> Result<(), Refusal> {
+    // CONNECT's target is an authority (`host:port`): there is no path to decide on or rewrite.
+    if req.uri().path_and_query().is_none() && req.uri().authority().is_some() {
+        return Ok(());
+    }
     let normal = match guard.normalize(req.uri().path())? {
         std::borrow::Cow::Borrowed(_) => return Ok(()),
         std::borrow::Cow::Owned(p) => p,
@@ -727,6 +731,16 @@ mod tests {
         assert!(!decision.allowed);
         assert_eq!(denied_by(&decision), "no-policy-yet");
         assert_eq!(view.mode_for_port(15006), PeerAuthMode::Strict);
+    }
+
+    #[test]
+    fn a_connect_target_has_no_path_to_normalize() {
+        let mut req = Request::connect("db.internal:5432").body(()).unwrap();
+        normalize_path(&PathGuard::default(), &mut req).unwrap();
+        assert_eq!(req.uri().authority().unwrap().as_str(), "db.internal:5432");
+        let mut req = Request::get("/a//b/../c?q=1").body(()).unwrap();
+        normalize_path(&PathGuard::default(), &mut req).unwrap();
+        assert_eq!(req.uri(), "/a/c?q=1");
     }
 
     #[test]
