@@ -172,7 +172,7 @@ mod tests {
         let rate = Rate::new(50, Duration::from_secs(1), 5);
         let b = Bucket::default();
         let admitted = (0..10_000u64).filter(|i| b.take(&rate, i * SEC / 1000).is_ok()).count();
-        assert_eq!(admitted, 5 + 10 * 50 - 1, "the last refill lands at exactly 10 s");
+        assert_eq!(admitted, 5 + 10 * 50 - 1, "the 500th refill is due at 10 s, just after the load");
     }
 
     #[test]

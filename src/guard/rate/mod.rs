@@ -138,8 +138,8 @@ pub struct RateLimit {
     /// refuse none.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
-    /// Most keys remembered at once; a flood of new keys forgets the buckets nearest to full.
-    /// Default 10000.
+    /// Most keys remembered at once, for the limit's rate and for each override's; a flood of
+    /// new keys forgets the buckets nearest to full. Default 10000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_keys: Option<u32>,
 }
