@@ -582,6 +582,42 @@ async fn an_authorization_policy_from_kubectl_reaches_a_sidecar_within_two_secon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_policy_from_kubectl_is_accepted_and_enforced_by_a_sidecar() {
+    let c = cluster();
+    let dir = tempdir("k8s-ratelimit");
+    c.namespace("rl", &[], &["orders", "web"]);
+    let (cp, _) = control_plane(c, &dir, "cp-rl", "rl-system", &[]).await;
+    let (_app, _orders, _web, route) = orders_and_web(c, &dir, "rl", &cp.listen.to_string(), &cp.root_pem_path()).await;
+    let (ok, out) = c.apply(
+        "apiVersion: palisade.io/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: per-caller, namespace: rl}\n\
+         spec: {selector: {matchLabels: {app: orders}}, limits: [{requestsPerUnit: 3, unit: HOUR, key: {source: {}}, paths: [/limited/*]}]}\n\
+         ---\napiVersion: palisade.io/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: zero, namespace: rl}\n\
+         spec: {limits: [{requestsPerUnit: 0, unit: SECOND}]}\n",
+    );
+    assert!(ok, "{out}");
+    let http = http_client();
+    let url = format!("http://{route}/limited/x");
+    wait_for("the limit to take effect", Duration::from_secs(10), || async {
+        get(&http, &url, &[]).await.map(|r| r.0) == Ok(429)
+    })
+    .await;
+    let (status, headers, _) = get(&http, &url, &[]).await.unwrap();
+    assert_eq!(status, 429);
+    assert_eq!(headers["ratelimit-policy"], r#""rl/per-caller";q=3;w=3600"#);
+    assert_eq!(get(&http, &format!("http://{route}/open"), &[]).await.unwrap().0, 200, "other paths unaffected");
+    wait_for("status on both policies", Duration::from_secs(20), || async {
+        condition_of(c, "ratelimitpolicy", "rl", "per-caller").is_some()
+            && condition_of(c, "ratelimitpolicy", "rl", "zero").is_some()
+    })
+    .await;
+    let (status, reason, message, _) = condition_of(c, "ratelimitpolicy", "rl", "per-caller").unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "Accepted"), "enforced, not NotEnforced: {message}");
+    let (status, _, message, _) = condition_of(c, "ratelimitpolicy", "rl", "zero").unwrap();
+    assert_eq!(status, "False");
+    assert!(message.contains("spec.limits[0].requestsPerUnit must be at least 1"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_moves_to_the_surviving_replica_and_keeps_receiving_updates() {
     let c = cluster();
     let dir = tempdir("k8s-ha");

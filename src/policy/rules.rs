@@ -34,9 +34,10 @@ fn err(field: String, message: impl Into<String>) -> RuleError {
     RuleError { field, message: message.into() }
 }
 
-/// A compiled string pattern: exact, `prefix*`, `*suffix` or `*`.
+/// A compiled string pattern: exact, `prefix*`, `*suffix` or `*`. Also what the rate-limit
+/// guard matches paths, methods and principals with, so both spell patterns alike.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum StrMatch {
+pub enum StrMatch {
     Exact(Box<str>),
     Prefix(Box<str>),
     Suffix(Box<str>),
@@ -44,7 +45,8 @@ enum StrMatch {
 }
 
 impl StrMatch {
-    fn parse(pattern: &str, field: &str) -> Result<Self, RuleError> {
+    /// Compiles `pattern`; an error names `field`, the pattern's place in the document.
+    pub fn parse(pattern: &str, field: &str) -> Result<Self, RuleError> {
         if pattern == "*" {
             return Ok(StrMatch::Any);
         }
@@ -73,7 +75,8 @@ impl StrMatch {
         Ok(StrMatch::Exact(pattern.into()))
     }
 
-    fn matches(&self, v: &str) -> bool {
+    /// Whether `v` matches.
+    pub fn matches(&self, v: &str) -> bool {
         match self {
             StrMatch::Exact(e) => v == &**e,
             StrMatch::Prefix(p) => v.starts_with(&**p),
@@ -202,7 +205,7 @@ fn ports(any: &[Port], none: &[Port], base: &str, names: (&str, &str)) -> Result
 }
 
 /// Principals may be written as Istio does (`cluster.local/ns/a/sa/b`) or as full SPIFFE IDs.
-fn normalise_principal(p: &str) -> String {
+pub fn normalise_principal(p: &str) -> String {
     if p.starts_with('*') || p.starts_with("spiffe://") { p.to_string() } else { format!("spiffe://{p}") }
 }
 

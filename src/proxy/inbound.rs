@@ -30,6 +30,7 @@ use super::limits::{Drain, Limits, heed};
 use super::view::{PeerAuthMode, SharedView};
 use crate::guard::Refusal;
 use crate::guard::path::PathGuard;
+use crate::guard::rate::{RateGuard, RateRequest};
 use crate::identity::SpiffeId;
 use crate::policy::{Decider, Decision, EngineKind, Input, LiveRequest, RequestAttributes};
 use crate::telemetry::access_log::AccessLog;
@@ -501,10 +502,12 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
     // Hardening the workload asked for (WorkloadSecurity); most workloads have none.
     let security = (!view.guards.security.is_noop()).then(|| view.guards.security.clone());
     let body_limit = security.as_ref().and_then(|s| s.max_request_body);
-    if let Some(limit) = body_limit
-        && content_length(&req).is_some_and(|n| n > limit)
-    {
-        let mut resp = guard_refusal(inbound, conn, &req, &Refusal::TooLarge { limit }, &request_id, started);
+    let refused = match body_limit {
+        Some(limit) if content_length(&req).is_some_and(|n| n > limit) => Some(Refusal::TooLarge { limit }),
+        _ => check_rate_limits(inbound, &view.guards.rate, peer, &req).err(),
+    };
+    if let Some(refusal) = refused {
+        let mut resp = guard_refusal(inbound, conn, &req, &refusal, &request_id, started);
         view.guards.security.harden(resp.headers_mut());
         return resp;
     }
@@ -587,8 +590,8 @@ fn content_length<B>(req: &Request<B>) -> Option<u64> {
 
 /// Rewrites the request's path to its normal form (the query is kept as sent).
 fn normalize_path<B>(guard: &PathGuard, req: &mut Request<B>) -> Result<(), Refusal> {
-    // CONNECT's authority-form and OPTIONS' `*` have no path to normalize.
-    if req.method() == http::Method::CONNECT || req.uri().path_and_query().is_none_or(|pq| pq.as_str() == "*") {
+    // CONNECT's authority-form (`host:port`) and OPTIONS' `*` have no path to decide on or rewrite.
+    if req.uri().path_and_query().is_none_or(|pq| pq.as_str() == "*") {
         return Ok(());
     }
     let normal = match guard.normalize(req.uri().path())? {
@@ -603,6 +606,24 @@ fn normalize_path<B>(guard: &PathGuard, req: &mut Request<B>) -> Result<(), Refu
     parts.path_and_query = Some(path_and_query.parse().map_err(|_| Refusal::BadRequest { rule: "unparsable" })?);
     *req.uri_mut() = Uri::from_parts(parts).map_err(|_| Refusal::BadRequest { rule: "unparsable" })?;
     Ok(())
+}
+
+/// Counts the request against the workload's rate limits (nothing to do without any).
+fn check_rate_limits<B>(inbound: &Inbound, rate: &RateGuard, peer: &Peer, req: &Request<B>) -> Result<(), Refusal> {
+    if rate.is_empty() {
+        return Ok(());
+    }
+    let request = RateRequest {
+        method: req.method(),
+        path: req.uri().path(),
+        source: peer.id.as_ref().map(SpiffeId::as_str),
+        peer_ip: peer.remote.ip(),
+        headers: req.headers(),
+        // The verified end user, once the JWT guard runs before this.
+        principal: None,
+        claims: None,
+    };
+    rate.check(&request, &inbound.metrics.rate_limited)
 }
 
 /// A guard's refusal: its status (or gRPC status), its reason, counted and logged.
@@ -757,6 +778,16 @@ mod tests {
         assert!(!decision.allowed);
         assert_eq!(denied_by(&decision), "no-policy-yet");
         assert_eq!(view.mode_for_port(15006), PeerAuthMode::Strict);
+    }
+
+    #[test]
+    fn a_connect_target_has_no_path_to_normalize() {
+        let mut req = Request::connect("db.internal:5432").body(()).unwrap();
+        normalize_path(&PathGuard::default(), &mut req).unwrap();
+        assert_eq!(req.uri().authority().unwrap().as_str(), "db.internal:5432");
+        let mut req = Request::get("/a//b/../c?q=1").body(()).unwrap();
+        normalize_path(&PathGuard::default(), &mut req).unwrap();
+        assert_eq!(req.uri(), "/a/c?q=1");
     }
 
     #[test]

@@ -358,7 +358,7 @@ fn compile_guards(snap: &Snapshot, path_normalization: &str, cur: &Guards, nack:
         }
         JwtGuard::compile(specs).map(Arc::new).map_err(|m| guard_error("RequestAuthentication", m))
     });
-    let rate = decode_specs::<RateLimitPolicySpec>(snap, "RateLimitPolicy").and_then(|specs| {
+    let rate = decode_named_specs::<RateLimitPolicySpec>(snap, "RateLimitPolicy").and_then(|specs| {
         if specs == cur.rate.specs() {
             return Ok(cur.rate.clone());
         }
@@ -397,17 +397,26 @@ fn guard_error(kind: &str, message: String) -> NackReason {
 
 /// Decodes (once) every resource of `kind` into its typed spec.
 fn decode_specs<T: serde::de::DeserializeOwned>(snap: &Snapshot, kind: &str) -> Result<Vec<T>, NackReason> {
+    Ok(decode_named_specs(snap, kind)?.into_iter().map(|(_, spec)| spec).collect())
+}
+
+/// Decodes (once) every resource of `kind` into its typed spec, with its `namespace/name`.
+fn decode_named_specs<T: serde::de::DeserializeOwned>(
+    snap: &Snapshot,
+    kind: &str,
+) -> Result<Vec<(String, T)>, NackReason> {
     snap.policies
         .iter()
         .filter(|r| r.kind == kind)
         .map(|r| {
-            serde_json::from_str(&r.spec_json).map_err(|e| NackReason::Guard {
+            let spec = serde_json::from_str(&r.spec_json).map_err(|e| NackReason::Guard {
                 kind: kind.into(),
                 origin: r.origin.clone(),
                 namespace: r.namespace.clone(),
                 name: r.name.clone(),
                 message: e.to_string(),
-            })
+            })?;
+            Ok((format!("{}/{}", r.namespace, r.name), spec))
         })
         .collect()
 }
@@ -548,6 +557,42 @@ mod tests {
         assert!(nack.contains("trust bundle"), "{nack}");
         assert_eq!(shared.trust().pem, before);
         assert!(shared.trust().is_revoked("spiffe://x", "ab01"), "serials compare in lower case");
+    }
+
+    fn rate_limit(name: &str, spec_json: &str) -> Resource {
+        Resource { kind: "RateLimitPolicy".into(), ..rules_policy(name, spec_json) }
+    }
+
+    #[test]
+    fn rate_limits_keep_their_buckets_until_their_specs_change() {
+        let (shared, writer) = writer();
+        let one = r#"{"limits":[{"requestsPerUnit":5,"unit":"SECOND","perSource":true}]}"#;
+        let snap = |policies: Vec<Resource>, endpoint: &str| Snapshot {
+            policies,
+            endpoints: vec![Endpoint {
+                address: endpoint.into(),
+                spiffe_id: "spiffe://cluster.local/ns/a/sa/b".into(),
+                labels: Default::default(),
+            }],
+            ..Default::default()
+        };
+        writer.apply_snapshot("v1", &snap(vec![rate_limit("api", one)], "10.0.0.1:80"), &me()).unwrap();
+        let first = shared.load().guards.rate.clone();
+        assert_eq!(first.specs()[0].0, "a/api", "compiled with the policy's name");
+        // Something else changed: the same guard, and with it the same buckets.
+        writer.apply_snapshot("v2", &snap(vec![rate_limit("api", one)], "10.0.0.2:80"), &me()).unwrap();
+        assert!(Arc::ptr_eq(&first, &shared.load().guards.rate));
+        // A new limit: a new guard.
+        let two = r#"{"limits":[{"requestsPerUnit":5,"unit":"SECOND"},{"requestsPerUnit":1,"unit":"HOUR"}]}"#;
+        writer.apply_snapshot("v3", &snap(vec![rate_limit("api", two)], "10.0.0.2:80"), &me()).unwrap();
+        let second = shared.load().guards.rate.clone();
+        assert!(!Arc::ptr_eq(&first, &second));
+        // One this sidecar cannot compile keeps the one in force and says which.
+        let bad = r#"{"limits":[{"requestsPerUnit":0,"unit":"SECOND"}]}"#;
+        let nack = writer.apply_snapshot("v4", &snap(vec![rate_limit("bad", bad)], "10.0.0.2:80"), &me());
+        let nack = nack.unwrap_err().to_string();
+        assert!(nack.contains("a/bad: spec.limits[0].requestsPerUnit"), "{nack}");
+        assert!(Arc::ptr_eq(&second, &shared.load().guards.rate));
     }
 
     #[test]

@@ -44,6 +44,21 @@ pub struct GuardLabels {
     pub reason: String,
 }
 
+/// Labels of `palisade_rate_limited_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitedLabels {
+    /// The `RateLimitPolicy`'s `namespace/name`, shared with the compiled limit.
+    pub policy: Arc<str>,
+    /// What the limit counts by: `workload`, `source`, `remote_address`, `header`, `claim` or
+    /// `request_principal`.
+    pub key: &'static str,
+    /// `true`: the limit only counts, the request went on.
+    pub dry_run: &'static str,
+}
+
+/// Requests over a rate limit, enforced or dry-run; counted by the rate-limit guard.
+pub type RateLimitedCounts = Family<RateLimitedLabels, Counter>;
+
 /// Labels of `palisade_authz_decisions_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
@@ -107,6 +122,8 @@ pub struct ProxyMetrics {
     pub plaintext_refused: Counter,
     /// Requests refused by an API guard before policy.
     pub guard_refusals: Family<GuardLabels, Counter>,
+    /// Requests over a rate limit, by policy, key kind and whether the limit is a dry run.
+    pub rate_limited: RateLimitedCounts,
     pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     /// Per-peer totals for telemetry reports to the control plane.
     pub peers: Arc<super::peers::PeerStats>,
@@ -253,6 +270,7 @@ impl Default for ProxyMetrics {
             }),
             plaintext_refused: Counter::default(),
             guard_refusals: Family::default(),
+            rate_limited: Family::default(),
             tcp_bytes: Family::default(),
             peers: Default::default(),
         }
@@ -317,6 +335,11 @@ impl Metrics {
             "guard_refusals",
             "Requests refused before policy by an API guard (path normalization, token, rate limit), by rule",
             proxy.guard_refusals.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests over a rate limit by policy and key kind; dry_run=\"true\": counted, not refused",
+            proxy.rate_limited.clone(),
         );
         registry.register(
             "plaintext_refused",

@@ -29,10 +29,9 @@ use crate::proto::discovery::Endpoint;
 pub const KINDS: &[&str] =
     &["AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication", "RateLimitPolicy", "WorkloadSecurity"];
 
-/// Kinds validated and pushed to sidecars, which do not enforce them yet (JWT validation and
-/// rate limits are not built). Said in logs and Kubernetes status, so nobody mistakes one for
-/// a protection.
-pub const NOT_ENFORCED: &[&str] = &["RequestAuthentication", "RateLimitPolicy"];
+/// Kinds validated and pushed to sidecars, which do not enforce them yet (JWT validation is
+/// not built). Said in logs and Kubernetes status, so nobody mistakes one for a protection.
+pub const NOT_ENFORCED: &[&str] = &["RequestAuthentication"];
 
 /// A resource's spec, decoded into its typed form.
 #[derive(Clone, Debug, PartialEq)]
@@ -193,7 +192,7 @@ pub fn validate(
         }
         "RateLimitPolicy" => {
             let spec: RateLimitPolicySpec = serde_json::from_value(spec).map_err(|e| decode("spec", e))?;
-            crate::guard::rate::RateGuard::compile(vec![spec.clone()])?;
+            crate::guard::rate::RateGuard::compile(vec![(format!("{namespace}/{name}"), spec.clone())])?;
             Spec::RateLimitPolicy(spec)
         }
         "WorkloadSecurity" => {
