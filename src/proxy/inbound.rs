@@ -505,6 +505,7 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
         headers: req.headers(),
         scheme: if peer.id.is_some() { "https" } else { "http" },
         protocol: app_protocol(&req),
+        auth: None,
     });
     let decided = Instant::now();
     let decision = view.policies.decide(&input);
