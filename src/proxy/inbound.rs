@@ -25,6 +25,7 @@ use super::http::{BoxError, ProxyBody, REQUEST_ID, XFCC, ensure_request_id, erro
 use super::limits::{Drain, Limits, heed};
 use super::view::{PeerAuthMode, SharedView};
 use crate::guard::Refusal;
+use crate::guard::jwt::{Authenticated, JwtGuard};
 use crate::guard::path::PathGuard;
 use crate::identity::SpiffeId;
 use crate::policy::{Decider, Decision, EngineKind, Input, LiveRequest, RequestAttributes};
@@ -492,6 +493,15 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
     if let Err(refusal) = normalize_path(&view.guards.path, &mut req) {
         return guard_refusal(inbound, conn, &req, &refusal, &request_id, started);
     }
+    // The end user: a token is verified (or the request refused with 401), then removed and
+    // its claim headers set before policy sees the headers and before the app does.
+    let verified = match end_user(&view.guards.jwt, &mut req) {
+        Ok(verified) => verified,
+        Err(refusal) => return guard_refusal(inbound, conn, &req, &refusal, &request_id, started),
+    };
+    if let Some(v) = &verified {
+        inbound.metrics.jwt_verified(v.cached);
+    }
     // Policy reads the request where it lies; the full input document is built only if a Rego
     // or Wasm policy or the decision log asks for it.
     let input = Input::live(LiveRequest {
@@ -505,7 +515,7 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
         headers: req.headers(),
         scheme: if peer.id.is_some() { "https" } else { "http" },
         protocol: app_protocol(&req),
-        auth: None,
+        auth: verified.as_ref().map(|v| &*v.auth),
     });
     let decided = Instant::now();
     let decision = view.policies.decide(&input);
@@ -529,7 +539,11 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
     let record = inbound
         .access_log
         .access("inbound")
-        .map(|r| r.peer(conn.requests.peer_label().clone()).request(req.method(), req.uri().path(), &request_id));
+        .map(|r| r.peer(conn.requests.peer_label().clone()).request(req.method(), req.uri().path(), &request_id))
+        .map(|r| match &verified {
+            Some(v) => r.request_principal(&v.auth.principal),
+            None => r,
+        });
     let resp = if !decision.allowed {
         denial(&decision, &request_id, is_grpc(&req))
     } else {
@@ -558,6 +572,19 @@ fn normalize_path<B>(guard: &PathGuard, req: &mut Request<B>) -> Result<(), Refu
     parts.path_and_query = Some(path_and_query.parse().map_err(|_| Refusal::BadRequest { rule: "unparsable" })?);
     *req.uri_mut() = Uri::from_parts(parts).map_err(|_| Refusal::BadRequest { rule: "unparsable" })?;
     Ok(())
+}
+
+/// Authenticates the request's end user and prepares the request for policy and the app: the
+/// token removed unless forwarded, the claim headers set (and never taken from the caller).
+fn end_user<B>(jwt: &JwtGuard, req: &mut Request<B>) -> Result<Option<Authenticated>, Refusal> {
+    if jwt.is_empty() {
+        return Ok(None);
+    }
+    let verified = jwt.authenticate(req.headers(), req.uri())?;
+    let mut uri = req.uri().clone();
+    jwt.for_app(verified.as_ref(), req.headers_mut(), &mut uri)?;
+    *req.uri_mut() = uri;
+    Ok(verified)
 }
 
 /// A guard's refusal: its status (or gRPC status), its reason, counted and logged.

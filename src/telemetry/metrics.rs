@@ -44,6 +44,13 @@ pub struct GuardLabels {
     pub reason: String,
 }
 
+/// Labels of `palisade_jwt_verifications_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwtLabels {
+    /// `verified` (a signature was checked) or `cached` (a remembered verification answered).
+    pub result: &'static str,
+}
+
 /// Labels of `palisade_authz_decisions_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
@@ -107,6 +114,11 @@ pub struct ProxyMetrics {
     pub plaintext_refused: Counter,
     /// Requests refused by an API guard before policy.
     pub guard_refusals: Family<GuardLabels, Counter>,
+    /// Valid end-user tokens by how they were found valid (refusals are guard refusals).
+    pub jwt_verifications: Family<JwtLabels, Counter>,
+    /// `jwt_verifications`' two series, resolved once.
+    jwt_verified: Counter,
+    jwt_cached: Counter,
     pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     /// Per-peer totals for telemetry reports to the control plane.
     pub peers: Arc<super::peers::PeerStats>,
@@ -123,6 +135,15 @@ impl ProxyMetrics {
             duration: self.duration.get_or_create_owned(&DirectionLabels { direction }),
             peer_counters: self.peers.counters(peer, direction),
         }
+    }
+
+    /// Counts a valid end-user token: `cached` when a remembered verification answered.
+    pub fn jwt_verified(&self, cached: bool) {
+        if cached {
+            self.jwt_cached.inc()
+        } else {
+            self.jwt_verified.inc()
+        };
     }
 
     /// Counts a failed mTLS handshake.
@@ -240,6 +261,7 @@ impl Drop for OpenConnection {
 
 impl Default for ProxyMetrics {
     fn default() -> Self {
+        let jwt_verifications = Family::<JwtLabels, Counter>::default();
         ProxyMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(|| {
@@ -253,6 +275,9 @@ impl Default for ProxyMetrics {
             }),
             plaintext_refused: Counter::default(),
             guard_refusals: Family::default(),
+            jwt_verified: jwt_verifications.get_or_create_owned(&JwtLabels { result: "verified" }),
+            jwt_cached: jwt_verifications.get_or_create_owned(&JwtLabels { result: "cached" }),
+            jwt_verifications,
             tcp_bytes: Family::default(),
             peers: Default::default(),
         }
@@ -317,6 +342,11 @@ impl Metrics {
             "guard_refusals",
             "Requests refused before policy by an API guard (path normalization, token, rate limit), by rule",
             proxy.guard_refusals.clone(),
+        );
+        registry.register(
+            "jwt_verifications",
+            "Valid end-user tokens, by whether a signature was checked (verified) or a remembered verification answered (cached)",
+            proxy.jwt_verifications.clone(),
         );
         registry.register(
             "plaintext_refused",
