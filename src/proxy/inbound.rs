@@ -560,6 +560,11 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
 
 /// Rewrites the request's path to its normal form (the query is kept as sent).
 fn normalize_path<B>(guard: &PathGuard, req: &mut Request<B>) -> Result<(), Refusal> {
+    // CONNECT's target is an authority (`host:port`): it has no path to normalize, and a path
+    // cannot be put into it.
+    if req.method() == http::Method::CONNECT {
+        return Ok(());
+    }
     let normal = match guard.normalize(req.uri().path())? {
         std::borrow::Cow::Borrowed(_) => return Ok(()),
         std::borrow::Cow::Owned(p) => p,
