@@ -345,18 +345,24 @@ impl JwtGuard {
         self.authenticate_at(headers, uri, crate::clock::now_unix()).map_err(Refusal::from)
     }
 
-    fn authenticate_at(&self, headers: &HeaderMap, uri: &Uri, now: i64) -> Result<Option<Authenticated>, TokenError> {
+    fn authenticate_at<'r>(
+        &self,
+        headers: &'r HeaderMap,
+        uri: &'r Uri,
+        now: i64,
+    ) -> Result<Option<Authenticated>, TokenError> {
         if self.rules.is_empty() {
             return Ok(None);
         }
-        let mut found: Option<(Cow<'_, str>, usize)> = None;
+        // The token is read where it lies (a header value, or the query unless percent-encoded).
+        let mut found: Option<(Cow<'r, str>, usize)> = None;
         let mut found_at = 0u64;
         for (i, location) in self.locations.iter().enumerate() {
-            let mut each = |token: Cow<'_, str>| -> Result<(), TokenError> {
+            let mut each = |token: Cow<'r, str>| -> Result<(), TokenError> {
                 match &found {
                     Some((first, _)) if *first != token => return Err(TokenError::MultipleTokens),
                     Some(_) => {}
-                    None => found = Some((Cow::Owned(token.into_owned()), i)),
+                    None => found = Some((token, i)),
                 }
                 found_at |= 1 << i;
                 Ok(())
@@ -506,7 +512,7 @@ fn strip_prefix<'v>(value: &'v str, prefix: &str) -> Option<&'v str> {
 }
 
 /// Every value of query parameter `name`, percent-decoded.
-fn query_values<'q>(query: &'q str, name: &'q str) -> impl Iterator<Item = Cow<'q, str>> + 'q {
+fn query_values<'q>(query: &'q str, name: &str) -> impl Iterator<Item = Cow<'q, str>> {
     query.split('&').filter_map(move |pair| {
         let (k, v) = pair.split_once('=')?;
         (k == name && !v.is_empty()).then(|| percent_decoded(v))

@@ -586,10 +586,10 @@ fn end_user<B>(jwt: &JwtGuard, req: &mut Request<B>) -> Result<Option<Authentica
         return Ok(None);
     }
     let verified = jwt.authenticate(req.headers(), req.uri())?;
-    let mut uri = req.uri().clone();
-    jwt.for_app(verified.as_ref(), req.headers_mut(), &mut uri)?;
+    let mut uri = std::mem::take(req.uri_mut());
+    let prepared = jwt.for_app(verified.as_ref(), req.headers_mut(), &mut uri);
     *req.uri_mut() = uri;
-    Ok(verified)
+    prepared.map(|()| verified)
 }
 
 /// A guard's refusal: its status (or gRPC status), its reason, counted and logged.
