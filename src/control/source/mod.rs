@@ -27,10 +27,9 @@ use crate::proto::discovery::Endpoint;
 /// The kinds the mesh understands.
 pub const KINDS: &[&str] = &["AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication", "RateLimitPolicy"];
 
-/// Kinds validated and pushed to sidecars, which do not enforce them yet (JWT validation and
-/// rate limits are not built). Said in logs and Kubernetes status, so nobody mistakes one for
-/// a protection.
-pub const NOT_ENFORCED: &[&str] = &["RequestAuthentication", "RateLimitPolicy"];
+/// Kinds validated and pushed to sidecars, which do not enforce them yet (rate limits are not
+/// built). Said in logs and Kubernetes status, so nobody mistakes one for a protection.
+pub const NOT_ENFORCED: &[&str] = &["RateLimitPolicy"];
 
 /// A resource's spec, decoded into its typed form.
 #[derive(Clone, Debug, PartialEq)]
