@@ -87,6 +87,10 @@ pub fn check_jwks(json: &str) -> Result<usize, String> {
 }
 
 fn verifying_key(value: &serde_json::Value) -> Result<VerifyingKey, String> {
+    // A private key pasted into a JWKS would be pushed to every sidecar and stored in the CRD.
+    if value.get("d").is_some() {
+        return Err("holds private key material (`d`): publish the public key only".to_string());
+    }
     let jwk: Jwk = serde_json::from_value(value.clone()).map_err(|e| format!("not a JWK: {e}"))?;
     if let Some(usage) = &jwk.common.public_key_use
         && *usage != PublicKeyUse::Signature
@@ -201,13 +205,16 @@ mod tests {
                 {"kty": "RSA", "kid": "mismatch", "alg": "ES256", "n": N_2048, "e": "AQAB"},
                 {"kty": "RSA", "kid": "hs", "alg": "HS256", "n": N_2048, "e": "AQAB"},
                 {"kty": "EC", "kid": "p521", "crv": "P-521", "x": "AA", "y": "AA"},
+                {"kty": "RSA", "kid": "private", "n": N_2048, "e": "AQAB", "d": "AQAB"},
             ]})
             .to_string(),
         )
         .unwrap();
         assert!(keys.is_empty(), "{keys:?}");
         let all = skipped.join("\n");
-        for expect in ["symmetric", "17 bits", "`use`", "does not fit", "HS256 is not accepted", "only P-256"] {
+        for expect in
+            ["symmetric", "17 bits", "`use`", "does not fit", "HS256 is not accepted", "only P-256", "private"]
+        {
             assert!(all.contains(expect), "{expect}: {all}");
         }
         assert!(check_jwks(&json!({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}).to_string()).is_err());
