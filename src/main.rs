@@ -291,7 +291,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
         }
         Command::Init(args) => palisade::init::run(args)?,
         Command::Inject(args) => inject(args)?,
-        Command::Policy { command } => return palisade::policy::run(command),
+        Command::Policy { command } => return palisade::policy::run(command, palisade::guard::jwt::verify_offline),
         Command::Demo(args) => runtime()?.block_on(palisade::demo::run(args))?,
         Command::K8s { command: K8sCommand::Crds { out } } => {
             let crds = palisade::k8s::crd::crds();

@@ -447,7 +447,7 @@ async fn crds_apply_and_malformed_policies_are_refused_or_marked_invalid() {
     let table = c.kubectl(&["get", "authorizationpolicies", "-n", "crd-test"]);
     assert!(table.contains("ACCEPTED") && table.contains("False") && table.contains("True"), "{table}");
 
-    // A valid JWT rule is accepted, and its status says plainly that nothing enforces it yet.
+    // A valid JWT rule is accepted and enforced (its keys are fetched by the control plane).
     let (ok, out) = c.apply(
         "apiVersion: palisade.io/v1alpha1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: crd-test}\n\
          spec: {jwtRules: [{issuer: https://issuer.test, jwksUri: https://issuer.test/jwks.json}]}\n",
@@ -458,8 +458,7 @@ async fn crds_apply_and_malformed_policies_are_refused_or_marked_invalid() {
     })
     .await;
     let (status, reason, message, _) = condition_of(c, "requestauthentication", "crd-test", "jwt").unwrap();
-    assert_eq!((status.as_str(), reason.as_str()), ("True", "NotEnforced"), "{message}");
-    assert!(message.contains("does not enforce RequestAuthentication"), "{message}");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "Accepted"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,6 +63,9 @@ pub struct MeshState {
     pub ca: Arc<ArcSwap<CaSet>>,
     store: Arc<super::store::Store>,
     resources: ArcSwap<Vec<Resource>>,
+    /// JWKS documents fetched by the control plane (`jwksUri` → document), pushed in the specs
+    /// of the `RequestAuthentication` resources that name them.
+    jwks: ArcSwap<BTreeMap<String, Arc<str>>>,
     revocations: ArcSwap<(Vec<String>, Vec<String>)>,
     sidecars: Mutex<BTreeMap<u64, SidecarEntry>>,
     /// The endpoint table, built once and shared by every stream until a sidecar with addresses
@@ -113,6 +116,7 @@ impl MeshState {
             ca,
             store,
             resources: ArcSwap::from_pointee(Vec::new()),
+            jwks: ArcSwap::from_pointee(BTreeMap::new()),
             revocations: ArcSwap::from_pointee((Vec::new(), Vec::new())),
             sidecars: Mutex::new(sidecars),
             endpoints: ArcSwapOption::empty(),
@@ -194,6 +198,40 @@ impl MeshState {
         }
     }
 
+    /// Notifies after every debounced change (the generation moves on).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Every `jwksUri` of the `RequestAuthentication` resources in force that the control plane
+    /// must fetch (a rule with inline `jwks` needs none).
+    pub fn jwks_uris(&self) -> std::collections::BTreeSet<String> {
+        let resources = self.resources.load();
+        resources
+            .iter()
+            .filter_map(|r| match &r.spec {
+                Spec::RequestAuthentication(spec) => Some(spec),
+                _ => None,
+            })
+            .flat_map(|spec| &spec.jwt_rules)
+            .filter(|rule| rule.jwks.is_none())
+            .filter_map(|rule| rule.jwks_uri.clone())
+            .collect()
+    }
+
+    /// The fetched JWKS documents now in force, by `jwksUri`.
+    pub fn jwks(&self) -> Arc<BTreeMap<String, Arc<str>>> {
+        self.jwks.load_full()
+    }
+
+    /// Replaces the fetched JWKS documents; sidecars get the change with their next snapshot.
+    pub fn set_jwks(&self, documents: BTreeMap<String, Arc<str>>) {
+        if **self.jwks.load() != documents {
+            self.jwks.store(Arc::new(documents));
+            self.mark_dirty();
+        }
+    }
+
     /// Replaces the endpoints a cluster source knows (pod and service addresses).
     pub fn set_cluster_endpoints(&self, endpoints: Vec<Endpoint>) {
         if **self.cluster_endpoints.load() != endpoints {
@@ -224,6 +262,7 @@ impl MeshState {
         let ns = id.namespace().unwrap_or("");
         let resources = self.resources.load();
         let selected: Vec<&Resource> = resources.iter().filter(|r| r.selects(ns, labels)).collect();
+        let jwks = self.jwks.load();
         let policies = selected
             .iter()
             .filter(|r| !matches!(r.spec, Spec::PeerAuthentication(_)))
@@ -232,7 +271,10 @@ impl MeshState {
                 namespace: r.namespace.clone(),
                 name: r.name.clone(),
                 origin: r.origin.clone(),
-                spec_json: r.spec.to_json(),
+                spec_json: match &r.spec {
+                    Spec::RequestAuthentication(spec) => with_fetched_keys(spec, &jwks),
+                    spec => spec.to_json(),
+                },
                 labels: r.labels.clone().into_iter().collect(),
             })
             .collect();
@@ -285,6 +327,21 @@ impl MeshState {
         self.endpoints.store(Some(table.clone()));
         table
     }
+}
+
+/// A `RequestAuthentication` spec as a sidecar receives it: every rule that names only a
+/// `jwksUri` carries the document the control plane fetched from it as `jwks` (none yet: no
+/// keys, and the sidecar refuses that issuer's tokens with `no-keys`). Sidecars never fetch.
+fn with_fetched_keys(spec: &crate::guard::jwt::RequestAuthenticationSpec, jwks: &BTreeMap<String, Arc<str>>) -> String {
+    let mut spec = spec.clone();
+    for rule in &mut spec.jwt_rules {
+        if rule.jwks.is_none()
+            && let Some(doc) = rule.jwks_uri.as_ref().and_then(|uri| jwks.get(uri))
+        {
+            rule.jwks = Some(doc.to_string());
+        }
+    }
+    serde_json::to_string(&spec).expect("typed specs always serialize")
 }
 
 /// The most specific PeerAuthentication: one with a selector beats the namespace-wide one.

@@ -21,6 +21,7 @@ use crate::tls::{CertStore, TrustBundle, config};
 use super::ca_set::{self, CaSet};
 use super::discovery::{DiscoveryService, MeshSettings, MeshState};
 use super::identity_service::IdentityService;
+use super::jwks::{JwksInputs, JwksStatuses};
 use super::source::{self, ResourceError, Sink};
 use super::store::{CredentialKind, Store};
 use super::telemetry::{TelemetryService, TrafficGraph};
@@ -96,6 +97,13 @@ pub struct ControlArgs {
     #[arg(long, env = "PALISADE_PATH_NORMALIZATION", default_value = "MERGE_SLASHES",
           value_parser = clap::value_parser!(crate::guard::path::Normalization))]
     pub path_normalization: crate::guard::path::Normalization,
+    /// PEM roots trusted for `jwksUri` fetches besides the system's (repeatable).
+    #[arg(long)]
+    pub jwks_ca: Vec<PathBuf>,
+    /// How often each `jwksUri` in force is fetched again (key rotations at the issuer reach
+    /// sidecars within this).
+    #[arg(long, env = "PALISADE_JWKS_REFRESH", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub jwks_refresh: Duration,
     /// Changes are batched for this long before they are pushed.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     pub debounce: Duration,
@@ -123,6 +131,9 @@ struct ControlInputs {
     graph: Arc<TrafficGraph>,
     resource_errors: Arc<ArcSwap<Vec<ResourceError>>>,
     kube: Option<kube::Client>,
+    /// The TLS client of `jwksUri` fetches.
+    jwks_tls: Arc<rustls::ClientConfig>,
+    jwks_status: JwksStatuses,
 }
 
 /// Runs the control plane until SIGTERM or Ctrl-C.
@@ -137,6 +148,12 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let serving_not_after = issue_serving_cert(&inputs)?;
     tokio::spawn(inputs.mesh.clone().run());
     start_source(&inputs).await?;
+    tokio::spawn(super::jwks::run(JwksInputs {
+        mesh: inputs.mesh.clone(),
+        refresh: args.jwks_refresh,
+        tls: inputs.jwks_tls.clone(),
+        status: inputs.jwks_status.clone(),
+    }));
     start_webhook(&inputs).await?;
     serve_admin(&inputs, admin_listener)?;
     tokio::spawn(run_ca(inputs.clone(), serving_not_after));
@@ -193,6 +210,10 @@ impl ControlInputs {
             debounce: args.debounce,
             endpoint_grace: args.endpoint_grace,
         };
+        if args.jwks_refresh < Duration::from_secs(1) {
+            anyhow::bail!("--jwks-refresh {:?} is too short; use at least 1s", args.jwks_refresh);
+        }
+        let jwks_tls = super::jwks::client_config(&args.jwks_ca)?;
         let mesh = MeshState::new(settings, ca.clone(), store.clone());
         let (revoked_ids, revoked_serials) = store.revocations()?;
         mesh.set_revocations(revoked_ids, revoked_serials);
@@ -208,6 +229,8 @@ impl ControlInputs {
             graph: Arc::new(TrafficGraph::default()),
             resource_errors: Arc::new(ArcSwap::from_pointee(Vec::new())),
             kube,
+            jwks_tls,
+            jwks_status: Default::default(),
         })
     }
 }
@@ -286,6 +309,7 @@ async fn admin_answer(inputs: &ControlInputs, req: &AdminRequest) -> admin::Admi
             }
         }
         "/v1/mesh" => admin::json(StatusCode::OK, &inputs.mesh.settings),
+        "/v1/jwks" => admin::json(StatusCode::OK, &*inputs.jwks_status.lock()),
         "/v1/traffic" => admin::json(StatusCode::OK, &inputs.graph.edges()),
         "/v1/events" => admin::json(StatusCode::OK, &inputs.graph.events()),
         _ => admin::respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),

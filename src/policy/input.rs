@@ -64,6 +64,38 @@ fn default_protocol() -> String {
     "HTTP/1.1".to_string()
 }
 
+/// The end user a verified token proves (`RequestAuthentication`), as policy sees it. Only a
+/// guard that checked the token's signature, issuer, audience and times makes one (or
+/// `palisade policy eval`, from claims its user vouches for): nothing unverified is ever here.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RequestAuth {
+    /// `<iss>/<sub>`, what `requestPrincipals` and `request.auth.principal` match (Istio's form).
+    pub principal: String,
+    /// The token's `aud`, as a list.
+    pub audiences: Vec<String>,
+    /// The token's `azp`: the party it was issued to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presenter: Option<String>,
+    /// Every claim of the token.
+    pub claims: serde_json::Map<String, Value>,
+}
+
+impl RequestAuth {
+    /// The end user of a token's (verified) claims: principal `<iss>/<sub>`, `aud` as a list
+    /// (a single string is a list of one), `azp` as the presenter.
+    pub fn from_claims(claims: serde_json::Map<String, Value>) -> Self {
+        let text = |name: &str| claims.get(name).and_then(Value::as_str);
+        let principal = format!("{}/{}", text("iss").unwrap_or(""), text("sub").unwrap_or(""));
+        let audiences = match claims.get("aud") {
+            Some(Value::String(a)) => vec![a.clone()],
+            Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).map(str::to_string).collect(),
+            _ => Vec::new(),
+        };
+        let presenter = text("azp").map(str::to_string);
+        RequestAuth { principal, audiences, presenter, claims }
+    }
+}
+
 /// A request on the data path, borrowed where it lies: [`Input::live`] reads it in place, so a
 /// request decided by rules alone copies no header and builds no attribute string.
 #[derive(Debug, Clone, Copy)]
@@ -88,6 +120,8 @@ pub struct LiveRequest<'a> {
     pub scheme: &'static str,
     /// The protocol the calling app spoke, e.g. `HTTP/1.1`.
     pub protocol: &'static str,
+    /// The end user of a verified token, if the request carried one.
+    pub auth: Option<&'a RequestAuth>,
 }
 
 /// One request, normalised once (lower-case header names and host, canonical IP) and read by
@@ -96,6 +130,8 @@ pub struct LiveRequest<'a> {
 pub struct Input<'a> {
     repr: Repr<'a>,
     http: bool,
+    /// The verified end user, if any (borrowed from a live request, owned otherwise).
+    auth: Option<Cow<'a, RequestAuth>>,
     /// A live request's attributes, copied out only when something needs them whole.
     attrs: OnceLock<RequestAttributes>,
     json: OnceLock<Value>,
@@ -137,6 +173,7 @@ impl Input<'static> {
         Input {
             http: !attrs.protocol.eq_ignore_ascii_case("tcp"),
             repr: Repr::Owned(attrs),
+            auth: None,
             attrs: OnceLock::new(),
             json: OnceLock::new(),
             rego: OnceLock::new(),
@@ -160,12 +197,32 @@ impl<'a> Input<'a> {
             Cow::Borrowed(host)
         };
         Input {
+            auth: req.auth.map(Cow::Borrowed),
             repr: Repr::Live { req, host },
             http: true,
             attrs: OnceLock::new(),
             json: OnceLock::new(),
             rego: OnceLock::new(),
         }
+    }
+
+    /// The same request made by the verified end user `auth` (for requests given as attributes:
+    /// `palisade policy eval`, tests).
+    pub fn with_auth(mut self, auth: RequestAuth) -> Self {
+        self.auth = Some(Cow::Owned(auth));
+        self.json = OnceLock::new();
+        self.rego = OnceLock::new();
+        self
+    }
+
+    /// The verified end user, if the request carried a valid token.
+    pub fn auth(&self) -> Option<&RequestAuth> {
+        self.auth.as_deref()
+    }
+
+    /// The verified end user's `<iss>/<sub>`.
+    pub fn request_principal(&self) -> Option<&str> {
+        self.auth().map(|a| a.principal.as_str())
     }
 
     /// The attributes as normalised (for a live request, copied out on first use).
@@ -294,7 +351,7 @@ impl<'a> Input<'a> {
 
     /// The input document as a regorus value (built on first use, shared by every Rego policy).
     pub(crate) fn rego_value(&self) -> &regorus::Value {
-        self.rego.get_or_init(|| build_document(self.attributes()))
+        self.rego.get_or_init(|| build_document(self.attributes(), self.auth()))
     }
 }
 
@@ -357,9 +414,18 @@ fn identity_doc(id: &SpiffeId) -> Option<RegoValue> {
     ]))
 }
 
+/// `input.palisade.jwt`: the verified end user's claims and principal, the only place a policy
+/// document carries anything from a token.
+fn jwt_doc(auth: &RequestAuth) -> RegoValue {
+    object([
+        ("claims", Some(RegoValue::from(Value::Object(auth.claims.clone())))),
+        ("principal", text(&auth.principal)),
+    ])
+}
+
 /// Builds the document straight into regorus values: Rego is the hot consumer, and going
 /// through `serde_json` first doubled the cost.
-fn build_document(a: &RequestAttributes) -> RegoValue {
+fn build_document(a: &RequestAttributes, auth: Option<&RequestAuth>) -> RegoValue {
     let socket = a.source_ip.map(|ip| {
         object([(
             "socketAddress",
@@ -420,6 +486,7 @@ fn build_document(a: &RequestAttributes) -> RegoValue {
                 ("source", a.source.as_ref().and_then(identity_doc)),
                 ("destination", identity_doc(&a.destination)),
                 ("tls", Some(RegoValue::from(a.source.is_some()))),
+                ("jwt", auth.map(jwt_doc)),
             ])),
         ),
     ])
@@ -528,6 +595,24 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn verified_claims_appear_at_palisade_jwt_and_nowhere_else() {
+        let plain = Input::new(attrs(Some("spiffe://cluster.local/ns/shop/sa/web"), "GET", "/"));
+        assert!(plain.document()["palisade"].get("jwt").is_none());
+        assert_eq!(plain.request_principal(), None);
+        let claims = json!({"iss": "https://id.test", "sub": "alice", "aud": "orders", "azp": "web", "scope": "a b"});
+        let auth = RequestAuth::from_claims(claims.as_object().unwrap().clone());
+        assert_eq!((auth.principal.as_str(), auth.presenter.as_deref()), ("https://id.test/alice", Some("web")));
+        assert_eq!(auth.audiences, ["orders"]);
+        let input = Input::new(attrs(None, "GET", "/")).with_auth(auth);
+        let d = input.document();
+        assert_eq!(d["palisade"]["jwt"]["principal"], "https://id.test/alice");
+        assert_eq!(d["palisade"]["jwt"]["claims"], claims);
+        assert_eq!(input.request_principal(), Some("https://id.test/alice"));
+        let list = RequestAuth::from_claims(json!({"aud": ["a", 7, "b"]}).as_object().unwrap().clone());
+        assert_eq!((list.principal.as_str(), list.audiences), ("/", vec!["a".to_string(), "b".to_string()]));
+    }
+
+    #[test]
     fn plaintext_caller_has_no_principal() {
         let input = Input::new(attrs(None, "GET", "/"));
         let d = input.document();
@@ -579,6 +664,7 @@ pub(crate) mod tests {
             headers: req.headers(),
             scheme: "https",
             protocol: "HTTP/1.1",
+            auth: None,
         });
         // What the rules engine reads, in place.
         assert_eq!(live.method(), "GET");

@@ -90,13 +90,7 @@ pub fn load_path(path: &Path) -> Result<Vec<Arc<Policy>>, LoadError> {
         position: None,
         kind: Box::new(LoadErrorKind::Io(e)),
     };
-    let mut files = Vec::new();
-    let meta = std::fs::metadata(path).map_err(|e| io(path, e))?;
-    if meta.is_dir() {
-        collect_yaml(path, &mut files).map_err(|(p, e)| io(&p, e))?;
-    } else {
-        files.push(path.to_path_buf());
-    }
+    let files = yaml_files(path).map_err(|(p, e)| io(&p, e))?;
     let mut loaded = Vec::new();
     let mut seen: HashMap<String, String> = HashMap::new();
     for file in files {
@@ -116,6 +110,18 @@ pub fn load_path(path: &Path) -> Result<Vec<Arc<Policy>>, LoadError> {
         }
     }
     Ok(loaded)
+}
+
+/// The YAML files under `path` in the order [`load_path`] reads them (`path` itself if it is a
+/// file); an error names the entry that could not be read.
+pub fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, (PathBuf, std::io::Error)> {
+    let mut files = Vec::new();
+    if std::fs::metadata(path).map_err(|e| (path.to_path_buf(), e))?.is_dir() {
+        collect_yaml(path, &mut files)?;
+    } else {
+        files.push(path.to_path_buf());
+    }
+    Ok(files)
 }
 
 fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), (PathBuf, std::io::Error)> {

@@ -167,6 +167,13 @@ pub struct Source {
     /// The peer address must be in none of these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_ip_blocks: Vec<String>,
+    /// The end user of a verified token, `<iss>/<sub>` (wildcards allowed; `*`: any verified
+    /// token). A request without a token matches none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<String>,
+    /// The end user must match none of these (`["*"]`: requests without a token).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_request_principals: Vec<String>,
 }
 
 /// A `to` entry.

@@ -16,6 +16,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use serde_json::Value;
+
 use super::input::Input;
 use super::resource::{self, Action, Port};
 
@@ -213,17 +215,95 @@ fn same(p: &str) -> String {
     p.to_string()
 }
 
+/// Istio's rule for an attribute with several values (a list claim, the audiences): some value
+/// matches a positive pattern (when there are any), and none matches a negative one. `visit`
+/// hands every value to its argument.
+fn check_values(c: &Clause<StrMatch>, visit: impl FnOnce(&mut dyn FnMut(&str))) -> bool {
+    let mut positive = c.any.is_empty();
+    let mut negative = false;
+    visit(&mut |v: &str| {
+        positive |= c.any.iter().any(|m| m.matches(v));
+        negative |= c.none.iter().any(|m| m.matches(v));
+    });
+    positive && !negative
+}
+
+/// A claim of the verified token, by path: `request.auth.claims[a][b]` is `["a", "b"]`.
+#[derive(Debug, Clone)]
+struct ClaimPath {
+    path: Box<[Box<str>]>,
+    /// `scope` and `scp` hold space-separated lists in one string (RFC 8693, Azure AD).
+    space_separated: bool,
+}
+
+impl ClaimPath {
+    /// `[a][b]` (what follows `request.auth.claims`).
+    fn parse(mut rest: &str, field: &str) -> Result<Self, RuleError> {
+        let mut path = Vec::new();
+        while !rest.is_empty() {
+            let inner = rest.strip_prefix('[').and_then(|r| r.split_once(']'));
+            let Some((name, after)) = inner else {
+                return Err(err(field.to_string(), "expected `request.auth.claims[NAME]`, nested as `[a][b]`"));
+            };
+            let name = name.trim().trim_matches(|c| c == '"' || c == '\'');
+            if name.is_empty() {
+                return Err(err(field.to_string(), "empty claim name"));
+            }
+            path.push(Box::from(name));
+            rest = after;
+        }
+        if path.is_empty() {
+            return Err(err(field.to_string(), "expected `request.auth.claims[NAME]`"));
+        }
+        let space_separated = matches!(path.last().map(|n| &**n), Some("scope" | "scp"));
+        Ok(ClaimPath { path: path.into(), space_separated })
+    }
+
+    /// Every value of the claim as text: a string (split at spaces for `scope`/`scp`), each
+    /// element of a list, a number or boolean as written in JSON. An object has no value.
+    fn visit(&self, input: &Input, f: &mut dyn FnMut(&str)) {
+        let Some(auth) = input.auth() else { return };
+        let mut at = auth.claims.get(&*self.path[0]);
+        for name in &self.path[1..] {
+            at = at.and_then(Value::as_object).and_then(|o| o.get(&**name));
+        }
+        let mut one = |v: &Value| match v {
+            Value::String(s) if self.space_separated => s.split(' ').filter(|p| !p.is_empty()).for_each(&mut *f),
+            Value::String(s) => f(s),
+            Value::Bool(b) => f(if *b { "true" } else { "false" }),
+            Value::Number(n) => f(&n.to_string()),
+            _ => {}
+        };
+        match at {
+            Some(Value::Array(items)) => items.iter().for_each(&mut one),
+            Some(v) => one(v),
+            None => {}
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct SourceMatcher {
+    /// In a DENY policy, `requestPrincipals` is ignored for opaque TCP (it has no token).
+    deny: bool,
     principals: Clause<StrMatch>,
+    request_principals: Clause<StrMatch>,
     namespaces: Clause<StrMatch>,
     ip_blocks: Clause<IpNet>,
 }
 
 impl SourceMatcher {
-    fn compile(s: &resource::Source, base: &str) -> Result<Self, RuleError> {
+    fn compile(s: &resource::Source, base: &str, deny: bool) -> Result<Self, RuleError> {
         let base = format!("{base}.source");
         Ok(SourceMatcher {
+            deny,
+            request_principals: strings(
+                &s.request_principals,
+                &s.not_request_principals,
+                &base,
+                ("requestPrincipals", "notRequestPrincipals"),
+                same,
+            )?,
             principals: strings(
                 &s.principals,
                 &s.not_principals,
@@ -243,6 +323,15 @@ impl SourceMatcher {
     fn miss(&self, input: &Input) -> Option<&'static str> {
         if let Err(neg) = self.principals.check(input.source_principal()) {
             return Some(if neg { "notPrincipals" } else { "principals" });
+        }
+        if !self.request_principals.is_empty() {
+            if !input.is_http() {
+                if !self.deny {
+                    return Some("requestPrincipals");
+                }
+            } else if let Err(neg) = self.request_principals.check(input.request_principal()) {
+                return Some(if neg { "notRequestPrincipals" } else { "requestPrincipals" });
+            }
         }
         if !self.namespaces.is_empty()
             && let Err(neg) = self.namespaces.check(input.source_namespace())
@@ -331,11 +420,24 @@ enum ConditionMatcher {
     SourceNamespace(Clause<StrMatch>),
     SourceIp(Clause<IpNet>),
     DestinationPort(Clause<u16>),
+    /// `request.auth.*`: the verified end user; the flag says whether the policy is a DENY
+    /// (for opaque TCP, which carries no token).
+    RequestAuth(AuthKey, Clause<StrMatch>, bool),
+}
+
+/// Which part of the verified end user a `request.auth.*` condition reads.
+#[derive(Debug, Clone)]
+enum AuthKey {
+    Principal,
+    Audiences,
+    Presenter,
+    Claim(ClaimPath),
 }
 
 /// The `when` keys this build understands.
-pub const SUPPORTED_WHEN_KEYS: &str =
-    "request.headers[<name>], source.principal, source.namespace, source.ip, destination.port";
+pub const SUPPORTED_WHEN_KEYS: &str = "request.headers[<name>], source.principal, source.namespace, source.ip, \
+     destination.port, request.auth.principal, request.auth.audiences, request.auth.presenter, \
+     request.auth.claims[<name>] (nested: [<a>][<b>])";
 
 impl ConditionMatcher {
     fn compile(c: &resource::Condition, base: &str, deny: bool) -> Result<Self, RuleError> {
@@ -368,12 +470,21 @@ impl ConditionMatcher {
                 ConditionMatcher::DestinationPort(ports(&to_ports(&c.values), &to_ports(&c.not_values), base, names)?)
             }
             k if k.starts_with("request.auth.") => {
-                return Err(err(
-                    format!("{base}.key"),
-                    format!(
-                        "{k:?} is not supported in this build (JWT claims are not verified yet); supported keys: {SUPPORTED_WHEN_KEYS}"
-                    ),
-                ));
+                let auth_key = match &k["request.auth.".len()..] {
+                    "principal" => AuthKey::Principal,
+                    "audiences" => AuthKey::Audiences,
+                    "presenter" => AuthKey::Presenter,
+                    claims if claims.starts_with("claims") => {
+                        AuthKey::Claim(ClaimPath::parse(&claims["claims".len()..], &format!("{base}.key"))?)
+                    }
+                    _ => {
+                        return Err(err(
+                            format!("{base}.key"),
+                            format!("unknown key {k:?}; supported keys: {SUPPORTED_WHEN_KEYS}"),
+                        ));
+                    }
+                };
+                ConditionMatcher::RequestAuth(auth_key, strings(&c.values, &c.not_values, base, names, same)?, deny)
             }
             k => {
                 return Err(err(
@@ -392,6 +503,15 @@ impl ConditionMatcher {
             ConditionMatcher::SourceNamespace(c) => c.check(input.source_namespace()).is_ok(),
             ConditionMatcher::SourceIp(c) => c.check(input.source_ip().as_ref()).is_ok(),
             ConditionMatcher::DestinationPort(c) => c.check(Some(&input.destination_port())).is_ok(),
+            ConditionMatcher::RequestAuth(_, _, deny) if !input.is_http() => *deny,
+            ConditionMatcher::RequestAuth(key, c, _) => match key {
+                AuthKey::Principal => c.check(input.request_principal()).is_ok(),
+                AuthKey::Presenter => c.check(input.auth().and_then(|a| a.presenter.as_deref())).is_ok(),
+                AuthKey::Audiences => check_values(c, |f| {
+                    input.auth().into_iter().flat_map(|a| &a.audiences).for_each(|a| f(a));
+                }),
+                AuthKey::Claim(path) => check_values(c, |f| path.visit(input, f)),
+            },
         }
     }
 }
@@ -410,7 +530,7 @@ impl CompiledRule {
                 .from
                 .iter()
                 .enumerate()
-                .map(|(i, f)| SourceMatcher::compile(&f.source, &format!("{base}.from[{i}]")))
+                .map(|(i, f)| SourceMatcher::compile(&f.source, &format!("{base}.from[{i}]"), deny))
                 .collect::<Result<_, _>>()?,
             to: r
                 .to
@@ -445,9 +565,10 @@ impl CompiledRule {
                 .filter_map(|(i, s)| s.miss(input).map(|f| format!("from[{i}].source.{f}")))
                 .collect();
             return Some(format!(
-                "{} did not match (source principal {}, namespace {}, ip {})",
+                "{} did not match (source principal {}, request principal {}, namespace {}, ip {})",
                 misses.join(", "),
                 input.source_principal().unwrap_or("<none>"),
+                input.request_principal().unwrap_or("<none>"),
                 input.source_namespace().unwrap_or("<none>"),
                 input.source_ip().map_or_else(|| "<none>".to_string(), |ip| ip.to_string()),
             ));
@@ -640,9 +761,14 @@ mod tests {
 
     #[test]
     fn unsupported_when_keys_fail_at_load() {
-        let e = compile_err(r#"[{when: [{key: "request.auth.claims[iss]", values: ["x"]}]}]"#);
-        assert_eq!(e.field, "spec.rules[0].when[0].key");
-        assert!(e.message.contains("not supported"), "{e}");
+        for bad in ["request.auth.claims", "request.auth.claims[]", "request.auth.claims[a]b", "request.auth.claims[a"]
+        {
+            let e = compile_err(&format!(r#"[{{when: [{{key: "{bad}", values: ["x"]}}]}}]"#));
+            assert_eq!(e.field, "spec.rules[0].when[0].key", "{bad}");
+            assert!(e.message.contains("claim"), "{bad}: {e}");
+        }
+        let e = compile_err(r#"[{when: [{key: "request.auth.colour", values: ["x"]}]}]"#);
+        assert!(e.message.contains("unknown key"), "{e}");
         let e = compile_err(r#"[{when: [{key: "request.colour", values: ["x"]}]}]"#);
         assert!(e.message.contains("unknown key"), "{e}");
         let e = compile_err(r#"[{when: [{key: "source.ip"}]}]"#);
@@ -706,5 +832,76 @@ mod tests {
         assert!(why[1].contains("to[0].operation.paths"), "{why:?}");
         assert!(why[2].contains("when[0] (request.headers[x-tenant])"), "{why:?}");
         assert_eq!(e.explain(&req(Some(ADMIN), "GET", "/")), Ok(0));
+    }
+
+    fn with_user(source: Option<&str>, claims: serde_json::Value) -> Input<'static> {
+        let auth = crate::policy::input::RequestAuth::from_claims(claims.as_object().unwrap().clone());
+        req(source, "GET", "/orders/1").with_auth(auth)
+    }
+
+    fn alice() -> Input<'static> {
+        with_user(
+            Some(WEB),
+            serde_json::json!({"iss": "https://id.test", "sub": "alice", "aud": ["orders", "billing"], "azp": "web-app",
+                "scope": "orders:read  orders:write", "groups": ["staff", "eu"], "age": 42, "admin": false,
+                "org": {"tenant": {"id": "acme"}}, "https://id.test/roles": ["reader"]}),
+        )
+    }
+
+    #[test]
+    fn request_principals_match_the_verified_end_user() {
+        let e = engine(r#"[{from: [{source: {requestPrincipals: ["https://id.test/*"]}}]}]"#);
+        assert!(e.first_match(&alice()).is_some());
+        assert!(e.first_match(&req(Some(WEB), "GET", "/")).is_none(), "no token, no request principal");
+        let e = engine(r#"[{from: [{source: {requestPrincipals: ["*"]}}]}]"#);
+        assert!(e.first_match(&alice()).is_some(), "`*`: any verified token");
+        assert!(e.first_match(&req(Some(WEB), "GET", "/")).is_none());
+        let e = engine(r#"[{from: [{source: {notRequestPrincipals: ["*"]}}]}]"#);
+        assert!(e.first_match(&req(Some(WEB), "GET", "/")).is_some(), "Istio's idiom for requests without a token");
+        assert!(e.first_match(&alice()).is_none());
+        let e = engine(
+            r#"[{from: [{source: {requestPrincipals: ["https://id.test/alice"], principals: ["*/sa/admin"]}}]}]"#,
+        );
+        assert!(e.first_match(&alice()).is_none(), "every field of a source must match");
+        let why = e.explain(&alice()).unwrap_err();
+        assert!(why[0].contains("request principal https://id.test/alice"), "{why:?}");
+    }
+
+    #[test]
+    fn request_auth_conditions_read_claims_lists_and_scopes() {
+        let matches = |key: &str, values: &str| {
+            let e = engine(&format!(r#"[{{when: [{{key: "{key}", {values}}}]}}]"#));
+            e.first_match(&alice()).is_some()
+        };
+        assert!(matches("request.auth.principal", r#"values: ["https://id.test/alice"]"#));
+        assert!(matches("request.auth.audiences", r#"values: ["billing"]"#));
+        assert!(!matches("request.auth.audiences", r#"values: ["admin"]"#));
+        assert!(!matches("request.auth.audiences", r#"notValues: ["orders"]"#), "any value excluded excludes");
+        assert!(matches("request.auth.presenter", r#"values: ["web-*"]"#));
+        assert!(matches("request.auth.claims[scope]", r#"values: ["orders:write"]"#), "space-separated scope");
+        assert!(!matches("request.auth.claims[scope]", r#"values: ["orders:read  orders:write"]"#));
+        assert!(matches("request.auth.claims[groups]", r#"values: ["eu"]"#));
+        assert!(!matches("request.auth.claims[groups]", r#"notValues: ["staff"]"#));
+        assert!(matches("request.auth.claims[age]", r#"values: ["42"]"#));
+        assert!(matches("request.auth.claims[admin]", r#"values: ["false"]"#));
+        assert!(matches("request.auth.claims[org][tenant][id]", r#"values: ["acme"]"#));
+        assert!(matches("request.auth.claims[https://id.test/roles]", r#"values: ["reader"]"#));
+        assert!(!matches("request.auth.claims[org]", r#"values: ["*"]"#), "an object has no value");
+        assert!(!matches("request.auth.claims[missing]", r#"values: ["*"]"#));
+        assert!(matches("request.auth.claims[missing]", r#"notValues: ["x"]"#), "absent passes notValues");
+        // Without a verified token nothing under request.auth has a value.
+        let e = engine(r#"[{when: [{key: "request.auth.claims[sub]", values: ["*"]}]}]"#);
+        assert!(e.first_match(&req(Some(WEB), "GET", "/")).is_none());
+    }
+
+    #[test]
+    fn opaque_tcp_has_no_end_user_allow_never_matches_deny_ignores() {
+        let yaml = r#"[{from: [{source: {requestPrincipals: ["*"]}}], when: [{key: "request.auth.claims[sub]", values: ["alice"]}]}]"#;
+        let rules: Vec<resource::Rule> = serde_yaml::from_str(yaml).unwrap();
+        let mut a = attrs(Some(WEB), "", "");
+        a.protocol = "tcp".into();
+        let tcp = Input::new(a);
+        assert_eq!(RulesEngine::compile(&rules, Action::Allow).unwrap().first_match(&tcp), None);
+        assert_eq!(RulesEngine::compile(&rules, Action::Deny).unwrap().first_match(&tcp), Some(0));
     }
 }

@@ -27,11 +27,14 @@ use super::http::{
     strip_hop_by_hop, strip_palisade_headers,
 };
 use super::limits::{Drain, Limits, heed};
-use super::view::{PeerAuthMode, SharedView};
+use super::view::{MeshView, PeerAuthMode, SharedView};
 use crate::guard::Refusal;
+use crate::guard::jwt::{Authenticated, JwtGuard};
 use crate::guard::path::PathGuard;
-use crate::guard::rate::{RateGuard, RateRequest};
+use crate::guard::rate::{ClaimLookup, RateGuard, RateRequest};
+use crate::guard::security::SecurityGuard;
 use crate::identity::SpiffeId;
+use crate::policy::input::RequestAuth;
 use crate::policy::{Decider, Decision, EngineKind, Input, LiveRequest, RequestAttributes};
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::{GuardLabels, LastDecision, PolicyLabel, ProxyMetrics, RequestMetrics};
@@ -499,18 +502,14 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
     if let Err(refusal) = normalize_path(&view.guards.path, &mut req) {
         return guard_refusal(inbound, conn, &req, &refusal, &request_id, started);
     }
-    // Hardening the workload asked for (WorkloadSecurity); most workloads have none.
-    let security = (!view.guards.security.is_noop()).then(|| view.guards.security.clone());
-    let body_limit = security.as_ref().and_then(|s| s.max_request_body);
-    let refused = match body_limit {
-        Some(limit) if content_length(&req).is_some_and(|n| n > limit) => Some(Refusal::TooLarge { limit }),
-        _ => check_rate_limits(inbound, &view.guards.rate, peer, &req).err(),
+    let (verified, security) = match run_guards(inbound, &view, peer, &mut req) {
+        Ok(passed) => passed,
+        Err(refusal) => {
+            let mut resp = guard_refusal(inbound, conn, &req, &refusal, &request_id, started);
+            view.guards.security.harden(resp.headers_mut());
+            return resp;
+        }
     };
-    if let Some(refusal) = refused {
-        let mut resp = guard_refusal(inbound, conn, &req, &refusal, &request_id, started);
-        view.guards.security.harden(resp.headers_mut());
-        return resp;
-    }
     // Policy reads the request where it lies; the full input document is built only if a Rego
     // or Wasm policy or the decision log asks for it.
     let input = Input::live(LiveRequest {
@@ -524,6 +523,7 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
         headers: req.headers(),
         scheme: if peer.id.is_some() { "https" } else { "http" },
         protocol: app_protocol(&req),
+        auth: verified.as_ref().map(|v| &*v.auth),
     });
     let decided = Instant::now();
     let decision = view.policies.decide(&input);
@@ -547,10 +547,15 @@ async fn handle(inbound: &Inbound, conn: &ConnState, mut req: Request<Incoming>)
     let record = inbound
         .access_log
         .access("inbound")
-        .map(|r| r.peer(conn.requests.peer_label().clone()).request(req.method(), req.uri().path(), &request_id));
+        .map(|r| r.peer(conn.requests.peer_label().clone()).request(req.method(), req.uri().path(), &request_id))
+        .map(|r| match &verified {
+            Some(v) => r.request_principal(&v.auth.principal),
+            None => r,
+        });
     let mut resp = if !decision.allowed {
         denial(&decision, &request_id, is_grpc(&req))
     } else {
+        let body_limit = security.as_ref().and_then(|s| s.max_request_body);
         forward(inbound, conn, req, &request_id, body_limit).await
     };
     if let Some(security) = &security {
@@ -608,8 +613,39 @@ fn normalize_path<B>(guard: &PathGuard, req: &mut Request<B>) -> Result<(), Refu
     Ok(())
 }
 
+/// The guards after path normalization, in order: the end user's token (401), the body limit
+/// (413), the rate limits (429). What passes goes on with the verified end user and the
+/// workload's hardening (`None` when it has none, the common case).
+fn run_guards<B>(
+    inbound: &Inbound,
+    view: &MeshView,
+    peer: &Peer,
+    req: &mut Request<B>,
+) -> Result<(Option<Authenticated>, Option<Arc<SecurityGuard>>), Refusal> {
+    // A token is verified, then removed and its claim headers set before policy sees the
+    // headers and before the app does.
+    let verified = end_user(&view.guards.jwt, req)?;
+    if let Some(v) = &verified {
+        inbound.metrics.jwt_verified(v.cached);
+    }
+    let security = (!view.guards.security.is_noop()).then(|| view.guards.security.clone());
+    if let Some(limit) = security.as_ref().and_then(|s| s.max_request_body)
+        && content_length(req).is_some_and(|n| n > limit)
+    {
+        return Err(Refusal::TooLarge { limit });
+    }
+    check_rate_limits(inbound, &view.guards.rate, peer, req, verified.as_ref().map(|v| &*v.auth))?;
+    Ok((verified, security))
+}
+
 /// Counts the request against the workload's rate limits (nothing to do without any).
-fn check_rate_limits<B>(inbound: &Inbound, rate: &RateGuard, peer: &Peer, req: &Request<B>) -> Result<(), Refusal> {
+fn check_rate_limits<B>(
+    inbound: &Inbound,
+    rate: &RateGuard,
+    peer: &Peer,
+    req: &Request<B>,
+    user: Option<&RequestAuth>,
+) -> Result<(), Refusal> {
     if rate.is_empty() {
         return Ok(());
     }
@@ -619,11 +655,23 @@ fn check_rate_limits<B>(inbound: &Inbound, rate: &RateGuard, peer: &Peer, req: &
         source: peer.id.as_ref().map(SpiffeId::as_str),
         peer_ip: peer.remote.ip(),
         headers: req.headers(),
-        // The verified end user, once the JWT guard runs before this.
-        principal: None,
-        claims: None,
+        principal: user.map(|u| u.principal.as_str()),
+        claims: user.map(|u| u as &dyn ClaimLookup),
     };
     rate.check(&request, &inbound.metrics.rate_limited)
+}
+
+/// Authenticates the request's end user and prepares the request for policy and the app: the
+/// token removed unless forwarded, the claim headers set (and never taken from the caller).
+fn end_user<B>(jwt: &JwtGuard, req: &mut Request<B>) -> Result<Option<Authenticated>, Refusal> {
+    if jwt.is_empty() {
+        return Ok(None);
+    }
+    let verified = jwt.authenticate(req.headers(), req.uri())?;
+    let mut uri = std::mem::take(req.uri_mut());
+    let prepared = jwt.for_app(verified.as_ref(), req.headers_mut(), &mut uri);
+    *req.uri_mut() = uri;
+    prepared.map(|()| verified)
 }
 
 /// A guard's refusal: its status (or gRPC status), its reason, counted and logged.

@@ -155,6 +155,9 @@ pub struct AccessRecord {
     /// What refused it: a policy's `namespace/name`, or a step such as `no-allow-matched`.
     #[serde(skip_serializing_if = "Option::is_none")]
     denied_by: Option<PolicyLabel>,
+    /// The end user of a verified token, `<iss>/<sub>` (never the token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_principal: Option<String>,
     /// Why an API guard refused it before policy (never the token or other credential).
     #[serde(skip_serializing_if = "Option::is_none")]
     refused: Option<String>,
@@ -186,6 +189,7 @@ impl AccessRecord {
             duration: None,
             request_id: None,
             denied_by: None,
+            request_principal: None,
             refused: None,
             bytes_sent: None,
             bytes_received: None,
@@ -250,6 +254,12 @@ impl AccessRecord {
         self
     }
 
+    /// The end user a verified token proved.
+    pub fn request_principal(mut self, principal: &str) -> Self {
+        self.request_principal = Some(principal.to_string());
+        self
+    }
+
     /// Why an API guard refused the request before policy.
     pub fn refused(mut self, reason: String) -> Self {
         self.refused = Some(reason);
@@ -300,6 +310,7 @@ mod tests {
         let r = log.access("inbound").unwrap().peer(Arc::from("spiffe://cluster.local/ns/shop/sa/web"));
         log.write(
             r.request(&method, "/login?user=bob&password=hunter2", "abc")
+                .request_principal("https://issuer.test/alice")
                 .status(403)
                 .took(Duration::from_micros(1500))
                 .denied_by(PolicyLabel::Fixed("no-allow-matched")),
@@ -314,8 +325,9 @@ mod tests {
         assert_eq!(line["duration_ms"], 1.5);
         assert_eq!(line["request_id"], "abc");
         assert_eq!(line["denied_by"], "no-allow-matched");
+        assert_eq!(line["request_principal"], "https://issuer.test/alice");
         assert!(line["time"].as_str().unwrap().starts_with("20"), "{line}");
-        for absent in ["protocol", "destination", "mesh", "bytes_sent", "decision", "input"] {
+        for absent in ["protocol", "destination", "mesh", "bytes_sent", "decision", "input", "refused"] {
             assert!(line.get(absent).is_none(), "{absent} was not set: {line}");
         }
 

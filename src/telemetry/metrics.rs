@@ -59,6 +59,13 @@ pub struct RateLimitedLabels {
 /// Requests over a rate limit, enforced or dry-run; counted by the rate-limit guard.
 pub type RateLimitedCounts = Family<RateLimitedLabels, Counter>;
 
+/// Labels of `palisade_jwt_verifications_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwtLabels {
+    /// `verified` (a signature was checked) or `cached` (a remembered verification answered).
+    pub result: &'static str,
+}
+
 /// Labels of `palisade_authz_decisions_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
@@ -124,6 +131,11 @@ pub struct ProxyMetrics {
     pub guard_refusals: Family<GuardLabels, Counter>,
     /// Requests over a rate limit, by policy, key kind and whether the limit is a dry run.
     pub rate_limited: RateLimitedCounts,
+    /// Valid end-user tokens by how they were found valid (refusals are guard refusals).
+    pub jwt_verifications: Family<JwtLabels, Counter>,
+    /// `jwt_verifications`' two series, resolved once.
+    jwt_verified: Counter,
+    jwt_cached: Counter,
     pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     /// Per-peer totals for telemetry reports to the control plane.
     pub peers: Arc<super::peers::PeerStats>,
@@ -140,6 +152,15 @@ impl ProxyMetrics {
             duration: self.duration.get_or_create_owned(&DirectionLabels { direction }),
             peer_counters: self.peers.counters(peer, direction),
         }
+    }
+
+    /// Counts a valid end-user token: `cached` when a remembered verification answered.
+    pub fn jwt_verified(&self, cached: bool) {
+        if cached {
+            self.jwt_cached.inc()
+        } else {
+            self.jwt_verified.inc()
+        };
     }
 
     /// Counts a failed mTLS handshake.
@@ -257,6 +278,7 @@ impl Drop for OpenConnection {
 
 impl Default for ProxyMetrics {
     fn default() -> Self {
+        let jwt_verifications = Family::<JwtLabels, Counter>::default();
         ProxyMetrics {
             requests: Family::default(),
             duration: Family::new_with_constructor(|| {
@@ -271,6 +293,9 @@ impl Default for ProxyMetrics {
             plaintext_refused: Counter::default(),
             guard_refusals: Family::default(),
             rate_limited: Family::default(),
+            jwt_verified: jwt_verifications.get_or_create_owned(&JwtLabels { result: "verified" }),
+            jwt_cached: jwt_verifications.get_or_create_owned(&JwtLabels { result: "cached" }),
+            jwt_verifications,
             tcp_bytes: Family::default(),
             peers: Default::default(),
         }
@@ -340,6 +365,11 @@ impl Metrics {
             "rate_limited",
             "Requests over a rate limit by policy and key kind; dry_run=\"true\": counted, not refused",
             proxy.rate_limited.clone(),
+        );
+        registry.register(
+            "jwt_verifications",
+            "Valid end-user tokens, by whether a signature was checked (verified) or a remembered verification answered (cached)",
+            proxy.jwt_verifications.clone(),
         );
         registry.register(
             "plaintext_refused",

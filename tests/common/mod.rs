@@ -333,6 +333,7 @@ impl EchoApp {
                             let body = serde_json::json!({
                                 "method": req.method().as_str(),
                                 "path": req.uri().path(),
+                                "query": req.uri().query(),
                                 "headers": headers,
                             });
                             Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(

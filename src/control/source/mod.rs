@@ -29,9 +29,9 @@ use crate::proto::discovery::Endpoint;
 pub const KINDS: &[&str] =
     &["AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication", "RateLimitPolicy", "WorkloadSecurity"];
 
-/// Kinds validated and pushed to sidecars, which do not enforce them yet (JWT validation is
-/// not built). Said in logs and Kubernetes status, so nobody mistakes one for a protection.
-pub const NOT_ENFORCED: &[&str] = &["RequestAuthentication"];
+/// Kinds validated and pushed to sidecars that do not enforce them yet. Said in logs and
+/// Kubernetes status, so nobody mistakes one for a protection. Every kind is enforced today.
+pub const NOT_ENFORCED: &[&str] = &[];
 
 /// A resource's spec, decoded into its typed form.
 #[derive(Clone, Debug, PartialEq)]
@@ -187,6 +187,10 @@ pub fn validate(
         // The sidecar's own compilation, run here first.
         "RequestAuthentication" => {
             let spec: RequestAuthenticationSpec = serde_json::from_value(spec).map_err(|e| decode("spec", e))?;
+            // The control plane fills `jwks` from `jwksUri` for sidecars; a user gives one.
+            if let Some(i) = spec.jwt_rules.iter().position(|r| r.jwks.is_some() && r.jwks_uri.is_some()) {
+                return Err(format!("spec.jwtRules[{i}]: give jwks or jwksUri, not both").into());
+            }
             crate::guard::jwt::JwtGuard::compile(vec![spec.clone()])?;
             Spec::RequestAuthentication(spec)
         }
@@ -289,6 +293,13 @@ mod tests {
         assert_eq!(r.key(), ("AuthorizationPolicy", "shop", "p"));
         let zero = serde_json::json!({"limits": [{"requestsPerUnit": 0, "unit": "SECOND"}]});
         assert!(check("RateLimitPolicy", zero).unwrap_err().message.contains("limits[0]"));
+        let both = serde_json::json!({"jwtRules": [{"issuer": "https://i.test", "jwksUri": "https://i.test/k",
+                                                    "jwks": "{\"keys\": []}"}]});
+        assert!(check("RequestAuthentication", both).unwrap_err().message.contains("not both"));
+        let plain = serde_json::json!({"jwtRules": [{"issuer": "https://i.test", "jwksUri": "http://i.test/k"}]});
+        assert!(check("RequestAuthentication", plain).unwrap_err().message.contains("https"));
+        let no_keys = serde_json::json!({"jwtRules": [{"issuer": "https://i.test", "jwks": "{\"keys\": []}"}]});
+        assert!(check("RequestAuthentication", no_keys).unwrap_err().message.contains("jwtRules[0].jwks"));
         let port = serde_json::json!({"portLevelMtls": {"http": {"mode": "PERMISSIVE"}}});
         assert!(check("PeerAuthentication", port).unwrap_err().message.contains("port"));
         assert!(check("Pod", serde_json::json!({})).is_err());

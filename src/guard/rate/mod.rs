@@ -164,6 +164,19 @@ pub trait ClaimLookup {
     fn claim(&self, name: &str) -> Option<Cow<'_, str>>;
 }
 
+/// A verified end user's claims, as text: strings as they are, numbers and booleans printed,
+/// anything else (objects, lists) not a key.
+impl ClaimLookup for crate::policy::input::RequestAuth {
+    fn claim(&self, name: &str) -> Option<Cow<'_, str>> {
+        match self.claims.get(name)? {
+            serde_json::Value::String(s) => Some(Cow::Borrowed(s)),
+            serde_json::Value::Number(n) => Some(Cow::Owned(n.to_string())),
+            serde_json::Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
+            _ => None,
+        }
+    }
+}
+
 /// What the rate limits read of one request, borrowed where it lies.
 pub struct RateRequest<'a> {
     pub method: &'a Method,
