@@ -581,7 +581,7 @@ async fn an_authorization_policy_from_kubectl_reaches_a_sidecar_within_two_secon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rate_limit_policy_from_kubectl_is_accepted_and_enforced_by_a_sidecar() {
+async fn rate_limits_tokens_and_hardening_from_kubectl_are_accepted_and_enforced_by_a_sidecar() {
     let c = cluster();
     let dir = tempdir("k8s-ratelimit");
     c.namespace("rl", &[], &["orders", "web"]);
@@ -614,6 +614,41 @@ async fn a_rate_limit_policy_from_kubectl_is_accepted_and_enforced_by_a_sidecar(
     let (status, _, message, _) = condition_of(c, "ratelimitpolicy", "rl", "zero").unwrap();
     assert_eq!(status, "False");
     assert!(message.contains("spec.limits[0].requestsPerUnit must be at least 1"), "{message}");
+
+    // End-user tokens and workload hardening from kubectl too: a token that is not signed is
+    // refused with 401, and every response of the workload carries the hardening.
+    let key = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+    let public = aws_lc_rs::rsa::PublicKeyComponents::<Vec<u8>>::from(key.public_key());
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwks = format!(
+        r#"{{"keys":[{{"kty":"RSA","kid":"k1","use":"sig","n":"{}","e":"{}"}}]}}"#,
+        b64(&public.n),
+        b64(&public.e)
+    );
+    let (ok, out) = c.apply(&format!(
+        "apiVersion: palisade.io/v1alpha1\nkind: RequestAuthentication\nmetadata: {{name: users, namespace: rl}}\n\
+         spec:\n  selector: {{matchLabels: {{app: orders}}}}\n  jwtRules:\n  - issuer: https://id.example\n    jwks: '{jwks}'\n\
+         ---\napiVersion: palisade.io/v1alpha1\nkind: WorkloadSecurity\nmetadata: {{name: edge, namespace: rl}}\n\
+         spec: {{selector: {{matchLabels: {{app: orders}}}}, responseHeaders: {{}}}}\n"
+    ));
+    assert!(ok, "{out}");
+    let unsigned =
+        format!("{}.{}.", b64(br#"{"alg":"none","typ":"JWT"}"#), b64(br#"{"iss":"https://id.example","sub":"u"}"#));
+    let bearer = format!("Bearer {unsigned}");
+    wait_for("the token rule to take effect", Duration::from_secs(10), || async {
+        get(&http, &format!("http://{route}/open"), &[("authorization", bearer.as_str())]).await.map(|r| r.0) == Ok(401)
+    })
+    .await;
+    let (status, headers, _) = get(&http, &format!("http://{route}/open"), &[]).await.unwrap();
+    assert_eq!(status, 200, "no token: authorization decides");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    wait_for("RequestAuthentication and WorkloadSecurity accepted", Duration::from_secs(20), || async {
+        condition_of(c, "requestauthentication", "rl", "users").is_some_and(|(s, r, ..)| s == "True" && r == "Accepted")
+            && condition_of(c, "workloadsecurity", "rl", "edge")
+                .is_some_and(|(s, r, ..)| s == "True" && r == "Accepted")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
