@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -63,12 +62,6 @@ struct Shop {
     batch: String,
     /// The callers' sidecars: dropped (killed) with the fixture.
     _callers: (Sidecar, Sidecar),
-}
-
-fn write_atomically(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 async fn shop(default_policy: &str) -> Shop {

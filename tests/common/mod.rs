@@ -42,6 +42,13 @@ pub fn free_addr() -> SocketAddr {
     panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT)
 }
 
+/// Writes a file whole or not at all (a watcher never reads it half-written).
+pub fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 pub fn tempdir(tag: &str) -> PathBuf {
     let dir =
         std::env::temp_dir().join(format!("palisade-test-{tag}-{}-{}", std::process::id(), rand::random::<u32>()));
