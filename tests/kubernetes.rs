@@ -617,6 +617,7 @@ async fn rate_limits_tokens_and_hardening_from_kubectl_are_accepted_and_enforced
 
     // End-user tokens and workload hardening from kubectl too: a token that is not signed is
     // refused with 401, and every response of the workload carries the hardening.
+    use aws_lc_rs::signature::KeyPair as _;
     let key = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
     let public = aws_lc_rs::rsa::PublicKeyComponents::<Vec<u8>>::from(key.public_key());
     use base64::Engine as _;
