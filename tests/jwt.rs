@@ -189,6 +189,11 @@ struct Mesh {
 /// `orders:read` scope on `/orders/*`; everything else is left to the mesh default (any mesh
 /// caller).
 async fn mesh(issuer_keys: &[Value], partner: &RsaKey) -> Mesh {
+    mesh_refreshing_every(issuer_keys, partner, "1s").await
+}
+
+/// [`mesh`], with the control plane fetching the issuer's keys every `refresh`.
+async fn mesh_refreshing_every(issuer_keys: &[Value], partner: &RsaKey, refresh: &str) -> Mesh {
     let dir = tempdir("jwt");
     let issuer = JwksServer::start(&dir, jwks(issuer_keys)).await;
     let resources = dir.join("resources");
@@ -229,7 +234,7 @@ spec:
     )
     .unwrap();
     let (res, ca) = (resources.display().to_string(), issuer.ca_file.display().to_string());
-    let cp = ControlPlane::start(&dir, &["--resources", &res, "--jwks-ca", &ca, "--jwks-refresh", "1s"]).await;
+    let cp = ControlPlane::start(&dir, &["--resources", &res, "--jwks-ca", &ca, "--jwks-refresh", refresh]).await;
     let app = EchoApp::start().await;
     // A 64 KiB token must reach the guard to be refused by it, not by the header limit.
     let big_heads = ["--max-header-bytes", "262144"];
@@ -393,6 +398,46 @@ async fn a_key_rotation_at_the_issuer_is_picked_up_and_a_failing_issuer_keeps_th
     let entry = &status[&m.issuer.url];
     assert_eq!(entry["keys"], 1, "{status}");
     assert!(entry["last_error"].as_str().is_some_and(|e| e.contains("JWKS")), "{status}");
+}
+
+/// A token naming a `kid` the sidecar does not have makes the control plane fetch the issuer's
+/// keys at once (the refresh interval here is ten minutes), and a flood of such tokens makes
+/// it fetch at most once per 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_kid_makes_the_control_plane_fetch_the_keys_at_once_but_not_again_within_30s() {
+    let (old, new, newer, partner) = (RsaKey::generate(), RsaKey::generate(), RsaKey::generate(), RsaKey::generate());
+    let m = mesh_refreshing_every(&[old.jwk("k1")], &partner, "10m").await;
+    m.wait_until_accepted(&old.sign("k1", &claims(ISSUER, json!({})))).await;
+
+    // The issuer rotates; the next scheduled fetch is ten minutes away.
+    m.issuer.serve(jwks(&[new.jwk("k2")]));
+    let fetches = m.issuer.fetches.load(Ordering::SeqCst);
+    let new_token = new.sign("k2", &claims(ISSUER, json!({})));
+    let (status, _, body) = m.call("/public/a", Some(&new_token), &[]).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("unknown-kid"), "{body}");
+    // Picked up in seconds: the refusal itself was the hint.
+    wait_for("the rotated key, long before the refresh", Duration::from_secs(5), || async {
+        m.call("/public/b", Some(&new_token), &[]).await.0 == 200
+    })
+    .await;
+    assert_eq!(m.issuer.fetches.load(Ordering::SeqCst), fetches + 1, "one fetch for the hint");
+
+    // Rotated again at once, and hammered with its tokens: inside the window no hint fetches,
+    // so the newer key stays unknown however many tokens name it.
+    m.issuer.serve(jwks(&[newer.jwk("k3")]));
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    let mut refused = 0;
+    while std::time::Instant::now() < until {
+        let token = newer.sign("k3", &claims(ISSUER, json!({"sub": format!("user-{refused}")})));
+        let (status, _, body) = m.call("/public/c", Some(&token), &[]).await;
+        assert_eq!(status, 401, "within 30 s of the last hinted fetch: {body}");
+        assert!(body.contains("unknown-kid"), "{body}");
+        refused += 1;
+    }
+    assert!(refused >= 20, "only {refused} tokens sent");
+    assert_eq!(m.issuer.fetches.load(Ordering::SeqCst), fetches + 1, "no fetch inside the window");
+    assert_eq!(m.call("/public/d", Some(&new_token), &[]).await.0, 200, "the keys in force stay");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,6 @@
-//! Reports what the sidecar saw to the control plane: per-peer deltas and certificate events.
+//! Reports what the sidecar saw to the control plane: per-peer deltas, certificate events and
+//! the issuers whose tokens named an unknown `kid` (sent at once, not at the next interval, so
+//! a key rotation at an issuer reaches this sidecar in seconds).
 //!
 //! Best effort by design: a report lost with a broken stream is not resent (counters on the
 //! sidecar's own `/metrics` stay exact); the next report carries the deltas since the last
@@ -17,15 +19,23 @@ use crate::identity::CertEvents;
 use crate::proto::telemetry::telemetry_client::TelemetryClient;
 use crate::proto::telemetry::{PeerCounters, TelemetryReport};
 use crate::telemetry::peers::{PeerKey, PeerStats};
+use crate::telemetry::unknown_kid::UnknownKidHints;
 
-/// Streams a report every `interval`, reconnecting with capped, jittered backoff.
-pub async fn run(
-    control: ControlClient,
-    spiffe_id: String,
-    stats: Arc<PeerStats>,
-    events: Arc<CertEvents>,
-    interval: Duration,
-) {
+/// The reporter's inputs.
+pub struct TelemetryInputs {
+    pub control: ControlClient,
+    pub spiffe_id: String,
+    pub stats: Arc<PeerStats>,
+    pub events: Arc<CertEvents>,
+    /// Issuers to hint; a new one makes a report go at once.
+    pub unknown_kids: Arc<UnknownKidHints>,
+    pub interval: Duration,
+}
+
+/// Streams a report every `interval`, and at once when an unknown-`kid` issuer is recorded,
+/// reconnecting with capped, jittered backoff.
+pub async fn run(inputs: TelemetryInputs) {
+    let TelemetryInputs { control, spiffe_id, stats, events, unknown_kids, interval } = inputs;
     let mut last: HashMap<PeerKey, [u64; 4]> = HashMap::new();
     let mut backoff = Backoff::new(interval.min(Duration::from_secs(1)), Duration::from_secs(5));
     loop {
@@ -41,7 +51,10 @@ pub async fn run(
             let mut tick = tokio::time::interval(interval);
             tick.tick().await;
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = unknown_kids.recorded() => {}
+                }
                 let mut peers = Vec::new();
                 let mut next = last.clone();
                 for (key, totals) in stats.totals() {
@@ -60,8 +73,14 @@ pub async fn run(
                     next.insert(key, totals);
                 }
                 let certificate_events = events.drain();
-                let report =
-                    TelemetryReport { spiffe_id: spiffe_id.clone(), timestamp: now_unix(), peers, certificate_events };
+                let unknown_kid_issuers = unknown_kids.drain(std::time::Instant::now());
+                let report = TelemetryReport {
+                    spiffe_id: spiffe_id.clone(),
+                    timestamp: now_unix(),
+                    peers,
+                    certificate_events,
+                    unknown_kid_issuers,
+                };
                 if tx.send(report).await.is_err() {
                     return;
                 }

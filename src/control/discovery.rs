@@ -219,6 +219,21 @@ impl MeshState {
             .collect()
     }
 
+    /// The `jwksUri` of every rule in force whose `issuer` is `issuer`.
+    pub fn jwks_uris_of(&self, issuer: &str) -> std::collections::BTreeSet<String> {
+        let resources = self.resources.load();
+        resources
+            .iter()
+            .filter_map(|r| match &r.spec {
+                Spec::RequestAuthentication(spec) => Some(spec),
+                _ => None,
+            })
+            .flat_map(|spec| &spec.jwt_rules)
+            .filter(|rule| rule.jwks.is_none() && rule.issuer == issuer)
+            .filter_map(|rule| rule.jwks_uri.clone())
+            .collect()
+    }
+
     /// The fetched JWKS documents now in force, by `jwksUri`.
     pub fn jwks(&self) -> Arc<BTreeMap<String, Arc<str>>> {
         self.jwks.load_full()

@@ -11,6 +11,11 @@
 //! - Every document is fetched again each `--jwks-refresh` (default 5 min), so a key rotation
 //!   at the issuer (a new `kid`) reaches sidecars within one interval without any restart; a
 //!   new `jwksUri` is fetched as soon as its resource arrives.
+//! - A sidecar that refused a token naming an unknown `kid` says so in its telemetry report
+//!   ([`JwksRefetch`]); every `jwksUri` of that issuer's rules is then fetched at once, at most
+//!   once per [`REFETCH_WINDOW`] per uri ([`RefetchLimiter`]; a hint inside the window is
+//!   ignored), so a rotation reaches sidecars in seconds and bad tokens cannot make the
+//!   control plane hammer an issuer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -24,6 +29,7 @@ use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
+use tokio::sync::Notify;
 
 use super::discovery::MeshState;
 use crate::guard::jwt::check_jwks;
@@ -32,6 +38,57 @@ use crate::guard::jwt::check_jwks;
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest JWKS document taken.
 pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
+
+/// Fetches a hint asks for: at most one per `jwksUri` in this window.
+pub const REFETCH_WINDOW: Duration = Duration::from_secs(30);
+/// Issuers waiting for the worker, at most (more are dropped until it has drained them).
+const MAX_WANTED: usize = 64;
+/// Hint-driven fetches remembered per uri, at most (the uris are the mesh's own).
+const MAX_LIMITED: usize = 1024;
+
+/// Unknown-`kid` hints from sidecars' reports, waiting for the JWKS worker.
+#[derive(Default)]
+pub struct JwksRefetch {
+    issuers: Mutex<std::collections::BTreeSet<String>>,
+    wanted: Notify,
+}
+
+impl JwksRefetch {
+    /// Asks for the keys of `issuer` to be fetched again (bounded; the worker rate-limits).
+    pub fn request(&self, issuer: &str) {
+        let mut issuers = self.issuers.lock();
+        if issuers.len() >= MAX_WANTED || !issuers.insert(issuer.to_string()) {
+            return;
+        }
+        drop(issuers);
+        self.wanted.notify_one();
+    }
+
+    fn take(&self) -> std::collections::BTreeSet<String> {
+        std::mem::take(&mut *self.issuers.lock())
+    }
+}
+
+/// When each `jwksUri` was last fetched because of a hint.
+#[derive(Default)]
+pub struct RefetchLimiter {
+    last: HashMap<String, Instant>,
+}
+
+impl RefetchLimiter {
+    /// Whether a hint for `uri` at `now` may fetch it (and, if so, counts that fetch).
+    pub fn allow(&mut self, uri: &str, now: Instant) -> bool {
+        if self.last.get(uri).is_some_and(|at| now.saturating_duration_since(*at) < REFETCH_WINDOW) {
+            return false;
+        }
+        self.last.retain(|_, at| now.saturating_duration_since(*at) < REFETCH_WINDOW);
+        if self.last.len() >= MAX_LIMITED {
+            return false;
+        }
+        self.last.insert(uri.to_string(), now);
+        true
+    }
+}
 
 /// Why a fetch did not produce a usable document.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +132,8 @@ pub struct JwksInputs {
     pub refresh: Duration,
     pub tls: Arc<ClientConfig>,
     pub status: JwksStatuses,
+    /// Unknown-`kid` hints from sidecars.
+    pub refetch: Arc<JwksRefetch>,
 }
 
 /// The TLS client of JWKS fetches: the system's roots (where the platform has them) and every
@@ -116,9 +175,20 @@ struct Schedule {
 pub async fn run(inputs: JwksInputs) {
     let mut changes = inputs.mesh.changes();
     let mut schedule: HashMap<String, Schedule> = HashMap::new();
+    let mut limiter = RefetchLimiter::default();
     loop {
         let uris = inputs.mesh.jwks_uris();
         schedule.retain(|uri, _| uris.contains(uri));
+        for issuer in inputs.refetch.take() {
+            for uri in inputs.mesh.jwks_uris_of(&issuer) {
+                if limiter.allow(&uri, Instant::now()) {
+                    tracing::info!(%uri, %issuer, "a sidecar saw an unknown kid: fetching the JWKS now");
+                    schedule.entry(uri).or_insert(Schedule { due: Instant::now(), failures: 0 }).due = Instant::now();
+                } else {
+                    tracing::debug!(%uri, %issuer, window = ?REFETCH_WINDOW, "unknown-kid hint inside the window: ignored");
+                }
+            }
+        }
         inputs.status.lock().retain(|uri, _| uris.contains(uri));
         let mut documents = BTreeMap::clone(&inputs.mesh.jwks());
         documents.retain(|uri, _| uris.contains(uri));
@@ -152,6 +222,7 @@ pub async fn run(inputs: JwksInputs) {
         let next = schedule.values().map(|s| s.due).min();
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
+            _ = inputs.refetch.wanted.notified() => {}
             _ = sleep_until(next) => {}
         }
     }
@@ -201,4 +272,39 @@ async fn get(uri: &str, tls: &Arc<ClientConfig>) -> Result<String, FetchError> {
         .map_err(|e| FetchError::Body(e.to_string()))?
         .to_bytes();
     String::from_utf8(body.to_vec()).map_err(|_| FetchError::Body("not UTF-8".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_uri_is_fetched_for_hints_at_most_once_per_window() {
+        let mut limiter = RefetchLimiter::default();
+        let t0 = Instant::now();
+        let uri = "https://issuer.example/jwks";
+        assert!(limiter.allow(uri, t0));
+        for s in [0, 1, 10, 29] {
+            assert!(!limiter.allow(uri, t0 + Duration::from_secs(s)), "hint {s}s after a fetch");
+        }
+        // Another uri has its own window.
+        assert!(limiter.allow("https://other.example/jwks", t0 + Duration::from_secs(1)));
+        assert!(limiter.allow(uri, t0 + REFETCH_WINDOW));
+        assert!(!limiter.allow(uri, t0 + REFETCH_WINDOW + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn hints_are_bounded_and_deduplicated() {
+        let refetch = JwksRefetch::default();
+        for _ in 0..10 {
+            refetch.request("https://issuer.example");
+        }
+        for i in 0..1000 {
+            refetch.request(&format!("https://issuer-{i}.example"));
+        }
+        let taken = refetch.take();
+        assert_eq!(taken.len(), MAX_WANTED);
+        assert!(taken.contains("https://issuer.example"));
+        assert!(refetch.take().is_empty());
+    }
 }

@@ -21,7 +21,7 @@ use crate::tls::{CertStore, TrustBundle, config};
 use super::ca_set::{self, CaSet};
 use super::discovery::{DiscoveryService, MeshSettings, MeshState};
 use super::identity_service::IdentityService;
-use super::jwks::{JwksInputs, JwksStatuses};
+use super::jwks::{JwksInputs, JwksRefetch, JwksStatuses};
 use super::source::{self, ResourceError, Sink};
 use super::store::{CredentialKind, Store};
 use super::telemetry::{TelemetryService, TrafficGraph};
@@ -101,7 +101,8 @@ pub struct ControlArgs {
     #[arg(long)]
     pub jwks_ca: Vec<PathBuf>,
     /// How often each `jwksUri` in force is fetched again (key rotations at the issuer reach
-    /// sidecars within this).
+    /// sidecars within this; a token naming an unknown `kid` fetches at once, at most once per
+    /// 30 s per uri).
     #[arg(long, env = "PALISADE_JWKS_REFRESH", default_value = "5m", value_parser = humantime::parse_duration)]
     pub jwks_refresh: Duration,
     /// Changes are batched for this long before they are pushed.
@@ -134,6 +135,8 @@ struct ControlInputs {
     /// The TLS client of `jwksUri` fetches.
     jwks_tls: Arc<rustls::ClientConfig>,
     jwks_status: JwksStatuses,
+    /// Unknown-`kid` hints from sidecars' reports, for the JWKS worker.
+    jwks_refetch: Arc<JwksRefetch>,
 }
 
 /// Runs the control plane until SIGTERM or Ctrl-C.
@@ -153,6 +156,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         refresh: args.jwks_refresh,
         tls: inputs.jwks_tls.clone(),
         status: inputs.jwks_status.clone(),
+        refetch: inputs.jwks_refetch.clone(),
     }));
     start_webhook(&inputs).await?;
     serve_admin(&inputs, admin_listener)?;
@@ -231,6 +235,7 @@ impl ControlInputs {
             kube,
             jwks_tls,
             jwks_status: Default::default(),
+            jwks_refetch: Default::default(),
         })
     }
 }
@@ -354,7 +359,10 @@ async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Re
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
         .add_service(DiscoveryServer::new(DiscoveryService { mesh: inputs.mesh.clone() }))
-        .add_service(TelemetryServer::new(TelemetryService { graph: inputs.graph.clone() }))
+        .add_service(TelemetryServer::new(TelemetryService {
+            graph: inputs.graph.clone(),
+            jwks_refetch: inputs.jwks_refetch.clone(),
+        }))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), crate::shutdown_signal())
         .await
         .context("gRPC server")

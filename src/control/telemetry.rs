@@ -1,4 +1,5 @@
-//! `Telemetry/Report`: aggregates what sidecars saw into the traffic graph.
+//! `Telemetry/Report`: aggregates what sidecars saw into the traffic graph, and passes their
+//! unknown-`kid` hints to the JWKS worker.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -6,6 +7,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::jwks::JwksRefetch;
 use crate::proto::telemetry::telemetry_server::Telemetry;
 use crate::proto::telemetry::{ReportAck, TelemetryReport};
 
@@ -87,9 +89,14 @@ impl TrafficGraph {
     }
 }
 
+/// Unknown-`kid` issuers taken from one report, at most; the rest are ignored.
+pub const MAX_HINTS_PER_REPORT: usize = 4;
+
 /// The gRPC service.
 pub struct TelemetryService {
     pub graph: Arc<TrafficGraph>,
+    /// Where unknown-`kid` hints go (the JWKS worker rate-limits the fetches).
+    pub jwks_refetch: Arc<JwksRefetch>,
 }
 
 #[tonic::async_trait]
@@ -102,6 +109,11 @@ impl Telemetry for TelemetryService {
         while let Some(report) = stream.message().await? {
             // A sidecar reports for itself only, whatever the message says.
             self.graph.add(&report, id.as_str());
+            // Only an authenticated sidecar gets here; still, a few issuers per report at most.
+            for issuer in report.unknown_kid_issuers.iter().take(MAX_HINTS_PER_REPORT) {
+                tracing::debug!(sidecar = %id, %issuer, "unknown-kid hint");
+                self.jwks_refetch.request(issuer);
+            }
         }
         Ok(Response::new(ReportAck {}))
     }

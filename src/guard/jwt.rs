@@ -11,7 +11,9 @@
 //! - Two different tokens in one request are refused (`multiple-tokens`): which user is
 //!   calling must not depend on which one a reader looks at first.
 //! - The sidecar never fetches keys: a rule's `jwksUri` is fetched by the control plane, which
-//!   sends the document in `jwks` with the snapshot.
+//!   sends the document in `jwks` with the snapshot. A token refused `unknown-kid` leaves its
+//!   issuer in [`UnknownKidHints`], which the sidecar reports so the control plane fetches
+//!   that `jwksUri` again at once (rate-limited) rather than at its next refresh.
 //! - A verified token is remembered ([`cache`]) until it expires, so a repeat costs a lookup.
 //! - Before the request goes on ([`JwtGuard::for_app`]), the token is removed unless
 //!   `forwardOriginalToken`, and the `outputClaimToHeaders` headers are set by the sidecar
@@ -37,6 +39,7 @@ use self::keys::VerifyingKey;
 use super::Refusal;
 use crate::policy::input::RequestAuth;
 use crate::policy::resource::WorkloadSelector;
+use crate::telemetry::unknown_kid::UnknownKidHints;
 
 pub use self::keys::check_jwks;
 
@@ -415,6 +418,10 @@ impl JwtGuard {
                     first_error.get_or_insert(e);
                 }
             }
+        }
+        if first_error == Some(TokenError::UnknownKid) {
+            // Perhaps the issuer rotated its keys: ask the control plane to fetch them now.
+            UnknownKidHints::global().record(issuer, std::time::Instant::now());
         }
         Err(first_error.unwrap_or(TokenError::WrongIssuer))
     }

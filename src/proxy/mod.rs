@@ -404,13 +404,14 @@ fn start_agent(inputs: &ProxyInputs, own_id: &SpiffeId) {
         }
     });
     tokio::spawn(crate::agent::discovery::run(inputs.control.clone(), node, apply, inputs.discovery.clone()));
-    tokio::spawn(crate::agent::telemetry::run(
-        inputs.control.clone(),
-        own_id.to_string(),
-        inputs.metrics.proxy.peers.clone(),
-        inputs.manager.events(),
-        args.telemetry_interval,
-    ));
+    tokio::spawn(crate::agent::telemetry::run(crate::agent::telemetry::TelemetryInputs {
+        control: inputs.control.clone(),
+        spiffe_id: own_id.to_string(),
+        stats: inputs.metrics.proxy.peers.clone(),
+        events: inputs.manager.events(),
+        unknown_kids: crate::telemetry::unknown_kid::UnknownKidHints::global().clone(),
+        interval: args.telemetry_interval,
+    }));
 }
 
 /// Binds and serves every listener the flags ask for: inbound mTLS, transparent outbound, and

@@ -4,6 +4,7 @@ pub mod access_log;
 pub mod admin;
 pub mod metrics;
 pub mod peers;
+pub mod unknown_kid;
 
 /// Sets up logging to stderr. `PALISADE_LOG` (or `RUST_LOG`) filters; `PALISADE_LOG_FORMAT=json`
 /// switches to JSON lines.
