@@ -24,10 +24,64 @@ pub fn stream(body: hyper::body::Incoming) -> ProxyBody {
     body.boxed()
 }
 
+/// What one pass over a message's header names found: which hop-by-hop headers are present,
+/// and whether any `x-palisade-*` header is. Every message crossing a sidecar is scanned once;
+/// most carry neither, and then nothing else is looked up (each lookup is a hashed probe).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HeaderScan {
+    hop: u16,
+    palisade: bool,
+}
+
+impl HeaderScan {
+    /// Scans `headers`.
+    pub fn of(headers: &HeaderMap) -> Self {
+        let mut scan = HeaderScan::default();
+        for name in headers.keys() {
+            match hop_index(name) {
+                Some(i) => scan.hop |= 1 << i,
+                None => scan.palisade |= name.as_str().starts_with("x-palisade-"),
+            }
+        }
+        scan
+    }
+
+    /// Whether an `x-palisade-*` header is present.
+    pub fn palisade(&self) -> bool {
+        self.palisade
+    }
+
+    /// Whether an `Upgrade` header is present.
+    pub fn upgrade(&self) -> bool {
+        self.hop & (1 << UPGRADE_INDEX) != 0
+    }
+}
+
+/// Readies a request from an app or a caller: its `x-palisade-*` headers removed (only sidecars
+/// set them, and only between sidecars), an `Upgrade` outside `allowed` removed. Returns the
+/// scan and whether the request switches protocols (an allowed upgrade, or `CONNECT`).
+pub fn sanitize_request<B>(req: &mut http::Request<B>, allowed: &[String]) -> (HeaderScan, bool) {
+    let scan = HeaderScan::of(req.headers());
+    (scan, sanitize_scanned(req, scan, allowed))
+}
+
+/// [`sanitize_request`] with the scan already made; returns whether the request switches
+/// protocols.
+pub fn sanitize_scanned<B>(req: &mut http::Request<B>, scan: HeaderScan, allowed: &[String]) -> bool {
+    if scan.palisade {
+        strip_palisade_headers(req.headers_mut());
+    }
+    let mut upgrade = req.method() == http::Method::CONNECT;
+    if scan.upgrade() {
+        keep_allowed_upgrade(req.headers_mut(), allowed);
+        upgrade |= req.headers().contains_key(header::UPGRADE);
+    }
+    upgrade
+}
+
 /// Removes every `x-palisade-*` header: only sidecars set them, and only between sidecars, so
 /// any that an app or an unauthenticated caller sends is removed before it can be believed.
 pub fn strip_palisade_headers(headers: &mut HeaderMap) {
-    // One pass finds them; most messages carry none, and then nothing is allocated.
     let found: Vec<HeaderName> = headers.keys().filter(|n| n.as_str().starts_with("x-palisade-")).cloned().collect();
     for name in found {
         headers.remove(name);
@@ -36,7 +90,7 @@ pub fn strip_palisade_headers(headers: &mut HeaderMap) {
 
 /// Removes an `Upgrade` header that names a protocol outside `allowed` (or `h2c`, always): the
 /// request then goes on as an ordinary request, decided and forwarded like any other.
-pub fn keep_allowed_upgrade(headers: &mut HeaderMap, allowed: &[String]) {
+fn keep_allowed_upgrade(headers: &mut HeaderMap, allowed: &[String]) {
     let Some(value) = headers.get(header::UPGRADE) else { return };
     let ok = value.to_str().is_ok_and(|v| {
         v.split(',').map(str::trim).all(|proto| {
@@ -68,15 +122,25 @@ pub fn error_response(status: StatusCode, reason: &str, request_id: &str) -> Res
 /// Removes connection-specific headers (RFC 9110 §7.6.1), including any the `Connection`
 /// header names. They describe one hop and must not cross the proxy.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names finds which hop-by-hop headers are present; only those are
-    // removed (a hashed removal each). Most messages carry none, and the usual one is a
-    // backend's `Connection: keep-alive`, which names nothing else to remove.
-    let mut present = 0u16;
-    for name in headers.keys() {
-        if let Some(i) = hop_index(name) {
-            present |= 1 << i;
-        }
+    let scan = HeaderScan::of(headers);
+    strip_scanned(headers, scan);
+}
+
+/// Removes the hop-by-hop headers and the `x-palisade-*` headers of a message crossing the
+/// sidecar (a response from an app): one scan finds both.
+pub fn strip_hop_by_hop_and_palisade(headers: &mut HeaderMap) {
+    let scan = HeaderScan::of(headers);
+    if scan.palisade {
+        strip_palisade_headers(headers);
     }
+    strip_scanned(headers, scan);
+}
+
+/// [`strip_hop_by_hop`] with the scan already made: only the headers found are removed (a
+/// hashed removal each). Most messages carry none, and the usual one is a backend's
+/// `Connection: keep-alive`, which names nothing else to remove.
+pub fn strip_scanned(headers: &mut HeaderMap, scan: HeaderScan) {
+    let present = scan.hop;
     if present == 0 {
         return;
     }
@@ -117,6 +181,9 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
+/// `Upgrade`'s index in [`HOP_BY_HOP`].
+const UPGRADE_INDEX: usize = 4;
+
 /// `name`'s index in [`HOP_BY_HOP`]. A `match` on the text compiles to a switch on the length;
 /// comparing with each entry in turn showed in the per-request profile (every header name of
 /// every message is looked up).
@@ -126,7 +193,7 @@ fn hop_index(name: &HeaderName) -> Option<usize> {
         "te" => 1,
         "trailer" => 2,
         "transfer-encoding" => 3,
-        "upgrade" => 4,
+        "upgrade" => UPGRADE_INDEX,
         "proxy-authorization" => 5,
         "proxy-authenticate" => 6,
         "keep-alive" => 7,

@@ -23,8 +23,8 @@ use tokio_rustls::TlsAcceptor;
 use super::body::RequestBody;
 use super::h1_pool::{Dial, Pool, Sticky};
 use super::http::{
-    BoxError, ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response, keep_allowed_upgrade, stream,
-    strip_hop_by_hop, strip_palisade_headers,
+    BoxError, HeaderScan, ProxyBody, REQUEST_ID, XFCC, ensure_request_id, error_response, sanitize_scanned, stream,
+    strip_hop_by_hop_and_palisade, strip_scanned,
 };
 use super::limits::{Drain, Limits, heed};
 use super::view::{MeshView, PeerAuthMode, SharedView};
@@ -278,8 +278,7 @@ async fn serve_probes(inbound: &Arc<Inbound>, tcp: TcpStream, remote: SocketAddr
             let (mut parts, body) = req.into_parts();
             let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
             parts.uri = Uri::try_from(format!("http://{app}{pq}")).unwrap_or_default();
-            strip_hop_by_hop(&mut parts.headers);
-            strip_palisade_headers(&mut parts.headers);
+            strip_hop_by_hop_and_palisade(&mut parts.headers);
             parts.headers.remove(&XFCC);
             // GET or HEAD of a probe path: no body to pace.
             match inbound.client.request(Request::from_parts(parts, RequestBody::unpaced(body))).await {
@@ -721,18 +720,17 @@ async fn forward(
     // Speak to the app what the calling app spoke: gRPC needs HTTP/2 end to end. Only a peer
     // sidecar says so, and only on HTTP/2 between sidecars (HTTP/1 callers ride HTTP/1.1);
     // every other `x-palisade-*` header stops here, whoever sent it.
-    let orig = req
-        .headers_mut()
-        .remove(&super::outbound::ORIG_PROTO)
-        .filter(|_| peer.id.is_some() && req.version() == http::Version::HTTP_2);
-    strip_palisade_headers(req.headers_mut());
-    keep_allowed_upgrade(req.headers_mut(), &inbound.limits.allowed_upgrades);
-    if super::http::is_upgrade(&req) {
+    let scan = HeaderScan::of(req.headers());
+    let orig = match scan.palisade() && peer.id.is_some() && req.version() == http::Version::HTTP_2 {
+        true => req.headers().get(&super::outbound::ORIG_PROTO).cloned(),
+        false => None,
+    };
+    if sanitize_scanned(&mut req, scan, &inbound.limits.allowed_upgrades) {
         return upgrade(inbound, peer, req, request_id).await;
     }
     let pace = inbound.limits.body_pace();
     let headers = req.headers_mut();
-    strip_hop_by_hop(headers);
+    strip_scanned(headers, scan);
     if !headers.contains_key(header::HOST)
         && let Some(auth) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     {
@@ -782,8 +780,7 @@ async fn forward(
     match sent {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            strip_palisade_headers(&mut parts.headers);
+            strip_hop_by_hop_and_palisade(&mut parts.headers);
             Response::from_parts(parts, stream(body))
         }
         Err(e) if super::body::too_slow(&*e) => {

@@ -25,8 +25,7 @@ use super::body::RequestBody;
 use super::detect::{Prefixed, Protocol, detect};
 use super::h1_pool::{Dial, Pool, Sticky};
 use super::http::{
-    BoxError, ProxyBody, ensure_request_id, error_response, keep_allowed_upgrade, stream, strip_hop_by_hop,
-    strip_palisade_headers,
+    BoxError, ProxyBody, ensure_request_id, error_response, sanitize_request, stream, strip_hop_by_hop, strip_scanned,
 };
 use super::limits::{Drain, Limits, heed};
 use crate::identity::SpiffeId;
@@ -327,9 +326,8 @@ async fn handle(out: &Outbound, sticky: &Sticky<MeshConnector>, mut req: Request
     let started = Instant::now();
     let request_id = ensure_request_id(req.headers_mut());
     // Only sidecars set `x-palisade-*` headers; the app's own never travel.
-    strip_palisade_headers(req.headers_mut());
-    keep_allowed_upgrade(req.headers_mut(), &out.limits.allowed_upgrades);
-    if super::http::is_upgrade(&req) {
+    let (scan, upgrade) = sanitize_request(&mut req, &out.limits.allowed_upgrades);
+    if upgrade {
         // WebSocket or CONNECT: a dedicated HTTP/1.1 mTLS connection (the HTTP/2 pool cannot
         // carry an upgrade), then raw bytes both ways.
         let connector = MeshConnector::new(out.route.target.clone(), out.h1_tls.clone(), out.limits.connect_timeout);
@@ -343,7 +341,7 @@ async fn handle(out: &Outbound, sticky: &Sticky<MeshConnector>, mut req: Request
         out.requests.record(resp.status(), started);
         return resp;
     }
-    strip_hop_by_hop(req.headers_mut());
+    strip_scanned(req.headers_mut(), scan);
     let h2 = req.version() == http::Version::HTTP_2;
     let prepared = if h2 { to_h2(out, &mut req) } else { to_h1(out, &mut req) };
     if let Err(reason) = prepared {
