@@ -397,7 +397,7 @@ impl JwtGuard {
             return Err(TokenError::TooLarge);
         }
         let digest = TokenCache::digest(token);
-        if let Some(hit) = self.cache.get(&digest, now)
+        if let Some(hit) = self.cache.get(digest, now)
             && rules.contains(&hit.rule)
         {
             return Ok((hit.auth.clone(), hit.rule, true));
@@ -411,7 +411,7 @@ impl JwtGuard {
                     let auth = Arc::new(RequestAuth::from_claims(parsed.claims));
                     let valid_until = valid_until.unwrap_or(now + NO_EXP_CACHE_SECS);
                     let verified = Arc::new(Verified { auth: auth.clone(), rule: r, valid_until });
-                    self.cache.insert(digest, verified, now);
+                    self.cache.insert(digest.into(), verified, now);
                     return Ok((auth, r, false));
                 }
                 Err(e) => {
