@@ -206,21 +206,18 @@ impl MeshState {
     /// Every `jwksUri` of the `RequestAuthentication` resources in force that the control plane
     /// must fetch (a rule with inline `jwks` needs none).
     pub fn jwks_uris(&self) -> std::collections::BTreeSet<String> {
-        let resources = self.resources.load();
-        resources
-            .iter()
-            .filter_map(|r| match &r.spec {
-                Spec::RequestAuthentication(spec) => Some(spec),
-                _ => None,
-            })
-            .flat_map(|spec| &spec.jwt_rules)
-            .filter(|rule| rule.jwks.is_none())
-            .filter_map(|rule| rule.jwks_uri.clone())
-            .collect()
+        self.jwks_uris_where(|_| true)
     }
 
     /// The `jwksUri` of every rule in force whose `issuer` is `issuer`.
     pub fn jwks_uris_of(&self, issuer: &str) -> std::collections::BTreeSet<String> {
+        self.jwks_uris_where(|rule| rule.issuer == issuer)
+    }
+
+    fn jwks_uris_where(
+        &self,
+        keep: impl Fn(&crate::guard::jwt::JwtRule) -> bool,
+    ) -> std::collections::BTreeSet<String> {
         let resources = self.resources.load();
         resources
             .iter()
@@ -229,7 +226,7 @@ impl MeshState {
                 _ => None,
             })
             .flat_map(|spec| &spec.jwt_rules)
-            .filter(|rule| rule.jwks.is_none() && rule.issuer == issuer)
+            .filter(|rule| rule.jwks.is_none() && keep(rule))
             .filter_map(|rule| rule.jwks_uri.clone())
             .collect()
     }
