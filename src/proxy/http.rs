@@ -265,12 +265,6 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// Whether a request switches protocols (WebSocket and other `Upgrade`s) or is `CONNECT`:
-/// such a request owns its connection and is carried over HTTP/1.1, then as raw bytes.
-pub fn is_upgrade<B>(req: &http::Request<B>) -> bool {
-    req.method() == http::Method::CONNECT || req.headers().contains_key(header::UPGRADE)
-}
-
 /// Sends an upgrade (or CONNECT) request over `io` with HTTP/1.1 and, if the upstream agrees
 /// (101, or 2xx to CONNECT), splices the two upgraded streams. The upstream's response goes back
 /// to the caller as is.

@@ -418,11 +418,7 @@ fn app_protocol<B>(req: &Request<B>) -> &'static str {
     }
 }
 
-fn is_grpc(req: &Request<Incoming>) -> bool {
-    is_grpc_request(req)
-}
-
-fn is_grpc_request<B>(req: &Request<B>) -> bool {
+fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -685,7 +681,7 @@ fn guard_refusal<B>(
     let (guard, reason) = refusal.label();
     inbound.metrics.guard_refusals.get_or_create(&GuardLabels { guard, reason }).inc();
     let mut resp = error_response(refusal.status(), &refusal.reason(), request_id);
-    if is_grpc_request(req) {
+    if is_grpc(req) {
         *resp.status_mut() = StatusCode::OK;
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));

@@ -18,10 +18,10 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::guard::Guards;
-use crate::guard::jwt::{JwtGuard, RequestAuthenticationSpec};
+use crate::guard::jwt::JwtGuard;
 use crate::guard::path::PathGuard;
-use crate::guard::rate::{RateGuard, RateLimitPolicySpec};
-use crate::guard::security::{SecurityGuard, WorkloadSecuritySpec};
+use crate::guard::rate::RateGuard;
+use crate::guard::security::SecurityGuard;
 use crate::identity::SpiffeId;
 use crate::policy::resource::{AuthorizationPolicy, AuthorizationPolicySpec, KIND as AUTHORIZATION_POLICY};
 use crate::policy::{DefaultPolicy, Policy, PolicySet, Workload};
@@ -352,37 +352,38 @@ fn compile_guards(snap: &Snapshot, path_normalization: &str, cur: &Guards, nack:
     };
     // An unchanged set of specs keeps its compiled guard, and with it the rate limits' buckets
     // and the token cache: a snapshot that changed something else resets nothing.
-    let jwt = decode_specs::<RequestAuthenticationSpec>(snap, "RequestAuthentication").and_then(|specs| {
-        if specs == cur.jwt.specs() {
-            return Ok(cur.jwt.clone());
-        }
-        JwtGuard::compile(specs).map(Arc::new).map_err(|m| guard_error("RequestAuthentication", m))
-    });
-    let rate = decode_named_specs::<RateLimitPolicySpec>(snap, "RateLimitPolicy").and_then(|specs| {
-        if specs == cur.rate.specs() {
-            return Ok(cur.rate.clone());
-        }
-        RateGuard::compile(specs).map(Arc::new).map_err(|m| guard_error("RateLimitPolicy", m))
-    });
-    let security = decode_specs::<WorkloadSecuritySpec>(snap, "WorkloadSecurity").and_then(|specs| {
-        if specs == cur.security.specs() {
-            return Ok(cur.security.clone());
-        }
-        SecurityGuard::compile(specs).map(Arc::new).map_err(|m| guard_error("WorkloadSecurity", m))
-    });
-    let security = security.unwrap_or_else(|e| {
-        nack.push(e);
-        cur.security.clone()
-    });
-    let jwt = jwt.unwrap_or_else(|e| {
-        nack.push(e);
-        cur.jwt.clone()
-    });
-    let rate = rate.unwrap_or_else(|e| {
-        nack.push(e);
-        cur.rate.clone()
-    });
+    let jwt = recompile(&cur.jwt, snap, "RequestAuthentication", decode_specs, JwtGuard::specs, JwtGuard::compile);
+    let rate = recompile(&cur.rate, snap, "RateLimitPolicy", decode_named_specs, RateGuard::specs, RateGuard::compile);
+    let security =
+        recompile(&cur.security, snap, "WorkloadSecurity", decode_specs, SecurityGuard::specs, SecurityGuard::compile);
+    let (jwt, rate, security) =
+        (kept(jwt, &cur.jwt, nack), kept(rate, &cur.rate, nack), kept(security, &cur.security, nack));
     Arc::new(Guards { path, jwt, rate, security })
+}
+
+/// The guard for `specs`: the one in force when they are unchanged, else a new compilation (an
+/// error names the kind).
+fn recompile<G, S: PartialEq>(
+    cur: &Arc<G>,
+    snap: &Snapshot,
+    kind: &str,
+    decode: fn(&Snapshot, &str) -> Result<Vec<S>, NackReason>,
+    specs_of: fn(&G) -> &[S],
+    compile: fn(Vec<S>) -> Result<G, String>,
+) -> Result<Arc<G>, NackReason> {
+    let specs = decode(snap, kind)?;
+    if specs == specs_of(cur) {
+        return Ok(cur.clone());
+    }
+    compile(specs).map(Arc::new).map_err(|m| guard_error(kind, m))
+}
+
+/// A guard that did not compile keeps the one in force, and goes into the NACK.
+fn kept<G>(compiled: Result<Arc<G>, NackReason>, cur: &Arc<G>, nack: &mut Vec<NackReason>) -> Arc<G> {
+    compiled.unwrap_or_else(|e| {
+        nack.push(e);
+        cur.clone()
+    })
 }
 
 fn guard_error(kind: &str, message: String) -> NackReason {
