@@ -373,7 +373,16 @@ impl JwtGuard {
             match &location.place {
                 Place::Header { name, prefix } => {
                     for value in headers.get_all(name) {
-                        if let Some(token) = value.to_str().ok().and_then(|v| strip_prefix(v, prefix)) {
+                        // UTF-8 is checked a word at a time; `to_str`'s visible-ASCII check went
+                        // byte by byte. A token that is not base64url is refused when parsed.
+                        let Ok(text) = std::str::from_utf8(value.as_bytes()) else {
+                            let head = value.as_bytes().get(..prefix.len());
+                            if head.is_some_and(|h| h.eq_ignore_ascii_case(prefix.as_bytes())) {
+                                return Err(TokenError::Malformed);
+                            }
+                            continue;
+                        };
+                        if let Some(token) = strip_prefix(text, prefix) {
                             each(Cow::Borrowed(token))?;
                         }
                     }
@@ -396,8 +405,7 @@ impl JwtGuard {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::TooLarge);
         }
-        let digest = TokenCache::digest(token);
-        if let Some(hit) = self.cache.get(digest, now)
+        if let Some(hit) = self.cache.get(token, now)
             && rules.contains(&hit.rule)
         {
             return Ok((hit.auth.clone(), hit.rule, true));
@@ -411,7 +419,7 @@ impl JwtGuard {
                     let auth = Arc::new(RequestAuth::from_claims(parsed.claims));
                     let valid_until = valid_until.unwrap_or(now + NO_EXP_CACHE_SECS);
                     let verified = Arc::new(Verified { auth: auth.clone(), rule: r, valid_until });
-                    self.cache.insert(digest.into(), verified, now);
+                    self.cache.insert(token, verified, now);
                     return Ok((auth, r, false));
                 }
                 Err(e) => {
@@ -774,6 +782,11 @@ pub(crate) mod tests {
         assert!(again.cached);
         assert_eq!(again.auth.principal, "https://id.test/alice");
         assert_eq!(g.cached_tokens(), 1);
+        // The remembered signature under a payload nobody signed is verified afresh, and refused.
+        let (head, rest) = token.split_once('.').unwrap();
+        let sig = rest.split_once('.').unwrap().1;
+        let forged = b64(json!({"iss": ISS, "sub": "admin", "aud": "orders", "exp": NOW + 600}).to_string().as_bytes());
+        assert_eq!(check(&g, &format!("{head}.{forged}.{sig}")).unwrap_err(), TokenError::BadSignature);
         // The cache keeps no token past its expiry.
         let late = g.authenticate_at(&bearer(&token), &Uri::from_static("/"), NOW + 600 + CLOCK_SKEW_SECS + 1);
         assert_eq!(late.unwrap_err(), TokenError::Expired);
@@ -869,6 +882,12 @@ pub(crate) mod tests {
         let other = sign(r1, Algorithm::RS256, Some("r1"), json!({"iss": ISS, "sub": "bob"}));
         let uri: Uri = format!("/a?token={other}").parse().unwrap();
         assert_eq!(g.authenticate_at(&h, &uri, NOW).unwrap_err(), TokenError::MultipleTokens);
+        // A token header that is not text is refused, not passed over as no token.
+        let mut bytes = format!("Bearer {token}").into_bytes();
+        bytes.push(0xff);
+        let mut garbled = HeaderMap::new();
+        garbled.insert(http::header::AUTHORIZATION, HeaderValue::from_bytes(&bytes).unwrap());
+        assert_eq!(guard().authenticate_at(&garbled, &Uri::from_static("/"), NOW).unwrap_err(), TokenError::Malformed);
         // Defaults: Authorization: Bearer (any case) and ?access_token=.
         let d = guard();
         let mut lower = HeaderMap::new();

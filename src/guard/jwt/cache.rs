@@ -1,18 +1,22 @@
 //! Verified tokens, remembered until they expire, so a client that sends the same token again
 //! costs a lookup instead of a signature check.
 //!
-//! Keyed by the token's signature (its third part, as sent). A hit returns the claims of the
-//! token that was verified with that signature, whatever the rest of the presented token says;
-//! so presenting another header or payload with a remembered signature gets exactly the
-//! identity of the verified token, which only its holder can present anyway (the signature is
-//! as secret as the token). Hashing the whole token instead (SHA-256) cost 19,000 instructions
-//! per request for an RS256 token of 750 bytes, five times the rest of the guard
-//! (`bench/instructions`, docs/benchmarks.md); a signature is uniformly distributed, so its
-//! first bytes are the hash. Bounded: [`CAPACITY`] entries over [`SHARDS`] shards, each behind its own short
-//! read-mostly lock. A shard that is full first drops what has expired, then an arbitrary entry,
-//! so a flood of distinct valid tokens evicts older ones instead of growing the heap. Only
-//! verified tokens are stored: an invalid one costs its refusal, never memory. The cache belongs
-//! to one compiled guard, so a key rotation (a new guard) forgets every entry of the old keys.
+//! Keyed by the whole token, so a hit needs exactly the token that was verified: the same
+//! signature under another header or payload is a miss, verified (and refused) afresh. (An
+//! earlier version keyed by the signature alone and answered such a token with the claims of
+//! the verified one; with `forwardOriginalToken` the app then got a payload nobody had signed.)
+//! The key's hash is the token's last 8 bytes, mixed: the end of the signature, uniformly
+//! distributed and chosen by the issuer, not the caller (only verified tokens are stored).
+//! Hashing the whole token (SHA-256) cost 19,000 instructions per request for an RS256 token of
+//! 750 bytes, five times the rest of the guard (`bench/instructions`, docs/benchmarks.md); a
+//! hit now costs the hash of 8 bytes and one compare of the token.
+//!
+//! Bounded: [`CAPACITY`] entries and [`CAPACITY_BYTES`] of tokens over [`SHARDS`] shards, each
+//! behind its own short read-mostly lock. A shard that is full first drops what has expired,
+//! then arbitrary entries, so a flood of distinct valid tokens evicts older ones instead of
+//! growing the heap. Only verified tokens are stored: an invalid one costs its refusal, never
+//! memory. The cache belongs to one compiled guard, so a key rotation (a new guard) forgets
+//! every entry of the old keys.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -24,11 +28,10 @@ use crate::policy::input::RequestAuth;
 
 /// Most tokens remembered by one guard.
 pub const CAPACITY: usize = 10_000;
+/// Most bytes of tokens remembered by one guard (tokens are at most 8 KiB; most are under 1).
+pub const CAPACITY_BYTES: usize = 16 << 20;
 /// Independent locks; a lookup takes one shard's read lock.
 const SHARDS: usize = 16;
-
-/// A token's signature, as sent: the cache key.
-pub(crate) type TokenDigest = Box<str>;
 
 /// What a verification proved, remembered.
 #[derive(Debug)]
@@ -40,34 +43,54 @@ pub(crate) struct Verified {
     pub valid_until: i64,
 }
 
-/// A signature is uniformly distributed: the first 8 bytes of the key are the hash (later
-/// writes, such as `str`'s terminator, are ignored).
+/// The last 8 bytes of a token, mixed (they are text: base64url spreads 6 bits over 8).
+fn tail_hash(token: &[u8]) -> u64 {
+    let tail = &token[token.len().saturating_sub(8)..];
+    let mut h = 0u64;
+    for (i, b) in tail.iter().enumerate() {
+        h |= u64::from(*b) << (8 * i);
+    }
+    h.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Hashes a token key by its tail (the first write is the token; `str`'s terminator is ignored).
 #[derive(Default)]
-struct DigestHasher {
+struct TailHasher {
     hash: u64,
     written: bool,
 }
 
-impl Hasher for DigestHasher {
+impl Hasher for TailHasher {
     fn finish(&self) -> u64 {
         self.hash
     }
     fn write(&mut self, bytes: &[u8]) {
-        if std::mem::replace(&mut self.written, true) {
-            return;
-        }
-        for (i, b) in bytes.iter().take(8).enumerate() {
-            self.hash |= u64::from(*b) << (8 * i);
+        if !std::mem::replace(&mut self.written, true) {
+            self.hash = tail_hash(bytes);
         }
     }
 }
 
-type Shard = HashMap<TokenDigest, Arc<Verified>, BuildHasherDefault<DigestHasher>>;
+/// One shard: tokens and how many bytes they hold.
+#[derive(Default)]
+struct Shard {
+    map: HashMap<Box<str>, Arc<Verified>, BuildHasherDefault<TailHasher>>,
+    bytes: usize,
+}
+
+impl Shard {
+    fn remove(&mut self, token: &str) {
+        if self.map.remove(token).is_some() {
+            self.bytes -= token.len();
+        }
+    }
+}
 
 /// The bounded cache of one guard.
 pub(crate) struct TokenCache {
     shards: Box<[RwLock<Shard>]>,
     per_shard: usize,
+    bytes_per_shard: usize,
 }
 
 impl std::fmt::Debug for TokenCache {
@@ -78,70 +101,72 @@ impl std::fmt::Debug for TokenCache {
 
 impl Default for TokenCache {
     fn default() -> Self {
-        Self::with_capacity(CAPACITY)
+        Self::sharded(CAPACITY, CAPACITY_BYTES, SHARDS)
     }
 }
 
 impl TokenCache {
-    /// A cache of at most `capacity` entries (rounded up to a multiple of the shard count).
-    pub fn with_capacity(capacity: usize) -> Self {
-        Self::sharded(capacity, SHARDS)
-    }
-
-    fn sharded(capacity: usize, shards: usize) -> Self {
-        let per_shard = capacity.div_ceil(shards).max(1);
-        TokenCache { shards: (0..shards).map(|_| RwLock::new(Shard::default())).collect(), per_shard }
-    }
-
-    /// A token's cache key: its signature (empty for a token without one, which is never
-    /// remembered, as it never verifies).
-    pub fn digest(token: &str) -> &str {
-        token.rfind('.').map_or("", |i| &token[i + 1..])
-    }
-
-    fn shard(&self, digest: &str) -> &RwLock<Shard> {
-        // The signature's first bytes, mixed (they are text: base64 spreads 6 bits over 8).
-        let mut h = 0u64;
-        for (i, b) in digest.as_bytes().iter().take(8).enumerate() {
-            h |= u64::from(*b) << (8 * i);
+    fn sharded(capacity: usize, bytes: usize, shards: usize) -> Self {
+        TokenCache {
+            shards: (0..shards).map(|_| RwLock::new(Shard::default())).collect(),
+            per_shard: capacity.div_ceil(shards).max(1),
+            bytes_per_shard: bytes.div_ceil(shards).max(1),
         }
-        let mixed = (h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize;
+    }
+
+    /// A cache of at most `capacity` entries (rounded up to a multiple of the shard count).
+    #[cfg(test)]
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self::sharded(capacity, CAPACITY_BYTES, SHARDS)
+    }
+
+    fn shard(&self, token: &str) -> &RwLock<Shard> {
+        // The hash's high half: the map's own buckets and tags use other bits.
+        let mixed = (tail_hash(token.as_bytes()) >> 32) as usize;
         &self.shards[mixed % self.shards.len()]
     }
 
-    /// The verification of this token, if remembered and still valid at `now`.
-    pub fn get(&self, digest: &str, now: i64) -> Option<Arc<Verified>> {
-        if digest.is_empty() {
-            return None;
-        }
-        let found = self.shard(digest).read().get(digest).cloned()?;
+    /// The verification of exactly this token, if remembered and still valid at `now`.
+    pub fn get(&self, token: &str, now: i64) -> Option<Arc<Verified>> {
+        let found = self.shard(token).read().map.get(token).cloned()?;
         if now > found.valid_until {
-            self.shard(digest).write().remove(digest);
+            self.shard(token).write().remove(token);
             return None;
         }
         Some(found)
     }
 
-    /// Remembers a verification; a full shard makes room first.
-    pub fn insert(&self, digest: TokenDigest, verified: Arc<Verified>, now: i64) {
-        let mut shard = self.shard(&digest).write();
-        if shard.len() >= self.per_shard && !shard.contains_key(&digest) {
-            shard.retain(|_, v| v.valid_until >= now);
-            if shard.len() >= self.per_shard {
-                let victim = rand::random_range(0..shard.len());
-                if let Some(key) = shard.keys().nth(victim).cloned() {
-                    shard.remove(&key);
-                }
-            }
+    /// Remembers a verification; a full shard makes room first. A token larger than a shard's
+    /// share of [`CAPACITY_BYTES`] is never remembered.
+    pub fn insert(&self, token: &str, verified: Arc<Verified>, now: i64) {
+        if token.is_empty() || token.len() > self.bytes_per_shard {
+            return;
         }
-        if !digest.is_empty() {
-            shard.insert(digest, verified);
+        let mut shard = self.shard(token).write();
+        shard.remove(token);
+        let full = |s: &Shard| s.map.len() >= self.per_shard || s.bytes + token.len() > self.bytes_per_shard;
+        if full(&shard) {
+            shard.map.retain(|_, v| v.valid_until >= now);
+            shard.bytes = shard.map.keys().map(|k| k.len()).sum();
         }
+        while full(&shard) {
+            let victim = rand::random_range(0..shard.map.len());
+            let Some(key) = shard.map.keys().nth(victim).cloned() else { break };
+            shard.remove(&key);
+        }
+        shard.bytes += token.len();
+        shard.map.insert(token.into(), verified);
     }
 
     /// How many verifications are remembered.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.read().len()).sum()
+        self.shards.iter().map(|s| s.read().map.len()).sum()
+    }
+
+    /// How many bytes of tokens are remembered.
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        self.shards.iter().map(|s| s.read().bytes).sum()
     }
 }
 
@@ -160,43 +185,59 @@ mod tests {
         // Signatures are uniformly distributed; so are these.
         let token = |i: u64| format!("a.b.{:016x}", i.wrapping_mul(0x2545_F491_4F6C_DD1D));
         for i in 0..10_000 {
-            cache.insert(TokenCache::digest(&token(i)).into(), verified(2_000), 1_000);
+            cache.insert(&token(i), verified(2_000), 1_000);
         }
         assert!(cache.len() <= 160, "{}", cache.len());
         assert!(cache.len() >= 150, "a full cache stays (nearly) full: {}", cache.len());
         // The last token is there; an early one was evicted.
-        assert!(cache.get(TokenCache::digest(&token(9_999)), 1_000).is_some());
-        let early = (0..100).filter(|i| cache.get(TokenCache::digest(&token(*i)), 1_000).is_some());
+        assert!(cache.get(&token(9_999), 1_000).is_some());
+        let early = (0..100).filter(|i| cache.get(&token(*i), 1_000).is_some());
         assert!(early.count() < 10);
     }
 
     #[test]
-    fn entries_end_when_the_token_expires_and_expired_ones_go_first() {
-        let cache = TokenCache::sharded(4, 1);
-        let d = TokenCache::digest("a.b.c");
-        cache.insert(d.into(), verified(1_060), 1_000);
-        assert!(cache.get(d, 1_060).is_some());
-        assert!(cache.get(d, 1_061).is_none(), "past its time");
-        assert_eq!(cache.len(), 0, "and forgotten");
-        // A full shard drops its expired entries before any live one.
-        let live = TokenCache::digest("x.y.live");
-        cache.insert(live.into(), verified(5_000), 1_000);
-        for i in 0..3 {
-            cache.insert(TokenCache::digest(&format!("x.y.old-{i}")).into(), verified(1_500), 1_000);
+    fn large_tokens_are_bounded_by_bytes_too() {
+        let cache = TokenCache::sharded(10_000, 64 * 1024, 1);
+        let token = |i: u64| format!("{}.{:016x}", "p".repeat(4_000), i.wrapping_mul(0x2545_F491_4F6C_DD1D));
+        for i in 0..1_000 {
+            cache.insert(&token(i), verified(2_000), 1_000);
         }
-        assert_eq!(cache.len(), 4);
-        cache.insert(TokenCache::digest("x.y.new").into(), verified(5_000), 2_000);
-        assert_eq!(cache.len(), 2, "expired entries swept when a shard filled");
-        assert!(cache.get(live, 2_000).is_some());
+        assert!(cache.bytes() <= 64 * 1024, "{}", cache.bytes());
+        let fit = 64 * 1024 / token(0).len();
+        assert_eq!(cache.len(), fit, "as many as fit");
+        assert_eq!(cache.bytes(), fit * token(0).len(), "the byte count follows removals");
+        assert!(cache.get(&token(999), 1_000).is_some());
+        cache.insert(&"x".repeat(65 * 1024), verified(2_000), 1_000);
+        assert!(cache.get(&"x".repeat(65 * 1024), 1_000).is_none(), "larger than the budget: not kept");
     }
 
     #[test]
-    fn tokens_are_remembered_by_their_signature_and_unsigned_ones_never() {
-        assert_ne!(TokenCache::digest("a.b.c"), TokenCache::digest("a.b.d"));
-        assert_eq!(TokenCache::digest("a.b.sig"), "sig");
-        let cache = TokenCache::sharded(4, 1);
-        cache.insert(TokenCache::digest("a.b.").into(), verified(5_000), 1_000);
-        assert_eq!(cache.len(), 0, "an empty signature is never a key");
-        assert!(cache.get(TokenCache::digest("a.b."), 1_000).is_none());
+    fn entries_end_when_the_token_expires_and_expired_ones_go_first() {
+        let cache = TokenCache::sharded(4, CAPACITY_BYTES, 1);
+        cache.insert("a.b.c", verified(1_060), 1_000);
+        assert!(cache.get("a.b.c", 1_060).is_some());
+        assert!(cache.get("a.b.c", 1_061).is_none(), "past its time");
+        assert_eq!(cache.len(), 0, "and forgotten");
+        assert_eq!(cache.bytes(), 0);
+        // A full shard drops its expired entries before any live one.
+        cache.insert("x.y.live", verified(5_000), 1_000);
+        for i in 0..3 {
+            cache.insert(&format!("x.y.old-{i}"), verified(1_500), 1_000);
+        }
+        assert_eq!(cache.len(), 4);
+        cache.insert("x.y.new", verified(5_000), 2_000);
+        assert_eq!(cache.len(), 2, "expired entries swept when a shard filled");
+        assert!(cache.get("x.y.live", 2_000).is_some());
+    }
+
+    #[test]
+    fn a_hit_needs_the_whole_token_not_just_its_signature() {
+        let cache = TokenCache::sharded(4, CAPACITY_BYTES, 1);
+        cache.insert("head.alice.sig", verified(5_000), 1_000);
+        assert!(cache.get("head.alice.sig", 1_000).is_some());
+        assert!(cache.get("head.admin.sig", 1_000).is_none(), "another payload, same signature");
+        assert!(cache.get("other.alice.sig", 1_000).is_none(), "another header, same signature");
+        cache.insert("", verified(5_000), 1_000);
+        assert_eq!(cache.len(), 1, "an empty token is never a key");
     }
 }

@@ -8,14 +8,18 @@
 //! Times are nanoseconds from an epoch the caller keeps (the guard's compile time), passed in,
 //! so the arithmetic is tested with any clock.
 //!
-//! Keyed buckets live in shards (a mutex each, chosen by a keyed hash, so no caller can aim at
-//! one), bounded to `max_keys` in all. A full shard first forgets the buckets that have
+//! Keyed buckets live in shards (a mutex each, chosen by a hash seeded at random, so no caller
+//! can aim at one), bounded to `max_keys` in all. The hash is foldhash, not SipHash: a shard's
+//! map holds at most a few hundred keys, so colliding keys cost a bounded probe, and SipHash's
+//! two hashes per request were 500 instructions (`bench/instructions`). A full shard first forgets the buckets that have
 //! refilled (they hold nothing: a new bucket is full too), then the one nearest to full. So a
 //! flood of new keys forgets the flood's own buckets before those of callers being limited, and
 //! the heap never grows past the bound.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -73,7 +77,7 @@ const KEYS_PER_SHARD: usize = 128;
 const MAX_SHARDS: usize = 4096;
 
 /// One shard's buckets: key → TAT.
-type Shard = HashMap<Box<[u8]>, u64>;
+type Shard = HashMap<Box<[u8]>, u64, RandomState>;
 
 /// Buckets by key, at most `max_keys` of them.
 #[derive(Debug)]
@@ -91,8 +95,8 @@ impl KeyedBuckets {
         let max_keys = max_keys.max(1);
         let count = (max_keys / KEYS_PER_SHARD).clamp(1, MAX_SHARDS);
         KeyedBuckets {
-            shard_of: RandomState::new(),
-            shards: (0..count).map(|_| Mutex::new(HashMap::new())).collect(),
+            shard_of: RandomState::default(),
+            shards: (0..count).map(|_| Mutex::new(HashMap::default())).collect(),
             per_shard: max_keys / count,
         }
     }
