@@ -142,7 +142,20 @@ impl Store {
         std::fs::create_dir_all(state_dir).map_err(io)?;
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+            std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+                // The CA's keys live here: a directory this user cannot keep private is refused.
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    io(std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{e}: it must be private (0700) and this user does not own it; point --state-dir at a \
+                             directory this user owns or may create, such as a subdirectory of the volume"
+                        ),
+                    ))
+                } else {
+                    io(e)
+                }
+            })?;
         }
         let path = state_dir.join("state.db");
         let sql = |source| StoreError::Sqlite { path: path.clone(), source };

@@ -15,3 +15,8 @@ app.kubernetes.io/name: palisade-control
 {{- define "palisade.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
+
+{{/* The image injected into pods: proxyImage's fields, else the control plane's image. */}}
+{{- define "palisade.proxyImage" -}}
+{{ .Values.proxyImage.repository | default .Values.image.repository }}:{{ .Values.proxyImage.tag | default .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
