@@ -37,6 +37,12 @@ enum Command {
     Proxy(Box<ProxyArgs>),
     /// Install iptables rules for transparent interception (init container).
     Init(palisade::init::InitArgs),
+    /// The CNI mode: with no subcommand, the chained CNI plugin the container runtime runs
+    /// (`CNI_*` environment, configuration on stdin); `install` is the node DaemonSet.
+    Cni {
+        #[command(subcommand)]
+        command: Option<palisade::k8s::cni::CniCommand>,
+    },
     /// Inject the sidecar into Kubernetes YAML (the webhook's code, on files).
     ///
     /// Every pod template is injected unless it says `palisade.io/inject: disabled`; other objects
@@ -101,6 +107,9 @@ struct InjectArgs {
     /// Trust domain of the mesh.
     #[arg(long, default_value_t = InjectConfig::default().trust_domain)]
     trust_domain: String,
+    /// Inject for the CNI mode (the node's `palisade cni` plugin installs the redirect).
+    #[arg(long)]
+    cni: bool,
 }
 
 #[derive(Subcommand)]
@@ -190,6 +199,7 @@ fn inject(args: InjectArgs) -> anyhow::Result<()> {
         image: args.image,
         control_addr: args.control,
         trust_domain: args.trust_domain,
+        cni: args.cni,
         ca_bundle_pem,
         ..InjectConfig::default()
     };
@@ -290,6 +300,8 @@ fn real_main() -> anyhow::Result<ExitCode> {
             }
         }
         Command::Init(args) => palisade::init::run(args)?,
+        Command::Cni { command: None } => return Ok(palisade::k8s::cni::plugin_main()),
+        Command::Cni { command: Some(command) } => palisade::k8s::cni::run(command)?,
         Command::Inject(args) => inject(args)?,
         Command::Policy { command } => return palisade::policy::run(command, palisade::guard::jwt::verify_offline),
         Command::Demo(args) => runtime()?.block_on(palisade::demo::run(args))?,

@@ -232,7 +232,8 @@ fn the_control_plane_deployment_is_hardened_and_spread() {
         ["--listen", "0.0.0.0:15010"],
         ["--admin", "0.0.0.0:15014"],
         ["--webhook", "0.0.0.0:15017"],
-        ["--state-dir", "/var/lib/palisade"],
+        // A subdirectory of the volume: the volume's root is root's, and the state dir must be 0700.
+        ["--state-dir", "/var/lib/palisade/state"],
     ] {
         assert!(args.windows(2).any(|w| w == pair), "args lack {pair:?}: {args:?}");
     }
@@ -250,6 +251,150 @@ fn the_control_plane_deployment_is_hardened_and_spread() {
     let pdb = find(&objects, "PodDisruptionBudget", "palisade-control");
     assert_eq!(pdb["spec"]["minAvailable"], 1);
     assert_eq!(pdb["spec"]["selector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
+}
+
+/// `helm template` of the chart in `palisade-system` with `sets` (`--set key=value` each).
+fn helm_template(sets: &[&str]) -> Vec<Value> {
+    let out = std::process::Command::new(tools::helm())
+        .args(["template", "palisade"])
+        .arg(repo().join("deploy/helm/palisade"))
+        .args(["--namespace", "palisade-system"])
+        .args(sets.iter().flat_map(|s| ["--set", s]))
+        .output()
+        .expect("cannot run helm");
+    assert!(out.status.success(), "helm template {sets:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    documents(&String::from_utf8(out.stdout).unwrap(), "helm template")
+}
+
+/// Every `image` field anywhere under `v`.
+fn images(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Mapping(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v.as_str()) {
+                    (Some("image"), Some(image)) => out.push(image.to_string()),
+                    _ => images(v, out),
+                }
+            }
+        }
+        Value::Sequence(s) => s.iter().for_each(|v| images(v, out)),
+        _ => {}
+    }
+}
+
+/// The value after `flag` in the control plane's arguments.
+fn control_flag(objects: &[Value], flag: &str) -> Option<String> {
+    let deployment = objects.iter().find(|o| text(o, &["kind"]) == "Deployment").expect("a Deployment");
+    let args = strings(&deployment["spec"]["template"]["spec"]["containers"][0]["args"]);
+    args.windows(2).find(|w| w[0] == flag).map(|w| w[1].clone())
+}
+
+#[test]
+fn the_charts_image_values_reach_every_image_it_names_the_injectors_included() {
+    let default = helm_template(&[]);
+    let version = env!("CARGO_PKG_VERSION");
+    let mut named = Vec::new();
+    default.iter().for_each(|o| images(o, &mut named));
+    assert_eq!(named, [format!("ghcr.io/palisade-mesh/palisade:{version}")]);
+    assert_eq!(control_flag(&default, "--proxy-image"), Some(format!("ghcr.io/palisade-mesh/palisade:{version}")));
+
+    let custom = helm_template(&["image.repository=registry.example/mesh/palisade", "image.tag=1.2.3"]);
+    let mut named = Vec::new();
+    custom.iter().for_each(|o| images(o, &mut named));
+    assert_eq!(named, ["registry.example/mesh/palisade:1.2.3"], "the control plane's image");
+    assert_eq!(
+        control_flag(&custom, "--proxy-image").as_deref(),
+        Some("registry.example/mesh/palisade:1.2.3"),
+        "the injector puts the same image into pods"
+    );
+
+    let split = helm_template(&["image.tag=1.2.3", "proxyImage.repository=mirror.example/proxy"]);
+    assert_eq!(control_flag(&split, "--proxy-image").as_deref(), Some("mirror.example/proxy:1.2.3"));
+
+    // Pods without cluster DNS: a fixed Service address for the sidecars to dial.
+    let fixed = helm_template(&["service.clusterIP=10.97.0.20", "injector.controlAddress=10.97.0.20:15010"]);
+    assert_eq!(control_flag(&fixed, "--inject-control").as_deref(), Some("10.97.0.20:15010"));
+    let service = fixed.iter().find(|o| text(o, &["kind"]) == "Service").unwrap();
+    assert_eq!(text(service, &["spec", "clusterIP"]), "10.97.0.20");
+    assert_eq!(control_flag(&default, "--inject-control"), None, "the default is the Service's DNS name");
+}
+
+#[test]
+fn the_cni_mode_adds_a_node_daemonset_that_may_only_read_pods_and_switches_the_injector() {
+    let named = |objects: Vec<Value>| objects.into_iter().map(|o| ("helm template".to_string(), o)).collect::<Vec<_>>();
+    let off = named(helm_template(&[]));
+    assert!(!off.iter().any(|(_, o)| text(o, &["kind"]) == "DaemonSet"), "off by default");
+    assert!(!strings(&find(&off, "Deployment", "palisade-control")["spec"]["template"]["spec"]["containers"][0]["args"])
+        .contains(&"--inject-cni".to_string()));
+
+    let on = named(helm_template(&["cni.enabled=true", "cni.binDir=/var/lib/cni/bin", "image.tag=1.2.3"]));
+    let control = &find(&on, "Deployment", "palisade-control")["spec"]["template"]["spec"]["containers"][0];
+    assert!(strings(&control["args"]).contains(&"--inject-cni".to_string()), "the injector knows");
+    let ds = find(&on, "DaemonSet", "palisade-cni");
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(text(c, &["image"]), "ghcr.io/palisade-mesh/palisade:1.2.3", "the chart's image");
+    let args = strings(&c["args"]);
+    assert_eq!(&args[..2], ["cni", "install"]);
+    assert!(args.windows(2).any(|w| w == ["--host-bin-dir", "/var/lib/cni/bin"]), "{args:?}");
+    let host_paths: Vec<&str> =
+        pod["volumes"].as_sequence().unwrap().iter().map(|v| v["hostPath"]["path"].as_str().unwrap()).collect();
+    assert_eq!(host_paths, ["/var/lib/cni/bin", "/etc/cni/net.d"], "the node's CNI directories and nothing else");
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(strings(&c["securityContext"]["capabilities"]["drop"]), ["ALL"]);
+    assert!(c["securityContext"]["capabilities"]["add"].is_null(), "root, but no capability on top");
+    assert_eq!(pod["hostNetwork"], Value::Null, "the installer needs no host network");
+    assert_eq!(text(pod, &["serviceAccountName"]), "palisade-cni");
+    let role = find(&on, "ClusterRole", "palisade-cni");
+    assert_eq!(
+        serde_yaml::to_string(&role["rules"]).unwrap(),
+        "- apiGroups:\n  - ''\n  resources:\n  - pods\n  verbs:\n  - get\n",
+        "the plugin's token on every node may read pods, and nothing else"
+    );
+}
+
+#[test]
+fn the_network_policy_admits_sidecars_and_the_api_server_and_nothing_else() {
+    let objects = deploy_objects();
+    let policy = find(&objects, "NetworkPolicy", "palisade-control");
+    let deployment = find(&objects, "Deployment", "palisade-control");
+    assert_eq!(policy["spec"]["podSelector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
+    assert_eq!(strings(&policy["spec"]["policyTypes"]), ["Ingress", "Egress"], "both directions are closed");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let named: BTreeMap<String, i64> = container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| (text(p, &["name"]).to_string(), p["containerPort"].as_i64().unwrap()))
+        .collect();
+    let ingress = policy["spec"]["ingress"].as_sequence().unwrap();
+    let admitted: Vec<&str> = ingress
+        .iter()
+        .flat_map(|rule| rule["ports"].as_sequence().unwrap())
+        .map(|p| p["port"].as_str().expect("ports by name, so they follow the container"))
+        .collect();
+    assert_eq!(admitted, ["grpc", "webhook"], "the admin port is not open to pods by default");
+    for port in &admitted {
+        assert!(named.contains_key(*port), "{port} is not a port of the control-plane container: {named:?}");
+    }
+    let egress: BTreeSet<i64> = policy["spec"]["egress"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|rule| rule["ports"].as_sequence().unwrap())
+        .map(|p| p["port"].as_i64().unwrap())
+        .collect();
+    assert_eq!(egress, BTreeSet::from([53, 443, 6443]));
+
+    // Scrapers are let in only where the chart is told to.
+    let opened = helm_template(&["networkPolicy.adminFrom[0].namespaceSelector.matchLabels.team=monitoring"]);
+    let policy = opened.iter().find(|o| text(o, &["kind"]) == "NetworkPolicy").unwrap();
+    let admin = &policy["spec"]["ingress"][1];
+    assert_eq!(text(&admin["ports"][0], &["port"]), "admin");
+    assert_eq!(text(&admin["from"][0], &["namespaceSelector", "matchLabels", "team"]), "monitoring");
+    let off = helm_template(&["networkPolicy.enabled=false"]);
+    assert!(off.iter().all(|o| text(o, &["kind"]) != "NetworkPolicy"));
 }
 
 /// Whether a Kubernetes label selector (`matchLabels` and `matchExpressions`) selects `labels`;
@@ -451,14 +596,7 @@ fn the_generated_crds_are_in_deploy_crds() {
 
 #[test]
 fn the_helm_chart_renders_the_same_objects_as_deploy() {
-    let out = std::process::Command::new(tools::helm())
-        .args(["template", "palisade"])
-        .arg(repo().join("deploy/helm/palisade"))
-        .args(["--namespace", "palisade-system"])
-        .output()
-        .expect("cannot run helm");
-    assert!(out.status.success(), "helm template failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let rendered = documents(&String::from_utf8(out.stdout).unwrap(), "helm template");
+    let rendered = helm_template(&[]);
 
     let plain = deploy_objects();
     // The chart leaves its namespace to `helm install --create-namespace`, and installs CRDs from
@@ -487,7 +625,7 @@ fn the_helm_chart_renders_the_same_objects_as_deploy() {
         find(objects, "MutatingWebhookConfiguration", "palisade-sidecar-injector")["webhooks"].clone()
     };
     assert_eq!(webhook(&rendered), webhook(&plain), "the webhook configurations differ");
-    for kind in ["Service", "PodDisruptionBudget"] {
+    for kind in ["Service", "PodDisruptionBudget", "NetworkPolicy"] {
         assert_eq!(find(&rendered, kind, "palisade-control")["spec"], find(&plain, kind, "palisade-control")["spec"]);
     }
 }

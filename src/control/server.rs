@@ -78,11 +78,15 @@ pub struct ControlArgs {
     #[arg(long, default_value = "palisade-control")]
     pub service_name: String,
     /// Image of the injected init container and sidecar.
-    #[arg(long, env = "PALISADE_PROXY_IMAGE", default_value = "ghcr.io/palisade-mesh/palisade:0.1.0")]
+    #[arg(long, env = "PALISADE_PROXY_IMAGE", default_value = concat!("ghcr.io/palisade-mesh/palisade:", env!("CARGO_PKG_VERSION")))]
     pub proxy_image: String,
     /// Control-plane address injected sidecars dial (default: the Service).
     #[arg(long, env = "PALISADE_INJECT_CONTROL")]
     pub inject_control: Option<String>,
+    /// Inject for the CNI mode: the node's `palisade cni` plugin installs the redirect, so
+    /// pods get an unprivileged validator instead of the NET_ADMIN init container.
+    #[arg(long, env = "PALISADE_INJECT_CNI")]
+    pub inject_cni: bool,
     /// What a workload with no ALLOW policy does: `deny` (zero trust), `allow-authenticated`
     /// (any mesh identity), or `allow`.
     #[arg(long, env = "PALISADE_DEFAULT_POLICY", default_value = "deny",
@@ -276,6 +280,7 @@ async fn start_webhook(inputs: &ControlInputs) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| format!("{}.{}.svc:{}", args.service_name, args.namespace, args.listen.port())),
         trust_domain: args.trust_domain.clone(),
+        cni: args.inject_cni,
         ..Default::default()
     };
     // The current trust bundle, read where it is used: injected pods get the roots of the

@@ -15,6 +15,12 @@
 //!   sidecar runs the originals against the app (`proxy::app_probe`); thresholds, periods and
 //!   timeouts are kept.
 //!
+//! In CNI mode ([`InjectConfig::cni`]) the node's `palisade cni` plugin installs the rules when
+//! the pod's network is set up ([`cni_redirect_args`] derives them from the injected pod), so
+//! `palisade-init` and its lock volume are left out and an unprivileged `palisade-validate` init
+//! container checks that the redirect is in place; every container injection adds then meets
+//! the `restricted` Pod Security level.
+//!
 //! Labels are left alone, so selectors and `pod-template-hash` are unaffected. A pod that has
 //! the `palisade-proxy` container or the status annotation is never injected again.
 
@@ -27,8 +33,8 @@ use std::fmt;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, PodSpec, Probe, ProjectedVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume,
-    VolumeMount, VolumeProjection,
+    ObjectFieldSelector, PodSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -70,6 +76,11 @@ pub mod annotation {
 
 /// Name of the init container that installs the iptables rules.
 pub const INIT_CONTAINER: &str = "palisade-init";
+/// Name of the init container that checks, in CNI mode, that the plugin installed them.
+pub const VALIDATE_CONTAINER: &str = "palisade-validate";
+/// Where the validator connects: TEST-NET-1 (RFC 5737), which no route leads to unless the
+/// redirect takes the connection to the sidecar's outbound port first.
+pub const VALIDATE_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 1);
 /// Name of the sidecar (a native sidecar: an init container with `restartPolicy: Always`).
 pub const PROXY_CONTAINER: &str = "palisade-proxy";
 /// The sidecar's program in the image (`palisade-proxy`, next to `palisade`).
@@ -108,6 +119,11 @@ pub struct InjectConfig {
     pub cpu_limit: String,
     /// Sidecar memory limit.
     pub memory_limit: String,
+    /// CNI mode: the node's `palisade cni` plugin writes the redirect rules when the pod's
+    /// network is set up, so pods get no NET_ADMIN init container (and pass the `restricted`
+    /// Pod Security level); an unprivileged `palisade-validate` init container checks the rules
+    /// are in place and keeps the pod from starting unmeshed when they are not.
+    pub cni: bool,
 }
 
 impl Default for InjectConfig {
@@ -122,6 +138,7 @@ impl Default for InjectConfig {
             memory_request: "32Mi".to_string(),
             cpu_limit: "1".to_string(),
             memory_limit: "128Mi".to_string(),
+            cni: false,
         }
     }
 }
@@ -311,8 +328,10 @@ fn plan(
         return Ok(Plan::Skip(Outcome::HostNetwork));
     }
 
-    if all_containers().any(|c| c.name == INIT_CONTAINER) {
-        return Err(InjectError::NameTaken { what: "a container", name: INIT_CONTAINER });
+    for name in [INIT_CONTAINER, VALIDATE_CONTAINER] {
+        if all_containers().any(|c| c.name == name) {
+            return Err(InjectError::NameTaken { what: "a container", name });
+        }
     }
     for name in [TOKEN_VOLUME, XTABLES_LOCK_VOLUME] {
         if spec.volumes.iter().flatten().any(|v| v.name == name) {
@@ -329,17 +348,25 @@ fn plan(
 
     let settings = ProxySettings::resolve(meta, cfg)?;
     let probes = probe_rewrites(spec);
+    let proxy = proxy_container(&settings, meta, spec, &probes, cfg);
+    let (init_containers, volumes) = if cfg.cni {
+        (vec![validate_container(&settings, cfg), proxy], vec![token_volume()])
+    } else {
+        (vec![init_container(&settings, cfg), proxy], vec![token_volume(), xtables_lock_volume()])
+    };
     Ok(Plan::Inject(Additions {
         annotations: vec![(annotation::STATUS.to_string(), "injected".to_string())],
-        init_containers: vec![init_container(&settings, cfg), proxy_container(&settings, meta, spec, &probes, cfg)],
+        init_containers,
         probes,
-        volumes: vec![token_volume(), xtables_lock_volume()],
+        volumes,
     }))
 }
 
-fn init_container(s: &ProxySettings, cfg: &InjectConfig) -> Container {
-    let mut args = strings(&["init", "--proxy-uid"]);
-    args.push(cfg.proxy_uid.to_string());
+/// The flags of `palisade init` for a pod with these settings: what the init container runs,
+/// and what the CNI plugin derives from the pod itself (never flags read from the pod).
+fn redirect_args(s: &ProxySettings, proxy_uid: u32) -> Vec<String> {
+    let mut args = strings(&["--proxy-uid"]);
+    args.push(proxy_uid.to_string());
     args.extend(strings(&["--inbound-port", &INBOUND_PORT.to_string(), "--outbound-port", &OUTBOUND_PORT.to_string()]));
     // The admin port stays reachable directly, so the kubelet's probes see the sidecar itself.
     let mut exclude_inbound = vec![ADMIN_PORT];
@@ -351,6 +378,42 @@ fn init_container(s: &ProxySettings, cfg: &InjectConfig) -> Container {
     if let Some(ports) = &s.include_inbound_ports {
         args.extend(["--include-inbound-ports".to_string(), ports.clone()]);
     }
+    args
+}
+
+/// What the CNI plugin installs in a pod's network namespace: the flags of `palisade init`
+/// (without the program name), or `None` when the pod is not one the injector gave a sidecar
+/// in CNI mode (no sidecar, or it has its own init container, or it uses the host's network).
+///
+/// Everything comes from what the injector checked at admission: the sidecar's UID from its
+/// `runAsUser`, the ports from the validated `palisade.io/*` annotations. The plugin runs as
+/// root on the host, so nothing a pod says is ever passed on as a free-form flag (a program
+/// path taken from a pod would be code execution on the node).
+pub fn cni_redirect_args(meta: &ObjectMeta, spec: &PodSpec) -> Result<Option<Vec<String>>, InjectError> {
+    let injected =
+        meta.annotations.as_ref().and_then(|a| a.get(annotation::STATUS)).map(String::as_str) == Some("injected");
+    let init = spec.init_containers.iter().flatten();
+    let Some(proxy) = init.clone().find(|c| c.name == PROXY_CONTAINER) else { return Ok(None) };
+    if !injected || spec.host_network == Some(true) || init.clone().any(|c| c.name == INIT_CONTAINER) {
+        return Ok(None);
+    }
+    let uid = proxy.security_context.as_ref().and_then(|s| s.run_as_user);
+    let proxy_uid = match uid.and_then(|u| u32::try_from(u).ok()) {
+        Some(uid) if uid > 0 => uid,
+        _ => {
+            return Err(malformed(
+                "spec.initContainers[palisade-proxy].securityContext.runAsUser",
+                format!("{uid:?}: the sidecar's UID must be set and not root, or its own traffic loops"),
+            ));
+        }
+    };
+    let settings = ProxySettings::resolve(meta, &InjectConfig { proxy_uid, ..InjectConfig::default() })?;
+    Ok(Some(redirect_args(&settings, proxy_uid)))
+}
+
+fn init_container(s: &ProxySettings, cfg: &InjectConfig) -> Container {
+    let mut args = strings(&["init"]);
+    args.extend(redirect_args(s, cfg.proxy_uid));
     Container {
         name: INIT_CONTAINER.to_string(),
         image: Some(s.image.clone()),
@@ -374,6 +437,47 @@ fn init_container(s: &ProxySettings, cfg: &InjectConfig) -> Container {
             mount_path: "/run".to_string(),
             ..Default::default()
         }]),
+        ..Default::default()
+    }
+}
+
+/// The CNI mode's check that the node's plugin installed the redirect: unprivileged, it listens
+/// on the sidecar's outbound port and connects to [`VALIDATE_ADDRESS`]; only the redirect can
+/// bring that connection to its listener. It fails, and the pod does not start, otherwise.
+fn validate_container(s: &ProxySettings, cfg: &InjectConfig) -> Container {
+    let excluded = s.exclude_outbound_ports.as_deref().unwrap_or_default();
+    let port = (9..).find(|p| !excluded.contains(p)).expect("some port is not excluded");
+    // Any UID but the sidecar's: its traffic is the one the rules let escape.
+    let uid = if cfg.proxy_uid == 65532 { 65533 } else { 65532 };
+    Container {
+        name: VALIDATE_CONTAINER.to_string(),
+        image: Some(s.image.clone()),
+        command: Some(strings(&["palisade"])),
+        args: Some(strings(&[
+            "cni",
+            "validate",
+            "--outbound-port",
+            &OUTBOUND_PORT.to_string(),
+            "--probe",
+            &format!("{VALIDATE_ADDRESS}:{port}"),
+        ])),
+        resources: Some(s.resources.clone()),
+        security_context: Some(restricted_security_context(uid)),
+        ..Default::default()
+    }
+}
+
+/// What the `restricted` Pod Security level asks of a container, running as `uid`.
+fn restricted_security_context(uid: i64) -> SecurityContext {
+    SecurityContext {
+        capabilities: Some(Capabilities { add: None, drop: Some(strings(&["ALL"])) }),
+        run_as_user: Some(uid),
+        run_as_group: Some(uid),
+        run_as_non_root: Some(true),
+        privileged: Some(false),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".to_string(), localhost_profile: None }),
         ..Default::default()
     }
 }
@@ -584,16 +688,7 @@ fn proxy_container(
         startup_probe: Some(Probe { period_seconds: Some(1), failure_threshold: Some(120), ..http_probe("/ready") }),
         readiness_probe: Some(http_probe("/ready")),
         liveness_probe: Some(http_probe("/live")),
-        security_context: Some(SecurityContext {
-            capabilities: Some(Capabilities { add: None, drop: Some(strings(&["ALL"])) }),
-            run_as_user: Some(uid),
-            run_as_group: Some(uid),
-            run_as_non_root: Some(true),
-            privileged: Some(false),
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            ..Default::default()
-        }),
+        security_context: Some(restricted_security_context(uid)),
         volume_mounts: Some(vec![VolumeMount {
             name: TOKEN_VOLUME.to_string(),
             mount_path: TOKEN_DIR.to_string(),
@@ -958,6 +1053,45 @@ mod tests {
             (projection.audience.as_deref(), projection.expiration_seconds, projection.path.as_str()),
             (Some("palisade"), Some(3600), "token")
         );
+    }
+
+    #[test]
+    fn cni_mode_injects_an_unprivileged_validator_and_every_container_it_adds_is_restricted() {
+        let cfg = InjectConfig { cni: true, ..InjectConfig::default() };
+        let mut p = pod(&[(annotation::EXCLUDE_OUTBOUND_PORTS, "9,10")]);
+        let (meta, spec) = (&mut p.metadata, p.spec.as_mut().unwrap());
+        assert_eq!(inject_pod_template(meta, spec, &enabled_ns(), &cfg, false).unwrap(), Outcome::Injected);
+        assert_eq!(init_names(&p), [VALIDATE_CONTAINER, PROXY_CONTAINER, "migrate"]);
+        let spec = p.spec.as_ref().unwrap();
+        let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+        assert_eq!(volumes, ["cache", TOKEN_VOLUME], "no iptables lock volume: nothing runs iptables in the pod");
+        let validate = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(
+            args(validate),
+            "palisade cni validate --outbound-port 15001 --probe 192.0.2.1:11",
+            "the probe port is one the redirect does not exclude"
+        );
+        for c in &spec.init_containers.as_ref().unwrap()[..2] {
+            let sc = c.security_context.as_ref().unwrap();
+            assert_eq!(sc.run_as_non_root, Some(true), "{}", c.name);
+            assert_ne!(sc.run_as_user, Some(0), "{}", c.name);
+            assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+            let caps = sc.capabilities.as_ref().unwrap();
+            assert_eq!((caps.add.as_ref(), caps.drop.as_deref()), (None, Some(&["ALL".to_string()][..])), "{}", c.name);
+            assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault", "{}", c.name);
+        }
+        assert_ne!(
+            validate.security_context.as_ref().unwrap().run_as_user,
+            Some(1337),
+            "the validator's traffic must not escape the redirect as the sidecar's does"
+        );
+
+        // What the node's plugin installs for this pod is what the init container would have run.
+        let redirect = cni_redirect_args(&p.metadata, spec).unwrap().unwrap().join(" ");
+        let mut init_mode = pod(&[(annotation::EXCLUDE_OUTBOUND_PORTS, "9,10")]);
+        inject(&mut init_mode, &enabled_ns(), false).unwrap();
+        assert_eq!(format!("palisade init {redirect}"), args(init(&init_mode)));
+        assert_eq!(cni_redirect_args(&init_mode.metadata, init_mode.spec.as_ref().unwrap()).unwrap(), None);
     }
 
     #[test]

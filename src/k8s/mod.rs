@@ -3,6 +3,7 @@
 
 pub mod attest;
 pub mod ca_secret;
+pub mod cni;
 pub mod crd;
 pub mod inject;
 pub mod lease;
