@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -36,28 +36,6 @@ struct Cluster {
     _keepalive: parking_lot::Mutex<Vec<ChildStdin>>,
 }
 
-/// Starts `bin args` under a shell that kills it when our end of its stdin closes, which
-/// happens when this test process exits, however it exits.
-fn spawn_tied(bin: &Path, args: &[String], log: &Path) -> (Child, ChildStdin) {
-    let mut child = Command::new("bash")
-        .arg("-c")
-        .arg(concat!(
-            r#"exec 3<&0; "$@" </dev/null 3<&- & c=$!; "#,
-            r#"{ read -r _ <&3; kill $c 2>/dev/null; sleep 1; kill -9 $c 2>/dev/null; } & "#,
-            r#"wait $c"#
-        ))
-        .arg("tied")
-        .arg(bin)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(std::fs::File::create(log).unwrap())
-        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
-        .spawn()
-        .unwrap();
-    let stdin = child.stdin.take().unwrap();
-    (child, stdin)
-}
-
 fn cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
     CLUSTER.get_or_init(start_cluster)
@@ -68,7 +46,7 @@ fn start_cluster() -> Cluster {
     let dir = tempdir("k8s");
     let port = |_: u8| free_addr().port();
     let (etcd_client, etcd_peer, api_port) = (port(0), port(1), port(2));
-    let (etcd, etcd_in) = spawn_tied(
+    let (etcd, etcd_in) = tools::spawn_tied(
         &bin.join("etcd"),
         &[
             format!("--data-dir={}", dir.join("etcd").display()),
@@ -88,7 +66,7 @@ fn start_cluster() -> Cluster {
     let sa_key_der = key.serialize_der();
     std::fs::write(dir.join("tokens.csv"), format!("{ADMIN_TOKEN},admin,admin-uid,system:masters\n")).unwrap();
     let cert_dir = dir.join("pki");
-    let (api, api_in) = spawn_tied(
+    let (api, api_in) = tools::spawn_tied(
         &bin.join("kube-apiserver"),
         &[
             format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),

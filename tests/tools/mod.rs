@@ -11,7 +11,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
 
 /// The OPA CLI (`$PALISADE_OPA`, else `.ci/install-opa`).
@@ -41,6 +41,38 @@ pub fn netns_tools() {
     DONE.get_or_init(|| {
         run_script("install-netns-tools", "");
     });
+}
+
+/// Installs what a real node needs besides the kubelet (containerd, runc, the CNI plugins,
+/// iptables) with `.ci/install-node-tools`, as root; fails the test saying what is missing
+/// where it cannot.
+pub fn node_tools() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        run_script("install-node-tools", "");
+    });
+}
+
+/// Starts `bin args` under a shell that kills it when our end of its stdin closes, which
+/// happens when this test process exits, however it exits.
+pub fn spawn_tied(bin: &Path, args: &[String], log: &Path) -> (Child, ChildStdin) {
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg(concat!(
+            r#"exec 3<&0; "$@" </dev/null 3<&- & c=$!; "#,
+            r#"{ read -r _ <&3; kill $c 2>/dev/null; sleep 1; kill -9 $c 2>/dev/null; } & "#,
+            r#"wait $c"#
+        ))
+        .arg("tied")
+        .arg(bin)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    (child, stdin)
 }
 
 fn from_env_or_script(var: &str, script: &str) -> PathBuf {
