@@ -1,5 +1,5 @@
 //! The command line: `k8s crds` prints what `deploy/crds` holds; `certs dev` writes usable certificates;
-//! `inject` injects files and refuses bad input by name.
+//! `inject` injects files and refuses bad input by name; `control` refuses a state dir it cannot keep private.
 
 mod common;
 
@@ -205,4 +205,48 @@ fn palisade_proxy_takes_the_flags_of_palisade_proxy_and_refuses_zero_workers() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--workers") && err.contains("0"), "{err}");
+}
+
+#[test]
+fn a_state_dir_the_control_plane_cannot_keep_private_is_refused_saying_why() {
+    // A volume's root owned by root, as an emptyDir is; the control plane runs as 65534 here
+    // (setpriv), so it can neither own nor chmod it.
+    assert!(
+        std::process::Command::new("id").arg("-u").output().unwrap().stdout.starts_with(b"0\n"),
+        "this test switches users with setpriv: run it as root (CI does)"
+    );
+    let volume = tempdir("state-volume");
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", BIN, "control", "--state-dir"])
+        .arg(&volume)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .output()
+        .expect("setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("must be private (0700) and this user does not own it"), "{stderr}");
+    assert_eq!(stderr.matches("Operation not permitted").count(), 1, "the cause once: {stderr}");
+    assert_eq!(std::fs::read_dir(&volume).unwrap().count(), 0, "nothing written");
+
+    // A subdirectory it may create is fine: it owns it and makes it 0700.
+    let mut sub = std::fs::metadata(&volume).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut sub, 0o777);
+    std::fs::set_permissions(&volume, sub).unwrap();
+    let state = volume.join("state");
+    let mut control = std::process::Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", BIN, "control", "--state-dir"])
+        .arg(&state)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(control.stderr.take().unwrap()));
+    let started =
+        lines.by_ref().map_while(Result::ok).find(|l| l.contains("control plane started") || l.contains("error"));
+    let _ = control.kill();
+    let _ = control.wait();
+    assert!(started.as_deref().is_some_and(|l| l.contains("control plane started")), "{started:?}");
+    let meta = std::fs::metadata(&state).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 65534);
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o700);
 }

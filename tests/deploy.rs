@@ -1,6 +1,7 @@
 //! `deploy/`: every manifest is a well-formed Kubernetes object, the control plane's RBAC is least
 //! privilege, the webhook reaches the control plane, the Helm chart renders the same objects, and
-//! the chart carries the same CRDs.
+//! the chart carries the same CRDs; the image built by `deploy/image/build` runs its binaries with
+//! nothing but what it holds.
 
 mod tools;
 
@@ -324,8 +325,10 @@ fn the_cni_mode_adds_a_node_daemonset_that_may_only_read_pods_and_switches_the_i
     let named = |objects: Vec<Value>| objects.into_iter().map(|o| ("helm template".to_string(), o)).collect::<Vec<_>>();
     let off = named(helm_template(&[]));
     assert!(!off.iter().any(|(_, o)| text(o, &["kind"]) == "DaemonSet"), "off by default");
-    assert!(!strings(&find(&off, "Deployment", "palisade-control")["spec"]["template"]["spec"]["containers"][0]["args"])
-        .contains(&"--inject-cni".to_string()));
+    assert!(
+        !strings(&find(&off, "Deployment", "palisade-control")["spec"]["template"]["spec"]["containers"][0]["args"])
+            .contains(&"--inject-cni".to_string())
+    );
 
     let on = named(helm_template(&["cni.enabled=true", "cni.binDir=/var/lib/cni/bin", "image.tag=1.2.3"]));
     let control = &find(&on, "Deployment", "palisade-control")["spec"]["template"]["spec"]["containers"][0];
@@ -344,7 +347,7 @@ fn the_cni_mode_adds_a_node_daemonset_that_may_only_read_pods_and_switches_the_i
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(strings(&c["securityContext"]["capabilities"]["drop"]), ["ALL"]);
     assert!(c["securityContext"]["capabilities"]["add"].is_null(), "root, but no capability on top");
-    assert_eq!(pod["hostNetwork"], Value::Null, "the installer needs no host network");
+    assert_eq!(pod["hostNetwork"], true, "its own sandbox must not wait for the plugin it installs");
     assert_eq!(text(pod, &["serviceAccountName"]), "palisade-cni");
     let role = find(&on, "ClusterRole", "palisade-cni");
     assert_eq!(
@@ -628,4 +631,59 @@ fn the_helm_chart_renders_the_same_objects_as_deploy() {
     for kind in ["Service", "PodDisruptionBudget", "NetworkPolicy"] {
         assert_eq!(find(&rendered, kind, "palisade-control")["spec"], find(&plain, kind, "palisade-control")["spec"]);
     }
+}
+
+#[test]
+fn the_image_holds_the_two_binaries_their_libraries_and_iptables_runs_them_and_has_no_shell() {
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_palisade")).parent().unwrap();
+    let work = std::env::temp_dir().join(format!("palisade-image-test-{}", std::process::id()));
+    let (rootfs, archive) = (work.join("rootfs"), work.join("palisade.oci.tar"));
+    let out = std::process::Command::new(repo().join("deploy/image/build"))
+        .arg("--bin-dir")
+        .arg(bin_dir)
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .arg("--out")
+        .arg(&archive)
+        .args(["--ref", "registry.example/palisade:test"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "deploy/image/build: {}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.starts_with("digest=sha256:"), "{printed}");
+
+    for file in ["usr/local/bin/palisade", "usr/local/bin/palisade-proxy", "usr/sbin/xtables-legacy-multi"] {
+        assert!(rootfs.join(file).is_file(), "{file} is in the image");
+    }
+    for absent in ["bin/sh", "bin/bash", "usr/bin/sh", "bin/busybox", "usr/bin/apt"] {
+        assert!(!rootfs.join(absent).exists(), "{absent} must not be in the image");
+    }
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap();
+    assert!(passwd.contains(":1337:1337:") && passwd.contains(":65532:65532:"), "{passwd}");
+
+    // Only what the image holds: the binaries and iptables run in it as their own root, so no
+    // library they need is missing. (chroot needs root, as CI runs.)
+    for argv in [
+        &["/usr/local/bin/palisade", "--version"][..],
+        &["/usr/local/bin/palisade-proxy", "--help"],
+        &["/usr/sbin/iptables-legacy", "--version"],
+    ] {
+        let out = std::process::Command::new("chroot").arg(&rootfs).args(argv).output().unwrap();
+        assert!(out.status.success(), "{argv:?} in the image: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    // The archive names the image and runs it as the non-root user.
+    let listing = std::process::Command::new("tar").arg("-xOf").arg(&archive).arg("index.json").output().unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&listing.stdout).unwrap();
+    assert_eq!(index["manifests"][0]["annotations"]["io.containerd.image.name"], "registry.example/palisade:test");
+    let blob = |digest: &str| {
+        let name = format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"));
+        let out = std::process::Command::new("tar").arg("-xOf").arg(&archive).arg(&name).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let manifest = blob(index["manifests"][0]["digest"].as_str().unwrap());
+    let config = blob(manifest["config"]["digest"].as_str().unwrap());
+    assert_eq!(config["config"]["User"], "65532:65532");
+    assert_eq!(config["config"]["Entrypoint"][0], "/usr/local/bin/palisade");
+    std::fs::remove_dir_all(&work).unwrap();
 }

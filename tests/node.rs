@@ -946,6 +946,19 @@ fn cni_mode(node: &mut Node) {
             == "x-forwarded-client-cert: By=spiffe://cluster.local/ns/vault/sa/server;URI=spiffe://cluster.local/ns/vault/sa/client"),
         "the call went through both sidecars over mTLS, redirected by the plugin's rules:\n{body}"
     );
+    let deny = "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\n\
+                metadata: {name: no-client, namespace: vault}\n\
+                spec: {selector: {matchLabels: {app: server}}, action: DENY,\n\
+                rules: [{from: [{source: {principals: [spiffe://cluster.local/ns/vault/sa/client]}}]}]}\n";
+    let applied = Instant::now();
+    let (ok, out) = node.apply(deny);
+    assert!(ok, "{out}");
+    node.wait(
+        "the DENY policy to refuse the restricted client",
+        Duration::from_secs(2),
+        |n| matches!(call_in(n, "vault", &url), Ok((s, _)) if s.contains(" 403 ")),
+    );
+    eprintln!("CNI mode: a DENY policy refused the next call after {:?}", applied.elapsed());
 
     // The DaemonSet goes: the plugin takes itself out, and a pod injected now fails closed.
     node.kubectl(&["delete", "daemonset", "palisade-cni", "-n", "palisade-system", "--wait=true"]);

@@ -17,10 +17,10 @@ use crate::identity::{SpiffeId, token};
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("state store {path}: {source}")]
-    Sqlite { path: PathBuf, source: rusqlite::Error },
-    #[error("state directory {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("state store {path}: {cause}")]
+    Sqlite { path: PathBuf, cause: rusqlite::Error },
+    #[error("state directory {path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
     #[error("stored identity {0:?} is invalid")]
     Corrupt(String),
 }
@@ -138,7 +138,7 @@ impl Store {
     /// Opens (creating if needed) `DIR/state.db`. The directory is made private to the owner:
     /// it holds CA private keys.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        let io = |source| StoreError::Io { path: state_dir.to_path_buf(), source };
+        let io = |cause| StoreError::Io { path: state_dir.to_path_buf(), cause };
         std::fs::create_dir_all(state_dir).map_err(io)?;
         {
             use std::os::unix::fs::PermissionsExt;
@@ -158,7 +158,7 @@ impl Store {
             })?;
         }
         let path = state_dir.join("state.db");
-        let sql = |source| StoreError::Sqlite { path: path.clone(), source };
+        let sql = |cause| StoreError::Sqlite { path: path.clone(), cause };
         let conn = Connection::open(&path).map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(sql)?;
         // WAL lets the CLI write while the control plane reads; synchronous=FULL makes every
@@ -180,7 +180,7 @@ impl Store {
     ) -> Result<notify::RecommendedWatcher, StoreError> {
         use notify::Watcher;
         let dir = self.announce_path().parent().unwrap_or(Path::new(".")).to_path_buf();
-        let watch_err = |e: notify::Error| StoreError::Io { path: dir.clone(), source: std::io::Error::other(e) };
+        let watch_err = |e: notify::Error| StoreError::Io { path: dir.clone(), cause: std::io::Error::other(e) };
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let announced = event.is_ok_and(|e| {
                 (e.kind.is_modify() || e.kind.is_create())
@@ -220,7 +220,7 @@ impl Store {
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
-        StoreError::Sqlite { path: self.path.clone(), source }
+        StoreError::Sqlite { path: self.path.clone(), cause: source }
     }
 
     /// Every stored CA generation, oldest first.
