@@ -357,11 +357,13 @@ impl JwtGuard {
         if self.rules.is_empty() {
             return Ok(None);
         }
-        // The token is read where it lies (a header value, or the query unless percent-encoded).
-        let mut found: Option<(Cow<'r, str>, usize)> = None;
+        // The token is read where it lies (a header value, or the query unless percent-encoded),
+        // as bytes: a remembered token is found without checking it is text (it was when it was
+        // verified, and a hit is the same bytes); a new one is checked when it is parsed.
+        let mut found: Option<(Cow<'r, [u8]>, usize)> = None;
         let mut found_at = 0u64;
         for (i, location) in self.locations.iter().enumerate() {
-            let mut each = |token: Cow<'r, str>| -> Result<(), TokenError> {
+            let mut each = |token: Cow<'r, [u8]>| -> Result<(), TokenError> {
                 match &found {
                     Some((first, _)) if *first != token => return Err(TokenError::MultipleTokens),
                     Some(_) => {}
@@ -373,23 +375,17 @@ impl JwtGuard {
             match &location.place {
                 Place::Header { name, prefix } => {
                     for value in headers.get_all(name) {
-                        // UTF-8 is checked a word at a time; `to_str`'s visible-ASCII check went
-                        // byte by byte. A token that is not base64url is refused when parsed.
-                        let Ok(text) = std::str::from_utf8(value.as_bytes()) else {
-                            let head = value.as_bytes().get(..prefix.len());
-                            if head.is_some_and(|h| h.eq_ignore_ascii_case(prefix.as_bytes())) {
-                                return Err(TokenError::Malformed);
-                            }
-                            continue;
-                        };
-                        if let Some(token) = strip_prefix(text, prefix) {
+                        if let Some(token) = strip_prefix(value.as_bytes(), prefix) {
                             each(Cow::Borrowed(token))?;
                         }
                     }
                 }
                 Place::Param(name) => {
                     for token in query_values(uri.query().unwrap_or(""), name) {
-                        each(token)?;
+                        each(match token {
+                            Cow::Borrowed(t) => Cow::Borrowed(t.as_bytes()),
+                            Cow::Owned(t) => Cow::Owned(t.into_bytes()),
+                        })?;
                     }
                 }
             }
@@ -401,7 +397,7 @@ impl JwtGuard {
 
     /// Verifies one token for the rules that read it where it was found; remembered
     /// verifications answer first.
-    fn verify(&self, token: &str, rules: &[usize], now: i64) -> Result<(Arc<RequestAuth>, usize, bool), TokenError> {
+    fn verify(&self, token: &[u8], rules: &[usize], now: i64) -> Result<(Arc<RequestAuth>, usize, bool), TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::TooLarge);
         }
@@ -410,7 +406,10 @@ impl JwtGuard {
         {
             return Ok((hit.auth.clone(), hit.rule, true));
         }
-        let parsed = token::parse(token)?;
+        // UTF-8 is checked a word at a time (`to_str`'s visible-ASCII check went byte by byte);
+        // a token that is not base64url is refused when parsed.
+        let text = std::str::from_utf8(token).map_err(|_| TokenError::Malformed)?;
+        let parsed = token::parse(text)?;
         let issuer = parsed.claims.get("iss").and_then(Value::as_str).ok_or(TokenError::WrongIssuer)?;
         let mut first_error = None;
         for &r in rules.iter().filter(|&&r| self.rules[r].issuer == issuer) {
@@ -517,12 +516,12 @@ fn check_jwks_uri(uri: &str) -> Result<(), String> {
 
 /// The token after `prefix` (compared without regard to ASCII case), if the value starts with
 /// it and something follows.
-fn strip_prefix<'v>(value: &'v str, prefix: &str) -> Option<&'v str> {
+fn strip_prefix<'v>(value: &'v [u8], prefix: &str) -> Option<&'v [u8]> {
     let head = value.get(..prefix.len())?;
-    if !head.eq_ignore_ascii_case(prefix) {
+    if !head.eq_ignore_ascii_case(prefix.as_bytes()) {
         return None;
     }
-    let token = value[prefix.len()..].trim();
+    let token = value[prefix.len()..].trim_ascii();
     (!token.is_empty()).then_some(token)
 }
 

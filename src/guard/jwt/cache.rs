@@ -53,7 +53,8 @@ fn tail_hash(token: &[u8]) -> u64 {
     h.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// Hashes a token key by its tail (the first write is the token; `str`'s terminator is ignored).
+/// Hashes a token key by its tail (the first write of bytes is the token; the slice's length
+/// prefix is ignored).
 #[derive(Default)]
 struct TailHasher {
     hash: u64,
@@ -69,17 +70,18 @@ impl Hasher for TailHasher {
             self.hash = tail_hash(bytes);
         }
     }
+    fn write_usize(&mut self, _length_prefix: usize) {}
 }
 
 /// One shard: tokens and how many bytes they hold.
 #[derive(Default)]
 struct Shard {
-    map: HashMap<Box<str>, Arc<Verified>, BuildHasherDefault<TailHasher>>,
+    map: HashMap<Box<[u8]>, Arc<Verified>, BuildHasherDefault<TailHasher>>,
     bytes: usize,
 }
 
 impl Shard {
-    fn remove(&mut self, token: &str) {
+    fn remove(&mut self, token: &[u8]) {
         if self.map.remove(token).is_some() {
             self.bytes -= token.len();
         }
@@ -120,14 +122,14 @@ impl TokenCache {
         Self::sharded(capacity, CAPACITY_BYTES, SHARDS)
     }
 
-    fn shard(&self, token: &str) -> &RwLock<Shard> {
+    fn shard(&self, token: &[u8]) -> &RwLock<Shard> {
         // The hash's high half: the map's own buckets and tags use other bits.
-        let mixed = (tail_hash(token.as_bytes()) >> 32) as usize;
+        let mixed = (tail_hash(token) >> 32) as usize;
         &self.shards[mixed % self.shards.len()]
     }
 
     /// The verification of exactly this token, if remembered and still valid at `now`.
-    pub fn get(&self, token: &str, now: i64) -> Option<Arc<Verified>> {
+    pub fn get(&self, token: &[u8], now: i64) -> Option<Arc<Verified>> {
         let found = self.shard(token).read().map.get(token).cloned()?;
         if now > found.valid_until {
             self.shard(token).write().remove(token);
@@ -138,7 +140,7 @@ impl TokenCache {
 
     /// Remembers a verification; a full shard makes room first. A token larger than a shard's
     /// share of [`CAPACITY_BYTES`] is never remembered.
-    pub fn insert(&self, token: &str, verified: Arc<Verified>, now: i64) {
+    pub fn insert(&self, token: &[u8], verified: Arc<Verified>, now: i64) {
         if token.is_empty() || token.len() > self.bytes_per_shard {
             return;
         }
@@ -183,7 +185,7 @@ mod tests {
     fn a_flood_of_distinct_tokens_evicts_instead_of_growing() {
         let cache = TokenCache::with_capacity(160);
         // Signatures are uniformly distributed; so are these.
-        let token = |i: u64| format!("a.b.{:016x}", i.wrapping_mul(0x2545_F491_4F6C_DD1D));
+        let token = |i: u64| format!("a.b.{:016x}", i.wrapping_mul(0x2545_F491_4F6C_DD1D)).into_bytes();
         for i in 0..10_000 {
             cache.insert(&token(i), verified(2_000), 1_000);
         }
@@ -198,7 +200,8 @@ mod tests {
     #[test]
     fn large_tokens_are_bounded_by_bytes_too() {
         let cache = TokenCache::sharded(10_000, 64 * 1024, 1);
-        let token = |i: u64| format!("{}.{:016x}", "p".repeat(4_000), i.wrapping_mul(0x2545_F491_4F6C_DD1D));
+        let token =
+            |i: u64| format!("{}.{:016x}", "p".repeat(4_000), i.wrapping_mul(0x2545_F491_4F6C_DD1D)).into_bytes();
         for i in 0..1_000 {
             cache.insert(&token(i), verified(2_000), 1_000);
         }
@@ -207,37 +210,37 @@ mod tests {
         assert_eq!(cache.len(), fit, "as many as fit");
         assert_eq!(cache.bytes(), fit * token(0).len(), "the byte count follows removals");
         assert!(cache.get(&token(999), 1_000).is_some());
-        cache.insert(&"x".repeat(65 * 1024), verified(2_000), 1_000);
-        assert!(cache.get(&"x".repeat(65 * 1024), 1_000).is_none(), "larger than the budget: not kept");
+        cache.insert(&b"x".repeat(65 * 1024), verified(2_000), 1_000);
+        assert!(cache.get(&b"x".repeat(65 * 1024), 1_000).is_none(), "larger than the budget: not kept");
     }
 
     #[test]
     fn entries_end_when_the_token_expires_and_expired_ones_go_first() {
         let cache = TokenCache::sharded(4, CAPACITY_BYTES, 1);
-        cache.insert("a.b.c", verified(1_060), 1_000);
-        assert!(cache.get("a.b.c", 1_060).is_some());
-        assert!(cache.get("a.b.c", 1_061).is_none(), "past its time");
+        cache.insert(b"a.b.c", verified(1_060), 1_000);
+        assert!(cache.get(b"a.b.c", 1_060).is_some());
+        assert!(cache.get(b"a.b.c", 1_061).is_none(), "past its time");
         assert_eq!(cache.len(), 0, "and forgotten");
         assert_eq!(cache.bytes(), 0);
         // A full shard drops its expired entries before any live one.
-        cache.insert("x.y.live", verified(5_000), 1_000);
+        cache.insert(b"x.y.live", verified(5_000), 1_000);
         for i in 0..3 {
-            cache.insert(&format!("x.y.old-{i}"), verified(1_500), 1_000);
+            cache.insert(format!("x.y.old-{i}").as_bytes(), verified(1_500), 1_000);
         }
         assert_eq!(cache.len(), 4);
-        cache.insert("x.y.new", verified(5_000), 2_000);
+        cache.insert(b"x.y.new", verified(5_000), 2_000);
         assert_eq!(cache.len(), 2, "expired entries swept when a shard filled");
-        assert!(cache.get("x.y.live", 2_000).is_some());
+        assert!(cache.get(b"x.y.live", 2_000).is_some());
     }
 
     #[test]
     fn a_hit_needs_the_whole_token_not_just_its_signature() {
         let cache = TokenCache::sharded(4, CAPACITY_BYTES, 1);
-        cache.insert("head.alice.sig", verified(5_000), 1_000);
-        assert!(cache.get("head.alice.sig", 1_000).is_some());
-        assert!(cache.get("head.admin.sig", 1_000).is_none(), "another payload, same signature");
-        assert!(cache.get("other.alice.sig", 1_000).is_none(), "another header, same signature");
-        cache.insert("", verified(5_000), 1_000);
+        cache.insert(b"head.alice.sig", verified(5_000), 1_000);
+        assert!(cache.get(b"head.alice.sig", 1_000).is_some());
+        assert!(cache.get(b"head.admin.sig", 1_000).is_none(), "another payload, same signature");
+        assert!(cache.get(b"other.alice.sig", 1_000).is_none(), "another header, same signature");
+        cache.insert(b"", verified(5_000), 1_000);
         assert_eq!(cache.len(), 1, "an empty token is never a key");
     }
 }
