@@ -834,23 +834,7 @@ fn the_chart_runs_on_a_real_node_and_injected_pods_talk_over_mtls_under_policy()
     );
 
     // The server pod goes and its Deployment brings it back: calls fail only while it is gone.
-    let old = pods_ready(&node, "shop", "app=server");
-    node.kubectl(&["delete", "pod", "-n", "shop", &old[0], "--wait=false"]);
-    let mut failures = 0;
-    node.wait("the server to come back and answer", Duration::from_secs(120), |n| {
-        let back = pods_ready(n, "shop", "app=server").iter().any(|p| !old.contains(p));
-        let ok = matches!(call_from_client(n, &url), Ok((s, _)) if s.contains(" 200 "));
-        failures += usize::from(!ok);
-        back && ok
-    });
-    for i in 0..5 {
-        let answer = call_from_client(&node, &url);
-        assert!(
-            matches!(&answer, Ok((s, _)) if s.contains(" 200 ")),
-            "call {i} after the server came back: {answer:?}"
-        );
-    }
-    eprintln!("{failures} calls failed while the server pod was replaced");
+    server_pod_replaced(&mut node, "shop", &url);
 
     // Policy from kubectl reaches the server's sidecar: the next call is refused.
     let policy = "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\n\
@@ -870,6 +854,28 @@ fn the_chart_runs_on_a_real_node_and_injected_pods_talk_over_mtls_under_policy()
     eprintln!("a policy applied with kubectl refused the next call after {took:?}");
 
     cni_mode(&mut node);
+}
+
+/// Deletes the server pod of `namespace`; its Deployment brings it back. Calls may fail only
+/// while it is gone: once the new pod answers, five calls in a row succeed.
+fn server_pod_replaced(node: &mut Node, namespace: &str, url: &str) {
+    let old = pods_ready(node, namespace, "app=server");
+    node.kubectl(&["delete", "pod", "-n", namespace, &old[0], "--wait=false"]);
+    let mut failures = 0;
+    node.wait("the server to come back and answer", Duration::from_secs(120), |n| {
+        let back = pods_ready(n, namespace, "app=server").iter().any(|p| !old.contains(p));
+        let ok = matches!(call_in(n, namespace, url), Ok((s, _)) if s.contains(" 200 "));
+        failures += usize::from(!ok);
+        back && ok
+    });
+    for i in 0..5 {
+        let answer = call_in(node, namespace, url);
+        assert!(
+            matches!(&answer, Ok((s, _)) if s.contains(" 200 ")),
+            "{namespace}: call {i} after the server came back: {answer:?}"
+        );
+    }
+    eprintln!("{namespace}: {failures} calls failed while the server pod was replaced");
 }
 
 /// The CNI mode: the chart's DaemonSet chains `palisade cni` into the node's configuration,
@@ -946,6 +952,8 @@ fn cni_mode(node: &mut Node) {
             == "x-forwarded-client-cert: By=spiffe://cluster.local/ns/vault/sa/server;URI=spiffe://cluster.local/ns/vault/sa/client"),
         "the call went through both sidecars over mTLS, redirected by the plugin's rules:\n{body}"
     );
+    // A new server pod gets its redirect from the plugin too.
+    server_pod_replaced(node, "vault", &url);
     let deny = "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\n\
                 metadata: {name: no-client, namespace: vault}\n\
                 spec: {selector: {matchLabels: {app: server}}, action: DENY,\n\
