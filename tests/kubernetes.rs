@@ -126,10 +126,6 @@ fn start_cluster() -> Cluster {
     c
 }
 
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
 fn write_kubeconfig(path: &Path, server: &str, token: &str) {
     // The API server's certificate is self-signed per run; the token is what matters here.
     let cfg = json!({

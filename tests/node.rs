@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::repo;
 use serde_json::{Value, json};
 
 const ADMIN_TOKEN: &str = "palisade-node-test-admin";
@@ -48,10 +49,6 @@ const SYSCTLS: &[&str] = &[
     "net/ipv4/ip_forward",
     "net/ipv4/conf/all/route_localnet",
 ];
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
 
 fn run(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Output {
     let program = program.as_ref();
@@ -433,6 +430,15 @@ state = "{d}/containerd/state"
         });
     }
 
+    /// `helm VERB palisade <chart> ARGS…` against this node, in `palisade-system`.
+    fn helm(&self, verb: &str, args: &[&str]) {
+        let chart = repo("deploy/helm/palisade").display().to_string();
+        let kubeconfig = self.kubeconfig.display().to_string();
+        let mut all = vec![verb, "palisade", &chart, "--kubeconfig", &kubeconfig, "--namespace", "palisade-system"];
+        all.extend(args);
+        must(tools::helm(), &all);
+    }
+
     fn kubectl_output(&self, args: &[&str]) -> Output {
         Command::new(self.bin.join("kubectl")).arg("--kubeconfig").arg(&self.kubeconfig).args(args).output().unwrap()
     }
@@ -474,10 +480,29 @@ state = "{d}/containerd/state"
 
     /// Polls `ready` (every 100 ms) until it holds; panics with the node's state after `timeout`.
     fn wait(&mut self, what: &str, timeout: Duration, mut ready: impl FnMut(&mut Node) -> bool) {
+        self.wait_for(what, timeout, |n| if ready(n) { Ok(()) } else { Err("not yet".to_string()) })
+    }
+
+    /// Polls `attempt` (every 100 ms) until it gives a value; panics with its last error and the
+    /// node's state after `timeout`.
+    fn wait_for<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut attempt: impl FnMut(&mut Node) -> Result<T, String>,
+    ) -> T {
         let deadline = Instant::now() + timeout;
-        while !ready(self) {
+        loop {
+            let last = match attempt(self) {
+                Ok(value) => return value,
+                Err(e) => e,
+            };
             self.check_alive();
-            assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}\n{}", self.diagnose());
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}; the last attempt: {last}\n{}",
+                self.diagnose()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -553,66 +578,21 @@ impl Drop for Node {
 }
 
 /// What the kubelet and kube-proxy leave in the host's netfilter tables after `--cleanup`
-/// (`KUBE-FIREWALL`, `KUBE-FORWARD`, canaries, in both the nft and the legacy backends): every
-/// jump to a `KUBE-*` chain, then the chains.
+/// (`KUBE-FIREWALL`, `KUBE-FORWARD`, canaries, in both the nft and the legacy backends): each
+/// table is saved, every `KUBE-*` chain and every rule naming one is dropped, and the rest is
+/// restored in one transaction.
 fn remove_kube_chains() {
     for program in ["iptables", "ip6tables", "iptables-legacy", "ip6tables-legacy"] {
-        for table in ["filter", "nat", "mangle"] {
-            let saved = run(format!("{program}-save"), &["-t", table]);
-            let saved = String::from_utf8_lossy(&saved.stdout).into_owned();
-            for rule in saved.lines().filter(|l| l.starts_with("-A ") && l.contains("-j KUBE-")) {
-                let Some(words) = shlex_words(&rule[3..]) else { continue };
-                let mut args = vec!["-t".to_string(), table.to_string(), "-D".to_string()];
-                args.extend(words);
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                let _ = run(program, &args);
-            }
-            let chains: Vec<&str> = saved
-                .lines()
-                .filter_map(|l| l.strip_prefix(':'))
-                .filter_map(|l| l.split(' ').next())
-                .filter(|c| c.starts_with("KUBE-"))
-                .collect();
-            for chain in &chains {
-                let _ = run(program, &["-t", table, "-F", chain]);
-            }
-            for chain in &chains {
-                let _ = run(program, &["-t", table, "-X", chain]);
-            }
+        let saved = run(format!("{program}-save"), &[]);
+        let saved = String::from_utf8_lossy(&saved.stdout);
+        if !saved.contains("KUBE-") {
+            continue;
         }
+        let kept: String = saved.lines().filter(|l| !l.contains("KUBE-")).map(|l| format!("{l}\n")).collect();
+        let mut restore = Command::new(format!("{program}-restore")).stdin(Stdio::piped()).spawn().unwrap();
+        std::io::Write::write_all(&mut restore.stdin.take().unwrap(), kept.as_bytes()).unwrap();
+        let _ = restore.wait();
     }
-}
-
-/// The words of an `iptables-save` rule (double quotes group, as in `--comment "a b"`).
-fn shlex_words(line: &str) -> Option<Vec<String>> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let (mut quoted, mut any) = (false, false);
-    for c in line.chars() {
-        match c {
-            '"' => {
-                quoted = !quoted;
-                any = true;
-            }
-            ' ' if !quoted => {
-                if any {
-                    words.push(std::mem::take(&mut word));
-                    any = false;
-                }
-            }
-            c => {
-                word.push(c);
-                any = true;
-            }
-        }
-    }
-    if quoted {
-        return None;
-    }
-    if any {
-        words.push(word);
-    }
-    Some(words)
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -651,12 +631,8 @@ fn node_app() -> PathBuf {
     app
 }
 
-/// One plain HTTP GET from the client pod's app container: (status line, body), or why none.
-fn call_from_client(node: &Node, url: &str) -> Result<(String, String), String> {
-    call_in(node, "shop", url)
-}
-
-/// The same from the client pod of `namespace`.
+/// One plain HTTP GET from the app container of `namespace`'s client pod: (status line, body),
+/// or why none.
 fn call_in(node: &Node, namespace: &str, url: &str) -> Result<(String, String), String> {
     let out = node.kubectl_output(&[
         "exec",
@@ -759,18 +735,9 @@ fn the_chart_runs_on_a_real_node_and_injected_pods_talk_over_mtls_under_policy()
     let mut node = Node::start();
 
     // The chart, as a user installs it: the control plane runs as the pod it deploys.
-    let helm = tools::helm().to_path_buf();
-    let kubeconfig = node.kubeconfig.display().to_string();
-    must(
-        &helm,
+    node.helm(
+        "install",
         &[
-            "install",
-            "palisade",
-            &repo("deploy/helm/palisade").display().to_string(),
-            "--kubeconfig",
-            &kubeconfig,
-            "--namespace",
-            "palisade-system",
             "--create-namespace",
             "--set",
             &format!("image.tag={TAG}"),
@@ -792,21 +759,31 @@ fn the_chart_runs_on_a_real_node_and_injected_pods_talk_over_mtls_under_policy()
     assert_eq!(control["spec"]["securityContext"]["runAsUser"], 65532, "the control plane runs as non-root");
 
     // The applications, in a namespace that asks for the mesh.
+    mesh_flow(&mut node, "shop", "palisade.io/inject: enabled", &apps_yaml(), "palisade-init");
+
+    cni_mode(&mut node);
+}
+
+/// What the issue asks of a meshed namespace, the same in both modes: the namespace (with
+/// `labels`) and the apps are admitted, both pods become Ready with the chart's image injected
+/// (`first_init` first, then the sidecar), the client's plain call to the server's ClusterIP
+/// arrives over mTLS naming both service accounts, a replaced server pod costs only the calls
+/// made while it was gone, and a DENY applied with kubectl refuses the next call within 2 s.
+fn mesh_flow(node: &mut Node, ns: &str, labels: &str, apps: &str, first_init: &str) {
     let (ok, out) =
-        node.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {palisade.io/inject: enabled}}\n");
+        node.apply(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{{labels}}}}}\n"));
     assert!(ok, "{out}");
-    let apps = apps_yaml();
     // The webhook's caBundle is written by the control plane once it runs; until then the API
     // server refuses label opt-ins (failurePolicy: Fail), which is the point.
-    node.wait("the app objects to be admitted", Duration::from_secs(30), |n| n.apply(&apps).0);
-    node.wait("the client and server pods to be Ready", Duration::from_secs(180), |n| {
-        !pods_ready(n, "shop", "app=server").is_empty() && !pods_ready(n, "shop", "app=client").is_empty()
+    node.wait(&format!("the {ns} app objects to be admitted"), Duration::from_secs(60), |n| n.apply(apps).0);
+    node.wait(&format!("the {ns} client and server pods to be Ready"), Duration::from_secs(180), |n| {
+        !pods_ready(n, ns, "app=server").is_empty() && !pods_ready(n, ns, "app=client").is_empty()
     });
-    let client = node.get_json(&["get", "pod", "client", "-n", "shop"]);
-    let init: Vec<&str> =
-        client["spec"]["initContainers"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(init, ["palisade-init", "palisade-proxy"], "injected by the webhook");
-    for c in client["spec"]["initContainers"].as_array().unwrap() {
+    let client = node.get_json(&["get", "pod", "client", "-n", ns]);
+    let init = client["spec"]["initContainers"].as_array().unwrap();
+    let names: Vec<&str> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, [first_init, "palisade-proxy"], "injected by the webhook");
+    for c in init {
         assert_eq!(
             c["image"],
             format!("ghcr.io/palisade-mesh/palisade:{TAG}"),
@@ -814,46 +791,43 @@ fn the_chart_runs_on_a_real_node_and_injected_pods_talk_over_mtls_under_policy()
         );
     }
 
-    let cluster_ip = node.kubectl(&["get", "svc", "server", "-n", "shop", "-o", "jsonpath={.spec.clusterIP}"]);
+    let cluster_ip = node.kubectl(&["get", "svc", "server", "-n", ns, "-o", "jsonpath={.spec.clusterIP}"]);
     let url = format!("http://{cluster_ip}/hello");
-    let mut last = Err(String::new());
-    let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        node.wait("a first call from client to server", Duration::from_secs(30), |n| {
-            last = call_from_client(n, &url);
-            matches!(&last, Ok((status, _)) if status.contains(" 200 "))
-        })
-    }));
-    assert!(first.is_ok(), "the last answer was {last:?}");
-    let (_, body) = last.unwrap();
+    let body =
+        node.wait_for(&format!("a first call in {ns}"), Duration::from_secs(30), |n| match call_in(n, ns, &url) {
+            Ok((status, body)) if status.contains(" 200 ") => Ok(body),
+            other => Err(format!("{other:?}")),
+        });
     let xfcc = body.lines().find_map(|l| l.strip_prefix("x-forwarded-client-cert: ")).unwrap_or_else(|| {
         panic!("the server saw no x-forwarded-client-cert, so the call did not come over mTLS:\n{body}")
     });
     assert_eq!(
-        xfcc, "By=spiffe://cluster.local/ns/shop/sa/server;URI=spiffe://cluster.local/ns/shop/sa/client",
+        xfcc,
+        format!("By=spiffe://cluster.local/ns/{ns}/sa/server;URI=spiffe://cluster.local/ns/{ns}/sa/client"),
         "the server's sidecar verified the client's certificate, issued for its service account"
     );
 
     // The server pod goes and its Deployment brings it back: calls fail only while it is gone.
-    server_pod_replaced(&mut node, "shop", &url);
+    server_pod_replaced(node, ns, &url);
 
     // Policy from kubectl reaches the server's sidecar: the next call is refused.
-    let policy = "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\n\
-                  metadata: {name: no-client, namespace: shop}\n\
-                  spec: {selector: {matchLabels: {app: server}}, action: DENY,\n\
-                  rules: [{from: [{source: {principals: [spiffe://cluster.local/ns/shop/sa/client]}}]}]}\n";
-    let applied = Instant::now();
-    let (ok, out) = node.apply(policy);
-    assert!(ok, "{out}");
-    node.wait(
-        "the DENY policy to refuse the client",
-        Duration::from_secs(2),
-        |n| matches!(call_from_client(n, &url), Ok((s, _)) if s.contains(" 403 ")),
+    let deny = format!(
+        "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: no-client, namespace: {ns}}}\n\
+         spec: {{selector: {{matchLabels: {{app: server}}}}, action: DENY,\n\
+         rules: [{{from: [{{source: {{principals: [spiffe://cluster.local/ns/{ns}/sa/client]}}}}]}}]}}\n"
     );
+    let applied = Instant::now();
+    let (ok, out) = node.apply(&deny);
+    assert!(ok, "{out}");
+    node.wait_for(&format!("the DENY policy to refuse the {ns} client"), Duration::from_secs(2), |n| {
+        match call_in(n, ns, &url) {
+            Ok((status, _)) if status.contains(" 403 ") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
     let took = applied.elapsed();
-    assert!(took < Duration::from_secs(2), "took {took:?}");
-    eprintln!("a policy applied with kubectl refused the next call after {took:?}");
-
-    cni_mode(&mut node);
+    assert!(took < Duration::from_secs(2), "{ns}: the DENY took {took:?}");
+    eprintln!("{ns}: a DENY policy applied with kubectl refused the next call after {took:?}");
 }
 
 /// Deletes the server pod of `namespace`; its Deployment brings it back. Calls may fail only
@@ -882,19 +856,10 @@ fn server_pod_replaced(node: &mut Node, namespace: &str, url: &str) {
 /// pods of a `restricted` namespace get sidecars with no NET_ADMIN anywhere, and talk over mTLS;
 /// without the plugin, an injected pod is kept from starting unmeshed.
 fn cni_mode(node: &mut Node) {
-    let helm = tools::helm().to_path_buf();
-    let kubeconfig = node.kubeconfig.display().to_string();
     let (bin_dir, conf_dir) = (node.path("cni-bin").display().to_string(), node.path("net.d").display().to_string());
-    must(
-        &helm,
+    node.helm(
+        "upgrade",
         &[
-            "upgrade",
-            "palisade",
-            &repo("deploy/helm/palisade").display().to_string(),
-            "--kubeconfig",
-            &kubeconfig,
-            "--namespace",
-            "palisade-system",
             "--reuse-values",
             "--set",
             "cni.enabled=true",
@@ -922,51 +887,15 @@ fn cni_mode(node: &mut Node) {
             && d["status"]["replicas"] == 1
     });
 
-    let (ok, out) = node.apply(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: vault, labels: {palisade.io/inject: enabled, \
-         pod-security.kubernetes.io/enforce: restricted}}\n",
+    mesh_flow(
+        node,
+        "vault",
+        "palisade.io/inject: enabled, pod-security.kubernetes.io/enforce: restricted",
+        &restricted_apps_yaml(),
+        "palisade-validate",
     );
-    assert!(ok, "{out}");
-    let apps = restricted_apps_yaml();
-    node.wait("the restricted app objects to be admitted", Duration::from_secs(60), |n| n.apply(&apps).0);
-    node.wait("the restricted client and server pods to be Ready", Duration::from_secs(180), |n| {
-        !pods_ready(n, "vault", "app=server").is_empty() && !pods_ready(n, "vault", "app=client").is_empty()
-    });
-    let client = node.get_json(&["get", "pod", "client", "-n", "vault"]);
-    let init: Vec<&str> =
-        client["spec"]["initContainers"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(init, ["palisade-validate", "palisade-proxy"], "no NET_ADMIN init container in CNI mode");
     let validated = node.kubectl(&["logs", "-n", "vault", "client", "-c", "palisade-validate"]);
     assert!(validated.contains("the redirect is in place"), "{validated}");
-
-    let cluster_ip = node.kubectl(&["get", "svc", "server", "-n", "vault", "-o", "jsonpath={.spec.clusterIP}"]);
-    let url = format!("http://{cluster_ip}/hello");
-    let mut last = Err(String::new());
-    node.wait("a call between restricted pods", Duration::from_secs(30), |n| {
-        last = call_in(n, "vault", &url);
-        matches!(&last, Ok((status, _)) if status.contains(" 200 "))
-    });
-    let (_, body) = last.unwrap();
-    assert!(
-        body.lines().any(|l| l
-            == "x-forwarded-client-cert: By=spiffe://cluster.local/ns/vault/sa/server;URI=spiffe://cluster.local/ns/vault/sa/client"),
-        "the call went through both sidecars over mTLS, redirected by the plugin's rules:\n{body}"
-    );
-    // A new server pod gets its redirect from the plugin too.
-    server_pod_replaced(node, "vault", &url);
-    let deny = "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\n\
-                metadata: {name: no-client, namespace: vault}\n\
-                spec: {selector: {matchLabels: {app: server}}, action: DENY,\n\
-                rules: [{from: [{source: {principals: [spiffe://cluster.local/ns/vault/sa/client]}}]}]}\n";
-    let applied = Instant::now();
-    let (ok, out) = node.apply(deny);
-    assert!(ok, "{out}");
-    node.wait(
-        "the DENY policy to refuse the restricted client",
-        Duration::from_secs(2),
-        |n| matches!(call_in(n, "vault", &url), Ok((s, _)) if s.contains(" 403 ")),
-    );
-    eprintln!("CNI mode: a DENY policy refused the next call after {:?}", applied.elapsed());
 
     // The DaemonSet goes: the plugin takes itself out, and a pod injected now fails closed.
     node.kubectl(&["delete", "daemonset", "palisade-cni", "-n", "palisade-system", "--wait=true"]);

@@ -176,12 +176,7 @@ pub fn parse_cni_args(text: &str) -> BTreeMap<String, String> {
 /// the CNI spec asks, and returns the exit code.
 pub fn plugin_main() -> std::process::ExitCode {
     let invocation = Invocation::from_process();
-    let version = serde_json::from_slice::<Value>(&invocation.config)
-        .ok()
-        .and_then(|c| c["cniVersion"].as_str().map(String::from))
-        .unwrap_or_else(|| "1.0.0".to_string());
-    let answer =
-        handle(&invocation, &|ns, name| lookup_pod(&invocation, ns, name), &|netns, args| install_rules(netns, args));
+    let answer = handle(&invocation, &lookup_pod, &install_rules);
     let mut out = std::io::stdout().lock();
     match answer {
         Ok(Some(result)) => {
@@ -191,6 +186,10 @@ pub fn plugin_main() -> std::process::ExitCode {
         Ok(None) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(code = e.code, msg = %e.msg, details = %e.details, "palisade-cni failed");
+            let version = serde_json::from_slice::<Value>(&invocation.config)
+                .ok()
+                .and_then(|c| c["cniVersion"].as_str().map(String::from))
+                .unwrap_or_else(|| "1.0.0".to_string());
             let _ =
                 writeln!(out, "{}", json!({"cniVersion": version, "code": e.code, "msg": e.msg, "details": e.details}));
             std::process::ExitCode::FAILURE
@@ -198,8 +197,8 @@ pub fn plugin_main() -> std::process::ExitCode {
     }
 }
 
-/// Reads a pod: `Ok(None)` when it does not exist.
-pub type PodLookup<'a> = dyn Fn(&str, &str) -> Result<Option<k8s_openapi::api::core::v1::Pod>, CniError> + 'a;
+/// Reads a pod through a kubeconfig: `Ok(None)` when it does not exist.
+pub type PodLookup<'a> = dyn Fn(&Path, &str, &str) -> Result<Option<k8s_openapi::api::core::v1::Pod>, CniError> + 'a;
 /// Installs `palisade init` flags' rules in a network namespace.
 pub type RuleInstaller<'a> = dyn Fn(&Path, &[String]) -> Result<(), CniError> + 'a;
 
@@ -245,12 +244,18 @@ pub fn handle(inv: &Invocation, lookup: &PodLookup<'_>, rules: &RuleInstaller<'_
     let (Some(namespace), Some(name)) = (inv.args.get("K8S_POD_NAMESPACE"), inv.args.get("K8S_POD_NAME")) else {
         return passed_through; // not a Kubernetes pod
     };
-    let Some(pod) = lookup(namespace, name)? else {
+    let Some(kubeconfig) = config["kubeconfig"].as_str() else {
+        return Err(CniError::new(
+            7,
+            "the configuration names no kubeconfig",
+            "set \"kubeconfig\" in the plugin's entry",
+        ));
+    };
+    let Some(pod) = lookup(Path::new(kubeconfig), namespace, name)? else {
         return Err(CniError::new(11, format!("pod {namespace}/{name} not found"), "it may not be visible yet; retry"));
     };
-    let (meta, spec) = (&pod.metadata, pod.spec.as_ref());
-    let Some(spec) = spec else { return passed_through };
-    let args = crate::k8s::inject::cni_redirect_args(meta, spec)
+    let Some(spec) = &pod.spec else { return passed_through };
+    let args = crate::k8s::inject::cni_redirect_args(&pod.metadata, spec)
         .map_err(|e| CniError::new(100, format!("pod {namespace}/{name}: cannot derive its redirect"), e))?;
     let Some(args) = args else { return passed_through };
     let netns = inv
@@ -263,25 +268,13 @@ pub fn handle(inv: &Invocation, lookup: &PodLookup<'_>, rules: &RuleInstaller<'_
 }
 
 /// Reads the pod through the kubeconfig the configuration names.
-fn lookup_pod(
-    inv: &Invocation,
-    namespace: &str,
-    name: &str,
-) -> Result<Option<k8s_openapi::api::core::v1::Pod>, CniError> {
-    let config: Value = serde_json::from_slice(&inv.config).unwrap_or_default();
-    let Some(path) = config["kubeconfig"].as_str().map(PathBuf::from) else {
-        return Err(CniError::new(
-            7,
-            "the configuration names no kubeconfig",
-            "set \"kubeconfig\" in the plugin's entry",
-        ));
-    };
+fn lookup_pod(path: &Path, namespace: &str, name: &str) -> Result<Option<k8s_openapi::api::core::v1::Pod>, CniError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| CniError::new(100, "cannot start a runtime", e))?;
     let found = runtime.block_on(async {
-        let kubeconfig = kube::config::Kubeconfig::read_from(&path)
+        let kubeconfig = kube::config::Kubeconfig::read_from(path)
             .map_err(|e| CniError::new(7, format!("cannot read kubeconfig {}", path.display()), e))?;
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
             .await
@@ -356,8 +349,9 @@ fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // The installer
 
-/// The network configuration list the runtime uses: the first `.conflist` or `.conf` by name.
-fn first_config(conf_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+/// The network configuration the runtime uses, the first `.conflist` or `.conf` by name, and
+/// its content.
+fn first_config(conf_dir: &Path) -> anyhow::Result<Option<(PathBuf, Value)>> {
     let mut names: Vec<PathBuf> = std::fs::read_dir(conf_dir)
         .with_context(|| format!("reading {}", conf_dir.display()))?
         .flatten()
@@ -365,14 +359,15 @@ fn first_config(conf_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
         .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("conflist" | "conf" | "json")))
         .collect();
     names.sort();
-    Ok(names.into_iter().next())
+    let Some(path) = names.into_iter().next() else { return Ok(None) };
+    let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let config = serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    Ok(Some((path, config)))
 }
 
 /// The first configuration, when it chains the plugin.
 fn installed_in(conf_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
-    let Some(path) = first_config(conf_dir)? else { return Ok(None) };
-    let config: Value = serde_json::from_slice(&std::fs::read(&path)?).unwrap_or_default();
-    Ok(has_plugin(&config).then_some(path))
+    Ok(first_config(conf_dir)?.filter(|(_, config)| has_plugin(config)).map(|(path, _)| path))
 }
 
 fn has_plugin(config: &Value) -> bool {
@@ -406,23 +401,25 @@ pub fn without_plugin(config: &Value) -> Value {
     list
 }
 
-/// Writes a file whole or not at all: a runtime reading it never sees half of it.
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let tmp = path.with_extension(format!("palisade-tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+/// Where a file comes from: bytes, or another file (streamed: a debug build of the binary is
+/// larger than the installer's memory limit).
+enum Content<'a> {
+    Bytes(&'a [u8]),
+    CopyOf(&'a Path),
 }
 
-/// Copies a file whole or not at all, streaming (a debug build of the binary is larger than the
-/// installer's memory limit).
-fn copy_atomic(from: &Path, to: &Path) -> anyhow::Result<()> {
+/// Writes a file whole or not at all (a temporary file renamed over it): a runtime reading it
+/// never sees half of it.
+fn write_atomic(path: &Path, content: Content<'_>, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let tmp = to.with_extension(format!("palisade-tmp-{}", std::process::id()));
-    std::fs::copy(from, &tmp).with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
-    std::fs::rename(&tmp, to).with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))
+    let tmp = path.with_extension(format!("palisade-tmp-{}", std::process::id()));
+    match content {
+        Content::Bytes(bytes) => std::fs::write(&tmp, bytes).map(drop),
+        Content::CopyOf(from) => std::fs::copy(from, &tmp).map(drop),
+    }
+    .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 /// This process's executable and every shared object it has mapped (its loader among them).
@@ -461,7 +458,7 @@ fn install_binary(args: &InstallArgs) -> anyhow::Result<()> {
         } else {
             file.file_name().context("a library without a name")?.to_owned()
         };
-        copy_atomic(file, &dir.join(name))?;
+        write_atomic(&dir.join(name), Content::CopyOf(file), 0o755)?;
     }
     let host_dir = args.host_bin_dir.join(PAYLOAD_DIR);
     let binary = shell_quote(&host_dir.join("palisade"));
@@ -476,7 +473,7 @@ fn install_binary(args: &InstallArgs) -> anyhow::Result<()> {
     let launcher = format!(
         "#!/bin/sh\n# Installed by `palisade cni install`: the palisade binary, run with the libraries it was built with.\n{exec}\n"
     );
-    write_atomic(&args.bin_dir.join(PLUGIN_TYPE), launcher.as_bytes(), 0o755)
+    write_atomic(&args.bin_dir.join(PLUGIN_TYPE), Content::Bytes(launcher.as_bytes()), 0o755)
 }
 
 /// The plugin's kubeconfig, from this pod's service-account token and CA.
@@ -514,26 +511,24 @@ fn reconcile(args: &InstallArgs) -> anyhow::Result<Vec<String>> {
     let kubeconfig_path = args.conf_dir.join(KUBECONFIG);
     let wanted = kubeconfig(args)?;
     if std::fs::read(&kubeconfig_path).ok().as_deref() != Some(&wanted[..]) {
-        write_atomic(&kubeconfig_path, &wanted, 0o600)?;
+        write_atomic(&kubeconfig_path, Content::Bytes(&wanted), 0o600)?;
         changed.push(format!("wrote {}", kubeconfig_path.display()));
     }
     if !args.bin_dir.join(PLUGIN_TYPE).exists() {
         install_binary(args)?;
         changed.push(format!("installed {}", args.bin_dir.join(PLUGIN_TYPE).display()));
     }
-    let Some(path) = first_config(&args.conf_dir)? else {
+    let Some((path, config)) = first_config(&args.conf_dir)? else {
         anyhow::bail!(
             "no network configuration in {} yet (the pod network's plugin writes one)",
             args.conf_dir.display()
         );
     };
-    let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let config: Value = serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", path.display()))?;
     let host_kubeconfig = args.host_conf_dir.join(KUBECONFIG);
     let updated = with_plugin(&config, &host_kubeconfig)?;
     if updated != config {
         let target = path.with_extension("conflist");
-        write_atomic(&target, &serde_json::to_vec_pretty(&updated)?, 0o644)?;
+        write_atomic(&target, Content::Bytes(&serde_json::to_vec_pretty(&updated)?), 0o644)?;
         if target != path {
             std::fs::remove_file(&path)?;
         }
@@ -544,16 +539,19 @@ fn reconcile(args: &InstallArgs) -> anyhow::Result<Vec<String>> {
 
 /// Takes the plugin out of the configuration and removes its files.
 fn uninstall(args: &InstallArgs) -> anyhow::Result<()> {
-    if let Some(path) = first_config(&args.conf_dir)? {
-        let config: Value = serde_json::from_slice(&std::fs::read(&path)?).unwrap_or_default();
-        if has_plugin(&config) {
-            write_atomic(&path, &serde_json::to_vec_pretty(&without_plugin(&config))?, 0o644)?;
+    // The files go whatever the configuration holds: a launcher left behind would outlive its
+    // token.
+    let unchained = match first_config(&args.conf_dir) {
+        Ok(Some((path, config))) if has_plugin(&config) => {
+            write_atomic(&path, Content::Bytes(&serde_json::to_vec_pretty(&without_plugin(&config))?), 0o644)
         }
-    }
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    };
     let _ = std::fs::remove_file(args.bin_dir.join(PLUGIN_TYPE));
     let _ = std::fs::remove_dir_all(args.bin_dir.join(PAYLOAD_DIR));
     let _ = std::fs::remove_file(args.conf_dir.join(KUBECONFIG));
-    Ok(())
+    unchained
 }
 
 fn install(args: InstallArgs) -> anyhow::Result<()> {
@@ -625,7 +623,7 @@ spec:
     #[test]
     fn an_injected_pod_gets_the_rules_its_validated_annotations_give_and_the_result_passes_through() {
         let installed = std::cell::RefCell::new(Vec::new());
-        let out = handle(&add(chained()), &|_, _| Ok(Some(pod(INJECTED))), &|netns, args| {
+        let out = handle(&add(chained()), &|_, _, _| Ok(Some(pod(INJECTED))), &|netns, args| {
             installed.borrow_mut().push((netns.to_path_buf(), args.to_vec()));
             Ok(())
         })
@@ -643,18 +641,35 @@ spec:
     }
 
     #[test]
+    fn settings_resolved_against_the_injectors_configuration_do_not_stop_the_redirect() {
+        // Admitted by an injector whose memory limit is 512Mi; the node knows only the default
+        // (128Mi), and must not judge the sidecar's resources again.
+        let roomy = INJECTED.replace(
+            "palisade.io/status: injected,",
+            "palisade.io/status: injected, palisade.io/proxy-memory: 256Mi, palisade.io/proxy-image: \"\",",
+        );
+        let installed = std::cell::Cell::new(false);
+        handle(&add(chained()), &|_, _, _| Ok(Some(pod(&roomy))), &|_, _| {
+            installed.set(true);
+            Ok(())
+        })
+        .unwrap();
+        assert!(installed.get(), "the rules were installed");
+    }
+
+    #[test]
     fn pods_without_a_cni_mode_sidecar_are_passed_through_untouched() {
         let plain = "metadata: {name: web, namespace: shop}\nspec: {containers: [{name: app, image: y}]}\n";
         let init_mode = INJECTED.replace("palisade-validate", "palisade-init");
         let host = INJECTED.replace("spec:\n", "spec:\n  hostNetwork: true\n");
         let forged = INJECTED.replace("palisade.io/status: injected, ", "");
         for yaml in [plain, &init_mode, &host, &forged] {
-            let out = handle(&add(chained()), &|_, _| Ok(Some(pod(yaml))), &|_, _| panic!("no rules for\n{yaml}"));
+            let out = handle(&add(chained()), &|_, _, _| Ok(Some(pod(yaml))), &|_, _| panic!("no rules for\n{yaml}"));
             assert!(out.unwrap().is_some());
         }
         let mut no_pod = add(chained());
         no_pod.args.clear();
-        assert!(handle(&no_pod, &|_, _| panic!("no lookup"), &|_, _| panic!("no rules")).unwrap().is_some());
+        assert!(handle(&no_pod, &|_, _, _| panic!("no lookup"), &|_, _| panic!("no rules")).unwrap().is_some());
     }
 
     #[test]
@@ -662,17 +677,17 @@ spec:
         // An annotation that would be a flag of `palisade init` if passed through is either
         // refused by the injector's checks or has no way in.
         let evil = INJECTED.replace("\"5432\"", "\"5432 --iptables /tmp/x\"");
-        let err = handle(&add(chained()), &|_, _| Ok(Some(pod(&evil))), &|_, _| panic!("no rules")).unwrap_err();
+        let err = handle(&add(chained()), &|_, _, _| Ok(Some(pod(&evil))), &|_, _| panic!("no rules")).unwrap_err();
         assert_eq!(err.code, 100);
         assert!(err.details.contains("palisade.io/exclude-outbound-ports"), "{}", err.details);
         let root = INJECTED.replace("runAsUser: 1337", "runAsUser: 0");
-        let err = handle(&add(chained()), &|_, _| Ok(Some(pod(&root))), &|_, _| panic!("no rules")).unwrap_err();
+        let err = handle(&add(chained()), &|_, _, _| Ok(Some(pod(&root))), &|_, _| panic!("no rules")).unwrap_err();
         assert!(err.details.contains("runAsUser"), "{}", err.details);
     }
 
     #[test]
     fn bad_invocations_get_the_cni_error_codes() {
-        let ok = |_: &str, _: &str| Ok(Some(pod(INJECTED)));
+        let ok = |_: &Path, _: &str, _: &str| Ok(Some(pod(INJECTED)));
         let none = |_: &Path, _: &[String]| Ok(());
         let mut unchained = chained();
         unchained.as_object_mut().unwrap().remove("prevResult");
@@ -683,8 +698,11 @@ spec:
         let mut old = chained();
         old["cniVersion"] = json!("0.1.0");
         assert_eq!(handle(&add(old), &ok, &none).unwrap_err().code, 1);
-        let down = |_: &str, _: &str| Err(CniError::new(11, "the API server did not answer", "10s"));
+        let down = |_: &Path, _: &str, _: &str| Err(CniError::new(11, "the API server did not answer", "10s"));
         assert_eq!(handle(&add(chained()), &down, &none).unwrap_err().code, 11, "fails closed, to be retried");
+        let mut anonymous = chained();
+        anonymous.as_object_mut().unwrap().remove("kubeconfig");
+        assert_eq!(handle(&add(anonymous), &ok, &none).unwrap_err().code, 7, "no kubeconfig to read the pod with");
         let mut weird = add(chained());
         weird.command = "FROB".into();
         assert_eq!(handle(&weird, &ok, &none).unwrap_err().code, 4);
@@ -692,7 +710,7 @@ spec:
         let v: Value = serde_json::from_str(&handle(&version, &ok, &none).unwrap().unwrap()).unwrap();
         assert!(v["supportedVersions"].as_array().unwrap().contains(&json!("0.4.0")));
         let del = Invocation { command: "DEL".into(), ..Default::default() };
-        assert_eq!(handle(&del, &|_, _| panic!(), &|_, _| panic!()).unwrap(), None);
+        assert_eq!(handle(&del, &|_, _, _| panic!(), &|_, _| panic!()).unwrap(), None);
     }
 
     #[test]

@@ -41,7 +41,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 pub use admission::admission_review;
 pub use manifest::inject_yaml;
-use overrides::ProxySettings;
+use overrides::{ProxySettings, RedirectSettings};
 
 /// Annotations (and the namespace label) that steer injection.
 pub mod annotation {
@@ -364,7 +364,7 @@ fn plan(
 
 /// The flags of `palisade init` for a pod with these settings: what the init container runs,
 /// and what the CNI plugin derives from the pod itself (never flags read from the pod).
-fn redirect_args(s: &ProxySettings, proxy_uid: u32) -> Vec<String> {
+fn redirect_args(s: &RedirectSettings, proxy_uid: u32) -> Vec<String> {
     let mut args = strings(&["--proxy-uid"]);
     args.push(proxy_uid.to_string());
     args.extend(strings(&["--inbound-port", &INBOUND_PORT.to_string(), "--outbound-port", &OUTBOUND_PORT.to_string()]));
@@ -407,13 +407,14 @@ pub fn cni_redirect_args(meta: &ObjectMeta, spec: &PodSpec) -> Result<Option<Vec
             ));
         }
     };
-    let settings = ProxySettings::resolve(meta, &InjectConfig { proxy_uid, ..InjectConfig::default() })?;
-    Ok(Some(redirect_args(&settings, proxy_uid)))
+    // The redirect's settings only: the rest (resources, image) were resolved against the
+    // injector's configuration, which the node does not have.
+    Ok(Some(redirect_args(&RedirectSettings::resolve(meta)?, proxy_uid)))
 }
 
 fn init_container(s: &ProxySettings, cfg: &InjectConfig) -> Container {
     let mut args = strings(&["init"]);
-    args.extend(redirect_args(s, cfg.proxy_uid));
+    args.extend(redirect_args(&s.redirect, cfg.proxy_uid));
     Container {
         name: INIT_CONTAINER.to_string(),
         image: Some(s.image.clone()),
@@ -445,7 +446,7 @@ fn init_container(s: &ProxySettings, cfg: &InjectConfig) -> Container {
 /// on the sidecar's outbound port and connects to [`VALIDATE_ADDRESS`]; only the redirect can
 /// bring that connection to its listener. It fails, and the pod does not start, otherwise.
 fn validate_container(s: &ProxySettings, cfg: &InjectConfig) -> Container {
-    let excluded = s.exclude_outbound_ports.as_deref().unwrap_or_default();
+    let excluded = s.redirect.exclude_outbound_ports.as_deref().unwrap_or_default();
     let port = (9..).find(|p| !excluded.contains(p)).expect("some port is not excluded");
     // Any UID but the sidecar's: its traffic is the one the rules let escape.
     let uid = if cfg.proxy_uid == 65532 { 65533 } else { 65532 };

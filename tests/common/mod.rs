@@ -49,6 +49,11 @@ pub fn write_atomically(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// A path in the repository (manifests, the chart, scripts).
+pub fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
 pub fn tempdir(tag: &str) -> PathBuf {
     let dir =
         std::env::temp_dir().join(format!("palisade-test-{tag}-{}-{}", std::process::id(), rand::random::<u32>()));

@@ -15,12 +15,46 @@ use crate::init::{InboundPorts, PortList};
 pub(super) struct ProxySettings {
     pub image: String,
     pub resources: ResourceRequirements,
+    pub redirect: RedirectSettings,
+    pub opaque_ports: Option<Vec<u16>>,
+    pub log_level: Option<String>,
+}
+
+/// The part of the settings the redirect needs: what `palisade init` runs with, and all the
+/// node's CNI plugin reads from a pod. It depends on the pod's annotations alone, not on the
+/// injector's configuration, so the plugin derives exactly what admission did.
+pub(super) struct RedirectSettings {
     pub exclude_inbound_ports: Vec<u16>,
     pub exclude_outbound_ports: Option<Vec<u16>>,
     /// `*` or a comma list, as `palisade init --include-inbound-ports` takes it.
     pub include_inbound_ports: Option<String>,
-    pub opaque_ports: Option<Vec<u16>>,
-    pub log_level: Option<String>,
+}
+
+impl RedirectSettings {
+    pub fn resolve(meta: &ObjectMeta) -> Result<RedirectSettings, InjectError> {
+        let empty = BTreeMap::new();
+        let annotations = meta.annotations.as_ref().unwrap_or(&empty);
+        let include_inbound_ports = match lookup(annotations, annotation::INCLUDE_INBOUND_PORTS) {
+            None => None,
+            Some((value, source)) => Some(match value.parse::<InboundPorts>().map_err(|e| source.error(value, e))? {
+                InboundPorts::All => "*".to_string(),
+                InboundPorts::Only(ports) => super::port_list(&ports.0),
+            }),
+        };
+        Ok(RedirectSettings {
+            exclude_inbound_ports: ports(annotations, annotation::EXCLUDE_INBOUND_PORTS)?.unwrap_or_default(),
+            exclude_outbound_ports: ports(annotations, annotation::EXCLUDE_OUTBOUND_PORTS)?,
+            include_inbound_ports,
+        })
+    }
+}
+
+/// A port-list annotation, if the pod has it.
+fn ports(annotations: &BTreeMap<String, String>, key: &'static str) -> Result<Option<Vec<u16>>, InjectError> {
+    match lookup(annotations, key) {
+        None => Ok(None),
+        Some((value, source)) => value.parse::<PortList>().map(|p| Some(p.0)).map_err(|e| source.error(value, e)),
+    }
 }
 
 /// Where a value came from, so an error names what the user has to fix.
@@ -83,27 +117,11 @@ impl ProxySettings {
             ..Default::default()
         };
 
-        let ports = |key: &'static str| -> Result<Option<Vec<u16>>, InjectError> {
-            match get(key) {
-                None => Ok(None),
-                Some((value, source)) => {
-                    value.parse::<PortList>().map(|p| Some(p.0)).map_err(|e| source.error(value, e))
-                }
-            }
-        };
-        let exclude_inbound_ports = ports(annotation::EXCLUDE_INBOUND_PORTS)?.unwrap_or_default();
-        let exclude_outbound_ports = ports(annotation::EXCLUDE_OUTBOUND_PORTS)?;
-        let opaque_ports = ports(annotation::OPAQUE_PORTS)?;
+        let redirect = RedirectSettings::resolve(meta)?;
+        let opaque_ports = ports(annotations, annotation::OPAQUE_PORTS)?;
         if let (Some([]), Some((value, source))) = (opaque_ports.as_deref(), get(annotation::OPAQUE_PORTS)) {
             return Err(source.error(value, "lists no port (leave the annotation out for the default opaque ports)"));
         }
-        let include_inbound_ports = match get(annotation::INCLUDE_INBOUND_PORTS) {
-            None => None,
-            Some((value, source)) => Some(match value.parse::<InboundPorts>().map_err(|e| source.error(value, e))? {
-                InboundPorts::All => "*".to_string(),
-                InboundPorts::Only(ports) => super::port_list(&ports.0),
-            }),
-        };
 
         let log_level = match get(annotation::LOG_LEVEL) {
             None => None,
@@ -116,15 +134,7 @@ impl ProxySettings {
             }
         };
 
-        Ok(ProxySettings {
-            image: image.to_string(),
-            resources,
-            exclude_inbound_ports,
-            exclude_outbound_ports,
-            include_inbound_ports,
-            opaque_ports,
-            log_level,
-        })
+        Ok(ProxySettings { image: image.to_string(), resources, redirect, opaque_ports, log_level })
     }
 }
 
