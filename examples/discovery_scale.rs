@@ -413,7 +413,11 @@ fn mint_client_certs(state: &Path, n: usize) -> anyhow::Result<Vec<Arc<Certified
             .map(|idx| {
                 let ca = ca.clone();
                 s.spawn(move || -> anyhow::Result<Vec<(usize, Arc<CertifiedKey>)>> {
-                    idx.into_iter().map(|i| Ok((i, mint_one(&ca, i)?))).collect()
+                    idx.into_iter()
+                        .map(|i| {
+                            Ok((i, mint_one(&ca, &format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/client-{i}"))?))
+                        })
+                        .collect()
                 })
             })
             .collect();
@@ -428,8 +432,8 @@ fn mint_client_certs(state: &Path, n: usize) -> anyhow::Result<Vec<Arc<Certified
     Ok(out.into_iter().flatten().collect())
 }
 
-fn mint_one(ca: &palisade::identity::CertificateAuthority, i: usize) -> anyhow::Result<Arc<CertifiedKey>> {
-    let id = format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/client-{i}").parse()?;
+fn mint_one(ca: &palisade::identity::CertificateAuthority, id: &str) -> anyhow::Result<Arc<CertifiedKey>> {
+    let id = id.parse()?;
     let key = rcgen::KeyPair::generate()?;
     let now = SystemTime::now();
     let issued =
@@ -441,15 +445,37 @@ fn mint_one(ca: &palisade::identity::CertificateAuthority, i: usize) -> anyhow::
     Ok(Arc::new(CertifiedKey::new(chain, sk)))
 }
 
-/// Waits until the control plane's `/v1/sidecars` shows `n` connected sidecars that ACKed
+/// A management-API client with an administrator's certificate minted from the store's CA.
+async fn admin_api(cp: &ControlPlane) -> anyhow::Result<palisade::control::admin_client::AdminClient> {
+    let store = palisade::control::Store::open(&cp.state)?;
+    let material = store
+        .ca_generations()?
+        .into_iter()
+        .find(|g| g.state == "active")
+        .context("no active CA generation in the store")?
+        .material;
+    let ca = palisade::identity::CertificateAuthority::load(material)?;
+    let certs = CertStore::new();
+    certs.set(mint_one(&ca, "spiffe://cluster.local/admin/scale")?, i64::MAX);
+    let bundle = TrustBundle::from_pem(&std::fs::read_to_string(cp.state.join("ca/root.pem"))?)?;
+    let control = palisade::agent::ControlClient::new(
+        &cp.listen.to_string(),
+        bundle,
+        certs,
+        palisade::identity::SpiffeId::control_plane("cluster.local")?,
+    );
+    Ok(palisade::control::admin_client::client(control.channel().await?, None))
+}
+
+/// Waits until the management API's sidecar list shows `n` connected sidecars that ACKed
 /// `version`; returns how many it saw.
 async fn wait_acked(cp: &ControlPlane, version: &str, n: usize, timeout: Duration) -> anyhow::Result<usize> {
     let deadline = Instant::now() + timeout;
+    let mut api = admin_api(cp).await?;
     loop {
         let mut count = 0;
-        if let Some((200, body)) = http_get(cp.admin, "/v1/sidecars").await {
-            let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
-            count = rows.iter().filter(|r| r["connected"] == true && r["acked_version"] == version).count();
+        if let Ok(rows) = api.list_sidecars(palisade::proto::admin::ListSidecarsRequest {}).await {
+            count = rows.into_inner().sidecars.iter().filter(|r| r.connected && r.acked_version == version).count();
             if count >= n {
                 return Ok(count);
             }

@@ -14,8 +14,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::control::telemetry::Edge;
-
 const POLICIES: &str = include_str!("../examples/demo/policies.yaml");
 const FREEZE: &str = include_str!("../examples/demo/freeze.yaml");
 const TD: &str = "spiffe://cluster.local/ns/demo/sa";
@@ -456,17 +454,49 @@ impl Demo {
     /// Step 7: what `palisade status` and `palisade status certs` show about this mesh.
     async fn status(&self) -> anyhow::Result<()> {
         step(7, "What the control plane knows (`palisade status`)");
+        // The management API answers administrators only: an admin join token, redeemed by
+        // `palisade control login`, as an operator does it.
+        let token = Command::new(&self.exe)
+            .args(["control", "token", "create", "--admin", "--state-dir"])
+            .arg(&self.state)
+            .args(["--identity", "spiffe://cluster.local/admin/demo", "--ttl", "2m"])
+            .output()?;
+        if !token.status.success() {
+            bail!("token create --admin: {}", String::from_utf8_lossy(&token.stderr));
+        }
+        let credentials = self.dir.join("admin");
+        let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
+        let admin = crate::control::admin_client::login(
+            &self.control.to_string(),
+            &token,
+            &self.state.join("ca/root.pem"),
+            &credentials,
+        )
+        .await?;
+        println!("    logged in to the management API as {admin} (`palisade control login`)");
+        let server = crate::control::admin_client::ServerArgs {
+            server: Some(self.control.to_string()),
+            credentials: credentials.clone(),
+            token_file: None,
+            ca_bundle: None,
+        };
+        let mut api = crate::control::admin_client::connect(&server).await?;
         // Sidecars report their traffic every telemetry interval: wait until the graph has the
         // edge the steps above made, rather than sleeping an interval and hoping.
-        let (client, traffic) = (&self.client, format!("http://{}/v1/traffic", self.control_admin));
         let (web, orders) = (format!("{TD}/web"), format!("{TD}/orders"));
-        wait_until("the traffic graph to show web -> orders", Duration::from_secs(5), || async {
-            let Ok((200, _, body)) = request(client, "GET", &traffic).await else { return false };
-            serde_json::from_str::<Vec<Edge>>(&body)
-                .is_ok_and(|edges| edges.iter().any(|e| e.source == web && e.destination == orders && e.requests > 0))
+        wait_until("the traffic graph to show web -> orders", Duration::from_secs(5), || {
+            let mut api = api.clone();
+            let (web, orders) = (web.clone(), orders.clone());
+            async move {
+                let Ok(graph) = api.traffic_graph(crate::proto::admin::TrafficGraphRequest {}).await else {
+                    return false;
+                };
+                graph.into_inner().edges.iter().any(|e| e.source == web && e.destination == orders && e.requests > 0)
+            }
         })
         .await?;
-        let report = crate::control::status::fetch(self.control_admin).await?;
+        let report = crate::control::status::fetch(&mut api).await?;
+        println!("    palisade status --server {} --credentials {}", self.control, credentials.display());
         for line in crate::control::status::render(&report).lines() {
             println!("    {line}");
         }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use palisade::control::admin_client::{self, ServerArgs};
 use palisade::control::{self, ControlArgs, Store};
 use palisade::identity::SpiffeId;
 use palisade::k8s::inject::InjectConfig;
@@ -58,15 +59,14 @@ enum Command {
         #[command(subcommand)]
         command: palisade::policy::PolicyCommand,
     },
-    /// What the control plane knows: sidecars, config versions and ACKs, the traffic graph.
+    /// What the control plane knows: sidecars, config versions and ACKs, the traffic graph
+    /// (through the management API: `--server`, default 127.0.0.1:15010, and a credential).
     #[command(args_conflicts_with_subcommands = true)]
     Status {
         #[command(subcommand)]
         command: Option<StatusCommand>,
-        /// The control plane's admin address.
-        #[arg(long, env = "PALISADE_CONTROL_ADMIN",
-              default_value_t = std::net::SocketAddr::from(([127, 0, 0, 1], palisade::ports::CONTROL_ADMIN)))]
-        admin: std::net::SocketAddr,
+        #[command(flatten)]
+        server: ServerArgs,
         /// Output format: `table` or `json`.
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
@@ -120,7 +120,8 @@ enum ControlCommand {
         command: TokenCommand,
     },
     /// Revoke an identity or one certificate: pushed to every sidecar, which refuses new
-    /// handshakes from it and closes its open connections.
+    /// handshakes from it and closes its open connections. With `--server`, through the
+    /// management API; otherwise in the state directory of a control plane on this machine.
     Revoke {
         #[arg(long, env = "PALISADE_STATE_DIR", default_value = "palisade-state")]
         state_dir: PathBuf,
@@ -129,6 +130,29 @@ enum ControlCommand {
         /// Certificate serial, hex.
         #[arg(long)]
         serial: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// List what is revoked (through the management API).
+    Revocations {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Redeem an administrator's join token (`token create --admin`) at the control plane and
+    /// write the credentials directory the `--server` forms use.
+    Login {
+        /// The control plane's gRPC address.
+        #[arg(long, env = "PALISADE_SERVER")]
+        server: String,
+        /// The join token (or set PALISADE_JOIN_TOKEN).
+        #[arg(long, env = "PALISADE_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The mesh's CA bundle (PEM), e.g. `STATE_DIR/ca/root.pem`.
+        #[arg(long)]
+        ca_bundle: PathBuf,
+        /// Where to write `cert.pem`, `key.pem` and `bundle.pem`.
+        #[arg(long, env = "PALISADE_CREDENTIALS", default_value = "palisade-admin")]
+        credentials: PathBuf,
     },
     /// CA operations.
     Ca {
@@ -146,6 +170,10 @@ enum TokenCommand {
         /// The identity the token yields, whatever the CSR asks for.
         #[arg(long)]
         identity: SpiffeId,
+        /// An administrator's token: the identity must be `spiffe://TD/admin/NAME`, and its
+        /// certificate may call the management API. Without it, such an identity is refused.
+        #[arg(long)]
+        admin: bool,
         /// How long the token stays redeemable.
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         ttl: Duration,
@@ -160,6 +188,13 @@ enum CaCommand {
         state_dir: PathBuf,
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Where a rotation stands: each generation, its state and its next step (management API).
+    Status {
+        #[command(flatten)]
+        server: ServerArgs,
     },
 }
 
@@ -174,13 +209,19 @@ enum CertsCommand {
 
 #[derive(Subcommand)]
 enum StatusCommand {
-    /// The certificate ledger, newest first.
+    /// The certificate ledger, newest first: with `--server` through the management API,
+    /// otherwise from a state directory on this machine.
     Certs {
         #[arg(long, env = "PALISADE_STATE_DIR", default_value = "palisade-state")]
         state_dir: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
         /// Only this identity.
         #[arg(long)]
         identity: Option<String>,
+        /// Only certificates issued within this long (e.g. `1h`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
         /// Output format: `table` or `json`.
@@ -236,15 +277,46 @@ fn real_main() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Control { command: None, args } => runtime()?.block_on(control::run(*args))?,
         Command::Control {
-            command: Some(ControlCommand::Token { command: TokenCommand::Create { state_dir, identity, ttl } }),
+            command: Some(ControlCommand::Token { command: TokenCommand::Create { state_dir, identity, ttl, admin } }),
             ..
         } => {
+            let is_admin = control::admin_api::is_admin_identity(&identity, identity.trust_domain());
+            if admin && !is_admin {
+                anyhow::bail!(
+                    "--admin needs an administrator's identity: spiffe://{}/admin/NAME",
+                    identity.trust_domain()
+                );
+            }
+            if !admin && identity.path().starts_with(control::admin_api::ADMIN_PATH_PREFIX) {
+                anyhow::bail!("{identity} is an administrator's identity: make its token with --admin");
+            }
             let store = Store::open(&state_dir)?;
             let token = store.create_join_token(&identity, ttl)?;
             println!("{token}");
         }
         Command::Control {
-            command: Some(ControlCommand::Ca { command: CaCommand::Rotate { state_dir, trust_domain } }),
+            command: Some(ControlCommand::Ca { command: CaCommand::Rotate { server, .. } }), ..
+        } if server.server.is_some() => {
+            print!("{}", runtime()?.block_on(admin_client::rotate_ca(&server, false))?);
+        }
+        Command::Control { command: Some(ControlCommand::Ca { command: CaCommand::Status { server } }), .. } => {
+            print!("{}", runtime()?.block_on(admin_client::rotate_ca(&server, true))?);
+        }
+        Command::Control { command: Some(ControlCommand::Revocations { server }), .. } => {
+            let (ids, serials) = runtime()?.block_on(admin_client::revocations(&server))?;
+            for id in ids {
+                println!("identity {id}");
+            }
+            for serial in serials {
+                println!("serial   {serial}");
+            }
+        }
+        Command::Control { command: Some(ControlCommand::Login { server, token, ca_bundle, credentials }), .. } => {
+            let id = runtime()?.block_on(admin_client::login(&server, &token, &ca_bundle, &credentials))?;
+            println!("logged in as {id}; credentials in {}", credentials.display());
+        }
+        Command::Control {
+            command: Some(ControlCommand::Ca { command: CaCommand::Rotate { state_dir, trust_domain, .. } }),
             ..
         } => {
             let store = Store::open(&state_dir)?;
@@ -253,14 +325,20 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 "CA generation {generation} created and added to the trust bundle; the running control plane switches signing once it has reached every sidecar"
             );
         }
-        Command::Control { command: Some(ControlCommand::Revoke { state_dir, identity, serial }), .. } => {
-            let store = Store::open(&state_dir)?;
+        Command::Control { command: Some(ControlCommand::Revoke { state_dir, identity, serial, server }), .. } => {
             let serial = serial.map(|s| s.trim().trim_start_matches("0x").replace(':', "").to_lowercase());
             if let Some(s) = &serial
                 && (s.is_empty() || !s.bytes().all(|b| b.is_ascii_hexdigit()))
             {
                 anyhow::bail!("--serial {s:?} is not a hex serial number");
             }
+            if server.server.is_some() {
+                let id = identity.as_ref().map(|i| i.to_string());
+                runtime()?.block_on(admin_client::revoke(&server, id, serial.clone()))?;
+                println!("revoked {}", identity.map(|i| i.to_string()).or(serial).unwrap_or_default());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let store = Store::open(&state_dir)?;
             store.revoke(identity.as_ref().map(|i| i.as_str()), serial.as_deref())?;
             println!("revoked {}", identity.map(|i| i.to_string()).or(serial).unwrap_or_default());
         }
@@ -270,17 +348,29 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("writing {}", out.display()))?;
             println!("wrote {} files to {} (local experiments only; see its README.md)", files.len(), out.display());
         }
-        Command::Status { command: None, admin, output } => {
-            let report = runtime()?.block_on(control::status::fetch(admin))?;
+        Command::Status { command: None, server, output } => {
+            let report = runtime()?.block_on(async {
+                let mut client = admin_client::connect(&server).await?;
+                control::status::fetch(&mut client).await
+            })?;
             if output == "json" {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", control::status::render(&report));
             }
         }
-        Command::Status { command: Some(StatusCommand::Certs { state_dir, identity, limit, output }), .. } => {
-            let store = Store::open(&state_dir)?;
-            let rows = store.certificates(identity.as_deref(), limit)?;
+        Command::Status {
+            command: Some(StatusCommand::Certs { state_dir, server, identity, since, limit, output }),
+            ..
+        } => {
+            let after = since.map(|d| palisade::clock::now_unix() - d.as_secs() as i64);
+            let rows = if server.server.is_some() {
+                runtime()?.block_on(admin_client::ledger(&server, identity, after, limit))?
+            } else {
+                let store = Store::open(&state_dir)?;
+                let query = control::store::LedgerQuery { identity, issued_after: after, limit, ..Default::default() };
+                store.ledger_page(&query)?.into_iter().map(|(row, _)| row).collect()
+            };
             if output == "json" {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {

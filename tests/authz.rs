@@ -187,15 +187,14 @@ async fn a_policy_that_does_not_compile_is_reported_and_holds_back_nothing() {
     let s = shop("deny").await;
     let version_before = s.orders.config_dump().await["mesh"]["version"].as_str().unwrap().to_string();
     write_atomically(&s.resources.join("zz-broken.yaml"), &format!("# added by an operator\n---\n{BROKEN}"));
-    let errors_url = format!("http://{}/v1/resources/errors", s.cp.admin);
     wait_for("the broken policy reported at the control plane", Duration::from_secs(5), || async {
-        get(&http_client(), &errors_url, &[]).await.is_ok_and(|r| r.2.contains("broken-rego"))
+        s.cp.api_json("resource_errors").await.to_string().contains("broken-rego")
     })
     .await;
-    let errors = get(&http_client(), &errors_url, &[]).await.unwrap().2;
+    let errors = s.cp.api_json("resource_errors").await.to_string();
     // File, line of the document, document index, the object, and Rego's own position.
     assert!(errors.contains("zz-broken.yaml:3: document 0: AuthorizationPolicy test/broken-rego"), "{errors}");
-    let status = std::process::Command::new(BIN).args(["status", "--admin", &s.cp.admin.to_string()]).output().unwrap();
+    let status = std::process::Command::new(BIN).arg("status").args(s.cp.server_cli_args()).output().unwrap();
     assert!(String::from_utf8_lossy(&status.stdout).contains("broken-rego"), "palisade status shows it");
 
     // Nothing was pushed for it: no NACK, the same version, the valid policies still decide.

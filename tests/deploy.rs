@@ -180,6 +180,7 @@ fn rbac_is_least_privilege() {
         ("palisade.io", POLICY_KINDS, &["get", "list", "watch"], ""),
         ("palisade.io", &status, &["get", "update", "patch"], ""),
         ("authentication.k8s.io", &["tokenreviews"], &["create"], ""),
+        ("authorization.k8s.io", &["subjectaccessreviews"], &["create"], ""),
         (
             "admissionregistration.k8s.io",
             &["mutatingwebhookconfigurations"],
@@ -617,11 +618,16 @@ fn the_helm_chart_renders_the_same_objects_as_deploy() {
         strings(&find(objects, "Deployment", "palisade-control")["spec"]["template"]["spec"]["containers"][0]["args"])
     };
     assert_eq!(args(&rendered), args(&plain), "the control plane's arguments differ");
-    for kind in ["ClusterRole", "Role"] {
+    for (kind, name) in [
+        ("ClusterRole", "palisade-control"),
+        ("Role", "palisade-control"),
+        ("ClusterRole", "palisade-mesh-admin"),
+        ("ClusterRole", "palisade-mesh-viewer"),
+    ] {
         assert_eq!(
-            grants(find(&rendered, kind, "palisade-control")),
-            grants(find(&plain, kind, "palisade-control")),
-            "the chart's {kind} differs from deploy/control-plane.yaml"
+            grants(find(&rendered, kind, name)),
+            grants(find(&plain, kind, name)),
+            "the chart's {kind} {name} differs from deploy/control-plane.yaml"
         );
     }
     let webhook = |objects: &[(String, Value)]| {

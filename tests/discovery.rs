@@ -15,8 +15,7 @@ spec:
 ";
 
 async fn sidecars_json(cp: &ControlPlane) -> serde_json::Value {
-    let body = get(&http_client(), &format!("http://{}/v1/sidecars", cp.admin), &[]).await.unwrap().2;
-    serde_json::from_str(&body).unwrap()
+    cp.api_json("sidecars").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,7 +72,7 @@ async fn resources_reach_only_the_selected_sidecars_and_edits_apply_within_a_sec
     )
     .unwrap();
     wait_for("error reported", Duration::from_secs(5), || async {
-        let body = get(&http_client(), &format!("http://{}/v1/resources/errors", cp.admin), &[]).await.unwrap().2;
+        let body = cp.api_json("resource_errors").await.to_string();
         body.contains("pa.yaml:1: document 0") && body.contains("metadata.namespace")
     })
     .await;

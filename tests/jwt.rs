@@ -393,8 +393,7 @@ async fn a_key_rotation_at_the_issuer_is_picked_up_and_a_failing_issuer_keeps_th
     // A token not seen before, so no cached verification answers for it.
     let fresh = new.sign("k2", &claims(ISSUER, json!({"sub": "bob"})));
     assert_eq!(m.call("/public/c", Some(&fresh), &[]).await.0, 200);
-    let status = get(&http_client(), &format!("http://{}/v1/jwks", m.cp.admin), &[]).await.unwrap().2;
-    let status: Value = serde_json::from_str(&status).unwrap();
+    let status = m.cp.api_json("jwks").await;
     let entry = &status[&m.issuer.url];
     assert_eq!(entry["keys"], 1, "{status}");
     assert!(entry["last_error"].as_str().is_some_and(|e| e.contains("JWKS")), "{status}");

@@ -653,25 +653,24 @@ async fn a_sidecar_moves_to_the_surviving_replica_and_keeps_receiving_updates() 
 
     let control = format!("{},{}", cp_a.listen, cp_b.listen);
     let (_app, _orders, _web, route) = orders_and_web(c, &dir, "ha", &control, &cp_a.root_pem_path()).await;
-    let connected_to = |cp: &ControlPlane, who: &'static str| {
-        let admin = cp.admin;
-        async move {
-            let body =
-                get(&http_client(), &format!("http://{admin}/v1/sidecars"), &[]).await.map(|r| r.2).unwrap_or_default();
-            let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-            v.as_array().is_some_and(|a| {
-                a.iter().any(|s| {
-                    s["spiffe_id"] == format!("spiffe://cluster.local/ns/ha/sa/{who}") && s["connected"] == true
-                })
-            })
-        }
+    // The management API answers the cluster's administrator (RBAC through SubjectAccessReview).
+    for cp in [&cp_a, &cp_b] {
+        std::fs::write(cp.dir.join(format!("admin-{}.token", cp.listen.port())), ADMIN_TOKEN).unwrap();
+    }
+    let (api_a, api_b) = (cp_a.server_args(), cp_b.server_args());
+    let connected_to = |api: palisade::control::admin_client::ServerArgs, who: &'static str| async move {
+        let Ok(mut api) = palisade::control::admin_client::connect(&api).await else { return false };
+        let Ok(list) = api.list_sidecars(palisade::proto::admin::ListSidecarsRequest {}).await else { return false };
+        let want = format!("spiffe://cluster.local/ns/ha/sa/{who}");
+        list.into_inner().sidecars.iter().any(|s| s.spiffe_id == want && s.connected)
     };
-    wait_for("orders connected to replica A", Duration::from_secs(10), || connected_to(&cp_a, "orders")).await;
+    wait_for("orders connected to replica A", Duration::from_secs(10), || connected_to(api_a.clone(), "orders")).await;
 
     let leader_before = lease_holder();
     let mut cp_a = cp_a;
     cp_a.proc.kill9();
-    wait_for("orders reconnected to replica B", Duration::from_secs(20), || connected_to(&cp_b, "orders")).await;
+    wait_for("orders reconnected to replica B", Duration::from_secs(20), || connected_to(api_b.clone(), "orders"))
+        .await;
 
     let http = http_client();
     let url = format!("http://{route}/blocked");
@@ -990,4 +989,127 @@ async fn a_sidecar_whose_certificate_expired_in_an_outage_attests_again_with_its
         "re-attested with the token, not renewed: {rows:?}"
     );
     assert!(sidecar.proc.log_text().contains("attesting again"), "{}", sidecar.proc.log_text());
+}
+
+/// The management API on Kubernetes: a bearer token, TokenReview, then SubjectAccessReview for
+/// the call's verb on its `palisade.io` resource in the control plane's namespace. Each answer
+/// matches `kubectl auth can-i` for the same account; a sidecar's token (audience `palisade`)
+/// opens nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_management_api_answers_exactly_as_cluster_rbac_does() {
+    let c = cluster();
+    let dir = tempdir("k8s-admin");
+    c.namespace("ops", &[], &["revoker", "viewer", "nobody"]);
+    let (cp, _) = control_plane(c, &dir, "cp-admin", "admin-system", &[]).await;
+    let (ok, out) = c.apply(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {name: revoke-identities, namespace: admin-system}\n\
+         rules: [{apiGroups: [palisade.io], resources: [identities], verbs: [revoke]}]\n\
+         ---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: revoker, namespace: admin-system}\n\
+         roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: revoke-identities}\n\
+         subjects: [{kind: ServiceAccount, name: revoker, namespace: ops}]\n\
+         ---\napiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {name: list-sidecars, namespace: admin-system}\n\
+         rules: [{apiGroups: [palisade.io], resources: [sidecars], verbs: [list]}]\n\
+         ---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: viewer, namespace: admin-system}\n\
+         roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: list-sidecars}\n\
+         subjects: [{kind: ServiceAccount, name: viewer, namespace: ops}]\n",
+    );
+    assert!(ok, "{out}");
+    // What `kubectl auth can-i VERB RESOURCE.palisade.io -n admin-system --as SA` asks: a
+    // SelfSubjectAccessReview as that account. (`kubectl auth can-i` itself sends group "" for a
+    // resource no API serves, so it cannot ask about these; the review it would send is sent
+    // here with the group, through kubectl and impersonation.)
+    let can_i = |sa: &str, verb: &str, resource: &str| {
+        let review = json!({
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": {"group": "palisade.io", "resource": resource, "verb": verb, "namespace": "admin-system"}},
+        });
+        let as_sa = format!("--as=system:serviceaccount:ops:{sa}");
+        let (ok, out) =
+            c.kubectl_stdin(&["create", &as_sa, "--validate=false", "-o", "json", "-f", "-"], &review.to_string());
+        assert!(ok, "{out}");
+        let answer: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        answer["status"]["allowed"] == true
+    };
+    let bundle = TrustBundle::from_pem(&std::fs::read_to_string(cp.root_pem_path()).unwrap()).unwrap();
+    let control = ControlClient::new(
+        &cp.listen.to_string(),
+        bundle,
+        CertStore::new(),
+        palisade::identity::SpiffeId::control_plane("cluster.local").unwrap(),
+    );
+    let api = |token: String| {
+        let control = control.clone();
+        async move {
+            palisade::control::admin_client::client(
+                control.channel().await.unwrap(),
+                Some(format!("Bearer {token}").parse().unwrap()),
+            )
+        }
+    };
+    let victim = "spiffe://cluster.local/ns/ops/sa/victim";
+    let revoke = || palisade::proto::admin::RevokeRequest {
+        target: Some(palisade::proto::admin::revoke_request::Target::SpiffeId(victim.into())),
+    };
+    let mut answers = Vec::new();
+    for sa in ["revoker", "viewer", "nobody"] {
+        // A token for the API server's own audience, as `kubectl create token` gives by default.
+        let mut client = api(c.token("ops", sa, ISSUER)).await;
+        let revoked = client.revoke(revoke()).await;
+        let listed = client.list_sidecars(palisade::proto::admin::ListSidecarsRequest {}).await;
+        for (verb, resource, result) in
+            [("revoke", "identities", revoked.map(|_| ())), ("list", "sidecars", listed.map(|_| ()))]
+        {
+            let expected = can_i(sa, verb, resource);
+            match &result {
+                Ok(()) => assert!(expected, "{sa} was allowed to {verb} {resource}, kubectl auth can-i says no"),
+                Err(s) => {
+                    assert!(!expected, "{sa} was refused {verb} {resource}, kubectl auth can-i says yes: {s:?}");
+                    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+                    assert!(s.message().contains(&format!("system:serviceaccount:ops:{sa} may not {verb}")), "{s:?}");
+                }
+            }
+            answers.push((sa, verb, result.is_ok()));
+        }
+    }
+    assert_eq!(
+        answers,
+        vec![
+            ("revoker", "revoke", true),
+            ("revoker", "list", false),
+            ("viewer", "revoke", false),
+            ("viewer", "list", true),
+            ("nobody", "revoke", false),
+            ("nobody", "list", false),
+        ]
+    );
+    // The revocation took effect; the cluster administrator sees it.
+    std::fs::write(dir.join(format!("admin-{}.token", cp.listen.port())), ADMIN_TOKEN).unwrap();
+    let mut admin = cp.api().await;
+    let revoked = admin.list_revocations(palisade::proto::admin::ListRevocationsRequest {}).await.unwrap().into_inner();
+    assert_eq!(revoked.spiffe_ids, vec![victim.to_string()]);
+
+    // A sidecar's token (audience `palisade`) and garbage authenticate nobody.
+    for token in [c.token("ops", "revoker", "palisade"), "not-a-token".to_string()] {
+        let err = api(token).await.revoke(revoke()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    }
+    // No token at all.
+    let mut bare = palisade::control::admin_client::client(control.channel().await.unwrap(), None);
+    let err = bare.list_sidecars(palisade::proto::admin::ListSidecarsRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+
+    // Audited, allowed and refused alike.
+    let audit = std::fs::read_to_string(cp.state.join("audit.log")).unwrap();
+    assert!(
+        audit.lines().any(|l| l.contains("system:serviceaccount:ops:revoker")
+            && l.contains("\"call\":\"Revoke\"")
+            && l.contains("\"result\":\"allowed\"")),
+        "{audit}"
+    );
+    assert!(
+        audit.lines().any(|l| l.contains("system:serviceaccount:ops:nobody")
+            && l.contains("\"call\":\"Revoke\"")
+            && l.contains("\"result\":\"refused\"")),
+        "{audit}"
+    );
 }

@@ -1,5 +1,6 @@
-//! Revocation: pushed to every sidecar within a second; new handshakes and open connections of
-//! the revoked peer are refused, everyone else carries on.
+//! Revocation: made by an administrator through the management API, pushed to every sidecar
+//! within a second; new handshakes and open connections of the revoked peer are refused,
+//! everyone else carries on.
 
 mod common;
 
@@ -52,11 +53,12 @@ async fn a_revoked_identity_is_refused_by_every_sidecar_within_a_second() {
         || http::Request::get("/").header("host", "b").body(http_body_util::Full::new(bytes::Bytes::new())).unwrap();
     assert_eq!(held.send_request(req()).await.unwrap().status(), 200, "held connection works before revocation");
 
+    // An administrator (logged in beforehand) revokes A through the management API.
+    let server = cp.server_cli_args();
     let revoked_at = Instant::now();
     let out = std::process::Command::new(BIN)
-        .args(["control", "revoke", "--state-dir"])
-        .arg(&cp.state)
-        .args(["--identity", &id("a")])
+        .args(["control", "revoke", "--identity", &id("a")])
+        .args(&server)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -102,4 +104,13 @@ async fn a_revoked_identity_is_refused_by_every_sidecar_within_a_second() {
     assert!(answer.as_ref().is_none_or(|b| b.is_empty()), "revoked identity was served: {answer:?}");
     let metrics = b.metrics().await;
     assert!(metric(&metrics, "palisade_tls_handshake_failures_total", "reason=\"revoked\"") >= 1.0, "{metrics}");
+    // The audit log names the administrator, the call and what it revoked.
+    let audit = std::fs::read_to_string(cp.state.join("audit.log")).unwrap();
+    assert!(
+        audit.lines().any(|l| l.contains("\"call\":\"Revoke\"")
+            && l.contains("spiffe://cluster.local/admin/tests")
+            && l.contains(&id("a"))
+            && l.contains("\"result\":\"allowed\"")),
+        "{audit}"
+    );
 }

@@ -17,7 +17,7 @@ spec:
 
 fn status(cp: &ControlPlane, json: bool) -> String {
     let mut cmd = std::process::Command::new(BIN);
-    cmd.args(["status", "--admin", &cp.admin.to_string()]);
+    cmd.arg("status").args(cp.server_cli_args());
     if json {
         cmd.args(["-o", "json"]);
     }
@@ -77,6 +77,6 @@ async fn status_shows_sidecars_and_who_calls_whom_with_denials() {
     assert!(edge.is_some_and(|l| l.contains(" 7 ") && l.contains("14%")), "{table}");
 
     // Certificate events arrived too.
-    let events = get(&client, &format!("http://{}/v1/events", cp.admin), &[]).await.unwrap().2;
+    let events = cp.api_json("events").await.to_string();
     assert!(events.contains("Issued") && events.contains(&id("orders")), "{events}");
 }

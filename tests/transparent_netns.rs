@@ -237,6 +237,31 @@ fn pods_talk_plain_http_and_the_wire_carries_only_mutual_tls() {
         lab.curl("a", "http://127.0.0.1:15020/config_dump").is_ok_and(|d| d.contains(&format!("{NET}.3:0")))
     });
 
+    // The admin surfaces, seen from another host: the control plane's admin port answers health
+    // (and metrics) and nothing else; a sidecar's admin port answers probes and metrics, while
+    // `/config_dump` and `/shutdown` answer loopback only.
+    let code = |method: &str, url: &str| {
+        let out = lab
+            .exec("c", &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "-X", method, url]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(code("GET", &format!("http://{admin}/ready")), "200");
+    for path in
+        ["/v1/sidecars", "/v1/certificates", "/v1/traffic", "/v1/events", "/v1/mesh", "/v1/jwks", "/config_dump"]
+    {
+        assert_eq!(code("GET", &format!("http://{admin}{path}")), "404", "control plane {path} from another host");
+    }
+    let a_admin = format!("http://{NET}.2:15020");
+    assert_eq!(code("GET", &format!("{a_admin}/ready")), "200");
+    assert_eq!(code("GET", &format!("{a_admin}/metrics")), "200");
+    let dump = lab.exec("c", &["curl", "-s", "--max-time", "5", &format!("{a_admin}/config_dump")]);
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(!dump.contains("spiffe://") && !dump.contains("endpoints"), "config_dump answered another host: {dump}");
+    assert_eq!(code("GET", &format!("{a_admin}/config_dump")), "403");
+    assert_eq!(code("POST", &format!("{a_admin}/shutdown")), "403");
+    assert!(lab.curl("a", "http://127.0.0.1:15020/ready").is_ok(), "sidecar A still runs after /shutdown from afar");
+    assert!(lab.curl("a", "http://127.0.0.1:15020/config_dump").is_ok_and(|d| d.contains("spiffe://")));
+
     // Capture everything on the bridge while A calls B.
     let capture_file = lab.dir.join("bridge.txt");
     let sw = lab.ns("sw");

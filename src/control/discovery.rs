@@ -198,6 +198,11 @@ impl MeshState {
         }
     }
 
+    /// The validated resources in force.
+    pub fn resources(&self) -> Arc<Vec<Resource>> {
+        self.resources.load_full()
+    }
+
     /// Notifies after every debounced change (the generation moves on).
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()

@@ -1,6 +1,8 @@
 //! The control plane: CA and issuance, state store, and (as they land) discovery push,
 //! telemetry intake and the admin API.
 
+pub mod admin_api;
+pub mod admin_client;
 pub mod ca_set;
 pub mod discovery;
 pub mod identity_service;

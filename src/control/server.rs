@@ -18,6 +18,7 @@ use crate::proto::identity::identity_server::IdentityServer;
 use crate::telemetry::admin::{self, AdminRequest};
 use crate::tls::{CertStore, TrustBundle, config};
 
+use super::admin_api::{AdminService, AuditLog, Authorizer};
 use super::ca_set::{self, CaSet};
 use super::discovery::{DiscoveryService, MeshSettings, MeshState};
 use super::identity_service::IdentityService;
@@ -26,6 +27,7 @@ use super::source::{self, ResourceError, Sink};
 use super::store::{CredentialKind, Store};
 use super::telemetry::{TelemetryService, TrafficGraph};
 use crate::identity::SpiffeId;
+use crate::proto::admin::admin_server::AdminServer;
 use crate::proto::discovery::discovery_server::DiscoveryServer;
 use crate::proto::telemetry::telemetry_server::TelemetryServer;
 
@@ -38,7 +40,8 @@ pub struct ControlArgs {
     /// gRPC listen address (TLS).
     #[arg(long, env = "PALISADE_LISTEN", default_value_t = SocketAddr::from(([127, 0, 0, 1], crate::ports::CONTROL_GRPC)))]
     pub listen: SocketAddr,
-    /// Admin HTTP listen address (`/ready`, `/metrics`).
+    /// Admin HTTP listen address: `/ready`, `/live` and `/metrics`, nothing private (the
+    /// management API is on the gRPC port, authenticated).
     #[arg(long, env = "PALISADE_ADMIN", default_value_t = SocketAddr::from(([127, 0, 0, 1], crate::ports::CONTROL_ADMIN)))]
     pub admin: SocketAddr,
     /// Trust domain of every identity this control plane issues.
@@ -112,6 +115,10 @@ pub struct ControlArgs {
     /// Changes are batched for this long before they are pushed.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     pub debounce: Duration,
+    /// Where every management API call is recorded, one JSON object per line (default:
+    /// `STATE_DIR/audit.log`). Each is also logged as a `palisade::audit` event.
+    #[arg(long, env = "PALISADE_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
     /// How long a disconnected sidecar's endpoints stay in the table.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub endpoint_grace: Duration,
@@ -141,6 +148,11 @@ struct ControlInputs {
     jwks_status: JwksStatuses,
     /// Unknown-`kid` hints from sidecars' reports, for the JWKS worker.
     jwks_refetch: Arc<JwksRefetch>,
+    /// Wakes the CA worker; with `ca_reload` set, it reloads the CA and revocations from the
+    /// store even though no other process wrote it (the admin API did).
+    ca_wake: Arc<tokio::sync::Notify>,
+    ca_reload: Arc<std::sync::atomic::AtomicBool>,
+    audit: Arc<AuditLog>,
 }
 
 /// Runs the control plane until SIGTERM or Ctrl-C.
@@ -225,6 +237,8 @@ impl ControlInputs {
         let mesh = MeshState::new(settings, ca.clone(), store.clone());
         let (revoked_ids, revoked_serials) = store.revocations()?;
         mesh.set_revocations(revoked_ids, revoked_serials);
+        let audit =
+            Arc::new(AuditLog::open(&args.audit_log.clone().unwrap_or_else(|| args.state_dir.join("audit.log")))?);
         Ok(ControlInputs {
             args,
             store,
@@ -240,6 +254,9 @@ impl ControlInputs {
             jwks_tls,
             jwks_status: Default::default(),
             jwks_refetch: Default::default(),
+            ca_wake: Default::default(),
+            ca_reload: Default::default(),
+            audit,
         })
     }
 }
@@ -303,25 +320,11 @@ fn serve_admin(inputs: &Arc<ControlInputs>, listener: TcpListener) -> anyhow::Re
     Ok(())
 }
 
-async fn admin_answer(inputs: &ControlInputs, req: &AdminRequest) -> admin::AdminResponse {
+/// The admin HTTP port holds nothing private: health and metrics. Everything else is on the
+/// authenticated management API (`palisade.admin.v1.Admin`, on the gRPC port).
+async fn admin_answer(_inputs: &ControlInputs, req: &AdminRequest) -> admin::AdminResponse {
     match req.path.as_str() {
         "/ready" | "/live" => admin::respond(StatusCode::OK, "text/plain", "ok\n"),
-        "/v1/sidecars" => admin::json(StatusCode::OK, &inputs.mesh.sidecars()),
-        "/v1/resources/errors" => {
-            let errs: Vec<String> = inputs.resource_errors.load().iter().map(|e| e.to_string()).collect();
-            admin::json(StatusCode::OK, &errs)
-        }
-        "/v1/certificates" => {
-            let store = inputs.store.clone();
-            match tokio::task::spawn_blocking(move || store.certificates(None, 1000)).await {
-                Ok(Ok(rows)) => admin::json(StatusCode::OK, &rows),
-                _ => admin::respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "ledger unavailable\n"),
-            }
-        }
-        "/v1/mesh" => admin::json(StatusCode::OK, &inputs.mesh.settings),
-        "/v1/jwks" => admin::json(StatusCode::OK, &*inputs.jwks_status.lock()),
-        "/v1/traffic" => admin::json(StatusCode::OK, &inputs.graph.edges()),
-        "/v1/events" => admin::json(StatusCode::OK, &inputs.graph.events()),
         _ => admin::respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }
@@ -364,6 +367,7 @@ async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Re
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
         .add_service(DiscoveryServer::new(DiscoveryService { mesh: inputs.mesh.clone() }))
+        .add_service(AdminServer::new(admin_service(inputs)))
         .add_service(TelemetryServer::new(TelemetryService {
             graph: inputs.graph.clone(),
             jwks_refetch: inputs.jwks_refetch.clone(),
@@ -373,11 +377,43 @@ async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Re
         .context("gRPC server")
 }
 
+/// The management API's service, authorizing by RBAC on Kubernetes and by administrators'
+/// certificates standalone.
+fn admin_service(inputs: &ControlInputs) -> AdminService {
+    let authorizer = match &inputs.kube {
+        Some(client) => Authorizer::kubernetes(client.clone(), &inputs.args.namespace),
+        None => Authorizer::Standalone { trust_domain: inputs.args.trust_domain.clone() },
+    };
+    let (wake, reload) = (inputs.ca_wake.clone(), inputs.ca_reload.clone());
+    AdminService {
+        authorizer,
+        audit: inputs.audit.clone(),
+        mesh: inputs.mesh.clone(),
+        store: inputs.store.clone(),
+        ca: inputs.ca.clone(),
+        graph: inputs.graph.clone(),
+        resource_errors: inputs.resource_errors.clone(),
+        jwks_status: inputs.jwks_status.clone(),
+        ca_changed: Arc::new(move || {
+            reload.store(true, std::sync::atomic::Ordering::SeqCst);
+            wake.notify_one();
+        }),
+        propagation: propagation(&inputs.args),
+        ca_keys_protected: false,
+    }
+}
+
+/// How long a new root takes to reach every sidecar: each renews within 60% of a lifetime,
+/// and its fresh certificate carries the new bundle.
+fn propagation(args: &ControlArgs) -> Duration {
+    args.cert_ttl + Duration::from_secs(2)
+}
+
 /// The CA worker, the only writer of the CA view and the serving trust bundle: it takes CA and
 /// revocation changes the CLI writes to the store (woken by a watch on the state directory, not
 /// by polling), advances rotations when their time comes, and renews the serving certificate.
 async fn run_ca(inputs: Arc<ControlInputs>, mut serving_not_after: i64) {
-    let changed = Arc::new(tokio::sync::Notify::new());
+    let changed = inputs.ca_wake.clone();
     let _watcher = match inputs.store.watch(changed.clone()) {
         Ok(w) => Some(w),
         Err(e) => {
@@ -423,11 +459,11 @@ struct CaStep {
 /// One pass of the CA worker (blocking: it reads and writes the store).
 fn ca_step(inputs: &ControlInputs, serving_not_after: i64) -> anyhow::Result<CaStep> {
     let args = &inputs.args;
-    let changed_elsewhere = inputs.store.changed_elsewhere()?;
+    let changed_elsewhere =
+        inputs.store.changed_elsewhere()? | inputs.ca_reload.swap(false, std::sync::atomic::Ordering::SeqCst);
     tracing::debug!(changed_elsewhere, "CA worker woken");
-    // A new root must reach every sidecar before it signs: each renews within 60% of a
-    // lifetime, and its fresh certificate carries the new bundle.
-    let propagation = args.cert_ttl + Duration::from_secs(2);
+    // A new root must reach every sidecar before it signs.
+    let propagation = propagation(args);
     let advanced = ca_set::advance_rotation(&inputs.store, propagation, args.cert_ttl)?;
     let cur = inputs.ca.load_full();
     let mut signer_changed = false;

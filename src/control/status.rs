@@ -1,15 +1,11 @@
-//! `palisade status`: what the control plane knows, read from its admin API.
+//! `palisade status`: what the control plane knows, read through its management API.
 
-use std::net::SocketAddr;
 use std::time::{Duration, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-
+use super::admin_client::AdminClient;
 use super::discovery::SidecarEntry;
 use super::telemetry::Edge;
+use crate::proto::admin::{ListSidecarsRequest, StatusRequest, TrafficGraphRequest};
 
 /// Everything `palisade status` shows.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -19,29 +15,42 @@ pub struct StatusReport {
     pub resource_errors: Vec<String>,
 }
 
-async fn get_json(admin: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let uri: http::Uri = format!("http://{admin}{path}").parse()?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
-        .await
-        .map_err(|_| anyhow::anyhow!("control plane admin API at {admin} did not answer within 5s"))?
-        .map_err(|e| anyhow::anyhow!("control plane admin API at {admin}: {e}"))?;
-    if !resp.status().is_success() {
-        anyhow::bail!("{path}: HTTP {}", resp.status());
-    }
-    Ok(serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?)
-}
-
 /// Fetches the report.
-pub async fn fetch(admin: SocketAddr) -> anyhow::Result<StatusReport> {
-    let as_vec = |v: serde_json::Value| v.as_array().cloned().unwrap_or_default();
+pub async fn fetch(client: &mut AdminClient) -> anyhow::Result<StatusReport> {
+    let sidecars = client.list_sidecars(ListSidecarsRequest {}).await?.into_inner().sidecars;
+    let edges = client.traffic_graph(TrafficGraphRequest {}).await?.into_inner().edges;
+    let status = client.status(StatusRequest {}).await?.into_inner();
     Ok(StatusReport {
-        sidecars: as_vec(get_json(admin, "/v1/sidecars").await?),
-        traffic: as_vec(get_json(admin, "/v1/traffic").await?),
-        resource_errors: as_vec(get_json(admin, "/v1/resources/errors").await?)
+        sidecars: sidecars
             .into_iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
+            .map(|s| {
+                serde_json::json!({
+                    "spiffe_id": s.spiffe_id,
+                    "addresses": s.addresses,
+                    "labels": s.labels.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+                    "pushed_version": s.pushed_version,
+                    "acked_version": s.acked_version,
+                    "nack_message": s.nack_message,
+                    "connected": s.connected,
+                    "last_seen": s.last_seen,
+                    "certificate_not_after": s.certificate_not_after,
+                })
+            })
             .collect(),
+        traffic: edges
+            .into_iter()
+            .map(|e| {
+                serde_json::json!({
+                    "source": e.source,
+                    "destination": e.destination,
+                    "requests": e.requests,
+                    "errors": e.errors,
+                    "denials": e.denials,
+                    "handshake_failures": e.handshake_failures,
+                })
+            })
+            .collect(),
+        resource_errors: status.resource_errors,
     })
 }
 

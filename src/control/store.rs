@@ -67,6 +67,24 @@ pub struct LedgerEntry {
     pub not_after: i64,
     pub credential: String,
     pub revoked: bool,
+    /// When the control plane recorded it (Unix seconds).
+    pub issued_at: i64,
+}
+
+/// Where a ledger row sits in the newest-first order: (`issued_at`, rowid).
+pub type LedgerCursor = (i64, i64);
+
+/// Which ledger rows [`Store::ledger_page`] returns.
+#[derive(Clone, Debug, Default)]
+pub struct LedgerQuery {
+    pub identity: Option<String>,
+    /// Issued at or after (Unix seconds).
+    pub issued_after: Option<i64>,
+    /// Issued before (Unix seconds).
+    pub issued_before: Option<i64>,
+    /// Rows after this cursor (the last row of the previous page: `issued_at`, rowid).
+    pub after: Option<(i64, i64)>,
+    pub limit: u32,
 }
 
 /// A CA generation as stored, with its place in a rotation.
@@ -344,25 +362,42 @@ impl Store {
 
     /// The ledger, newest first, optionally for one identity.
     pub fn certificates(&self, identity: Option<&str>, limit: u32) -> Result<Vec<LedgerEntry>, StoreError> {
+        let query = LedgerQuery { identity: identity.map(str::to_string), limit, ..Default::default() };
+        Ok(self.ledger_page(&query)?.into_iter().map(|(entry, _)| entry).collect())
+    }
+
+    /// One page of the ledger, newest first, each row with its cursor (pass the last one as
+    /// [`LedgerQuery::after`] for the next page).
+    pub fn ledger_page(&self, q: &LedgerQuery) -> Result<Vec<(LedgerEntry, LedgerCursor)>, StoreError> {
         let conn = self.conn.lock();
         let mut stmt = conn
             .prepare(
                 "SELECT c.serial, c.spiffe_id, c.not_before, c.not_after, c.credential,
-                        EXISTS (SELECT 1 FROM revocations r WHERE r.serial = c.serial OR r.spiffe_id = c.spiffe_id)
-                 FROM certificates c WHERE (?1 IS NULL OR c.spiffe_id = ?1)
-                 ORDER BY c.issued_at DESC, c.rowid DESC LIMIT ?2",
+                        EXISTS (SELECT 1 FROM revocations r WHERE r.serial = c.serial OR r.spiffe_id = c.spiffe_id),
+                        c.issued_at, c.rowid
+                 FROM certificates c
+                 WHERE (?1 IS NULL OR c.spiffe_id = ?1)
+                   AND (?2 IS NULL OR c.issued_at >= ?2)
+                   AND (?3 IS NULL OR c.issued_at < ?3)
+                   AND (?4 IS NULL OR c.issued_at < ?4 OR (c.issued_at = ?4 AND c.rowid < ?5))
+                 ORDER BY c.issued_at DESC, c.rowid DESC LIMIT ?6",
             )
             .map_err(|e| self.err(e))?;
+        let (after_at, after_row) = q.after.unzip();
         let rows = stmt
-            .query_map(params![identity, limit], |r| {
-                Ok(LedgerEntry {
-                    serial: r.get(0)?,
-                    spiffe_id: r.get(1)?,
-                    not_before: r.get(2)?,
-                    not_after: r.get(3)?,
-                    credential: r.get(4)?,
-                    revoked: r.get(5)?,
-                })
+            .query_map(params![q.identity, q.issued_after, q.issued_before, after_at, after_row, q.limit], |r| {
+                Ok((
+                    LedgerEntry {
+                        serial: r.get(0)?,
+                        spiffe_id: r.get(1)?,
+                        not_before: r.get(2)?,
+                        not_after: r.get(3)?,
+                        credential: r.get(4)?,
+                        revoked: r.get(5)?,
+                        issued_at: r.get(6)?,
+                    },
+                    (r.get(6)?, r.get(7)?),
+                ))
             })
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))

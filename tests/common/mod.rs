@@ -229,6 +229,107 @@ impl ControlPlane {
     }
 }
 
+impl ControlPlane {
+    /// A join token for an administrator's identity (`spiffe://cluster.local/admin/NAME`).
+    pub fn admin_token(&self, name: &str) -> String {
+        let out = Command::new(BIN)
+            .args(["control", "token", "create", "--admin", "--state-dir"])
+            .arg(&self.state)
+            .args(["--identity", &format!("spiffe://cluster.local/admin/{name}")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "token create --admin failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// How tests reach the management API: a bearer token when the test left one in
+    /// `DIR/admin-PORT.token` (Kubernetes mode), otherwise an administrator's credentials made
+    /// once with `palisade control token create --admin` and `palisade control login`.
+    pub fn server_args(&self) -> palisade::control::admin_client::ServerArgs {
+        let server = Some(self.listen.to_string());
+        let token_file = self.dir.join(format!("admin-{}.token", self.listen.port()));
+        if token_file.exists() {
+            return palisade::control::admin_client::ServerArgs {
+                server,
+                credentials: PathBuf::new(),
+                token_file: Some(token_file),
+                ca_bundle: Some(self.root_pem_path()),
+            };
+        }
+        let credentials = self.dir.join(format!("admin-{}", self.listen.port()));
+        if !credentials.join("cert.pem").exists() {
+            let token = self.admin_token("tests");
+            let out = Command::new(BIN)
+                .args(["control", "login", "--server", &self.listen.to_string(), "--token", &token, "--ca-bundle"])
+                .arg(self.root_pem_path())
+                .arg("--credentials")
+                .arg(&credentials)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "palisade control login failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        palisade::control::admin_client::ServerArgs { server, credentials, token_file: None, ca_bundle: None }
+    }
+
+    /// The same, as `palisade` command-line arguments.
+    pub fn server_cli_args(&self) -> Vec<String> {
+        let a = self.server_args();
+        let mut args = vec!["--server".to_string(), a.server.unwrap()];
+        match a.token_file {
+            Some(t) => args.extend([
+                "--token-file".into(),
+                t.display().to_string(),
+                "--server-ca-bundle".into(),
+                a.ca_bundle.unwrap().display().to_string(),
+            ]),
+            None => args.extend(["--credentials".into(), a.credentials.display().to_string()]),
+        }
+        args
+    }
+
+    /// A connected management-API client.
+    pub async fn api(&self) -> palisade::control::admin_client::AdminClient {
+        palisade::control::admin_client::connect(&self.server_args()).await.unwrap()
+    }
+
+    /// A view of the management API as JSON: `sidecars`, `traffic`, `resource_errors`, `jwks`
+    /// (by uri) or `events`.
+    pub async fn api_json(&self, view: &str) -> serde_json::Value {
+        use palisade::proto::admin::StatusRequest;
+        let mut api = self.api().await;
+        match view {
+            "sidecars" | "traffic" => {
+                let report = palisade::control::status::fetch(&mut api).await.unwrap();
+                serde_json::Value::Array(if view == "sidecars" { report.sidecars } else { report.traffic })
+            }
+            _ => {
+                let status = api.status(StatusRequest {}).await.unwrap().into_inner();
+                match view {
+                    "resource_errors" => serde_json::json!(status.resource_errors),
+                    "jwks" => serde_json::Value::Object(
+                        status
+                            .jwks
+                            .into_iter()
+                            .map(|j| {
+                                let error = (!j.last_error.is_empty()).then_some(j.last_error);
+                                (j.uri, serde_json::json!({"keys": j.keys, "fetched_at": j.fetched_at, "last_error": error}))
+                            })
+                            .collect(),
+                    ),
+                    "events" => serde_json::Value::Array(
+                        status
+                            .certificate_events
+                            .into_iter()
+                            .map(|e| serde_json::json!({"spiffe_id": e.spiffe_id, "kind": e.kind, "serial": e.serial, "message": e.message}))
+                            .collect(),
+                    ),
+                    other => panic!("no management-API view {other:?}"),
+                }
+            }
+        }
+    }
+}
+
 /// A sidecar process.
 pub struct Sidecar {
     pub proc: Proc,
