@@ -5,6 +5,7 @@
 #![deny(unsafe_code)] // `allocator` alone allows it, for the symbol jemalloc reads its options from
 
 pub mod agent;
+pub mod audit;
 mod allocator;
 pub mod backoff;
 pub mod clock;
