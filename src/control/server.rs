@@ -141,6 +141,8 @@ struct ControlInputs {
     jwks_status: JwksStatuses,
     /// Unknown-`kid` hints from sidecars' reports, for the JWKS worker.
     jwks_refetch: Arc<JwksRefetch>,
+    /// What the admin port's `/metrics` serves.
+    metrics: Arc<super::metrics::ControlMetrics>,
 }
 
 /// Runs the control plane until SIGTERM or Ctrl-C.
@@ -161,6 +163,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         tls: inputs.jwks_tls.clone(),
         status: inputs.jwks_status.clone(),
         refetch: inputs.jwks_refetch.clone(),
+        metrics: inputs.metrics.clone(),
     }));
     start_webhook(&inputs).await?;
     serve_admin(&inputs, admin_listener)?;
@@ -240,6 +243,7 @@ impl ControlInputs {
             jwks_tls,
             jwks_status: Default::default(),
             jwks_refetch: Default::default(),
+            metrics: Default::default(),
         })
     }
 }
@@ -306,6 +310,11 @@ fn serve_admin(inputs: &Arc<ControlInputs>, listener: TcpListener) -> anyhow::Re
 async fn admin_answer(inputs: &ControlInputs, req: &AdminRequest) -> admin::AdminResponse {
     match req.path.as_str() {
         "/ready" | "/live" => admin::respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/metrics" => admin::respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            inputs.metrics.render(),
+        ),
         "/v1/sidecars" => admin::json(StatusCode::OK, &inputs.mesh.sidecars()),
         "/v1/resources/errors" => {
             let errs: Vec<String> = inputs.resource_errors.load().iter().map(|e| e.to_string()).collect();
@@ -360,10 +369,15 @@ async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Re
         ca: inputs.ca.clone(),
         cert_ttl: inputs.args.cert_ttl,
         attestor: inputs.kube.clone().map(|c| crate::k8s::attest::Attestor::new(c, &inputs.args.trust_domain)),
+        metrics: inputs.metrics.clone(),
     };
+    let identity = super::metrics::MeteredIdentity { inner: identity, metrics: inputs.metrics.clone() };
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
-        .add_service(DiscoveryServer::new(DiscoveryService { mesh: inputs.mesh.clone() }))
+        .add_service(DiscoveryServer::new(DiscoveryService {
+            mesh: inputs.mesh.clone(),
+            metrics: inputs.metrics.clone(),
+        }))
         .add_service(TelemetryServer::new(TelemetryService {
             graph: inputs.graph.clone(),
             jwks_refetch: inputs.jwks_refetch.clone(),
