@@ -104,17 +104,40 @@ fn exposes(text: &str, name: &str) -> bool {
     })
 }
 
+/// The `# TYPE` lines of every metric registered in `file` under `prefix` (a labelled family
+/// appears in a scrape only once it has a series; its registration is what says it exists).
+fn registered(file: &str, prefix: &str) -> String {
+    let code = std::fs::read_to_string(repo(file)).unwrap();
+    let names: Vec<String> = code
+        .split("registry.register(")
+        .skip(1)
+        .filter_map(|rest| Some(rest.trim_start().strip_prefix('"')?.split('"').next()?.to_string()))
+        .collect();
+    assert!(names.len() >= 8, "{file}: registrations not found, the parse is stale");
+    names.iter().map(|n| format!("# TYPE {prefix}{n} registered\n")).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rules_and_the_dashboard_name_only_metrics_the_binaries_expose() {
     let (cp, sidecar) = control_plane_and_sidecar("monitoring-names").await;
-    let exposed = format!("{}\n{}", scrape(cp.admin).await, sidecar.metrics().await);
+    let exposed = format!(
+        "{}\n{}\n{}{}",
+        scrape(cp.admin).await,
+        sidecar.metrics().await,
+        registered("src/control/metrics.rs", "palisade_control_"),
+        registered("src/telemetry/metrics.rs", "palisade_"),
+    );
+    // The series every process exposes from its start are in the scrapes themselves.
+    for always in ["palisade_control_sidecars_connected 1", "palisade_cert_expiry_timestamp_seconds "] {
+        assert!(exposed.lines().any(|l| l.starts_with(always)), "{always}\n{exposed}");
+    }
     let mut checked = 0;
     for file in ["deploy/monitoring/palisade-rules.yaml", "deploy/monitoring/grafana-dashboard.json"] {
         let text = std::fs::read_to_string(repo(file)).unwrap();
         let names = metric_names(&text);
         assert!(names.len() >= 5, "{file} names few metrics: {names:?}");
         for name in names {
-            assert!(exposes(&exposed, &name), "{file} uses {name}, which neither binary exposes");
+            assert!(exposes(&exposed, &name), "{file} uses {name}, which neither binary exposes:\n{exposed}");
             checked += 1;
         }
     }
