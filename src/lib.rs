@@ -5,8 +5,8 @@
 #![deny(unsafe_code)] // `allocator` alone allows it, for the symbol jemalloc reads its options from
 
 pub mod agent;
-pub mod audit;
 mod allocator;
+pub mod audit;
 pub mod backoff;
 pub mod clock;
 pub mod control;

@@ -174,7 +174,10 @@ fn a_clean_mesh_reports_nothing_and_exits_0() {
 
 #[test]
 fn an_invalid_manifest_or_a_missing_directory_is_an_error_not_a_clean_report() {
-    let dir = mesh("audit-invalid", "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: typo, namespace: shop}\nspec:\n  rules:\n  - to: [{operation: {method: [GET]}}]\n");
+    let dir = mesh(
+        "audit-invalid",
+        "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: typo, namespace: shop}\nspec:\n  rules:\n  - to: [{operation: {method: [GET]}}]\n",
+    );
     let out = audit(&dir, &["--fail-on", "high"]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");

@@ -63,14 +63,21 @@ async fn issuance_refusals_connections_and_pushes_are_counted() {
     let text = scrape(cp.admin).await;
     let issued = metric(&text, "palisade_control_certificates_issued_total", r#"credential="join-token""#);
     assert!(issued >= 1.0, "{text}");
-    assert_eq!(metric(&text, "palisade_control_certificates_refused_total", r#"reason="token_unknown""#), 1.0, "{text}");
+    assert_eq!(
+        metric(&text, "palisade_control_certificates_refused_total", r#"reason="token_unknown""#),
+        1.0,
+        "{text}"
+    );
     assert_eq!(metric(&text, "palisade_control_certificates_refused_total", ""), 1.0, "only the bad token: {text}");
     assert_eq!(metric(&text, "palisade_control_sidecars_connected", ""), 1.0, "{text}");
     assert!(metric(&text, "palisade_control_snapshot_pushes_total", "") >= 1.0, "{text}");
     assert!(metric(&text, "palisade_control_push_duration_seconds_count", "") >= 1.0, "{text}");
     let answered = metric(&text, "palisade_control_issuance_duration_seconds_count", "");
     assert_eq!(answered, issued + 1.0, "every answer timed, issued or refused: {text}");
-    assert!(metric(&text, "palisade_control_store_duration_seconds_count", r#"op="redeem_join_token""#) >= 2.0, "{text}");
+    assert!(
+        metric(&text, "palisade_control_store_duration_seconds_count", r#"op="redeem_join_token""#) >= 2.0,
+        "{text}"
+    );
     assert_eq!(metric(&text, "palisade_control_store_errors_total", ""), 0.0, "a refused token is no store error");
 
     // The sidecar leaves: the gauge follows.
@@ -100,7 +107,9 @@ fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
 fn exposes(text: &str, name: &str) -> bool {
     let base = ["_total", "_bucket", "_count", "_sum"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
     text.lines().any(|l| {
-        l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("# TYPE {base} "))
+        l.starts_with(&format!("{name} "))
+            || l.starts_with(&format!("{name}{{"))
+            || l.starts_with(&format!("# TYPE {base} "))
     })
 }
 

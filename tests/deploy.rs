@@ -719,7 +719,8 @@ fn the_chart_ships_the_rules_and_the_dashboard_behind_flags() {
     }
     let off = helm_template(&[]);
     assert!(
-        !off.iter().any(|o| matches!(text(o, &["kind"]), "PrometheusRule") || text(o, &["metadata", "name"]) == "palisade-grafana-dashboard"),
+        !off.iter().any(|o| matches!(text(o, &["kind"]), "PrometheusRule")
+            || text(o, &["metadata", "name"]) == "palisade-grafana-dashboard"),
         "a cluster without the Prometheus Operator installs the chart as before"
     );
     let on = helm_template(&[
@@ -739,8 +740,9 @@ fn the_chart_ships_the_rules_and_the_dashboard_behind_flags() {
         .expect("the dashboard ConfigMap");
     assert_eq!(text(dashboard, &["metadata", "labels", "grafana_dashboard"]), "1");
     let json: serde_json::Value = serde_json::from_str(text(dashboard, &["data", "palisade.json"])).unwrap();
-    let file: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(repo().join("deploy/monitoring/grafana-dashboard.json")).unwrap())
-            .unwrap();
+    let file: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/monitoring/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(json, file);
 }

@@ -57,7 +57,9 @@ impl AuditArgs {
 pub fn input(args: &AuditArgs) -> anyhow::Result<AuditInput> {
     let now = crate::clock::now_unix();
     match &args.resources {
-        Some(dir) => manifests::read_dir(dir, args.settings(), now).with_context(|| format!("--resources {}", dir.display())),
+        Some(dir) => {
+            manifests::read_dir(dir, args.settings(), now).with_context(|| format!("--resources {}", dir.display()))
+        }
         None => anyhow::bail!("nothing to audit: give --resources DIR"),
     }
 }

@@ -26,11 +26,8 @@ pub enum ManifestError {
 /// [`Workload`]s; other objects are skipped.
 pub fn read_dir(dir: &Path, settings: AuditSettings, now: i64) -> Result<AuditInput, ManifestError> {
     let io = |cause| ManifestError::Io { path: dir.display().to_string(), cause };
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map_err(io)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()
-        .map_err(io)?;
+    let mut files: Vec<_> =
+        std::fs::read_dir(dir).map_err(io)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>().map_err(io)?;
     files.retain(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"));
     files.sort();
     let mut resources: BTreeMap<(&'static str, String, String), Resource> = BTreeMap::new();
@@ -125,7 +122,10 @@ mod tests {
         let cron = serde_json::json!({"kind": "CronJob", "metadata": {"name": "c"},
             "spec": {"jobTemplate": {"spec": {"template": {"metadata": {"labels": {"a": "b"}}}}}}});
         let w = workload_of(&cron, &s).unwrap();
-        assert_eq!((w.namespace.as_str(), w.identity.as_deref()), ("default", Some("spiffe://cluster.local/ns/default/sa/default")));
+        assert_eq!(
+            (w.namespace.as_str(), w.identity.as_deref()),
+            ("default", Some("spiffe://cluster.local/ns/default/sa/default"))
+        );
         let svc = serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "orders"}});
         assert_eq!(workload_of(&svc, &s), None);
         let out = serde_json::json!({"kind": "Pod", "metadata": {"name": "p", "annotations": {"palisade.io/inject": "disabled"}}});

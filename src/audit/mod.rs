@@ -160,7 +160,10 @@ fn labels_text(labels: &BTreeMap<String, String>) -> String {
 
 /// The PeerAuthentication in force for a workload, as the control plane chooses it: one with a
 /// selector beats the namespace-wide one; none means STRICT.
-fn peer_authentication_for<'a>(input: &'a AuditInput, w: &Workload) -> Option<(&'a Resource, &'a PeerAuthenticationSpec)> {
+fn peer_authentication_for<'a>(
+    input: &'a AuditInput,
+    w: &Workload,
+) -> Option<(&'a Resource, &'a PeerAuthenticationSpec)> {
     let mut chosen: Option<(&Resource, &PeerAuthenticationSpec)> = None;
     for r in input.resources.iter().filter(|r| r.selects(&w.namespace, &w.labels)) {
         let Spec::PeerAuthentication(spec) = &r.spec else { continue };
@@ -182,7 +185,10 @@ fn permissive_mtls(input: &AuditInput, out: &mut Vec<Finding>) {
                 severity: Severity::High,
                 check: "permissive-mtls",
                 object: workload_object(w),
-                message: format!("accepts plaintext next to mTLS (PERMISSIVE from {}): callers need no identity", object(r)),
+                message: format!(
+                    "accepts plaintext next to mTLS (PERMISSIVE from {}): callers need no identity",
+                    object(r)
+                ),
                 fix: strict_fix(r, "spec.mtls.mode"),
             });
         }
@@ -223,8 +229,7 @@ fn permissive_mtls(input: &AuditInput, out: &mut Vec<Finding>) {
 /// who may call.
 fn allows_any_caller(rule: &Rule) -> Option<&'static str> {
     // A `when` on the caller (source.*, request.auth.*) narrows it; other keys do not.
-    let narrows_caller =
-        rule.when.iter().any(|c| c.key.starts_with("source.") || c.key.starts_with("request.auth"));
+    let narrows_caller = rule.when.iter().any(|c| c.key.starts_with("source.") || c.key.starts_with("request.auth"));
     if narrows_caller {
         return None;
     }
@@ -326,9 +331,9 @@ fn requires_request_principal(spec: &AuthorizationPolicySpec) -> bool {
                 })
         }
         // DENY with `notRequestPrincipals: ["*"]`: requests without a token are refused.
-        Action::Deny => rules
-            .iter()
-            .any(|rule| rule.from.iter().any(|f| f.source.not_request_principals.iter().any(|p| p == "*"))),
+        Action::Deny => {
+            rules.iter().any(|rule| rule.from.iter().any(|f| f.source.not_request_principals.iter().any(|p| p == "*")))
+        }
         Action::Audit => false,
     }
 }
@@ -450,7 +455,8 @@ fn stale_config(input: &AuditInput, out: &mut Vec<Finding>) {
                     input.now - s.last_seen,
                     s.acked_version
                 ),
-                fix: "check the sidecar's log and its connection to the control plane; restart the pod if it is stuck".into(),
+                fix: "check the sidecar's log and its connection to the control plane; restart the pod if it is stuck"
+                    .into(),
             });
         }
     }
@@ -463,7 +469,8 @@ fn ca_key(input: &AuditInput, out: &mut Vec<Finding>) {
             check: "ca-key-not-sealed",
             object: "CA".into(),
             message: "the CA's private keys are stored in clear".into(),
-            fix: "give the control plane a key-encryption key (see docs/security.md); the store is migrated at start".into(),
+            fix: "give the control plane a key-encryption key (see docs/security.md); the store is migrated at start"
+                .into(),
         });
     }
 }

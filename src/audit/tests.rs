@@ -135,7 +135,10 @@ fn egress_allow() {
     i.settings.egress = "allow".into();
     let f = audit(&i);
     assert_eq!(checks(&f), ["egress-allow"]);
-    assert_eq!((f[0].severity, f[0].fix.as_str()), (Severity::Medium, "start the control plane with --egress deny (PALISADE_EGRESS=deny)"));
+    assert_eq!(
+        (f[0].severity, f[0].fix.as_str()),
+        (Severity::Medium, "start the control plane with --egress deny (PALISADE_EGRESS=deny)")
+    );
     assert_eq!(audit(&input(vec![])), vec![]);
 }
 

@@ -104,11 +104,7 @@ impl ControlMetrics {
             "Time to answer a certificate request, issued or refused",
             m.issuance_duration.clone(),
         );
-        registry.register(
-            "sidecars_connected",
-            "Sidecars with an open discovery stream",
-            m.sidecars_connected.clone(),
-        );
+        registry.register("sidecars_connected", "Sidecars with an open discovery stream", m.sidecars_connected.clone());
         registry.register("snapshot_pushes", "Snapshots sent to sidecars", m.snapshot_pushes.clone());
         registry.register(
             "push_duration_seconds",
@@ -116,11 +112,7 @@ impl ControlMetrics {
             m.push_duration.clone(),
         );
         registry.register("nacks", "Snapshots refused by sidecars, by what they could not apply", m.nacks.clone());
-        registry.register(
-            "store_duration_seconds",
-            "Time of state-store calls by operation",
-            m.store_duration.clone(),
-        );
+        registry.register("store_duration_seconds", "Time of state-store calls by operation", m.store_duration.clone());
         registry.register("store_errors", "Failed state-store calls by operation", m.store_errors.clone());
         registry.register("jwks_fetches", "jwksUri fetches by result (ok, error)", m.jwks_fetches.clone());
         ControlMetrics { registry, ..m }
