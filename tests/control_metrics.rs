@@ -79,6 +79,9 @@ async fn issuance_refusals_connections_and_pushes_are_counted() {
         "{text}"
     );
     assert_eq!(metric(&text, "palisade_control_store_errors_total", ""), 0.0, "a refused token is no store error");
+    let root_not_after = metric(&text, "palisade_control_ca_root_not_after_seconds", r#"generation="1""#);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as f64;
+    assert!(root_not_after > now + 365.0 * 86400.0, "the first root's expiry, years ahead: {text}");
 
     // The sidecar leaves: the gauge follows.
     let mut sidecar = sidecar;

@@ -703,7 +703,7 @@ fn the_alert_rules_load_in_promtool_and_their_unit_tests_fire() {
         text
     };
     let checked = promtool(&["check", "rules", "palisade-rules.yaml"]);
-    assert!(checked.contains("SUCCESS: 9 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 10 rules found"), "{checked}");
     // The unit tests fire PalisadeNackSpike, PalisadeCertificatePastRenewal and
     // PalisadeControlPlaneDown from synthetic series, and keep them quiet below threshold.
     let tested = promtool(&["test", "rules", "palisade-rules.test.yaml"]);

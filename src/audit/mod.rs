@@ -125,6 +125,28 @@ pub const ROOT_MAX_AGE_SECS: i64 = 365 * 24 * 3600;
 /// A root expiring within this is urgent: a rotation takes a workload lifetime to carry out.
 pub const ROOT_EXPIRY_WARNING_SECS: i64 = 30 * 24 * 3600;
 
+/// The live mesh's workloads: one per sidecar the control plane knows (its namespace from its
+/// SPIFFE ID, its labels from its registration). For the live input beside `sidecars`.
+pub fn workloads_of(sidecars: &[SidecarEntry]) -> Vec<Workload> {
+    sidecars
+        .iter()
+        .filter_map(|s| {
+            let id: crate::identity::SpiffeId = s.spiffe_id.parse().ok()?;
+            Some(Workload {
+                name: s.spiffe_id.clone(),
+                namespace: id.namespace()?.to_string(),
+                labels: s.labels.clone(),
+                identity: Some(s.spiffe_id.clone()),
+            })
+        })
+        .collect()
+}
+
+/// The live mesh's roots, from [`crate::control::ca_set::CaSet::root_validity`].
+pub fn roots_of(validity: &[(u32, i64, i64)]) -> Vec<RootInfo> {
+    validity.iter().map(|&(generation, not_before, not_after)| RootInfo { generation, not_before, not_after }).collect()
+}
+
 /// Runs every check; findings come most severe first, then by check and object.
 pub fn audit(input: &AuditInput) -> Vec<Finding> {
     let mut findings = Vec::new();

@@ -240,3 +240,20 @@ fn findings_come_most_severe_first() {
     assert_eq!(severities, [Severity::High, Severity::High, Severity::Medium]);
     assert_eq!(checks(&f), ["ca-key-not-sealed", "permissive-mtls", "egress-allow"]);
 }
+
+#[test]
+fn the_live_input_is_built_from_what_the_control_plane_knows() {
+    let mut s = sidecar(serde_json::json!({"labels": {"app": "orders"}}));
+    let permissive = res("PeerAuthentication", "default", serde_json::json!({"mtls": {"mode": "PERMISSIVE"}}));
+    let mut i = input(vec![permissive]);
+    i.workloads = workloads_of(std::slice::from_ref(&s));
+    assert_eq!((i.workloads[0].namespace.as_str(), i.workloads[0].labels.len()), ("shop", 1));
+    let f = audit(&i);
+    assert_eq!(
+        (checks(&f), f[0].object.as_str()),
+        (vec!["permissive-mtls"], "spiffe://cluster.local/ns/shop/sa/orders")
+    );
+    s.spiffe_id = "not a spiffe id".into();
+    assert_eq!(workloads_of(&[s]), vec![], "an entry without a workload identity is no workload");
+    assert_eq!(roots_of(&[(2, 10, 20)]), vec![RootInfo { generation: 2, not_before: 10, not_after: 20 }]);
+}

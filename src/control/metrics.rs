@@ -44,6 +44,12 @@ pub struct OpLabels {
     pub op: &'static str,
 }
 
+/// Labels of `palisade_control_ca_root_not_after_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GenerationLabels {
+    pub generation: String,
+}
+
 /// Labels of `palisade_control_jwks_fetches_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -68,6 +74,7 @@ pub struct ControlMetrics {
     pub store_duration: Family<OpLabels, Histogram>,
     pub store_errors: Family<OpLabels, Counter>,
     pub jwks_fetches: Family<ResultLabels, Counter>,
+    pub ca_root_not_after: Family<GenerationLabels, Gauge>,
 }
 
 impl Default for ControlMetrics {
@@ -92,6 +99,7 @@ impl ControlMetrics {
             store_duration: Family::new_with_constructor(latency_histogram),
             store_errors: Family::default(),
             jwks_fetches: Family::default(),
+            ca_root_not_after: Family::default(),
         };
         registry.register("certificates_issued", "Workload certificates issued, by credential", m.issued.clone());
         registry.register(
@@ -115,6 +123,11 @@ impl ControlMetrics {
         registry.register("store_duration_seconds", "Time of state-store calls by operation", m.store_duration.clone());
         registry.register("store_errors", "Failed state-store calls by operation", m.store_errors.clone());
         registry.register("jwks_fetches", "jwksUri fetches by result (ok, error)", m.jwks_fetches.clone());
+        registry.register(
+            "ca_root_not_after_seconds",
+            "Expiry (Unix seconds) of each trusted CA root, by generation",
+            m.ca_root_not_after.clone(),
+        );
         ControlMetrics { registry, ..m }
     }
 
@@ -123,6 +136,17 @@ impl ControlMetrics {
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out
+    }
+
+    /// The roots in force now, from `(generation, not_before, not_after)`; a root no longer
+    /// trusted leaves the exposition.
+    pub fn set_ca_roots(&self, roots: &[(u32, i64, i64)]) {
+        self.ca_root_not_after.clear();
+        for (generation, _, not_after) in roots {
+            self.ca_root_not_after
+                .get_or_create(&GenerationLabels { generation: generation.to_string() })
+                .set(*not_after);
+        }
     }
 
     /// Runs one store call, timing it under `op`; `failed` tells which errors are the store's

@@ -310,11 +310,14 @@ fn serve_admin(inputs: &Arc<ControlInputs>, listener: TcpListener) -> anyhow::Re
 async fn admin_answer(inputs: &ControlInputs, req: &AdminRequest) -> admin::AdminResponse {
     match req.path.as_str() {
         "/ready" | "/live" => admin::respond(StatusCode::OK, "text/plain", "ok\n"),
-        "/metrics" => admin::respond(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            inputs.metrics.render(),
-        ),
+        "/metrics" => {
+            inputs.metrics.set_ca_roots(&inputs.ca.load().root_validity());
+            admin::respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                inputs.metrics.render(),
+            )
+        }
         "/v1/sidecars" => admin::json(StatusCode::OK, &inputs.mesh.sidecars()),
         "/v1/resources/errors" => {
             let errs: Vec<String> = inputs.resource_errors.load().iter().map(|e| e.to_string()).collect();
