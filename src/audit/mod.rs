@@ -25,9 +25,13 @@ pub use cli::AuditArgs;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
+    /// Worth knowing; no door is open.
     Low,
+    /// Weaker than the mesh's defaults: a door open under some condition.
     Medium,
+    /// A caller can get in without proving who it is, or will soon be locked out.
     High,
+    /// Broken now (an expired certificate or root).
     Critical,
 }
 
@@ -46,11 +50,13 @@ impl Severity {
 /// One weakness, with the object it is about and its fix.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Finding {
+    /// How bad.
     pub severity: Severity,
     /// The check's id, e.g. `permissive-mtls` (stable: CI may filter on it).
     pub check: &'static str,
     /// `KIND ns/name`, `workload ns/name`, a SPIFFE ID, or `mesh`.
     pub object: String,
+    /// What is weak, and why.
     pub message: String,
     /// The YAML or flag to change.
     pub fix: String,
@@ -63,6 +69,7 @@ pub struct AuditSettings {
     pub default_policy: String,
     /// `allow` or `deny`.
     pub egress: String,
+    /// The mesh's trust domain, for the principals a fix suggests.
     pub trust_domain: String,
     /// Workload certificate lifetime (`--cert-ttl`), in seconds: sidecars renew by 60 % of it.
     pub cert_ttl_secs: i64,
@@ -85,6 +92,7 @@ impl Default for AuditSettings {
 pub struct Workload {
     /// How to find it: `Deployment shop/orders`, or a sidecar's SPIFFE ID.
     pub name: String,
+    /// The namespace policies must be in to select it.
     pub namespace: String,
     /// The pod's labels: what policies select on.
     pub labels: BTreeMap<String, String>,
@@ -95,8 +103,11 @@ pub struct Workload {
 /// One CA generation's root.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RootInfo {
+    /// The CA generation (`palisade control ca rotate` adds one).
     pub generation: u32,
+    /// Unix seconds.
     pub not_before: i64,
+    /// Unix seconds.
     pub not_after: i64,
 }
 
@@ -104,9 +115,11 @@ pub struct RootInfo {
 /// checks that need it say nothing.
 #[derive(Clone, Debug, Default)]
 pub struct AuditInput {
+    /// The control plane's flags.
     pub settings: AuditSettings,
     /// Validated resources, as [`crate::control::source::validate`] returns them.
     pub resources: Vec<Resource>,
+    /// From pod templates, or [`workloads_of`] the live sidecars.
     pub workloads: Vec<Workload>,
     /// Live only: what the control plane knows of each sidecar.
     pub sidecars: Option<Vec<SidecarEntry>>,

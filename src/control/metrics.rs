@@ -64,16 +64,27 @@ fn latency_histogram() -> Histogram {
 /// Every control-plane metric, and the registry that renders them.
 pub struct ControlMetrics {
     registry: Registry,
+    /// `palisade_control_certificates_issued_total{credential}`.
     pub issued: Family<CredentialLabels, Counter>,
+    /// `palisade_control_certificates_refused_total{reason}`.
     pub refused: Family<ReasonLabels, Counter>,
+    /// `palisade_control_issuance_duration_seconds`: every Certify answer, issued or refused.
     pub issuance_duration: Histogram,
+    /// `palisade_control_sidecars_connected`: open discovery streams.
     pub sidecars_connected: Gauge,
+    /// `palisade_control_snapshot_pushes_total`.
     pub snapshot_pushes: Counter,
+    /// `palisade_control_push_duration_seconds`: building one sidecar's snapshot.
     pub push_duration: Histogram,
+    /// `palisade_control_nacks_total{kind}`.
     pub nacks: Family<KindLabels, Counter>,
+    /// `palisade_control_store_duration_seconds{op}`.
     pub store_duration: Family<OpLabels, Histogram>,
+    /// `palisade_control_store_errors_total{op}`.
     pub store_errors: Family<OpLabels, Counter>,
+    /// `palisade_control_jwks_fetches_total{result}`.
     pub jwks_fetches: Family<ResultLabels, Counter>,
+    /// `palisade_control_ca_root_not_after_seconds{generation}`, refreshed at each scrape.
     pub ca_root_not_after: Family<GenerationLabels, Gauge>,
 }
 
