@@ -6,6 +6,7 @@
 
 pub mod agent;
 mod allocator;
+pub mod audit;
 pub mod backoff;
 pub mod clock;
 pub mod control;

@@ -71,6 +71,8 @@ enum Command {
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
     },
+    /// Posture report: where the mesh is weaker than it looks, each finding with its fix.
+    Audit(palisade::audit::AuditArgs),
     /// The whole mesh on one machine, no root, no Kubernetes.
     Demo(palisade::demo::DemoArgs),
     /// Kubernetes helpers.
@@ -394,6 +396,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
         Command::Cni { command: Some(command) } => palisade::k8s::cni::run(command)?,
         Command::Inject(args) => inject(args)?,
         Command::Policy { command } => return palisade::policy::run(command, palisade::guard::jwt::verify_offline),
+        Command::Audit(args) => return palisade::audit::cli::run(&args),
         Command::Demo(args) => runtime()?.block_on(palisade::demo::run(args))?,
         Command::K8s { command: K8sCommand::Crds { out } } => {
             let crds = palisade::k8s::crd::crds();

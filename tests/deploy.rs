@@ -44,12 +44,13 @@ fn documents(text: &str, origin: &str) -> Vec<Value> {
         .collect()
 }
 
-/// Every object of the plain manifests (not the Helm chart), with the file it came from.
+/// Every object of the plain manifests (not the Helm chart, not the Prometheus rule files of
+/// monitoring/), with the file it came from.
 fn deploy_objects() -> Vec<(String, Value)> {
     let deploy = repo().join("deploy");
-    let helm = deploy.join("helm");
+    let (helm, monitoring) = (deploy.join("helm"), deploy.join("monitoring"));
     let mut out = Vec::new();
-    for file in yaml_files(&deploy, &[&helm]) {
+    for file in yaml_files(&deploy, &[&helm, &monitoring]) {
         let name = file.strip_prefix(repo()).unwrap().display().to_string();
         let text = std::fs::read_to_string(&file).unwrap();
         out.extend(documents(&text, &name).into_iter().map(|d| (name.clone(), d)));
@@ -692,4 +693,62 @@ fn the_image_holds_the_two_binaries_their_libraries_and_iptables_runs_them_and_h
     assert_eq!(config["config"]["User"], "65532:65532");
     assert_eq!(config["config"]["Entrypoint"][0], "/usr/local/bin/palisade");
     std::fs::remove_dir_all(&work).unwrap();
+}
+
+#[test]
+fn the_alert_rules_load_in_promtool_and_their_unit_tests_fire() {
+    let monitoring = repo().join("deploy/monitoring");
+    let promtool = |args: &[&str]| {
+        let out = std::process::Command::new(tools::promtool())
+            .args(args)
+            .current_dir(&monitoring)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run promtool ({}): {e}", tools::promtool().display()));
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "promtool {args:?} failed:\n{text}");
+        text
+    };
+    let checked = promtool(&["check", "rules", "palisade-rules.yaml"]);
+    assert!(checked.contains("SUCCESS: 10 rules found"), "{checked}");
+    // The unit tests fire PalisadeNackSpike, PalisadeCertificatePastRenewal and
+    // PalisadeControlPlaneDown from synthetic series, and keep them quiet below threshold.
+    let tested = promtool(&["test", "rules", "palisade-rules.test.yaml"]);
+    assert!(tested.contains("SUCCESS"), "{tested}");
+}
+
+#[test]
+fn the_chart_ships_the_rules_and_the_dashboard_behind_flags() {
+    for file in ["palisade-rules.yaml", "grafana-dashboard.json"] {
+        let plain = std::fs::read_to_string(repo().join("deploy/monitoring").join(file)).unwrap();
+        let copy = std::fs::read_to_string(repo().join("deploy/helm/palisade/monitoring").join(file)).unwrap();
+        assert!(plain == copy, "deploy/helm/palisade/monitoring/{file} differs from deploy/monitoring/{file}: copy it");
+    }
+    let off = helm_template(&[]);
+    assert!(
+        !off.iter().any(|o| matches!(text(o, &["kind"]), "PrometheusRule")
+            || text(o, &["metadata", "name"]) == "palisade-grafana-dashboard"),
+        "a cluster without the Prometheus Operator installs the chart as before"
+    );
+    let on = helm_template(&[
+        "monitoring.prometheusRule.enabled=true",
+        "monitoring.prometheusRule.labels.release=kps",
+        "monitoring.grafanaDashboard.enabled=true",
+    ]);
+    let rule = on.iter().find(|o| text(o, &["kind"]) == "PrometheusRule").expect("a PrometheusRule");
+    assert_eq!(text(rule, &["metadata", "labels", "release"]), "kps");
+    let rules: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo().join("deploy/monitoring/palisade-rules.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(rule["spec"]["groups"], rules["groups"], "the PrometheusRule carries the rule file's groups");
+    let dashboard = on
+        .iter()
+        .find(|o| text(o, &["kind"]) == "ConfigMap" && text(o, &["metadata", "name"]) == "palisade-grafana-dashboard")
+        .expect("the dashboard ConfigMap");
+    assert_eq!(text(dashboard, &["metadata", "labels", "grafana_dashboard"]), "1");
+    let json: serde_json::Value = serde_json::from_str(text(dashboard, &["data", "palisade.json"])).unwrap();
+    let file: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/monitoring/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json, file);
 }

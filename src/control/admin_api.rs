@@ -136,6 +136,7 @@ pub struct AdminService {
     /// How long a new root takes to reach every sidecar (when `next` becomes `active`).
     pub propagation: Duration,
     pub ca_keys_protected: bool,
+    pub cert_ttl: Duration,
 }
 
 impl AdminService {
@@ -539,6 +540,7 @@ impl Admin for AdminService {
             sidecars_connected: self.mesh.sidecars().iter().filter(|s| s.connected).count() as u32,
             ca_keys_protected: self.ca_keys_protected,
             caller: caller.name.clone(),
+            cert_ttl_seconds: self.cert_ttl.as_secs() as i64,
         };
         self.audited(&caller, "Status", "", Ok(Response::new(response)))
     }

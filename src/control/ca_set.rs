@@ -95,6 +95,21 @@ impl CaSet {
         self.generations.iter().map(|g| format!("{}:{}:{:?};", g.generation, g.state, g.retire_after)).collect()
     }
 
+    /// Validity of each trusted root as `(generation, not_before, not_after)`, Unix seconds: for
+    /// the root-expiry metric and the posture audit.
+    pub fn root_validity(&self) -> Vec<(u32, i64, i64)> {
+        let validity = |pem: &str| {
+            let der = crate::tls::certs_from_pem(pem).ok()?.into_iter().next()?;
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+            Some((cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp()))
+        };
+        self.generations
+            .iter()
+            .filter(|g| g.state != "retired")
+            .filter_map(|g| validity(&g.material.root_cert_pem).map(|(nb, na)| (g.generation, nb, na)))
+            .collect()
+    }
+
     /// When the rotation in progress takes its next step (Unix seconds), if one is in progress:
     /// the time [`advance_rotation`] will act, so the control plane wakes for it instead of
     /// polling.

@@ -396,6 +396,7 @@ fn version_of(snapshot: &Snapshot) -> String {
 /// The gRPC service.
 pub struct DiscoveryService {
     pub mesh: Arc<MeshState>,
+    pub metrics: Arc<super::metrics::ControlMetrics>,
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
@@ -432,15 +433,21 @@ impl Discovery for DiscoveryService {
         tracing::info!(spiffe_id = %id, addresses = ?node.addresses, resume = %first.version_info, "sidecar connected");
 
         let (tx, rx) = mpsc::channel(4);
+        let metrics = self.metrics.clone();
+        let connected = metrics.sidecar_connected();
         tokio::spawn(async move {
+            let _connected = connected;
             let mut generation = mesh.generation.subscribe();
             let mut sent_version = first.version_info.clone();
             let mut nonce = 0u64;
             let push = |sent_version: &mut String, nonce: &mut u64| {
+                let started = Instant::now();
                 let (version, snapshot) = mesh.snapshot_for(&id, &labels);
                 if version == *sent_version {
                     return None;
                 }
+                metrics.push_duration.observe(started.elapsed().as_secs_f64());
+                metrics.snapshot_pushes.inc();
                 *nonce += 1;
                 *sent_version = version.clone();
                 if let Some(e) = mesh.sidecars.lock().get_mut(&stream_id) {
@@ -461,6 +468,9 @@ impl Discovery for DiscoveryService {
                     msg = inbound.message() => match msg {
                         Ok(Some(req)) => {
                             if req.response_nonce == nonce.to_string() {
+                                if let Some(e) = &req.error_detail {
+                                    metrics.nack(&e.message);
+                                }
                                 ack(&mesh, stream_id, &req.version_info, req.error_detail.map(|e| e.message));
                             }
                         }

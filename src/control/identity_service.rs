@@ -21,6 +21,8 @@ pub struct IdentityService {
     pub cert_ttl: Duration,
     /// Kubernetes service-account attestation (TokenReview), when running in a cluster.
     pub attestor: Option<crate::k8s::attest::Attestor>,
+    /// Store calls are timed here; issued and refused are counted around the service.
+    pub metrics: Arc<super::metrics::ControlMetrics>,
 }
 
 /// A Certify failure, mapped to the gRPC status the caller sees.
@@ -60,11 +62,15 @@ impl Identity for IdentityService {
         let ca = self.ca.load_full();
         let ttl = self.cert_ttl;
         let store = self.store.clone();
+        let metrics = self.metrics.clone();
         let issued = match body.credential {
             Some(Credential::JoinToken(token)) => tokio::task::spawn_blocking(move || {
-                store.redeem_join_token::<CertifyError>(&token, |id| {
-                    Ok(ca.signer().sign_workload(id, &csr.public_key, ttl, &[])?)
-                })
+                let redeem = || {
+                    store.redeem_join_token::<CertifyError>(&token, |id| {
+                        Ok(ca.signer().sign_workload(id, &csr.public_key, ttl, &[])?)
+                    })
+                };
+                metrics.store_call("redeem_join_token", redeem, |e| matches!(e, CertifyError::Store(_)))
             })
             .await
             .map_err(|e| Status::internal(e.to_string()))??,
@@ -83,7 +89,7 @@ impl Identity for IdentityService {
                     }
                 })?;
                 tokio::task::spawn_blocking(move || {
-                    sign_and_record(&ca, &store, &id, &csr.public_key, ttl, CredentialKind::Kubernetes)
+                    sign_and_record(&ca, &store, &metrics, &id, &csr.public_key, ttl, CredentialKind::Kubernetes)
                 })
                 .await
                 .map_err(|e| Status::internal(e.to_string()))??
@@ -97,10 +103,11 @@ impl Identity for IdentityService {
                     ))
                 })?;
                 tokio::task::spawn_blocking(move || -> Result<IssuedCertificate, Status> {
-                    if store.is_revoked(id.as_str(), &serial).map_err(CertifyError::from)? {
+                    let revoked = metrics.store_call("is_revoked", || store.is_revoked(id.as_str(), &serial), |_| true);
+                    if revoked.map_err(CertifyError::from)? {
                         return Err(Status::permission_denied(format!("{id} (serial {serial}) is revoked")));
                     }
-                    Ok(sign_and_record(&ca, &store, &id, &csr.public_key, ttl, CredentialKind::Renewal)?)
+                    Ok(sign_and_record(&ca, &store, &metrics, &id, &csr.public_key, ttl, CredentialKind::Renewal)?)
                 })
                 .await
                 .map_err(|e| Status::internal(e.to_string()))??
@@ -123,12 +130,13 @@ impl Identity for IdentityService {
 fn sign_and_record(
     ca: &CaSet,
     store: &Store,
+    metrics: &super::metrics::ControlMetrics,
     id: &SpiffeId,
     key: &rcgen::PublicKey,
     ttl: Duration,
     kind: CredentialKind,
 ) -> Result<IssuedCertificate, CertifyError> {
     let issued = ca.signer().sign_workload(id, key, ttl, &[])?;
-    store.record_certificate(&issued, kind)?;
+    metrics.store_call("record_certificate", || store.record_certificate(&issued, kind), |_| true)?;
     Ok(issued)
 }

@@ -134,6 +134,7 @@ pub struct JwksInputs {
     pub status: JwksStatuses,
     /// Unknown-`kid` hints from sidecars.
     pub refetch: Arc<JwksRefetch>,
+    pub metrics: Arc<super::metrics::ControlMetrics>,
 }
 
 /// The TLS client of JWKS fetches: the system's roots (where the platform has them) and every
@@ -198,7 +199,9 @@ pub async fn run(inputs: JwksInputs) {
             if entry.due > now {
                 continue;
             }
-            match fetch(uri, &inputs.tls).await {
+            let fetched = fetch(uri, &inputs.tls).await;
+            inputs.metrics.jwks_fetch(fetched.is_ok());
+            match fetched {
                 Ok((doc, keys)) => {
                     tracing::info!(%uri, keys, "JWKS fetched");
                     documents.insert(uri.clone(), Arc::from(doc));

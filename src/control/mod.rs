@@ -7,6 +7,7 @@ pub mod ca_set;
 pub mod discovery;
 pub mod identity_service;
 pub mod jwks;
+pub mod metrics;
 pub mod server;
 pub mod source;
 pub mod status;

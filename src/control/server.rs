@@ -153,6 +153,8 @@ struct ControlInputs {
     ca_wake: Arc<tokio::sync::Notify>,
     ca_reload: Arc<std::sync::atomic::AtomicBool>,
     audit: Arc<AuditLog>,
+    /// What the admin port's `/metrics` serves.
+    metrics: Arc<super::metrics::ControlMetrics>,
 }
 
 /// Runs the control plane until SIGTERM or Ctrl-C.
@@ -173,6 +175,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         tls: inputs.jwks_tls.clone(),
         status: inputs.jwks_status.clone(),
         refetch: inputs.jwks_refetch.clone(),
+        metrics: inputs.metrics.clone(),
     }));
     start_webhook(&inputs).await?;
     serve_admin(&inputs, admin_listener)?;
@@ -257,6 +260,7 @@ impl ControlInputs {
             ca_wake: Default::default(),
             ca_reload: Default::default(),
             audit,
+            metrics: Default::default(),
         })
     }
 }
@@ -322,9 +326,17 @@ fn serve_admin(inputs: &Arc<ControlInputs>, listener: TcpListener) -> anyhow::Re
 
 /// The admin HTTP port holds nothing private: health and metrics. Everything else is on the
 /// authenticated management API (`palisade.admin.v1.Admin`, on the gRPC port).
-async fn admin_answer(_inputs: &ControlInputs, req: &AdminRequest) -> admin::AdminResponse {
+async fn admin_answer(inputs: &ControlInputs, req: &AdminRequest) -> admin::AdminResponse {
     match req.path.as_str() {
         "/ready" | "/live" => admin::respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/metrics" => {
+            inputs.metrics.set_ca_roots(&inputs.ca.load().root_validity());
+            admin::respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                inputs.metrics.render(),
+            )
+        }
         _ => admin::respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }
@@ -363,10 +375,15 @@ async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Re
         ca: inputs.ca.clone(),
         cert_ttl: inputs.args.cert_ttl,
         attestor: inputs.kube.clone().map(|c| crate::k8s::attest::Attestor::new(c, &inputs.args.trust_domain)),
+        metrics: inputs.metrics.clone(),
     };
+    let identity = super::metrics::MeteredIdentity { inner: identity, metrics: inputs.metrics.clone() };
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
-        .add_service(DiscoveryServer::new(DiscoveryService { mesh: inputs.mesh.clone() }))
+        .add_service(DiscoveryServer::new(DiscoveryService {
+            mesh: inputs.mesh.clone(),
+            metrics: inputs.metrics.clone(),
+        }))
         .add_service(AdminServer::new(admin_service(inputs)))
         .add_service(TelemetryServer::new(TelemetryService {
             graph: inputs.graph.clone(),
@@ -400,6 +417,7 @@ fn admin_service(inputs: &ControlInputs) -> AdminService {
         }),
         propagation: propagation(&inputs.args),
         ca_keys_protected: false,
+        cert_ttl: inputs.args.cert_ttl,
     }
 }
 

@@ -26,6 +26,12 @@ pub fn helm() -> &'static Path {
     HELM.get_or_init(|| from_env_or_script("PALISADE_HELM", "install-helm"))
 }
 
+/// promtool (`$PALISADE_PROMTOOL`, else `.ci/install-promtool`).
+pub fn promtool() -> &'static Path {
+    static PROMTOOL: OnceLock<PathBuf> = OnceLock::new();
+    PROMTOOL.get_or_init(|| from_env_or_script("PALISADE_PROMTOOL", "install-promtool"))
+}
+
 /// The directory holding kube-apiserver, etcd and kubectl (`$PALISADE_K8S_BIN`, else
 /// `.ci/install-k8s`).
 pub fn k8s_bin_dir() -> &'static Path {

@@ -105,6 +105,53 @@ fn judge_file(file: &str, text: &str, previous: &FileState) -> FileState {
     next
 }
 
+/// Judges every document of one file's text as the control plane does, except that a document
+/// of another API group (a Deployment, a Service, ...) is handed to `other` instead of being
+/// refused: how `palisade audit` reads a directory where the mesh's manifests lie beside the
+/// workloads they protect. A document of the mesh's group or kinds is judged by the same code as
+/// [`FileSource`]'s, so what the audit accepts is what the control plane would push.
+pub fn judge_mixed(file: &str, text: &str, mut other: impl FnMut(&Value)) -> (Vec<Resource>, Vec<ResourceError>) {
+    let starts = document_lines(text);
+    let (mut resources, mut errors) = (Vec::new(), Vec::new());
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let start = starts.get(i).copied().unwrap_or(1);
+        let error = |line: usize, column: Option<usize>, object: Option<String>, message: String| ResourceError {
+            origin: file.to_string(),
+            document: Some(i),
+            line: Some(line),
+            column,
+            object,
+            message,
+        };
+        let value = match Value::deserialize(de) {
+            Ok(v) => v,
+            Err(e) => {
+                let (line, column) = e.location().map_or((start, None), |l| (l.line(), Some(l.column())));
+                errors.push(error(line, column, None, e.to_string()));
+                break; // as judge_file: the next document cannot be found reliably
+            }
+        };
+        if value.is_null() {
+            continue;
+        }
+        let api = value.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        let kind = value.get("kind").and_then(Value::as_str).unwrap_or("");
+        if !api.starts_with("palisade.io/") && !KINDS.contains(&kind) {
+            other(&value);
+            continue;
+        }
+        match judge_document(file, i, text, &value) {
+            Ok(r) => resources.push(r),
+            Err((key, position, message)) => {
+                let (line, column) = position.map_or((start, None), |(l, c)| (l, Some(c)));
+                let object = key.as_ref().map(|(k, ns, n)| format!("{k} {ns}/{n}"));
+                errors.push(error(line, column, object, message));
+            }
+        }
+    }
+    (resources, errors)
+}
+
 /// Why a document was refused: its object key when it could be read, a line and column when
 /// the error has one, and the message.
 type Refusal = (Option<Key>, Option<(usize, usize)>, String);
