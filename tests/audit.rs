@@ -189,3 +189,50 @@ fn an_invalid_manifest_or_a_missing_directory_is_an_error_not_a_clean_report() {
     assert!(text(&out.stderr).contains("nope"), "{}", text(&out.stderr));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The live mesh, through the management API: the same checks over what the control plane
+/// holds (its settings, its resources, its sidecars, its CA), with an administrator's
+/// credentials (a workload's certificate is refused by the API: tests/admin_api.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_mesh_is_audited_through_the_management_api() {
+    let dir = tempdir("audit-live");
+    let resources = dir.join("resources");
+    std::fs::create_dir_all(&resources).unwrap();
+    let ns = |yaml: &str| yaml.replace("namespace: shop", "namespace: test").replace("ns/shop/", "ns/test/");
+    common::write_atomically(&resources.join("mesh.yaml"), &ns(WEAK));
+    let kek = dir.join("kek");
+    std::fs::write(&kek, [7u8; 32]).unwrap();
+    let (res, kek) = (resources.display().to_string(), kek.display().to_string());
+    let cp = common::ControlPlane::start(
+        &dir,
+        &["--resources", &res, "--default-policy", "deny", "--egress", "deny", "--ca-kek-file", &kek],
+    )
+    .await;
+    let app = common::EchoApp::start().await;
+    let label = |app: &str| format!("app={app}");
+    let orders = common::Sidecar::spawn(&cp, "orders", Some(app.addr), &[], &["--label", &label("orders")]);
+    let web = common::Sidecar::spawn(&cp, "web", None, &[], &["--label", &label("web")]);
+    orders.wait_ready().await;
+    web.wait_ready().await;
+    let live = |extra: &[&str]| {
+        Command::new(BIN).arg("audit").args(cp.server_cli_args()).args(extra).output().unwrap()
+    };
+
+    let out = live(&["-o", "json", "--fail-on", "high"]);
+    assert_eq!(out.status.code(), Some(3), "{}{}", text(&out.stdout), text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let findings = doc["findings"].as_array().unwrap();
+    let has = |check: &str, object: &str| findings.iter().any(|f| f["check"] == check && f["object"] == object);
+    assert!(has("permissive-mtls", &common::id("web")), "{doc:#}");
+    assert!(has("allow-any-caller", "AuthorizationPolicy test/orders-open"), "{doc:#}");
+    assert_eq!(findings.len(), 2, "nothing else is weak in this mesh: {doc:#}");
+
+    // The operator fixes both; the live mesh reports nothing once the control plane holds it.
+    common::write_atomically(&resources.join("mesh.yaml"), &ns(CLEAN));
+    common::wait_for("the fixed mesh audited clean", std::time::Duration::from_secs(10), || async {
+        live(&["--fail-on", "low"]).status.code() == Some(0)
+    })
+    .await;
+    let out = live(&["--fail-on", "low"]);
+    assert_eq!(text(&out.stdout), "no findings\n");
+}

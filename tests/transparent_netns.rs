@@ -246,6 +246,10 @@ fn pods_talk_plain_http_and_the_wire_carries_only_mutual_tls() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     assert_eq!(code("GET", &format!("http://{admin}/ready")), "200");
+    let control_metrics = lab.exec("c", &["curl", "-s", "--max-time", "5", &format!("http://{admin}/metrics")]);
+    let control_metrics = String::from_utf8_lossy(&control_metrics.stdout);
+    assert!(control_metrics.contains("palisade_control_sidecars_connected"), "{control_metrics}");
+    assert!(!control_metrics.contains("spiffe://"), "the metrics name no identity: {control_metrics}");
     for path in
         ["/v1/sidecars", "/v1/certificates", "/v1/traffic", "/v1/events", "/v1/mesh", "/v1/jwks", "/config_dump"]
     {
