@@ -160,6 +160,9 @@ enum CaCommand {
         state_dir: PathBuf,
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
+        /// Where the CA's private keys are kept: the same flags as `palisade control`'s.
+        #[command(flatten)]
+        ca_keys: control::ca_keys::CaKeyArgs,
     },
 }
 
@@ -244,11 +247,12 @@ fn real_main() -> anyhow::Result<ExitCode> {
             println!("{token}");
         }
         Command::Control {
-            command: Some(ControlCommand::Ca { command: CaCommand::Rotate { state_dir, trust_domain } }),
+            command: Some(ControlCommand::Ca { command: CaCommand::Rotate { state_dir, trust_domain, ca_keys } }),
             ..
         } => {
             let store = Store::open(&state_dir)?;
-            let generation = control::ca_set::start_rotation(&store, &trust_domain)?;
+            let custody = runtime()?.block_on(ca_keys.custody(None))?;
+            let generation = control::ca_set::start_rotation(&store, &trust_domain, &custody)?;
             println!(
                 "CA generation {generation} created and added to the trust bundle; the running control plane switches signing once it has reached every sidecar"
             );

@@ -273,6 +273,25 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces the keys of CA generations (sealing them in place), all in one transaction:
+    /// either every row is rewritten or none is. Rows are `(generation, root key, intermediate key)`.
+    pub fn replace_ca_keys(&self, rows: &[(u32, String, String)]) -> Result<(), StoreError> {
+        {
+            let mut conn = self.conn.lock();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.err(e))?;
+            for (generation, root_key, intermediate_key) in rows {
+                tx.execute(
+                    "UPDATE ca SET root_key_pem = ?2, intermediate_key_pem = ?3 WHERE generation = ?1",
+                    params![generation, root_key, intermediate_key],
+                )
+                .map_err(|e| self.err(e))?;
+            }
+            tx.commit().map_err(|e| self.err(e))?;
+        }
+        self.announce();
+        Ok(())
+    }
+
     /// Moves a CA generation to another rotation state.
     pub fn set_ca_state(&self, generation: u32, state: &str, retire_after: Option<i64>) -> Result<(), StoreError> {
         self.conn
