@@ -70,6 +70,16 @@ fn open_generation(g: &CaGeneration, custody: &KeyCustody) -> Result<CaMaterial,
     })
 }
 
+/// Every stored generation with its keys opened (PEM, or token references). For tests and
+/// tools that must see the keys themselves; the control plane opens only what it signs with.
+pub fn opened_generations(store: &Store, custody: &KeyCustody) -> Result<Vec<CaGeneration>, CaSetError> {
+    store
+        .ca_generations()?
+        .into_iter()
+        .map(|g| Ok(CaGeneration { material: open_generation(&g, custody)?, ..g }))
+        .collect()
+}
+
 /// Writes a new generation, its keys sealed when there is a KEK.
 fn insert_generation(
     store: &Store,

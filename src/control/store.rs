@@ -275,9 +275,13 @@ impl Store {
 
     /// Replaces the keys of CA generations (sealing them in place), all in one transaction:
     /// either every row is rewritten or none is. Rows are `(generation, root key, intermediate key)`.
+    ///
+    /// The old values must not survive anywhere in the files: `secure_delete` zeroes the space
+    /// they leave in the database, and a truncating checkpoint empties the WAL that held them.
     pub fn replace_ca_keys(&self, rows: &[(u32, String, String)]) -> Result<(), StoreError> {
         {
             let mut conn = self.conn.lock();
+            conn.pragma_update(None, "secure_delete", "ON").map_err(|e| self.err(e))?;
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.err(e))?;
             for (generation, root_key, intermediate_key) in rows {
                 tx.execute(
@@ -287,6 +291,13 @@ impl Store {
                 .map_err(|e| self.err(e))?;
             }
             tx.commit().map_err(|e| self.err(e))?;
+            // Busy readers can keep old frames; say so rather than claim a clean file.
+            let (busy, _, _): (i64, i64, i64) = conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(|e| self.err(e))?;
+            if busy != 0 {
+                tracing::warn!(path = %self.path.display(), "the WAL could not be emptied after sealing the CA keys (another process reads the store); it is on the next checkpoint");
+            }
         }
         self.announce();
         Ok(())
