@@ -369,6 +369,52 @@ mod tests {
     use super::*;
     use x509_parser::prelude::*;
 
+    fn kek(byte: u8) -> Kek {
+        Kek::from_bytes(&[byte; 32], "test").unwrap()
+    }
+
+    #[test]
+    fn sealed_material_holds_no_key_and_opens_only_where_it_was_sealed() {
+        let material = CaMaterial::generate("cluster.local", 1).unwrap();
+        let sealed = material.sealed(&kek(1), "store generation 1");
+        assert!(!sealed.has_clear_key() && sealed.has_sealed_key());
+        assert!(!sealed.root_key_pem.contains("PRIVATE KEY") && !sealed.intermediate_key_pem.contains("PRIVATE KEY"));
+        assert_eq!(sealed.root_cert_pem, material.root_cert_pem);
+        // Sealing twice does not wrap a sealed key again.
+        assert_eq!(sealed.sealed(&kek(1), "store generation 1").root_key_pem, sealed.root_key_pem);
+        let opened = sealed.opened(Some(&kek(1)), "store generation 1").unwrap();
+        assert_eq!(opened.intermediate_key_pem, material.intermediate_key_pem);
+        CertificateAuthority::load(opened).unwrap();
+
+        assert!(matches!(sealed.opened(None, "store generation 1"), Err(CaError::NoKek(KeyRole::Root))));
+        let wrong = sealed.opened(Some(&kek(2)), "store generation 1").unwrap_err();
+        assert!(matches!(wrong, CaError::Seal { role: KeyRole::Root, source: SealError::Refused }), "{wrong}");
+        assert!(sealed.opened(Some(&kek(1)), "store generation 2").is_err(), "moved to another row");
+        // The root's sealed key in the intermediate's place: bound to its role and certificate.
+        let swapped = CaMaterial { intermediate_key_pem: sealed.root_key_pem.clone(), ..sealed.clone() };
+        let err = swapped.opened(Some(&kek(1)), "store generation 1").unwrap_err();
+        assert!(matches!(err, CaError::Seal { role: KeyRole::Intermediate, .. }), "{err}");
+        // Another generation's sealed key under this generation's certificates does not open.
+        let other = CaMaterial::generate("cluster.local", 2).unwrap().sealed(&kek(1), "store generation 1");
+        let mixed = CaMaterial { intermediate_key_pem: other.intermediate_key_pem, ..sealed.clone() };
+        assert!(mixed.opened(Some(&kek(1)), "store generation 1").is_err());
+        // A sealed key is never mistaken for a PEM one.
+        assert!(matches!(CertificateAuthority::load(sealed), Err(CaError::NoKek(KeyRole::Intermediate))));
+    }
+
+    #[test]
+    fn a_token_reference_needs_the_token() {
+        let material = CaMaterial {
+            intermediate_key_pem: "pkcs11:token=t;object=o;id=%01".into(),
+            ..CaMaterial::generate("cluster.local", 1).unwrap()
+        };
+        assert!(material.signer_in_token() && material.has_clear_key(), "the root is still in clear here");
+        let err = CertificateAuthority::load(material.clone()).err().unwrap();
+        assert!(matches!(err, CaError::NoToken(KeyRole::Intermediate)), "{err}");
+        // References are not secrets: sealing leaves them readable.
+        assert_eq!(material.sealed(&kek(1), "s").intermediate_key_pem, material.intermediate_key_pem);
+    }
+
     #[test]
     fn signs_identity_from_caller_not_csr() {
         let ca = CertificateAuthority::load(CaMaterial::generate("cluster.local", 1).unwrap()).unwrap();
