@@ -101,7 +101,8 @@ async fn a_wrong_or_missing_kek_fails_start_clearly_and_changes_no_byte() {
     assert_eq!(files(&cp.state), snapshot, "a failed start changed the state directory");
 
     // The offline rotation refuses the wrong key too, and writes no generation.
-    let out = palisade(&["control", "ca", "rotate", "--state-dir", &arg(&cp.state), "--ca-kek-file", &arg(&wrong)], &[]);
+    let out =
+        palisade(&["control", "ca", "rotate", "--state-dir", &arg(&cp.state), "--ca-kek-file", &arg(&wrong)], &[]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("does not open generation 1"));
     let out = palisade(&["control", "ca", "rotate", "--state-dir", &arg(&cp.state)], &[]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no key-encryption key"));
@@ -132,4 +133,3 @@ async fn a_sealed_key_copied_into_another_generation_is_refused() {
     let err = failed_start(&dir, &["--ca-kek-file", &arg(&kek)]);
     assert!(err.contains("does not open generation 2 (its intermediate key)"), "{err}");
 }
-

@@ -15,7 +15,6 @@ use rustls::pki_types::pem::PemObject;
 
 const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
-
 struct SoftHsm {
     conf: PathBuf,
     pin_file: PathBuf,
@@ -131,7 +130,12 @@ fn with_an_hsm_the_ca_issues_and_rotates_while_its_keys_stay_in_the_token() {
     // environment. This binary holds this one test, and no other thread of it runs yet (the
     // runtime is built below), so nothing reads the environment while it changes.
     unsafe { std::env::set_var("SOFTHSM2_CONF", &hsm.conf) };
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(hsm_flow(dir, hsm));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(hsm_flow(dir, hsm));
 }
 
 async fn hsm_flow(dir: PathBuf, hsm: SoftHsm) {

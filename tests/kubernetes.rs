@@ -974,7 +974,10 @@ async fn a_kek_from_its_own_secret_seals_the_ca_secret_and_a_wrong_one_changes_n
     c.namespace("kek-app", &[], &["api"]);
     // Written without a KEK, the CA Secret holds its keys in clear (the attack works).
     let (mut cp, _) = control_plane(c, &dir, "cp-kek", ns, &[]).await;
-    assert_eq!(certify(&cp, &c.token("kek-app", "api", "palisade")).await.unwrap(), "spiffe://cluster.local/ns/kek-app/sa/api");
+    assert_eq!(
+        certify(&cp, &c.token("kek-app", "api", "palisade")).await.unwrap(),
+        "spiffe://cluster.local/ns/kek-app/sa/api"
+    );
     let root = std::fs::read_to_string(cp.root_pem_path()).unwrap();
     let (_, clear) = ca_secret_data(c, ns);
     assert!(clear["intermediate.key"].contains("PRIVATE KEY"));
@@ -998,7 +1001,10 @@ async fn a_kek_from_its_own_secret_seals_the_ca_secret_and_a_wrong_one_changes_n
     }
     assert_eq!(sealed["root.pem"], clear["root.pem"], "the same root");
     assert_eq!(std::fs::read_to_string(cp.root_pem_path()).unwrap(), root);
-    assert_eq!(certify(&cp, &c.token("kek-app", "api", "palisade")).await.unwrap(), "spiffe://cluster.local/ns/kek-app/sa/api");
+    assert_eq!(
+        certify(&cp, &c.token("kek-app", "api", "palisade")).await.unwrap(),
+        "spiffe://cluster.local/ns/kek-app/sa/api"
+    );
     let ControlPlane { mut proc, state, .. } = cp;
     proc.terminate(Duration::from_secs(10));
     for entry in std::fs::read_dir(&state).unwrap() {
@@ -1028,7 +1034,8 @@ async fn a_kek_from_its_own_secret_seals_the_ca_secret_and_a_wrong_one_changes_n
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut wrong = Proc::spawn_with_env("cp-wrong-kek", &dir, &args, &[("KUBECONFIG", &c.kubeconfig.display().to_string())]);
+    let mut wrong =
+        Proc::spawn_with_env("cp-wrong-kek", &dir, &args, &[("KUBECONFIG", &c.kubeconfig.display().to_string())]);
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = wrong.child.try_wait().unwrap() {

@@ -76,7 +76,9 @@ impl CaKeyArgs {
                         .trim()
                         .to_string(),
                     (None, Ok(pin)) => pin,
-                    (None, Err(_)) => anyhow::bail!("--ca-pkcs11-module needs the token's PIN: --ca-pkcs11-pin-file or {PIN_ENV}"),
+                    (None, Err(_)) => {
+                        anyhow::bail!("--ca-pkcs11-module needs the token's PIN: --ca-pkcs11-pin-file or {PIN_ENV}")
+                    }
                 };
                 let module_path = module.clone();
                 let label = label.clone();
@@ -105,7 +107,12 @@ fn log_custody(custody: &KeyCustody) {
              --ca-kek-secret) or a PKCS#11 token (--ca-pkcs11-module) outside of experiments"
         );
     } else {
-        tracing::info!(ca_keys_sealed = kek.is_some(), ca_signer_in_token = token.is_some(), kek, token,
-            "CA key custody");
+        tracing::info!(
+            ca_keys_sealed = kek.is_some(),
+            ca_signer_in_token = token.is_some(),
+            kek,
+            token,
+            "CA key custody"
+        );
     }
 }

@@ -97,9 +97,11 @@ impl CaKey {
     /// role) if there is one, else here.
     fn generate(custody: &KeyCustody, trust_domain: &str, generation: u32, role: KeyRole) -> Result<Self, CaError> {
         match &custody.token {
-            Some(token) => {
-                Ok(CaKey::Token(token.generate_key(&pkcs11::object_label(trust_domain, generation, &role.to_string()))?))
-            }
+            Some(token) => Ok(CaKey::Token(token.generate_key(&pkcs11::object_label(
+                trust_domain,
+                generation,
+                &role.to_string(),
+            ))?)),
             None => Ok(CaKey::Local(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?)),
         }
     }
@@ -191,7 +193,11 @@ impl CaMaterial {
         };
         CaMaterial {
             root_key_pem: seal_one(&self.root_key_pem, KeyRole::Root, &self.root_cert_pem),
-            intermediate_key_pem: seal_one(&self.intermediate_key_pem, KeyRole::Intermediate, &self.intermediate_cert_pem),
+            intermediate_key_pem: seal_one(
+                &self.intermediate_key_pem,
+                KeyRole::Intermediate,
+                &self.intermediate_cert_pem,
+            ),
             ..self.clone()
         }
     }

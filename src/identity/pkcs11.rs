@@ -89,7 +89,11 @@ impl Token {
             ]
         };
         let mut public = common(false);
-        public.extend([Attribute::KeyType(KeyType::EC), Attribute::Verify(true), Attribute::EcParams(P256_OID.to_vec())]);
+        public.extend([
+            Attribute::KeyType(KeyType::EC),
+            Attribute::Verify(true),
+            Attribute::EcParams(P256_OID.to_vec()),
+        ]);
         let mut private = common(true);
         private.extend([
             Attribute::Sensitive(true),
@@ -125,8 +129,11 @@ impl Token {
 
     /// The public key's uncompressed point (0x04 || X || Y).
     fn ec_point(&self, public: ObjectHandle) -> Result<Vec<u8>, Pkcs11Error> {
-        let attrs =
-            self.session.lock().get_attributes(public, &[AttributeType::EcPoint]).map_err(call("C_GetAttributeValue"))?;
+        let attrs = self
+            .session
+            .lock()
+            .get_attributes(public, &[AttributeType::EcPoint])
+            .map_err(call("C_GetAttributeValue"))?;
         let Some(Attribute::EcPoint(der)) = attrs.into_iter().next() else {
             return Err(Pkcs11Error::Unexpected("no CKA_EC_POINT".into()));
         };
@@ -160,7 +167,7 @@ fn reference_id(reference: &str) -> Result<Vec<u8>, Pkcs11Error> {
     let attrs = reference.strip_prefix(URI_PREFIX).ok_or_else(bad)?;
     let id = attrs.split(';').find_map(|a| a.strip_prefix("id=")).ok_or_else(bad)?;
     let hex: Vec<u8> = id.bytes().filter(|&b| b != b'%').collect();
-    if hex.is_empty() || hex.len() % 2 != 0 {
+    if hex.is_empty() || !hex.len().is_multiple_of(2) {
         return Err(bad());
     }
     hex.chunks(2)
@@ -216,15 +223,10 @@ impl rcgen::PublicKeyData for TokenKey {
 impl rcgen::SigningKey for TokenKey {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, msg);
-        let raw = self
-            .token
-            .session
-            .lock()
-            .sign(&Mechanism::Ecdsa, self.private, digest.as_ref())
-            .map_err(|e| {
-                tracing::error!(key = %self.uri, error = %e, "the token refused to sign");
-                rcgen::Error::RemoteKeyError
-            })?;
+        let raw = self.token.session.lock().sign(&Mechanism::Ecdsa, self.private, digest.as_ref()).map_err(|e| {
+            tracing::error!(key = %self.uri, error = %e, "the token refused to sign");
+            rcgen::Error::RemoteKeyError
+        })?;
         ecdsa_raw_to_der(&raw).ok_or(rcgen::Error::RemoteKeyError)
     }
 }
@@ -232,7 +234,7 @@ impl rcgen::SigningKey for TokenKey {
 /// Re-encodes a raw `r || s` ECDSA signature (32 + 32 bytes for P-256) as DER
 /// `SEQUENCE { INTEGER r, INTEGER s }`.
 fn ecdsa_raw_to_der(raw: &[u8]) -> Option<Vec<u8>> {
-    if raw.is_empty() || raw.len() % 2 != 0 || raw.len() > 132 {
+    if raw.is_empty() || !raw.len().is_multiple_of(2) || raw.len() > 132 {
         return None;
     }
     let (r, s) = raw.split_at(raw.len() / 2);

@@ -54,9 +54,8 @@ impl Kek {
             return Self::raw(bytes, origin);
         }
         let text = String::from_utf8_lossy(bytes);
-        let decoded = STANDARD
-            .decode(text.trim())
-            .map_err(|cause| SealError::Base64 { from: origin.to_string(), cause })?;
+        let decoded =
+            STANDARD.decode(text.trim()).map_err(|cause| SealError::Base64 { from: origin.to_string(), cause })?;
         Self::raw(&decoded, origin)
     }
 

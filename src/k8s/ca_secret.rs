@@ -27,7 +27,8 @@ pub const KEK_KEY: &str = "kek";
 /// base64 of 32 bytes).
 pub async fn load_kek(client: kube::Client, namespace: &str, name: &str) -> anyhow::Result<Kek> {
     let secrets: Api<Secret> = Api::namespaced(client, namespace);
-    let secret = secrets.get(name).await.map_err(|e| anyhow::anyhow!("reading the KEK Secret {namespace}/{name}: {e}"))?;
+    let secret =
+        secrets.get(name).await.map_err(|e| anyhow::anyhow!("reading the KEK Secret {namespace}/{name}: {e}"))?;
     let bytes = secret
         .data
         .as_ref()
@@ -43,7 +44,12 @@ fn scope(namespace: &str, name: &str) -> String {
 }
 
 /// The Secret's data for `material`, keys sealed when `custody` has a KEK.
-pub fn secret_data(material: &CaMaterial, custody: &KeyCustody, namespace: &str, name: &str) -> BTreeMap<String, ByteString> {
+pub fn secret_data(
+    material: &CaMaterial,
+    custody: &KeyCustody,
+    namespace: &str,
+    name: &str,
+) -> BTreeMap<String, ByteString> {
     let material = match &custody.kek {
         Some(kek) => material.sealed(kek, &scope(namespace, name)),
         None => material.clone(),
@@ -97,7 +103,12 @@ pub async fn load_or_create(
     let secret = ca_secret(namespace, name, secret_data(&material, custody, namespace, name));
     match secrets.create(&PostParams::default(), &secret).await {
         Ok(_) => {
-            tracing::info!(namespace, name, sealed = custody.kek.is_some(), "created the mesh CA and stored it in a Secret");
+            tracing::info!(
+                namespace,
+                name,
+                sealed = custody.kek.is_some(),
+                "created the mesh CA and stored it in a Secret"
+            );
             Ok(material)
         }
         Err(kube::Error::Api(e)) if e.code == 409 => {
@@ -119,20 +130,33 @@ async fn seal_in_place(
     namespace: &str,
     name: &str,
 ) -> anyhow::Result<()> {
-    let preconditions = Preconditions { uid: old.metadata.uid.clone(), resource_version: old.metadata.resource_version.clone() };
+    let preconditions =
+        Preconditions { uid: old.metadata.uid.clone(), resource_version: old.metadata.resource_version.clone() };
     let delete = DeleteParams { preconditions: Some(preconditions), ..Default::default() };
-    secrets.delete(name, &delete).await.map_err(|e| anyhow::anyhow!("replacing the clear CA Secret {namespace}/{name}: {e}"))?;
+    secrets
+        .delete(name, &delete)
+        .await
+        .map_err(|e| anyhow::anyhow!("replacing the clear CA Secret {namespace}/{name}: {e}"))?;
     let secret = ca_secret(namespace, name, secret_data(material, custody, namespace, name));
     secrets
         .create(&PostParams::default(), &secret)
         .await
         .map_err(|e| anyhow::anyhow!("writing the sealed CA Secret {namespace}/{name} (the clear one was deleted; restart to write it again from this replica's store): {e}"))?;
-    tracing::warn!(namespace, name, "the CA Secret held its keys in clear: replaced by one with the keys sealed under the key-encryption key");
+    tracing::warn!(
+        namespace,
+        name,
+        "the CA Secret held its keys in clear: replaced by one with the keys sealed under the key-encryption key"
+    );
     Ok(())
 }
 
 /// The material in a Secret, keys opened, and whether a key was found in clear.
-fn from_secret(secret: &Secret, custody: &KeyCustody, namespace: &str, name: &str) -> Result<(CaMaterial, bool), String> {
+fn from_secret(
+    secret: &Secret,
+    custody: &KeyCustody,
+    namespace: &str,
+    name: &str,
+) -> Result<(CaMaterial, bool), String> {
     let data = secret.data.as_ref().ok_or("has no data")?;
     let field = |k: &str| -> Result<String, String> {
         let v = data.get(k).ok_or_else(|| format!("has no key {k:?}"))?;

@@ -100,10 +100,7 @@ pub fn verify_chain_at(
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), palisade::tls::provider())
             .build()
             .unwrap();
-    verifier
-        .verify_client_cert(&chain[0], &chain[1..], at)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    verifier.verify_client_cert(&chain[0], &chain[1..], at).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Every file under `dir` with its bytes (the database, its WAL and shared memory, exports).
@@ -140,7 +137,8 @@ pub fn assert_no_clear_key(state: &Path, generations: &[CaGeneration]) {
     for (path, bytes) in &files {
         assert!(!contains(bytes, b"PRIVATE KEY"), "{} holds a PEM private key", path.display());
         for g in generations {
-            for (role, pem) in [("root", &g.material.root_key_pem), ("intermediate", &g.material.intermediate_key_pem)] {
+            for (role, pem) in [("root", &g.material.root_key_pem), ("intermediate", &g.material.intermediate_key_pem)]
+            {
                 for form in clear_forms(pem) {
                     assert!(
                         !contains(bytes, &form),
@@ -164,4 +162,3 @@ pub fn checkpoint(state: &Path) {
     let conn = rusqlite::Connection::open(state.join("state.db")).unwrap();
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
 }
-
