@@ -291,6 +291,7 @@ impl Store {
                 .map_err(|e| self.err(e))?;
             }
             tx.commit().map_err(|e| self.err(e))?;
+            conn.pragma_update(None, "secure_delete", "OFF").map_err(|e| self.err(e))?;
             // Busy readers can keep old frames; say so rather than claim a clean file.
             let (busy, _, _): (i64, i64, i64) = conn
                 .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
