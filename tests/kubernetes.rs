@@ -990,7 +990,9 @@ async fn a_kek_from_its_own_secret_seals_the_ca_secret_and_a_wrong_one_changes_n
     kek("palisade-ca-kek", 7);
     let (cp, _) = control_plane(c, &dir, "cp-kek", ns, &["--ca-kek-secret", "palisade-ca-kek"]).await;
     assert!(cp.proc.log_text().contains("replaced by one with the keys sealed"), "{}", cp.proc.log_text());
-    let (version, sealed) = ca_secret_data(c, ns);
+    let (_, sealed) = ca_secret_data(c, ns);
+    let leftover = c.kubectl_output(&["get", "secret", "palisade-ca-sealing", "-n", ns]);
+    assert!(!leftover.status.success(), "the migration's sealed copy is removed when it is done");
     for (k, v) in &sealed {
         assert!(!v.contains("PRIVATE KEY"), "the CA Secret's {k} holds a key in clear");
     }
@@ -1014,6 +1016,24 @@ async fn a_kek_from_its_own_secret_seals_the_ca_secret_and_a_wrong_one_changes_n
             assert!(!bytes.windows(11).any(|w| w == b"PRIVATE KEY"), "{} holds a key in clear", path.display());
         }
     }
+
+    // A migration stopped after it deleted the clear Secret and before it wrote the sealed one
+    // left the sealed copy: the next start restores it (same CA), not a new CA.
+    let secret = c.get_json(&["get", "secret", "palisade-ca", "-n", ns]);
+    let copy = json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "immutable": true,
+        "metadata": {"name": "palisade-ca-sealing", "namespace": ns}, "data": secret["data"]});
+    let (ok, out) = c.kubectl_stdin(&["create", "-f", "-"], &copy.to_string());
+    assert!(ok, "{out}");
+    c.kubectl(&["delete", "secret", "palisade-ca", "-n", ns]);
+    let (cp, _) = control_plane(c, &dir, "cp-kek", ns, &["--ca-kek-secret", "palisade-ca-kek"]).await;
+    assert!(cp.proc.log_text().contains("restored the CA Secret from the sealed copy"), "{}", cp.proc.log_text());
+    let (version, restored) = ca_secret_data(c, ns);
+    assert_eq!(restored, sealed, "the sealed CA came back as it was");
+    assert_eq!(std::fs::read_to_string(cp.root_pem_path()).unwrap(), root);
+    let gone = c.kubectl_output(&["get", "secret", "palisade-ca-sealing", "-n", ns]);
+    assert!(!gone.status.success(), "the sealed copy is removed once restored");
+    let ControlPlane { mut proc, .. } = cp;
+    proc.terminate(Duration::from_secs(10));
 
     // A wrong KEK: a clear refusal, and the Secret untouched.
     kek("palisade-ca-kek-wrong", 8);

@@ -99,6 +99,23 @@ pub async fn load_or_create(
         }
         return Ok(material);
     }
+    // No CA Secret: a migration stopped between deleting it and writing it again left its
+    // sealed copy, which must come back rather than a new CA.
+    if let Some(copy) = secrets.get_opt(&sealing_copy(name)).await? {
+        let (material, _) = from_secret(&copy, custody, namespace, name).map_err(failed)?;
+        let data = copy.data.clone().unwrap_or_default();
+        match secrets.create(&PostParams::default(), &ca_secret(namespace, name, data)).await {
+            Ok(_) => tracing::warn!(
+                namespace,
+                name,
+                "restored the CA Secret from the sealed copy an interrupted migration left"
+            ),
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        delete_sealing_copy(&secrets, name).await;
+        return Ok(material);
+    }
     let material = CaMaterial::generate_in(trust_domain, 1, custody)?;
     let secret = ca_secret(namespace, name, secret_data(&material, custody, namespace, name));
     match secrets.create(&PostParams::default(), &secret).await {
@@ -120,8 +137,21 @@ pub async fn load_or_create(
     }
 }
 
+/// The name of the sealed copy a migration writes before it deletes the clear CA Secret.
+fn sealing_copy(name: &str) -> String {
+    format!("{name}-sealing")
+}
+
+async fn delete_sealing_copy(secrets: &Api<Secret>, name: &str) {
+    if let Err(e) = secrets.delete(&sealing_copy(name), &DeleteParams::default()).await {
+        tracing::warn!(error = %e, secret = sealing_copy(name), "the sealed copy of the CA Secret could not be deleted");
+    }
+}
+
 /// Replaces a Secret holding keys in clear with the same material sealed. The Secret is
-/// immutable, so it is deleted (only if it is still the one read) and created again.
+/// immutable, so it is deleted (only if it is still the one read) and created again; a sealed
+/// copy written first (`NAME-sealing`) is what [`load_or_create`] restores from if this stops in
+/// between, so no replica ever makes a new CA in the gap.
 async fn seal_in_place(
     secrets: &Api<Secret>,
     old: &Secret,
@@ -130,18 +160,28 @@ async fn seal_in_place(
     namespace: &str,
     name: &str,
 ) -> anyhow::Result<()> {
+    let copy_name = sealing_copy(name);
+    let fail = |what: &str, e: kube::Error| anyhow::anyhow!("{what} (sealing the CA Secret {namespace}/{name}): {e}");
+    // Sealed under the CA Secret's own name, so the copy's data can be written back verbatim.
+    let data = secret_data(material, custody, namespace, name);
+    match secrets.delete(&copy_name, &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(fail("deleting an old sealed copy", e)),
+    }
+    secrets
+        .create(&PostParams::default(), &ca_secret(namespace, &copy_name, data.clone()))
+        .await
+        .map_err(|e| fail("writing the sealed copy", e))?;
     let preconditions =
         Preconditions { uid: old.metadata.uid.clone(), resource_version: old.metadata.resource_version.clone() };
     let delete = DeleteParams { preconditions: Some(preconditions), ..Default::default() };
+    secrets.delete(name, &delete).await.map_err(|e| fail("deleting the clear Secret", e))?;
     secrets
-        .delete(name, &delete)
+        .create(&PostParams::default(), &ca_secret(namespace, name, data))
         .await
-        .map_err(|e| anyhow::anyhow!("replacing the clear CA Secret {namespace}/{name}: {e}"))?;
-    let secret = ca_secret(namespace, name, secret_data(material, custody, namespace, name));
-    secrets
-        .create(&PostParams::default(), &secret)
-        .await
-        .map_err(|e| anyhow::anyhow!("writing the sealed CA Secret {namespace}/{name} (the clear one was deleted; restart to write it again from this replica's store): {e}"))?;
+        .map_err(|e| fail("writing the sealed Secret (its sealed copy is restored at the next start)", e))?;
+    delete_sealing_copy(secrets, name).await;
     tracing::warn!(
         namespace,
         name,
