@@ -192,6 +192,9 @@ enum CaCommand {
         trust_domain: String,
         #[command(flatten)]
         server: ServerArgs,
+        /// Where the CA's private keys are kept: the same flags as `palisade control`'s.
+        #[command(flatten)]
+        ca_keys: control::ca_keys::CaKeyArgs,
     },
     /// Where a rotation stands: each generation, its state and its next step (management API).
     Status {
@@ -318,11 +321,12 @@ fn real_main() -> anyhow::Result<ExitCode> {
             println!("logged in as {id}; credentials in {}", credentials.display());
         }
         Command::Control {
-            command: Some(ControlCommand::Ca { command: CaCommand::Rotate { state_dir, trust_domain, .. } }),
+            command: Some(ControlCommand::Ca { command: CaCommand::Rotate { state_dir, trust_domain, ca_keys, .. } }),
             ..
         } => {
             let store = Store::open(&state_dir)?;
-            let generation = control::ca_set::start_rotation(&store, &trust_domain)?;
+            let custody = runtime()?.block_on(ca_keys.custody(None))?;
+            let generation = control::ca_set::start_rotation(&store, &trust_domain, &custody)?;
             println!(
                 "CA generation {generation} created and added to the trust bundle; the running control plane switches signing once it has reached every sidecar"
             );

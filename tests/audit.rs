@@ -214,9 +214,7 @@ async fn the_live_mesh_is_audited_through_the_management_api() {
     let web = common::Sidecar::spawn(&cp, "web", None, &[], &["--label", &label("web")]);
     orders.wait_ready().await;
     web.wait_ready().await;
-    let live = |extra: &[&str]| {
-        Command::new(BIN).arg("audit").args(cp.server_cli_args()).args(extra).output().unwrap()
-    };
+    let live = |extra: &[&str]| Command::new(BIN).arg("audit").args(cp.server_cli_args()).args(extra).output().unwrap();
 
     let out = live(&["-o", "json", "--fail-on", "high"]);
     assert_eq!(out.status.code(), Some(3), "{}{}", text(&out.stdout), text(&out.stderr));

@@ -949,6 +949,130 @@ async fn the_deploy_manifests_apply_and_the_control_plane_runs_on_their_least_pr
     assert!(!log.contains("forbidden"), "the deployed RBAC lacks a permission the control plane uses:\n{log}");
 }
 
+/// The CA Secret's data, each value decoded.
+fn ca_secret_data(c: &Cluster, ns: &str) -> (String, BTreeMap<String, String>) {
+    use base64::Engine;
+    let secret = c.get_json(&["get", "secret", "palisade-ca", "-n", ns]);
+    let data = secret["data"].as_object().unwrap();
+    let decoded = data
+        .iter()
+        .map(|(k, v)| {
+            let bytes = base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap()).unwrap();
+            (k.clone(), String::from_utf8(bytes).unwrap())
+        })
+        .collect();
+    (secret["metadata"]["resourceVersion"].as_str().unwrap().to_string(), decoded)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kek_from_its_own_secret_seals_the_ca_secret_and_a_wrong_one_changes_nothing() {
+    use base64::Engine;
+    let c = cluster();
+    let dir = tempdir("k8s-kek");
+    let ns = "kek-system";
+    c.namespace("kek-app", &[], &["api"]);
+    // Written without a KEK, the CA Secret holds its keys in clear (the attack works).
+    let (mut cp, _) = control_plane(c, &dir, "cp-kek", ns, &[]).await;
+    assert_eq!(
+        certify(&cp, &c.token("kek-app", "api", "palisade")).await.unwrap(),
+        "spiffe://cluster.local/ns/kek-app/sa/api"
+    );
+    let root = std::fs::read_to_string(cp.root_pem_path()).unwrap();
+    let (_, clear) = ca_secret_data(c, ns);
+    assert!(clear["intermediate.key"].contains("PRIVATE KEY"));
+    cp.proc.terminate(Duration::from_secs(10));
+
+    let kek = |name: &str, byte: u8| {
+        let value = base64::engine::general_purpose::STANDARD.encode([byte; 32]);
+        c.kubectl(&["create", "secret", "generic", name, "-n", ns, &format!("--from-literal=kek={value}")]);
+    };
+    kek("palisade-ca-kek", 7);
+    let (cp, _) = control_plane(c, &dir, "cp-kek", ns, &["--ca-kek-secret", "palisade-ca-kek"]).await;
+    assert!(cp.proc.log_text().contains("replaced by one with the keys sealed"), "{}", cp.proc.log_text());
+    let (_, sealed) = ca_secret_data(c, ns);
+    let leftover = c.kubectl_output(&["get", "secret", "palisade-ca-sealing", "-n", ns]);
+    assert!(!leftover.status.success(), "the migration's sealed copy is removed when it is done");
+    for (k, v) in &sealed {
+        assert!(!v.contains("PRIVATE KEY"), "the CA Secret's {k} holds a key in clear");
+    }
+    for k in ["root.key", "intermediate.key"] {
+        assert!(sealed[k].starts_with("palisade-sealed-v1:"), "{k}: {}", sealed[k]);
+        let pem_body = clear[k].lines().nth(1).unwrap();
+        assert!(!sealed.values().any(|v| v.contains(pem_body)));
+    }
+    assert_eq!(sealed["root.pem"], clear["root.pem"], "the same root");
+    assert_eq!(std::fs::read_to_string(cp.root_pem_path()).unwrap(), root);
+    assert_eq!(
+        certify(&cp, &c.token("kek-app", "api", "palisade")).await.unwrap(),
+        "spiffe://cluster.local/ns/kek-app/sa/api"
+    );
+    let ControlPlane { mut proc, state, .. } = cp;
+    proc.terminate(Duration::from_secs(10));
+    for entry in std::fs::read_dir(&state).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(!bytes.windows(11).any(|w| w == b"PRIVATE KEY"), "{} holds a key in clear", path.display());
+        }
+    }
+
+    // A migration stopped after it deleted the clear Secret and before it wrote the sealed one
+    // left the sealed copy: the next start restores it (same CA), not a new CA.
+    let secret = c.get_json(&["get", "secret", "palisade-ca", "-n", ns]);
+    let copy = json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "immutable": true,
+        "metadata": {"name": "palisade-ca-sealing", "namespace": ns}, "data": secret["data"]});
+    let (ok, out) = c.kubectl_stdin(&["create", "-f", "-"], &copy.to_string());
+    assert!(ok, "{out}");
+    c.kubectl(&["delete", "secret", "palisade-ca", "-n", ns]);
+    let (cp, _) = control_plane(c, &dir, "cp-kek", ns, &["--ca-kek-secret", "palisade-ca-kek"]).await;
+    assert!(cp.proc.log_text().contains("restored the CA Secret from the sealed copy"), "{}", cp.proc.log_text());
+    let (version, restored) = ca_secret_data(c, ns);
+    assert_eq!(restored, sealed, "the sealed CA came back as it was");
+    assert_eq!(std::fs::read_to_string(cp.root_pem_path()).unwrap(), root);
+    let gone = c.kubectl_output(&["get", "secret", "palisade-ca-sealing", "-n", ns]);
+    assert!(!gone.status.success(), "the sealed copy is removed once restored");
+    let ControlPlane { mut proc, .. } = cp;
+    proc.terminate(Duration::from_secs(10));
+
+    // A wrong KEK: a clear refusal, and the Secret untouched.
+    kek("palisade-ca-kek-wrong", 8);
+    let args: Vec<String> = [
+        "control",
+        "--kubernetes",
+        "--namespace",
+        ns,
+        "--state-dir",
+        &dir.join("state-wrong").display().to_string(),
+        "--listen",
+        &free_addr().to_string(),
+        "--admin",
+        &free_addr().to_string(),
+        "--ca-kek-secret",
+        "palisade-ca-kek-wrong",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut wrong =
+        Proc::spawn_with_env("cp-wrong-kek", &dir, &args, &[("KUBECONFIG", &c.kubeconfig.display().to_string())]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = wrong.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "a control plane with a wrong KEK started:\n{}", wrong.log_text());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert!(!status.success());
+    let log = wrong.log_text();
+    assert!(
+        log.contains("does not open under this key-encryption key")
+            && log.contains("is --ca-kek-secret kek-system/palisade-ca-kek-wrong the key-encryption key this Secret was sealed with?"),
+        "{log}"
+    );
+    assert_eq!(ca_secret_data(c, ns), (version, sealed), "a failed start changed the CA Secret");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_whose_certificate_expired_in_an_outage_attests_again_with_its_token() {
     let c = cluster();

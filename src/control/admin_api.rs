@@ -135,7 +135,8 @@ pub struct AdminService {
     pub ca_changed: Arc<dyn Fn() + Send + Sync>,
     /// How long a new root takes to reach every sidecar (when `next` becomes `active`).
     pub propagation: Duration,
-    pub ca_keys_protected: bool,
+    /// Where new CA generations' keys go (a KEK, a PKCS#11 token).
+    pub custody: crate::identity::KeyCustody,
     pub cert_ttl: Duration,
 }
 
@@ -477,9 +478,11 @@ impl Admin for AdminService {
             } else {
                 let store = self.store.clone();
                 let trust_domain = self.mesh.settings.trust_domain.clone();
-                let started = tokio::task::spawn_blocking(move || ca_set::start_rotation(&store, &trust_domain))
-                    .await
-                    .map_err(internal)?;
+                let custody = self.custody.clone();
+                let started =
+                    tokio::task::spawn_blocking(move || ca_set::start_rotation(&store, &trust_domain, &custody))
+                        .await
+                        .map_err(internal)?;
                 match started {
                     Ok(generation) => {
                         tracing::info!(generation, "CA rotation started through the admin API");
@@ -538,7 +541,7 @@ impl Admin for AdminService {
             jwks,
             certificate_events,
             sidecars_connected: self.mesh.sidecars().iter().filter(|s| s.connected).count() as u32,
-            ca_keys_protected: self.ca_keys_protected,
+            ca_keys_protected: !self.ca.load().keys_at_rest().clear,
             caller: caller.name.clone(),
             cert_ttl_seconds: self.cert_ttl.as_secs() as i64,
         };

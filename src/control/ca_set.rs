@@ -7,7 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::clock::now_unix;
-use crate::identity::{CaMaterial, CertificateAuthority};
+use crate::identity::ca::{CaError, KeyRole};
+use crate::identity::seal::SealError;
+use crate::identity::{CaMaterial, CertificateAuthority, KeyCustody};
 
 use super::store::{CaGeneration, Store, StoreError};
 
@@ -24,6 +26,100 @@ pub enum CaSetError {
     RotationInProgress(u32, String),
     #[error("writing {path}: {source}")]
     Io { path: String, source: std::io::Error },
+    #[error(
+        "the CA key-encryption key does not open generation {generation} (its {role} key); is {origin} the one this \
+         store was sealed with? Nothing was changed"
+    )]
+    WrongKek { generation: u32, role: KeyRole, origin: String },
+    #[error(
+        "the stored CA keys are sealed (generation {0}) and no key-encryption key was given: pass --ca-kek-file, \
+         PALISADE_CA_KEK or --ca-kek-secret"
+    )]
+    SealedWithoutKek(u32),
+    #[error("CA generation {generation}: {source}")]
+    Generation { generation: u32, source: CaError },
+}
+
+/// How the stored CA keys are kept at rest: what `palisade status` and a posture audit report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct KeysAtRest {
+    /// Some stored private key is in clear (no KEK was ever given for it).
+    pub clear: bool,
+    /// Some stored private key is sealed under a KEK.
+    pub sealed: bool,
+    /// The signing (active intermediate) key lives in a PKCS#11 token.
+    pub signer_in_token: bool,
+}
+
+/// The associated-data scope of a key sealed in the store: its row.
+fn store_scope(generation: u32) -> String {
+    format!("store generation {generation}")
+}
+
+/// A stored generation's material with its keys opened, or why it cannot be.
+fn open_generation(g: &CaGeneration, custody: &KeyCustody) -> Result<CaMaterial, CaSetError> {
+    let generation = g.generation;
+    g.material.opened(custody.kek.as_deref(), &store_scope(generation)).map_err(|e| match e {
+        CaError::NoKek(_) => CaSetError::SealedWithoutKek(generation),
+        CaError::Seal { role, source: SealError::Refused } => CaSetError::WrongKek {
+            generation,
+            role,
+            origin: custody.kek.as_ref().map_or_else(String::new, |k| k.origin().to_string()),
+        },
+        source => CaSetError::Generation { generation, source },
+    })
+}
+
+/// Every stored generation with its keys opened (PEM, or token references). For tests and
+/// tools that must see the keys themselves; the control plane opens only what it signs with.
+pub fn opened_generations(store: &Store, custody: &KeyCustody) -> Result<Vec<CaGeneration>, CaSetError> {
+    store
+        .ca_generations()?
+        .into_iter()
+        .map(|g| Ok(CaGeneration { material: open_generation(&g, custody)?, ..g }))
+        .collect()
+}
+
+/// Writes a new generation, its keys sealed when there is a KEK.
+fn insert_generation(
+    store: &Store,
+    generation: u32,
+    material: &CaMaterial,
+    state: &str,
+    custody: &KeyCustody,
+) -> Result<(), CaSetError> {
+    match &custody.kek {
+        Some(kek) => store.insert_ca(generation, &material.sealed(kek, &store_scope(generation)), state)?,
+        None => store.insert_ca(generation, material, state)?,
+    }
+    Ok(())
+}
+
+/// Checks that every stored generation opens under `custody` (a wrong or missing KEK is an
+/// error before anything is written), then, with a KEK, seals in place every key still in
+/// clear, in one transaction. Returns the generations as stored afterwards.
+pub fn protect_store(store: &Store, custody: &KeyCustody) -> Result<Vec<CaGeneration>, CaSetError> {
+    let generations = store.ca_generations()?;
+    for g in &generations {
+        open_generation(g, custody)?;
+    }
+    let Some(kek) = &custody.kek else { return Ok(generations) };
+    let rows: Vec<(u32, String, String)> = generations
+        .iter()
+        .filter(|g| g.material.has_clear_key())
+        .map(|g| {
+            let sealed = g.material.sealed(kek, &store_scope(g.generation));
+            (g.generation, sealed.root_key_pem, sealed.intermediate_key_pem)
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok(generations);
+    }
+    store.replace_ca_keys(&rows)?;
+    let sealed: Vec<u32> = rows.iter().map(|r| r.0).collect();
+    tracing::warn!(generations = ?sealed, kek = kek.origin(),
+        "CA keys found in clear in the store were sealed in place under the key-encryption key");
+    Ok(store.ca_generations()?)
 }
 
 /// One consistent view of the CA: the signer and the trust bundle.
@@ -35,22 +131,24 @@ pub struct CaSet {
 }
 
 impl CaSet {
-    /// Loads the CA from the store, creating generation 1 on first start.
-    pub fn load_or_init(store: &Store, trust_domain: &str) -> Result<Self, CaSetError> {
-        let mut generations = store.ca_generations()?;
+    /// Loads the CA from the store, creating generation 1 on first start; with a KEK, keys
+    /// found in clear are sealed first (see [`protect_store`]).
+    pub fn load_or_init(store: &Store, trust_domain: &str, custody: &KeyCustody) -> Result<Self, CaSetError> {
+        let mut generations = protect_store(store, custody)?;
         if generations.is_empty() {
-            let material = CaMaterial::generate(trust_domain, 1)?;
-            store.insert_ca(1, &material, "active")?;
+            let material = CaMaterial::generate_in(trust_domain, 1, custody)?;
+            insert_generation(store, 1, &material, "active", custody)?;
             tracing::info!("created a new root and intermediate CA (generation 1)");
             generations = store.ca_generations()?;
         }
-        Self::from_generations(generations)
+        Self::from_generations(generations, custody)
     }
 
-    /// Makes `material` the active generation (Kubernetes: the CA shared through a Secret),
-    /// retiring whatever the local store held before. Nothing changes if it is already active.
-    pub fn adopt(store: &Store, material: &CaMaterial) -> Result<(), CaSetError> {
-        let generations = store.ca_generations()?;
+    /// Makes `material` (keys opened) the active generation (Kubernetes: the CA shared through
+    /// a Secret), retiring whatever the local store held before. Nothing changes if it is
+    /// already active.
+    pub fn adopt(store: &Store, material: &CaMaterial, custody: &KeyCustody) -> Result<(), CaSetError> {
+        let generations = protect_store(store, custody)?;
         let same = |g: &CaGeneration| {
             g.material.root_cert_pem == material.root_cert_pem
                 && g.material.intermediate_cert_pem == material.intermediate_cert_pem
@@ -62,14 +160,15 @@ impl CaSet {
             store.set_ca_state(g.generation, "retired", None)?;
         }
         let next = generations.iter().map(|g| g.generation).max().unwrap_or(0) + 1;
-        store.insert_ca(next, material, "active")?;
+        insert_generation(store, next, material, "active", custody)?;
         tracing::info!(generation = next, "adopted the shared CA as the active generation");
         Ok(())
     }
 
-    fn from_generations(generations: Vec<CaGeneration>) -> Result<Self, CaSetError> {
+    fn from_generations(generations: Vec<CaGeneration>, custody: &KeyCustody) -> Result<Self, CaSetError> {
         let active = generations.iter().find(|g| g.state == "active").ok_or(CaSetError::NoActive)?;
-        let signer = CertificateAuthority::load(active.material.clone())?;
+        let signer = CertificateAuthority::load_with(open_generation(active, custody)?, custody)
+            .map_err(|source| CaSetError::Generation { generation: active.generation, source })?;
         let bundle_pem =
             generations.iter().filter(|g| g.state != "retired").map(|g| g.material.root_cert_pem.as_str()).collect();
         Ok(CaSet { signer, active_generation: active.generation, bundle_pem, generations })
@@ -83,6 +182,16 @@ impl CaSet {
     /// Generation number of the signer.
     pub fn active_generation(&self) -> u32 {
         self.active_generation
+    }
+
+    /// How the stored keys (of every generation, retired ones included: their rows remain) are
+    /// kept at rest.
+    pub fn keys_at_rest(&self) -> KeysAtRest {
+        KeysAtRest {
+            clear: self.generations.iter().any(|g| g.material.has_clear_key()),
+            sealed: self.generations.iter().any(|g| g.material.has_sealed_key()),
+            signer_in_token: self.signer.material().signer_in_token(),
+        }
     }
 
     /// PEM of every root that must be trusted now.
@@ -138,14 +247,16 @@ impl CaSet {
 
 /// Starts a rotation: a new generation joins the bundle as `next`. The running control plane
 /// advances it (see [`advance_rotation`]).
-pub fn start_rotation(store: &Store, trust_domain: &str) -> Result<u32, CaSetError> {
-    let generations = store.ca_generations()?;
+/// A wrong or missing KEK is refused before anything is written, and a new generation is
+/// sealed (or made in the token) as the custody says.
+pub fn start_rotation(store: &Store, trust_domain: &str, custody: &KeyCustody) -> Result<u32, CaSetError> {
+    let generations = protect_store(store, custody)?;
     if let Some(g) = generations.iter().find(|g| g.state == "next" || g.state == "retiring") {
         return Err(CaSetError::RotationInProgress(g.generation, g.state.clone()));
     }
     let next = generations.iter().map(|g| g.generation).max().unwrap_or(0) + 1;
-    let material = CaMaterial::generate(trust_domain, next)?;
-    store.insert_ca(next, &material, "next")?;
+    let material = CaMaterial::generate_in(trust_domain, next, custody)?;
+    insert_generation(store, next, &material, "next", custody)?;
     Ok(next)
 }
 

@@ -3,6 +3,7 @@
 
 pub mod admin_api;
 pub mod admin_client;
+pub mod ca_keys;
 pub mod ca_set;
 pub mod discovery;
 pub mod identity_service;

@@ -122,6 +122,9 @@ pub struct ControlArgs {
     /// How long a disconnected sidecar's endpoints stay in the table.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub endpoint_grace: Duration,
+    /// Where the CA's private keys are kept (KEK, PKCS#11 token).
+    #[command(flatten)]
+    pub ca_keys: super::ca_keys::CaKeyArgs,
 }
 
 /// Lifetime of the control plane's own serving certificate; it renews at half of it.
@@ -131,6 +134,8 @@ const SERVING_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 struct ControlInputs {
     args: ControlArgs,
     store: Arc<Store>,
+    /// Where the CA's private keys are kept.
+    custody: crate::identity::KeyCustody,
     /// The CA generations in force; written only by the CA worker.
     ca: Arc<ArcSwap<CaSet>>,
     /// The roots the gRPC listener verifies clients against; written only by the CA worker.
@@ -201,22 +206,24 @@ impl ControlInputs {
         let own_id = SpiffeId::control_plane(&args.trust_domain)
             .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
         let store = Arc::new(Store::open(&args.state_dir)?);
-        let kube = if args.kubernetes {
+        let (kube, custody) = if args.kubernetes {
             let client = kube::Client::try_default().await.context("connecting to the Kubernetes API server")?;
+            let custody = args.ca_keys.custody(Some((&client, &args.namespace))).await?;
             let material = crate::k8s::ca_secret::load_or_create(
                 client.clone(),
                 &args.namespace,
                 &args.ca_secret,
                 &args.trust_domain,
+                &custody,
             )
             .await
             .context("loading the CA Secret")?;
-            CaSet::adopt(&store, &material)?;
-            Some(client)
+            CaSet::adopt(&store, &material, &custody)?;
+            (Some(client), custody)
         } else {
-            None
+            (None, args.ca_keys.custody(None).await?)
         };
-        let ca_set = CaSet::load_or_init(&store, &args.trust_domain)?;
+        let ca_set = CaSet::load_or_init(&store, &args.trust_domain, &custody)?;
         ca_set.export_bundle(&args.state_dir)?;
         let bundle = TrustBundle::from_pem(ca_set.bundle_pem())?;
         let ca = Arc::new(ArcSwap::from_pointee(ca_set));
@@ -245,6 +252,7 @@ impl ControlInputs {
         Ok(ControlInputs {
             args,
             store,
+            custody,
             ca,
             bundle,
             own_id,
@@ -416,7 +424,7 @@ fn admin_service(inputs: &ControlInputs) -> AdminService {
             wake.notify_one();
         }),
         propagation: propagation(&inputs.args),
-        ca_keys_protected: false,
+        custody: inputs.custody.clone(),
         cert_ttl: inputs.args.cert_ttl,
     }
 }
@@ -486,7 +494,7 @@ fn ca_step(inputs: &ControlInputs, serving_not_after: i64) -> anyhow::Result<CaS
     let cur = inputs.ca.load_full();
     let mut signer_changed = false;
     if changed_elsewhere || advanced {
-        let fresh = CaSet::load_or_init(&inputs.store, &args.trust_domain)?;
+        let fresh = CaSet::load_or_init(&inputs.store, &args.trust_domain, &inputs.custody)?;
         signer_changed = fresh.active_generation() != cur.active_generation();
         if fresh.fingerprint() != cur.fingerprint() {
             inputs.bundle.set_roots(fresh.bundle_pem())?;

@@ -291,6 +291,37 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces the keys of CA generations (sealing them in place), all in one transaction:
+    /// either every row is rewritten or none is. Rows are `(generation, root key, intermediate key)`.
+    ///
+    /// The old values must not survive anywhere in the files: `secure_delete` zeroes the space
+    /// they leave in the database, and a truncating checkpoint empties the WAL that held them.
+    pub fn replace_ca_keys(&self, rows: &[(u32, String, String)]) -> Result<(), StoreError> {
+        {
+            let mut conn = self.conn.lock();
+            conn.pragma_update(None, "secure_delete", "ON").map_err(|e| self.err(e))?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.err(e))?;
+            for (generation, root_key, intermediate_key) in rows {
+                tx.execute(
+                    "UPDATE ca SET root_key_pem = ?2, intermediate_key_pem = ?3 WHERE generation = ?1",
+                    params![generation, root_key, intermediate_key],
+                )
+                .map_err(|e| self.err(e))?;
+            }
+            tx.commit().map_err(|e| self.err(e))?;
+            conn.pragma_update(None, "secure_delete", "OFF").map_err(|e| self.err(e))?;
+            // Busy readers can keep old frames; say so rather than claim a clean file.
+            let (busy, _, _): (i64, i64, i64) = conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(|e| self.err(e))?;
+            if busy != 0 {
+                tracing::warn!(path = %self.path.display(), "the WAL could not be emptied after sealing the CA keys (another process reads the store); it is on the next checkpoint");
+            }
+        }
+        self.announce();
+        Ok(())
+    }
+
     /// Moves a CA generation to another rotation state.
     pub fn set_ca_state(&self, generation: u32, state: &str, retire_after: Option<i64>) -> Result<(), StoreError> {
         self.conn

@@ -8,10 +8,12 @@ pub mod dev;
 pub mod events;
 pub mod manager;
 pub mod metrics;
+pub mod pkcs11;
+pub mod seal;
 pub mod spiffe;
 pub mod token;
 
-pub use ca::{CaMaterial, CertificateAuthority, IssuedCertificate};
+pub use ca::{CaMaterial, CertificateAuthority, IssuedCertificate, KeyCustody};
 pub use certifier::{Certifier, CertifyError};
 pub use events::CertEvents;
 pub use manager::CertManager;
