@@ -752,3 +752,29 @@ fn the_chart_ships_the_rules_and_the_dashboard_behind_flags() {
     .unwrap();
     assert_eq!(json, file);
 }
+
+#[test]
+fn a_kek_secret_in_the_chart_reaches_the_control_plane_with_exactly_the_grants_it_needs() {
+    let plain = helm_template(&[]);
+    let sealed = helm_template(&["caKek.secretName=palisade-ca-kek"]);
+    let wrap = |objects: Vec<Value>| objects.into_iter().map(|o| ("helm template".to_string(), o)).collect::<Vec<_>>();
+    let (plain, sealed) = (wrap(plain), wrap(sealed));
+    let args = |objects: &[(String, Value)]| {
+        strings(&find(objects, "Deployment", "palisade-control")["spec"]["template"]["spec"]["containers"][0]["args"])
+    };
+    assert!(!args(&plain).iter().any(|a| a.starts_with("--ca-kek")), "no KEK unless asked for");
+    let with_kek = args(&sealed);
+    let at = with_kek.iter().position(|a| a == "--ca-kek-secret").expect("--ca-kek-secret");
+    assert_eq!(with_kek[at + 1], "palisade-ca-kek");
+    let added: BTreeSet<_> = grants(find(&sealed, "Role", "palisade-control"))
+        .difference(&grants(find(&plain, "Role", "palisade-control")))
+        .cloned()
+        .collect();
+    let expected = grant_set(&[
+        ("", &["secrets"], &["get"], "palisade-ca-kek"),
+        ("", &["secrets"], &["get", "delete"], "palisade-ca"),
+        ("", &["secrets"], &["get", "delete"], "palisade-ca-sealing"),
+    ]);
+    let expected: BTreeSet<_> = expected.difference(&grants(find(&plain, "Role", "palisade-control"))).cloned().collect();
+    assert_eq!(added, expected, "the KEK adds exactly these grants, every one by name");
+}
