@@ -100,8 +100,13 @@ pub async fn load_or_create(
         return Ok(material);
     }
     // No CA Secret: a migration stopped between deleting it and writing it again left its
-    // sealed copy, which must come back rather than a new CA.
-    if let Some(copy) = secrets.get_opt(&sealing_copy(name)).await? {
+    // sealed copy, which must come back rather than a new CA. Only a control plane with a KEK
+    // migrates (and may read the copy: without one, least privilege grants no access to it).
+    let copy = match custody.kek {
+        Some(_) => secrets.get_opt(&sealing_copy(name)).await?,
+        None => None,
+    };
+    if let Some(copy) = copy {
         let (material, _) = from_secret(&copy, custody, namespace, name).map_err(failed)?;
         let data = copy.data.clone().unwrap_or_default();
         match secrets.create(&PostParams::default(), &ca_secret(namespace, name, data)).await {
