@@ -149,6 +149,11 @@ enum TokenCommand {
         /// How long the token stays redeemable.
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// An address the identity may register in discovery besides the source address of its
+        /// own connection: an IP (any port; the pod IP of transparent mode) or IP:PORT.
+        /// Repeatable or comma-separated. It stays bound to the identity for its renewals.
+        #[arg(long = "address", value_delimiter = ',')]
+        addresses: Vec<palisade::control::address_proof::AddressBinding>,
     },
 }
 
@@ -236,11 +241,13 @@ fn real_main() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Control { command: None, args } => runtime()?.block_on(control::run(*args))?,
         Command::Control {
-            command: Some(ControlCommand::Token { command: TokenCommand::Create { state_dir, identity, ttl } }),
+            command:
+                Some(ControlCommand::Token { command: TokenCommand::Create { state_dir, identity, ttl, addresses } }),
             ..
         } => {
             let store = Store::open(&state_dir)?;
-            let token = store.create_join_token(&identity, ttl)?;
+            let addresses: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
+            let token = store.create_bound_join_token(&identity, ttl, &addresses)?;
             println!("{token}");
         }
         Command::Control {

@@ -18,6 +18,7 @@ use crate::proto::identity::identity_server::IdentityServer;
 use crate::telemetry::admin::{self, AdminRequest};
 use crate::tls::{CertStore, TrustBundle, config};
 
+use super::address_proof::AddressProver;
 use super::ca_set::{self, CaSet};
 use super::discovery::{DiscoveryService, MeshSettings, MeshState};
 use super::identity_service::IdentityService;
@@ -363,7 +364,15 @@ async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Re
     };
     tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity))
-        .add_service(DiscoveryServer::new(DiscoveryService { mesh: inputs.mesh.clone() }))
+        .add_service(DiscoveryServer::new(DiscoveryService {
+            mesh: inputs.mesh.clone(),
+            prover: Arc::new(AddressProver {
+                store: inputs.store.clone(),
+                kubernetes: inputs.kube.is_some(),
+                serving: inputs.serving.clone(),
+                trust: inputs.bundle.clone(),
+            }),
+        }))
         .add_service(TelemetryServer::new(TelemetryService {
             graph: inputs.graph.clone(),
             jwks_refetch: inputs.jwks_refetch.clone(),
