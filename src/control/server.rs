@@ -396,6 +396,7 @@ async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Re
         }))
         .add_service(TelemetryServer::new(TelemetryService {
             graph: inputs.graph.clone(),
+            store: inputs.store.clone(),
             jwks_refetch: inputs.jwks_refetch.clone(),
         }))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), crate::shutdown_signal())
