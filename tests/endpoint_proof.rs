@@ -26,13 +26,23 @@ async fn register_raw(
     identity: &str,
     addresses: &[&str],
 ) -> (DiscoveryResponse, tokio::sync::mpsc::Sender<DiscoveryRequest>, tonic::Streaming<DiscoveryResponse>) {
+    register_raw_via(cp, &cp.listen.to_string(), identity, addresses).await
+}
+
+/// [`register_raw`] dialling the control plane at `via`.
+async fn register_raw_via(
+    cp: &ControlPlane,
+    via: &str,
+    identity: &str,
+    addresses: &[&str],
+) -> (DiscoveryResponse, tokio::sync::mpsc::Sender<DiscoveryRequest>, tonic::Streaming<DiscoveryResponse>) {
     palisade::tls::install_crypto_provider();
     let cert = mint_client_cert(&cp.state, identity, Duration::from_secs(600));
     let bundle = palisade::tls::TrustBundle::from_pem(&std::fs::read_to_string(cp.root_pem_path()).unwrap()).unwrap();
     let store = palisade::tls::CertStore::new();
     store.set(cert, i64::MAX);
     let client = palisade::agent::ControlClient::new(
-        &cp.listen.to_string(),
+        via,
         bundle,
         store,
         palisade::identity::SpiffeId::control_plane("cluster.local").unwrap(),
@@ -153,4 +163,36 @@ async fn an_address_bound_to_the_join_token_is_accepted_and_stays_with_the_ident
     let endpoints = snapshot.snapshot.unwrap().endpoints;
     assert!(endpoints.iter().any(|e| e.address == "10.1.2.3:0" && e.spiffe_id == id("bound")));
     assert!(!endpoints.iter().any(|e| e.address == "10.1.2.5:0"), "only what the token bound: {endpoints:?}");
+}
+
+/// This machine's first non-loopback IPv4 address, if it has one.
+fn host_ip() -> Option<std::net::IpAddr> {
+    // Connecting a UDP socket sends nothing; it picks the source address a route would use.
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    probe.connect("192.0.2.200:9").ok()?;
+    let ip = probe.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_address_proves_a_claim_unless_another_identity_connects_from_it_too() {
+    let Some(ip) = host_ip() else {
+        panic!("this test needs a non-loopback IPv4 address to connect from");
+    };
+    let dir = tempdir("endpoint-source");
+    let port = free_addr().port();
+    let listen = format!("0.0.0.0:{port}");
+    let cp = ControlPlane::start_at(&dir, listen.parse().unwrap(), &[]).await;
+    let via = format!("{ip}:{port}");
+    let claim = format!("{ip}:0");
+    // The first workload connecting from the address proves it by its connection.
+    let (first, _a, _ra) = register_raw_via(&cp, &via, &id("first"), &[&claim]).await;
+    let endpoints = first.snapshot.unwrap().endpoints;
+    assert!(endpoints.iter().any(|e| e.address == claim && e.spiffe_id == id("first")), "{endpoints:?}");
+    // A second identity behind the same address (a NAT) proves nothing by it.
+    let (second, _b, _rb) = register_raw_via(&cp, &via, &id("second"), &[&claim]).await;
+    let endpoints = second.snapshot.unwrap().endpoints;
+    assert!(!endpoints.iter().any(|e| e.spiffe_id == id("second")), "{endpoints:?}");
+    let entry = entry_of(&cp, &id("second")).await.unwrap();
+    assert!(entry["refused_addresses"][0]["reason"].as_str().unwrap().contains("another identity"), "{entry}");
 }

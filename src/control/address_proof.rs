@@ -110,13 +110,15 @@ pub struct AddressProver {
 
 impl AddressProver {
     /// Judges every claim of `id`, which connected from `remote`. `cluster` answers, on
-    /// Kubernetes, whether the API server lists a pod of `id` at an IP.
+    /// Kubernetes, whether the API server lists a pod of `id` at an IP; `held_by_other`
+    /// whether another identity's registration already holds an IP.
     pub async fn judge(
         &self,
         id: &SpiffeId,
         claims: &[String],
         remote: Option<SocketAddr>,
         cluster: impl Fn(IpAddr) -> bool,
+        held_by_other: impl Fn(IpAddr) -> bool,
     ) -> Verdict {
         let mut verdict = Verdict::default();
         let bound = if self.kubernetes || claims.is_empty() {
@@ -137,7 +139,7 @@ impl AddressProver {
             let judged = if i >= MAX_CLAIMS {
                 Err(format!("more than {MAX_CLAIMS} addresses in one registration"))
             } else {
-                self.judge_one(id, raw, remote_ip, &bound, &cluster).await
+                self.judge_one(id, raw, remote_ip, &bound, &cluster, &held_by_other).await
             };
             match judged {
                 Ok(address) => {
@@ -161,6 +163,7 @@ impl AddressProver {
         remote_ip: Option<IpAddr>,
         bound: &[AddressBinding],
         cluster: &impl Fn(IpAddr) -> bool,
+        held_by_other: &impl Fn(IpAddr) -> bool,
     ) -> Result<String, String> {
         let claim = raw.parse::<SocketAddr>().map_err(|_| "not IP:PORT".to_string())?;
         let claim = SocketAddr::new(claim.ip().to_canonical(), claim.port());
@@ -188,6 +191,14 @@ impl AddressProver {
             return self.answers_as(claim, id).await.map(|()| claim.to_string());
         }
         if remote_ip == Some(ip) {
+            // Several workloads behind one address (a NAT, a node's SNAT) all connect from it:
+            // then the source proves nothing, and the first to register must not take it.
+            if held_by_other(ip) {
+                return Err(format!(
+                    "{ip} is the source of another identity's connection too (a shared or translated \
+                     address proves nothing): bind it with `token create --address`"
+                ));
+            }
             return Ok(claim.to_string());
         }
         Err(format!(

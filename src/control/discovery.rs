@@ -277,6 +277,18 @@ impl MeshState {
         })
     }
 
+    /// Whether a connected sidecar of an identity other than `id` holds `ip` (any port). A
+    /// disconnected one is not asked: its address may have passed to a new workload.
+    pub fn ip_held_by_other(&self, id: &str, ip: std::net::IpAddr) -> bool {
+        self.sidecars.lock().values().any(|e| {
+            e.connected
+                && e.spiffe_id != id
+                && e.addresses
+                    .iter()
+                    .any(|a| a.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().to_canonical() == ip))
+        })
+    }
+
     /// Every sidecar entry, for `palisade status`.
     pub fn sidecars(&self) -> Vec<SidecarEntry> {
         self.sidecars.lock().values().cloned().collect()
@@ -439,7 +451,16 @@ impl Discovery for DiscoveryService {
         let mesh = self.mesh.clone();
         let stream_id = mesh.next_stream.fetch_add(1, Ordering::Relaxed);
         let labels: BTreeMap<String, String> = node.labels.clone().into_iter().collect();
-        let verdict = self.prover.judge(&id, &node.addresses, remote, |ip| mesh.cluster_serves(id.as_str(), ip)).await;
+        let verdict = self
+            .prover
+            .judge(
+                &id,
+                &node.addresses,
+                remote,
+                |ip| mesh.cluster_serves(id.as_str(), ip),
+                |ip| mesh.ip_held_by_other(id.as_str(), ip),
+            )
+            .await;
         tracing::info!(spiffe_id = %id, addresses = ?verdict.accepted, refused = verdict.refused.len(),
             resume = %first.version_info, "sidecar connected");
         register(&mesh, stream_id, &node, verdict, not_after);
