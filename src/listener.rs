@@ -14,9 +14,10 @@
 //!   progress, read or written, within the idle timeout. Protocol timers (hyper's header-read
 //!   timeout, HTTP/2 keepalive) sit on top of it.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -37,6 +38,9 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListenerLimits {
     pub max_connections: usize,
+    /// Most connections from one source IP (0: no such cap), so that one flooding client
+    /// cannot take every place (a kubelet probe or a scrape from elsewhere still gets in).
+    pub max_per_source: usize,
     /// First bytes, TLS handshake, HTTP/1 request head.
     pub header_timeout: Duration,
     /// No progress either way.
@@ -65,9 +69,17 @@ impl ListenerLimits {
         };
         ListenerLimits {
             max_connections,
+            max_per_source: 0,
             header_timeout: duration("PALISADE_HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT),
             idle_timeout: duration("PALISADE_IDLE_TIMEOUT", DEFAULT_IDLE_TIMEOUT),
         }
+    }
+}
+
+impl ListenerLimits {
+    /// These limits with at most `n` connections per source IP.
+    pub fn per_source(self, n: usize) -> ListenerLimits {
+        ListenerLimits { max_per_source: n, ..self }
     }
 }
 
@@ -162,6 +174,7 @@ pub struct Listener {
     inner: TcpListener,
     name: &'static str,
     permits: Arc<Semaphore>,
+    per_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
     pub limits: ListenerLimits,
     pub stats: Arc<ListenerStats>,
 }
@@ -169,6 +182,21 @@ pub struct Listener {
 /// Held by a connection for its lifetime; dropping it frees a place under the cap.
 pub struct Admitted {
     _permit: OwnedSemaphorePermit,
+    source: Option<(Arc<Mutex<HashMap<IpAddr, usize>>>, IpAddr)>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some((per_source, ip)) = self.source.take() {
+            let mut per_source = per_source.lock();
+            if let Some(n) = per_source.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_source.remove(&ip);
+                }
+            }
+        }
+    }
 }
 
 impl Listener {
@@ -178,6 +206,7 @@ impl Listener {
             inner,
             name,
             permits: Arc::new(Semaphore::new(limits.max_connections)),
+            per_source: Default::default(),
             limits,
             stats: Default::default(),
         }
@@ -187,8 +216,19 @@ impl Listener {
     pub async fn accept(&self) -> (TcpStream, SocketAddr, Admitted) {
         loop {
             let (tcp, remote) = accept(&self.inner, self.name, &self.stats).await;
+            let source = match self.admit_source(remote.ip()) {
+                Ok(source) => source,
+                Err(()) => {
+                    self.stats.over_cap.inc();
+                    if self.stats.may_log() {
+                        tracing::warn!(listener = self.name, %remote, cap = self.limits.max_per_source,
+                            refused = self.stats.over_cap.get(), "connection closed: its source is at its cap");
+                    }
+                    continue;
+                }
+            };
             match self.permits.clone().try_acquire_owned() {
-                Ok(permit) => return (tcp, remote, Admitted { _permit: permit }),
+                Ok(permit) => return (tcp, remote, Admitted { _permit: permit, source }),
                 Err(_) => {
                     self.stats.over_cap.inc();
                     if self.stats.may_log() {
@@ -199,6 +239,22 @@ impl Listener {
                 }
             }
         }
+    }
+
+    /// A place for one more connection from `ip` under the per-source cap.
+    #[allow(clippy::type_complexity)]
+    fn admit_source(&self, ip: IpAddr) -> Result<Option<(Arc<Mutex<HashMap<IpAddr, usize>>>, IpAddr)>, ()> {
+        if self.limits.max_per_source == 0 {
+            return Ok(None);
+        }
+        let ip = ip.to_canonical();
+        let mut per_source = self.per_source.lock();
+        let n = per_source.entry(ip).or_default();
+        if *n >= self.limits.max_per_source {
+            return Err(());
+        }
+        *n += 1;
+        Ok(Some((self.per_source.clone(), ip)))
     }
 
     /// `io` under this listener's timeouts (see [`Deadline`]), holding its place under the cap.
@@ -386,6 +442,7 @@ mod tests {
         let addr = inner.local_addr().unwrap();
         let limits = ListenerLimits {
             max_connections: 1,
+            max_per_source: 0,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
         };

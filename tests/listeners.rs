@@ -95,6 +95,21 @@ async fn all_closed_within(conns: Vec<TcpStream>, within: Duration) {
     assert_eq!(open, 0, "{open} of {} flood connections still held after {within:?}", closed.len());
 }
 
+/// `GET /ready` on `admin` from the source address `from`: whether it answered 200.
+async fn ready_from(from: &str, admin: SocketAddr) -> bool {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from.parse().unwrap(), 0)).unwrap();
+    let Ok(Ok(mut tcp)) = tokio::time::timeout(Duration::from_secs(3), socket.connect(admin)).await else {
+        return false;
+    };
+    if tcp.write_all(b"GET /ready HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").await.is_err() {
+        return false;
+    }
+    let mut reply = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_string(&mut reply)).await;
+    reply.starts_with("HTTP/1.1 200")
+}
+
 /// Runs `requests` (each must succeed) for the CPU window and returns the CPU `pid` burnt.
 async fn cpu_while<F, Fut>(pid: u32, mut request: F) -> f64
 where
@@ -171,11 +186,13 @@ async fn a_flood_of_the_sidecar_admin_port_neither_starves_the_app_nor_spins() {
     let pid = m.orders.child.id();
     let conns = flood(m.orders_admin, FLOOD, HALF_REQUEST).await;
     let client = http_client();
-    let route = m.route;
+    let (route, admin) = (m.route, m.orders_admin);
     let cpu = cpu_while(pid, || async {
         let url = format!("http://{route}/during-flood");
         let got = tokio::time::timeout(Duration::from_secs(3), get(&client, &url, &[]));
         assert_eq!(got.await.map(|r| r.map(|r| r.0)), Ok(Ok(200)), "the app's request through the flooded sidecar");
+        // The flood comes from 127.0.0.1; a probe from elsewhere still gets a place.
+        assert!(ready_from("127.0.0.2", admin).await, "/ready from another source during the flood");
     })
     .await;
     assert!(cpu < CPU_BUDGET, "the flooded sidecar burnt {cpu:.2} s of CPU in {WINDOW:?}");
@@ -275,7 +292,10 @@ async fn a_flood_of_the_control_plane_admin_port_is_capped_and_timed_out() {
     let (cp, listen, admin, dir) = limited_control_plane("listeners-cp-admin", &[]).await;
     let pid = cp.child.id();
     let conns = flood(admin, FLOOD, HALF_REQUEST).await;
-    let cpu = cpu_while(pid, || async {}).await;
+    let cpu = cpu_while(pid, || async {
+        assert!(ready_from("127.0.0.2", admin).await, "/ready from another source during the flood");
+    })
+    .await;
     assert!(cpu < CPU_BUDGET, "the flooded control plane burnt {cpu:.2} s of CPU in {WINDOW:?}");
     // gRPC still has its descriptors while the admin port is flooded.
     sidecar_joins(&dir, listen, admin).await;
@@ -299,6 +319,7 @@ async fn the_webhook_closes_half_sent_handshakes_and_sheds_over_its_cap() {
     let addr = tcp.local_addr().unwrap();
     let limits = ListenerLimits {
         max_connections: 32,
+        max_per_source: 0,
         header_timeout: Duration::from_secs(1),
         idle_timeout: Duration::from_secs(5),
     };

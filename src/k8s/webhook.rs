@@ -60,7 +60,9 @@ pub async fn serve(
     config: InjectConfig,
     roots: Roots,
 ) {
-    let listener = Listener::new(listener, "webhook", ListenerLimits::from_env("webhook", MAX_CONNECTIONS));
+    let limits = ListenerLimits::from_env("webhook", MAX_CONNECTIONS);
+    let limits = limits.per_source((limits.max_connections / 4).max(1));
+    let listener = Listener::new(listener, "webhook", limits);
     serve_limited(listener, certs, client, config, roots).await
 }
 

@@ -55,7 +55,9 @@ where
     H: Fn(AdminRequest) -> F + Send + Sync + 'static,
     F: Future<Output = AdminResponse> + Send + 'static,
 {
-    let listener = Listener::new(listener, "admin", ListenerLimits::from_env("admin", MAX_CONNECTIONS));
+    let limits = ListenerLimits::from_env("admin", MAX_CONNECTIONS);
+    let limits = limits.per_source((limits.max_connections / 4).max(1));
+    let listener = Listener::new(listener, "admin", limits);
     serve_limited(listener, handler).await
 }
 
