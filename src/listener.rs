@@ -169,12 +169,15 @@ pub async fn accept(listener: &TcpListener, name: &'static str, stats: &Listener
     }
 }
 
+/// Open connections per source IP, shared by a listener and its admitted connections.
+type SourceCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
 /// A listener with a connection cap.
 pub struct Listener {
     inner: TcpListener,
     name: &'static str,
     permits: Arc<Semaphore>,
-    per_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    per_source: SourceCounts,
     pub limits: ListenerLimits,
     pub stats: Arc<ListenerStats>,
 }
@@ -182,7 +185,7 @@ pub struct Listener {
 /// Held by a connection for its lifetime; dropping it frees a place under the cap.
 pub struct Admitted {
     _permit: OwnedSemaphorePermit,
-    source: Option<(Arc<Mutex<HashMap<IpAddr, usize>>>, IpAddr)>,
+    source: Option<(SourceCounts, IpAddr)>,
 }
 
 impl Drop for Admitted {
@@ -242,8 +245,7 @@ impl Listener {
     }
 
     /// A place for one more connection from `ip` under the per-source cap.
-    #[allow(clippy::type_complexity)]
-    fn admit_source(&self, ip: IpAddr) -> Result<Option<(Arc<Mutex<HashMap<IpAddr, usize>>>, IpAddr)>, ()> {
+    fn admit_source(&self, ip: IpAddr) -> Result<Option<(SourceCounts, IpAddr)>, ()> {
         if self.limits.max_per_source == 0 {
             return Ok(None);
         }
