@@ -51,6 +51,11 @@ pub const MAX_EVENTS_PER_REPORTER: usize = 100;
 const MAX_EVENTS: usize = 1000;
 /// Longest event message kept, in bytes.
 const MAX_MESSAGE_BYTES: usize = 512;
+/// Longest source identity kept, in bytes (mesh identities are far shorter; SPIFFE allows 2048).
+const MAX_SOURCE_BYTES: usize = 512;
+/// Most reports one reporter may have taken per second (a sidecar sends one per interval,
+/// 10 s by default); more are dropped whole.
+pub const MAX_REPORTS_PER_SECOND: u32 = 20;
 
 /// What the graph left out of reports, by why.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -66,6 +71,8 @@ pub struct Dropped {
     /// Certificate events past [`MAX_EVENTS_PER_REPORT`], or naming a serial the ledger never
     /// issued to the reporter.
     pub events: u64,
+    /// Whole reports past [`MAX_REPORTS_PER_SECOND`].
+    pub reports: u64,
 }
 
 /// The aggregate.
@@ -81,9 +88,18 @@ pub struct TrafficGraph {
     sources: Mutex<BTreeMap<String, usize>>,
     events: Mutex<Vec<CertEvent>>,
     dropped: Mutex<Dropped>,
+    /// Reports taken per reporter in the current second: (second, count).
+    rate: Mutex<BTreeMap<String, (i64, u32)>>,
+    /// Reports per reporter per second; 0 means [`MAX_REPORTS_PER_SECOND`].
+    reports_per_second: u32,
 }
 
 impl TrafficGraph {
+    /// A graph taking at most `n` reports per reporter per second.
+    pub fn with_report_rate(n: u32) -> TrafficGraph {
+        TrafficGraph { reports_per_second: n, ..Default::default() }
+    }
+
     /// What was left out so far.
     pub fn dropped(&self) -> Dropped {
         self.dropped.lock().clone()
@@ -103,6 +119,10 @@ impl TrafficGraph {
     /// whether the ledger issued a serial to the reporter; events naming others are dropped.
     pub fn add(&self, report: &TelemetryReport, reporter: &str, own_serial: impl Fn(&str) -> bool) {
         let mut dropped = Dropped::default();
+        if !self.within_rate(reporter) {
+            dropped.reports += 1;
+            return self.count_dropped(reporter, dropped);
+        }
         {
             let mut edges = self.edges.lock();
             let mut sources = self.sources.lock();
@@ -110,7 +130,9 @@ impl TrafficGraph {
             for p in report.peers.iter().take(MAX_PEERS_PER_REPORT) {
                 if p.direction == "inbound" {
                     // The reporter is the destination: it saw these requests arrive.
-                    if p.peer_spiffe_id != "unauthenticated" && p.peer_spiffe_id.parse::<SpiffeId>().is_err() {
+                    if p.peer_spiffe_id.len() > MAX_SOURCE_BYTES
+                        || (p.peer_spiffe_id != "unauthenticated" && p.peer_spiffe_id.parse::<SpiffeId>().is_err())
+                    {
                         dropped.malformed += 1;
                         continue;
                     }
@@ -176,6 +198,30 @@ impl TrafficGraph {
             let excess = events.len().saturating_sub(MAX_EVENTS);
             events.drain(..excess);
         }
+        self.count_dropped(reporter, dropped);
+    }
+
+    /// Whether `reporter` is within [`MAX_REPORTS_PER_SECOND`]; counts this report.
+    fn within_rate(&self, reporter: &str) -> bool {
+        let now = crate::clock::now_unix();
+        let mut rate = self.rate.lock();
+        if let Some((second, count)) = rate.get_mut(reporter) {
+            if *second != now {
+                (*second, *count) = (now, 0);
+            }
+            *count += 1;
+            let max = if self.reports_per_second == 0 { MAX_REPORTS_PER_SECOND } else { self.reports_per_second };
+            return *count <= max;
+        }
+        // One entry per identity that ever reported; a stale one goes when the map grows.
+        if rate.len() >= 65_536 {
+            rate.retain(|_, (second, _)| *second >= now - 60);
+        }
+        rate.insert(reporter.to_string(), (now, 1));
+        true
+    }
+
+    fn count_dropped(&self, reporter: &str, dropped: Dropped) {
         if dropped != Dropped::default() {
             tracing::warn!(%reporter, ?dropped, "telemetry the reporter cannot vouch for, or over its bounds, dropped");
             let mut total = self.dropped.lock();
@@ -183,6 +229,7 @@ impl TrafficGraph {
             total.over_bound += dropped.over_bound;
             total.malformed += dropped.malformed;
             total.events += dropped.events;
+            total.reports += dropped.reports;
         }
     }
 }
@@ -275,7 +322,7 @@ mod tests {
 
     #[test]
     fn a_reporter_flooding_distinct_sources_is_held_to_its_bound() {
-        let graph = TrafficGraph::default();
+        let graph = TrafficGraph::with_report_rate(u32::MAX);
         let mut sent = 0;
         for batch in 0..100 {
             let peers = (0..1000)
@@ -303,7 +350,7 @@ mod tests {
 
     #[test]
     fn certificate_events_name_only_the_reporters_serials_and_cannot_crowd_out_others() {
-        let graph = TrafficGraph::default();
+        let graph = TrafficGraph::with_report_rate(u32::MAX);
         let event =
             |serial: &str| CertificateEvent { kind: Kind::Issued as i32, serial: serial.into(), ..Default::default() };
         graph.add(&TelemetryReport { certificate_events: vec![event("aa")], ..Default::default() }, ORDERS, |s| {
@@ -325,5 +372,24 @@ mod tests {
         let events = graph.events();
         assert_eq!(events.iter().filter(|e| e.spiffe_id == ME).count(), MAX_EVENTS_PER_REPORTER);
         assert!(events.iter().any(|e| e.spiffe_id == ORDERS), "another reporter's event survives the flood");
+    }
+
+    #[test]
+    fn a_reporter_sending_reports_faster_than_its_rate_is_cut_off() {
+        let graph = TrafficGraph::default();
+        for _ in 0..100 {
+            graph.add(
+                &TelemetryReport { peers: vec![peer(ORDERS, "inbound", 1, 0)], ..Default::default() },
+                ME,
+                |_| true,
+            );
+        }
+        // The loop may straddle one second boundary: at most two seconds' worth got in.
+        let taken = graph.edges()[0].requests;
+        assert!(taken <= 2 * u64::from(MAX_REPORTS_PER_SECOND), "{taken} reports taken");
+        assert_eq!(graph.dropped().reports, 100 - taken);
+        // Another reporter is not held back by it.
+        graph.add(&TelemetryReport { peers: vec![peer(ME, "inbound", 1, 0)], ..Default::default() }, ORDERS, |_| true);
+        assert!(graph.edges().iter().any(|e| e.destination == ORDERS));
     }
 }
