@@ -229,6 +229,60 @@ async fn a_flood_of_the_sidecar_inbound_port_neither_starves_pooled_traffic_nor_
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_the_sidecar_outbound_listener_neither_starves_kept_alive_callers_nor_spins() {
+    let dir = tempdir("listeners-outbound");
+    let cp = ControlPlane::start(&dir, &[]).await;
+    let app = EchoApp::start().await;
+    let orders = Sidecar::start(&cp, "orders", Some(app.addr), &[]).await;
+    let token = dir.join("web.token");
+    std::fs::write(&token, cp.token(&id("web"))).unwrap();
+    let (web_admin, route) = (free_addr(), free_addr());
+    let args: Vec<String> = [
+        "--control",
+        &cp.listen.to_string(),
+        "--ca-bundle",
+        cp.root_pem_path().to_str().unwrap(),
+        "--token-file",
+        token.to_str().unwrap(),
+        "--admin",
+        &web_admin.to_string(),
+        "--route",
+        &format!("{route}={}@{}", orders.inbound.unwrap(), id("orders")),
+        "--header-read-timeout",
+        "1s",
+        // A silent client is tunnelled as opaque TCP after detection; its tunnel idles out.
+        "--idle-timeout",
+        "1s",
+        "--access-log",
+        "off",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let web = spawn_limited("web", &dir, PROXY_BIN, &args, &[("PALISADE_HEADER_TIMEOUT", "1s")]);
+    wait_for("web ready", Duration::from_secs(30), || async {
+        status_of(&format!("http://{web_admin}/ready")).await == Some(200)
+    })
+    .await;
+    // The caller's kept-alive connection exists before the flood.
+    let client = http_client();
+    assert_eq!(get(&client, &format!("http://{route}/warm"), &[]).await.unwrap().0, 200);
+    let conns = flood(route, FLOOD, HALF_REQUEST).await;
+    let cpu = cpu_while(web.child.id(), || async {
+        let url = format!("http://{route}/during-flood");
+        let got = tokio::time::timeout(Duration::from_secs(3), get(&client, &url, &[]));
+        assert_eq!(got.await.map(|r| r.map(|r| r.0)), Ok(Ok(200)), "the kept-alive caller during the flood");
+    })
+    .await;
+    assert!(cpu < CPU_BUDGET, "the flooded sidecar burnt {cpu:.2} s of CPU in {WINDOW:?}");
+    all_closed_within(conns, Duration::from_secs(8)).await;
+    wait_for("a fresh caller is served after the flood", Duration::from_secs(5), || async {
+        status_of(&format!("http://{route}/after-flood")).await == Some(200)
+    })
+    .await;
+}
+
 /// A control plane under the fd limit with 1 s timeouts and `env`.
 async fn limited_control_plane(tag: &str, env: &[(&str, &str)]) -> (Proc, SocketAddr, SocketAddr, std::path::PathBuf) {
     let dir = tempdir(tag);
