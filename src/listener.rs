@@ -143,10 +143,11 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12)) || e.kind() == io::ErrorKind::OutOfMemory
 }
 
-/// Accepts the next connection. Errors never end the loop: a client that aborted is skipped,
-/// and resource exhaustion backs off, 10 ms doubling to 100 ms, until an accept succeeds.
+/// Accepts the next connection. Errors never end the loop and never spin it: resource
+/// exhaustion backs off 10 ms doubling to 100 ms until an accept succeeds; any other error
+/// (`ECONNABORTED` concerns one connection) waits 1 ms, doubling likewise if it persists.
 pub async fn accept(listener: &TcpListener, name: &'static str, stats: &ListenerStats) -> (TcpStream, SocketAddr) {
-    let mut backoff = Duration::from_millis(10);
+    let mut backoff = None;
     loop {
         match listener.accept().await {
             Ok(accepted) => return accepted,
@@ -157,13 +158,10 @@ pub async fn accept(listener: &TcpListener, name: &'static str, stats: &Listener
                     tracing::warn!(listener = name, error = %e, errors = stats.accept_errors.get(), exhausted,
                         "accept failed; backing off");
                 }
-                if exhausted {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(100));
-                } else {
-                    // ECONNABORTED and friends concern one connection; still never spin.
-                    tokio::task::yield_now().await;
-                }
+                let first = Duration::from_millis(if exhausted { 10 } else { 1 });
+                let wait = backoff.map_or(first, |b: Duration| (b * 2).max(first).min(Duration::from_millis(100)));
+                backoff = Some(wait);
+                tokio::time::sleep(wait).await;
             }
         }
     }
