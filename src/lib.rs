@@ -16,6 +16,7 @@ pub mod hex;
 pub mod identity;
 pub mod init;
 pub mod k8s;
+pub mod listener;
 pub mod policy;
 pub mod ports;
 pub mod proto;

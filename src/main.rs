@@ -179,6 +179,11 @@ enum TokenCommand {
         /// How long the token stays redeemable.
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// An address the identity may register in discovery besides the source address of its
+        /// own connection: an IP (any port; the pod IP of transparent mode) or IP:PORT.
+        /// Repeatable or comma-separated. It stays bound to the identity for its renewals.
+        #[arg(long = "address", value_delimiter = ',')]
+        addresses: Vec<palisade::control::address_proof::AddressBinding>,
     },
 }
 
@@ -282,7 +287,8 @@ fn real_main() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Control { command: None, args } => runtime()?.block_on(control::run(*args))?,
         Command::Control {
-            command: Some(ControlCommand::Token { command: TokenCommand::Create { state_dir, identity, ttl, admin } }),
+            command:
+                Some(ControlCommand::Token { command: TokenCommand::Create { state_dir, identity, ttl, admin, addresses } }),
             ..
         } => {
             let is_admin = control::admin_api::is_admin_identity(&identity, identity.trust_domain());
@@ -296,7 +302,8 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 anyhow::bail!("{identity} is an administrator's identity: make its token with --admin");
             }
             let store = Store::open(&state_dir)?;
-            let token = store.create_join_token(&identity, ttl)?;
+            let addresses: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
+            let token = store.create_bound_join_token(&identity, ttl, &addresses)?;
             println!("{token}");
         }
         Command::Control {

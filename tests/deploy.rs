@@ -775,6 +775,7 @@ fn a_kek_secret_in_the_chart_reaches_the_control_plane_with_exactly_the_grants_i
         ("", &["secrets"], &["get", "delete"], "palisade-ca"),
         ("", &["secrets"], &["get", "delete"], "palisade-ca-sealing"),
     ]);
-    let expected: BTreeSet<_> = expected.difference(&grants(find(&plain, "Role", "palisade-control"))).cloned().collect();
+    let expected: BTreeSet<_> =
+        expected.difference(&grants(find(&plain, "Role", "palisade-control"))).cloned().collect();
     assert_eq!(added, expected, "the KEK adds exactly these grants, every one by name");
 }

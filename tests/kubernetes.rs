@@ -1237,3 +1237,101 @@ async fn the_management_api_answers_exactly_as_cluster_rbac_does() {
         "{audit}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kubernetes_only_the_api_servers_pod_ips_prove_a_registered_address() {
+    use palisade::proto::discovery::discovery_client::DiscoveryClient;
+    use palisade::proto::discovery::{DiscoveryRequest, Node};
+    let c = cluster();
+    let dir = tempdir("k8s-endpoint-proof");
+    c.namespace("eps", &[], &["orders", "mallory"]);
+    let (cp, _) = control_plane(c, &dir, "cp-eps", "eps-system", &[]).await;
+    let (ok, out) = c.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: orders-0, namespace: eps, labels: {app: orders},\n\
+         annotations: {palisade.io/status: injected}}\nspec: {serviceAccountName: orders, containers: [{name: app, image: example/orders:1}]}\n",
+    );
+    assert!(ok, "{out}");
+    c.kubectl(&[
+        "patch",
+        "pod",
+        "orders-0",
+        "-n",
+        "eps",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Running","podIP":"10.45.0.7","podIPs":[{"ip":"10.45.0.7"}]}}"#,
+    ]);
+    // A registration over a raw stream, with a certificate of `identity` from the CA.
+    let register = |identity: &'static str, addresses: &'static [&'static str]| {
+        let cp = &cp;
+        async move {
+            let store = CertStore::new();
+            store.set(mint_client_cert(&cp.state, identity, Duration::from_secs(600)), i64::MAX);
+            let bundle = TrustBundle::from_pem(&std::fs::read_to_string(cp.root_pem_path()).unwrap()).unwrap();
+            let client = ControlClient::new(
+                &cp.listen.to_string(),
+                bundle,
+                store,
+                palisade::identity::SpiffeId::control_plane("cluster.local").unwrap(),
+            );
+            let mut d = DiscoveryClient::new(client.channel().await.unwrap());
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            let node = Node {
+                spiffe_id: identity.into(),
+                addresses: addresses.iter().map(|a| a.to_string()).collect(),
+                ..Default::default()
+            };
+            tx.send(DiscoveryRequest { node: Some(node), ..Default::default() }).await.unwrap();
+            let responses = d.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+            (tx, responses)
+        }
+    };
+    let orders = "spiffe://cluster.local/ns/eps/sa/orders";
+    let mallory = "spiffe://cluster.local/ns/eps/sa/mallory";
+    // Wait until the API server's pod IP is in the table (an observer's snapshots show it).
+    let (_observer, mut snapshots) = register(mallory, &[]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = tokio::time::timeout_at(deadline, snapshots.message()).await.expect("the pod IP in the table");
+        let snap = resp.unwrap().unwrap().snapshot.unwrap();
+        if snap.endpoints.iter().any(|e| e.address == "10.45.0.7:0" && e.spiffe_id == orders) {
+            break;
+        }
+    }
+    // Orders may register its pod's IP; not another address, not loopback. Mallory, holding a
+    // valid certificate, may not register orders' pod IP.
+    let (_o, _or) = register(orders, &["10.45.0.7:0", "10.45.0.8:0", "127.0.0.1:1"]).await;
+    let (_m, _mr) = register(mallory, &["10.45.0.7:0"]).await;
+    let sidecars = || async {
+        let body = get(&http_client(), &format!("http://{}/v1/sidecars", cp.admin), &[]).await.unwrap().2;
+        serde_json::from_str::<Vec<Value>>(&body).unwrap()
+    };
+    wait_for("both registrations judged", Duration::from_secs(10), || async {
+        let all = sidecars().await;
+        let refused = |id: &str| {
+            all.iter()
+                .filter(|s| s["spiffe_id"] == id && s["connected"] == true)
+                .map(|s| s["refused_addresses"].as_array().map_or(0, |r| r.len()))
+                .sum::<usize>()
+        };
+        refused(orders) == 2 && refused(mallory) == 1
+    })
+    .await;
+    let all = sidecars().await;
+    let accepted: Vec<(&str, &str)> = all
+        .iter()
+        .filter(|s| s["connected"] == true)
+        .flat_map(|s| {
+            s["addresses"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(move |a| (s["spiffe_id"].as_str().unwrap(), a.as_str().unwrap()))
+        })
+        .collect();
+    assert_eq!(accepted, [(orders, "10.45.0.7:0")], "{all:#?}");
+    let reason =
+        all.iter().find(|s| s["spiffe_id"] == mallory && !s["refused_addresses"].as_array().unwrap().is_empty());
+    assert!(reason.unwrap()["refused_addresses"][0]["reason"].as_str().unwrap().contains("API server"), "{all:#?}");
+}

@@ -5,7 +5,7 @@
 //!
 //! | layer | modules |
 //! |---|---|
-//! | 0 leaf | `proto`, `ports`, `clock`, `hex`, `backoff`, `redact`, `allocator`, `identity::spiffe`, the crate root's items |
+//! | 0 leaf | `proto`, `ports`, `clock`, `hex`, `backoff`, `redact`, `allocator`, `listener`, `identity::spiffe`, the crate root's items |
 //! | 1 | `tls` |
 //! | 2 | `identity` |
 //! | 3 | `policy`, `telemetry`, `init` |
@@ -33,6 +33,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("backoff", 0),
     ("redact", 0),
     ("allocator", 0),
+    ("listener", 0),
     ("identity::spiffe", 0),
     ("tls", 1),
     ("identity", 2),

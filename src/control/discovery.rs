@@ -19,6 +19,7 @@ use prost::Message;
 use tokio::sync::{Notify, mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::address_proof::{AddressProver, RefusedAddress, Verdict};
 use super::ca_set::CaSet;
 use super::source::{Resource, Spec};
 use crate::clock::now_unix;
@@ -45,7 +46,11 @@ pub struct MeshSettings {
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SidecarEntry {
     pub spiffe_id: String,
+    /// The proven addresses, in the endpoint table.
     pub addresses: Vec<String>,
+    /// Claimed addresses left out of the table, with why (see [`super::address_proof`]).
+    #[serde(default)]
+    pub refused_addresses: Vec<RefusedAddress>,
     pub labels: BTreeMap<String, String>,
     pub pushed_version: String,
     pub acked_version: String,
@@ -97,6 +102,7 @@ impl MeshState {
                         SidecarEntry {
                             spiffe_id,
                             addresses: serde_json::from_str(&addresses).unwrap_or_default(),
+                            refused_addresses: Vec::new(),
                             labels: serde_json::from_str(&labels).unwrap_or_default(),
                             pushed_version: String::new(),
                             acked_version: String::new(),
@@ -269,6 +275,25 @@ impl MeshState {
         }
     }
 
+    /// Whether a cluster source (the Kubernetes API server) lists `ip` as a pod of `id`.
+    pub fn cluster_serves(&self, id: &str, ip: std::net::IpAddr) -> bool {
+        self.cluster_endpoints.load().iter().any(|e| {
+            e.spiffe_id == id && e.address.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().to_canonical() == ip)
+        })
+    }
+
+    /// Whether a connected sidecar of an identity other than `id` holds `ip` (any port). A
+    /// disconnected one is not asked: its address may have passed to a new workload.
+    pub fn ip_held_by_other(&self, id: &str, ip: std::net::IpAddr) -> bool {
+        self.sidecars.lock().values().any(|e| {
+            e.connected
+                && e.spiffe_id != id
+                && e.addresses
+                    .iter()
+                    .any(|a| a.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().to_canonical() == ip))
+        })
+    }
+
     /// Every sidecar entry, for `palisade status`.
     pub fn sidecars(&self) -> Vec<SidecarEntry> {
         self.sidecars.lock().values().cloned().collect()
@@ -397,6 +422,8 @@ fn version_of(snapshot: &Snapshot) -> String {
 pub struct DiscoveryService {
     pub mesh: Arc<MeshState>,
     pub metrics: Arc<super::metrics::ControlMetrics>,
+    /// Judges the addresses each registration claims.
+    pub prover: Arc<AddressProver>,
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
@@ -407,6 +434,7 @@ impl Discovery for DiscoveryService {
 
     async fn stream(&self, request: Request<Streaming<DiscoveryRequest>>) -> Result<Response<ResponseStream>, Status> {
         let certs = request.peer_certs();
+        let remote = request.remote_addr();
         let (id, _serial) = crate::tls::peer_identity(certs.as_deref().map(|v| v.as_slice()))
             .map_err(|e| Status::unauthenticated(format!("discovery needs the workload's mTLS certificate: {e}")))?;
         let not_after = certs
@@ -429,8 +457,19 @@ impl Discovery for DiscoveryService {
         let mesh = self.mesh.clone();
         let stream_id = mesh.next_stream.fetch_add(1, Ordering::Relaxed);
         let labels: BTreeMap<String, String> = node.labels.clone().into_iter().collect();
-        register(&mesh, stream_id, &node, not_after);
-        tracing::info!(spiffe_id = %id, addresses = ?node.addresses, resume = %first.version_info, "sidecar connected");
+        let verdict = self
+            .prover
+            .judge(
+                &id,
+                &node.addresses,
+                remote,
+                |ip| mesh.cluster_serves(id.as_str(), ip),
+                |ip| mesh.ip_held_by_other(id.as_str(), ip),
+            )
+            .await;
+        tracing::info!(spiffe_id = %id, addresses = ?verdict.accepted, refused = verdict.refused.len(),
+            resume = %first.version_info, "sidecar connected");
+        register(&mesh, stream_id, &node, verdict, not_after);
 
         let (tx, rx) = mpsc::channel(4);
         let metrics = self.metrics.clone();
@@ -493,18 +532,22 @@ impl Discovery for DiscoveryService {
     }
 }
 
-fn register(mesh: &MeshState, stream_id: u64, node: &Node, not_after: i64) {
-    persist(mesh, node);
+/// Enters a sidecar with only the addresses `verdict` accepted.
+fn register(mesh: &MeshState, stream_id: u64, node: &Node, verdict: Verdict, not_after: i64) {
+    let Verdict { accepted: addresses, refused } = verdict;
+    persist(mesh, &node.spiffe_id, &addresses, node);
     let mut sidecars = mesh.sidecars.lock();
     // A restored entry for the same workload is superseded by the live one.
     let before = sidecars.len();
-    sidecars.retain(|_, e| e.connected || e.spiffe_id != node.spiffe_id || e.addresses != node.addresses);
+    sidecars.retain(|_, e| e.connected || e.spiffe_id != node.spiffe_id || e.addresses != addresses);
     let restored_dropped = sidecars.len() != before;
+    let has_addresses = !addresses.is_empty();
     let replaced = sidecars.insert(
         stream_id,
         SidecarEntry {
             spiffe_id: node.spiffe_id.clone(),
-            addresses: node.addresses.clone(),
+            addresses,
+            refused_addresses: refused,
             labels: node.labels.clone().into_iter().collect(),
             pushed_version: String::new(),
             acked_version: String::new(),
@@ -515,7 +558,7 @@ fn register(mesh: &MeshState, stream_id: u64, node: &Node, not_after: i64) {
             disconnected_at: None,
         },
     );
-    if restored_dropped || !node.addresses.is_empty() || replaced.is_some_and(|e| !e.addresses.is_empty()) {
+    if restored_dropped || has_addresses || replaced.is_some_and(|e| !e.addresses.is_empty()) {
         mesh.endpoints.store(None);
     }
     drop(sidecars);
@@ -524,11 +567,11 @@ fn register(mesh: &MeshState, stream_id: u64, node: &Node, not_after: i64) {
 
 /// Writes a registration through to the store, on the blocking pool (an fsync'd upsert must not
 /// stall a runtime thread while thousands of sidecars connect).
-fn persist(mesh: &MeshState, node: &Node) {
-    let addresses = serde_json::to_string(&node.addresses).unwrap_or_default();
+fn persist(mesh: &MeshState, id: &str, addresses: &[String], node: &Node) {
+    let addresses = serde_json::to_string(addresses).unwrap_or_default();
     let labels: BTreeMap<_, _> = node.labels.iter().collect();
     let labels = serde_json::to_string(&labels).unwrap_or_default();
-    let (store, id) = (mesh.store.clone(), node.spiffe_id.clone());
+    let (store, id) = (mesh.store.clone(), id.to_string());
     tokio::task::spawn_blocking(move || {
         if let Err(e) = store.touch_endpoint(&id, &addresses, &labels) {
             tracing::warn!(error = %e, "cannot persist the endpoint registration");

@@ -1,6 +1,7 @@
 //! The control plane: CA and issuance, state store, and (as they land) discovery push,
 //! telemetry intake and the admin API.
 
+pub mod address_proof;
 pub mod admin_api;
 pub mod admin_client;
 pub mod ca_keys;

@@ -18,6 +18,7 @@ use crate::proto::identity::identity_server::IdentityServer;
 use crate::telemetry::admin::{self, AdminRequest};
 use crate::tls::{CertStore, TrustBundle, config};
 
+use super::address_proof::AddressProver;
 use super::admin_api::{AdminService, AuditLog, Authorizer};
 use super::ca_set::{self, CaSet};
 use super::discovery::{DiscoveryService, MeshSettings, MeshState};
@@ -349,6 +350,14 @@ async fn admin_answer(inputs: &ControlInputs, req: &AdminRequest) -> admin::Admi
     }
 }
 
+/// Most connections the gRPC port holds at once (each sidecar holds one), lowered to fit the
+/// descriptor limit; `PALISADE_GRPC_MAX_CONNECTIONS` sets it.
+const GRPC_MAX_CONNECTIONS: usize = 16_384;
+/// An idle gRPC connection is pinged this often; one that does not answer is closed.
+const GRPC_KEEPALIVE: Duration = Duration::from_secs(30);
+/// Most concurrent streams one gRPC connection may open.
+const GRPC_MAX_STREAMS: u32 = 32;
+
 /// Accepts TLS connections for the gRPC services until shutdown.
 async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Result<()> {
     let tls = TlsAcceptor::from(config::server_config(
@@ -357,19 +366,26 @@ async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Re
         false,
         &[config::ALPN_H2],
     ));
+    // Every connection holds a place under the cap from accept to close (half-sent handshakes
+    // too), must finish its TLS handshake and send its HTTP/2 preface within the header
+    // timeout, and is closed once silent for the idle timeout: HTTP/2 keepalive pings an idle
+    // client every GRPC_KEEPALIVE, so a live one is never silent that long.
+    let limits = crate::listener::ListenerLimits::from_env("grpc", GRPC_MAX_CONNECTIONS);
+    let limits =
+        crate::listener::ListenerLimits { idle_timeout: limits.idle_timeout.max(GRPC_KEEPALIVE * 3), ..limits };
+    let listener = Arc::new(crate::listener::Listener::new(listener, "grpc", limits));
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, remote)) = listener.accept().await else {
-                continue;
-            };
+            let (tcp, remote, admitted) = listener.accept().await;
             let _ = tcp.set_nodelay(true);
             let tls = tls.clone();
             let conn_tx = conn_tx.clone();
+            let listener = listener.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
+                match tokio::time::timeout(limits.header_timeout, tls.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = conn_tx.send(Ok::<_, std::io::Error>(stream)).await;
+                        let _ = conn_tx.send(Ok::<_, std::io::Error>(listener.deadline(stream, admitted))).await;
                     }
                     Ok(Err(e)) => tracing::info!(%remote, error = %e,
                         reason = crate::tls::handshake_failure_reason(&e), "control-plane TLS handshake refused"),
@@ -387,14 +403,27 @@ async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Re
     };
     let identity = super::metrics::MeteredIdentity { inner: identity, metrics: inputs.metrics.clone() };
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(GRPC_KEEPALIVE))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // A sidecar uses three streams (Certify, Discovery, Telemetry).
+        .max_concurrent_streams(Some(GRPC_MAX_STREAMS))
+        .http2_max_header_list_size(Some(16 * 1024))
+        .http2_max_pending_accept_reset_streams(Some(20))
         .add_service(IdentityServer::new(identity))
         .add_service(DiscoveryServer::new(DiscoveryService {
             mesh: inputs.mesh.clone(),
             metrics: inputs.metrics.clone(),
+            prover: Arc::new(AddressProver {
+                store: inputs.store.clone(),
+                kubernetes: inputs.kube.is_some(),
+                serving: inputs.serving.clone(),
+                trust: inputs.bundle.clone(),
+            }),
         }))
         .add_service(AdminServer::new(admin_service(inputs)))
         .add_service(TelemetryServer::new(TelemetryService {
             graph: inputs.graph.clone(),
+            store: inputs.store.clone(),
             jwks_refetch: inputs.jwks_refetch.clone(),
         }))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), crate::shutdown_signal())

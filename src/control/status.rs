@@ -104,6 +104,9 @@ pub fn render(report: &StatusReport) -> String {
         if !e.nack_message.is_empty() {
             let _ = writeln!(out, "    NACK: {}", e.nack_message);
         }
+        for r in &e.refused_addresses {
+            let _ = writeln!(out, "    address refused: {}: {}", r.address, r.reason);
+        }
     }
     let _ = writeln!(out, "\nTRAFFIC (as seen by each destination)");
     let _ = writeln!(

@@ -128,6 +128,18 @@ CREATE TABLE IF NOT EXISTS join_tokens (
     expires_at INTEGER NOT NULL,
     used_at INTEGER
 );
+-- Addresses an operator bound to a join token (`token create --address`): an IP (any port) or
+-- IP:PORT. Redeeming the token binds them to its identity in `identity_addresses`, so they
+-- stay proven for every renewal of that identity.
+CREATE TABLE IF NOT EXISTS join_token_addresses (
+    hash TEXT NOT NULL,
+    address TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS identity_addresses (
+    spiffe_id TEXT NOT NULL,
+    address TEXT NOT NULL,
+    PRIMARY KEY (spiffe_id, address)
+);
 CREATE TABLE IF NOT EXISTS certificates (
     serial TEXT PRIMARY KEY,
     spiffe_id TEXT NOT NULL,
@@ -337,16 +349,46 @@ impl Store {
 
     /// Creates a join token for `id`, valid for `ttl`. Returns the token (shown once).
     pub fn create_join_token(&self, id: &SpiffeId, ttl: Duration) -> Result<String, StoreError> {
+        self.create_bound_join_token(id, ttl, &[])
+    }
+
+    /// Creates a join token for `id` that also proves `addresses` (each an IP, any port, or
+    /// IP:PORT, as [`crate::control::address_proof::AddressBinding`] spells it): once redeemed,
+    /// the identity may register them in discovery.
+    pub fn create_bound_join_token(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        addresses: &[String],
+    ) -> Result<String, StoreError> {
         let minted = token::mint();
         let now = now_unix();
-        self.conn
-            .lock()
-            .execute(
-                "INSERT INTO join_tokens (hash, spiffe_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
-                params![minted.hash, id.as_str(), now, now + ttl.as_secs() as i64],
+        let mut conn = self.conn.lock();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT INTO join_tokens (hash, spiffe_id, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            params![minted.hash, id.as_str(), now, now + ttl.as_secs() as i64],
+        )
+        .map_err(|e| self.err(e))?;
+        for address in addresses {
+            tx.execute(
+                "INSERT INTO join_token_addresses (hash, address) VALUES (?1, ?2)",
+                params![minted.hash, address],
             )
             .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
         Ok(minted.token)
+    }
+
+    /// The addresses bound to `spiffe_id` by the join tokens it redeemed.
+    pub fn bound_addresses(&self, spiffe_id: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn.lock();
+        let mut stmt = conn
+            .prepare("SELECT address FROM identity_addresses WHERE spiffe_id = ?1 ORDER BY address")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt.query_map([spiffe_id], |r| r.get(0)).map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }
 
     /// Redeems a join token and records the certificate `issue` produces, in one transaction:
@@ -380,6 +422,12 @@ impl Store {
         let issued = issue(&id)?;
         tx.execute("UPDATE join_tokens SET used_at = ?2 WHERE hash = ?1", params![hash, now])
             .map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT OR IGNORE INTO identity_addresses (spiffe_id, address)
+             SELECT ?2, address FROM join_token_addresses WHERE hash = ?1",
+            params![hash, id.as_str()],
+        )
+        .map_err(|e| self.err(e))?;
         insert_ledger(&tx, &issued, CredentialKind::JoinToken).map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
         Ok(issued)
@@ -570,6 +618,20 @@ mod tests {
         assert!(matches!(store.redeem_join_token::<E>(&t, fake_issue), Err(E::T(TokenRefusal::Used))));
         assert!(matches!(store.redeem_join_token::<E>("pjt_nope", fake_issue), Err(E::T(TokenRefusal::Unknown))));
         assert_eq!(store.certificates(None, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn addresses_bound_to_a_token_belong_to_its_identity_once_redeemed() {
+        let dir = tempdir();
+        let store = Store::open(&dir).unwrap();
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let other: SpiffeId = "spiffe://cluster.local/ns/a/sa/c".parse().unwrap();
+        let t = store.create_bound_join_token(&id, Duration::from_secs(60), &["10.0.0.7".into()]).unwrap();
+        let unused = store.create_bound_join_token(&other, Duration::from_secs(60), &["10.0.0.8".into()]).unwrap();
+        assert!(store.bound_addresses(id.as_str()).unwrap().is_empty(), "not before it is redeemed");
+        store.redeem_join_token::<E>(&t, fake_issue).unwrap();
+        assert_eq!(store.bound_addresses(id.as_str()).unwrap(), ["10.0.0.7"]);
+        assert!(store.bound_addresses(other.as_str()).unwrap().is_empty(), "{unused} was never redeemed");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, PostParams};
@@ -25,10 +25,15 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::inject::{InjectConfig, admission_review};
+use crate::listener::{Listener, ListenerLimits};
 use crate::tls::CertStore;
 
 /// The API server sends at most a few MiB per review; refuse anything larger.
 const MAX_REVIEW_BYTES: usize = 8 << 20;
+/// The API server gives a webhook at most 30 s; a body trickled slower is not from it.
+const REVIEW_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most connections the webhook holds at once (the API servers keep a few each).
+const MAX_CONNECTIONS: usize = 256;
 
 /// TLS for the webhook: server-authenticated only (the API server presents no client
 /// certificate), TLS 1.2 and 1.3 (the API server speaks both), HTTP/1.1.
@@ -55,15 +60,31 @@ pub async fn serve(
     config: InjectConfig,
     roots: Roots,
 ) {
+    let limits = ListenerLimits::from_env("webhook", MAX_CONNECTIONS);
+    let limits = limits.per_source((limits.max_connections / 4).max(1));
+    let listener = Listener::new(listener, "webhook", limits);
+    serve_limited(listener, certs, client, config, roots).await
+}
+
+/// [`serve`] on a listener whose limits the caller chose.
+pub async fn serve_limited(
+    listener: Listener,
+    certs: Arc<CertStore>,
+    client: kube::Client,
+    config: InjectConfig,
+    roots: Roots,
+) {
     let config = Arc::new(config);
     let acceptor = TlsAcceptor::from(tls_config(certs));
     let namespaces: Api<Namespace> = Api::all(client);
+    let header_timeout = listener.limits.header_timeout;
     loop {
-        let Ok((tcp, peer)) = listener.accept().await else { continue };
+        let (tcp, peer, admitted) = listener.accept().await;
+        let tcp = listener.deadline(tcp, admitted);
         let (acceptor, namespaces, config, roots) =
             (acceptor.clone(), namespaces.clone(), config.clone(), roots.clone());
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+            let stream = match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return tracing::info!(%peer, error = %e, "webhook TLS handshake refused"),
                 Err(_) => return tracing::info!(%peer, "webhook TLS handshake timed out"),
@@ -73,7 +94,11 @@ pub async fn serve(
                     (namespaces.clone(), InjectConfig { ca_bundle_pem: roots(), ..(*config).clone() });
                 async move { Ok::<_, Infallible>(handle(req, &namespaces, &config).await) }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }
@@ -94,9 +119,15 @@ async fn handle(
     if req.method() != Method::POST || req.uri().path() != "/inject" {
         return reply(StatusCode::NOT_FOUND, "text/plain", "POST /inject only\n");
     }
-    let body = match Limited::new(req.into_body(), MAX_REVIEW_BYTES).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return reply(StatusCode::PAYLOAD_TOO_LARGE, "text/plain", format!("request body: {e}\n")),
+    let body = match tokio::time::timeout(
+        REVIEW_BODY_TIMEOUT,
+        Limited::new(req.into_body(), MAX_REVIEW_BYTES).collect(),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => return reply(StatusCode::PAYLOAD_TOO_LARGE, "text/plain", format!("request body: {e}\n")),
+        Err(_) => return reply(StatusCode::REQUEST_TIMEOUT, "text/plain", "request body too slow\n"),
     };
     // The namespace's labels decide injection; they are not part of the review.
     let namespace = serde_json::from_slice::<serde_json::Value>(&body)

@@ -200,6 +200,19 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, inbound: Arc<In
     .await
 }
 
+/// How often an idle inbound HTTP/2 connection is pinged.
+const H2_KEEPALIVE: Duration = Duration::from_secs(60);
+
+impl Inbound {
+    /// A connection's IO once its protocol starts: its first bytes (an HTTP/1 head or the
+    /// HTTP/2 preface) within the header-read timeout, then never silent past the idle timeout
+    /// (HTTP/2 pings keep a live pooled connection talking).
+    fn deadline<IO>(&self, io: IO) -> crate::listener::Deadline<IO> {
+        let idle = self.limits.idle_timeout.max(H2_KEEPALIVE * 3);
+        crate::listener::Deadline::new(io, self.limits.header_read_timeout, idle)
+    }
+}
+
 /// TLS records start with content type 22 (handshake); anything else is plaintext.
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -229,7 +242,7 @@ async fn connection(inbound: &Arc<Inbound>, acceptor: TlsAcceptor, tcp: TcpStrea
             return;
         }
         let peer = Arc::new(Peer { id: None, serial: String::new(), remote, local_port, app });
-        return serve_http(inbound, TokioIo::new(tcp), peer).await;
+        return serve_http(inbound, TokioIo::new(inbound.deadline(tcp)), peer).await;
     }
     let tls = match tokio::time::timeout(inbound.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -252,7 +265,7 @@ async fn connection(inbound: &Arc<Inbound>, acceptor: TlsAcceptor, tcp: TcpStrea
     if tls.get_ref().1.alpn_protocol() == Some(crate::tls::config::ALPN_TCP) {
         return opaque(inbound, tls, &peer).await;
     }
-    serve_http(inbound, TokioIo::new(tls), peer).await
+    serve_http(inbound, TokioIo::new(inbound.deadline(tls)), peer).await
 }
 
 /// A plaintext connection to a STRICT port that has kubelet probes: GET or HEAD of a probe path
@@ -359,7 +372,12 @@ where
         .header_read_timeout(inbound.limits.header_read_timeout)
         .max_buf_size(inbound.limits.max_header_bytes.max(8192))
         .max_headers(inbound.limits.max_headers);
-    builder.http2().timer(TokioTimer::new());
+    // An idle HTTP/2 connection is pinged; a peer that stopped answering is closed.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(H2_KEEPALIVE))
+        .keep_alive_timeout(Duration::from_secs(20));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     // Draining, or a revocation of this peer: a revocation cuts its open connections, not only

@@ -164,12 +164,12 @@ pub async fn accept_loop<F, Fut>(
 {
     let stop = drain.signaled();
     tokio::pin!(stop);
+    // Out of descriptors, an accept backs off instead of spinning on a listener that stays
+    // readable; failures are counted in `palisade_accept_errors_total`.
+    let stats = crate::listener::ListenerStats::counting_into(metrics.accept_errors.clone());
     loop {
         let (tcp, remote) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(_) => continue,
-            },
+            accepted = crate::listener::accept(&listener, direction, &stats) => accepted,
             _ = &mut stop => return,
         };
         let Some(permit) = drain.admit() else {

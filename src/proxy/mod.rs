@@ -222,7 +222,8 @@ impl ProxyInputs {
             view,
             metrics: metrics.proxy.clone(),
             limits: args.limits.clone(),
-            drain: Drain::new(args.limits.max_connections),
+            // Two descriptors per connection (the client's and the upstream's).
+            drain: Drain::new(crate::listener::fit_to_fd_limit("data path", args.limits.max_connections, 2)),
             access_log,
         };
         Ok(ProxyInputs {

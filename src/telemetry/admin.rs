@@ -14,8 +14,10 @@ use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+
+use crate::listener::{Listener, ListenerLimits};
 
 /// An admin request as the handler sees it.
 pub struct AdminRequest {
@@ -41,17 +43,35 @@ pub fn json(status: StatusCode, value: &impl serde::Serialize) -> AdminResponse 
     respond(status, "application/json", serde_json::to_vec_pretty(value).unwrap_or_default())
 }
 
-/// Serves `handler` on `listener` until the task is dropped.
+/// Most connections an admin port holds at once: probes and scrapes need a handful, and a
+/// flood of idle connections must not take the descriptors the data path needs.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Serves `handler` on `listener` until the task is dropped, under the admin port's limits
+/// ([`crate::listener`]: `PALISADE_ADMIN_MAX_CONNECTIONS`, `PALISADE_HEADER_TIMEOUT`,
+/// `PALISADE_IDLE_TIMEOUT`).
 pub async fn serve<H, F>(listener: TcpListener, handler: H)
 where
     H: Fn(AdminRequest) -> F + Send + Sync + 'static,
     F: Future<Output = AdminResponse> + Send + 'static,
 {
+    let limits = ListenerLimits::from_env("admin", MAX_CONNECTIONS);
+    let limits = limits.per_source((limits.max_connections / 4).max(1));
+    let listener = Listener::new(listener, "admin", limits);
+    serve_limited(listener, handler).await
+}
+
+/// [`serve`] on a listener whose limits the caller chose.
+pub async fn serve_limited<H, F>(listener: Listener, handler: H)
+where
+    H: Fn(AdminRequest) -> F + Send + Sync + 'static,
+    F: Future<Output = AdminResponse> + Send + 'static,
+{
     let handler = Arc::new(handler);
+    let header_timeout = listener.limits.header_timeout;
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
-        };
+        let (stream, peer, admitted) = listener.accept().await;
+        let stream = listener.deadline(stream, admitted);
         let handler = handler.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -59,7 +79,13 @@ where
                     handler(AdminRequest { method: req.method().clone(), path: req.uri().path().to_string(), peer });
                 async move { Ok::<_, Infallible>(fut.await) }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            // The header-read timeout runs from the moment hyper waits for a request head, so it
+            // also ends keep-alive connections left idle between requests.
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }

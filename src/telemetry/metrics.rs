@@ -127,6 +127,8 @@ pub struct ProxyMetrics {
     pub decisions: Family<DecisionLabels, Counter>,
     pub decision_duration: Family<EngineLabels, Histogram>,
     pub plaintext_refused: Counter,
+    /// Failed accepts on the data-path listeners (out of descriptors, mostly); they back off.
+    pub accept_errors: Counter,
     /// Requests refused by an API guard before policy.
     pub guard_refusals: Family<GuardLabels, Counter>,
     /// Requests over a rate limit, by policy, key kind and whether the limit is a dry run.
@@ -291,6 +293,7 @@ impl Default for ProxyMetrics {
                 Histogram::new([1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 1e-3])
             }),
             plaintext_refused: Counter::default(),
+            accept_errors: Counter::default(),
             guard_refusals: Family::default(),
             rate_limited: Family::default(),
             jwt_verified: jwt_verifications.get_or_create_owned(&JwtLabels { result: "verified" }),
@@ -375,6 +378,11 @@ impl Metrics {
             "plaintext_refused",
             "Plaintext connections refused because the port is STRICT",
             proxy.plaintext_refused.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accepts on the data-path listeners (out of file descriptors, mostly); each backs off",
+            proxy.accept_errors.clone(),
         );
         registry.register(
             "access_log_dropped_lines",
