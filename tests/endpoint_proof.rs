@@ -10,8 +10,7 @@ use palisade::proto::discovery::discovery_client::DiscoveryClient;
 use palisade::proto::discovery::{DiscoveryRequest, DiscoveryResponse, Node};
 
 async fn sidecars_json(cp: &ControlPlane) -> Vec<serde_json::Value> {
-    let body = get(&http_client(), &format!("http://{}/v1/sidecars", cp.admin), &[]).await.unwrap().2;
-    serde_json::from_str(&body).unwrap()
+    cp.api_json("sidecars").await.as_array().unwrap().clone()
 }
 
 async fn entry_of(cp: &ControlPlane, identity: &str) -> Option<serde_json::Value> {
@@ -106,7 +105,7 @@ async fn a_valid_certificate_does_not_pin_another_workloads_address() {
     assert!(reason(&orders_in).contains("does not answer with this identity's certificate"), "{mallory}");
     assert!(reason("10.9.9.9:0").contains("source of its connection"), "{mallory}");
     assert!(reason("127.0.0.1:0").contains("claim one port"), "{mallory}");
-    let status = std::process::Command::new(BIN).args(["status", "--admin", &cp.admin.to_string()]).output().unwrap();
+    let status = std::process::Command::new(BIN).arg("status").args(cp.server_cli_args()).output().unwrap();
     let table = String::from_utf8_lossy(&status.stdout);
     assert!(table.contains("refused") && table.contains("10.9.9.9:0"), "{table}");
 

@@ -1246,6 +1246,7 @@ async fn on_kubernetes_only_the_api_servers_pod_ips_prove_a_registered_address()
     let dir = tempdir("k8s-endpoint-proof");
     c.namespace("eps", &[], &["orders", "mallory"]);
     let (cp, _) = control_plane(c, &dir, "cp-eps", "eps-system", &[]).await;
+    std::fs::write(cp.dir.join(format!("admin-{}.token", cp.listen.port())), ADMIN_TOKEN).unwrap();
     let (ok, out) = c.apply(
         "apiVersion: v1\nkind: Pod\nmetadata: {name: orders-0, namespace: eps, labels: {app: orders},\n\
          annotations: {palisade.io/status: injected}}\nspec: {serviceAccountName: orders, containers: [{name: app, image: example/orders:1}]}\n",
@@ -1304,8 +1305,7 @@ async fn on_kubernetes_only_the_api_servers_pod_ips_prove_a_registered_address()
     let (_o, _or) = register(orders, &["10.45.0.7:0", "10.45.0.8:0", "127.0.0.1:1"]).await;
     let (_m, _mr) = register(mallory, &["10.45.0.7:0"]).await;
     let sidecars = || async {
-        let body = get(&http_client(), &format!("http://{}/v1/sidecars", cp.admin), &[]).await.unwrap().2;
-        serde_json::from_str::<Vec<Value>>(&body).unwrap()
+        cp.api_json("sidecars").await.as_array().unwrap().clone()
     };
     wait_for("both registrations judged", Duration::from_secs(10), || async {
         let all = sidecars().await;

@@ -1,5 +1,5 @@
 //! The traffic graph records only what the reporting identity can vouch for: a workload with a
-//! valid certificate cannot put edges of another destination into `/v1/traffic`.
+//! valid certificate cannot put edges of another destination into the traffic graph.
 
 mod common;
 
@@ -10,8 +10,7 @@ use palisade::proto::telemetry::telemetry_client::TelemetryClient;
 use palisade::proto::telemetry::{PeerCounters, TelemetryReport};
 
 async fn traffic(cp: &ControlPlane) -> Vec<serde_json::Value> {
-    let body = get(&http_client(), &format!("http://{}/v1/traffic", cp.admin), &[]).await.unwrap().2;
-    serde_json::from_str(&body).unwrap()
+    cp.api_json("traffic").await.as_array().unwrap().clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

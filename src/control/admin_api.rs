@@ -338,6 +338,11 @@ impl Admin for AdminService {
                 certificate_not_after: s.certificate_not_after,
                 last_seen: s.last_seen,
                 connected: s.connected,
+                refused_addresses: s
+                    .refused_addresses
+                    .into_iter()
+                    .map(|r| crate::proto::admin::RefusedAddress { address: r.address, reason: r.reason })
+                    .collect(),
             })
             .collect();
         self.audited(&caller, "ListSidecars", "", Ok(Response::new(ListSidecarsResponse { sidecars })))

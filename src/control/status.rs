@@ -34,6 +34,9 @@ pub async fn fetch(client: &mut AdminClient) -> anyhow::Result<StatusReport> {
                     "connected": s.connected,
                     "last_seen": s.last_seen,
                     "certificate_not_after": s.certificate_not_after,
+                    "refused_addresses": s.refused_addresses.iter()
+                        .map(|r| serde_json::json!({"address": r.address, "reason": r.reason}))
+                        .collect::<Vec<_>>(),
                 })
             })
             .collect(),
