@@ -240,6 +240,83 @@ enum StatusCommand {
     },
 }
 
+/// `palisade status certs`: the certificate ledger, from the management API or the local store.
+fn status_certs(command: StatusCommand) -> anyhow::Result<()> {
+    let StatusCommand::Certs { state_dir, server, identity, since, limit, output } = command;
+    let after = since.map(|d| palisade::clock::now_unix() - d.as_secs() as i64);
+    let rows = if server.server.is_some() {
+        runtime()?.block_on(admin_client::ledger(&server, identity, after, limit))?
+    } else {
+        let store = Store::open(&state_dir)?;
+        let query = control::store::LedgerQuery { identity, issued_after: after, limit, ..Default::default() };
+        store.ledger_page(&query)?.into_iter().map(|(row, _)| row).collect()
+    };
+    if output == "json" {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!("{:<34} {:<52} {:<13} {:<8} NOT AFTER", "SERIAL", "IDENTITY", "CREDENTIAL", "REVOKED");
+        for r in rows {
+            println!(
+                "{:<34} {:<52} {:<13} {:<8} {}",
+                r.serial,
+                r.spiffe_id,
+                r.credential,
+                r.revoked,
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_secs(r.not_after.max(0) as u64)
+                )
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `palisade control revoke`: through the management API, or in the local store.
+fn revoke(
+    state_dir: PathBuf,
+    identity: Option<SpiffeId>,
+    serial: Option<String>,
+    server: ServerArgs,
+) -> anyhow::Result<()> {
+    let serial = serial.map(|s| s.trim().trim_start_matches("0x").replace(':', "").to_lowercase());
+    if let Some(s) = &serial
+        && (s.is_empty() || !s.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        anyhow::bail!("--serial {s:?} is not a hex serial number");
+    }
+    if server.server.is_some() {
+        let id = identity.as_ref().map(|i| i.to_string());
+        runtime()?.block_on(admin_client::revoke(&server, id, serial.clone()))?;
+        println!("revoked {}", identity.map(|i| i.to_string()).or(serial).unwrap_or_default());
+        return Ok(());
+    }
+    let store = Store::open(&state_dir)?;
+    store.revoke(identity.as_ref().map(|i| i.as_str()), serial.as_deref())?;
+    println!("revoked {}", identity.map(|i| i.to_string()).or(serial).unwrap_or_default());
+    Ok(())
+}
+
+/// `palisade k8s crds`: the CRDs, as files in `out` or on stdout.
+fn write_crds(out: Option<PathBuf>) -> anyhow::Result<()> {
+    let crds = palisade::k8s::crd::crds();
+    match out {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for crd in &crds {
+                let path = dir.join(palisade::k8s::crd::file_name(crd));
+                std::fs::write(&path, palisade::k8s::crd::to_yaml(crd))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            println!("wrote {} CRDs to {}", crds.len(), dir.display());
+        }
+        None => {
+            let docs: Vec<String> = crds.iter().map(palisade::k8s::crd::to_yaml).collect();
+            print!("{}", docs.join("---\n"));
+        }
+    }
+    Ok(())
+}
+
 fn inject(args: InjectArgs) -> anyhow::Result<()> {
     let ca_bundle_pem = std::fs::read_to_string(&args.ca_bundle)
         .with_context(|| format!("reading --ca-bundle {}", args.ca_bundle.display()))?;
@@ -339,21 +416,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             );
         }
         Command::Control { command: Some(ControlCommand::Revoke { state_dir, identity, serial, server }), .. } => {
-            let serial = serial.map(|s| s.trim().trim_start_matches("0x").replace(':', "").to_lowercase());
-            if let Some(s) = &serial
-                && (s.is_empty() || !s.bytes().all(|b| b.is_ascii_hexdigit()))
-            {
-                anyhow::bail!("--serial {s:?} is not a hex serial number");
-            }
-            if server.server.is_some() {
-                let id = identity.as_ref().map(|i| i.to_string());
-                runtime()?.block_on(admin_client::revoke(&server, id, serial.clone()))?;
-                println!("revoked {}", identity.map(|i| i.to_string()).or(serial).unwrap_or_default());
-                return Ok(ExitCode::SUCCESS);
-            }
-            let store = Store::open(&state_dir)?;
-            store.revoke(identity.as_ref().map(|i| i.as_str()), serial.as_deref())?;
-            println!("revoked {}", identity.map(|i| i.to_string()).or(serial).unwrap_or_default());
+            revoke(state_dir, identity, serial, server)?
         }
         Command::Proxy(args) => args.runtime()?.block_on(proxy::run(*args))?,
         Command::Certs { command: CertsCommand::Dev { out } } => {
@@ -372,36 +435,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 print!("{}", control::status::render(&report));
             }
         }
-        Command::Status {
-            command: Some(StatusCommand::Certs { state_dir, server, identity, since, limit, output }),
-            ..
-        } => {
-            let after = since.map(|d| palisade::clock::now_unix() - d.as_secs() as i64);
-            let rows = if server.server.is_some() {
-                runtime()?.block_on(admin_client::ledger(&server, identity, after, limit))?
-            } else {
-                let store = Store::open(&state_dir)?;
-                let query = control::store::LedgerQuery { identity, issued_after: after, limit, ..Default::default() };
-                store.ledger_page(&query)?.into_iter().map(|(row, _)| row).collect()
-            };
-            if output == "json" {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                println!("{:<34} {:<52} {:<13} {:<8} NOT AFTER", "SERIAL", "IDENTITY", "CREDENTIAL", "REVOKED");
-                for r in rows {
-                    println!(
-                        "{:<34} {:<52} {:<13} {:<8} {}",
-                        r.serial,
-                        r.spiffe_id,
-                        r.credential,
-                        r.revoked,
-                        humantime::format_rfc3339_seconds(
-                            std::time::UNIX_EPOCH + Duration::from_secs(r.not_after.max(0) as u64)
-                        )
-                    );
-                }
-            }
-        }
+        Command::Status { command: Some(command), .. } => status_certs(command)?,
         Command::Init(args) => palisade::init::run(args)?,
         Command::Cni { command: None } => return Ok(palisade::k8s::cni::plugin_main()),
         Command::Cni { command: Some(command) } => palisade::k8s::cni::run(command)?,
@@ -409,24 +443,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
         Command::Policy { command } => return palisade::policy::run(command, palisade::guard::jwt::verify_offline),
         Command::Audit(args) => return palisade::audit::cli::run(&args),
         Command::Demo(args) => runtime()?.block_on(palisade::demo::run(args))?,
-        Command::K8s { command: K8sCommand::Crds { out } } => {
-            let crds = palisade::k8s::crd::crds();
-            match out {
-                Some(dir) => {
-                    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-                    for crd in &crds {
-                        let path = dir.join(palisade::k8s::crd::file_name(crd));
-                        std::fs::write(&path, palisade::k8s::crd::to_yaml(crd))
-                            .with_context(|| format!("writing {}", path.display()))?;
-                    }
-                    println!("wrote {} CRDs to {}", crds.len(), dir.display());
-                }
-                None => {
-                    let docs: Vec<String> = crds.iter().map(palisade::k8s::crd::to_yaml).collect();
-                    print!("{}", docs.join("---\n"));
-                }
-            }
-        }
+        Command::K8s { command: K8sCommand::Crds { out } } => write_crds(out)?,
     }
     Ok(ExitCode::SUCCESS)
 }

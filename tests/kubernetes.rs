@@ -1304,9 +1304,7 @@ async fn on_kubernetes_only_the_api_servers_pod_ips_prove_a_registered_address()
     // valid certificate, may not register orders' pod IP.
     let (_o, _or) = register(orders, &["10.45.0.7:0", "10.45.0.8:0", "127.0.0.1:1"]).await;
     let (_m, _mr) = register(mallory, &["10.45.0.7:0"]).await;
-    let sidecars = || async {
-        cp.api_json("sidecars").await.as_array().unwrap().clone()
-    };
+    let sidecars = || async { cp.api_json("sidecars").await.as_array().unwrap().clone() };
     wait_for("both registrations judged", Duration::from_secs(10), || async {
         let all = sidecars().await;
         let refused = |id: &str| {

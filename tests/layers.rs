@@ -46,6 +46,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("k8s", 6),
     ("control", 7),
     ("demo", 8),
+    ("audit", 8),
 ];
 
 /// Items of the crate root (`src/lib.rs`) anything may use.
