@@ -1,0 +1,462 @@
+//! Several control-plane replicas on one real PostgreSQL server (issue 19): each test starts
+//! its own cluster in a temporary directory (`initdb`, then `postgres` on a free loopback
+//! port), two `palisade control --store postgres://…` processes on it, and sidecars on each.
+//!
+//! PostgreSQL comes from `.ci/install-postgres` (Debian's `postgresql`): its bin directory is
+//! `PALISADE_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use palisade::control::Store;
+use palisade::control::store::StoreArgs;
+
+/// The tests here each run a database server and several processes on two cores: one at a
+/// time keeps the "within a second" figures honest.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A PostgreSQL server of its own, stopped (fast shutdown) when dropped.
+struct PgServer {
+    child: std::process::Child,
+    bin: PathBuf,
+    socket_dir: PathBuf,
+    port: u16,
+    log: PathBuf,
+}
+
+fn pg_bin() -> PathBuf {
+    if let Ok(dir) = std::env::var("PALISADE_PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is not installed: run .ci/install-postgres (or set PALISADE_PG_BIN)")
+        .filter_map(|e| Some(e.ok()?.path().join("bin")))
+        .filter(|d| d.join("initdb").exists())
+        .collect();
+    dirs.sort_by_key(|d| d.parent().and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok()).unwrap_or(0));
+    dirs.pop().expect("no /usr/lib/postgresql/*/bin/initdb: run .ci/install-postgres")
+}
+
+/// initdb refuses to run as root: as root, the server runs as the `postgres` user the package
+/// created, and owns its directories.
+fn server_user() -> Option<(u32, u32)> {
+    let out = Command::new("id").arg("-u").output().unwrap();
+    if String::from_utf8_lossy(&out.stdout).trim() != "0" {
+        return None;
+    }
+    let id = |flag: &str| {
+        let out = Command::new("id").args([flag, "postgres"]).output().unwrap();
+        assert!(out.status.success(), "as root the test needs the `postgres` user (from the postgresql package)");
+        String::from_utf8_lossy(&out.stdout).trim().parse::<u32>().unwrap()
+    };
+    Some((id("-u"), id("-g")))
+}
+
+impl PgServer {
+    fn start(dir: &Path) -> PgServer {
+        use std::os::unix::process::CommandExt;
+        let bin = pg_bin();
+        let (data, socket_dir) = (dir.join("pgdata"), dir.join("pgsock"));
+        std::fs::create_dir_all(&socket_dir).unwrap();
+        let user = server_user();
+        if let Some((uid, gid)) = user {
+            for d in [dir, socket_dir.as_path()] {
+                std::os::unix::fs::chown(d, Some(uid), Some(gid)).unwrap();
+            }
+        }
+        let as_server = |cmd: &mut Command| {
+            if let Some((uid, gid)) = user {
+                cmd.uid(uid).gid(gid);
+            }
+        };
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb.arg("-D").arg(&data).args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256"]);
+        initdb.args(["--no-locale", "-E", "UTF8", "--no-sync"]).env("LC_ALL", "C");
+        as_server(&mut initdb);
+        let out = initdb.output().unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_addr().port();
+        let log = dir.join("postgres.log");
+        let mut postgres = Command::new(bin.join("postgres"));
+        postgres.arg("-D").arg(&data).arg("-k").arg(&socket_dir).args(["-p", &port.to_string()]);
+        // Durability of the test database is not what is tested; fsync would only slow it.
+        postgres.args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"]);
+        postgres.stdout(std::fs::File::create(dir.join("postgres.out")).unwrap());
+        postgres.stderr(std::fs::File::create(&log).unwrap());
+        as_server(&mut postgres);
+        let child = postgres.spawn().unwrap();
+        let server = PgServer { child, bin, socket_dir, port, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !server.psql("postgres", "SELECT 1").status.success() {
+            assert!(Instant::now() < deadline, "postgres did not accept connections\n{}", server.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs SQL as the superuser over the Unix socket.
+    fn psql(&self, db: &str, sql: &str) -> std::process::Output {
+        Command::new(self.bin.join("psql"))
+            .arg("-h")
+            .arg(&self.socket_dir)
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db, "-X", "-q", "-t", "-A"])
+            .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .unwrap()
+    }
+
+    fn sql(&self, db: &str, sql: &str) -> String {
+        let out = self.psql(db, sql);
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A new database owned by a new user with a password; its URL (over TCP, password
+    /// authentication).
+    fn database(&self, name: &str) -> String {
+        let password = format!("pw-{:016x}", rand::random::<u64>());
+        self.sql("postgres", &format!("CREATE USER {name} PASSWORD '{password}'"));
+        self.sql("postgres", &format!("CREATE DATABASE {name} OWNER {name}"));
+        format!("postgres://{name}:{password}@127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        // SIGINT: fast shutdown (ends sessions, removes its shared memory and socket).
+        let _ = Command::new("kill").arg("-INT").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- postgres log ----\n{}", self.log_text());
+        }
+    }
+}
+
+fn store(url: &str) -> Store {
+    Store::open_with(Path::new("/nonexistent"), &StoreArgs { store: Some(url.to_string()), store_ca_file: None })
+        .unwrap()
+}
+
+/// A control-plane replica on the shared database, with its own directory for its own files.
+async fn replica(dir: &Path, name: &str, url: &str, extra: &[&str]) -> ControlPlane {
+    let dir = dir.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut args = vec!["--store", url];
+    args.extend_from_slice(extra);
+    ControlPlane::start(&dir, &args).await
+}
+
+/// A join token made with the CLI against the shared database, as an operator would.
+fn token(url: &str, identity: &str, admin: bool) -> String {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["control", "token", "create", "--store", url, "--identity", identity]);
+    if admin {
+        cmd.arg("--admin");
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A sidecar whose `--control` is `controls` (a comma-separated list of replicas).
+fn sidecar(
+    cp: &ControlPlane,
+    url: &str,
+    controls: &str,
+    sa: &str,
+    app: Option<std::net::SocketAddr>,
+    routes: &[String],
+) -> Sidecar {
+    let identity = id(sa);
+    let token_file = cp.dir.join(format!("{sa}.token"));
+    std::fs::write(&token_file, token(url, &identity, false)).unwrap();
+    let admin = free_addr();
+    let mut args = vec![
+        "--control".to_string(),
+        controls.to_string(),
+        "--ca-bundle".into(),
+        cp.root_pem_path().display().to_string(),
+        "--token-file".into(),
+        token_file.display().to_string(),
+        "--admin".into(),
+        admin.to_string(),
+    ];
+    let inbound = app.map(|app| {
+        let inbound = free_addr();
+        args.extend(["--inbound".into(), inbound.to_string(), "--app".into(), app.to_string()]);
+        inbound
+    });
+    for r in routes {
+        args.extend(["--route".into(), r.clone()]);
+    }
+    let proc = Proc::spawn_proxy(&format!("sidecar-{sa}"), &cp.dir, &args);
+    Sidecar { proc, admin, inbound, identity }
+}
+
+/// A client certificate for `identity` from the shared CA (as a stolen one would be).
+fn mint(url: &str, identity: &str) -> Arc<rustls::sign::CertifiedKey> {
+    let material = store(url).ca_generations().unwrap().into_iter().find(|g| g.state == "active").unwrap().material;
+    let ca = palisade::identity::CertificateAuthority::load(material).unwrap();
+    certified_by(&ca, identity, std::time::SystemTime::now() + Duration::from_secs(600))
+}
+
+/// An administrator's credentials at `cp` (`palisade control login`), as CLI arguments.
+fn admin_login(cp: &ControlPlane, url: &str) -> Vec<String> {
+    let credentials = cp.dir.join("admin");
+    let token = token(url, "spiffe://cluster.local/admin/tests", true);
+    let out = Command::new(BIN)
+        .args(["control", "login", "--server", &cp.listen.to_string(), "--token", &token, "--ca-bundle"])
+        .arg(cp.root_pem_path())
+        .arg("--credentials")
+        .arg(&credentials)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "login failed: {}", String::from_utf8_lossy(&out.stderr));
+    vec!["--server".into(), cp.listen.to_string(), "--credentials".into(), credentials.display().to_string()]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_made_at_one_replica_is_enforced_by_sidecars_of_the_other_within_a_second() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let dir = tempdir("replicas-revoke");
+    let pg = PgServer::start(&dir);
+    let url = pg.database("palisade");
+    let cp1 = replica(&dir, "r1", &url, &[]).await;
+    let cp2 = replica(&dir, "r2", &url, &[]).await;
+    let app = EchoApp::start().await;
+    // B is served by replica 2; A, its client, by replica 1.
+    let b = sidecar(&cp2, &url, &cp2.listen.to_string(), "b", Some(app.addr), &[]);
+    b.wait_ready().await;
+    let a_to_b = free_addr();
+    let a = sidecar(
+        &cp1,
+        &url,
+        &cp1.listen.to_string(),
+        "a",
+        None,
+        &[format!("{a_to_b}={}@{}", b.inbound.unwrap(), id("b"))],
+    );
+    a.wait_ready().await;
+    let client = http_client();
+    assert_eq!(get(&client, &format!("http://{a_to_b}/"), &[]).await.unwrap().0, 200, "across replicas");
+    // B registered its inbound address at replica 2; replica 1 learned it (NOTIFY, then the
+    // shared row) and pushed it to A.
+    let b_in = b.inbound.unwrap().to_string();
+    wait_for("A (replica 1) knows B's endpoint, registered at replica 2", Duration::from_secs(5), || async {
+        a.config_dump().await["mesh"]["endpoints"][&b_in] == id("b")
+    })
+    .await;
+
+    // A connection B holds open for a holder of A's certificate: B itself must cut it.
+    let roots = std::fs::read_to_string(cp2.root_pem_path()).unwrap();
+    let a_cert = mint(&url, &id("a"));
+    let mut held = {
+        let bundle = palisade::tls::TrustBundle::from_pem(&roots).unwrap();
+        let certs = palisade::tls::CertStore::new();
+        certs.set(a_cert.clone(), i64::MAX);
+        let cfg = palisade::tls::config::client_config(certs, bundle, None, &[b"http/1.1"]);
+        let tcp = tokio::net::TcpStream::connect(b.inbound.unwrap()).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(cfg).connect(palisade::tls::config::sni(), tcp).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+        tokio::spawn(conn);
+        sender
+    };
+    let req =
+        || http::Request::get("/").header("host", "b").body(http_body_util::Full::new(bytes::Bytes::new())).unwrap();
+    assert_eq!(held.send_request(req()).await.unwrap().status(), 200, "held connection works before revocation");
+
+    let server = admin_login(&cp1, &url);
+    let revoked_at = Instant::now();
+    let out = Command::new(BIN).args(["control", "revoke", "--identity", &id("a")]).args(&server).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("B (replica 2) cuts the held connection of revoked A", Duration::from_secs(5), || {
+        let closed = held.is_closed();
+        async move { closed }
+    })
+    .await;
+    let elapsed = revoked_at.elapsed();
+    assert!(elapsed < Duration::from_secs(1), "revocation took {elapsed:?} to reach replica 2's sidecar");
+    wait_for("A's requests to B refused", Duration::from_secs(3), || {
+        let client = client.clone();
+        async move { get(&client, &format!("http://{a_to_b}/"), &[]).await.map(|r| r.0) != Ok(200) }
+    })
+    .await;
+    // A fresh handshake with A's valid, unexpired certificate is refused by B as revoked.
+    let probe = presented_serial(b.inbound.unwrap(), &roots, Some(a_cert)).await;
+    let metrics = b.metrics().await;
+    assert!(
+        metric(&metrics, "palisade_tls_handshake_failures_total", "reason=\"revoked\"") >= 1.0,
+        "probe: {probe:?}\n{metrics}"
+    );
+    drop((cp1, cp2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_join_token_redeemed_at_both_replicas_at_once_yields_one_certificate() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let dir = tempdir("replicas-race");
+    let pg = PgServer::start(&dir);
+    let url = pg.database("palisade");
+    let cp1 = replica(&dir, "r1", &url, &[]).await;
+    let cp2 = replica(&dir, "r2", &url, &[]).await;
+    palisade::tls::install_crypto_provider();
+    let roots = std::fs::read_to_string(cp1.root_pem_path()).unwrap();
+    let ledger = store(&url);
+    for round in 0..8 {
+        let identity = id(&format!("race-{round}"));
+        let token = token(&url, &identity, false);
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let mut tasks = Vec::new();
+        for cp in [&cp1, &cp2] {
+            let client = palisade::agent::client::ControlClient::new(
+                &cp.listen.to_string(),
+                palisade::tls::TrustBundle::from_pem(&roots).unwrap(),
+                palisade::tls::CertStore::new(),
+                palisade::identity::SpiffeId::control_plane("cluster.local").unwrap(),
+            );
+            let (barrier, token) = (barrier.clone(), token.clone());
+            tasks.push(tokio::spawn(async move {
+                let key = rcgen::KeyPair::generate().unwrap();
+                let csr = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
+                barrier.wait().await;
+                client
+                    .certify(
+                        csr.der().to_vec(),
+                        Some(palisade::proto::identity::certify_request::Credential::JoinToken(token)),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
+            }));
+        }
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        let granted = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(granted, 1, "round {round}: {results:?}");
+        let refused = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+        assert!(refused.contains("already used"), "round {round}: the loser is told why: {refused}");
+        assert_eq!(ledger.certificates(Some(&identity), 10).unwrap().len(), 1, "round {round}: one certificate");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_move_to_the_other_replica_when_one_is_killed_and_no_request_fails() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let dir = tempdir("replicas-failover");
+    let pg = PgServer::start(&dir);
+    let url = pg.database("palisade");
+    let mut cp1 = replica(&dir, "r1", &url, &["--cert-ttl", "20s"]).await;
+    let cp2 = replica(&dir, "r2", &url, &["--cert-ttl", "20s"]).await;
+    let controls = format!("{},{}", cp1.listen, cp2.listen);
+    let app = EchoApp::start().await;
+    let b = sidecar(&cp1, &url, &controls, "b", Some(app.addr), &[]);
+    b.wait_ready().await;
+    let a_to_b = free_addr();
+    let a = sidecar(&cp1, &url, &controls, "a", None, &[format!("{a_to_b}={}@{}", b.inbound.unwrap(), id("b"))]);
+    a.wait_ready().await;
+    let roots = std::fs::read_to_string(cp1.root_pem_path()).unwrap();
+    let probe_cert = mint(&url, &id("probe"));
+    let first_b_serial = presented_serial(b.inbound.unwrap(), &roots, Some(probe_cert.clone())).await.unwrap();
+
+    let traffic = Traffic::start(format!("http://{a_to_b}/"), Duration::from_millis(20));
+    wait_for("traffic flows", Duration::from_secs(5), || {
+        let ok = traffic.ok.load(std::sync::atomic::Ordering::SeqCst);
+        async move { ok > 20 }
+    })
+    .await;
+    let killed_at = palisade::clock::now_unix();
+    cp1.proc.kill9();
+    let ledger = store(&url);
+    // Renewed at half of a 20 s lifetime (±10 %): only replica 2 is left to issue.
+    for who in ["a", "b"] {
+        wait_for(&format!("{who} renewed at replica 2"), Duration::from_secs(30), || {
+            let rows = ledger.certificates(Some(&id(who)), 20).unwrap();
+            async move { rows.iter().any(|r| r.credential == "renewal" && r.issued_at >= killed_at) }
+        })
+        .await;
+    }
+    // B serves with the certificate replica 2 issued; traffic carried on meanwhile.
+    let new_b_serial = presented_serial(b.inbound.unwrap(), &roots, Some(probe_cert)).await.unwrap();
+    assert_ne!(new_b_serial, first_b_serial);
+    let before_stop = traffic.ok.load(std::sync::atomic::Ordering::SeqCst);
+    wait_for("traffic goes on after the renewal", Duration::from_secs(5), || {
+        let ok = traffic.ok.load(std::sync::atomic::Ordering::SeqCst);
+        async move { ok > before_stop + 20 }
+    })
+    .await;
+    let (ok, failed, failures) = traffic.finish().await;
+    assert_eq!(failed, 0, "{ok} ok, {failed} failed: {failures:?}");
+    // Every certificate B presented, from either replica, is in the shared ledger.
+    let serials: Vec<String> =
+        ledger.certificates(Some(&id("b")), 50).unwrap().into_iter().map(|r| r.serial.to_lowercase()).collect();
+    for serial in [first_b_serial, new_b_serial] {
+        assert!(serials.contains(&serial.to_lowercase()), "{serial} not in the ledger {serials:?}");
+    }
+    for who in ["a", "b"] {
+        let rows = ledger.certificates(Some(&id(who)), 50).unwrap();
+        assert!(rows.iter().any(|r| r.credential == "join-token" && r.issued_at <= killed_at), "{who}: {rows:?}");
+    }
+    drop(cp2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_starting_at_once_on_an_empty_database_both_come_up_on_one_schema_and_one_ca() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let dir = tempdir("replicas-migrate");
+    let pg = PgServer::start(&dir);
+    let url = pg.database("palisade");
+    let (cp1, cp2) = tokio::join!(replica(&dir, "r1", &url, &[]), replica(&dir, "r2", &url, &[]));
+    assert_eq!(pg.sql("palisade", "SELECT string_agg(version::text, ',') FROM schema_migrations"), "1");
+    assert_eq!(pg.sql("palisade", "SELECT count(*) FROM ca"), "1", "one CA for both");
+    let (root1, root2) =
+        (std::fs::read_to_string(cp1.root_pem_path()).unwrap(), std::fs::read_to_string(cp2.root_pem_path()).unwrap());
+    assert_eq!(root1, root2, "both replicas trust the same root");
+}
+
+#[test]
+fn a_bad_or_unreachable_store_url_is_a_clear_startup_error_without_the_password() {
+    let dir = tempdir("replicas-badurl");
+    let closed = free_addr();
+    let cases = [
+        (format!("postgres://palisade:SeCrEt-9@{closed}/palisade"), "postgres://palisade:[redacted]@"),
+        ("postgresql://palisade:SeCrEt-9@127.0.0.1:notaport/db".to_string(), "not a valid PostgreSQL URL"),
+        ("mysql://palisade:SeCrEt-9@127.0.0.1/db".to_string(), "not a PostgreSQL URL"),
+    ];
+    for (url, expected) in cases {
+        let started = Instant::now();
+        let out = Command::new(BIN)
+            .args(["control", "--store", &url, "--state-dir"])
+            .arg(dir.join("state"))
+            .args(["--listen", &free_addr().to_string(), "--admin", &free_addr().to_string()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{url}: started anyway");
+        assert!(started.elapsed() < Duration::from_secs(15), "{url}: took {:?} to fail", started.elapsed());
+        assert!(stderr.contains(expected), "{url}: {stderr}");
+        assert!(!stderr.contains("SeCrEt-9"), "{url}: the password leaked: {stderr}");
+    }
+}
