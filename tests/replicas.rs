@@ -57,8 +57,25 @@ fn server_user() -> Option<(u32, u32)> {
     Some((id("-u"), id("-g")))
 }
 
+/// A server certificate for 127.0.0.1 and the root that signed it (PEM: cert, key, root).
+fn server_tls() -> (String, String, String) {
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let mut root = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let root_cert = root.self_signed(&root_key).unwrap();
+    let issuer = rcgen::Issuer::new(root, &root_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+    (cert.pem(), key.serialize_pem(), root_cert.pem())
+}
+
 impl PgServer {
     fn start(dir: &Path) -> PgServer {
+        Self::start_with(dir, None)
+    }
+
+    /// With `tls` (certificate and key PEM), the server takes TCP clients over TLS only.
+    fn start_with(dir: &Path, tls: Option<(&str, &str)>) -> PgServer {
         use std::os::unix::process::CommandExt;
         let bin = pg_bin();
         let (data, socket_dir) = (dir.join("pgdata"), dir.join("pgsock"));
@@ -89,6 +106,29 @@ impl PgServer {
         let log = dir.join("postgres.log");
         let mut postgres = Command::new(bin.join("postgres"));
         postgres.arg("-D").arg(&data).arg("-k").arg(&socket_dir).args(["-p", &port.to_string()]);
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = data.join(name);
+                std::fs::write(&path, pem).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+                if let Some((uid, gid)) = user {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+                }
+            }
+            // TCP clients must come over TLS: no plain `host` rule is left.
+            let hba = data.join("pg_hba.conf");
+            let rules = std::fs::read_to_string(&hba).unwrap();
+            let rules: String = rules
+                .lines()
+                .map(|l| match l.strip_prefix("host ") {
+                    Some(rest) => format!("hostssl {rest}\n"),
+                    None => format!("{l}\n"),
+                })
+                .collect();
+            std::fs::write(&hba, rules).unwrap();
+            postgres.args(["-c", "ssl=on", "-c", "ssl_cert_file=server.crt", "-c", "ssl_key_file=server.key"]);
+        }
         // Durability of the test database is not what is tested; fsync would only slow it.
         postgres.args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"]);
         postgres.stdout(std::fs::File::create(dir.join("postgres.out")).unwrap());
@@ -434,6 +474,44 @@ async fn two_replicas_starting_at_once_on_an_empty_database_both_come_up_on_one_
     let (root1, root2) =
         (std::fs::read_to_string(cp1.root_pem_path()).unwrap(), std::fs::read_to_string(cp2.root_pem_path()).unwrap());
     assert_eq!(root1, root2, "both replicas trust the same root");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_reaches_the_store_over_tls_verified_against_the_store_ca_file() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let dir = tempdir("replicas-tls");
+    let (cert, key, root) = server_tls();
+    let pg = PgServer::start_with(&dir, Some((&cert, &key)));
+    let url = pg.database("palisade");
+    let ca_file = dir.join("db-ca.pem");
+    std::fs::write(&ca_file, &root).unwrap();
+    let control = |name: &str, url: &str, ca: Option<&Path>| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["control", "--store", url, "--state-dir"]).arg(dir.join(name));
+        cmd.args(["--listen", &free_addr().to_string(), "--admin", &free_addr().to_string()]);
+        if let Some(ca) = ca {
+            cmd.arg("--store-ca-file").arg(ca);
+        }
+        cmd
+    };
+    // In clear, the server refuses (only `hostssl` rules); an unknown CA is refused by us.
+    let out = control("plain", &format!("{url}?sslmode=disable"), None).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no encryption"), "{out:?}");
+    let other_root = dir.join("other-ca.pem");
+    std::fs::write(&other_root, server_tls().2).unwrap();
+    let out = control("wrong-ca", &format!("{url}?sslmode=require"), Some(&other_root)).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("certificate"), "{stderr}");
+    // With the right root it comes up and issues.
+    let cp =
+        replica(&dir, "r1", &format!("{url}?sslmode=require"), &["--store-ca-file", ca_file.to_str().unwrap()]).await;
+    assert_eq!(pg.sql("palisade", "SELECT count(*) FROM ca"), "1");
+    let on_tls = pg.sql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE ssl AND datname = 'palisade'",
+    );
+    assert_ne!(on_tls, "0", "the replica's connections use TLS");
+    drop(cp);
 }
 
 #[test]
