@@ -353,6 +353,69 @@ async fn a_revocation_made_at_one_replica_is_enforced_by_sidecars_of_the_other_w
     drop((cp1, cp2));
 }
 
+/// Whether the sidecar inbound at `inbound` serves a request from a holder of `cert`.
+async fn served(inbound: std::net::SocketAddr, roots: &str, cert: Arc<rustls::sign::CertifiedKey>) -> bool {
+    let bundle = palisade::tls::TrustBundle::from_pem(roots).unwrap();
+    let certs = palisade::tls::CertStore::new();
+    certs.set(cert, i64::MAX);
+    let cfg = palisade::tls::config::client_config(certs, bundle, None, &[b"http/1.1"]);
+    let Ok(tcp) = tokio::net::TcpStream::connect(inbound).await else { return false };
+    let Ok(tls) = tokio_rustls::TlsConnector::from(cfg).connect(palisade::tls::config::sni(), tcp).await else {
+        return false;
+    };
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await else {
+        return false;
+    };
+    tokio::spawn(conn);
+    let req = http::Request::get("/").header("host", "b").body(http_body_util::Full::new(bytes::Bytes::new())).unwrap();
+    matches!(sender.send_request(req).await, Ok(r) if r.status() == 200)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rotation_started_elsewhere_reaches_the_sidecars_of_both_replicas_within_a_second() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let dir = tempdir("replicas-rotate");
+    let pg = PgServer::start(&dir);
+    let url = pg.database("palisade");
+    let cp1 = replica(&dir, "r1", &url, &[]).await;
+    let cp2 = replica(&dir, "r2", &url, &[]).await;
+    let app = EchoApp::start().await;
+    let b1 = sidecar(&cp1, &url, &cp1.listen.to_string(), "b1", Some(app.addr), &[]);
+    let b2 = sidecar(&cp2, &url, &cp2.listen.to_string(), "b2", Some(app.addr), &[]);
+    b1.wait_ready().await;
+    b2.wait_ready().await;
+    let roots = std::fs::read_to_string(cp1.root_pem_path()).unwrap();
+
+    // The operator starts a rotation from the CLI against the database: neither replica made
+    // the change, both must hear of it.
+    let out = Command::new(BIN)
+        .args(["control", "ca", "rotate", "--store", &url, "--state-dir"])
+        .arg(dir.join("cli"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rotated_at = Instant::now();
+    // A peer holding a certificate from the new root (not signing yet) is trusted by both.
+    let next = store(&url).ca_generations().unwrap().into_iter().find(|g| g.state == "next").unwrap();
+    let ca = palisade::identity::CertificateAuthority::load(next.material).unwrap();
+    let cert = certified_by(&ca, &id("c"), std::time::SystemTime::now() + Duration::from_secs(600));
+    for b in [&b1, &b2] {
+        let (inbound, roots, cert) = (b.inbound.unwrap(), roots.clone(), cert.clone());
+        wait_for(&format!("{} trusts the new root", b.identity), Duration::from_secs(5), || {
+            let (roots, cert) = (roots.clone(), cert.clone());
+            async move { served(inbound, &roots, cert).await }
+        })
+        .await;
+    }
+    let elapsed = rotated_at.elapsed();
+    assert!(elapsed < Duration::from_secs(1), "the new root took {elapsed:?} to reach both replicas' sidecars");
+    // Each replica exported the bundle with both roots.
+    for cp in [&cp1, &cp2] {
+        let bundle = std::fs::read_to_string(cp.root_pem_path()).unwrap();
+        assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2, "{bundle}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_join_token_redeemed_at_both_replicas_at_once_yields_one_certificate() {
     let _one_at_a_time = SERIAL.lock().await;
