@@ -417,6 +417,45 @@ async fn a_ca_rotation_started_elsewhere_reaches_the_sidecars_of_both_replicas_w
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_database_connections_are_cut_listens_again_and_hears_later_changes() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let dir = tempdir("replicas-relisten");
+    let pg = PgServer::start(&dir);
+    let url = pg.database("palisade");
+    let cp = replica(&dir, "r1", &url, &[]).await;
+    let app = EchoApp::start().await;
+    let b = sidecar(&cp, &url, &cp.listen.to_string(), "b", Some(app.addr), &[]);
+    b.wait_ready().await;
+    let roots = std::fs::read_to_string(cp.root_pem_path()).unwrap();
+    let a_cert = mint(&url, &id("a"));
+    assert!(served(b.inbound.unwrap(), &roots, a_cert.clone()).await, "A is served before");
+
+    // Every connection of the replica is terminated by the server (a failover, an admin).
+    let listeners = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'palisade' AND query LIKE 'LISTEN%'";
+    assert_eq!(pg.sql("postgres", listeners), "1");
+    pg.sql("postgres", "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = 'palisade'");
+    wait_for("the replica listens again", Duration::from_secs(10), || {
+        let again = pg.sql("postgres", listeners) == "1";
+        async move { again }
+    })
+    .await;
+
+    // A revocation made by the CLI afterwards reaches the replica's sidecar within a second.
+    let out = Command::new(BIN).args(["control", "revoke", "--store", &url, "--identity", &id("a")]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let revoked_at = Instant::now();
+    let inbound = b.inbound.unwrap();
+    wait_for("B refuses revoked A", Duration::from_secs(5), || {
+        let (roots, cert) = (roots.clone(), a_cert.clone());
+        async move { !served(inbound, &roots, cert).await }
+    })
+    .await;
+    let elapsed = revoked_at.elapsed();
+    assert!(elapsed < Duration::from_secs(1), "the revocation took {elapsed:?} after the reconnect");
+    assert!(cp.proc.log_text().contains("lost the LISTEN connection"), "{}", cp.proc.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_join_token_redeemed_at_both_replicas_at_once_yields_one_certificate() {
     let _one_at_a_time = SERIAL.lock().await;
     let dir = tempdir("replicas-race");
