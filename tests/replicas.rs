@@ -455,6 +455,75 @@ async fn a_replica_whose_database_connections_are_cut_listens_again_and_hears_la
     assert!(cp.proc.log_text().contains("lost the LISTEN connection"), "{}", cp.proc.log_text());
 }
 
+#[derive(Debug)]
+enum RedeemError {
+    Store(#[allow(dead_code)] palisade::control::store::StoreError),
+    Refused(palisade::control::store::TokenRefusal),
+}
+
+impl From<palisade::control::store::StoreError> for RedeemError {
+    fn from(e: palisade::control::store::StoreError) -> Self {
+        RedeemError::Store(e)
+    }
+}
+
+impl From<palisade::control::store::TokenRefusal> for RedeemError {
+    fn from(e: palisade::control::store::TokenRefusal) -> Self {
+        RedeemError::Refused(e)
+    }
+}
+
+/// The PostgreSQL backend keeps SQLite's join-token semantics (the store's unit tests check
+/// SQLite's): single use, bound to one identity and its addresses, expiry, and a failed
+/// issuance leaves the token unspent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_keeps_the_join_token_semantics() {
+    use palisade::control::store::TokenRefusal;
+    let _one_at_a_time = SERIAL.lock().await;
+    let dir = tempdir("replicas-tokens");
+    let pg = PgServer::start(&dir);
+    let s = store(&pg.database("palisade"));
+    let who: palisade::identity::SpiffeId = id("a").parse().unwrap();
+    let issue = |id: &palisade::identity::SpiffeId| -> Result<palisade::identity::IssuedCertificate, RedeemError> {
+        Ok(palisade::identity::IssuedCertificate {
+            chain_pem: String::new(),
+            spiffe_id: id.clone(),
+            serial: format!("{:x}", rand::random::<u64>()),
+            not_before: 0,
+            not_after: 1,
+        })
+    };
+    let refused = |r: Result<palisade::identity::IssuedCertificate, RedeemError>| match r {
+        Err(RedeemError::Refused(why)) => Some(why),
+        _ => None,
+    };
+    let t = s.create_bound_join_token(&who, Duration::from_secs(60), &["10.0.0.7".into()]).unwrap();
+    assert!(s.bound_addresses(who.as_str()).unwrap().is_empty(), "not before it is redeemed");
+    let failed = s.redeem_join_token(&t, |_| Err(RedeemError::Refused(TokenRefusal::Unknown)));
+    assert!(failed.is_err());
+    assert_eq!(s.redeem_join_token(&t, issue).unwrap().spiffe_id, who, "a failed issuance spent nothing");
+    assert_eq!(s.bound_addresses(who.as_str()).unwrap(), ["10.0.0.7"]);
+    assert_eq!(refused(s.redeem_join_token(&t, issue)), Some(TokenRefusal::Used));
+    assert_eq!(refused(s.redeem_join_token("pjt_nope", issue)), Some(TokenRefusal::Unknown));
+    let expired = s.create_join_token(&who, Duration::ZERO).unwrap();
+    assert_eq!(refused(s.redeem_join_token(&expired, issue)), Some(TokenRefusal::Expired));
+    assert_eq!(s.certificates(None, 10).unwrap().len(), 1, "one certificate in the ledger");
+    // The ledger pages by cursor, newest first.
+    for _ in 0..4 {
+        s.record_certificate(&issue(&who).unwrap(), palisade::control::store::CredentialKind::Renewal).unwrap();
+    }
+    let q = |after| palisade::control::store::LedgerQuery { limit: 2, after, ..Default::default() };
+    let first = s.ledger_page(&q(None)).unwrap();
+    let second = s.ledger_page(&q(first.last().map(|r| r.1))).unwrap();
+    let third = s.ledger_page(&q(second.last().map(|r| r.1))).unwrap();
+    let serials: std::collections::BTreeSet<String> =
+        first.iter().chain(&second).chain(&third).map(|r| r.0.serial.clone()).collect();
+    assert_eq!((first.len(), second.len(), third.len(), serials.len()), (2, 2, 1, 5));
+    s.revoke(Some(who.as_str()), None).unwrap();
+    assert!(s.is_revoked(who.as_str(), "00").unwrap());
+    assert!(s.certificates(None, 10).unwrap().iter().all(|r| r.revoked));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_join_token_redeemed_at_both_replicas_at_once_yields_one_certificate() {
     let _one_at_a_time = SERIAL.lock().await;

@@ -587,19 +587,14 @@ impl PgStore {
             Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
         })?;
         let now = now_unix();
-        let refusal = match &row {
-            None => Some(TokenRefusal::Unknown),
-            Some((_, _, Some(_))) => Some(TokenRefusal::Used),
-            Some((_, expires_at, None)) if now >= *expires_at => Some(TokenRefusal::Expired),
-            Some(_) => None,
-        };
-        let outcome = match (refusal, row) {
-            (Some(refusal), _) => Err(E::from(refusal)),
-            (None, Some((id, _, _))) => match id.parse::<SpiffeId>() {
+        let outcome = match row {
+            None => Err(E::from(TokenRefusal::Unknown)),
+            Some((_, _, Some(_))) => Err(TokenRefusal::Used.into()),
+            Some((_, expires_at, None)) if now >= expires_at => Err(TokenRefusal::Expired.into()),
+            Some((id, _, None)) => match id.parse::<SpiffeId>() {
                 Ok(id) => issue(&id),
-                Err(_) => Err(E::from(StoreError::Corrupt(id))),
+                Err(_) => Err(StoreError::Corrupt(id).into()),
             },
-            (None, None) => unreachable!("no refusal means a row"),
         };
         let (client, shared) = (conn.client.clone(), self.shared.clone());
         let issued = match outcome {
