@@ -609,8 +609,22 @@ async fn sidecars_move_to_the_other_replica_when_one_is_killed_and_no_request_fa
         })
         .await;
     }
-    // B serves with the certificate replica 2 issued; traffic carried on meanwhile.
-    let new_b_serial = presented_serial(b.inbound.unwrap(), &roots, Some(probe_cert)).await.unwrap();
+    // B serves with the certificate replica 2 issued (the ledger row is written just before the
+    // certificate is handed out, so wait for B to swap it in); traffic carried on meanwhile.
+    let inbound = b.inbound.unwrap();
+    let renewed_by_2 = || -> Vec<String> {
+        let rows = ledger.certificates(Some(&id("b")), 50).unwrap();
+        rows.into_iter().filter(|r| r.credential == "renewal" && r.issued_at >= killed_at).map(|r| r.serial).collect()
+    };
+    wait_for("B serves with the certificate replica 2 issued", Duration::from_secs(5), || {
+        let (roots, cert, renewed) = (roots.clone(), probe_cert.clone(), renewed_by_2());
+        async move {
+            let serial = presented_serial(inbound, &roots, Some(cert)).await.unwrap_or_default();
+            renewed.iter().any(|r| r.eq_ignore_ascii_case(&serial))
+        }
+    })
+    .await;
+    let new_b_serial = presented_serial(inbound, &roots, Some(probe_cert)).await.unwrap();
     assert_ne!(new_b_serial, first_b_serial);
     let before_stop = traffic.ok.load(std::sync::atomic::Ordering::SeqCst);
     wait_for("traffic goes on after the renewal", Duration::from_secs(5), || {
