@@ -1,7 +1,7 @@
 //! The `palisade` command line. Parsing only; everything else lives in the library.
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -127,6 +127,8 @@ enum ControlCommand {
     Revoke {
         #[arg(long, env = "PALISADE_STATE_DIR", default_value = "palisade-state")]
         state_dir: PathBuf,
+        #[command(flatten)]
+        store: control::store::StoreArgs,
         #[arg(long, conflicts_with = "serial", required_unless_present = "serial")]
         identity: Option<SpiffeId>,
         /// Certificate serial, hex.
@@ -169,6 +171,8 @@ enum TokenCommand {
     Create {
         #[arg(long, env = "PALISADE_STATE_DIR", default_value = "palisade-state")]
         state_dir: PathBuf,
+        #[command(flatten)]
+        store: control::store::StoreArgs,
         /// The identity the token yields, whatever the CSR asks for.
         #[arg(long)]
         identity: SpiffeId,
@@ -193,6 +197,8 @@ enum CaCommand {
     Rotate {
         #[arg(long, env = "PALISADE_STATE_DIR", default_value = "palisade-state")]
         state_dir: PathBuf,
+        #[command(flatten)]
+        store: Box<control::store::StoreArgs>,
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
         #[command(flatten)]
@@ -225,6 +231,8 @@ enum StatusCommand {
         #[arg(long, env = "PALISADE_STATE_DIR", default_value = "palisade-state")]
         state_dir: PathBuf,
         #[command(flatten)]
+        store: control::store::StoreArgs,
+        #[command(flatten)]
         server: ServerArgs,
         /// Only this identity.
         #[arg(long)]
@@ -242,12 +250,12 @@ enum StatusCommand {
 
 /// `palisade status certs`: the certificate ledger, from the management API or the local store.
 fn status_certs(command: StatusCommand) -> anyhow::Result<()> {
-    let StatusCommand::Certs { state_dir, server, identity, since, limit, output } = command;
+    let StatusCommand::Certs { state_dir, store, server, identity, since, limit, output } = command;
     let after = since.map(|d| palisade::clock::now_unix() - d.as_secs() as i64);
     let rows = if server.server.is_some() {
         runtime()?.block_on(admin_client::ledger(&server, identity, after, limit))?
     } else {
-        let store = Store::open(&state_dir)?;
+        let store = Store::open_with(&state_dir, &store)?;
         let query = control::store::LedgerQuery { identity, issued_after: after, limit, ..Default::default() };
         store.ledger_page(&query)?.into_iter().map(|(row, _)| row).collect()
     };
@@ -273,7 +281,8 @@ fn status_certs(command: StatusCommand) -> anyhow::Result<()> {
 
 /// `palisade control revoke`: through the management API, or in the local store.
 fn revoke(
-    state_dir: PathBuf,
+    state_dir: &Path,
+    store: &control::store::StoreArgs,
     identity: Option<SpiffeId>,
     serial: Option<String>,
     server: ServerArgs,
@@ -290,7 +299,7 @@ fn revoke(
         println!("revoked {}", identity.map(|i| i.to_string()).or(serial).unwrap_or_default());
         return Ok(());
     }
-    let store = Store::open(&state_dir)?;
+    let store = Store::open_with(state_dir, store)?;
     store.revoke(identity.as_ref().map(|i| i.as_str()), serial.as_deref())?;
     println!("revoked {}", identity.map(|i| i.to_string()).or(serial).unwrap_or_default());
     Ok(())
@@ -365,7 +374,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
         Command::Control { command: None, args } => runtime()?.block_on(control::run(*args))?,
         Command::Control {
             command:
-                Some(ControlCommand::Token { command: TokenCommand::Create { state_dir, identity, ttl, admin, addresses } }),
+                Some(ControlCommand::Token {
+                    command: TokenCommand::Create { state_dir, store, identity, ttl, admin, addresses },
+                }),
             ..
         } => {
             let is_admin = control::admin_api::is_admin_identity(&identity, identity.trust_domain());
@@ -378,7 +389,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             if !admin && identity.path().starts_with(control::admin_api::ADMIN_PATH_PREFIX) {
                 anyhow::bail!("{identity} is an administrator's identity: make its token with --admin");
             }
-            let store = Store::open(&state_dir)?;
+            let store = Store::open_with(&state_dir, &store)?;
             let addresses: Vec<String> = addresses.iter().map(|a| a.to_string()).collect();
             let token = store.create_bound_join_token(&identity, ttl, &addresses)?;
             println!("{token}");
@@ -405,19 +416,21 @@ fn real_main() -> anyhow::Result<ExitCode> {
             println!("logged in as {id}; credentials in {}", credentials.display());
         }
         Command::Control {
-            command: Some(ControlCommand::Ca { command: CaCommand::Rotate { state_dir, trust_domain, ca_keys, .. } }),
+            command:
+                Some(ControlCommand::Ca { command: CaCommand::Rotate { state_dir, store, trust_domain, ca_keys, .. } }),
             ..
         } => {
-            let store = Store::open(&state_dir)?;
+            let store = Store::open_with(&state_dir, &store)?;
             let custody = runtime()?.block_on(ca_keys.custody(None))?;
             let generation = control::ca_set::start_rotation(&store, &trust_domain, &custody)?;
             println!(
                 "CA generation {generation} created and added to the trust bundle; the running control plane switches signing once it has reached every sidecar"
             );
         }
-        Command::Control { command: Some(ControlCommand::Revoke { state_dir, identity, serial, server }), .. } => {
-            revoke(state_dir, identity, serial, server)?
-        }
+        Command::Control {
+            command: Some(ControlCommand::Revoke { state_dir, store, identity, serial, server }),
+            ..
+        } => revoke(&state_dir, &store, identity, serial, server)?,
         Command::Proxy(args) => args.runtime()?.block_on(proxy::run(*args))?,
         Command::Certs { command: CertsCommand::Dev { out } } => {
             let files = palisade::identity::dev::write_dev_certs(&out, Duration::from_secs(30 * 24 * 3600))

@@ -137,9 +137,16 @@ impl CaSet {
         let mut generations = protect_store(store, custody)?;
         if generations.is_empty() {
             let material = CaMaterial::generate_in(trust_domain, 1, custody)?;
-            insert_generation(store, 1, &material, "active", custody)?;
-            tracing::info!("created a new root and intermediate CA (generation 1)");
-            generations = store.ca_generations()?;
+            match insert_generation(store, 1, &material, "active", custody) {
+                Ok(()) => tracing::info!("created a new root and intermediate CA (generation 1)"),
+                // Another replica sharing the store created it first (both started on an
+                // empty database): use theirs.
+                Err(e) if !store.ca_generations()?.is_empty() => {
+                    tracing::info!(error = %e, "another replica created the CA first; using it")
+                }
+                Err(e) => return Err(e),
+            }
+            generations = protect_store(store, custody)?;
         }
         Self::from_generations(generations, custody)
     }

@@ -80,6 +80,10 @@ pub struct MeshState {
     /// Endpoints a cluster source knows without any sidecar registering them (Kubernetes
     /// pods and services); merged into the table.
     cluster_endpoints: ArcSwap<Vec<Endpoint>>,
+    /// Registrations read from a store shared with other replicas (PostgreSQL), each with when
+    /// it was last seen by the replica its sidecar is connected to; merged into the table, and
+    /// dropped once older than the grace period, as this replica drops its own.
+    shared_endpoints: ArcSwap<Vec<(Endpoint, i64)>>,
     next_stream: AtomicU64,
     dirty: Notify,
     generation: watch::Sender<u64>,
@@ -127,6 +131,7 @@ impl MeshState {
             sidecars: Mutex::new(sidecars),
             endpoints: ArcSwapOption::empty(),
             cluster_endpoints: ArcSwap::from_pointee(Vec::new()),
+            shared_endpoints: ArcSwap::from_pointee(Vec::new()),
             next_stream: AtomicU64::new(1),
             dirty: Notify::new(),
             generation: watch::channel(0).0,
@@ -171,6 +176,13 @@ impl MeshState {
                         gone |= !keep;
                         keep
                     });
+                    let cutoff = now_unix() - grace.as_secs() as i64;
+                    let shared = this.shared_endpoints.load();
+                    if shared.iter().any(|(_, seen)| *seen < cutoff) {
+                        let fresh = shared.iter().filter(|(_, seen)| *seen >= cutoff).cloned().collect();
+                        this.shared_endpoints.store(Arc::new(fresh));
+                        gone = true;
+                    }
                     if gone {
                         this.endpoints.store(None);
                     }
@@ -188,7 +200,55 @@ impl MeshState {
                 self.generation.send_modify(|g| *g += 1);
             }
         };
-        tokio::join!(janitor, debouncer);
+        // Registrations made at other replicas sharing the store, read when one announces a
+        // change (never polled).
+        let shared = async {
+            let Some(changed) = self.store.endpoint_changes() else { return };
+            loop {
+                changed.notified().await;
+                let since = now_unix() - self.settings.endpoint_grace.as_secs() as i64;
+                let store = self.store.clone();
+                match tokio::task::spawn_blocking(move || store.shared_endpoints(since)).await {
+                    Ok(Ok(rows)) => self.set_shared_endpoints(rows),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the registrations of other replicas"),
+                    Err(e) => tracing::warn!(error = %e, "reading the registrations of other replicas panicked"),
+                }
+            }
+        };
+        tokio::join!(janitor, debouncer, shared);
+    }
+
+    /// Replaces the registrations read from the shared store.
+    fn set_shared_endpoints(&self, rows: Vec<super::store::EndpointRow>) {
+        let mut next: Vec<(Endpoint, i64)> = rows
+            .into_iter()
+            .flat_map(|row| {
+                let addresses: Vec<String> = serde_json::from_str(&row.addresses).unwrap_or_default();
+                let labels: BTreeMap<String, String> = serde_json::from_str(&row.labels).unwrap_or_default();
+                addresses.into_iter().map(move |address| {
+                    let endpoint = Endpoint {
+                        address,
+                        spiffe_id: row.spiffe_id.clone(),
+                        labels: labels.clone().into_iter().collect(),
+                    };
+                    (endpoint, row.last_seen)
+                })
+            })
+            .collect();
+        next.sort_by(|a, b| (&a.0.address, &a.0.spiffe_id, a.1).cmp(&(&b.0.address, &b.0.spiffe_id, b.1)));
+        let table_changed = {
+            let cur = self.shared_endpoints.load();
+            cur.len() != next.len() || cur.iter().zip(&next).any(|(a, b)| a.0 != b.0)
+        };
+        let sidecars = self.sidecars.lock();
+        self.shared_endpoints.store(Arc::new(next));
+        if table_changed {
+            self.endpoints.store(None);
+        }
+        drop(sidecars);
+        if table_changed {
+            self.mark_dirty();
+        }
     }
 
     /// Something changed; push after the debounce.
@@ -362,6 +422,7 @@ impl MeshState {
                 })
             })
             .chain(self.cluster_endpoints.load().iter().cloned())
+            .chain(self.shared_endpoints.load().iter().map(|(e, _)| e.clone()))
             .collect();
         endpoints.sort_by(|a, b| (&a.address, &a.spiffe_id).cmp(&(&b.address, &b.spiffe_id)));
         endpoints.dedup_by(|a, b| a.address == b.address && a.spiffe_id == b.spiffe_id);

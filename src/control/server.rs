@@ -126,6 +126,9 @@ pub struct ControlArgs {
     /// Where the CA's private keys are kept (KEK, PKCS#11 token).
     #[command(flatten)]
     pub ca_keys: super::ca_keys::CaKeyArgs,
+    /// Where the state lives: SQLite in the state directory, or PostgreSQL shared by replicas.
+    #[command(flatten)]
+    pub store: super::store::StoreArgs,
 }
 
 /// Lifetime of the control plane's own serving certificate; it renews at half of it.
@@ -171,7 +174,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let admin_listener = TcpListener::bind(args.admin).await.with_context(|| format!("binding {}", args.admin))?;
     tracing::info!(listen = %args.listen, admin = %args.admin, state_dir = %args.state_dir.display(),
-        trust_domain = %args.trust_domain, cert_ttl = ?args.cert_ttl, "control plane started");
+        store = %inputs.store.describe(), trust_domain = %args.trust_domain, cert_ttl = ?args.cert_ttl, "control plane started");
     let serving_not_after = issue_serving_cert(&inputs)?;
     tokio::spawn(inputs.mesh.clone().run());
     start_source(&inputs).await?;
@@ -206,7 +209,7 @@ impl ControlInputs {
         }
         let own_id = SpiffeId::control_plane(&args.trust_domain)
             .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
-        let store = Arc::new(Store::open(&args.state_dir)?);
+        let store = Arc::new(Store::open_with(&args.state_dir, &args.store)?);
         let (kube, custody) = if args.kubernetes {
             let client = kube::Client::try_default().await.context("connecting to the Kubernetes API server")?;
             let custody = args.ca_keys.custody(Some((&client, &args.namespace))).await?;
@@ -472,7 +475,7 @@ async fn run_ca(inputs: Arc<ControlInputs>, mut serving_not_after: i64) {
     let _watcher = match inputs.store.watch(changed.clone()) {
         Ok(w) => Some(w),
         Err(e) => {
-            tracing::error!(error = %e, "cannot watch the state directory: CLI changes reach this process at CA steps only");
+            tracing::error!(error = %e, "cannot watch the store: changes made elsewhere reach this process at CA steps only");
             None
         }
     };

@@ -1,6 +1,6 @@
-//! The control plane's durable state: one SQLite file in the state directory (WAL mode).
+//! The embedded backend: one SQLite file in the state directory (WAL mode).
 //!
-//! SQLite gives what the control plane needs without a server: ACID transactions (a token is
+//! SQLite gives what one control plane needs without a server: ACID transactions (a token is
 //! redeemed and the certificate recorded in one commit), safe concurrent use by the CLI while
 //! the control plane runs, and a file an operator can open with `sqlite3`.
 
@@ -10,102 +10,20 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+use super::{
+    CaGeneration, CredentialKind, EndpointRow, LedgerCursor, LedgerEntry, LedgerQuery, StoreError, TokenRefusal,
+};
 use crate::clock::now_unix;
 use crate::identity::ca::{CaMaterial, IssuedCertificate};
 use crate::identity::{SpiffeId, token};
 
-/// A store failure.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("state store {path}: {cause}")]
-    Sqlite { path: PathBuf, cause: rusqlite::Error },
-    #[error("state directory {path}: {cause}")]
-    Io { path: PathBuf, cause: std::io::Error },
-    #[error("stored identity {0:?} is invalid")]
-    Corrupt(String),
-}
-
-/// Why a join token was not accepted. The caller sees which, so a failing bootstrap is debuggable.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum TokenRefusal {
-    #[error("join token is unknown")]
-    Unknown,
-    #[error("join token was already used")]
-    Used,
-    #[error("join token has expired")]
-    Expired,
-}
-
-/// How a certificate's identity was established; recorded in the ledger.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CredentialKind {
-    JoinToken,
-    Renewal,
-    Kubernetes,
-    /// The control plane's own serving certificate.
-    ControlPlane,
-}
-
-impl CredentialKind {
-    /// The ledger's spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CredentialKind::JoinToken => "join-token",
-            CredentialKind::Renewal => "renewal",
-            CredentialKind::Kubernetes => "kubernetes",
-            CredentialKind::ControlPlane => "control-plane",
-        }
-    }
-}
-
-/// One ledger row.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct LedgerEntry {
-    pub serial: String,
-    pub spiffe_id: String,
-    pub not_before: i64,
-    pub not_after: i64,
-    pub credential: String,
-    pub revoked: bool,
-    /// When the control plane recorded it (Unix seconds).
-    pub issued_at: i64,
-}
-
-/// Where a ledger row sits in the newest-first order: (`issued_at`, rowid).
-pub type LedgerCursor = (i64, i64);
-
-/// Which ledger rows [`Store::ledger_page`] returns.
-#[derive(Clone, Debug, Default)]
-pub struct LedgerQuery {
-    pub identity: Option<String>,
-    /// Issued at or after (Unix seconds).
-    pub issued_after: Option<i64>,
-    /// Issued before (Unix seconds).
-    pub issued_before: Option<i64>,
-    /// Rows after this cursor (the last row of the previous page: `issued_at`, rowid).
-    pub after: Option<(i64, i64)>,
-    pub limit: u32,
-}
-
-/// A CA generation as stored, with its place in a rotation.
-#[derive(Clone, Debug)]
-pub struct CaGeneration {
-    pub generation: u32,
-    pub material: CaMaterial,
-    /// `active` signs; `next` is trusted but does not sign yet; `retiring` still trusted until
-    /// `retire_after`, then dropped.
-    pub state: String,
-    pub retire_after: Option<i64>,
-    pub created_at: i64,
-}
-
 /// Written after every committed CA or revocation change; what [`Store::watch`] watches.
 const ANNOUNCE_FILE: &str = ".changed";
 
-/// Handle to the state store. Cheap to share; every call is one short transaction.
-pub struct Store {
+/// The SQLite backend of [`super::Store`].
+pub(super) struct SqliteStore {
     conn: Mutex<Connection>,
-    /// The `data_version` last seen by [`Store::changed_elsewhere`].
+    /// The `data_version` last seen by [`Self::changed_elsewhere`].
     data_version: Mutex<Option<i64>>,
     path: PathBuf,
 }
@@ -164,10 +82,10 @@ CREATE TABLE IF NOT EXISTS revocations (
 );
 ";
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed) `DIR/state.db`. The directory is made private to the owner:
     /// it holds CA private keys.
-    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+    pub(super) fn open(state_dir: &Path) -> Result<Self, StoreError> {
         let io = |cause| StoreError::Io { path: state_dir.to_path_buf(), cause };
         std::fs::create_dir_all(state_dir).map_err(io)?;
         {
@@ -196,7 +114,16 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
         conn.execute_batch(SCHEMA).map_err(sql)?;
-        Ok(Store { conn: Mutex::new(conn), path, data_version: Mutex::new(None) })
+        // Versioned like the PostgreSQL schema: version 1 is SCHEMA. A file written by a newer
+        // palisade is refused rather than half-understood.
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(sql)?;
+        if version > super::SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew { found: version, known: super::SCHEMA_VERSION });
+        }
+        if version < super::SCHEMA_VERSION {
+            conn.pragma_update(None, "user_version", super::SCHEMA_VERSION).map_err(sql)?;
+        }
+        Ok(SqliteStore { conn: Mutex::new(conn), path, data_version: Mutex::new(None) })
     }
 
     /// Wakes `on_change` after every committed change of the CA or the revocations, by this
@@ -204,7 +131,7 @@ impl Store {
     /// followed by a write of `STATE_DIR/.changed`, which this watches (inotify), so a wake never
     /// comes before the commit it announces. [`Self::changed_elsewhere`] tells whose it was.
     /// The returned watcher must be kept alive.
-    pub fn watch(
+    pub(super) fn watch(
         &self,
         on_change: std::sync::Arc<tokio::sync::Notify>,
     ) -> Result<notify::RecommendedWatcher, StoreError> {
@@ -240,7 +167,7 @@ impl Store {
     /// Whether another connection (another process) committed since the last call: SQLite's
     /// `data_version` moves only for commits made elsewhere, so this process's own writes (the
     /// ledger of every certificate it issues) do not count.
-    pub fn changed_elsewhere(&self) -> Result<bool, StoreError> {
+    pub(super) fn changed_elsewhere(&self) -> Result<bool, StoreError> {
         let conn = self.conn.lock();
         let version: i64 = conn.pragma_query_value(None, "data_version", |r| r.get(0)).map_err(|e| self.err(e))?;
         let mut last = self.data_version.lock();
@@ -249,12 +176,17 @@ impl Store {
         Ok(changed)
     }
 
+    /// The database file.
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
     fn err(&self, source: rusqlite::Error) -> StoreError {
         StoreError::Sqlite { path: self.path.clone(), cause: source }
     }
 
     /// Every stored CA generation, oldest first.
-    pub fn ca_generations(&self) -> Result<Vec<CaGeneration>, StoreError> {
+    pub(super) fn ca_generations(&self) -> Result<Vec<CaGeneration>, StoreError> {
         let conn = self.conn.lock();
         let mut stmt = conn
             .prepare(
@@ -282,7 +214,7 @@ impl Store {
     }
 
     /// Stores a CA generation.
-    pub fn insert_ca(&self, generation: u32, material: &CaMaterial, state: &str) -> Result<(), StoreError> {
+    pub(super) fn insert_ca(&self, generation: u32, material: &CaMaterial, state: &str) -> Result<(), StoreError> {
         self.conn
             .lock()
             .execute(
@@ -308,7 +240,7 @@ impl Store {
     ///
     /// The old values must not survive anywhere in the files: `secure_delete` zeroes the space
     /// they leave in the database, and a truncating checkpoint empties the WAL that held them.
-    pub fn replace_ca_keys(&self, rows: &[(u32, String, String)]) -> Result<(), StoreError> {
+    pub(super) fn replace_ca_keys(&self, rows: &[(u32, String, String)]) -> Result<(), StoreError> {
         {
             let mut conn = self.conn.lock();
             conn.pragma_update(None, "secure_delete", "ON").map_err(|e| self.err(e))?;
@@ -335,7 +267,12 @@ impl Store {
     }
 
     /// Moves a CA generation to another rotation state.
-    pub fn set_ca_state(&self, generation: u32, state: &str, retire_after: Option<i64>) -> Result<(), StoreError> {
+    pub(super) fn set_ca_state(
+        &self,
+        generation: u32,
+        state: &str,
+        retire_after: Option<i64>,
+    ) -> Result<(), StoreError> {
         self.conn
             .lock()
             .execute(
@@ -347,15 +284,10 @@ impl Store {
         Ok(())
     }
 
-    /// Creates a join token for `id`, valid for `ttl`. Returns the token (shown once).
-    pub fn create_join_token(&self, id: &SpiffeId, ttl: Duration) -> Result<String, StoreError> {
-        self.create_bound_join_token(id, ttl, &[])
-    }
-
     /// Creates a join token for `id` that also proves `addresses` (each an IP, any port, or
     /// IP:PORT, as [`crate::control::address_proof::AddressBinding`] spells it): once redeemed,
     /// the identity may register them in discovery.
-    pub fn create_bound_join_token(
+    pub(super) fn create_bound_join_token(
         &self,
         id: &SpiffeId,
         ttl: Duration,
@@ -382,7 +314,7 @@ impl Store {
     }
 
     /// The addresses bound to `spiffe_id` by the join tokens it redeemed.
-    pub fn bound_addresses(&self, spiffe_id: &str) -> Result<Vec<String>, StoreError> {
+    pub(super) fn bound_addresses(&self, spiffe_id: &str) -> Result<Vec<String>, StoreError> {
         let conn = self.conn.lock();
         let mut stmt = conn
             .prepare("SELECT address FROM identity_addresses WHERE spiffe_id = ?1 ORDER BY address")
@@ -396,7 +328,7 @@ impl Store {
     ///
     /// `issue` runs with the identity the token is bound to, which is the only identity it can
     /// ever yield.
-    pub fn redeem_join_token<E: From<StoreError> + From<TokenRefusal>>(
+    pub(super) fn redeem_join_token<E: From<StoreError> + From<TokenRefusal>>(
         &self,
         token: &str,
         issue: impl FnOnce(&SpiffeId) -> Result<IssuedCertificate, E>,
@@ -434,20 +366,18 @@ impl Store {
     }
 
     /// Records a certificate in the ledger. Called before the certificate is handed out.
-    pub fn record_certificate(&self, issued: &IssuedCertificate, kind: CredentialKind) -> Result<(), StoreError> {
+    pub(super) fn record_certificate(
+        &self,
+        issued: &IssuedCertificate,
+        kind: CredentialKind,
+    ) -> Result<(), StoreError> {
         insert_ledger(&self.conn.lock(), issued, kind).map_err(|e| self.err(e))?;
         Ok(())
     }
 
-    /// The ledger, newest first, optionally for one identity.
-    pub fn certificates(&self, identity: Option<&str>, limit: u32) -> Result<Vec<LedgerEntry>, StoreError> {
-        let query = LedgerQuery { identity: identity.map(str::to_string), limit, ..Default::default() };
-        Ok(self.ledger_page(&query)?.into_iter().map(|(entry, _)| entry).collect())
-    }
-
     /// One page of the ledger, newest first, each row with its cursor (pass the last one as
     /// [`LedgerQuery::after`] for the next page).
-    pub fn ledger_page(&self, q: &LedgerQuery) -> Result<Vec<(LedgerEntry, LedgerCursor)>, StoreError> {
+    pub(super) fn ledger_page(&self, q: &LedgerQuery) -> Result<Vec<(LedgerEntry, LedgerCursor)>, StoreError> {
         let conn = self.conn.lock();
         let mut stmt = conn
             .prepare(
@@ -483,7 +413,7 @@ impl Store {
     }
 
     /// Whether `serial` or `identity` has been revoked.
-    pub fn is_revoked(&self, identity: &str, serial: &str) -> Result<bool, StoreError> {
+    pub(super) fn is_revoked(&self, identity: &str, serial: &str) -> Result<bool, StoreError> {
         self.conn
             .lock()
             .query_row(
@@ -496,7 +426,7 @@ impl Store {
 
     /// Records that a sidecar serves `addresses` (JSON array) now, so a restarted control plane
     /// keeps it in the endpoint table until its grace period ends.
-    pub fn touch_endpoint(&self, spiffe_id: &str, addresses: &str, labels: &str) -> Result<(), StoreError> {
+    pub(super) fn touch_endpoint(&self, spiffe_id: &str, addresses: &str, labels: &str) -> Result<(), StoreError> {
         self.conn
             .lock()
             .execute(
@@ -509,7 +439,7 @@ impl Store {
     }
 
     /// Refreshes many registrations in one transaction: (identity, addresses JSON, labels JSON).
-    pub fn touch_endpoints(&self, rows: &[(String, String, String)]) -> Result<(), StoreError> {
+    pub(super) fn touch_endpoints(&self, rows: &[(String, String, String)]) -> Result<(), StoreError> {
         let mut conn = self.conn.lock();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let now = now_unix();
@@ -526,7 +456,7 @@ impl Store {
 
     /// Endpoints seen since `since` (Unix seconds): (identity, addresses JSON, labels JSON).
     /// Older rows are deleted.
-    pub fn recent_endpoints(&self, since: i64) -> Result<Vec<(String, String, String)>, StoreError> {
+    pub(super) fn recent_endpoints(&self, since: i64) -> Result<Vec<(String, String, String)>, StoreError> {
         let conn = self.conn.lock();
         conn.execute("DELETE FROM endpoints WHERE last_seen < ?1", [since]).map_err(|e| self.err(e))?;
         let mut stmt = conn.prepare("SELECT spiffe_id, addresses, labels FROM endpoints").map_err(|e| self.err(e))?;
@@ -534,8 +464,22 @@ impl Store {
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }
 
+    /// Registrations seen since `since` (Unix seconds), with when each was last seen.
+    pub(super) fn shared_endpoints(&self, since: i64) -> Result<Vec<EndpointRow>, StoreError> {
+        let conn = self.conn.lock();
+        let mut stmt = conn
+            .prepare("SELECT spiffe_id, addresses, labels, last_seen FROM endpoints WHERE last_seen >= ?1")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([since], |r| {
+                Ok(EndpointRow { spiffe_id: r.get(0)?, addresses: r.get(1)?, labels: r.get(2)?, last_seen: r.get(3)? })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
     /// Every revoked identity and serial.
-    pub fn revocations(&self) -> Result<(Vec<String>, Vec<String>), StoreError> {
+    pub(super) fn revocations(&self) -> Result<(Vec<String>, Vec<String>), StoreError> {
         let conn = self.conn.lock();
         let mut stmt =
             conn.prepare("SELECT spiffe_id, serial FROM revocations ORDER BY id").map_err(|e| self.err(e))?;
@@ -556,7 +500,7 @@ impl Store {
     }
 
     /// Records a revocation of an identity or a serial.
-    pub fn revoke(&self, identity: Option<&str>, serial: Option<&str>) -> Result<(), StoreError> {
+    pub(super) fn revoke(&self, identity: Option<&str>, serial: Option<&str>) -> Result<(), StoreError> {
         self.conn
             .lock()
             .execute(
@@ -583,91 +527,4 @@ fn insert_ledger(conn: &Connection, issued: &IssuedCertificate, kind: Credential
         ],
     )?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug, thiserror::Error)]
-    enum E {
-        #[error(transparent)]
-        S(#[from] StoreError),
-        #[error(transparent)]
-        T(#[from] TokenRefusal),
-    }
-
-    fn fake_issue(id: &SpiffeId) -> Result<IssuedCertificate, E> {
-        Ok(IssuedCertificate {
-            chain_pem: String::new(),
-            spiffe_id: id.clone(),
-            serial: format!("{:x}", rand::random::<u64>()),
-            not_before: 0,
-            not_after: 1,
-        })
-    }
-
-    #[test]
-    fn token_is_single_use_and_bound_to_its_identity() {
-        let dir = tempdir();
-        let store = Store::open(&dir).unwrap();
-        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
-        let t = store.create_join_token(&id, Duration::from_secs(60)).unwrap();
-        let issued = store.redeem_join_token::<E>(&t, fake_issue).unwrap();
-        assert_eq!(issued.spiffe_id, id);
-        assert!(matches!(store.redeem_join_token::<E>(&t, fake_issue), Err(E::T(TokenRefusal::Used))));
-        assert!(matches!(store.redeem_join_token::<E>("pjt_nope", fake_issue), Err(E::T(TokenRefusal::Unknown))));
-        assert_eq!(store.certificates(None, 10).unwrap().len(), 1);
-    }
-
-    #[test]
-    fn addresses_bound_to_a_token_belong_to_its_identity_once_redeemed() {
-        let dir = tempdir();
-        let store = Store::open(&dir).unwrap();
-        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
-        let other: SpiffeId = "spiffe://cluster.local/ns/a/sa/c".parse().unwrap();
-        let t = store.create_bound_join_token(&id, Duration::from_secs(60), &["10.0.0.7".into()]).unwrap();
-        let unused = store.create_bound_join_token(&other, Duration::from_secs(60), &["10.0.0.8".into()]).unwrap();
-        assert!(store.bound_addresses(id.as_str()).unwrap().is_empty(), "not before it is redeemed");
-        store.redeem_join_token::<E>(&t, fake_issue).unwrap();
-        assert_eq!(store.bound_addresses(id.as_str()).unwrap(), ["10.0.0.7"]);
-        assert!(store.bound_addresses(other.as_str()).unwrap().is_empty(), "{unused} was never redeemed");
-    }
-
-    #[test]
-    fn expired_token_is_refused_and_failed_issue_does_not_spend_token() {
-        let dir = tempdir();
-        let store = Store::open(&dir).unwrap();
-        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
-        let expired = store.create_join_token(&id, Duration::ZERO).unwrap();
-        assert!(matches!(store.redeem_join_token::<E>(&expired, fake_issue), Err(E::T(TokenRefusal::Expired))));
-        let t = store.create_join_token(&id, Duration::from_secs(60)).unwrap();
-        let failed = store.redeem_join_token::<E>(&t, |_| Err(E::S(StoreError::Corrupt("boom".into()))));
-        assert!(failed.is_err());
-        store.redeem_join_token::<E>(&t, fake_issue).expect("token survives a failed issue");
-    }
-
-    #[tokio::test]
-    async fn a_write_by_another_process_wakes_the_watch_and_own_writes_do_not_count() {
-        let dir = tempdir();
-        let server = Store::open(&dir).unwrap();
-        assert!(server.changed_elsewhere().unwrap(), "the first look counts as a change");
-        assert!(!server.changed_elsewhere().unwrap());
-        server.revoke(Some("spiffe://cluster.local/ns/a/sa/own"), None).unwrap();
-        assert!(!server.changed_elsewhere().unwrap(), "this connection's own commit");
-        let woken = std::sync::Arc::new(tokio::sync::Notify::new());
-        let _watcher = server.watch(woken.clone()).unwrap();
-
-        let cli = Store::open(&dir).unwrap(); // what `palisade control revoke` opens
-        cli.revoke(Some("spiffe://cluster.local/ns/a/sa/b"), None).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), woken.notified()).await.expect("the watch wakes");
-        assert!(server.changed_elsewhere().unwrap());
-        assert_eq!(server.revocations().unwrap().0.len(), 2);
-    }
-
-    fn tempdir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("palisade-store-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
 }
