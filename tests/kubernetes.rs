@@ -1335,3 +1335,34 @@ async fn on_kubernetes_only_the_api_servers_pod_ips_prove_a_registered_address()
         all.iter().find(|s| s["spiffe_id"] == mallory && !s["refused_addresses"].as_array().unwrap().is_empty());
     assert!(reason.unwrap()["refused_addresses"][0]["reason"].as_str().unwrap().contains("API server"), "{all:#?}");
 }
+
+/// Revokes `identity` through `cp`'s management API, as the cluster's administrator.
+fn revoke_through(cp: &ControlPlane, identity: &str) {
+    std::fs::write(cp.dir.join(format!("admin-{}.token", cp.listen.port())), ADMIN_TOKEN).unwrap();
+    let out = Command::new(BIN)
+        .args(["control", "revoke", "--identity", identity])
+        .args(cp.server_cli_args())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "revoke through {}: {}", cp.listen, String::from_utf8_lossy(&out.stderr));
+}
+
+/// The service-account path checks revocations like every other: a token the API server
+/// accepts earns a revoked identity nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_service_account_gets_no_certificate_for_a_valid_token() {
+    let c = cluster();
+    let dir = tempdir("k8s-revoked-sa");
+    c.namespace("rev", &[], &["api", "other"]);
+    let (cp, _) = control_plane(c, &dir, "cp-rev", "rev-system", &[]).await;
+    let api = "spiffe://cluster.local/ns/rev/sa/api";
+    assert_eq!(certify(&cp, &c.token("rev", "api", "palisade")).await.unwrap(), api);
+    revoke_through(&cp, api);
+    let s = certify(&cp, &c.token("rev", "api", "palisade")).await.expect_err("a revoked identity was certified");
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains(&format!("{api} is revoked")), "{s:?}");
+    assert_eq!(
+        certify(&cp, &c.token("rev", "other", "palisade")).await.unwrap(),
+        "spiffe://cluster.local/ns/rev/sa/other"
+    );
+}

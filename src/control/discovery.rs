@@ -275,6 +275,17 @@ impl MeshState {
         }
     }
 
+    /// Whether `id`, or the certificate `serial` (hex) when one is presented, is revoked in the
+    /// lists pushed to sidecars: issuance refuses exactly what sidecars refuse.
+    pub fn is_revoked(&self, id: &str, serial: Option<&str>) -> bool {
+        let (ids, serials) = &**self.revocations.load();
+        ids.iter().any(|i| i == id)
+            || serial.is_some_and(|s| {
+                let s = s.trim_start_matches("0x");
+                serials.iter().any(|r| r.eq_ignore_ascii_case(s))
+            })
+    }
+
     /// Whether a cluster source (the Kubernetes API server) lists `ip` as a pod of `id`.
     pub fn cluster_serves(&self, id: &str, ip: std::net::IpAddr) -> bool {
         self.cluster_endpoints.load().iter().any(|e| {

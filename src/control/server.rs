@@ -400,6 +400,7 @@ async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Re
         cert_ttl: inputs.args.cert_ttl,
         attestor: inputs.kube.clone().map(|c| crate::k8s::attest::Attestor::new(c, &inputs.args.trust_domain)),
         metrics: inputs.metrics.clone(),
+        mesh: inputs.mesh.clone(),
     };
     let identity = super::metrics::MeteredIdentity { inner: identity, metrics: inputs.metrics.clone() };
     tonic::transport::Server::builder()
