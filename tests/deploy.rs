@@ -196,6 +196,8 @@ fn rbac_is_least_privilege() {
     let expected = grant_set(&[
         ("", &["secrets"], &["get", "update"], "palisade-ca"),
         ("", &["secrets"], &["create"], ""),
+        ("", &["configmaps"], &["get", "list", "watch", "update"], "palisade-revocations"),
+        ("", &["configmaps"], &["create"], ""),
         ("coordination.k8s.io", &["leases"], &["get", "update"], "palisade-control-leader"),
         ("coordination.k8s.io", &["leases"], &["create"], ""),
     ]);

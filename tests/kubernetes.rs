@@ -1366,3 +1366,48 @@ async fn a_revoked_service_account_gets_no_certificate_for_a_valid_token() {
         "spiffe://cluster.local/ns/rev/sa/other"
     );
 }
+
+/// Revocations live in the Kubernetes API: one stored through replica 1's management API is in
+/// the shared ConfigMap, reaches replica 2 within a second (its watch, no polling), and replica
+/// 2's issuance refuses the identity; a replica started afterwards starts with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_stored_through_one_replica_is_enforced_by_the_other() {
+    let c = cluster();
+    let dir = tempdir("k8s-shared-revocation");
+    let system = "shared-rev-system";
+    c.namespace("srev", &[], &["api", "other"]);
+    let (one, _) = control_plane(c, &dir, "cp-srev-1", system, &[]).await;
+    let (two, _) = control_plane(c, &dir, "cp-srev-2", system, &[]).await;
+    let api = "spiffe://cluster.local/ns/srev/sa/api";
+    assert_eq!(certify(&two, &c.token("srev", "api", "palisade")).await.unwrap(), api);
+
+    std::fs::write(two.dir.join(format!("admin-{}.token", two.listen.port())), ADMIN_TOKEN).unwrap();
+    let api_two = two.api().await;
+    revoke_through(&one, api);
+    let stored_at = Instant::now();
+    let cm = c.get_json(&["get", "configmap", "palisade-revocations", "-n", system]);
+    assert!(cm["data"]["identities"].as_str().unwrap().lines().any(|l| l == api), "{cm}");
+    wait_for("the revocation in replica 2's state", Duration::from_secs(3), || {
+        let mut api_two = api_two.clone();
+        async move {
+            let list = api_two.list_revocations(palisade::proto::admin::ListRevocationsRequest {}).await.unwrap();
+            list.into_inner().spiffe_ids.iter().any(|i| i == api)
+        }
+    })
+    .await;
+    let elapsed = stored_at.elapsed();
+    assert!(elapsed < Duration::from_secs(1), "the revocation took {elapsed:?} to reach replica 2");
+    let s =
+        certify(&two, &c.token("srev", "api", "palisade")).await.expect_err("replica 2 certified a revoked identity");
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("is revoked"), "{s:?}");
+    assert_eq!(
+        certify(&two, &c.token("srev", "other", "palisade")).await.unwrap(),
+        "spiffe://cluster.local/ns/srev/sa/other"
+    );
+
+    // A replica that starts later (an empty state directory) refuses it from its first answer.
+    let (three, _) = control_plane(c, &dir, "cp-srev-3", system, &[]).await;
+    let s = certify(&three, &c.token("srev", "api", "palisade")).await.expect_err("a new replica forgot a revocation");
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+}

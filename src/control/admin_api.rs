@@ -137,6 +137,9 @@ pub struct AdminService {
     pub propagation: Duration,
     /// Where new CA generations' keys go (a KEK, a PKCS#11 token).
     pub custody: crate::identity::KeyCustody,
+    /// Kubernetes: the client and namespace of the revocations every replica shares and
+    /// watches ([`crate::k8s::revocations`]); a revoke call is stored there first.
+    pub shared_revocations: Option<(kube::Client, String)>,
     pub cert_ttl: Duration,
 }
 
@@ -437,8 +440,22 @@ impl Admin for AdminService {
                 }
                 (None, None) => return Err(Status::invalid_argument("give a spiffe_id or a serial to revoke")),
             }
-            let store = self.store.clone();
             let serial = serial.map(|s| s.trim_start_matches("0x").to_lowercase());
+            if let Some((client, namespace)) = &self.shared_revocations {
+                // Shared first: once stored there, every replica's watch brings it to its
+                // sidecars and its issuance; then here at once, without waiting for ours.
+                let (ids, serials) =
+                    crate::k8s::revocations::revoke(client, namespace, identity.as_deref(), serial.as_deref())
+                        .await
+                        .map_err(|e| Status::unavailable(e.to_string()))?;
+                let mesh = self.mesh.clone();
+                tokio::task::spawn_blocking(move || mesh.adopt_revocations(&ids, &serials))
+                    .await
+                    .map_err(internal)?
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                return Ok(Response::new(RevokeResponse {}));
+            }
+            let store = self.store.clone();
             let (ids, serials) = tokio::task::spawn_blocking(move || {
                 store.revoke(identity.as_deref(), serial.as_deref())?;
                 store.revocations()

@@ -207,7 +207,7 @@ impl ControlInputs {
         let own_id = SpiffeId::control_plane(&args.trust_domain)
             .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
         let store = Arc::new(Store::open(&args.state_dir)?);
-        let (kube, custody) = if args.kubernetes {
+        let (kube, custody, shared_revocations) = if args.kubernetes {
             let client = kube::Client::try_default().await.context("connecting to the Kubernetes API server")?;
             let custody = args.ca_keys.custody(Some((&client, &args.namespace))).await?;
             let material = crate::k8s::ca_secret::load_or_create(
@@ -220,9 +220,11 @@ impl ControlInputs {
             .await
             .context("loading the CA Secret")?;
             CaSet::adopt(&store, &material, &custody)?;
-            (Some(client), custody)
+            // Every replica's revocations, before this one issues anything.
+            let revoked = crate::k8s::revocations::read(&client, &args.namespace).await?;
+            (Some(client), custody, Some(revoked))
         } else {
-            (None, args.ca_keys.custody(None).await?)
+            (None, args.ca_keys.custody(None).await?, None)
         };
         let ca_set = CaSet::load_or_init(&store, &args.trust_domain, &custody)?;
         ca_set.export_bundle(&args.state_dir)?;
@@ -246,8 +248,8 @@ impl ControlInputs {
         }
         let jwks_tls = super::jwks::client_config(&args.jwks_ca)?;
         let mesh = MeshState::new(settings, ca.clone(), store.clone());
-        let (revoked_ids, revoked_serials) = store.revocations()?;
-        mesh.set_revocations(revoked_ids, revoked_serials);
+        let (shared_ids, shared_serials) = shared_revocations.unwrap_or_default();
+        mesh.adopt_revocations(&shared_ids, &shared_serials)?;
         let audit =
             Arc::new(AuditLog::open(&args.audit_log.clone().unwrap_or_else(|| args.state_dir.join("audit.log")))?);
         Ok(ControlInputs {
@@ -275,7 +277,8 @@ impl ControlInputs {
 }
 
 /// Reads the configuration source (a resources directory, or the Kubernetes API with leader
-/// election for CRD status) before anything is served, then follows it.
+/// election for CRD status) before anything is served, then follows it; on Kubernetes, also
+/// watches the revocations every replica shares.
 async fn start_source(inputs: &ControlInputs) -> anyhow::Result<()> {
     let sink = Sink { mesh: inputs.mesh.clone(), errors: inputs.resource_errors.clone() };
     let args = &inputs.args;
@@ -289,6 +292,13 @@ async fn start_source(inputs: &ControlInputs) -> anyhow::Result<()> {
             lease_duration: args.lease_duration,
         }
         .spawn(client.clone());
+        let mesh = inputs.mesh.clone();
+        tokio::spawn(crate::k8s::revocations::watch(client.clone(), args.namespace.clone(), move |(ids, serials)| {
+            // A few rows written at most, and only for a revocation this replica had not seen.
+            if let Err(e) = mesh.adopt_revocations(&ids, &serials) {
+                tracing::error!(error = %e, "cannot record the revocations shared by the other replicas");
+            }
+        }));
         let kube = source::kubernetes::KubeSource::new(client.clone(), args.trust_domain.clone(), leader);
         source::start(kube, sink).await?;
     } else if let Some(dir) = &args.resources {
@@ -454,6 +464,7 @@ fn admin_service(inputs: &ControlInputs) -> AdminService {
             wake.notify_one();
         }),
         propagation: propagation(&inputs.args),
+        shared_revocations: inputs.kube.clone().map(|c| (c, inputs.args.namespace.clone())),
         custody: inputs.custody.clone(),
         cert_ttl: inputs.args.cert_ttl,
     }
