@@ -604,6 +604,32 @@ fn the_generated_crds_are_in_deploy_crds() {
     );
 }
 
+/// The chart runs two replicas by default, spread over nodes and kept available through a drain
+/// by a PodDisruptionBudget; a single replica gets no PDB, which would block every drain.
+#[test]
+fn the_chart_runs_two_spread_replicas_with_a_disruption_budget_and_one_without() {
+    let rendered: Vec<(String, Value)> = helm_template(&[]).into_iter().map(|o| ("helm".to_string(), o)).collect();
+    let deployment = find(&rendered, "Deployment", "palisade-control");
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let spread = &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(text(spread, &["podAffinityTerm", "topologyKey"]), "kubernetes.io/hostname");
+    assert_eq!(
+        spread["podAffinityTerm"]["labelSelector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    let pdb = find(&rendered, "PodDisruptionBudget", "palisade-control");
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert_eq!(pdb["spec"]["selector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
+
+    let single = helm_template(&["replicas=1"]);
+    assert!(single.iter().all(|o| text(o, &["kind"]) != "PodDisruptionBudget"), "a PDB on one replica blocks drains");
+    let three: Vec<(String, Value)> =
+        helm_template(&["replicas=3"]).into_iter().map(|o| ("helm".to_string(), o)).collect();
+    assert_eq!(find(&three, "Deployment", "palisade-control")["spec"]["replicas"], 3);
+    find(&three, "PodDisruptionBudget", "palisade-control");
+}
+
 #[test]
 fn the_helm_chart_renders_the_same_objects_as_deploy() {
     let rendered = helm_template(&[]);
