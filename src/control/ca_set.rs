@@ -389,3 +389,32 @@ pub fn advance_rotation(store: &Store, propagation: Duration, max_lifetime: Dura
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(generation: u32, state: &str, created_at: i64, retire_after: Option<i64>) -> GenerationState {
+        GenerationState { generation, state: state.into(), created_at, retire_after }
+    }
+
+    #[test]
+    fn a_rotation_activates_after_propagation_then_retires_after_the_longest_lifetime() {
+        let (propagation, lifetime) = (Duration::from_secs(5), Duration::from_secs(3));
+        let mut gens = vec![g(1, "active", 0, None), g(2, "next", 100, None)];
+        assert_eq!(next_step_time(&gens, propagation), Some(105));
+        assert_eq!(rotation_step(&gens, 104, propagation, lifetime), None, "the new root is still spreading");
+        let step = rotation_step(&gens, 105, propagation, lifetime).unwrap();
+        assert_eq!(step, RotationStep::Activate { next: 2, retiring: Some((1, 105 + 3 + 60)) });
+        apply_step(&mut gens, &step);
+        assert_eq!(gens, [g(1, "retiring", 0, Some(168)), g(2, "active", 100, None)]);
+        assert_eq!(next_step_time(&gens, propagation), Some(168));
+        assert_eq!(rotation_step(&gens, 167, propagation, lifetime), None);
+        let step = rotation_step(&gens, 168, propagation, lifetime).unwrap();
+        assert_eq!(step, RotationStep::Retire(1));
+        apply_step(&mut gens, &step);
+        assert_eq!(gens[0].state, "retired");
+        assert_eq!(next_step_time(&gens, propagation), None);
+        assert_eq!(rotation_step(&gens, i64::MAX, propagation, lifetime), None, "nothing in progress");
+    }
+}
