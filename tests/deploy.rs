@@ -167,7 +167,10 @@ fn rbac_is_least_privilege() {
             if resource == "secrets" {
                 assert_eq!(kind, "Role", "{file}: secrets in a {kind}: Secrets are readable only in palisade-system");
                 assert!(verb == "create" || name == "palisade-ca", "{file}: {verb} on secrets other than palisade-ca");
-                assert!(verb != "list" && verb != "watch", "{file}: {verb} on secrets reads every Secret");
+                assert!(
+                    (verb != "list" && verb != "watch") || name == "palisade-ca",
+                    "{file}: {verb} on secrets reads every Secret"
+                );
             }
         }
     }
@@ -194,8 +197,10 @@ fn rbac_is_least_privilege() {
     let role = find(&objects, "Role", "palisade-control");
     assert_eq!(text(role, &["metadata", "namespace"]), "palisade-system");
     let expected = grant_set(&[
-        ("", &["secrets"], &["get", "update"], "palisade-ca"),
+        ("", &["secrets"], &["get", "list", "watch", "update"], "palisade-ca"),
         ("", &["secrets"], &["create"], ""),
+        ("", &["configmaps"], &["get", "list", "watch", "update"], "palisade-revocations"),
+        ("", &["configmaps"], &["create"], ""),
         ("coordination.k8s.io", &["leases"], &["get", "update"], "palisade-control-leader"),
         ("coordination.k8s.io", &["leases"], &["create"], ""),
     ]);
@@ -597,6 +602,32 @@ fn the_generated_crds_are_in_deploy_crds() {
         "deploy/crds/ holds no CRD: run `palisade k8s crds --out deploy/crds`, then \
          `cp deploy/crds/*.yaml deploy/helm/palisade/crds/`"
     );
+}
+
+/// The chart runs two replicas by default, spread over nodes and kept available through a drain
+/// by a PodDisruptionBudget; a single replica gets no PDB, which would block every drain.
+#[test]
+fn the_chart_runs_two_spread_replicas_with_a_disruption_budget_and_one_without() {
+    let rendered: Vec<(String, Value)> = helm_template(&[]).into_iter().map(|o| ("helm".to_string(), o)).collect();
+    let deployment = find(&rendered, "Deployment", "palisade-control");
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let spread = &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(text(spread, &["podAffinityTerm", "topologyKey"]), "kubernetes.io/hostname");
+    assert_eq!(
+        spread["podAffinityTerm"]["labelSelector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    let pdb = find(&rendered, "PodDisruptionBudget", "palisade-control");
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert_eq!(pdb["spec"]["selector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
+
+    let single = helm_template(&["replicas=1"]);
+    assert!(single.iter().all(|o| text(o, &["kind"]) != "PodDisruptionBudget"), "a PDB on one replica blocks drains");
+    let three: Vec<(String, Value)> =
+        helm_template(&["replicas=3"]).into_iter().map(|o| ("helm".to_string(), o)).collect();
+    assert_eq!(find(&three, "Deployment", "palisade-control")["spec"]["replicas"], 3);
+    find(&three, "PodDisruptionBudget", "palisade-control");
 }
 
 #[test]

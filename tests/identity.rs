@@ -324,3 +324,36 @@ async fn the_ledger_survives_kill_dash_nine() {
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(table.contains(&resp.serial) && table.contains(&id("durable")), "{table}");
 }
+
+/// Every issuance path goes through one revocation check: a revoked identity gets nothing from
+/// a fresh join token (an operator's new token does not re-enrol it, since every sidecar would
+/// refuse the certificate anyway) nor from renewing a certificate it still holds; the refusal
+/// spends no token and writes no certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_identity_is_refused_on_every_issuance_path() {
+    let dir = tempdir("revoked-issuance");
+    let cp = ControlPlane::start(&dir, &[]).await;
+    let held = mint_client_cert(&cp.state, &id("gone"), Duration::from_secs(600));
+    let out = std::process::Command::new(BIN)
+        .args(["control", "revoke", "--identity", &id("gone")])
+        .args(cp.server_cli_args())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let token = cp.token(&id("gone"));
+    let err = client(&cp, None).certify(csr(None), Some(Credential::JoinToken(token))).await.unwrap_err();
+    let palisade::agent::ControlClientError::Status(status) = &err else { panic!("{err}") };
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains(&format!("{} is revoked", id("gone"))), "{status:?}");
+
+    let err = client(&cp, Some(held)).certify(csr(None), None).await.unwrap_err();
+    let palisade::agent::ControlClientError::Status(status) = &err else { panic!("{err}") };
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("is revoked"), "{status:?}");
+    assert!(ledger_serials(&cp, &id("gone")).is_empty(), "a refusal wrote a certificate");
+
+    // Everyone else is served as before.
+    let ok = client(&cp, None).certify(csr(None), Some(Credential::JoinToken(cp.token(&id("kept"))))).await.unwrap();
+    assert_eq!(ok.spiffe_id, id("kept"));
+}

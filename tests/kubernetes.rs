@@ -943,8 +943,10 @@ async fn the_deploy_manifests_apply_and_the_control_plane_runs_on_their_least_pr
         accepted_condition(c, "rbac", "p").is_some_and(|(s, _, _)| s == "True")
     })
     .await;
+    // Mutable (a rotation updates it for every replica), holding every generation.
     let secret = c.get_json(&["get", "secret", "palisade-ca", "-n", "palisade-system"]);
-    assert_eq!(secret["immutable"], true);
+    assert_ne!(secret["immutable"], true);
+    assert!(secret["data"]["generations.json"].is_string(), "{secret}");
     let log = cp.proc.log_text();
     assert!(!log.contains("forbidden"), "the deployed RBAC lacks a permission the control plane uses:\n{log}");
 }
@@ -1332,4 +1334,200 @@ async fn on_kubernetes_only_the_api_servers_pod_ips_prove_a_registered_address()
     let reason =
         all.iter().find(|s| s["spiffe_id"] == mallory && !s["refused_addresses"].as_array().unwrap().is_empty());
     assert!(reason.unwrap()["refused_addresses"][0]["reason"].as_str().unwrap().contains("API server"), "{all:#?}");
+}
+
+/// Revokes `identity` through `cp`'s management API, as the cluster's administrator.
+fn revoke_through(cp: &ControlPlane, identity: &str) {
+    std::fs::write(cp.dir.join(format!("admin-{}.token", cp.listen.port())), ADMIN_TOKEN).unwrap();
+    let out = Command::new(BIN)
+        .args(["control", "revoke", "--identity", identity])
+        .args(cp.server_cli_args())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "revoke through {}: {}", cp.listen, String::from_utf8_lossy(&out.stderr));
+}
+
+/// The service-account path checks revocations like every other: a token the API server
+/// accepts earns a revoked identity nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_service_account_gets_no_certificate_for_a_valid_token() {
+    let c = cluster();
+    let dir = tempdir("k8s-revoked-sa");
+    c.namespace("rev", &[], &["api", "other"]);
+    let (cp, _) = control_plane(c, &dir, "cp-rev", "rev-system", &[]).await;
+    let api = "spiffe://cluster.local/ns/rev/sa/api";
+    assert_eq!(certify(&cp, &c.token("rev", "api", "palisade")).await.unwrap(), api);
+    revoke_through(&cp, api);
+    let s = certify(&cp, &c.token("rev", "api", "palisade")).await.expect_err("a revoked identity was certified");
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains(&format!("{api} is revoked")), "{s:?}");
+    assert_eq!(
+        certify(&cp, &c.token("rev", "other", "palisade")).await.unwrap(),
+        "spiffe://cluster.local/ns/rev/sa/other"
+    );
+}
+
+/// Revocations live in the Kubernetes API: one stored through replica 1's management API is in
+/// the shared ConfigMap, reaches replica 2 within a second (its watch, no polling), and replica
+/// 2's issuance refuses the identity; a replica started afterwards starts with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_stored_through_one_replica_is_enforced_by_the_other() {
+    let c = cluster();
+    let dir = tempdir("k8s-shared-revocation");
+    let system = "shared-rev-system";
+    c.namespace("srev", &[], &["api", "other"]);
+    let (one, _) = control_plane(c, &dir, "cp-srev-1", system, &[]).await;
+    let (two, _) = control_plane(c, &dir, "cp-srev-2", system, &[]).await;
+    let api = "spiffe://cluster.local/ns/srev/sa/api";
+    assert_eq!(certify(&two, &c.token("srev", "api", "palisade")).await.unwrap(), api);
+
+    std::fs::write(two.dir.join(format!("admin-{}.token", two.listen.port())), ADMIN_TOKEN).unwrap();
+    let api_two = two.api().await;
+    revoke_through(&one, api);
+    let stored_at = Instant::now();
+    let cm = c.get_json(&["get", "configmap", "palisade-revocations", "-n", system]);
+    assert!(cm["data"]["identities"].as_str().unwrap().lines().any(|l| l == api), "{cm}");
+    wait_for("the revocation in replica 2's state", Duration::from_secs(3), || {
+        let mut api_two = api_two.clone();
+        async move {
+            let list = api_two.list_revocations(palisade::proto::admin::ListRevocationsRequest {}).await.unwrap();
+            list.into_inner().spiffe_ids.iter().any(|i| i == api)
+        }
+    })
+    .await;
+    let elapsed = stored_at.elapsed();
+    assert!(elapsed < Duration::from_secs(1), "the revocation took {elapsed:?} to reach replica 2");
+    let s =
+        certify(&two, &c.token("srev", "api", "palisade")).await.expect_err("replica 2 certified a revoked identity");
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("is revoked"), "{s:?}");
+    assert_eq!(
+        certify(&two, &c.token("srev", "other", "palisade")).await.unwrap(),
+        "spiffe://cluster.local/ns/srev/sa/other"
+    );
+
+    // A replica that starts later (an empty state directory) refuses it from its first answer.
+    let (three, _) = control_plane(c, &dir, "cp-srev-3", system, &[]).await;
+    let s = certify(&three, &c.token("srev", "api", "palisade")).await.expect_err("a new replica forgot a revocation");
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+}
+
+/// A workload certificate chain from `cp` for a service-account token.
+async fn certify_chain(cp: &ControlPlane, token: &str) -> Result<String, tonic::Status> {
+    palisade::tls::install_crypto_provider();
+    let bundle = TrustBundle::from_pem(&std::fs::read_to_string(cp.root_pem_path()).unwrap()).unwrap();
+    let client = ControlClient::new(
+        &cp.listen.to_string(),
+        bundle,
+        CertStore::new(),
+        palisade::identity::SpiffeId::control_plane("cluster.local").unwrap(),
+    );
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
+    match client.certify(csr.der().to_vec(), Some(Credential::KubernetesToken(token.to_string()))).await {
+        Ok(resp) => Ok(resp.certificate_chain_pem),
+        Err(palisade::agent::ControlClientError::Status(s)) => Err(s),
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    }
+}
+
+/// The newest CA generation the CA Secret of `ns` holds: its state and its material.
+fn newest_generation(c: &Cluster, ns: &str) -> (u64, String, palisade::identity::CaMaterial) {
+    let (_, data) = ca_secret_data(c, ns);
+    let all: Vec<Value> = serde_json::from_str(&data["generations.json"]).unwrap();
+    let g = all.iter().max_by_key(|g| g["generation"].as_u64().unwrap()).unwrap();
+    let field = |k: &str| g[k].as_str().unwrap().to_string();
+    let material = palisade::identity::CaMaterial {
+        root_cert_pem: field("root_cert_pem"),
+        root_key_pem: field("root_key_pem"),
+        intermediate_cert_pem: field("intermediate_cert_pem"),
+        intermediate_key_pem: field("intermediate_key_pem"),
+    };
+    (g["generation"].as_u64().unwrap(), field("state"), material)
+}
+
+/// The CA set lives in the CA Secret: a rotation started through replica 1 is one operation for
+/// the mesh. The new root reaches the sidecars of both replicas without a restart, the leader
+/// switches signing, both replicas sign with the new intermediate, and restarting either
+/// replica afterwards adopts the Secret as it stands: the old CA does not come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rotation_through_one_replica_completes_for_both_and_survives_their_restarts() {
+    let c = cluster();
+    let dir = tempdir("k8s-rotate");
+    let system = "rotate-system";
+    c.namespace("rot", &[], &["one", "two"]);
+    let ttl = ["--cert-ttl", "3s"];
+    let (one, _) = control_plane(c, &dir, "cp-rot-1", system, &ttl).await;
+    let (two, _) = control_plane(c, &dir, "cp-rot-2", system, &ttl).await;
+    let old_root = std::fs::read_to_string(one.root_pem_path()).unwrap();
+    let (first, _, old) = newest_generation(c, system);
+    let app = EchoApp::start().await;
+    let sidecar = |cp: &ControlPlane, sa: &'static str| {
+        let (control, root, token) = (cp.listen.to_string(), cp.root_pem_path(), c.token("rot", sa, "palisade"));
+        let dir = dir.clone();
+        async move { kube_sidecar(&dir, &control, &root, &token, &format!("rot-{sa}"), Some(app.addr), &[], &[]).await }
+    };
+    let sidecars = [sidecar(&one, "one").await, sidecar(&two, "two").await];
+
+    std::fs::write(one.dir.join(format!("admin-{}.token", one.listen.port())), ADMIN_TOKEN).unwrap();
+    let out = Command::new(BIN).args(["control", "ca", "rotate"]).args(one.server_cli_args()).output().unwrap();
+    assert!(out.status.success(), "ca rotate through replica 1: {}", String::from_utf8_lossy(&out.stderr));
+    let (generation, state, new) = newest_generation(c, system);
+    assert_eq!((generation, state.as_str()), (first + 1, "next"), "the rotation is stored in the Secret");
+
+    // Before it signs, the new root reaches the sidecars of both replicas: a peer certified by
+    // the new CA is accepted by each, without a restart.
+    let new_ca = palisade::identity::CertificateAuthority::load(new.clone()).unwrap();
+    let probe = certified_by(
+        &new_ca,
+        "spiffe://cluster.local/ns/rot/sa/probe",
+        std::time::SystemTime::now() + Duration::from_secs(600),
+    );
+    let both_roots = format!("{old_root}{}", new.root_cert_pem);
+    for s in &sidecars {
+        let inbound = s.inbound.unwrap();
+        wait_for(&format!("{} to trust the new root", s.identity), Duration::from_secs(5), || {
+            let (probe, roots) = (probe.clone(), both_roots.clone());
+            async move { presented_serial(inbound, &roots, Some(probe)).await.is_ok() }
+        })
+        .await;
+    }
+
+    // The leader switches signing once the bundle had time to spread (3s lifetime + 2s): both
+    // replicas sign with the new intermediate, and the sidecars renew onto it.
+    for cp in [&one, &two] {
+        let token = c.token("rot", "one", "palisade");
+        let want = new.intermediate_cert_pem.trim().to_string();
+        wait_for(&format!("replica {} to sign with the new intermediate", cp.listen), Duration::from_secs(30), || {
+            let (token, want) = (token.clone(), want.clone());
+            async move { certify_chain(cp, &token).await.is_ok_and(|chain| chain.contains(&want)) }
+        })
+        .await;
+    }
+    let (_, state, _) = newest_generation(c, system);
+    assert_eq!(state, "active");
+    for s in &sidecars {
+        let inbound = s.inbound.unwrap();
+        wait_for(&format!("{} to present a certificate of the new CA", s.identity), Duration::from_secs(15), || {
+            let (probe, root) = (probe.clone(), new.root_cert_pem.clone());
+            async move { presented_serial(inbound, &root, Some(probe)).await.is_ok() }
+        })
+        .await;
+    }
+
+    // Restarting either replica adopts the Secret as it stands: the new CA signs, the old one
+    // is not active again, and the Secret is unchanged.
+    for (name, cp) in [("cp-rot-1", one), ("cp-rot-2", two)] {
+        // Killed: the sidecars' open streams would hold a graceful stop for its whole grace.
+        let ControlPlane { mut proc, .. } = cp;
+        proc.kill9();
+        let (again, _) = control_plane(c, &dir, name, system, &ttl).await;
+        let chain = certify_chain(&again, &c.token("rot", "two", "palisade")).await.unwrap();
+        assert!(chain.contains(new.intermediate_cert_pem.trim()), "{name} signs with the old CA after a restart");
+        assert!(!chain.contains(old.intermediate_cert_pem.trim()));
+        let (_, data) = ca_secret_data(c, system);
+        assert_eq!(data["intermediate.pem"], new.intermediate_cert_pem, "a restart changed the active CA");
+        let (_, state, _) = newest_generation(c, system);
+        assert_eq!(state, "active");
+    }
 }

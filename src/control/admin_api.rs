@@ -137,6 +137,11 @@ pub struct AdminService {
     pub propagation: Duration,
     /// Where new CA generations' keys go (a KEK, a PKCS#11 token).
     pub custody: crate::identity::KeyCustody,
+    /// Kubernetes: the client and namespace of the revocations every replica shares and
+    /// watches ([`crate::k8s::revocations`]); a revoke call is stored there first.
+    pub shared_revocations: Option<(kube::Client, String)>,
+    /// Kubernetes: the CA generations shared through the CA Secret; a rotation starts there.
+    pub shared_ca: Option<Arc<super::shared_ca::SharedCa>>,
     pub cert_ttl: Duration,
 }
 
@@ -276,23 +281,43 @@ impl AdminService {
         };
         generations
             .into_iter()
-            .map(|g| {
-                let (root_not_before, root_not_after) = validity(&g.material.root_cert_pem);
-                let next_step_at = match g.state.as_str() {
-                    "next" => g.created_at + self.propagation.as_secs() as i64,
-                    "retiring" => g.retire_after.unwrap_or(0),
-                    _ => 0,
-                };
-                CaGeneration {
-                    generation: g.generation,
-                    state: g.state,
-                    created_at: g.created_at,
-                    root_not_before,
-                    root_not_after,
-                    next_step_at,
-                }
-            })
+            .map(|g| self.generation(g.generation, g.state, g.created_at, g.retire_after, &g.material.root_cert_pem))
             .collect()
+    }
+
+    fn generation(
+        &self,
+        generation: u32,
+        state: String,
+        created_at: i64,
+        retire_after: Option<i64>,
+        root_pem: &str,
+    ) -> CaGeneration {
+        let (root_not_before, root_not_after) = validity(root_pem);
+        let next_step_at = match state.as_str() {
+            "next" => created_at + self.propagation.as_secs() as i64,
+            "retiring" => retire_after.unwrap_or(0),
+            _ => 0,
+        };
+        CaGeneration { generation, state, created_at, root_not_before, root_not_after, next_step_at }
+    }
+
+    /// Kubernetes: starts a rotation in the shared CA Secret, for every replica at once.
+    async fn rotate_shared(&self, shared: &super::shared_ca::SharedCa) -> Result<Vec<CaGeneration>, Status> {
+        use crate::k8s::ca_secret::CaSecretError;
+        match shared.start_rotation(&self.mesh.settings.trust_domain).await {
+            Ok((generation, generations)) => {
+                tracing::info!(generation, "CA rotation started through the admin API, in the shared CA Secret");
+                Ok(generations
+                    .into_iter()
+                    .map(|g| {
+                        self.generation(g.generation, g.state, g.created_at, g.retire_after, &g.material.root_cert_pem)
+                    })
+                    .collect())
+            }
+            Err(e @ CaSecretError::Refused(_)) => Err(Status::failed_precondition(e.to_string())),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
     }
 }
 
@@ -442,8 +467,22 @@ impl Admin for AdminService {
                 }
                 (None, None) => return Err(Status::invalid_argument("give a spiffe_id or a serial to revoke")),
             }
-            let store = self.store.clone();
             let serial = serial.map(|s| s.trim_start_matches("0x").to_lowercase());
+            if let Some((client, namespace)) = &self.shared_revocations {
+                // Shared first: once stored there, every replica's watch brings it to its
+                // sidecars and its issuance; then here at once, without waiting for ours.
+                let (ids, serials) =
+                    crate::k8s::revocations::revoke(client, namespace, identity.as_deref(), serial.as_deref())
+                        .await
+                        .map_err(|e| Status::unavailable(e.to_string()))?;
+                let mesh = self.mesh.clone();
+                tokio::task::spawn_blocking(move || mesh.adopt_revocations(&ids, &serials))
+                    .await
+                    .map_err(internal)?
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                return Ok(Response::new(RevokeResponse {}));
+            }
+            let store = self.store.clone();
             let (ids, serials) = tokio::task::spawn_blocking(move || {
                 store.revoke(identity.as_deref(), serial.as_deref())?;
                 store.revocations()
@@ -478,6 +517,10 @@ impl Admin for AdminService {
         let (call, verb) = if status_only { ("RotateCa(status)", "get") } else { ("RotateCa", "rotate") };
         let caller = self.authorize(&req, call, verb, "certificateauthorities").await?;
         let result = async {
+            if let (Some(shared), false) = (&self.shared_ca, status_only) {
+                let generations = self.rotate_shared(shared).await?;
+                return Ok(Response::new(RotateCaResponse { phase: "started".into(), generations }));
+            }
             let phase = if status_only {
                 None
             } else {

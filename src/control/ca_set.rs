@@ -151,27 +151,6 @@ impl CaSet {
         Self::from_generations(generations, custody)
     }
 
-    /// Makes `material` (keys opened) the active generation (Kubernetes: the CA shared through
-    /// a Secret), retiring whatever the local store held before. Nothing changes if it is
-    /// already active.
-    pub fn adopt(store: &Store, material: &CaMaterial, custody: &KeyCustody) -> Result<(), CaSetError> {
-        let generations = protect_store(store, custody)?;
-        let same = |g: &CaGeneration| {
-            g.material.root_cert_pem == material.root_cert_pem
-                && g.material.intermediate_cert_pem == material.intermediate_cert_pem
-        };
-        if generations.iter().any(|g| g.state == "active" && same(g)) {
-            return Ok(());
-        }
-        for g in generations.iter().filter(|g| g.state != "retired") {
-            store.set_ca_state(g.generation, "retired", None)?;
-        }
-        let next = generations.iter().map(|g| g.generation).max().unwrap_or(0) + 1;
-        insert_generation(store, next, material, "active", custody)?;
-        tracing::info!(generation = next, "adopted the shared CA as the active generation");
-        Ok(())
-    }
-
     fn from_generations(generations: Vec<CaGeneration>, custody: &KeyCustody) -> Result<Self, CaSetError> {
         let active = generations.iter().find(|g| g.state == "active").ok_or(CaSetError::NoActive)?;
         let signer = CertificateAuthority::load_with(open_generation(active, custody)?, custody)
@@ -267,30 +246,182 @@ pub fn start_rotation(store: &Store, trust_domain: &str, custody: &KeyCustody) -
     Ok(next)
 }
 
-/// Moves a rotation on by one step when its time has come:
+/// Where one generation stands in a rotation: what [`rotation_step`] reads, whether the
+/// generations live in the local store or in the Kubernetes CA Secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GenerationState {
+    pub generation: u32,
+    pub state: String,
+    pub created_at: i64,
+    pub retire_after: Option<i64>,
+}
+
+/// The next step of a rotation, decided by [`rotation_step`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RotationStep {
+    /// A `retiring` generation's last certificate has expired: its root leaves the bundle.
+    Retire(u32),
+    /// `next` signs from now on; the old active generation (if any) retires after the time given.
+    Activate { next: u32, retiring: Option<(u32, i64)> },
+}
+
+/// The step a rotation takes at `now`, if its time has come:
 /// `next` becomes `active` once `propagation` has passed since it was created (every sidecar has
 /// renewed at least once and so holds the new root); the old `active` becomes `retiring` until
 /// `max_lifetime` has passed (every certificate it signed has expired), then `retired`.
-/// Returns whether anything changed.
+pub fn rotation_step(
+    generations: &[GenerationState],
+    now: i64,
+    propagation: Duration,
+    max_lifetime: Duration,
+) -> Option<RotationStep> {
+    if let Some(g) = generations.iter().find(|g| g.state == "retiring" && g.retire_after.is_some_and(|t| now >= t)) {
+        return Some(RotationStep::Retire(g.generation));
+    }
+    let next = generations.iter().find(|g| g.state == "next")?;
+    if now < next.created_at + propagation.as_secs() as i64 {
+        return None;
+    }
+    let retiring = generations
+        .iter()
+        .find(|g| g.state == "active")
+        .map(|g| (g.generation, now + max_lifetime.as_secs() as i64 + 60));
+    Some(RotationStep::Activate { next: next.generation, retiring })
+}
+
+/// When the rotation in progress takes its next step (Unix seconds), if one is in progress.
+pub fn next_step_time(generations: &[GenerationState], propagation: Duration) -> Option<i64> {
+    generations
+        .iter()
+        .filter_map(|g| match g.state.as_str() {
+            "next" => Some(g.created_at + propagation.as_secs() as i64),
+            "retiring" => g.retire_after,
+            _ => None,
+        })
+        .min()
+}
+
+/// Applies `step` to `generations` in memory.
+pub fn apply_step(generations: &mut [GenerationState], step: &RotationStep) {
+    let mut set = |generation: u32, state: &str, retire_after: Option<i64>| {
+        if let Some(g) = generations.iter_mut().find(|g| g.generation == generation) {
+            g.state = state.to_string();
+            g.retire_after = retire_after;
+        }
+    };
+    match step {
+        RotationStep::Retire(g) => set(*g, "retired", None),
+        RotationStep::Activate { next, retiring } => {
+            if let Some((old, after)) = retiring {
+                set(*old, "retiring", Some(*after));
+            }
+            set(*next, "active", None);
+        }
+    }
+}
+
+/// Makes the local store hold exactly the generations shared through the Kubernetes CA Secret
+/// (each given as its state and its material, keys opened): a generation already stored (the
+/// same root and intermediate) takes the shared state, a new one is added, and one the Secret
+/// no longer lists is retired. The Secret is the truth; this replica's store only mirrors it,
+/// so a restart adopts the current rotation state and never undoes it. Returns whether
+/// anything changed.
+pub fn adopt_shared(
+    store: &Store,
+    shared: &[(GenerationState, CaMaterial)],
+    custody: &KeyCustody,
+) -> Result<bool, CaSetError> {
+    let local = protect_store(store, custody)?;
+    let same = |a: &CaMaterial, b: &CaMaterial| {
+        a.root_cert_pem == b.root_cert_pem && a.intermediate_cert_pem == b.intermediate_cert_pem
+    };
+    let mut changed = false;
+    let mut number = local.iter().map(|g| g.generation).max().unwrap_or(0);
+    // Retirements first, then the rest in the Secret's order (oldest first), so the store is
+    // never left with two active generations.
+    for g in local.iter().filter(|g| g.state != "retired" && !shared.iter().any(|(_, m)| same(&g.material, m))) {
+        store.set_ca_state(g.generation, "retired", None)?;
+        changed = true;
+    }
+    for (state, material) in shared {
+        match local.iter().find(|g| same(&g.material, material)) {
+            Some(g) if g.state == state.state && g.retire_after == state.retire_after => {}
+            Some(g) => {
+                store.set_ca_state(g.generation, &state.state, state.retire_after)?;
+                changed = true;
+            }
+            None => {
+                number += 1;
+                insert_generation(store, number, material, &state.state, custody)?;
+                if state.retire_after.is_some() {
+                    store.set_ca_state(number, &state.state, state.retire_after)?;
+                }
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        tracing::info!(generations = shared.len(), "adopted the CA generations of the shared CA Secret");
+    }
+    Ok(changed)
+}
+
+/// Moves a rotation in the local store on by one step when its time has come (see
+/// [`rotation_step`]). Returns whether anything changed.
 pub fn advance_rotation(store: &Store, propagation: Duration, max_lifetime: Duration) -> Result<bool, CaSetError> {
-    let now = now_unix();
-    let generations = store.ca_generations()?;
-    for g in &generations {
-        if g.state == "retiring" && g.retire_after.is_some_and(|t| now >= t) {
-            store.set_ca_state(g.generation, "retired", None)?;
-            tracing::info!(generation = g.generation, "old CA generation retired: its root leaves the trust bundle");
-            return Ok(true);
+    let generations: Vec<GenerationState> = store
+        .ca_generations()?
+        .into_iter()
+        .map(|g| GenerationState {
+            generation: g.generation,
+            state: g.state,
+            created_at: g.created_at,
+            retire_after: g.retire_after,
+        })
+        .collect();
+    match rotation_step(&generations, now_unix(), propagation, max_lifetime) {
+        None => Ok(false),
+        Some(RotationStep::Retire(g)) => {
+            store.set_ca_state(g, "retired", None)?;
+            tracing::info!(generation = g, "old CA generation retired: its root leaves the trust bundle");
+            Ok(true)
+        }
+        Some(RotationStep::Activate { next, retiring }) => {
+            if let Some((old, after)) = retiring {
+                store.set_ca_state(old, "retiring", Some(after))?;
+            }
+            store.set_ca_state(next, "active", None)?;
+            tracing::info!(generation = next, "signing switched to the new CA generation");
+            Ok(true)
         }
     }
-    if let Some(next) = generations.iter().find(|g| g.state == "next")
-        && now >= next.created_at + propagation.as_secs() as i64
-    {
-        if let Some(active) = generations.iter().find(|g| g.state == "active") {
-            store.set_ca_state(active.generation, "retiring", Some(now + max_lifetime.as_secs() as i64 + 60))?;
-        }
-        store.set_ca_state(next.generation, "active", None)?;
-        tracing::info!(generation = next.generation, "signing switched to the new CA generation");
-        return Ok(true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(generation: u32, state: &str, created_at: i64, retire_after: Option<i64>) -> GenerationState {
+        GenerationState { generation, state: state.into(), created_at, retire_after }
     }
-    Ok(false)
+
+    #[test]
+    fn a_rotation_activates_after_propagation_then_retires_after_the_longest_lifetime() {
+        let (propagation, lifetime) = (Duration::from_secs(5), Duration::from_secs(3));
+        let mut gens = vec![g(1, "active", 0, None), g(2, "next", 100, None)];
+        assert_eq!(next_step_time(&gens, propagation), Some(105));
+        assert_eq!(rotation_step(&gens, 104, propagation, lifetime), None, "the new root is still spreading");
+        let step = rotation_step(&gens, 105, propagation, lifetime).unwrap();
+        assert_eq!(step, RotationStep::Activate { next: 2, retiring: Some((1, 105 + 3 + 60)) });
+        apply_step(&mut gens, &step);
+        assert_eq!(gens, [g(1, "retiring", 0, Some(168)), g(2, "active", 100, None)]);
+        assert_eq!(next_step_time(&gens, propagation), Some(168));
+        assert_eq!(rotation_step(&gens, 167, propagation, lifetime), None);
+        let step = rotation_step(&gens, 168, propagation, lifetime).unwrap();
+        assert_eq!(step, RotationStep::Retire(1));
+        apply_step(&mut gens, &step);
+        assert_eq!(gens[0].state, "retired");
+        assert_eq!(next_step_time(&gens, propagation), None);
+        assert_eq!(rotation_step(&gens, i64::MAX, propagation, lifetime), None, "nothing in progress");
+    }
 }

@@ -335,6 +335,33 @@ impl MeshState {
         }
     }
 
+    /// Takes revocations shared by other replicas (Kubernetes: the watched ConfigMap): those
+    /// this replica's store lacks are recorded there (its ledger and `ListRevocations` show
+    /// them; nothing is ever un-revoked), then the store's lists are pushed. Blocking.
+    pub fn adopt_revocations(&self, ids: &[String], serials: &[String]) -> Result<(), super::store::StoreError> {
+        let (have_ids, have_serials) = self.store.revocations()?;
+        for id in ids.iter().filter(|i| !have_ids.contains(i)) {
+            self.store.revoke(Some(id), None)?;
+        }
+        for serial in serials.iter().filter(|s| !have_serials.contains(s)) {
+            self.store.revoke(None, Some(serial))?;
+        }
+        let (ids, serials) = self.store.revocations()?;
+        self.set_revocations(ids, serials);
+        Ok(())
+    }
+
+    /// Whether `id`, or the certificate `serial` (hex) when one is presented, is revoked in the
+    /// lists pushed to sidecars: issuance refuses exactly what sidecars refuse.
+    pub fn is_revoked(&self, id: &str, serial: Option<&str>) -> bool {
+        let (ids, serials) = &**self.revocations.load();
+        ids.iter().any(|i| i == id)
+            || serial.is_some_and(|s| {
+                let s = s.trim_start_matches("0x");
+                serials.iter().any(|r| r.eq_ignore_ascii_case(s))
+            })
+    }
+
     /// Whether a cluster source (the Kubernetes API server) lists `ip` as a pod of `id`.
     pub fn cluster_serves(&self, id: &str, ip: std::net::IpAddr) -> bool {
         self.cluster_endpoints.load().iter().any(|e| {

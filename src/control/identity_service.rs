@@ -12,6 +12,7 @@ use crate::proto::identity::identity_server::Identity;
 use crate::proto::identity::{CertifyRequest, CertifyResponse, certify_request::Credential};
 
 use super::ca_set::CaSet;
+use super::discovery::MeshState;
 use super::store::{CredentialKind, Store, StoreError, TokenRefusal};
 
 /// The Certify service.
@@ -23,6 +24,9 @@ pub struct IdentityService {
     pub attestor: Option<crate::k8s::attest::Attestor>,
     /// Store calls are timed here; issued and refused are counted around the service.
     pub metrics: Arc<super::metrics::ControlMetrics>,
+    /// The revocations in force (the lists pushed to sidecars), checked by [`sign_checked`]
+    /// on every path.
+    pub mesh: Arc<MeshState>,
 }
 
 /// A Certify failure, mapped to the gRPC status the caller sees.
@@ -34,12 +38,18 @@ enum CertifyError {
     Token(#[from] TokenRefusal),
     #[error("signing failed: {0}")]
     Sign(#[from] crate::identity::ca::CaError),
+    #[error("{0} is revoked")]
+    Revoked(String),
 }
 
 impl From<CertifyError> for Status {
     fn from(e: CertifyError) -> Status {
         match e {
             CertifyError::Token(t) => Status::permission_denied(t.to_string()),
+            CertifyError::Revoked(what) => {
+                tracing::info!(%what, "certificate refused: revoked");
+                Status::permission_denied(format!("{what} is revoked"))
+            }
             other => {
                 tracing::error!(error = %other, "certify failed");
                 Status::internal(other.to_string())
@@ -63,11 +73,14 @@ impl Identity for IdentityService {
         let ttl = self.cert_ttl;
         let store = self.store.clone();
         let metrics = self.metrics.clone();
+        let mesh = self.mesh.clone();
         let issued = match body.credential {
             Some(Credential::JoinToken(token)) => tokio::task::spawn_blocking(move || {
                 let redeem = || {
+                    // A revoked identity stays revoked: a fresh token does not re-enrol it
+                    // (its peers would refuse the certificate anyway), and the token is not spent.
                     store.redeem_join_token::<CertifyError>(&token, |id| {
-                        Ok(ca.signer().sign_workload(id, &csr.public_key, ttl, &[])?)
+                        sign_checked(&ca, &mesh, id, None, &csr.public_key, ttl)
                     })
                 };
                 metrics.store_call("redeem_join_token", redeem, |e| matches!(e, CertifyError::Store(_)))
@@ -89,7 +102,8 @@ impl Identity for IdentityService {
                     }
                 })?;
                 tokio::task::spawn_blocking(move || {
-                    sign_and_record(&ca, &store, &metrics, &id, &csr.public_key, ttl, CredentialKind::Kubernetes)
+                    let issued = sign_checked(&ca, &mesh, &id, None, &csr.public_key, ttl)?;
+                    record(&store, &metrics, issued, CredentialKind::Kubernetes)
                 })
                 .await
                 .map_err(|e| Status::internal(e.to_string()))??
@@ -102,12 +116,9 @@ impl Identity for IdentityService {
                         "no credential: send a join token or connect with your current, unexpired workload certificate ({e})"
                     ))
                 })?;
-                tokio::task::spawn_blocking(move || -> Result<IssuedCertificate, Status> {
-                    let revoked = metrics.store_call("is_revoked", || store.is_revoked(id.as_str(), &serial), |_| true);
-                    if revoked.map_err(CertifyError::from)? {
-                        return Err(Status::permission_denied(format!("{id} (serial {serial}) is revoked")));
-                    }
-                    Ok(sign_and_record(&ca, &store, &metrics, &id, &csr.public_key, ttl, CredentialKind::Renewal)?)
+                tokio::task::spawn_blocking(move || {
+                    let issued = sign_checked(&ca, &mesh, &id, Some(&serial), &csr.public_key, ttl)?;
+                    record(&store, &metrics, issued, CredentialKind::Renewal)
                 })
                 .await
                 .map_err(|e| Status::internal(e.to_string()))??
@@ -126,17 +137,35 @@ impl Identity for IdentityService {
     }
 }
 
-/// Signs a workload certificate and records it in the ledger before anyone sees it.
-fn sign_and_record(
+/// The one place a workload certificate is signed, so no issuance path can forget the
+/// revocation check: `id` must not be revoked, nor `presented` (the serial of the certificate a
+/// renewal is proven with). The lists are the ones pushed to sidecars, so the control plane
+/// refuses exactly what sidecars refuse; on Kubernetes they are every replica's (watched).
+fn sign_checked(
     ca: &CaSet,
-    store: &Store,
-    metrics: &super::metrics::ControlMetrics,
+    mesh: &MeshState,
     id: &SpiffeId,
+    presented: Option<&str>,
     key: &rcgen::PublicKey,
     ttl: Duration,
+) -> Result<IssuedCertificate, CertifyError> {
+    if mesh.is_revoked(id.as_str(), presented) {
+        let what = match presented {
+            Some(serial) => format!("{id} (serial {serial})"),
+            None => id.to_string(),
+        };
+        return Err(CertifyError::Revoked(what));
+    }
+    Ok(ca.signer().sign_workload(id, key, ttl, &[])?)
+}
+
+/// Records a signed certificate in the ledger before anyone sees it.
+fn record(
+    store: &Store,
+    metrics: &super::metrics::ControlMetrics,
+    issued: IssuedCertificate,
     kind: CredentialKind,
 ) -> Result<IssuedCertificate, CertifyError> {
-    let issued = ca.signer().sign_workload(id, key, ttl, &[])?;
     metrics.store_call("record_certificate", || store.record_certificate(&issued, kind), |_| true)?;
     Ok(issued)
 }

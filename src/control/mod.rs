@@ -11,6 +11,7 @@ pub mod identity_service;
 pub mod jwks;
 pub mod metrics;
 pub mod server;
+pub mod shared_ca;
 pub mod source;
 pub mod status;
 pub mod store;

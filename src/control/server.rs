@@ -24,6 +24,7 @@ use super::ca_set::{self, CaSet};
 use super::discovery::{DiscoveryService, MeshSettings, MeshState};
 use super::identity_service::IdentityService;
 use super::jwks::{JwksInputs, JwksRefetch, JwksStatuses};
+use super::shared_ca::SharedCa;
 use super::source::{self, ResourceError, Sink};
 use super::store::{CredentialKind, Store};
 use super::telemetry::{TelemetryService, TrafficGraph};
@@ -161,6 +162,8 @@ struct ControlInputs {
     /// store even though no other process wrote it (the admin API did).
     ca_wake: Arc<tokio::sync::Notify>,
     ca_reload: Arc<std::sync::atomic::AtomicBool>,
+    /// Kubernetes: the CA generations shared through the CA Secret (the truth the store mirrors).
+    shared_ca: Option<Arc<SharedCa>>,
     audit: Arc<AuditLog>,
     /// What the admin port's `/metrics` serves.
     metrics: Arc<super::metrics::ControlMetrics>,
@@ -177,7 +180,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         store = %inputs.store.describe(), trust_domain = %args.trust_domain, cert_ttl = ?args.cert_ttl, "control plane started");
     let serving_not_after = issue_serving_cert(&inputs)?;
     tokio::spawn(inputs.mesh.clone().run());
-    start_source(&inputs).await?;
+    let leading = start_source(&inputs).await?;
     tokio::spawn(super::jwks::run(JwksInputs {
         mesh: inputs.mesh.clone(),
         refresh: args.jwks_refresh,
@@ -189,6 +192,9 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     start_webhook(&inputs).await?;
     serve_admin(&inputs, admin_listener)?;
     tokio::spawn(run_ca(inputs.clone(), serving_not_after));
+    if let Some(leading) = leading {
+        tokio::spawn(run_ca_leader(inputs.clone(), leading));
+    }
     serve_grpc(&inputs, listener).await?;
     tracing::info!("control plane stopped");
     Ok(())
@@ -210,10 +216,12 @@ impl ControlInputs {
         let own_id = SpiffeId::control_plane(&args.trust_domain)
             .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
         let store = Arc::new(Store::open_with(&args.state_dir, &args.store)?);
-        let (kube, custody) = if args.kubernetes {
+        let (ca_wake, ca_reload) =
+            (Arc::new(tokio::sync::Notify::new()), Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        let (kube, custody, shared_revocations, shared_ca) = if args.kubernetes {
             let client = kube::Client::try_default().await.context("connecting to the Kubernetes API server")?;
             let custody = args.ca_keys.custody(Some((&client, &args.namespace))).await?;
-            let material = crate::k8s::ca_secret::load_or_create(
+            let generations = crate::k8s::ca_secret::load_or_create(
                 client.clone(),
                 &args.namespace,
                 &args.ca_secret,
@@ -222,10 +230,21 @@ impl ControlInputs {
             )
             .await
             .context("loading the CA Secret")?;
-            CaSet::adopt(&store, &material, &custody)?;
-            (Some(client), custody)
+            // The Secret's generations as they stand: a restart never undoes a rotation.
+            super::shared_ca::adopt(&store, &generations, &custody)?;
+            // Every replica's revocations, before this one issues anything.
+            let revoked = crate::k8s::revocations::read(&client, &args.namespace).await?;
+            let shared_ca = SharedCa::new(
+                client.clone(),
+                args.namespace.clone(),
+                args.ca_secret.clone(),
+                custody.clone(),
+                ca_wake.clone(),
+                ca_reload.clone(),
+            );
+            (Some(client), custody, Some(revoked), Some(Arc::new(shared_ca)))
         } else {
-            (None, args.ca_keys.custody(None).await?)
+            (None, args.ca_keys.custody(None).await?, None, None)
         };
         let ca_set = CaSet::load_or_init(&store, &args.trust_domain, &custody)?;
         ca_set.export_bundle(&args.state_dir)?;
@@ -249,8 +268,8 @@ impl ControlInputs {
         }
         let jwks_tls = super::jwks::client_config(&args.jwks_ca)?;
         let mesh = MeshState::new(settings, ca.clone(), store.clone());
-        let (revoked_ids, revoked_serials) = store.revocations()?;
-        mesh.set_revocations(revoked_ids, revoked_serials);
+        let (shared_ids, shared_serials) = shared_revocations.unwrap_or_default();
+        mesh.adopt_revocations(&shared_ids, &shared_serials)?;
         let audit =
             Arc::new(AuditLog::open(&args.audit_log.clone().unwrap_or_else(|| args.state_dir.join("audit.log")))?);
         Ok(ControlInputs {
@@ -269,8 +288,9 @@ impl ControlInputs {
             jwks_tls,
             jwks_status: Default::default(),
             jwks_refetch: Default::default(),
-            ca_wake: Default::default(),
-            ca_reload: Default::default(),
+            ca_wake,
+            ca_reload,
+            shared_ca,
             audit,
             metrics: Default::default(),
         })
@@ -278,8 +298,10 @@ impl ControlInputs {
 }
 
 /// Reads the configuration source (a resources directory, or the Kubernetes API with leader
-/// election for CRD status) before anything is served, then follows it.
-async fn start_source(inputs: &ControlInputs) -> anyhow::Result<()> {
+/// election for CRD status and CA rotation steps) before anything is served, then follows it;
+/// on Kubernetes, also watches the shared revocations and CA Secret. Returns whether this
+/// replica leads (Kubernetes only).
+async fn start_source(inputs: &ControlInputs) -> anyhow::Result<Option<tokio::sync::watch::Receiver<bool>>> {
     let sink = Sink { mesh: inputs.mesh.clone(), errors: inputs.resource_errors.clone() };
     let args = &inputs.args;
     if let Some(client) = &inputs.kube {
@@ -292,13 +314,28 @@ async fn start_source(inputs: &ControlInputs) -> anyhow::Result<()> {
             lease_duration: args.lease_duration,
         }
         .spawn(client.clone());
-        let kube = source::kubernetes::KubeSource::new(client.clone(), args.trust_domain.clone(), leader);
+        let mesh = inputs.mesh.clone();
+        tokio::spawn(crate::k8s::revocations::watch(client.clone(), args.namespace.clone(), move |(ids, serials)| {
+            // A few rows written at most, and only for a revocation this replica had not seen.
+            if let Err(e) = mesh.adopt_revocations(&ids, &serials) {
+                tracing::error!(error = %e, "cannot record the revocations shared by the other replicas");
+            }
+        }));
+        if let Some(shared) = inputs.shared_ca.clone() {
+            let (ns, name, custody) = (shared.namespace.clone(), shared.name.clone(), shared.custody.clone());
+            let offer = shared.clone();
+            tokio::spawn(crate::k8s::ca_secret::watch(client.clone(), ns, name, custody, move |generations| {
+                offer.offer(generations)
+            }));
+        }
+        let kube = source::kubernetes::KubeSource::new(client.clone(), args.trust_domain.clone(), leader.clone());
         source::start(kube, sink).await?;
+        return Ok(Some(leader));
     } else if let Some(dir) = &args.resources {
         let files = source::file::FileSource::new(dir).with_context(|| format!("--resources {}", dir.display()))?;
         source::start(files, sink).await.with_context(|| format!("reading --resources {}", dir.display()))?;
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The sidecar-injection webhook, and the keeper of its configuration's caBundle.
@@ -403,6 +440,7 @@ async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Re
         cert_ttl: inputs.args.cert_ttl,
         attestor: inputs.kube.clone().map(|c| crate::k8s::attest::Attestor::new(c, &inputs.args.trust_domain)),
         metrics: inputs.metrics.clone(),
+        mesh: inputs.mesh.clone(),
     };
     let identity = super::metrics::MeteredIdentity { inner: identity, metrics: inputs.metrics.clone() };
     tonic::transport::Server::builder()
@@ -443,6 +481,7 @@ fn admin_service(inputs: &ControlInputs) -> AdminService {
     };
     let (wake, reload) = (inputs.ca_wake.clone(), inputs.ca_reload.clone());
     AdminService {
+        shared_ca: inputs.shared_ca.clone(),
         authorizer,
         audit: inputs.audit.clone(),
         mesh: inputs.mesh.clone(),
@@ -456,6 +495,7 @@ fn admin_service(inputs: &ControlInputs) -> AdminService {
             wake.notify_one();
         }),
         propagation: propagation(&inputs.args),
+        shared_revocations: inputs.kube.clone().map(|c| (c, inputs.args.namespace.clone())),
         custody: inputs.custody.clone(),
         cert_ttl: inputs.args.cert_ttl,
     }
@@ -507,6 +547,44 @@ async fn run_ca(inputs: Arc<ControlInputs>, mut serving_not_after: i64) {
     }
 }
 
+/// Kubernetes: while this replica leads, it advances a rotation in the shared CA Secret when
+/// its steps come due (woken by the Secret's watch, a change of leadership, or the step's
+/// time); every replica, this one included, takes the result from its watch.
+async fn run_ca_leader(inputs: Arc<ControlInputs>, mut leading: tokio::sync::watch::Receiver<bool>) {
+    let Some(shared) = inputs.shared_ca.clone() else { return };
+    let propagation = propagation(&inputs.args);
+    let idle = Duration::from_secs(3600);
+    loop {
+        let leads = *leading.borrow_and_update();
+        let wait = if leads {
+            match shared.advance(propagation, inputs.args.cert_ttl).await {
+                Ok(Some(at)) => Duration::from_secs((at - crate::clock::now_unix()).max(0) as u64),
+                Ok(None) => idle,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot advance the CA rotation in the shared Secret; retrying");
+                    Duration::from_secs(1)
+                }
+            }
+        } else {
+            idle
+        };
+        // Never spin, whatever the clocks say.
+        let deadline = tokio::time::Instant::now() + wait.max(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                // The election reports every renewal; only a change of leadership matters.
+                changed = leading.changed() => match changed {
+                    Err(_) => return,
+                    Ok(()) if *leading.borrow() != leads => break,
+                    Ok(()) => {}
+                },
+                _ = shared.poke.notified() => break,
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+    }
+}
+
 /// What one pass of the CA worker decided.
 struct CaStep {
     serving_not_after: i64,
@@ -522,7 +600,14 @@ fn ca_step(inputs: &ControlInputs, serving_not_after: i64) -> anyhow::Result<CaS
     tracing::debug!(changed_elsewhere, "CA worker woken");
     // A new root must reach every sidecar before it signs.
     let propagation = propagation(args);
-    let advanced = ca_set::advance_rotation(&inputs.store, propagation, args.cert_ttl)?;
+    let advanced = match &inputs.shared_ca {
+        // Kubernetes: the leader advances the shared Secret; this store mirrors what it says.
+        Some(shared) => match shared.take_pending() {
+            Some(generations) => super::shared_ca::adopt(&inputs.store, &generations, &inputs.custody)?,
+            None => false,
+        },
+        None => ca_set::advance_rotation(&inputs.store, propagation, args.cert_ttl)?,
+    };
     let cur = inputs.ca.load_full();
     let mut signer_changed = false;
     if changed_elsewhere || advanced {

@@ -5,6 +5,12 @@
 //! With a key-encryption key, the Secret's two private keys are sealed (bound to the Secret's
 //! namespace and name, their role and their certificate); a Secret found with keys in clear is
 //! replaced by a sealed one. The KEK itself may come from another Secret ([`load_kek`]).
+//!
+//! The Secret holds every CA generation and where it stands in a rotation (`generations.json`;
+//! its four PEM keys are the active generation, as earlier versions wrote them), so rotation is
+//! one operation for the whole mesh: it is written with optimistic concurrency ([`update`]) and
+//! every replica watches it ([`watch`]) and mirrors it. A Secret without `generations.json` (an
+//! earlier version's) is one active generation.
 
 use std::collections::BTreeMap;
 
@@ -12,13 +18,65 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams, Preconditions};
 
+use futures_util::StreamExt;
+use kube::runtime::{WatchStreamExt, watcher};
+
 use crate::identity::seal::Kek;
 use crate::identity::{CaMaterial, KeyCustody};
+
+/// One CA generation as the Secret shares it, its keys opened.
+#[derive(Clone, Debug)]
+pub struct SharedGeneration {
+    pub generation: u32,
+    /// `next`, `active`, `retiring` or `retired`.
+    pub state: String,
+    /// When it was created (Unix seconds): a `next` generation signs once the bundle holding
+    /// its root has had time to reach every sidecar.
+    pub created_at: i64,
+    /// When a `retiring` generation retires (Unix seconds).
+    pub retire_after: Option<i64>,
+    pub material: CaMaterial,
+}
+
+/// How `generations.json` holds a generation: keys sealed when there is a KEK.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredGeneration {
+    generation: u32,
+    state: String,
+    created_at: i64,
+    #[serde(default)]
+    retire_after: Option<i64>,
+    root_cert_pem: String,
+    root_key_pem: String,
+    intermediate_cert_pem: String,
+    intermediate_key_pem: String,
+}
+
+/// Why the CA Secret was not changed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaSecretError {
+    /// The change itself was refused (e.g. a rotation is already in progress).
+    #[error("{0}")]
+    Refused(String),
+    #[error("Secret {0}: {1}")]
+    Invalid(String, String),
+    #[error("Secret {0}: {1}")]
+    Api(String, kube::Error),
+    #[error(
+        "Secret {0} is immutable (an earlier version created it so); a rotation must update it. Make it mutable \
+         once: kubectl get secret -n NAMESPACE NAME -o json | jq 'del(.immutable)' | kubectl replace --force -f -"
+    )]
+    Immutable(String),
+    #[error("Secret {0}: still conflicting after {1} attempts")]
+    Contended(String, usize),
+}
 
 const ROOT_CERT: &str = "root.pem";
 const ROOT_KEY: &str = "root.key";
 const INTERMEDIATE_CERT: &str = "intermediate.pem";
 const INTERMEDIATE_KEY: &str = "intermediate.key";
+/// Every generation with its state, as JSON.
+const GENERATIONS: &str = "generations.json";
 
 /// The key of the KEK Secret's data that holds the key-encryption key.
 pub const KEK_KEY: &str = "kek";
@@ -65,6 +123,48 @@ pub fn secret_data(
     .collect()
 }
 
+/// The associated-data scope of one generation's keys in `generations.json`.
+fn generation_scope(namespace: &str, name: &str, generation: u32) -> String {
+    format!("{} generation {generation}", scope(namespace, name))
+}
+
+/// The Secret's data for `generations`: the active one's four PEM keys, and every generation
+/// in `generations.json`; keys sealed when `custody` has a KEK.
+pub fn shared_data(
+    generations: &[SharedGeneration],
+    custody: &KeyCustody,
+    namespace: &str,
+    name: &str,
+) -> BTreeMap<String, ByteString> {
+    let mut data = generations
+        .iter()
+        .find(|g| g.state == "active")
+        .map(|g| secret_data(&g.material, custody, namespace, name))
+        .unwrap_or_default();
+    let stored: Vec<StoredGeneration> = generations
+        .iter()
+        .map(|g| {
+            let m = match &custody.kek {
+                Some(kek) => g.material.sealed(kek, &generation_scope(namespace, name, g.generation)),
+                None => g.material.clone(),
+            };
+            StoredGeneration {
+                generation: g.generation,
+                state: g.state.clone(),
+                created_at: g.created_at,
+                retire_after: g.retire_after,
+                root_cert_pem: m.root_cert_pem,
+                root_key_pem: m.root_key_pem,
+                intermediate_cert_pem: m.intermediate_cert_pem,
+                intermediate_key_pem: m.intermediate_key_pem,
+            }
+        })
+        .collect();
+    let json = serde_json::to_vec_pretty(&stored).unwrap_or_default();
+    data.insert(GENERATIONS.to_string(), ByteString(json));
+    data
+}
+
 fn ca_secret(namespace: &str, name: &str, data: BTreeMap<String, ByteString>) -> Secret {
     Secret {
         metadata: ObjectMeta {
@@ -74,30 +174,30 @@ fn ca_secret(namespace: &str, name: &str, data: BTreeMap<String, ByteString>) ->
             ..Default::default()
         },
         type_: Some("Opaque".into()),
-        // Rotation writes a new Secret; this one never changes under a running replica.
-        immutable: Some(true),
+        // Mutable: a rotation updates it (with optimistic concurrency) for every replica.
         data: Some(data),
         ..Default::default()
     }
 }
 
-/// Reads the CA from `namespace/name` (its keys opened), creating it first if it does not
-/// exist. A Secret holding keys in clear is replaced by a sealed one when there is a KEK.
+/// Reads the CA generations from `namespace/name` (keys opened), creating the Secret with one
+/// new generation first if it does not exist. A Secret holding keys in clear is replaced by a
+/// sealed one when there is a KEK.
 pub async fn load_or_create(
     client: kube::Client,
     namespace: &str,
     name: &str,
     trust_domain: &str,
     custody: &KeyCustody,
-) -> anyhow::Result<CaMaterial> {
+) -> anyhow::Result<Vec<SharedGeneration>> {
     let secrets: Api<Secret> = Api::namespaced(client, namespace);
     let failed = |e: String| anyhow::anyhow!("Secret {namespace}/{name}: {e}");
     if let Some(secret) = secrets.get_opt(name).await? {
-        let (material, clear) = from_secret(&secret, custody, namespace, name).map_err(failed)?;
+        let (generations, clear) = shared_from_secret(&secret, custody, namespace, name).map_err(failed)?;
         if clear && custody.kek.is_some() {
-            seal_in_place(&secrets, &secret, &material, custody, namespace, name).await?;
+            seal_in_place(&secrets, &secret, &generations, custody, namespace, name).await?;
         }
-        return Ok(material);
+        return Ok(generations);
     }
     // No CA Secret: a migration stopped between deleting it and writing it again left its
     // sealed copy, which must come back rather than a new CA. Only a control plane with a KEK
@@ -107,7 +207,7 @@ pub async fn load_or_create(
         None => None,
     };
     if let Some(copy) = copy {
-        let (material, _) = from_secret(&copy, custody, namespace, name).map_err(failed)?;
+        let (generations, _) = shared_from_secret(&copy, custody, namespace, name).map_err(failed)?;
         let data = copy.data.clone().unwrap_or_default();
         match secrets.create(&PostParams::default(), &ca_secret(namespace, name, data)).await {
             Ok(_) => tracing::warn!(
@@ -119,10 +219,17 @@ pub async fn load_or_create(
             Err(e) => return Err(e.into()),
         }
         delete_sealing_copy(&secrets, name).await;
-        return Ok(material);
+        return Ok(generations);
     }
-    let material = CaMaterial::generate_in(trust_domain, 1, custody)?;
-    let secret = ca_secret(namespace, name, secret_data(&material, custody, namespace, name));
+    let first = SharedGeneration {
+        generation: 1,
+        state: "active".into(),
+        created_at: crate::clock::now_unix(),
+        retire_after: None,
+        material: CaMaterial::generate_in(trust_domain, 1, custody)?,
+    };
+    let generations = vec![first];
+    let secret = ca_secret(namespace, name, shared_data(&generations, custody, namespace, name));
     match secrets.create(&PostParams::default(), &secret).await {
         Ok(_) => {
             tracing::info!(
@@ -131,12 +238,12 @@ pub async fn load_or_create(
                 sealed = custody.kek.is_some(),
                 "created the mesh CA and stored it in a Secret"
             );
-            Ok(material)
+            Ok(generations)
         }
         Err(kube::Error::Api(e)) if e.code == 409 => {
             // Another replica created it between our read and our create.
             let secret = secrets.get(name).await?;
-            Ok(from_secret(&secret, custody, namespace, name).map_err(failed)?.0)
+            Ok(shared_from_secret(&secret, custody, namespace, name).map_err(failed)?.0)
         }
         Err(e) => Err(e.into()),
     }
@@ -153,14 +260,14 @@ async fn delete_sealing_copy(secrets: &Api<Secret>, name: &str) {
     }
 }
 
-/// Replaces a Secret holding keys in clear with the same material sealed. The Secret is
-/// immutable, so it is deleted (only if it is still the one read) and created again; a sealed
+/// Replaces a Secret holding keys in clear with the same material sealed. An earlier version's
+/// Secret is immutable, so it is deleted (only if it is still the one read) and created again; a sealed
 /// copy written first (`NAME-sealing`) is what [`load_or_create`] restores from if this stops in
 /// between, so no replica ever makes a new CA in the gap.
 async fn seal_in_place(
     secrets: &Api<Secret>,
     old: &Secret,
-    material: &CaMaterial,
+    generations: &[SharedGeneration],
     custody: &KeyCustody,
     namespace: &str,
     name: &str,
@@ -168,7 +275,7 @@ async fn seal_in_place(
     let copy_name = sealing_copy(name);
     let fail = |what: &str, e: kube::Error| anyhow::anyhow!("{what} (sealing the CA Secret {namespace}/{name}): {e}");
     // Sealed under the CA Secret's own name, so the copy's data can be written back verbatim.
-    let data = secret_data(material, custody, namespace, name);
+    let data = shared_data(generations, custody, namespace, name);
     match secrets.delete(&copy_name, &DeleteParams::default()).await {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -195,7 +302,124 @@ async fn seal_in_place(
     Ok(())
 }
 
-/// The material in a Secret, keys opened, and whether a key was found in clear.
+/// The generations in a Secret, keys opened, and whether a key was found in clear. A Secret
+/// without `generations.json` holds one active generation in its four PEM keys.
+fn shared_from_secret(
+    secret: &Secret,
+    custody: &KeyCustody,
+    namespace: &str,
+    name: &str,
+) -> Result<(Vec<SharedGeneration>, bool), String> {
+    let Some(json) = secret.data.as_ref().and_then(|d| d.get(GENERATIONS)) else {
+        let (material, clear) = from_secret(secret, custody, namespace, name)?;
+        let generation =
+            SharedGeneration { generation: 1, state: "active".into(), created_at: 0, retire_after: None, material };
+        return Ok((vec![generation], clear));
+    };
+    let stored: Vec<StoredGeneration> =
+        serde_json::from_slice(&json.0).map_err(|e| format!("key {GENERATIONS:?} is not valid: {e}"))?;
+    let mut clear = false;
+    let mut generations = Vec::with_capacity(stored.len());
+    for g in stored {
+        let material = CaMaterial {
+            root_cert_pem: g.root_cert_pem,
+            root_key_pem: g.root_key_pem,
+            intermediate_cert_pem: g.intermediate_cert_pem,
+            intermediate_key_pem: g.intermediate_key_pem,
+        };
+        clear |= material.has_clear_key();
+        let opened = material
+            .opened(custody.kek.as_deref(), &generation_scope(namespace, name, g.generation))
+            .map_err(|e| open_error(e, custody))?;
+        generations.push(SharedGeneration {
+            generation: g.generation,
+            state: g.state,
+            created_at: g.created_at,
+            retire_after: g.retire_after,
+            material: opened,
+        });
+    }
+    let active = generations.iter().find(|g| g.state == "active").ok_or("holds no active CA generation")?;
+    // Refuse a damaged Secret now rather than at the first signature.
+    crate::identity::CertificateAuthority::load_with(active.material.clone(), custody).map_err(|e| e.to_string())?;
+    Ok((generations, clear))
+}
+
+fn open_error(e: crate::identity::ca::CaError, custody: &KeyCustody) -> String {
+    match e {
+        crate::identity::ca::CaError::Seal { .. } => format!(
+            "{e}; is {} the key-encryption key this Secret was sealed with? Nothing was changed",
+            custody.kek.as_ref().map_or("", |k| k.origin())
+        ),
+        crate::identity::ca::CaError::NoKek(_) => {
+            format!("{e}: pass --ca-kek-secret, --ca-kek-file or PALISADE_CA_KEK")
+        }
+        e => e.to_string(),
+    }
+}
+
+/// Changes the generations in the Secret `namespace/name` with `change` (which says whether it
+/// changed anything, or refuses), written with the `resourceVersion` read: a concurrent writer
+/// makes the write fail, and `change` runs again on what it wrote. Returns the generations as
+/// stored.
+pub async fn update(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    custody: &KeyCustody,
+    mut change: impl FnMut(&mut Vec<SharedGeneration>) -> Result<bool, String>,
+) -> Result<Vec<SharedGeneration>, CaSecretError> {
+    const ATTEMPTS: usize = 16;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let full = format!("{namespace}/{name}");
+    for _ in 0..ATTEMPTS {
+        let secret = secrets.get(name).await.map_err(|e| CaSecretError::Api(full.clone(), e))?;
+        let (mut generations, _) = shared_from_secret(&secret, custody, namespace, name)
+            .map_err(|e| CaSecretError::Invalid(full.clone(), e))?;
+        if !change(&mut generations).map_err(CaSecretError::Refused)? {
+            return Ok(generations);
+        }
+        if secret.immutable == Some(true) {
+            return Err(CaSecretError::Immutable(full));
+        }
+        let mut next = secret.clone();
+        next.data = Some(shared_data(&generations, custody, namespace, name));
+        // `replace` carries the resourceVersion read: a concurrent writer makes it fail.
+        match secrets.replace(name, &PostParams::default(), &next).await {
+            Ok(_) => return Ok(generations),
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(CaSecretError::Api(full, e)),
+        }
+    }
+    Err(CaSecretError::Contended(full, ATTEMPTS))
+}
+
+/// Watches the Secret `namespace/name` and calls `changed` with its generations whenever it is
+/// created or changed (and at the start of every watch, so a reconnect misses nothing). Runs
+/// until dropped.
+pub async fn watch(
+    client: kube::Client,
+    namespace: String,
+    name: String,
+    custody: KeyCustody,
+    changed: impl Fn(Vec<SharedGeneration>) + Send,
+) {
+    let api: Api<Secret> = Api::namespaced(client, &namespace);
+    let one = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut changes = std::pin::pin!(watcher(api, one).default_backoff().applied_objects());
+    while let Some(change) = changes.next().await {
+        match change.map(|secret| shared_from_secret(&secret, &custody, &namespace, &name)) {
+            Ok(Ok((generations, _))) => changed(generations),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, namespace, name, "the CA Secret changed to something unusable; ignored")
+            }
+            // The stream's backoff paces the retries.
+            Err(e) => tracing::warn!(error = %e, namespace, name, "watching the CA Secret"),
+        }
+    }
+}
+
+/// The material in a Secret's four PEM keys, opened, and whether a key was found in clear.
 fn from_secret(
     secret: &Secret,
     custody: &KeyCustody,
@@ -213,16 +437,8 @@ fn from_secret(
         intermediate_cert_pem: field(INTERMEDIATE_CERT)?,
         intermediate_key_pem: field(INTERMEDIATE_KEY)?,
     };
-    let material = stored.opened(custody.kek.as_deref(), &scope(namespace, name)).map_err(|e| match e {
-        crate::identity::ca::CaError::Seal { .. } => format!(
-            "{e}; is {} the key-encryption key this Secret was sealed with? Nothing was changed",
-            custody.kek.as_ref().map_or("", |k| k.origin())
-        ),
-        crate::identity::ca::CaError::NoKek(_) => {
-            format!("{e}: pass --ca-kek-secret, --ca-kek-file or PALISADE_CA_KEK")
-        }
-        e => e.to_string(),
-    })?;
+    let material =
+        stored.opened(custody.kek.as_deref(), &scope(namespace, name)).map_err(|e| open_error(e, custody))?;
     // Refuse a damaged Secret now rather than at the first signature.
     crate::identity::CertificateAuthority::load_with(material.clone(), custody).map_err(|e| e.to_string())?;
     Ok((material, stored.has_clear_key()))

@@ -1,5 +1,5 @@
 //! Kubernetes: CRD types, the resource source, service-account attestation, the CA Secret,
-//! leader election, sidecar injection and its webhook.
+//! leader election, shared revocations, sidecar injection and its webhook.
 
 pub mod attest;
 pub mod ca_secret;
@@ -7,4 +7,5 @@ pub mod cni;
 pub mod crd;
 pub mod inject;
 pub mod lease;
+pub mod revocations;
 pub mod webhook;
