@@ -228,3 +228,18 @@ async fn restart_with_same_state_dir_keeps_the_root() {
     let app = EchoApp::start().await;
     Sidecar::start(&cp2, "after-restart", Some(app.addr), &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_control_plane_promptly_while_sidecars_hold_their_streams_open() {
+    let dir = tempdir("stop-with-sidecars");
+    let mut cp = ControlPlane::start(&dir, &[]).await;
+    let app = EchoApp::start().await;
+    let sidecar = Sidecar::start(&cp, "held-open", Some(app.addr), &[]).await;
+    // The sidecar's discovery stream is up (it is ready only once a snapshot arrived).
+    sidecar.wait_ready().await;
+    let started = std::time::Instant::now();
+    let status = cp.proc.terminate(Duration::from_secs(10));
+    assert!(status.success(), "control plane exit on SIGTERM with a sidecar connected: {status:?}");
+    assert!(started.elapsed() < Duration::from_secs(6), "stopping took {:?}", started.elapsed());
+    drop(sidecar);
+}

@@ -397,6 +397,8 @@ const GRPC_MAX_CONNECTIONS: usize = 16_384;
 const GRPC_KEEPALIVE: Duration = Duration::from_secs(30);
 /// Most concurrent streams one gRPC connection may open.
 const GRPC_MAX_STREAMS: u32 = 32;
+/// How long calls in flight may take to finish once the control plane is asked to stop.
+const GRPC_DRAIN: Duration = Duration::from_secs(3);
 
 /// Accepts TLS connections for the gRPC services until shutdown.
 async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Result<()> {
@@ -443,7 +445,8 @@ async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Re
         mesh: inputs.mesh.clone(),
     };
     let identity = super::metrics::MeteredIdentity { inner: identity, metrics: inputs.metrics.clone() };
-    tonic::transport::Server::builder()
+    let (stop_tx, mut stopping) = tokio::sync::watch::channel(false);
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(GRPC_KEEPALIVE))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         // A sidecar uses three streams (Certify, Discovery, Telemetry).
@@ -467,9 +470,25 @@ async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Re
             store: inputs.store.clone(),
             jwks_refetch: inputs.jwks_refetch.clone(),
         }))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), crate::shutdown_signal())
-        .await
-        .context("gRPC server")
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), async move {
+            crate::shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result.context("gRPC server"),
+        _ = stopping.wait_for(|stop| *stop) => {}
+    }
+    // Graceful shutdown waits for every open stream, and a sidecar's discovery and telemetry
+    // streams never end by themselves: calls in flight get GRPC_DRAIN, then the streams are cut
+    // and their sidecars resume at another replica (or at this one when it is back).
+    match tokio::time::timeout(GRPC_DRAIN, server).await {
+        Ok(result) => result.context("gRPC server"),
+        Err(_) => {
+            tracing::info!(drain = ?GRPC_DRAIN, "shutdown: closing the sidecars' open streams");
+            Ok(())
+        }
+    }
 }
 
 /// The management API's service, authorizing by RBAC on Kubernetes and by administrators'
