@@ -48,7 +48,7 @@ async fn status_shows_sidecars_and_who_calls_whom_with_denials() {
     );
     web.wait_ready().await;
 
-    let client = http_client();
+    let client = http_client_unpooled();
     for _ in 0..6 {
         assert_eq!(get(&client, &format!("http://{route}/x"), &[]).await.unwrap().0, 200);
     }

@@ -151,6 +151,13 @@ pub fn http_client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
+/// A client that opens one connection per request and keeps none. For tests that count
+/// requests: a pooling client may open a spare connection that then idles, and a sidecar
+/// rightly tunnels a silent connection as opaque TCP after detection, which counts once more.
+pub fn http_client_unpooled() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(HttpConnector::new())
+}
+
 /// GET `url` with extra headers; returns status, headers and body text.
 pub async fn get(
     client: &Client<HttpConnector, Full<Bytes>>,
