@@ -3,6 +3,7 @@
 
 mod ca_support;
 mod common;
+mod tools;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,6 +26,7 @@ const PIN: &str = "4711-0815";
 
 /// A fresh SoftHSM2 token in its own directory, as an operator would initialise one.
 fn softhsm(dir: &Path) -> SoftHsm {
+    tools::softhsm();
     assert!(
         Path::new(SOFTHSM_MODULE).exists(),
         "{SOFTHSM_MODULE} is missing: install the Debian package softhsm2 (.ci/install-softhsm)"

@@ -2,10 +2,11 @@
 //! its own cluster in a temporary directory (`initdb`, then `postgres` on a free loopback
 //! port), two `palisade control --store postgres://…` processes on it, and sidecars on each.
 //!
-//! PostgreSQL comes from `.ci/install-postgres` (Debian's `postgresql`): its bin directory is
-//! `PALISADE_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`.
+//! PostgreSQL comes from `.ci/install-postgres` (Debian's `postgresql`, installed on first use):
+//! its bin directory is `PALISADE_PG_BIN`, else what the script prints.
 
 mod common;
+mod tools;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,16 +31,7 @@ struct PgServer {
 }
 
 fn pg_bin() -> PathBuf {
-    if let Ok(dir) = std::env::var("PALISADE_PG_BIN") {
-        return PathBuf::from(dir);
-    }
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL is not installed: run .ci/install-postgres (or set PALISADE_PG_BIN)")
-        .filter_map(|e| Some(e.ok()?.path().join("bin")))
-        .filter(|d| d.join("initdb").exists())
-        .collect();
-    dirs.sort_by_key(|d| d.parent().and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok()).unwrap_or(0));
-    dirs.pop().expect("no /usr/lib/postgresql/*/bin/initdb: run .ci/install-postgres")
+    tools::postgres_bin_dir().to_path_buf()
 }
 
 /// initdb refuses to run as root: as root, the server runs as the `postgres` user the package

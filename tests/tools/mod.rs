@@ -39,6 +39,21 @@ pub fn k8s_bin_dir() -> &'static Path {
     K8S.get_or_init(|| from_env_or_script("PALISADE_K8S_BIN", "install-k8s"))
 }
 
+/// PostgreSQL's bin directory (`$PALISADE_PG_BIN`, else `.ci/install-postgres`, which installs
+/// Debian's `postgresql` when missing and prints its bin directory).
+pub fn postgres_bin_dir() -> &'static Path {
+    static PG: OnceLock<PathBuf> = OnceLock::new();
+    PG.get_or_init(|| from_env_or_script("PALISADE_PG_BIN", "install-postgres"))
+}
+
+/// Installs SoftHSM2 (Debian's `softhsm2`) with `.ci/install-softhsm` when missing.
+pub fn softhsm() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        run_script("install-softhsm", "");
+    });
+}
+
 /// Installs whichever of the network-namespace tests' commands (`ip`, `iptables`, `tcpdump`,
 /// `curl`, `python3`, `setpriv`) are missing, with `.ci/install-netns-tools` (as root; the
 /// packages `.ci/run` installs). Fails the test, saying what to install, where it cannot.
