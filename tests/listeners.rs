@@ -158,8 +158,11 @@ async fn mesh(tag: &str) -> Mesh {
         &app.addr.to_string(),
         "--handshake-timeout",
         "1s",
+        // Longer than building a flood takes on a loaded machine: an HTTP/1 connection waiting
+        // for its next request is closed after this, so web's pooled connection would be gone
+        // before the request made during the flood, and a fresh one refused while flooded.
         "--header-read-timeout",
-        "1s",
+        "5s",
         "--access-log",
         "off",
     ]
