@@ -217,28 +217,25 @@ impl Listener {
     pub async fn accept(&self) -> (TcpStream, SocketAddr, Admitted) {
         loop {
             let (tcp, remote) = accept(&self.inner, self.name, &self.stats).await;
-            let source = match self.admit_source(remote.ip()) {
-                Ok(source) => source,
-                Err(()) => {
-                    self.stats.over_cap.inc();
-                    if self.stats.may_log() {
-                        tracing::warn!(listener = self.name, %remote, cap = self.limits.max_per_source,
-                            refused = self.stats.over_cap.get(), "connection closed: its source is at its cap");
-                    }
-                    continue;
-                }
+            // The listener's place first: a connection refused there has taken no place of
+            // its source's (a source's count is given back only by a dropped `Admitted`).
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                self.refused(remote, self.limits.max_connections, "listener at its cap");
+                continue;
             };
-            match self.permits.clone().try_acquire_owned() {
-                Ok(permit) => return (tcp, remote, Admitted { _permit: permit, source }),
-                Err(_) => {
-                    self.stats.over_cap.inc();
-                    if self.stats.may_log() {
-                        tracing::warn!(listener = self.name, %remote, cap = self.limits.max_connections,
-                            refused = self.stats.over_cap.get(), "connection closed: listener at its cap");
-                    }
-                    drop(tcp);
-                }
+            match self.admit_source(remote.ip()) {
+                Ok(source) => return (tcp, remote, Admitted { _permit: permit, source }),
+                Err(()) => self.refused(remote, self.limits.max_per_source, "its source is at its cap"),
             }
+        }
+    }
+
+    /// Counts (and, rate-limited, logs) a connection closed over `cap`.
+    fn refused(&self, remote: SocketAddr, cap: usize, why: &str) {
+        self.stats.over_cap.inc();
+        if self.stats.may_log() {
+            tracing::warn!(listener = self.name, %remote, cap, refused = self.stats.over_cap.get(),
+                "connection closed: {why}");
         }
     }
 
@@ -263,23 +260,6 @@ impl Listener {
         io._admitted = Some(admitted);
         io
     }
-
-    /// Runs `handle` for every admitted connection, each on its own task holding its place
-    /// under the cap. Never returns.
-    pub async fn serve<F, Fut>(self, handle: F)
-    where
-        F: Fn(TcpStream, SocketAddr) -> Fut,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        loop {
-            let (tcp, remote, admitted) = self.accept().await;
-            let work = handle(tcp, remote);
-            tokio::spawn(async move {
-                work.await;
-                drop(admitted);
-            });
-        }
-    }
 }
 
 /// An IO that fails with `TimedOut` when its client is silent: no byte within `first` of
@@ -291,19 +271,42 @@ pub struct Deadline<IO> {
     timer: Pin<Box<tokio::time::Sleep>>,
     idle: Duration,
     progressed: bool,
+    /// Whether a read that waits counts as silence.
+    reads: ReadTimer,
     /// The connection's place under its listener's cap, freed with the IO.
     _admitted: Option<Admitted>,
+}
+
+/// Whether a [`Deadline`]'s reads are timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadTimer {
+    Timed,
+    /// Until the first byte arrives, then [`ReadTimer::Untimed`].
+    UntilFirstByte,
+    Untimed,
 }
 
 impl<IO> Deadline<IO> {
     /// `io`, whose first bytes must arrive within `first`.
     pub fn new(io: IO, first: Duration, idle: Duration) -> Deadline<IO> {
-        Deadline { io, timer: Box::pin(tokio::time::sleep(first)), idle, progressed: false, _admitted: None }
+        Deadline {
+            io,
+            timer: Box::pin(tokio::time::sleep(first)),
+            idle,
+            progressed: false,
+            reads: ReadTimer::Timed,
+            _admitted: None,
+        }
     }
 
-    /// The wrapped IO.
-    pub fn get_ref(&self) -> &IO {
-        &self.io
+    /// `io` served by an HTTP server that times its reads out itself (hyper's header-read
+    /// timeout, which also closes a kept-alive HTTP/1 connection waiting for its next request;
+    /// HTTP/2 keepalive pings; the request-body pace of [`crate::proxy`]): after the first
+    /// bytes only a write that stays blocked for `idle` (a client that stopped reading) fails.
+    /// A read waiting for the next request then never touches the timer, which keeps the
+    /// deadline off the per-request path of a kept-alive connection.
+    pub fn http_server(io: IO, first: Duration, idle: Duration) -> Deadline<IO> {
+        Deadline { reads: ReadTimer::UntilFirstByte, ..Deadline::new(io, first, idle) }
     }
 
     fn progress(&mut self) {
@@ -334,10 +337,14 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Deadline<IO> {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
                     this.progress();
+                    if this.reads == ReadTimer::UntilFirstByte {
+                        this.reads = ReadTimer::Untimed;
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending if this.reads == ReadTimer::Untimed => Poll::Pending,
             Poll::Pending => this.expired(cx),
         }
     }
@@ -437,6 +444,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_http_server_io_times_out_its_first_bytes_but_not_a_read_after_them() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut io = Deadline::http_server(server, Duration::from_millis(100), Duration::from_millis(100));
+        client.write_all(b"x").await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        // Waiting for the next request is the HTTP server's to time out, not this IO's.
+        let waiting = tokio::time::timeout(Duration::from_millis(400), io.read(&mut buf)).await;
+        assert!(waiting.is_err(), "a read after the first bytes timed out in the IO: {waiting:?}");
+        // Still silent from the start: timed out.
+        let (_client, server) = tokio::io::duplex(64);
+        let mut io = Deadline::http_server(server, Duration::from_millis(100), Duration::from_secs(60));
+        assert_eq!(io.read(&mut buf).await.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
     async fn over_the_cap_a_connection_is_closed_at_once_and_a_freed_place_is_reused() {
         let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = inner.local_addr().unwrap();
@@ -462,6 +485,47 @@ mod tests {
         let third = TcpStream::connect(addr).await.unwrap();
         let admitted_from = tokio::time::timeout(Duration::from_secs(5), accepting).await.unwrap().unwrap();
         assert_eq!(admitted_from, third.local_addr().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_connection_refused_at_the_listeners_cap_takes_no_place_of_its_source() {
+        let inner = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = inner.local_addr().unwrap();
+        let limits = ListenerLimits {
+            max_connections: 1,
+            max_per_source: 1,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        };
+        let listener = Arc::new(Listener::new(inner, "test", limits));
+        let from = |ip: &'static str| async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+            socket.connect(addr).await.unwrap()
+        };
+        let _first = from("127.0.0.1").await;
+        let (_tcp, _, admitted) = listener.accept().await;
+        // 127.0.0.2 is refused at the listener's cap while the first connection lives...
+        let _refused = from("127.0.0.2").await;
+        let accepting = tokio::spawn({
+            let listener = listener.clone();
+            async move { listener.accept().await.1 }
+        });
+        wait_until(|| listener.stats.over_cap.get() == 1).await;
+        // ...and once it is gone, 127.0.0.2 has its one place.
+        drop(admitted);
+        let again = from("127.0.0.2").await;
+        let admitted_from = tokio::time::timeout(Duration::from_secs(5), accepting).await.expect("admitted").unwrap();
+        assert_eq!(admitted_from, again.local_addr().unwrap());
+        assert_eq!(listener.stats.over_cap.get(), 1, "refused as over its source's cap");
+    }
+
+    async fn wait_until(cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "condition not reached within 5 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     #[test]

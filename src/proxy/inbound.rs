@@ -205,11 +205,12 @@ const H2_KEEPALIVE: Duration = Duration::from_secs(60);
 
 impl Inbound {
     /// A connection's IO once its protocol starts: its first bytes (an HTTP/1 head or the
-    /// HTTP/2 preface) within the header-read timeout, then never silent past the idle timeout
-    /// (HTTP/2 pings keep a live pooled connection talking).
+    /// HTTP/2 preface, which hyper's header-read timeout does not cover) within the header-read
+    /// timeout; after that hyper times reads out (the header-read timeout between HTTP/1
+    /// requests, HTTP/2 pings) and the body pace covers a trickled body, so the IO only fails a
+    /// write blocked past the idle timeout (a caller that stopped reading).
     fn deadline<IO>(&self, io: IO) -> crate::listener::Deadline<IO> {
-        let idle = self.limits.idle_timeout.max(H2_KEEPALIVE * 3);
-        crate::listener::Deadline::new(io, self.limits.header_read_timeout, idle)
+        crate::listener::Deadline::http_server(io, self.limits.header_read_timeout, self.limits.idle_timeout)
     }
 }
 
