@@ -287,12 +287,13 @@ fn revoke(
     serial: Option<String>,
     server: ServerArgs,
 ) -> anyhow::Result<()> {
-    let serial = serial.map(|s| s.trim().trim_start_matches("0x").replace(':', "").to_lowercase());
-    if let Some(s) = &serial
-        && (s.is_empty() || !s.bytes().all(|b| b.is_ascii_hexdigit()))
-    {
-        anyhow::bail!("--serial {s:?} is not a hex serial number");
-    }
+    let serial = match serial {
+        Some(s) => Some(
+            palisade::identity::revocation::normalize_serial(&s)
+                .with_context(|| format!("--serial {s:?} is not a hex serial number"))?,
+        ),
+        None => None,
+    };
     if server.server.is_some() {
         let id = identity.as_ref().map(|i| i.to_string());
         runtime()?.block_on(admin_client::revoke(&server, id, serial.clone()))?;

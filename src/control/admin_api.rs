@@ -460,14 +460,13 @@ impl Admin for AdminService {
                     id.parse::<SpiffeId>().map_err(|e| Status::invalid_argument(format!("spiffe_id {id:?}: {e}")))?;
                 }
                 (_, Some(serial)) => {
-                    let hex = serial.trim_start_matches("0x");
-                    if hex.is_empty() || hex.len() > 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    if crate::identity::revocation::normalize_serial(serial).is_none() {
                         return Err(Status::invalid_argument(format!("serial {serial:?}: not a hex serial")));
                     }
                 }
                 (None, None) => return Err(Status::invalid_argument("give a spiffe_id or a serial to revoke")),
             }
-            let serial = serial.map(|s| s.trim_start_matches("0x").to_lowercase());
+            let serial = serial.and_then(|s| crate::identity::revocation::normalize_serial(&s));
             if let Some((client, namespace)) = &self.shared_revocations {
                 // Shared first: once stored there, every replica's watch brings it to its
                 // sidecars and its issuance; then here at once, without waiting for ours.

@@ -328,7 +328,8 @@ impl MeshState {
 
     /// Replaces the revocation lists (identities, serials).
     pub fn set_revocations(&self, ids: Vec<String>, serials: Vec<String>) {
-        let next = (ids, serials);
+        // Sorted and normalized: `is_revoked` searches it.
+        let next = crate::identity::revocation::lists(ids, serials);
         if **self.revocations.load() != next {
             self.revocations.store(Arc::new(next));
             self.mark_dirty();
@@ -356,10 +357,9 @@ impl MeshState {
     pub fn is_revoked(&self, id: &str, serial: Option<&str>) -> bool {
         let (ids, serials) = &**self.revocations.load();
         ids.iter().any(|i| i == id)
-            || serial.is_some_and(|s| {
-                let s = s.trim_start_matches("0x");
-                serials.iter().any(|r| r.eq_ignore_ascii_case(s))
-            })
+            || serial
+                .and_then(crate::identity::revocation::normalize_serial)
+                .is_some_and(|s| serials.binary_search(&s).is_ok())
     }
 
     /// Whether a cluster source (the Kubernetes API server) lists `ip` as a pod of `id`.

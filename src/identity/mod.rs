@@ -9,6 +9,7 @@ pub mod events;
 pub mod manager;
 pub mod metrics;
 pub mod pkcs11;
+pub mod revocation;
 pub mod seal;
 pub mod spiffe;
 pub mod token;

@@ -8,8 +8,6 @@
 //! `resourceVersion`, so two replicas revoking at once both land (the loser reads again and
 //! retries); nothing is ever removed by the control plane.
 
-use std::collections::BTreeSet;
-
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
@@ -37,15 +35,13 @@ pub enum RevocationError {
 /// The lists a ConfigMap holds.
 pub fn lists(cm: &ConfigMap) -> Lists {
     let read = |key: &str| -> Vec<String> {
-        let set: BTreeSet<String> = cm
-            .data
+        cm.data
             .as_ref()
             .and_then(|d| d.get(key))
             .map(|v| v.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect())
-            .unwrap_or_default();
-        set.into_iter().collect()
+            .unwrap_or_default()
     };
-    (read(IDENTITIES), read(SERIALS).into_iter().map(|s| s.to_lowercase()).collect())
+    crate::identity::revocation::lists(read(IDENTITIES), read(SERIALS))
 }
 
 fn with_lists(mut cm: ConfigMap, (ids, serials): &Lists) -> ConfigMap {
@@ -68,10 +64,8 @@ pub async fn revoke(
     let fail = |source| RevocationError::Api { namespace: namespace.to_string(), source };
     let add = |(mut ids, mut serials): Lists| {
         ids.extend(identity.map(str::to_string));
-        serials.extend(serial.map(str::to_lowercase));
-        let ids: BTreeSet<String> = ids.into_iter().collect();
-        let serials: BTreeSet<String> = serials.into_iter().collect();
-        (ids.into_iter().collect::<Vec<_>>(), serials.into_iter().collect::<Vec<_>>())
+        serials.extend(serial.map(str::to_string));
+        crate::identity::revocation::lists(ids, serials)
     };
     for _ in 0..ATTEMPTS {
         let written = match api.get_opt(CONFIGMAP).await.map_err(fail)? {

@@ -726,13 +726,9 @@ impl PgStore {
         let (mut ids, mut serials) = (Vec::new(), Vec::new());
         for row in rows {
             ids.extend(row.get::<_, Option<String>>(0));
-            serials.extend(row.get::<_, Option<String>>(1).map(|s| s.to_lowercase()));
+            serials.extend(row.get::<_, Option<String>>(1));
         }
-        ids.sort();
-        ids.dedup();
-        serials.sort();
-        serials.dedup();
-        Ok((ids, serials))
+        Ok(crate::identity::revocation::lists(ids, serials))
     }
 
     pub(super) fn revoke(&self, identity: Option<&str>, serial: Option<&str>) -> Result<(), StoreError> {

@@ -490,13 +490,9 @@ impl SqliteStore {
         for row in rows {
             let (id, serial) = row.map_err(|e| self.err(e))?;
             ids.extend(id);
-            serials.extend(serial.map(|s| s.to_lowercase()));
+            serials.extend(serial);
         }
-        ids.sort();
-        ids.dedup();
-        serials.sort();
-        serials.dedup();
-        Ok((ids, serials))
+        Ok(crate::identity::revocation::lists(ids, serials))
     }
 
     /// Records a revocation of an identity or a serial.
