@@ -239,7 +239,8 @@ async fn a_policy_that_does_not_compile_is_reported_and_holds_back_nothing() {
     let inbound = s.orders.inbound.unwrap();
     wait_for("a certificate of the new CA accepted", Duration::from_secs(3), || {
         let (probe, roots) = (probe.clone(), roots_before.clone());
-        async move { presented_serial(inbound, &roots, Some(probe)).await.is_ok() }
+        // Any HTTP answer (allowed or denied by policy) means the sidecar accepted the handshake.
+        async move { mtls_status(inbound, &roots, probe).await.is_some() }
     })
     .await;
     let elapsed = rotated_at.elapsed();

@@ -235,8 +235,13 @@ async fn sigterm_stops_the_control_plane_promptly_while_sidecars_hold_their_stre
     let mut cp = ControlPlane::start(&dir, &[]).await;
     let app = EchoApp::start().await;
     let sidecar = Sidecar::start(&cp, "held-open", Some(app.addr), &[]).await;
-    // The sidecar's discovery stream is up (it is ready only once a snapshot arrived).
-    sidecar.wait_ready().await;
+    // The control plane holds the sidecar's discovery stream open.
+    let metrics = format!("http://{}/metrics", cp.admin);
+    wait_for("the sidecar's stream counted", Duration::from_secs(10), || async {
+        let text = get(&http_client(), &metrics, &[]).await.map(|r| r.2).unwrap_or_default();
+        metric(&text, "palisade_control_sidecars_connected", "") == 1.0
+    })
+    .await;
     let started = std::time::Instant::now();
     let status = cp.proc.terminate(Duration::from_secs(10));
     assert!(status.success(), "control plane exit on SIGTERM with a sidecar connected: {status:?}");

@@ -547,6 +547,39 @@ pub async fn presented_serial(
     palisade::tls::peer_identity(conn.peer_certificates()).map(|(_, serial)| serial).map_err(|e| e.to_string())
 }
 
+/// An HTTP/1 connection to the sidecar inbound at `addr` by a holder of `client_cert`,
+/// trusting `bundle_pem`; `None` when the handshake fails on either side. (With TLS 1.3 the
+/// client's handshake completes before the server has judged its certificate: only a request
+/// shows that the server accepted it.)
+pub async fn mtls_http1(
+    addr: SocketAddr,
+    bundle_pem: &str,
+    client_cert: Arc<rustls::sign::CertifiedKey>,
+) -> Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    palisade::tls::install_crypto_provider();
+    let bundle = palisade::tls::TrustBundle::from_pem(bundle_pem).ok()?;
+    let certs = palisade::tls::CertStore::new();
+    certs.set(client_cert, i64::MAX);
+    let cfg = palisade::tls::config::client_config(certs, bundle, None, &[b"http/1.1"]);
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let tls = tokio_rustls::TlsConnector::from(cfg).connect(palisade::tls::config::sni(), tcp).await.ok()?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.ok()?;
+    tokio::spawn(conn);
+    Some(sender)
+}
+
+/// The status a sidecar inbound answers a GET with, to a holder of `client_cert` (see
+/// [`mtls_http1`]); `None` when the connection or the request fails (the certificate refused).
+pub async fn mtls_status(
+    addr: SocketAddr,
+    bundle_pem: &str,
+    client_cert: Arc<rustls::sign::CertifiedKey>,
+) -> Option<u16> {
+    let mut sender = mtls_http1(addr, bundle_pem, client_cert).await?;
+    let req = http::Request::get("/").header("host", "probe").body(Full::new(Bytes::new())).unwrap();
+    sender.send_request(req).await.ok().map(|r| r.status().as_u16())
+}
+
 /// Mints a client certificate for `identity` from the control plane's active CA (read from its
 /// store), valid for `ttl`; tests use it to probe inbound listeners.
 pub fn mint_client_cert(state: &Path, identity: &str, ttl: Duration) -> Arc<rustls::sign::CertifiedKey> {
