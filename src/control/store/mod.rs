@@ -93,6 +93,23 @@ pub enum TokenRefusal {
     Expired,
 }
 
+/// The identity a join token's row (`spiffe_id`, `expires_at`, `used_at`; `None`: no such
+/// token) may still yield at `now`, or why it may not: the one rule both backends apply inside
+/// the transaction that spends the token.
+pub(super) fn redeemable<E: From<StoreError> + From<TokenRefusal>>(
+    row: Option<(String, i64, Option<i64>)>,
+    now: i64,
+) -> Result<SpiffeId, E> {
+    let (id, expires_at, used_at) = row.ok_or(TokenRefusal::Unknown)?;
+    if used_at.is_some() {
+        return Err(TokenRefusal::Used.into());
+    }
+    if now >= expires_at {
+        return Err(TokenRefusal::Expired.into());
+    }
+    id.parse().map_err(|_| StoreError::Corrupt(id).into())
+}
+
 /// How a certificate's identity was established; recorded in the ledger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CredentialKind {

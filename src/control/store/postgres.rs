@@ -587,15 +587,7 @@ impl PgStore {
             Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
         })?;
         let now = now_unix();
-        let outcome = match row {
-            None => Err(E::from(TokenRefusal::Unknown)),
-            Some((_, _, Some(_))) => Err(TokenRefusal::Used.into()),
-            Some((_, expires_at, None)) if now >= expires_at => Err(TokenRefusal::Expired.into()),
-            Some((id, _, None)) => match id.parse::<SpiffeId>() {
-                Ok(id) => issue(&id),
-                Err(_) => Err(StoreError::Corrupt(id).into()),
-            },
-        };
+        let outcome = super::redeemable::<E>(row, now).and_then(|id| issue(&id));
         let (client, shared) = (conn.client.clone(), self.shared.clone());
         let issued = match outcome {
             Ok(issued) => issued,

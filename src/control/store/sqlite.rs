@@ -342,15 +342,8 @@ impl SqliteStore {
             })
             .optional()
             .map_err(|e| self.err(e))?;
-        let (id, expires_at, used_at) = row.ok_or(TokenRefusal::Unknown)?;
-        if used_at.is_some() {
-            return Err(TokenRefusal::Used.into());
-        }
         let now = now_unix();
-        if now >= expires_at {
-            return Err(TokenRefusal::Expired.into());
-        }
-        let id: SpiffeId = id.parse().map_err(|_| StoreError::Corrupt(id.clone()))?;
+        let id: SpiffeId = super::redeemable::<E>(row, now)?;
         let issued = issue(&id)?;
         tx.execute("UPDATE join_tokens SET used_at = ?2 WHERE hash = ?1", params![hash, now])
             .map_err(|e| self.err(e))?;
