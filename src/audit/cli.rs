@@ -91,19 +91,8 @@ async fn live(args: &AuditArgs, now: i64) -> anyhow::Result<AuditInput> {
             .map_err(|e| anyhow::anyhow!("{} {}/{}: {}", r.kind, r.namespace, r.name, e.message))?;
         resources.push(resource);
     }
-    let sidecars: Vec<crate::control::discovery::SidecarEntry> = sidecars
-        .sidecars
-        .into_iter()
-        .map(|s| {
-            serde_json::from_value(serde_json::json!({
-                "spiffe_id": s.spiffe_id, "addresses": s.addresses,
-                "labels": s.labels.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-                "pushed_version": s.pushed_version, "acked_version": s.acked_version,
-                "nack_message": s.nack_message, "connected": s.connected, "last_seen": s.last_seen,
-                "certificate_not_after": s.certificate_not_after,
-            }))
-        })
-        .collect::<Result<_, _>>()?;
+    let sidecars: Vec<crate::control::discovery::SidecarEntry> =
+        sidecars.sidecars.into_iter().map(Into::into).collect();
     let cert_ttl_secs =
         if status.cert_ttl_seconds > 0 { status.cert_ttl_seconds } else { args.cert_ttl.as_secs() as i64 };
     let settings = AuditSettings {

@@ -62,6 +62,29 @@ pub struct SidecarEntry {
     disconnected_at: Option<Instant>,
 }
 
+impl From<crate::proto::admin::Sidecar> for SidecarEntry {
+    /// A sidecar as the management API lists it (`palisade status`, the live audit).
+    fn from(s: crate::proto::admin::Sidecar) -> Self {
+        SidecarEntry {
+            spiffe_id: s.spiffe_id,
+            addresses: s.addresses,
+            refused_addresses: s
+                .refused_addresses
+                .into_iter()
+                .map(|r| RefusedAddress { address: r.address, reason: r.reason })
+                .collect(),
+            labels: s.labels.into_iter().collect(),
+            pushed_version: s.pushed_version,
+            acked_version: s.acked_version,
+            nack_message: s.nack_message,
+            connected: s.connected,
+            last_seen: s.last_seen,
+            certificate_not_after: s.certificate_not_after,
+            disconnected_at: None,
+        }
+    }
+}
+
 /// The control plane's live model of the mesh, shared by every stream.
 pub struct MeshState {
     pub settings: MeshSettings,

@@ -8,10 +8,10 @@ use super::telemetry::Edge;
 use crate::proto::admin::{ListSidecarsRequest, StatusRequest, TrafficGraphRequest};
 
 /// Everything `palisade status` shows.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, serde::Serialize)]
 pub struct StatusReport {
-    pub sidecars: Vec<serde_json::Value>,
-    pub traffic: Vec<serde_json::Value>,
+    pub sidecars: Vec<SidecarEntry>,
+    pub traffic: Vec<Edge>,
     pub resource_errors: Vec<String>,
 }
 
@@ -21,38 +21,8 @@ pub async fn fetch(client: &mut AdminClient) -> anyhow::Result<StatusReport> {
     let edges = client.traffic_graph(TrafficGraphRequest {}).await?.into_inner().edges;
     let status = client.status(StatusRequest {}).await?.into_inner();
     Ok(StatusReport {
-        sidecars: sidecars
-            .into_iter()
-            .map(|s| {
-                serde_json::json!({
-                    "spiffe_id": s.spiffe_id,
-                    "addresses": s.addresses,
-                    "labels": s.labels.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-                    "pushed_version": s.pushed_version,
-                    "acked_version": s.acked_version,
-                    "nack_message": s.nack_message,
-                    "connected": s.connected,
-                    "last_seen": s.last_seen,
-                    "certificate_not_after": s.certificate_not_after,
-                    "refused_addresses": s.refused_addresses.iter()
-                        .map(|r| serde_json::json!({"address": r.address, "reason": r.reason}))
-                        .collect::<Vec<_>>(),
-                })
-            })
-            .collect(),
-        traffic: edges
-            .into_iter()
-            .map(|e| {
-                serde_json::json!({
-                    "source": e.source,
-                    "destination": e.destination,
-                    "requests": e.requests,
-                    "errors": e.errors,
-                    "denials": e.denials,
-                    "handshake_failures": e.handshake_failures,
-                })
-            })
-            .collect(),
+        sidecars: sidecars.into_iter().map(SidecarEntry::from).collect(),
+        traffic: edges.into_iter().map(Edge::from).collect(),
         resource_errors: status.resource_errors,
     })
 }
@@ -81,8 +51,7 @@ pub fn render(report: &StatusReport) -> String {
         "{:<46} {:<22} {:<18} {:<10} {:<22} {:<28} LAST SEEN",
         "IDENTITY", "ADDRESS", "LABELS", "STATE", "CONFIG (pushed/acked)", "CERT EXPIRES"
     );
-    for s in &report.sidecars {
-        let Ok(e) = serde_json::from_value::<SidecarEntry>(s.clone()) else { continue };
+    for e in &report.sidecars {
         let labels = e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
         let state = if !e.connected {
             "gone"
@@ -117,8 +86,7 @@ pub fn render(report: &StatusReport) -> String {
         "{:<46}    {:<46} {:>9} {:>8} {:>8} {:>10}",
         "SOURCE", "DESTINATION", "REQUESTS", "ERRORS", "DENIED", "TLS FAILS"
     );
-    for t in &report.traffic {
-        let Ok(e) = serde_json::from_value::<Edge>(t.clone()) else { continue };
+    for e in &report.traffic {
         let pct = |n: u64| {
             if e.requests == 0 { "-".to_string() } else { format!("{:.0}%", 100.0 * n as f64 / e.requests as f64) }
         };

@@ -25,6 +25,19 @@ pub struct Edge {
     pub handshake_failures: u64,
 }
 
+impl From<crate::proto::admin::Edge> for Edge {
+    fn from(e: crate::proto::admin::Edge) -> Self {
+        Edge {
+            source: e.source,
+            destination: e.destination,
+            requests: e.requests,
+            errors: e.errors,
+            denials: e.denials,
+            handshake_failures: e.handshake_failures,
+        }
+    }
+}
+
 /// A certificate event as the control plane keeps it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct CertEvent {

@@ -307,7 +307,11 @@ impl ControlPlane {
         match view {
             "sidecars" | "traffic" => {
                 let report = palisade::control::status::fetch(&mut api).await.unwrap();
-                serde_json::Value::Array(if view == "sidecars" { report.sidecars } else { report.traffic })
+                if view == "sidecars" {
+                    serde_json::to_value(report.sidecars).unwrap()
+                } else {
+                    serde_json::to_value(report.traffic).unwrap()
+                }
             }
             _ => {
                 let status = api.status(StatusRequest {}).await.unwrap().into_inner();
