@@ -329,14 +329,7 @@ fn bearer<T>(req: &Request<T>) -> Option<String> {
 
 /// A certificate's validity (Unix seconds), or zeros if it cannot be read.
 fn validity(pem: &str) -> (i64, i64) {
-    crate::tls::certs_from_pem(pem)
-        .ok()
-        .and_then(|certs| certs.into_iter().next())
-        .and_then(|der| {
-            let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
-            Some((cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp()))
-        })
-        .unwrap_or((0, 0))
+    crate::tls::pem_validity(pem).unwrap_or((0, 0))
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {

@@ -140,8 +140,7 @@ fn load_credentials(dir: &Path) -> anyhow::Result<(Arc<CertStore>, SpiffeId, i64
     };
     let chain = crate::tls::certs_from_pem(&read(CERT)?)?;
     let leaf = chain.first().context("cert.pem holds no certificate")?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|e| anyhow::anyhow!("cert.pem: {e}"))?;
-    let (not_before, not_after) = (parsed.validity().not_before.timestamp(), parsed.validity().not_after.timestamp());
+    let (not_before, not_after) = crate::tls::validity(leaf).context("cert.pem: not an X.509 certificate")?;
     let (id, _) = crate::tls::peer_identity(Some(&chain[..1])).context("cert.pem")?;
     let key_pem = read(KEY)?;
     let key_der = rustls_pemfile_pkcs8(&key_pem).context("key.pem: not a PKCS#8 private key")?;

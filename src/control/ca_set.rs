@@ -193,11 +193,7 @@ impl CaSet {
     /// Validity of each trusted root as `(generation, not_before, not_after)`, Unix seconds: for
     /// the root-expiry metric and the posture audit.
     pub fn root_validity(&self) -> Vec<(u32, i64, i64)> {
-        let validity = |pem: &str| {
-            let der = crate::tls::certs_from_pem(pem).ok()?.into_iter().next()?;
-            let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
-            Some((cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp()))
-        };
+        let validity = crate::tls::pem_validity;
         self.generations
             .iter()
             .filter(|g| g.state != "retired")

@@ -551,7 +551,7 @@ impl Discovery for DiscoveryService {
         let not_after = certs
             .as_ref()
             .and_then(|c| c.first())
-            .and_then(|c| x509_parser::parse_x509_certificate(c).ok().map(|(_, x)| x.validity().not_after.timestamp()))
+            .and_then(|c| crate::tls::validity(c).map(|(_, not_after)| not_after))
             .unwrap_or(0);
         let mut inbound = request.into_inner();
         let first = inbound

@@ -31,6 +31,18 @@ pub fn certs_from_pem(
     rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).collect()
 }
 
+/// A certificate's validity as `(not_before, not_after)`, Unix seconds; `None` if `der` does
+/// not parse.
+pub fn validity(der: &[u8]) -> Option<(i64, i64)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some((cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp()))
+}
+
+/// The validity (see [`validity`]) of the first certificate in a PEM string.
+pub fn pem_validity(pem: &str) -> Option<(i64, i64)> {
+    validity(certs_from_pem(pem).ok()?.first()?)
+}
+
 /// A metric label for why a handshake failed, from the rustls error inside the I/O error.
 pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
     use rustls::{CertificateError as C, Error as E};
