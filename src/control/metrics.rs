@@ -86,6 +86,8 @@ pub struct ControlMetrics {
     pub jwks_fetches: Family<ResultLabels, Counter>,
     /// `palisade_control_ca_root_not_after_seconds{generation}`, refreshed at each scrape.
     pub ca_root_not_after: Family<GenerationLabels, Gauge>,
+    /// Ledger transactions committed (see [`super::store::Store::ledger_commits`]).
+    ledger_commits: Counter,
 }
 
 impl Default for ControlMetrics {
@@ -111,6 +113,7 @@ impl ControlMetrics {
             store_errors: Family::default(),
             jwks_fetches: Family::default(),
             ca_root_not_after: Family::default(),
+            ledger_commits: Counter::default(),
         };
         registry.register("certificates_issued", "Workload certificates issued, by credential", m.issued.clone());
         registry.register(
@@ -133,6 +136,11 @@ impl ControlMetrics {
         registry.register("nacks", "Snapshots refused by sidecars, by what they could not apply", m.nacks.clone());
         registry.register("store_duration_seconds", "Time of state-store calls by operation", m.store_duration.clone());
         registry.register("store_errors", "Failed state-store calls by operation", m.store_errors.clone());
+        registry.register(
+            "ledger_commits",
+            "Ledger transactions committed: certificates_issued over this is the rows a group commit carries",
+            m.ledger_commits.clone(),
+        );
         registry.register("jwks_fetches", "jwksUri fetches by result (ok, error)", m.jwks_fetches.clone());
         registry.register(
             "ca_root_not_after_seconds",
@@ -157,6 +165,14 @@ impl ControlMetrics {
             self.ca_root_not_after
                 .get_or_create(&GenerationLabels { generation: generation.to_string() })
                 .set(*not_after);
+        }
+    }
+
+    /// Brings the ledger-commit counter up to `total` (read from the store at each scrape).
+    pub fn set_ledger_commits(&self, total: u64) {
+        let seen = self.ledger_commits.get();
+        if total > seen {
+            self.ledger_commits.inc_by(total - seen);
         }
     }
 

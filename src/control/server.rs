@@ -380,6 +380,7 @@ async fn admin_answer(inputs: &ControlInputs, req: &AdminRequest) -> admin::Admi
         "/ready" | "/live" => admin::respond(StatusCode::OK, "text/plain", "ok\n"),
         "/metrics" => {
             inputs.metrics.set_ca_roots(&inputs.ca.load().root_validity());
+            inputs.metrics.set_ledger_commits(inputs.store.ledger_commits());
             admin::respond(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

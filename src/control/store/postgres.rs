@@ -625,13 +625,16 @@ impl PgStore {
         Ok(issued)
     }
 
-    pub(super) fn record_certificate(
-        &self,
-        issued: &IssuedCertificate,
-        kind: CredentialKind,
-    ) -> Result<(), StoreError> {
-        let issued = issued.clone();
-        self.run(move |c| async move { insert_ledger(&c, &issued, kind).await })
+    /// Records certificates in the ledger, all in one transaction.
+    pub(super) fn record_certificates(&self, rows: &[(&IssuedCertificate, CredentialKind)]) -> Result<(), StoreError> {
+        let rows: Vec<(IssuedCertificate, CredentialKind)> = rows.iter().map(|(i, k)| ((*i).clone(), *k)).collect();
+        self.run(move |c| async move {
+            c.batch_execute("BEGIN").await?;
+            for (issued, kind) in &rows {
+                insert_ledger(&c, issued, *kind).await?;
+            }
+            c.batch_execute("COMMIT").await
+        })
     }
 
     pub(super) fn ledger_page(&self, q: &LedgerQuery) -> Result<Vec<(LedgerEntry, LedgerCursor)>, StoreError> {

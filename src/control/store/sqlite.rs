@@ -358,14 +358,14 @@ impl SqliteStore {
         Ok(issued)
     }
 
-    /// Records a certificate in the ledger. Called before the certificate is handed out.
-    pub(super) fn record_certificate(
-        &self,
-        issued: &IssuedCertificate,
-        kind: CredentialKind,
-    ) -> Result<(), StoreError> {
-        insert_ledger(&self.conn.lock(), issued, kind).map_err(|e| self.err(e))?;
-        Ok(())
+    /// Records certificates in the ledger, all in one transaction (one sync of the disk).
+    pub(super) fn record_certificates(&self, rows: &[(&IssuedCertificate, CredentialKind)]) -> Result<(), StoreError> {
+        let mut conn = self.conn.lock();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        for (issued, kind) in rows {
+            insert_ledger(&tx, issued, *kind).map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
     }
 
     /// One page of the ledger, newest first, each row with its cursor (pass the last one as
