@@ -694,3 +694,38 @@ fn a_bad_or_unreachable_store_url_is_a_clear_startup_error_without_the_password(
         assert!(!stderr.contains("SeCrEt-9"), "{url}: the password leaked: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_deciding_the_same_rotation_step_at_once_take_it_once() {
+    use palisade::identity::KeyCustody;
+    use palisade::control::ca_set::{CaSet, advance_rotation, start_rotation};
+    let _one_at_a_time = SERIAL.lock().await;
+    let dir = tempdir("replicas-step");
+    let pg = PgServer::start(&dir);
+    let custody = KeyCustody::default();
+    for round in 0..6 {
+        let url = pg.database(&format!("step{round}"));
+        let (one, two) = (store(&url), store(&url));
+        CaSet::load_or_init(&one, "cluster.local", &custody).unwrap();
+        start_rotation(&one, "cluster.local", &custody).unwrap();
+        // The new root has spread (no propagation wait): both replicas see the step due and
+        // race to take it.
+        let barrier = std::sync::Barrier::new(2);
+        let took: Vec<bool> = std::thread::scope(|s| {
+            let racers: Vec<_> = [&one, &two]
+                .into_iter()
+                .map(|replica| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        barrier.wait();
+                        advance_rotation(replica, Duration::ZERO, Duration::from_secs(3600)).unwrap()
+                    })
+                })
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert_eq!(took.iter().filter(|t| **t).count(), 1, "round {round}: {took:?}");
+        let states: Vec<String> = one.ca_generations().unwrap().into_iter().map(|g| g.state).collect();
+        assert_eq!(states, ["retiring", "active"], "round {round}");
+    }
+}

@@ -11,7 +11,7 @@ use crate::identity::ca::{CaError, KeyRole};
 use crate::identity::seal::SealError;
 use crate::identity::{CaMaterial, CertificateAuthority, KeyCustody};
 
-use super::store::{CaGeneration, Store, StoreError};
+use super::store::{CaGeneration, CaStateChange, Store, StoreError};
 
 /// A CA failure at the control plane.
 #[derive(Debug, thiserror::Error)]
@@ -365,7 +365,7 @@ pub fn adopt_shared(
 /// Moves a rotation in the local store on by one step when its time has come (see
 /// [`rotation_step`]). Returns whether anything changed.
 pub fn advance_rotation(store: &Store, propagation: Duration, max_lifetime: Duration) -> Result<bool, CaSetError> {
-    let generations: Vec<GenerationState> = store
+    let before: Vec<GenerationState> = store
         .ca_generations()?
         .into_iter()
         .map(|g| GenerationState {
@@ -375,22 +375,37 @@ pub fn advance_rotation(store: &Store, propagation: Duration, max_lifetime: Dura
             retire_after: g.retire_after,
         })
         .collect();
-    match rotation_step(&generations, now_unix(), propagation, max_lifetime) {
-        None => Ok(false),
-        Some(RotationStep::Retire(g)) => {
-            store.set_ca_state(g, "retired", None)?;
-            tracing::info!(generation = g, "old CA generation retired: its root leaves the trust bundle");
-            Ok(true)
+    let Some(step) = rotation_step(&before, now_unix(), propagation, max_lifetime) else {
+        return Ok(false);
+    };
+    let mut after = before.clone();
+    apply_step(&mut after, &step);
+    // One transaction, taken only if no one moved first.
+    let changes: Vec<CaStateChange> = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| b.state != a.state || b.retire_after != a.retire_after)
+        .map(|(b, a)| CaStateChange {
+            generation: a.generation,
+            from: b.state.clone(),
+            to: a.state.clone(),
+            retire_after: a.retire_after,
+        })
+        .collect();
+    if !store.change_ca_states(&changes)? {
+        // Another replica (or the CLI) took a step first; the watch brings what it did.
+        tracing::debug!(?step, "the rotation moved on elsewhere first");
+        return Ok(false);
+    }
+    match step {
+        RotationStep::Retire(g) => {
+            tracing::info!(generation = g, "old CA generation retired: its root leaves the trust bundle")
         }
-        Some(RotationStep::Activate { next, retiring }) => {
-            if let Some((old, after)) = retiring {
-                store.set_ca_state(old, "retiring", Some(after))?;
-            }
-            store.set_ca_state(next, "active", None)?;
-            tracing::info!(generation = next, "signing switched to the new CA generation");
-            Ok(true)
+        RotationStep::Activate { next, .. } => {
+            tracing::info!(generation = next, "signing switched to the new CA generation")
         }
     }
+    Ok(true)
 }
 
 #[cfg(test)]

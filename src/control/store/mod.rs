@@ -177,6 +177,16 @@ pub struct CaGeneration {
     pub created_at: i64,
 }
 
+/// A CA generation's move to another rotation state, made only if it is still in `from`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaStateChange {
+    pub generation: u32,
+    /// The state the caller read.
+    pub from: String,
+    pub to: String,
+    pub retire_after: Option<i64>,
+}
+
 /// One registration as stored: (identity, addresses JSON, labels JSON) and when it was last
 /// seen by whichever replica holds its sidecar.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -300,6 +310,14 @@ impl Store {
     /// Moves a CA generation to another rotation state.
     pub fn set_ca_state(&self, generation: u32, state: &str, retire_after: Option<i64>) -> Result<(), StoreError> {
         on_backend!(self, b => b.set_ca_state(generation, state, retire_after))
+    }
+
+    /// Makes every change in one transaction if each generation is still in its `from` state;
+    /// otherwise writes nothing and returns `false`. Two replicas (or a replica and the CLI)
+    /// that decide the same rotation step at once then take it once, and no reader ever sees
+    /// a half-taken step (say, the old generation retiring and the new one not yet active).
+    pub fn change_ca_states(&self, changes: &[CaStateChange]) -> Result<bool, StoreError> {
+        on_backend!(self, b => b.change_ca_states(changes))
     }
 
     /// Creates a join token for `id`, valid for `ttl`. Returns the token (shown once).
@@ -521,6 +539,32 @@ mod tests {
         let failed: Vec<usize> = (0..64).filter(|n| !outcomes[*n]).collect();
         assert_eq!(failed, [7], "only the serial already in the ledger is refused");
         assert_eq!(store.certificates(None, 100).unwrap().len(), 64);
+    }
+
+    #[test]
+    fn ca_states_change_together_and_only_from_the_states_read() {
+        let dir = tempdir();
+        let store = Store::open(&dir).unwrap();
+        let material = CaMaterial::generate("cluster.local", 1).unwrap();
+        store.insert_ca(1, &material, "active").unwrap();
+        store.insert_ca(2, &material, "next").unwrap();
+        let change = |generation, from: &str, to: &str, retire_after| CaStateChange {
+            generation,
+            from: from.into(),
+            to: to.into(),
+            retire_after,
+        };
+        let step = [change(1, "active", "retiring", Some(99)), change(2, "next", "active", None)];
+        let states =
+            || store.ca_generations().unwrap().into_iter().map(|g| (g.state, g.retire_after)).collect::<Vec<_>>();
+        assert!(store.change_ca_states(&step).unwrap());
+        let taken = vec![("retiring".to_string(), Some(99)), ("active".to_string(), None)];
+        assert_eq!(states(), taken);
+        // The same step decided from the old states: generation 1 is no longer active, so
+        // nothing is written, not even generation 2's half.
+        let stale = [change(2, "active", "retiring", Some(7)), change(1, "active", "retired", None)];
+        assert!(!store.change_ca_states(&stale).unwrap());
+        assert_eq!(states(), taken);
     }
 
     #[tokio::test]

@@ -29,8 +29,8 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row};
 
 use super::{
-    CaGeneration, CredentialKind, EndpointRow, LedgerCursor, LedgerEntry, LedgerQuery, SCHEMA_VERSION, StoreError,
-    TokenRefusal, redact_url,
+    CaGeneration, CaStateChange, CredentialKind, EndpointRow, LedgerCursor, LedgerEntry, LedgerQuery, SCHEMA_VERSION,
+    StoreError, TokenRefusal, redact_url,
 };
 use crate::clock::now_unix;
 use crate::identity::ca::{CaMaterial, IssuedCertificate};
@@ -525,6 +525,36 @@ impl PgStore {
             .await?;
             notify(&c, &note).await?;
             c.batch_execute("COMMIT").await
+        })
+    }
+
+    pub(super) fn change_ca_states(&self, changes: &[CaStateChange]) -> Result<bool, StoreError> {
+        let (changes, note) = (changes.to_vec(), self.announcement("ca"));
+        self.run(move |c| async move {
+            c.batch_execute("BEGIN").await?;
+            for change in &changes {
+                // The row lock holds a concurrent step back until this one commits; it then
+                // reads the new state and gives up.
+                let state: Option<String> = c
+                    .query_opt(
+                        "SELECT state FROM ca WHERE generation = $1 FOR UPDATE",
+                        &[&i64::from(change.generation)],
+                    )
+                    .await?
+                    .map(|r| r.get(0));
+                if state.as_deref() != Some(change.from.as_str()) {
+                    c.batch_execute("ROLLBACK").await?;
+                    return Ok(false);
+                }
+                c.execute(
+                    "UPDATE ca SET state = $2, retire_after = $3 WHERE generation = $1",
+                    &[&i64::from(change.generation), &change.to, &change.retire_after],
+                )
+                .await?;
+            }
+            notify(&c, &note).await?;
+            c.batch_execute("COMMIT").await?;
+            Ok(true)
         })
     }
 

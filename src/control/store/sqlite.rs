@@ -11,7 +11,8 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    CaGeneration, CredentialKind, EndpointRow, LedgerCursor, LedgerEntry, LedgerQuery, StoreError, TokenRefusal,
+    CaGeneration, CaStateChange, CredentialKind, EndpointRow, LedgerCursor, LedgerEntry, LedgerQuery, StoreError,
+    TokenRefusal,
 };
 use crate::clock::now_unix;
 use crate::identity::ca::{CaMaterial, IssuedCertificate};
@@ -264,6 +265,30 @@ impl SqliteStore {
         }
         self.announce();
         Ok(())
+    }
+
+    pub(super) fn change_ca_states(&self, changes: &[CaStateChange]) -> Result<bool, StoreError> {
+        {
+            let mut conn = self.conn.lock();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.err(e))?;
+            for change in changes {
+                let state: Option<String> = tx
+                    .query_row("SELECT state FROM ca WHERE generation = ?1", [change.generation], |r| r.get(0))
+                    .optional()
+                    .map_err(|e| self.err(e))?;
+                if state.as_deref() != Some(change.from.as_str()) {
+                    return Ok(false); // dropping the transaction rolls it back
+                }
+                tx.execute(
+                    "UPDATE ca SET state = ?2, retire_after = ?3 WHERE generation = ?1",
+                    params![change.generation, change.to, change.retire_after],
+                )
+                .map_err(|e| self.err(e))?;
+            }
+            tx.commit().map_err(|e| self.err(e))?;
+        }
+        self.announce();
+        Ok(true)
     }
 
     /// Moves a CA generation to another rotation state.
