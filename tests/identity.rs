@@ -88,6 +88,12 @@ async fn ca_rotation_under_load_loses_nothing_and_retires_the_old_root() {
     let cp = ControlPlane::start(&dir, &["--cert-ttl", "8s"]).await;
     let p = pair(&cp).await;
     let old_root = root_pem(&cp);
+    // A sidecar that keeps the roots it is sent, and the bundle it was set up with, frozen (as
+    // a pod's environment is at admission).
+    let (frozen, kept) = (dir.join("frozen-root.pem"), dir.join("kept-roots.pem"));
+    std::fs::write(&frozen, &old_root).unwrap();
+    let keeper = Sidecar::spawn(&cp, "keeper", None, &[], &["--trust-state", kept.to_str().unwrap()]);
+    keeper.wait_ready().await;
     let traffic = Traffic::start(format!("http://{}/rotate", p.route), Duration::from_millis(20));
 
     let out = std::process::Command::new(BIN)
@@ -135,6 +141,46 @@ async fn ca_rotation_under_load_loses_nothing_and_retires_the_old_root() {
     let (ok, failed, failures) = traffic.finish().await;
     assert_eq!(failed, 0, "failed requests: {:?}", &failures[..failures.len().min(5)]);
     assert!(ok > 500, "{ok}");
+
+    // The frozen bundle can no longer verify the control plane: a sidecar restarted with it
+    // alone could never be told the new roots.
+    let outdated = ControlClient::new(
+        &cp.listen.to_string(),
+        TrustBundle::from_pem(&old_root).unwrap(),
+        CertStore::new(),
+        palisade::identity::SpiffeId::control_plane("cluster.local").unwrap(),
+    );
+    let refused = outdated.certify(csr(None), Some(Credential::JoinToken(cp.token(&id("keeper"))))).await;
+    assert!(refused.is_err(), "the old root still verifies the control plane");
+    // The keeper kept the new roots; restarted with the same frozen bundle, it starts from them.
+    wait_for("the keeper holds the new roots", Duration::from_secs(20), || {
+        let kept = std::fs::read_to_string(&kept).unwrap_or_default();
+        let current = kept.contains(new_root.trim()) && !kept.contains(old_root.trim());
+        async move { current }
+    })
+    .await;
+    drop(keeper);
+    let token = dir.join("keeper-again.token");
+    std::fs::write(&token, cp.token(&id("keeper"))).unwrap();
+    let admin = free_addr();
+    let args = [
+        "--control",
+        &cp.listen.to_string(),
+        "--ca-bundle",
+        frozen.to_str().unwrap(),
+        "--trust-state",
+        kept.to_str().unwrap(),
+        "--token-file",
+        token.to_str().unwrap(),
+        "--admin",
+        &admin.to_string(),
+    ]
+    .map(String::from);
+    let _again = Proc::spawn_proxy("sidecar-keeper-again", &dir, &args);
+    wait_for("the restarted keeper is ready", Duration::from_secs(30), || async move {
+        status_of(&format!("http://{admin}/ready")).await == Some(200)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

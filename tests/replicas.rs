@@ -697,8 +697,8 @@ fn a_bad_or_unreachable_store_url_is_a_clear_startup_error_without_the_password(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replicas_deciding_the_same_rotation_step_at_once_take_it_once() {
-    use palisade::identity::KeyCustody;
     use palisade::control::ca_set::{CaSet, advance_rotation, start_rotation};
+    use palisade::identity::KeyCustody;
     let _one_at_a_time = SERIAL.lock().await;
     let dir = tempdir("replicas-step");
     let pg = PgServer::start(&dir);

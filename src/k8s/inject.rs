@@ -93,6 +93,12 @@ pub const TOKEN_DIR: &str = "/var/run/secrets/palisade";
 pub const TOKEN_AUDIENCE: &str = "palisade";
 /// Writable `/run` for the init container, where iptables keeps its lock file.
 pub const XTABLES_LOCK_VOLUME: &str = "palisade-xtables-lock";
+/// The sidecar's own `emptyDir`, where it keeps the newest trust roots it was sent: it lives
+/// as long as the pod, so a restarted sidecar starts from them and not from the roots frozen
+/// into its environment at admission (outdated once the CA has rotated).
+pub const TRUST_VOLUME: &str = "palisade-trust";
+/// Where the trust volume is mounted in the sidecar.
+pub const TRUST_DIR: &str = "/var/run/palisade/trust";
 
 const INBOUND_PORT: u16 = crate::ports::SIDECAR_INBOUND;
 const OUTBOUND_PORT: u16 = crate::ports::SIDECAR_OUTBOUND;
@@ -333,7 +339,7 @@ fn plan(
             return Err(InjectError::NameTaken { what: "a container", name });
         }
     }
-    for name in [TOKEN_VOLUME, XTABLES_LOCK_VOLUME] {
+    for name in [TOKEN_VOLUME, TRUST_VOLUME, XTABLES_LOCK_VOLUME] {
         if spec.volumes.iter().flatten().any(|v| v.name == name) {
             return Err(InjectError::NameTaken { what: "a volume", name });
         }
@@ -350,9 +356,10 @@ fn plan(
     let probes = probe_rewrites(spec);
     let proxy = proxy_container(&settings, meta, spec, &probes, cfg);
     let (init_containers, volumes) = if cfg.cni {
-        (vec![validate_container(&settings, cfg), proxy], vec![token_volume()])
+        (vec![validate_container(&settings, cfg), proxy], vec![token_volume(), empty_dir(TRUST_VOLUME)])
     } else {
-        (vec![init_container(&settings, cfg), proxy], vec![token_volume(), xtables_lock_volume()])
+        let volumes = vec![token_volume(), empty_dir(TRUST_VOLUME), empty_dir(XTABLES_LOCK_VOLUME)];
+        (vec![init_container(&settings, cfg), proxy], volumes)
     };
     Ok(Plan::Inject(Additions {
         annotations: vec![(annotation::STATUS.to_string(), "injected".to_string())],
@@ -659,6 +666,7 @@ fn proxy_container(
         field_env("POD_IP", "status.podIP"),
         field_env("PALISADE_SERVICE_ACCOUNT", "spec.serviceAccountName"),
         value_env("PALISADE_CA_BUNDLE_PEM", &cfg.ca_bundle_pem),
+        value_env("PALISADE_TRUST_STATE", &format!("{TRUST_DIR}/roots.pem")),
         value_env("PALISADE_LABELS", &labels),
     ];
     if let Some(level) = &s.log_level {
@@ -690,12 +698,15 @@ fn proxy_container(
         readiness_probe: Some(http_probe("/ready")),
         liveness_probe: Some(http_probe("/live")),
         security_context: Some(restricted_security_context(uid)),
-        volume_mounts: Some(vec![VolumeMount {
-            name: TOKEN_VOLUME.to_string(),
-            mount_path: TOKEN_DIR.to_string(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: TOKEN_VOLUME.to_string(),
+                mount_path: TOKEN_DIR.to_string(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount { name: TRUST_VOLUME.to_string(), mount_path: TRUST_DIR.to_string(), ..Default::default() },
+        ]),
         ..Default::default()
     }
 }
@@ -718,12 +729,8 @@ fn token_volume() -> Volume {
     }
 }
 
-fn xtables_lock_volume() -> Volume {
-    Volume {
-        name: XTABLES_LOCK_VOLUME.to_string(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Default::default()
-    }
+fn empty_dir(name: &str) -> Volume {
+    Volume { name: name.to_string(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() }
 }
 
 fn http_probe(path: &str) -> Probe {
@@ -1065,7 +1072,11 @@ mod tests {
         assert_eq!(init_names(&p), [VALIDATE_CONTAINER, PROXY_CONTAINER, "migrate"]);
         let spec = p.spec.as_ref().unwrap();
         let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
-        assert_eq!(volumes, ["cache", TOKEN_VOLUME], "no iptables lock volume: nothing runs iptables in the pod");
+        assert_eq!(
+            volumes,
+            ["cache", TOKEN_VOLUME, TRUST_VOLUME],
+            "no iptables lock volume: nothing runs iptables in the pod"
+        );
         let validate = &spec.init_containers.as_ref().unwrap()[0];
         assert_eq!(
             args(validate),

@@ -11,6 +11,7 @@ pub mod original_dst;
 pub mod outbound;
 pub mod tcp;
 pub mod transparent;
+pub mod trust_state;
 pub mod view;
 
 use std::net::SocketAddr;
@@ -37,6 +38,7 @@ use crate::telemetry::admin::{self, AdminRequest};
 use crate::telemetry::metrics::{Metrics, ProxyMetrics};
 use crate::tls::{BundleState, CertStore, config};
 use limits::{Drain, Limits};
+use trust_state::TrustState;
 use view::{SharedView, ViewWriter};
 
 pub use outbound::Route;
@@ -54,6 +56,11 @@ pub struct ProxyArgs {
     /// The same roots as PEM text (what the Kubernetes injector passes).
     #[arg(long, env = "PALISADE_CA_BUNDLE_PEM", hide_env_values = true, conflicts_with = "ca_bundle")]
     pub ca_bundle_pem: Option<String>,
+    /// File where the sidecar keeps the newest roots the control plane sent; a restart starts
+    /// from it instead of `--ca-bundle`, which may predate a CA rotation (the injector gives
+    /// each pod one in a volume only the sidecar mounts).
+    #[arg(long, env = "PALISADE_TRUST_STATE")]
+    pub trust_state: Option<PathBuf>,
     /// File holding a join token for the first certificate (standalone).
     #[arg(long, env = "PALISADE_TOKEN_FILE", required_unless_present = "kube_token_file")]
     pub token_file: Option<PathBuf>,
@@ -176,6 +183,7 @@ struct ProxyInputs {
     writer: Arc<ViewWriter>,
     discovery: Arc<DiscoveryStatus>,
     shutdown: Arc<Notify>,
+    trust_state: Option<Arc<TrustState>>,
 }
 
 /// Runs the sidecar until SIGTERM, Ctrl-C or `POST /shutdown`.
@@ -201,6 +209,7 @@ impl ProxyInputs {
     /// Checks the flags and builds the shared state; nothing is bound or dialled yet.
     fn from_args(args: ProxyArgs) -> anyhow::Result<Self> {
         let roots = initial_roots(&args)?;
+        let trust_state = args.trust_state.clone().map(|path| Arc::new(TrustState::new(path, &roots.pem)));
         let credential = credential(&args)?;
         if !args.transparent && args.inbound.is_some() != args.app.is_some() {
             anyhow::bail!("--inbound and --app go together: the inbound side needs an app to forward to");
@@ -236,12 +245,18 @@ impl ProxyInputs {
             writer: Arc::new(writer),
             discovery: Arc::new(DiscoveryStatus::default()),
             shutdown: Arc::new(Notify::new()),
+            trust_state,
         })
     }
 }
 
-/// The roots the sidecar trusts until the control plane sends others.
+/// The roots the sidecar trusts until the control plane sends others: those a previous run
+/// kept in `--trust-state`, else `--ca-bundle`.
 fn initial_roots(args: &ProxyArgs) -> anyhow::Result<BundleState> {
+    if let Some((_, roots)) = args.trust_state.as_deref().and_then(TrustState::read) {
+        tracing::info!(path = ?args.trust_state, "starting from the trust roots kept by the previous run");
+        return Ok(roots);
+    }
     let (pem, origin) = match (&args.ca_bundle, &args.ca_bundle_pem) {
         (Some(path), _) => (
             std::fs::read_to_string(path).with_context(|| format!("reading CA bundle {}", path.display()))?,
@@ -387,17 +402,25 @@ fn start_agent(inputs: &ProxyInputs, own_id: &SpiffeId) {
     let writer = inputs.writer.clone();
     let apply: ApplyFn = {
         let writer = writer.clone();
-        Arc::new(move |version, snap| writer.apply_snapshot(version, snap, &workload).map_err(|n| n.to_string()))
+        let (view, trust_state) = (inputs.dp.view.clone(), inputs.trust_state.clone());
+        Arc::new(move |version, snap| {
+            let applied = writer.apply_snapshot(version, snap, &workload).map_err(|n| n.to_string());
+            // Roots are applied even when the policies are refused.
+            keep_roots(trust_state.as_deref(), &view);
+            applied
+        })
     };
+    let (view, trust_state) = (inputs.dp.view.clone(), inputs.trust_state.clone());
     let mut roots = inputs.manager.roots();
     tokio::spawn(async move {
         // The roots of the first certificate were published before this task subscribed.
         loop {
             let pem = roots.borrow_and_update().clone();
-            if let Some(pem) = pem
-                && let Err(e) = writer.apply_roots(&pem)
-            {
-                tracing::error!(error = %e, "roots that came with a certificate refused");
+            if let Some(pem) = pem {
+                match writer.apply_roots(&pem) {
+                    Ok(()) => keep_roots(trust_state.as_deref(), &view),
+                    Err(e) => tracing::error!(error = %e, "roots that came with a certificate refused"),
+                }
             }
             if roots.changed().await.is_err() {
                 return;
@@ -413,6 +436,13 @@ fn start_agent(inputs: &ProxyInputs, own_id: &SpiffeId) {
         unknown_kids: crate::telemetry::unknown_kid::UnknownKidHints::global().clone(),
         interval: args.telemetry_interval,
     }));
+}
+
+/// Keeps the roots in force in `--trust-state`, if it is set.
+fn keep_roots(trust_state: Option<&TrustState>, view: &SharedView) {
+    if let Some(state) = trust_state {
+        state.keep(&view.load().trust.pem);
+    }
 }
 
 /// Binds and serves every listener the flags ask for: inbound mTLS, transparent outbound, and
