@@ -159,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
 
     // What the control plane says it did, and what the ledger holds.
     let metrics = http_get(admin, "/metrics").await.map(|(_, body)| body).unwrap_or_default();
-    let commits = metric(&metrics, "palisade_control_ledger_commits_total").unwrap_or(0.0);
+    let commits = metric(&metrics, "palisade_control_ledger_commits_total");
     let query = LedgerQuery { limit: (args.renewals + args.identities + 16) as u32, ..Default::default() };
     let renewed = store
         .ledger_page(&query)?
@@ -177,12 +177,13 @@ async fn main() -> anyhow::Result<()> {
         errors.len(),
         errors.first().map(|e| format!(" (first: {e})")).unwrap_or_default(),
     );
-    println!(
-        "ledger: {renewed} renewals recorded; {commits:.0} commits in all ({:.1} rows per commit); store {}; {}",
-        (renewed + args.identities) as f64 / commits.max(1.0),
-        store.describe(),
-        utc_now()
-    );
+    let commits = match commits {
+        Some(c) => {
+            format!("{c:.0} commits in all ({:.1} rows per commit)", (renewed + args.identities) as f64 / c.max(1.0))
+        }
+        None => "commits not reported (a control plane without group commit)".to_string(),
+    };
+    println!("ledger: {renewed} renewals recorded; {commits}; store {}; {}", store.describe(), utc_now());
     drop(cp);
     if renewed != latencies.len() {
         bail!("{} renewals answered but {renewed} in the ledger", latencies.len());
