@@ -202,3 +202,161 @@ async fn kill_dash_nine_of_the_control_plane_under_traffic_loses_nothing() {
         store.certificates(None, 1000).unwrap().into_iter().map(|r| r.serial).collect();
     assert!(issued_before.is_subset(&after), "the ledger lost certificates issued before the kill");
 }
+
+/// A discovery stream opened by hand as `sa` (registering no address), to see exactly what the
+/// control plane sends.
+struct RawStream {
+    tx: tokio::sync::mpsc::Sender<palisade::proto::discovery::DiscoveryRequest>,
+    responses: tonic::Streaming<palisade::proto::discovery::DiscoveryResponse>,
+}
+
+impl RawStream {
+    /// Opens the stream, resuming from `version` (empty: a first start).
+    async fn open(cp: &ControlPlane, sa: &str, version: &str) -> RawStream {
+        use palisade::proto::discovery::{DiscoveryRequest, Node, discovery_client::DiscoveryClient};
+        palisade::tls::install_crypto_provider();
+        let certs = palisade::tls::CertStore::new();
+        certs.set(mint_client_cert(&cp.state, &id(sa), Duration::from_secs(600)), i64::MAX);
+        let bundle =
+            palisade::tls::TrustBundle::from_pem(&std::fs::read_to_string(cp.root_pem_path()).unwrap()).unwrap();
+        let control_id = palisade::identity::SpiffeId::control_plane("cluster.local").unwrap();
+        let client = palisade::agent::ControlClient::new(&cp.listen.to_string(), bundle, certs, control_id);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let node = Node { spiffe_id: id(sa), ..Default::default() };
+        tx.send(DiscoveryRequest { node: Some(node), version_info: version.into(), ..Default::default() })
+            .await
+            .unwrap();
+        let responses = DiscoveryClient::new(client.channel().await.unwrap())
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        RawStream { tx, responses }
+    }
+
+    async fn next(&mut self) -> palisade::proto::discovery::DiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(10), self.responses.message())
+            .await
+            .expect("no response within 10 s")
+            .unwrap()
+            .expect("the stream ended")
+    }
+
+    async fn ack(&self, resp: &palisade::proto::discovery::DiscoveryResponse) {
+        let ack = palisade::proto::discovery::DiscoveryRequest {
+            version_info: resp.version_info.clone(),
+            response_nonce: resp.nonce.clone(),
+            ..Default::default()
+        };
+        self.tx.send(ack).await.unwrap();
+    }
+}
+
+/// The endpoint table a sidecar runs, from its `/config_dump`.
+async fn table_of(sidecar: &Sidecar) -> (serde_json::Value, serde_json::Value) {
+    let dump = sidecar.config_dump().await;
+    (dump["mesh"]["endpoints"].clone(), dump["discovery"]["version"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_fed_joins_and_leaves_as_deltas_ends_with_the_table_of_a_fresh_one() {
+    let dir = tempdir("discovery-deltas");
+    let cp = ControlPlane::start(&dir, &["--endpoint-grace", "1s"]).await;
+    let app = EchoApp::start().await;
+    let observer = Sidecar::start(&cp, "observer", Some(app.addr), &[]).await;
+    let b = Sidecar::spawn(&cp, "b", Some(app.addr), &[], &[]);
+    let mut c = Sidecar::spawn(&cp, "c", Some(app.addr), &[], &[]);
+    let d = Sidecar::spawn(&cp, "d", Some(app.addr), &[], &[]);
+    for s in [&b, &c, &d] {
+        s.wait_ready().await;
+    }
+    let address = |s: &Sidecar| s.inbound.unwrap().to_string();
+    wait_for("the joins reached the observer", Duration::from_secs(10), || async {
+        let (table, _) = table_of(&observer).await;
+        [&b, &c, &d].iter().all(|s| table[address(s)] == s.identity)
+    })
+    .await;
+    c.proc.kill9();
+    wait_for("c's leave reached the observer", Duration::from_secs(10), || async {
+        table_of(&observer).await.0.get(address(&c)).is_none()
+    })
+    .await;
+
+    let e = Sidecar::start(&cp, "e", Some(app.addr), &[]).await;
+    wait_for("e's join reached the observer", Duration::from_secs(10), || async {
+        table_of(&observer).await.0.get(address(&e)).is_some()
+    })
+    .await;
+
+    // A stream that connects now is sent the table in full; the observer runs the same.
+    let full = RawStream::open(&cp, "fresh", "").await.next().await;
+    let snapshot = full.snapshot.expect("a new stream gets a full snapshot");
+    let sent: serde_json::Map<String, serde_json::Value> =
+        snapshot.endpoints.iter().map(|ep| (ep.address.clone(), ep.spiffe_id.clone().into())).collect();
+    assert_eq!(sent.len(), 4, "observer, b, d and e: {sent:?}");
+    wait_for("the observer runs the version sent in full", Duration::from_secs(10), || async {
+        table_of(&observer).await == (sent.clone().into(), full.version_info.clone().into())
+    })
+    .await;
+
+    // How the observer got there: one full snapshot, then deltas only.
+    let log = observer.proc.log_text();
+    let applied: Vec<&str> = log.lines().filter(|l| l.contains("snapshot applied")).collect();
+    assert_eq!(applied.iter().filter(|l| l.contains("delta=false")).count(), 1, "{applied:#?}");
+    assert!(applied.iter().filter(|l| l.contains("delta=true")).count() >= 3, "{applied:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_is_sent_to_a_connected_sidecar_as_a_delta_of_its_one_entry() {
+    let dir = tempdir("discovery-join-delta");
+    let cp = ControlPlane::start(&dir, &[]).await;
+    let app = EchoApp::start().await;
+    let web = Sidecar::start(&cp, "web", Some(app.addr), &[]).await;
+    let mut watcher = RawStream::open(&cp, "watcher", "").await;
+    let first = watcher.next().await;
+    assert!(first.delta.is_none(), "a new stream starts with a full snapshot");
+    let full = first.snapshot.clone().expect("a full snapshot");
+    assert_eq!(full.endpoints.iter().map(|e| &e.spiffe_id).collect::<Vec<_>>(), [&web.identity]);
+    watcher.ack(&first).await;
+
+    let orders = Sidecar::spawn(&cp, "orders", Some(app.addr), &[], &[]);
+    let next = watcher.next().await;
+    assert!(next.snapshot.is_none(), "a join is not sent as the whole table");
+    let delta = next.delta.clone().expect("a delta");
+    assert_eq!(delta.base_version, first.version_info, "from the version the watcher ACKed");
+    assert_eq!(delta.config, None, "nothing but the table changed");
+    assert!(delta.removed.is_empty());
+    let added: Vec<_> = delta.added.iter().map(|e| (e.address.clone(), e.spiffe_id.clone())).collect();
+    assert_eq!(added, [(orders.inbound.unwrap().to_string(), orders.identity.clone())], "only the new entry");
+
+    // Applied to what the watcher ran, it is what a new stream is sent in full.
+    let applied = palisade::agent::discovery::apply_delta(&first.version_info, &full, &delta).unwrap();
+    let mut late = RawStream::open(&cp, "late", "").await;
+    let late_first = late.next().await;
+    assert_eq!(late_first.version_info, next.version_info);
+    assert_eq!(Some(applied), late_first.snapshot);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_resuming_from_an_unknown_or_old_version_gets_a_full_snapshot() {
+    let dir = tempdir("discovery-resume-full");
+    let cp = ControlPlane::start(&dir, &[]).await;
+    let app = EchoApp::start().await;
+    let _web = Sidecar::start(&cp, "web", Some(app.addr), &[]).await;
+    let mut first = RawStream::open(&cp, "watcher", "").await;
+    let old = first.next().await;
+    first.ack(&old).await;
+    let orders = Sidecar::start(&cp, "orders", Some(app.addr), &[]).await;
+    let current = first.next().await;
+    assert!(current.delta.is_some());
+    drop(first);
+
+    for resume in ["0123456789abcdef", old.version_info.as_str()] {
+        let mut stream = RawStream::open(&cp, "watcher", resume).await;
+        let resp = stream.next().await;
+        assert!(resp.delta.is_none(), "resuming from {resume}: {resp:?}");
+        assert_eq!(resp.version_info, current.version_info);
+        let snapshot = resp.snapshot.expect("a full snapshot");
+        assert!(snapshot.endpoints.iter().any(|e| e.spiffe_id == orders.identity), "the whole table");
+    }
+}

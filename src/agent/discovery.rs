@@ -4,10 +4,16 @@
 //! control plane that disappears, a reconnect. Reconnects resume from the version in force so
 //! the control plane can skip a push that would change nothing.
 //!
+//! A delta is turned into the full snapshot it leads to ([`apply_delta`]) before anything is
+//! applied, so the data plane sees one kind of snapshot and ends where a full push would put
+//! it. A delta from a version other than the one in force, or that does not fit its table, is
+//! NACKed: the control plane then sends the snapshot in full.
+//!
 //! Reconnects back off (capped, jittered) while attempts keep failing. A session that received
 //! a snapshot, or stayed up for `STABLE_AFTER`, proves the control plane serves again, so the
 //! backoff starts over: the next outage is met with a quick reconnect, not the cap.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +26,9 @@ use tokio::time::Instant;
 use super::ControlClient;
 use crate::backoff::Backoff;
 use crate::proto::discovery::discovery_client::DiscoveryClient;
-use crate::proto::discovery::{DiscoveryRequest, ErrorDetail, Node, Snapshot};
+use crate::proto::discovery::{
+    DiscoveryRequest, DiscoveryResponse, Endpoint, ErrorDetail, Node, Snapshot, SnapshotDelta,
+};
 
 /// Applies a snapshot to the data plane, or says why it cannot (the agent then NACKs).
 pub type ApplyFn = Arc<dyn Fn(&str, &Snapshot) -> Result<(), String> + Send + Sync>;
@@ -46,12 +54,17 @@ pub struct DiscoveryStatus {
     pub last_nack: ArcSwap<String>,
 }
 
+/// The snapshot in force and its version: what the next delta applies to. Kept across
+/// reconnects, as the version the stream resumes from is.
+type InForce = parking_lot::Mutex<Option<(String, Snapshot)>>;
+
 /// Runs the stream for ever, reconnecting with capped, jittered backoff.
 pub async fn run(control: ControlClient, node: Node, apply: ApplyFn, status: Arc<DiscoveryStatus>) {
-    let (control, node, apply, status) = (&control, &node, &apply, &*status);
+    let in_force = InForce::default();
+    let (control, node, apply, status, in_force) = (&control, &node, &apply, &*status, &in_force);
     reconnect(Backoff::new(RECONNECT_INITIAL, RECONNECT_CAP), move || async move {
         let mut progress = Progress::default();
-        match session(control, node, apply, status, &mut progress).await {
+        match session(control, node, apply, status, in_force, &mut progress).await {
             Ok(()) => tracing::warn!("discovery stream ended; reconnecting"),
             Err(e) => tracing::warn!(error = %e, "discovery stream failed; serving from the last good snapshot"),
         }
@@ -97,6 +110,7 @@ async fn session(
     node: &Node,
     apply: &ApplyFn,
     status: &DiscoveryStatus,
+    in_force: &InForce,
     progress: &mut Progress,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut client = DiscoveryClient::new(control.channel().await?);
@@ -113,18 +127,28 @@ async fn session(
     status.connected.store(true, Ordering::Release);
     tracing::info!("discovery stream up");
     while let Some(resp) = responses.message().await? {
-        let Some(snapshot) = resp.snapshot.as_ref() else { continue };
         progress.received_snapshot = true;
-        let error_detail = match apply(&resp.version_info, snapshot) {
-            Ok(()) => {
-                status.version.store(Arc::new(resp.version_info.clone()));
+        let DiscoveryResponse { version_info, nonce, snapshot, delta } = resp;
+        let is_delta = delta.is_some();
+        let next = match (snapshot, delta) {
+            (Some(snapshot), None) => Ok(snapshot),
+            (None, Some(delta)) => match &*in_force.lock() {
+                Some((version, base)) => apply_delta(version, base, &delta),
+                None => Err(format!("a delta from {} arrived, but no snapshot is in force", delta.base_version)),
+            },
+            _ => Err("a response must carry exactly one of a snapshot and a delta".to_string()),
+        };
+        let error_detail = match next.and_then(|snapshot| apply(&version_info, &snapshot).map(|()| snapshot)) {
+            Ok(snapshot) => {
+                status.version.store(Arc::new(version_info.clone()));
                 status.has_snapshot.store(true, Ordering::Release);
-                tracing::info!(version = %resp.version_info, policies = snapshot.policies.len(),
+                tracing::info!(version = %version_info, delta = is_delta, policies = snapshot.policies.len(),
                     endpoints = snapshot.endpoints.len(), "snapshot applied");
+                *in_force.lock() = Some((version_info, snapshot));
                 None
             }
             Err(message) => {
-                tracing::error!(version = %resp.version_info, error = %message, "snapshot refused; the previous one stays in force");
+                tracing::error!(version = %version_info, error = %message, "snapshot refused; the previous one stays in force");
                 status.last_nack.store(Arc::new(message.clone()));
                 Some(ErrorDetail { message })
             }
@@ -132,7 +156,7 @@ async fn session(
         tx.send(DiscoveryRequest {
             node: None,
             version_info: status.version.load().to_string(),
-            response_nonce: resp.nonce,
+            response_nonce: nonce,
             error_detail,
         })
         .await?;
@@ -140,11 +164,45 @@ async fn session(
     Ok(())
 }
 
+/// The snapshot `delta` leads to from `base`, the snapshot in force at `version`: the same
+/// snapshot a full push of the new version carries, endpoints in the control plane's order
+/// (address, then identity). Refused when the delta is from another version, or when it removes
+/// an entry the table lacks or adds one it has: either means the two sides disagree, and only a
+/// full snapshot can settle that.
+pub fn apply_delta(version: &str, base: &Snapshot, delta: &SnapshotDelta) -> Result<Snapshot, String> {
+    if delta.base_version != version {
+        return Err(format!(
+            "a delta from version {} does not apply to {version}, the version in force",
+            delta.base_version
+        ));
+    }
+    let mut table: BTreeMap<(&str, &str), &Endpoint> =
+        base.endpoints.iter().map(|e| ((e.address.as_str(), e.spiffe_id.as_str()), e)).collect();
+    for e in &delta.removed {
+        if table.remove(&(e.address.as_str(), e.spiffe_id.as_str())) != Some(e) {
+            return Err(format!("a delta removes {} ({}), which the table in force lacks", e.address, e.spiffe_id));
+        }
+    }
+    for e in &delta.added {
+        if table.insert((e.address.as_str(), e.spiffe_id.as_str()), e).is_some() {
+            return Err(format!("a delta adds {} ({}), which the table in force has", e.address, e.spiffe_id));
+        }
+    }
+    let config = delta.config.as_ref().unwrap_or(base);
+    Ok(Snapshot {
+        policies: config.policies.clone(),
+        peer_authentication: config.peer_authentication.clone(),
+        trust_bundle_pem: config.trust_bundle_pem.clone(),
+        revocations: config.revocations.clone(),
+        endpoints: table.into_values().cloned().collect(),
+        mesh: config.mesh.clone(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::agent::fake_control::{DEADLINE, FakeControl, SIDECAR_ID};
-    use crate::proto::discovery::DiscoveryResponse;
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -231,7 +289,12 @@ mod tests {
     }
 
     fn snapshot(version: &str, nonce: &str) -> DiscoveryResponse {
-        DiscoveryResponse { version_info: version.into(), nonce: nonce.into(), snapshot: Some(Snapshot::default()) }
+        DiscoveryResponse {
+            version_info: version.into(),
+            nonce: nonce.into(),
+            snapshot: Some(Snapshot::default()),
+            delta: None,
+        }
     }
 
     fn reply(version: &str, nonce: &str, nack: Option<&str>) -> DiscoveryRequest {
@@ -293,5 +356,114 @@ mod tests {
         assert_eq!(status.version.load().as_str(), "v1", "the last good snapshot stayed in force");
         resumed.push(snapshot("v3", "n1")).await;
         assert_eq!(resumed.request().await, reply("v3", "n1", None));
+    }
+
+    fn endpoint(address: &str, sa: &str) -> Endpoint {
+        Endpoint {
+            address: address.into(),
+            spiffe_id: format!("spiffe://cluster.local/ns/t/sa/{sa}"),
+            ..Default::default()
+        }
+    }
+
+    fn with_endpoints(trust: &str, endpoints: &[Endpoint]) -> Snapshot {
+        Snapshot { trust_bundle_pem: trust.into(), endpoints: endpoints.to_vec(), ..Default::default() }
+    }
+
+    fn delta(base: &str, removed: &[Endpoint], added: &[Endpoint]) -> SnapshotDelta {
+        SnapshotDelta { base_version: base.into(), config: None, removed: removed.to_vec(), added: added.to_vec() }
+    }
+
+    #[test]
+    fn a_delta_ends_where_the_full_snapshot_does() {
+        let (a, b, c) = (endpoint("10.0.0.1:80", "a"), endpoint("10.0.0.2:80", "b"), endpoint("10.0.0.3:80", "c"));
+        let base = with_endpoints("roots-1", &[a.clone(), c.clone()]);
+        let joined = apply_delta("v1", &base, &delta("v1", &[], std::slice::from_ref(&b))).unwrap();
+        assert_eq!(joined, with_endpoints("roots-1", &[a.clone(), b.clone(), c.clone()]), "in the table's order");
+        let mut change = delta("v2", std::slice::from_ref(&a), &[]);
+        change.config = Some(with_endpoints("roots-2", &[]));
+        let left = apply_delta("v2", &joined, &change).unwrap();
+        assert_eq!(left, with_endpoints("roots-2", &[b, c]), "the other parts replaced, the entry gone");
+    }
+
+    #[test]
+    fn a_delta_from_another_version_or_that_does_not_fit_the_table_is_refused() {
+        let (a, b) = (endpoint("10.0.0.1:80", "a"), endpoint("10.0.0.2:80", "b"));
+        let base = with_endpoints("roots", std::slice::from_ref(&a));
+        let err = apply_delta("v2", &base, &delta("v1", &[], std::slice::from_ref(&b))).unwrap_err();
+        assert!(err.contains("from version v1 does not apply to v2"), "{err}");
+        let err = apply_delta("v2", &base, &delta("v2", std::slice::from_ref(&b), &[])).unwrap_err();
+        assert!(err.contains("removes 10.0.0.2:80"), "{err}");
+        let relabelled = Endpoint { labels: [("app".into(), "x".into())].into(), ..a.clone() };
+        assert!(apply_delta("v2", &base, &delta("v2", &[relabelled], &[])).is_err(), "labels must match too");
+        let err = apply_delta("v2", &base, &delta("v2", &[], &[a])).unwrap_err();
+        assert!(err.contains("adds 10.0.0.1:80"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_delta_the_sidecar_cannot_apply_is_nacked_and_the_version_in_force_stays() {
+        let (mut control, status) = agent().await;
+        let mut stream = control.next_stream().await;
+        stream.request().await;
+        let (a, b) = (endpoint("10.0.0.1:80", "a"), endpoint("10.0.0.2:80", "b"));
+        let full = with_endpoints("roots", std::slice::from_ref(&a));
+        stream
+            .push(DiscoveryResponse {
+                version_info: "v1".into(),
+                nonce: "n1".into(),
+                snapshot: Some(full),
+                delta: None,
+            })
+            .await;
+        assert_eq!(stream.request().await, reply("v1", "n1", None));
+        let join = delta("v1", &[], std::slice::from_ref(&b));
+        stream
+            .push(DiscoveryResponse {
+                version_info: "v2".into(),
+                nonce: "n2".into(),
+                snapshot: None,
+                delta: Some(join),
+            })
+            .await;
+        assert_eq!(stream.request().await, reply("v2", "n2", None), "a delta from the version in force applies");
+
+        let stale = delta("v1", &[], &[endpoint("10.0.0.3:80", "c")]);
+        stream
+            .push(DiscoveryResponse {
+                version_info: "v3".into(),
+                nonce: "n3".into(),
+                snapshot: None,
+                delta: Some(stale),
+            })
+            .await;
+        let nack = stream.request().await;
+        assert_eq!((nack.version_info.as_str(), nack.response_nonce.as_str()), ("v2", "n3"), "{nack:?}");
+        assert!(nack.error_detail.unwrap().message.contains("does not apply to v2"));
+        let gone = delta("v2", &[a.clone(), endpoint("10.0.0.9:80", "z")], &[]);
+        stream
+            .push(DiscoveryResponse {
+                version_info: "v3".into(),
+                nonce: "n4".into(),
+                snapshot: None,
+                delta: Some(gone),
+            })
+            .await;
+        assert!(stream.request().await.error_detail.is_some(), "half a delta is never applied");
+        assert_eq!(status.version.load().as_str(), "v2");
+
+        let leave = delta("v2", &[a], &[]);
+        stream
+            .push(DiscoveryResponse {
+                version_info: "v3".into(),
+                nonce: "n5".into(),
+                snapshot: None,
+                delta: Some(leave),
+            })
+            .await;
+        assert_eq!(
+            stream.request().await,
+            reply("v3", "n5", None),
+            "the table in force was left whole by the refusals"
+        );
     }
 }

@@ -1,18 +1,22 @@
-//! `Discovery/Stream`: versioned per-sidecar snapshots with ACK/NACK, xDS state-of-the-world
-//! style.
+//! `Discovery/Stream`: versioned per-sidecar snapshots with ACK/NACK, as xDS: full snapshots
+//! (state of the world) and deltas from the version a sidecar runs (proto/…/discovery.proto
+//! says when each is sent).
 //!
 //! Every change (a resource file, a sidecar joining or leaving, a revocation, a CA step) marks
-//! the mesh dirty; after a debounce the generation moves on and each stream recomputes *its*
-//! snapshot. A stream sends only when its snapshot's version (a content hash) changed, so a
-//! change reaches exactly the sidecars it concerns.
+//! the mesh dirty; after a debounce the generation moves on and each stream looks up *its*
+//! view. A view is what every sidecar of one namespace and label set is sent: built once per
+//! generation and shared by their streams, so a push costs one build per distinct workload, not
+//! one per sidecar. A stream sends only when its view's version (a content hash) changed, so a
+//! change reaches exactly the sidecars it concerns; and it sends a delta when it can, so one
+//! workload joining costs every other sidecar that entry, not the table.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 use futures_util::Stream;
 use parking_lot::Mutex;
 use prost::Message;
@@ -21,14 +25,14 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::address_proof::{AddressProver, RefusedAddress, Verdict};
 use super::ca_set::CaSet;
+use super::endpoint_table::{EndpointTable, Table};
 use super::source::{Resource, Spec};
 use crate::clock::now_unix;
-use crate::identity::SpiffeId;
 use crate::k8s::crd::MtlsMode;
 use crate::proto::discovery::discovery_server::Discovery;
 use crate::proto::discovery::{
     DiscoveryRequest, DiscoveryResponse, Endpoint, MeshConfig, Node, PeerAuthentication, Revocation, Snapshot,
-    peer_authentication::Mode, revocation::Target,
+    SnapshotDelta, peer_authentication::Mode, revocation::Target,
 };
 
 /// Mesh-wide settings the control plane was started with.
@@ -96,10 +100,13 @@ pub struct MeshState {
     jwks: ArcSwap<BTreeMap<String, Arc<str>>>,
     revocations: ArcSwap<(Vec<String>, Vec<String>)>,
     sidecars: Mutex<BTreeMap<u64, SidecarEntry>>,
-    /// The endpoint table, built once and shared by every stream until a sidecar with addresses
-    /// joins or leaves the table; rebuilding it per stream made every push O(sidecars²).
-    /// Written only while `sidecars` is locked, so it never goes stale behind a change.
-    endpoints: ArcSwapOption<Vec<Endpoint>>,
+    /// The endpoint table and its recent changes, rebuilt when a sidecar with addresses joins
+    /// or leaves (`endpoints_stale`), before the next view is built.
+    endpoints: EndpointTable,
+    /// Set, while `sidecars` is locked, by every change to what the table is built from.
+    endpoints_stale: AtomicBool,
+    /// The views of the current generation.
+    views: Mutex<Views>,
     /// Endpoints a cluster source knows without any sidecar registering them (Kubernetes
     /// pods and services); merged into the table.
     cluster_endpoints: ArcSwap<Vec<Endpoint>>,
@@ -152,7 +159,9 @@ impl MeshState {
             jwks: ArcSwap::from_pointee(BTreeMap::new()),
             revocations: ArcSwap::from_pointee((Vec::new(), Vec::new())),
             sidecars: Mutex::new(sidecars),
-            endpoints: ArcSwapOption::empty(),
+            endpoints: EndpointTable::default(),
+            endpoints_stale: AtomicBool::new(true),
+            views: Mutex::new(Views::default()),
             cluster_endpoints: ArcSwap::from_pointee(Vec::new()),
             shared_endpoints: ArcSwap::from_pointee(Vec::new()),
             next_stream: AtomicU64::new(1),
@@ -207,7 +216,7 @@ impl MeshState {
                         gone = true;
                     }
                     if gone {
-                        this.endpoints.store(None);
+                        this.endpoints_stale.store(true, Ordering::Release);
                     }
                     drop(sidecars);
                     if gone {
@@ -266,7 +275,7 @@ impl MeshState {
         let sidecars = self.sidecars.lock();
         self.shared_endpoints.store(Arc::new(next));
         if table_changed {
-            self.endpoints.store(None);
+            self.endpoints_stale.store(true, Ordering::Release);
         }
         drop(sidecars);
         if table_changed {
@@ -343,7 +352,7 @@ impl MeshState {
         if **self.cluster_endpoints.load() != endpoints {
             let sidecars = self.sidecars.lock();
             self.cluster_endpoints.store(Arc::new(endpoints));
-            self.endpoints.store(None);
+            self.endpoints_stale.store(true, Ordering::Release);
             drop(sidecars);
             self.mark_dirty();
         }
@@ -409,11 +418,38 @@ impl MeshState {
         self.sidecars.lock().values().cloned().collect()
     }
 
-    /// The snapshot for one sidecar, and its version.
-    pub fn snapshot_for(&self, id: &SpiffeId, labels: &BTreeMap<String, String>) -> (String, Snapshot) {
-        let ns = id.namespace().unwrap_or("");
+    /// The view of a workload in `namespace` with `labels` for the current generation: built by
+    /// the first stream that asks, shared by the others.
+    fn view_for(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Arc<View> {
+        let generation = *self.generation.borrow();
+        self.refresh_endpoints();
+        let mut views = self.views.lock();
+        if views.generation != generation {
+            views.by_workload.clear();
+            views.generation = generation;
+        }
+        let key = (namespace.to_string(), labels.clone());
+        if let Some(view) = views.by_workload.get(&key) {
+            return view.clone();
+        }
+        let config = self.config_for(namespace, labels);
+        let config_version = version_of(&config);
+        let table = self.endpoints.current();
+        let version = {
+            let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+            ctx.update(config_version.as_bytes());
+            ctx.update(&table.digest);
+            crate::hex::encode(&ctx.finish().as_ref()[..8])
+        };
+        let view = Arc::new(View { version, config_version, config, table });
+        views.by_workload.insert(key, view.clone());
+        view
+    }
+
+    /// Everything a workload in `namespace` with `labels` is sent but the endpoints.
+    fn config_for(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Snapshot {
         let resources = self.resources.load();
-        let selected: Vec<&Resource> = resources.iter().filter(|r| r.selects(ns, labels)).collect();
+        let selected: Vec<&Resource> = resources.iter().filter(|r| r.selects(namespace, labels)).collect();
         let jwks = self.jwks.load();
         let policies = selected
             .iter()
@@ -437,32 +473,34 @@ impl MeshState {
             .map(|i| Revocation { target: Some(Target::SpiffeId(i.clone())) })
             .chain(serials.iter().map(|s| Revocation { target: Some(Target::Serial(s.clone())) }))
             .collect();
-        let endpoints = Vec::clone(&self.endpoint_table());
-        let snapshot = Snapshot {
+        Snapshot {
             policies,
             peer_authentication: Some(peer_authentication),
             trust_bundle_pem: self.ca.load().bundle_pem().to_string(),
             revocations,
-            endpoints,
+            endpoints: Vec::new(),
             mesh: Some(MeshConfig {
                 trust_domain: self.settings.trust_domain.clone(),
                 default_policy: self.settings.default_policy.clone(),
                 egress: self.settings.egress.clone(),
                 path_normalization: self.settings.path_normalization.as_str().to_string(),
             }),
-        };
-        (version_of(&snapshot), snapshot)
+        }
     }
 }
 
 impl MeshState {
-    /// Every meshed workload's address and identity, sorted; cached until it changes.
-    fn endpoint_table(&self) -> Arc<Vec<Endpoint>> {
-        if let Some(table) = self.endpoints.load_full() {
-            return table;
+    /// Rebuilds the endpoint table from every meshed workload's addresses if one joined or left
+    /// since the last rebuild; the table records what changed, for deltas.
+    fn refresh_endpoints(&self) {
+        if !self.endpoints_stale.load(Ordering::Acquire) {
+            return;
         }
         let sidecars = self.sidecars.lock();
-        let mut endpoints: Vec<Endpoint> = sidecars
+        if !self.endpoints_stale.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let endpoints: Vec<Endpoint> = sidecars
             .values()
             .flat_map(|e| {
                 e.addresses.iter().map(|a| Endpoint {
@@ -474,12 +512,61 @@ impl MeshState {
             .chain(self.cluster_endpoints.load().iter().cloned())
             .chain(self.shared_endpoints.load().iter().map(|(e, _)| e.clone()))
             .collect();
-        endpoints.sort_by(|a, b| (&a.address, &a.spiffe_id).cmp(&(&b.address, &b.spiffe_id)));
-        endpoints.dedup_by(|a, b| a.address == b.address && a.spiffe_id == b.spiffe_id);
-        let table = Arc::new(endpoints);
-        self.endpoints.store(Some(table.clone()));
-        table
+        self.endpoints.replace(endpoints);
     }
+}
+
+/// What every sidecar of one workload view (namespace and labels) is sent in one generation.
+struct View {
+    /// The snapshot's version: a hash of `config_version` and the table's digest.
+    version: String,
+    /// A hash of `config`: whether a delta must carry it.
+    config_version: String,
+    /// The snapshot without its endpoints.
+    config: Snapshot,
+    table: Arc<Table>,
+}
+
+impl View {
+    /// The snapshot in full, for a sidecar whose version the stream cannot build on.
+    fn snapshot(&self) -> Snapshot {
+        Snapshot { endpoints: self.table.endpoints.clone(), ..self.config.clone() }
+    }
+
+    /// The delta from `base` to this view, or `None` when the table's history no longer reaches
+    /// back to it.
+    fn delta_from(&self, base: &Running, endpoints: &EndpointTable) -> Option<SnapshotDelta> {
+        let changes = endpoints.since(base.table_rev, self.table.rev)?;
+        Some(SnapshotDelta {
+            base_version: base.version.clone(),
+            config: (base.config_version != self.config_version).then(|| self.config.clone()),
+            removed: changes.removed,
+            added: changes.added,
+        })
+    }
+
+    fn running(&self) -> Running {
+        Running {
+            version: self.version.clone(),
+            config_version: self.config_version.clone(),
+            table_rev: self.table.rev,
+        }
+    }
+}
+
+/// The views of one generation, by namespace and labels.
+#[derive(Default)]
+struct Views {
+    generation: u64,
+    by_workload: HashMap<(String, BTreeMap<String, String>), Arc<View>>,
+}
+
+/// A version a stream delivered, as much as a delta from it needs.
+#[derive(Clone)]
+struct Running {
+    version: String,
+    config_version: String,
+    table_rev: u64,
 }
 
 /// A `RequestAuthentication` spec as a sidecar receives it: every rule that names only a
@@ -523,7 +610,8 @@ fn peer_authentication(selected: &[&Resource]) -> PeerAuthentication {
     PeerAuthentication { mode: mode_of(spec.mtls.as_ref().map(|m| m.mode)) as i32, port_modes }
 }
 
-/// A content hash: equal snapshots have equal versions, across restarts too.
+/// A content hash of a snapshot's parts but its endpoints: equal parts have equal versions,
+/// across restarts and replicas too.
 fn version_of(snapshot: &Snapshot) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &snapshot.encode_to_vec());
     crate::hex::encode(&digest.as_ref()[..8])
@@ -583,63 +671,134 @@ impl Discovery for DiscoveryService {
         register(&mesh, stream_id, &node, verdict, not_after);
 
         let (tx, rx) = mpsc::channel(4);
-        let metrics = self.metrics.clone();
-        let connected = metrics.sidecar_connected();
+        let connected = self.metrics.sidecar_connected();
+        let stream = SidecarStream {
+            mesh,
+            metrics: self.metrics.clone(),
+            stream_id,
+            namespace: id.namespace().unwrap_or("").to_string(),
+            labels,
+            base: None,
+            acked: None,
+            nonce: 0,
+            last_was_delta: false,
+            refused: String::new(),
+        };
         tokio::spawn(async move {
             let _connected = connected;
-            let mut generation = mesh.generation.subscribe();
-            let mut sent_version = first.version_info.clone();
-            let mut nonce = 0u64;
-            let push = |sent_version: &mut String, nonce: &mut u64| {
-                let started = Instant::now();
-                let (version, snapshot) = mesh.snapshot_for(&id, &labels);
-                if version == *sent_version {
-                    return None;
-                }
-                metrics.push_duration.observe(started.elapsed().as_secs_f64());
-                metrics.snapshot_pushes.inc();
-                *nonce += 1;
-                *sent_version = version.clone();
-                if let Some(e) = mesh.sidecars.lock().get_mut(&stream_id) {
-                    e.pushed_version = version.clone();
-                }
-                Some(DiscoveryResponse { version_info: version, nonce: nonce.to_string(), snapshot: Some(snapshot) })
-            };
-            // Resume: a sidecar that already runs the current version gets nothing new.
-            if let Some(resp) = push(&mut sent_version, &mut nonce) {
-                if tx.send(Ok(resp)).await.is_err() {
-                    return unregister(&mesh, stream_id);
-                }
-            } else {
-                ack(&mesh, stream_id, &sent_version, None);
+            stream.serve(first.version_info, inbound, tx).await;
+            tracing::info!(spiffe_id = %id, "sidecar disconnected");
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// One sidecar's stream: what it was sent and what it runs, so that each push is a delta from
+/// the version it will run when it can be, and a full snapshot when it cannot.
+struct SidecarStream {
+    mesh: Arc<MeshState>,
+    metrics: Arc<super::metrics::ControlMetrics>,
+    stream_id: u64,
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    /// What the sidecar runs once it applies everything sent; `None`: unknown, so the next
+    /// push is a full snapshot.
+    base: Option<Running>,
+    /// What it ACKed last: what it still runs after a NACK.
+    acked: Option<Running>,
+    /// The nonce of the last response sent; replies to older ones are ignored.
+    nonce: u64,
+    last_was_delta: bool,
+    /// The version last refused in full: not sent again until the view changes.
+    refused: String,
+}
+
+impl SidecarStream {
+    /// Pushes the sidecar's view at every generation and takes its replies, until either side
+    /// ends the stream.
+    async fn serve(
+        mut self,
+        resume_from: String,
+        mut inbound: Streaming<DiscoveryRequest>,
+        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    ) {
+        let mut generation = self.mesh.generation.subscribe();
+        // Resume: a sidecar that already runs the current version gets nothing new, and its
+        // version is a base for deltas. Any other version means nothing to this stream.
+        let view = self.mesh.view_for(&self.namespace, &self.labels);
+        let mut next = if resume_from == view.version {
+            self.base = Some(view.running());
+            self.acked = self.base.clone();
+            ack(&self.mesh, self.stream_id, &resume_from, None);
+            None
+        } else {
+            Some(self.response(&view, false))
+        };
+        loop {
+            if let Some(resp) = next.take()
+                && tx.send(Ok(resp)).await.is_err()
+            {
+                break;
             }
-            loop {
-                tokio::select! {
-                    msg = inbound.message() => match msg {
-                        Ok(Some(req)) => {
-                            if req.response_nonce == nonce.to_string() {
-                                if let Some(e) = &req.error_detail {
-                                    metrics.nack(&e.message);
-                                }
-                                ack(&mesh, stream_id, &req.version_info, req.error_detail.map(|e| e.message));
-                            }
-                        }
-                        _ => break,
-                    },
-                    changed = generation.changed() => {
-                        if changed.is_err() { break; }
-                        if let Some(resp) = push(&mut sent_version, &mut nonce)
-                            && tx.send(Ok(resp)).await.is_err()
-                        {
-                            break;
-                        }
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => next = self.reply(req),
+                    _ => break,
+                },
+                changed = generation.changed() => {
+                    if changed.is_err() { break; }
+                    let view = self.mesh.view_for(&self.namespace, &self.labels);
+                    if self.base.as_ref().is_none_or(|b| b.version != view.version) && view.version != self.refused {
+                        next = Some(self.response(&view, false));
                     }
                 }
             }
-            tracing::info!(spiffe_id = %id, "sidecar disconnected");
-            unregister(&mesh, stream_id);
-        });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        }
+        unregister(&self.mesh, self.stream_id);
+    }
+
+    /// The response that brings the sidecar to `view`: a delta from its base when there is one
+    /// the table's history reaches (and `full` is not asked), else the full snapshot.
+    fn response(&mut self, view: &View, full: bool) -> DiscoveryResponse {
+        let started = Instant::now();
+        let delta = self.base.as_ref().filter(|_| !full).and_then(|base| view.delta_from(base, &self.mesh.endpoints));
+        self.last_was_delta = delta.is_some();
+        let snapshot = delta.is_none().then(|| view.snapshot());
+        self.metrics.push_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics.snapshot_pushes.inc();
+        if self.last_was_delta {
+            self.metrics.delta_pushes.inc();
+        }
+        self.nonce += 1;
+        self.base = Some(view.running());
+        if let Some(e) = self.mesh.sidecars.lock().get_mut(&self.stream_id) {
+            e.pushed_version = view.version.clone();
+        }
+        DiscoveryResponse { version_info: view.version.clone(), nonce: self.nonce.to_string(), snapshot, delta }
+    }
+
+    /// Takes an ACK or NACK of the last response; returns what to send at once: the full
+    /// snapshot when a delta was refused (its base did not match, or it did not apply).
+    fn reply(&mut self, req: DiscoveryRequest) -> Option<DiscoveryResponse> {
+        if req.response_nonce != self.nonce.to_string() {
+            return None;
+        }
+        let Some(error) = req.error_detail else {
+            self.acked = self.base.clone();
+            ack(&self.mesh, self.stream_id, &req.version_info, None);
+            return None;
+        };
+        self.metrics.nack(&error.message);
+        ack(&self.mesh, self.stream_id, &req.version_info, Some(error.message));
+        // The sidecar runs what it last ACKed if it says so; anything else is unknown.
+        let sent = std::mem::replace(&mut self.base, self.acked.clone().filter(|a| a.version == req.version_info));
+        if !self.last_was_delta {
+            // A refused full snapshot is not sent again until the view changes.
+            self.refused = sent.map(|s| s.version).unwrap_or_default();
+            return None;
+        }
+        let view = self.mesh.view_for(&self.namespace, &self.labels);
+        Some(self.response(&view, true))
     }
 }
 
@@ -670,7 +829,7 @@ fn register(mesh: &MeshState, stream_id: u64, node: &Node, verdict: Verdict, not
         },
     );
     if restored_dropped || has_addresses || replaced.is_some_and(|e| !e.addresses.is_empty()) {
-        mesh.endpoints.store(None);
+        mesh.endpoints_stale.store(true, Ordering::Release);
     }
     drop(sidecars);
     mesh.mark_dirty();

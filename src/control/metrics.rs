@@ -72,8 +72,10 @@ pub struct ControlMetrics {
     pub issuance_duration: Histogram,
     /// `palisade_control_sidecars_connected`: open discovery streams.
     pub sidecars_connected: Gauge,
-    /// `palisade_control_snapshot_pushes_total`.
+    /// `palisade_control_snapshot_pushes_total`: every response sent, full or delta.
     pub snapshot_pushes: Counter,
+    /// `palisade_control_delta_pushes_total`: the responses that were deltas.
+    pub delta_pushes: Counter,
     /// `palisade_control_push_duration_seconds`: building one sidecar's snapshot.
     pub push_duration: Histogram,
     /// `palisade_control_nacks_total{kind}`.
@@ -107,6 +109,7 @@ impl ControlMetrics {
             issuance_duration: latency_histogram(),
             sidecars_connected: Gauge::default(),
             snapshot_pushes: Counter::default(),
+            delta_pushes: Counter::default(),
             push_duration: latency_histogram(),
             nacks: Family::default(),
             store_duration: Family::new_with_constructor(latency_histogram),
@@ -127,7 +130,12 @@ impl ControlMetrics {
             m.issuance_duration.clone(),
         );
         registry.register("sidecars_connected", "Sidecars with an open discovery stream", m.sidecars_connected.clone());
-        registry.register("snapshot_pushes", "Snapshots sent to sidecars", m.snapshot_pushes.clone());
+        registry.register("snapshot_pushes", "Snapshots sent to sidecars, full or delta", m.snapshot_pushes.clone());
+        registry.register(
+            "delta_pushes",
+            "Snapshots sent to sidecars as a delta from the version they run",
+            m.delta_pushes.clone(),
+        );
         registry.register(
             "push_duration_seconds",
             "Time to build one sidecar's snapshot for a push",

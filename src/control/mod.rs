@@ -7,6 +7,7 @@ pub mod admin_client;
 pub mod ca_keys;
 pub mod ca_set;
 pub mod discovery;
+pub mod endpoint_table;
 pub mod identity_service;
 pub mod jwks;
 pub mod metrics;
