@@ -19,6 +19,8 @@
 //! every snapshot carries N endpoints, as in a real mesh.
 #![forbid(unsafe_code)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -30,12 +32,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use common::{free_addr, http_get, ms, utc_now};
 use palisade::agent::ControlClient;
 use palisade::proto::discovery::{DiscoveryRequest, Node};
 use palisade::tls::{CertStore, TrustBundle};
 use parking_lot::Mutex;
 use rustls::sign::CertifiedKey;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
 
 /// Flags.
@@ -661,31 +663,6 @@ async fn wait_until(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok(())
-}
-
-/// A minimal HTTP/1.0 GET against the admin port: status and body.
-async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
-    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    tcp.read_to_end(&mut buf).await.ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Some((status, body))
-}
-
-fn free_addr() -> std::io::Result<SocketAddr> {
-    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
-}
-
-fn utc_now() -> String {
-    let t = time::OffsetDateTime::now_utc();
-    format!("{}-{:02}-{:02} {:02}:{:02} UTC", t.year(), u8::from(t.month()), t.day(), t.hour(), t.minute())
 }
 
 fn mib(kib: u64) -> String {
