@@ -67,21 +67,14 @@ async fn a_reporter_cannot_add_edges_of_another_destination() {
     for _ in 0..3 {
         assert_eq!(get(&client, &format!("http://{route}/x"), &[]).await.unwrap().0, 200);
     }
-    let honest_edge = |edges: &[serde_json::Value]| {
-        edges.iter().any(|e| e["source"] == id("web") && e["destination"] == id("orders") && e["requests"] == 3)
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut edges = traffic(&cp).await;
-    while !honest_edge(&edges) {
-        // Say what the graph held, and what orders' sidecar counted, if it never comes.
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no edge web -> orders with 3 requests after 10 s: {edges:#?}\norders counted:\n{}",
-            orders.metrics().await.lines().filter(|l| l.contains("palisade_requests")).collect::<Vec<_>>().join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        edges = traffic(&cp).await;
-    }
+    wait_for("the honest edge web -> orders", Duration::from_secs(10), || async {
+        traffic(&cp)
+            .await
+            .iter()
+            .any(|e| e["source"] == id("web") && e["destination"] == id("orders") && e["requests"] == 3)
+    })
+    .await;
+    let edges = traffic(&cp).await;
     assert!(
         !edges.iter().any(|e| e["source"] == id("mallory") || e["destination"] == id("web")),
         "forged edges recorded: {edges:#?}"

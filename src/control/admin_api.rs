@@ -342,27 +342,7 @@ const LEDGER_PAGE_MAX: u32 = 1000;
 impl Admin for AdminService {
     async fn list_sidecars(&self, req: Request<ListSidecarsRequest>) -> Result<Response<ListSidecarsResponse>, Status> {
         let caller = self.authorize(&req, "ListSidecars", "list", "sidecars").await?;
-        let sidecars = self
-            .mesh
-            .sidecars()
-            .into_iter()
-            .map(|s| Sidecar {
-                spiffe_id: s.spiffe_id,
-                addresses: s.addresses,
-                labels: s.labels.into_iter().collect(),
-                pushed_version: s.pushed_version,
-                acked_version: s.acked_version,
-                nack_message: s.nack_message,
-                certificate_not_after: s.certificate_not_after,
-                last_seen: s.last_seen,
-                connected: s.connected,
-                refused_addresses: s
-                    .refused_addresses
-                    .into_iter()
-                    .map(|r| crate::proto::admin::RefusedAddress { address: r.address, reason: r.reason })
-                    .collect(),
-            })
-            .collect();
+        let sidecars = self.mesh.sidecars().into_iter().map(Into::into).collect();
         self.audited(&caller, "ListSidecars", "", Ok(Response::new(ListSidecarsResponse { sidecars })))
     }
 
@@ -424,19 +404,7 @@ impl Admin for AdminService {
 
     async fn traffic_graph(&self, req: Request<TrafficGraphRequest>) -> Result<Response<TrafficGraphResponse>, Status> {
         let caller = self.authorize(&req, "TrafficGraph", "get", "traffic").await?;
-        let edges = self
-            .graph
-            .edges()
-            .into_iter()
-            .map(|e| Edge {
-                source: e.source,
-                destination: e.destination,
-                requests: e.requests,
-                errors: e.errors,
-                denials: e.denials,
-                handshake_failures: e.handshake_failures,
-            })
-            .collect();
+        let edges = self.graph.edges().into_iter().map(Into::into).collect();
         self.audited(&caller, "TrafficGraph", "", Ok(Response::new(TrafficGraphResponse { edges })))
     }
 

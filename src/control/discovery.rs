@@ -89,6 +89,28 @@ impl From<crate::proto::admin::Sidecar> for SidecarEntry {
     }
 }
 
+impl From<SidecarEntry> for crate::proto::admin::Sidecar {
+    /// The entry as the management API sends it (the inverse of the conversion above).
+    fn from(s: SidecarEntry) -> Self {
+        crate::proto::admin::Sidecar {
+            spiffe_id: s.spiffe_id,
+            addresses: s.addresses,
+            labels: s.labels.into_iter().collect(),
+            pushed_version: s.pushed_version,
+            acked_version: s.acked_version,
+            nack_message: s.nack_message,
+            certificate_not_after: s.certificate_not_after,
+            last_seen: s.last_seen,
+            connected: s.connected,
+            refused_addresses: s
+                .refused_addresses
+                .into_iter()
+                .map(|r| crate::proto::admin::RefusedAddress { address: r.address, reason: r.reason })
+                .collect(),
+        }
+    }
+}
+
 /// The control plane's live model of the mesh, shared by every stream.
 pub struct MeshState {
     pub settings: MeshSettings,

@@ -38,6 +38,19 @@ impl From<crate::proto::admin::Edge> for Edge {
     }
 }
 
+impl From<Edge> for crate::proto::admin::Edge {
+    fn from(e: Edge) -> Self {
+        crate::proto::admin::Edge {
+            source: e.source,
+            destination: e.destination,
+            requests: e.requests,
+            errors: e.errors,
+            denials: e.denials,
+            handshake_failures: e.handshake_failures,
+        }
+    }
+}
+
 /// A certificate event as the control plane keeps it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct CertEvent {
