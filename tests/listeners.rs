@@ -274,7 +274,23 @@ async fn a_flood_of_the_sidecar_outbound_listener_neither_starves_kept_alive_cal
     // The caller's kept-alive connection exists before the flood.
     let client = http_client();
     assert_eq!(get(&client, &format!("http://{route}/warm"), &[]).await.unwrap().0, 200);
+    // The caller keeps using it while the flood is built: an HTTP/1 connection that waits for
+    // its next request longer than the header-read timeout (1 s here) is rightly closed, and
+    // building the flood can take longer than that on a loaded machine.
+    let building = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let warm = tokio::spawn({
+        let (client, building) = (client.clone(), building.clone());
+        async move {
+            while building.load(std::sync::atomic::Ordering::Relaxed) {
+                let got = get(&client, &format!("http://{route}/while-flooding"), &[]).await.map(|r| r.0);
+                assert_eq!(got, Ok(200), "the kept-alive caller while the flood is built");
+                tokio::time::sleep(Duration::from_millis(200)).await; // request pacing
+            }
+        }
+    });
     let conns = flood(route, FLOOD, HALF_REQUEST).await;
+    building.store(false, std::sync::atomic::Ordering::Relaxed);
+    warm.await.expect("the caller's requests while the flood was built");
     let cpu = cpu_while(web.child.id(), || async {
         let url = format!("http://{route}/during-flood");
         let got = tokio::time::timeout(Duration::from_secs(3), get(&client, &url, &[]));
