@@ -105,6 +105,9 @@ where
     }
 }
 
+/// The largest discovery response a sidecar takes (a full snapshot of about 400,000 endpoints).
+const MAX_SNAPSHOT: usize = 64 << 20;
+
 async fn session(
     control: &ControlClient,
     node: &Node,
@@ -113,7 +116,9 @@ async fn session(
     in_force: &InForce,
     progress: &mut Progress,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let mut client = DiscoveryClient::new(control.channel().await?);
+    // A full snapshot carries the whole endpoint table, about 150 bytes an endpoint: gRPC's
+    // default 4 MiB would refuse the table of a mesh past about 27,000 endpoints.
+    let mut client = DiscoveryClient::new(control.channel().await?).max_decoding_message_size(MAX_SNAPSHOT);
     let (tx, rx) = mpsc::channel(4);
     tx.send(DiscoveryRequest {
         node: Some(node.clone()),

@@ -17,11 +17,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use futures_util::Stream;
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::{Notify, mpsc, watch};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Status, Streaming};
 
 use super::address_proof::{AddressProver, RefusedAddress, Verdict};
 use super::ca_set::CaSet;
@@ -29,7 +28,6 @@ use super::endpoint_table::{EndpointTable, Table};
 use super::source::{Resource, Spec};
 use crate::clock::now_unix;
 use crate::k8s::crd::MtlsMode;
-use crate::proto::discovery::discovery_server::Discovery;
 use crate::proto::discovery::{
     DiscoveryRequest, DiscoveryResponse, Endpoint, MeshConfig, Node, PeerAuthentication, Revocation, Snapshot,
     SnapshotDelta, peer_authentication::Mode, revocation::Target,
@@ -463,7 +461,7 @@ impl MeshState {
             ctx.update(&table.digest);
             crate::hex::encode(&ctx.finish().as_ref()[..8])
         };
-        let view = Arc::new(View { version, config_version, config, table });
+        let view = Arc::new(View { version, config_version, config, table, full: Default::default() });
         views.by_workload.insert(key, view.clone());
         view
     }
@@ -547,12 +545,18 @@ struct View {
     /// The snapshot without its endpoints.
     config: Snapshot,
     table: Arc<Table>,
+    /// The full snapshot, encoded once by the first stream that sends it and shared as bytes by
+    /// every other: at 10,000 endpoints it is about 1.5 MB, and building, cloning and encoding
+    /// it per stream cost as much memory as every stream connecting at once held.
+    full: std::sync::OnceLock<bytes::Bytes>,
 }
 
 impl View {
-    /// The snapshot in full, for a sidecar whose version the stream cannot build on.
-    fn snapshot(&self) -> Snapshot {
-        Snapshot { endpoints: self.table.endpoints.clone(), ..self.config.clone() }
+    /// The snapshot in full, encoded, for a sidecar whose version the stream cannot build on.
+    fn snapshot(&self) -> bytes::Bytes {
+        self.full
+            .get_or_init(|| Snapshot { endpoints: self.table.endpoints.clone(), ..self.config.clone() }.encode_to_vec().into())
+            .clone()
     }
 
     /// The delta from `base` to this view, or `None` when the table's history no longer reaches
@@ -647,13 +651,10 @@ pub struct DiscoveryService {
     pub prover: Arc<AddressProver>,
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl Discovery for DiscoveryService {
-    type StreamStream = ResponseStream;
-
-    async fn stream(&self, request: Request<Streaming<DiscoveryRequest>>) -> Result<Response<ResponseStream>, Status> {
+impl DiscoveryService {
+    /// Opens one sidecar's stream: checks that its node is the identity its certificate proves,
+    /// registers it, and returns the responses its stream will send.
+    async fn open(&self, request: Request<Streaming<DiscoveryRequest>>) -> Result<mpsc::Receiver<Outgoing>, Status> {
         let certs = request.peer_certs();
         let remote = request.remote_addr();
         let (id, _serial) = crate::tls::peer_identity(certs.as_deref().map(|v| v.as_slice()))
@@ -711,7 +712,140 @@ impl Discovery for DiscoveryService {
             stream.serve(first.version_info, inbound, tx).await;
             tracing::info!(spiffe_id = %id, "sidecar disconnected");
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(rx)
+    }
+}
+
+/// One response as a stream sends it: the message, and the full snapshot it carries as the bytes
+/// its view encoded once (`None` for a delta).
+struct Outgoing {
+    /// The response without its `snapshot` field.
+    message: DiscoveryResponse,
+    snapshot: Option<bytes::Bytes>,
+}
+
+impl Outgoing {
+    /// The gRPC message (compression flag, length, then the protobuf encoding) as its head and the
+    /// shared snapshot bytes that follow it: protobuf fields may come in any order, so the
+    /// `snapshot` field is appended after the stream's own fields without copying it.
+    fn into_frames(self) -> (bytes::Bytes, Option<bytes::Bytes>) {
+        use bytes::BufMut;
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+        const SNAPSHOT_FIELD: u32 = 3;
+        let own = self.message.encoded_len();
+        let tail = self.snapshot.as_ref().map_or(0, |s| key_len(SNAPSHOT_FIELD) + encoded_len_varint(s.len() as u64));
+        let total = own + tail + self.snapshot.as_ref().map_or(0, |s| s.len());
+        let mut head = bytes::BytesMut::with_capacity(5 + own + tail);
+        head.put_u8(0); // not compressed
+        head.put_u32(u32::try_from(total).expect("a discovery response under 4 GiB"));
+        self.message.encode(&mut head).expect("the buffer was sized for the message");
+        if let Some(snapshot) = &self.snapshot {
+            encode_key(SNAPSHOT_FIELD, WireType::LengthDelimited, &mut head);
+            encode_varint(snapshot.len() as u64, &mut head);
+        }
+        (head.freeze(), self.snapshot)
+    }
+}
+
+/// `Discovery/Stream` served over tonic's router but not through its generated server, whose
+/// encoder copies each message into a per-stream buffer that then keeps the capacity of the
+/// largest message for the stream's life: a full snapshot of the whole table per connected
+/// sidecar, which made memory grow as sidecars × endpoints. Here a response's shared snapshot
+/// bytes go to the connection as they are. Requests are decoded by tonic as before; the wire
+/// format is the same, so sidecars use the generated client.
+#[derive(Clone)]
+pub struct DiscoveryGrpc(pub Arc<DiscoveryService>);
+
+/// The one method of the service.
+const STREAM_PATH: &str = "/palisade.discovery.v1.Discovery/Stream";
+/// The largest request a sidecar sends (an ACK, or a NACK with its reason; the first carries the
+/// node): far below tonic's default 4 MiB.
+const MAX_REQUEST: usize = 1 << 20;
+
+impl tonic::server::NamedService for DiscoveryGrpc {
+    const NAME: &'static str = crate::proto::discovery::discovery_server::SERVICE_NAME;
+}
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for DiscoveryGrpc {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        use tonic::codec::Codec;
+        let service = self.0.clone();
+        Box::pin(async move {
+            if req.uri().path() != STREAM_PATH {
+                return Ok(Status::unimplemented(format!("no method {}", req.uri().path())).into_http());
+            }
+            if req.headers().get("grpc-encoding").is_some_and(|e| e != "identity") {
+                return Ok(Status::unimplemented("discovery requests are not compressed").into_http());
+            }
+            let (parts, body) = req.into_parts();
+            let decoder = tonic_prost::ProstCodec::<DiscoveryResponse, DiscoveryRequest>::default().decoder();
+            let inbound = Streaming::new_request(decoder, body, None, Some(MAX_REQUEST));
+            let request = Request::from_http(http::Request::from_parts(parts, inbound));
+            Ok(match service.open(request).await {
+                Ok(responses) => {
+                    let body = ResponseBody { responses, rest: None, ended: false };
+                    let mut response = http::Response::new(tonic::body::Body::new(body));
+                    response
+                        .headers_mut()
+                        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+                    response
+                }
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+/// The response stream as an HTTP/2 body: each message as its head and its shared snapshot,
+/// then `grpc-status: 0` once the stream ends.
+struct ResponseBody {
+    responses: mpsc::Receiver<Outgoing>,
+    /// The shared part of the message whose head went last.
+    rest: Option<bytes::Bytes>,
+    ended: bool,
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        if let Some(rest) = self.rest.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(rest))));
+        }
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match self.responses.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(outgoing)) => {
+                let (head, rest) = outgoing.into_frames();
+                self.rest = rest;
+                Poll::Ready(Some(Ok(http_body::Frame::data(head))))
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.rest.is_none()
     }
 }
 
@@ -742,7 +876,7 @@ impl SidecarStream {
         mut self,
         resume_from: String,
         mut inbound: Streaming<DiscoveryRequest>,
-        tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+        tx: mpsc::Sender<Outgoing>,
     ) {
         let mut generation = self.mesh.generation.subscribe();
         // Resume: a sidecar that already runs the current version gets nothing new, and its
@@ -758,7 +892,7 @@ impl SidecarStream {
         };
         loop {
             if let Some(resp) = next.take()
-                && tx.send(Ok(resp)).await.is_err()
+                && tx.send(resp).await.is_err()
             {
                 break;
             }
@@ -781,7 +915,7 @@ impl SidecarStream {
 
     /// The response that brings the sidecar to `view`: a delta from its base when there is one
     /// the table's history reaches (and `full` is not asked), else the full snapshot.
-    fn response(&mut self, view: &View, full: bool) -> DiscoveryResponse {
+    fn response(&mut self, view: &View, full: bool) -> Outgoing {
         let started = Instant::now();
         let delta = self.base.as_ref().filter(|_| !full).and_then(|base| view.delta_from(base, &self.mesh.endpoints));
         self.last_was_delta = delta.is_some();
@@ -796,12 +930,14 @@ impl SidecarStream {
         if let Some(e) = self.mesh.sidecars.lock().get_mut(&self.stream_id) {
             e.pushed_version = view.version.clone();
         }
-        DiscoveryResponse { version_info: view.version.clone(), nonce: self.nonce.to_string(), snapshot, delta }
+        let message =
+            DiscoveryResponse { version_info: view.version.clone(), nonce: self.nonce.to_string(), snapshot: None, delta };
+        Outgoing { message, snapshot }
     }
 
     /// Takes an ACK or NACK of the last response; returns what to send at once: the full
     /// snapshot when a delta was refused (its base did not match, or it did not apply).
-    fn reply(&mut self, req: DiscoveryRequest) -> Option<DiscoveryResponse> {
+    fn reply(&mut self, req: DiscoveryRequest) -> Option<Outgoing> {
         if req.response_nonce != self.nonce.to_string() {
             return None;
         }

@@ -21,7 +21,7 @@ use crate::tls::{CertStore, TrustBundle, config};
 use super::address_proof::AddressProver;
 use super::admin_api::{AdminService, AuditLog, Authorizer};
 use super::ca_set::{self, CaSet};
-use super::discovery::{DiscoveryService, MeshSettings, MeshState};
+use super::discovery::{DiscoveryGrpc, DiscoveryService, MeshSettings, MeshState};
 use super::identity_service::IdentityService;
 use super::jwks::{JwksInputs, JwksRefetch, JwksStatuses};
 use super::shared_ca::SharedCa;
@@ -30,7 +30,6 @@ use super::store::{CredentialKind, Store};
 use super::telemetry::{TelemetryService, TrafficGraph};
 use crate::identity::SpiffeId;
 use crate::proto::admin::admin_server::AdminServer;
-use crate::proto::discovery::discovery_server::DiscoveryServer;
 use crate::proto::telemetry::telemetry_server::TelemetryServer;
 
 /// Flags of `palisade control`.
@@ -455,7 +454,7 @@ async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Re
         .http2_max_header_list_size(Some(16 * 1024))
         .http2_max_pending_accept_reset_streams(Some(20))
         .add_service(IdentityServer::new(identity))
-        .add_service(DiscoveryServer::new(DiscoveryService {
+        .add_service(DiscoveryGrpc(Arc::new(DiscoveryService {
             mesh: inputs.mesh.clone(),
             metrics: inputs.metrics.clone(),
             prover: Arc::new(AddressProver {
@@ -464,7 +463,7 @@ async fn serve_grpc(inputs: &ControlInputs, listener: TcpListener) -> anyhow::Re
                 serving: inputs.serving.clone(),
                 trust: inputs.bundle.clone(),
             }),
-        }))
+        })))
         .add_service(AdminServer::new(admin_service(inputs)))
         .add_service(TelemetryServer::new(TelemetryService {
             graph: inputs.graph.clone(),
