@@ -141,9 +141,23 @@ async fn a_sidecar_cannot_register_another_identity() {
         node: Some(Node { spiffe_id: id("payments"), addresses: vec!["127.0.0.1:1".into()], ..Default::default() }),
         ..Default::default()
     };
-    let err = d.stream(tokio_stream::iter(vec![first])).await.unwrap_err();
+    let err = d.stream(tokio_stream::iter(vec![first.clone()])).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     assert!(err.message().contains("certificate proves"), "{err}");
+    // A stream that ends before its first request gets a clear refusal, not a hang.
+    let err = d.stream(tokio_stream::iter(Vec::<DiscoveryRequest>::new())).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    // Without a workload certificate (server-authenticated TLS only) there is no stream at all.
+    let bundle = palisade::tls::TrustBundle::from_pem(&std::fs::read_to_string(cp.root_pem_path()).unwrap()).unwrap();
+    let anonymous = palisade::agent::ControlClient::new(
+        &cp.listen.to_string(),
+        bundle,
+        palisade::tls::CertStore::new(),
+        palisade::identity::SpiffeId::control_plane("cluster.local").unwrap(),
+    );
+    let mut d = DiscoveryClient::new(anonymous.channel().await.unwrap());
+    let err = d.stream(tokio_stream::iter(vec![first])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1040,6 +1040,42 @@ mod tests {
     }
 
     #[test]
+    fn a_response_with_a_shared_snapshot_decodes_as_the_whole_message() {
+        let snapshot = Snapshot {
+            trust_bundle_pem: "roots".into(),
+            endpoints: (0..3)
+                .map(|i| Endpoint {
+                    address: format!("10.0.0.{i}:15006"),
+                    spiffe_id: format!("spiffe://cluster.local/ns/shop/sa/s{i}"),
+                    labels: [("app".to_string(), format!("s{i}"))].into(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let shared = bytes::Bytes::from(snapshot.encode_to_vec());
+        let message = DiscoveryResponse { version_info: "v1".into(), nonce: "7".into(), snapshot: None, delta: None };
+        let (head, rest) = Outgoing { message, snapshot: Some(shared.clone()) }.into_frames();
+        let rest = rest.expect("the snapshot follows the head");
+        assert_eq!(rest.as_ptr(), shared.as_ptr(), "the snapshot's bytes are sent as they are, not copied");
+        let wire = [&head[..], &rest[..]].concat();
+        assert_eq!(wire[0], 0, "not compressed");
+        let len = u32::from_be_bytes(wire[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len, wire.len() - 5, "the length prefix covers head and snapshot");
+        let decoded = DiscoveryResponse::decode(&wire[5..]).unwrap();
+        assert_eq!(
+            decoded,
+            DiscoveryResponse { version_info: "v1".into(), nonce: "7".into(), snapshot: Some(snapshot), delta: None }
+        );
+
+        let delta = SnapshotDelta { base_version: "v0".into(), ..Default::default() };
+        let message =
+            DiscoveryResponse { version_info: "v2".into(), nonce: "8".into(), snapshot: None, delta: Some(delta) };
+        let (head, rest) = Outgoing { message: message.clone(), snapshot: None }.into_frames();
+        assert!(rest.is_none());
+        assert_eq!(DiscoveryResponse::decode(&head[5..]).unwrap(), message);
+    }
+
+    #[test]
     fn peer_authentication_prefers_the_selector_and_keeps_port_modes() {
         let ns_wide = resource(serde_json::json!({"mtls": {"mode": "PERMISSIVE"}}), "default");
         let selected = resource(
