@@ -1532,3 +1532,68 @@ async fn a_ca_rotation_through_one_replica_completes_for_both_and_survives_their
         assert_eq!(state, "active");
     }
 }
+
+/// Rollout in CRD status: each replica counts the selected sidecars connected to it, and the
+/// totals cover every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_status_counts_the_selected_sidecars_of_every_replica_that_run_it() {
+    let c = cluster();
+    let dir = tempdir("k8s-rollout");
+    c.namespace("rollout", &[], &["orders", "web"]);
+    let (cp_a, _) = control_plane(c, &dir, "ro-a", "rollout-system", &[]).await;
+    let (cp_b, _) = control_plane(c, &dir, "ro-b", "rollout-system", &[]).await;
+    let token = c.token("rollout", "orders", "palisade");
+    let side = |cp: &ControlPlane, name: &'static str, token: String, labels: &'static [&'static str]| {
+        let (control, root, dir) = (cp.listen.to_string(), cp.root_pem_path(), dir.clone());
+        async move { kube_sidecar(&dir, &control, &root, &token, name, None, &[], labels).await }
+    };
+    let _a = side(&cp_a, "rollout-a", token.clone(), &["app=orders"]).await;
+    let b = side(&cp_b, "rollout-b", token, &["app=orders"]).await;
+    // Not selected: counted nowhere.
+    let _web = side(&cp_b, "rollout-web", c.token("rollout", "web", "palisade"), &["app=web"]).await;
+    let policy = |path: &str| {
+        format!(
+            "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: orders, namespace: rollout}}\n\
+             spec: {{selector: {{matchLabels: {{app: orders}}}}, action: DENY, rules: [{{to: [{{operation: {{paths: [{path}]}}}}]}}]}}\n"
+        )
+    };
+    let rollout = || c.get_json(&["get", "authorizationpolicy", "orders", "-n", "rollout"])["status"]["rollout"].clone();
+    let counts = |r: &Value| (r["selected"].as_u64(), r["current"].as_u64(), r["nacked"].as_u64());
+    let replica = |r: &Value, name: &str| {
+        let e = &r["replicas"][name];
+        (e["selected"].as_u64(), e["current"].as_u64(), e["observedGeneration"].as_i64())
+    };
+
+    let (ok, out) = c.apply(&policy("/first"));
+    assert!(ok, "{out}");
+    wait_for("both replicas' sidecars counted as running the policy", Duration::from_secs(15), || async {
+        let r = rollout();
+        counts(&r) == (Some(2), Some(2), Some(0))
+            && replica(&r, "ro-a") == (Some(1), Some(1), Some(1))
+            && replica(&r, "ro-b") == (Some(1), Some(1), Some(1))
+    })
+    .await;
+
+    // An edit is counted again at its new generation, by both replicas.
+    let (ok, out) = c.apply(&policy("/second"));
+    assert!(ok, "{out}");
+    wait_for("the edit counted at generation 2", Duration::from_secs(15), || async {
+        let r = rollout();
+        counts(&r) == (Some(2), Some(2), Some(0))
+            && replica(&r, "ro-a") == (Some(1), Some(1), Some(2))
+            && replica(&r, "ro-b") == (Some(1), Some(1), Some(2))
+    })
+    .await;
+    // The printed columns show the totals.
+    let printed = c.kubectl(&["get", "authorizationpolicy", "orders", "-n", "rollout"]);
+    let header: Vec<&str> = printed.lines().next().unwrap_or("").split_whitespace().collect();
+    assert!(header.contains(&"SELECTED") && header.contains(&"CURRENT") && header.contains(&"NACKED"), "{printed}");
+
+    // A sidecar that leaves is no longer counted.
+    drop(b);
+    wait_for("the departed sidecar uncounted", Duration::from_secs(15), || async {
+        let r = rollout();
+        counts(&r) == (Some(1), Some(1), Some(0)) && replica(&r, "ro-b") == (Some(0), Some(0), Some(2))
+    })
+    .await;
+}

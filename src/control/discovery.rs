@@ -137,6 +137,27 @@ pub struct MeshState {
     next_stream: AtomicU64,
     dirty: Notify,
     generation: watch::Sender<u64>,
+    /// Moves on whenever a sidecar connects, disconnects, ACKs or NACKs: what a rollout count
+    /// is made of.
+    acks: watch::Sender<u64>,
+}
+
+/// How a resource has rolled out among the connected sidecars it selects: how many there are,
+/// how many run the version of their view that carries the resource as it is now (`current`),
+/// and how many refused that version (`nacked`). The rest are still being sent it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rollout {
+    pub selected: u32,
+    pub current: u32,
+    pub nacked: u32,
+}
+
+impl std::ops::AddAssign for Rollout {
+    fn add_assign(&mut self, other: Rollout) {
+        self.selected += other.selected;
+        self.current += other.current;
+        self.nacked += other.nacked;
+    }
 }
 
 impl MeshState {
@@ -187,6 +208,7 @@ impl MeshState {
             next_stream: AtomicU64::new(1),
             dirty: Notify::new(),
             generation: watch::channel(0).0,
+            acks: watch::channel(0).0,
         })
     }
 
@@ -436,6 +458,57 @@ impl MeshState {
     /// Every sidecar entry, for `palisade status`.
     pub fn sidecars(&self) -> Vec<SidecarEntry> {
         self.sidecars.lock().values().cloned().collect()
+    }
+
+    /// Notifies whenever a sidecar connects, disconnects, ACKs or NACKs.
+    pub fn ack_changes(&self) -> watch::Receiver<u64> {
+        self.acks.subscribe()
+    }
+
+    fn acks_changed(&self) {
+        self.acks.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The rollout of every resource in force among this replica's connected sidecars, by the
+    /// resource's origin (`FILE#DOC`, `kubernetes:KIND/NS/NAME`).
+    pub fn rollout(&self) -> BTreeMap<String, Rollout> {
+        // Connected sidecars by view: (acked version, NACKed the pushed version, pushed version).
+        let mut by_view: HashMap<(String, BTreeMap<String, String>), Vec<(String, bool, String)>> = HashMap::new();
+        for e in self.sidecars.lock().values().filter(|e| e.connected) {
+            let namespace = e
+                .spiffe_id
+                .parse::<crate::identity::SpiffeId>()
+                .ok()
+                .and_then(|id| id.namespace().map(str::to_string))
+                .unwrap_or_default();
+            by_view.entry((namespace, e.labels.clone())).or_default().push((
+                e.acked_version.clone(),
+                !e.nack_message.is_empty(),
+                e.pushed_version.clone(),
+            ));
+        }
+        let resources = self.resources.load();
+        let mut out: BTreeMap<String, Rollout> = resources.iter().map(|r| (r.origin.clone(), Rollout::default())).collect();
+        for ((namespace, labels), sidecars) in by_view {
+            let selecting: Vec<&Resource> = resources.iter().filter(|r| r.selects(&namespace, &labels)).collect();
+            if selecting.is_empty() {
+                continue;
+            }
+            let now = self.view_for(&namespace, &labels).version.clone();
+            let mut counts = Rollout::default();
+            for (acked, nacked, pushed) in sidecars {
+                counts.selected += 1;
+                if acked == now {
+                    counts.current += 1;
+                } else if nacked && pushed == now {
+                    counts.nacked += 1;
+                }
+            }
+            for r in selecting {
+                *out.entry(r.origin.clone()).or_default() += counts;
+            }
+        }
+        out
     }
 
     /// The view of a workload in `namespace` with `labels` for the current generation: built by
@@ -991,6 +1064,7 @@ fn register(mesh: &MeshState, stream_id: u64, node: &Node, verdict: Verdict, not
     }
     drop(sidecars);
     mesh.mark_dirty();
+    mesh.acks_changed();
 }
 
 /// Writes a registration through to the store, on the blocking pool (an fsync'd upsert must not
@@ -1012,6 +1086,7 @@ fn unregister(mesh: &MeshState, stream_id: u64) {
         e.connected = false;
         e.disconnected_at = Some(Instant::now());
     }
+    mesh.acks_changed();
 }
 
 fn ack(mesh: &MeshState, stream_id: u64, version: &str, nack: Option<String>) {
@@ -1028,6 +1103,7 @@ fn ack(mesh: &MeshState, stream_id: u64, version: &str, nack: Option<String>) {
             }
         }
     }
+    mesh.acks_changed();
 }
 
 #[cfg(test)]

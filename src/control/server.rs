@@ -309,7 +309,7 @@ async fn start_source(inputs: &ControlInputs) -> anyhow::Result<Option<tokio::sy
         let leader = crate::k8s::lease::Election {
             namespace: args.namespace.clone(),
             name: "palisade-control-leader".into(),
-            identity,
+            identity: identity.clone(),
             lease_duration: args.lease_duration,
         }
         .spawn(client.clone());
@@ -328,6 +328,8 @@ async fn start_source(inputs: &ControlInputs) -> anyhow::Result<Option<tokio::sy
             }));
         }
         let kube = source::kubernetes::KubeSource::new(client.clone(), args.trust_domain.clone(), leader.clone());
+        let (crds, crds_changed) = kube.crds();
+        tokio::spawn(source::kube_rollout::run(client.clone(), identity, crds, crds_changed, inputs.mesh.clone()));
         source::start(kube, sink).await?;
         return Ok(Some(leader));
     } else if let Some(dir) = &args.resources {

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::resource::WorkloadSelector;
 
-/// Acceptance as the control plane saw it; written by the leader replica only.
+/// Acceptance as the control plane saw it (written by the leader replica), and the rollout
+/// among the sidecars the object selects (written by every replica for its own sidecars).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PalisadeStatus {
@@ -24,6 +25,35 @@ pub struct PalisadeStatus {
     /// `Accepted`: `True`, or `False` with reason `Invalid` and a message saying what is wrong.
     #[serde(default)]
     pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// How many connected sidecars the object selects, over every control-plane replica; how many
+/// run the version that carries the object as it is now; how many refused (NACKed) it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    pub selected: u32,
+    pub current: u32,
+    pub nacked: u32,
+    /// Each replica's own counts, by replica (pod) name; an entry not refreshed for three
+    /// minutes no longer counts.
+    #[serde(default)]
+    pub replicas: BTreeMap<String, ReplicaRollout>,
+}
+
+/// One replica's counts for its own sidecars.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaRollout {
+    pub selected: u32,
+    pub current: u32,
+    pub nacked: u32,
+    /// The `metadata.generation` the counts are for.
+    pub observed_generation: i64,
+    /// When the replica wrote them (Unix seconds).
+    pub updated: i64,
 }
 
 /// Who may call a workload, and how: the spec of the policy engine itself.
@@ -38,6 +68,9 @@ pub struct PalisadeStatus {
     category = "palisade",
     printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Selected","type":"integer","jsonPath":".status.rollout.selected"}"#,
+    printcolumn = r#"{"name":"Current","type":"integer","jsonPath":".status.rollout.current"}"#,
+    printcolumn = r#"{"name":"NACKed","type":"integer","jsonPath":".status.rollout.nacked"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 pub struct AuthorizationPolicySpec {
@@ -75,6 +108,9 @@ pub struct MtlsSetting {
     category = "palisade",
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mtls.mode"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Selected","type":"integer","jsonPath":".status.rollout.selected"}"#,
+    printcolumn = r#"{"name":"Current","type":"integer","jsonPath":".status.rollout.current"}"#,
+    printcolumn = r#"{"name":"NACKed","type":"integer","jsonPath":".status.rollout.nacked"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -99,6 +135,9 @@ pub struct PeerAuthenticationSpec {
     shortname = "reqauthn",
     category = "palisade",
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Selected","type":"integer","jsonPath":".status.rollout.selected"}"#,
+    printcolumn = r#"{"name":"Current","type":"integer","jsonPath":".status.rollout.current"}"#,
+    printcolumn = r#"{"name":"NACKed","type":"integer","jsonPath":".status.rollout.nacked"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 pub struct RequestAuthenticationSpec {
@@ -117,6 +156,9 @@ pub struct RequestAuthenticationSpec {
     shortname = "ratelimit",
     category = "palisade",
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Selected","type":"integer","jsonPath":".status.rollout.selected"}"#,
+    printcolumn = r#"{"name":"Current","type":"integer","jsonPath":".status.rollout.current"}"#,
+    printcolumn = r#"{"name":"NACKed","type":"integer","jsonPath":".status.rollout.nacked"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 pub struct RateLimitPolicySpec {
@@ -137,6 +179,9 @@ pub struct RateLimitPolicySpec {
     shortname = "wlsec",
     category = "palisade",
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Selected","type":"integer","jsonPath":".status.rollout.selected"}"#,
+    printcolumn = r#"{"name":"Current","type":"integer","jsonPath":".status.rollout.current"}"#,
+    printcolumn = r#"{"name":"NACKed","type":"integer","jsonPath":".status.rollout.nacked"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 pub struct WorkloadSecuritySpec {

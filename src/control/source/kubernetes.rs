@@ -41,6 +41,8 @@ pub struct KubeSource {
     trust_domain: String,
     leader: watch::Receiver<bool>,
     changed: Arc<Notify>,
+    /// Woken by every CRD event too, for the rollout writer ([`crate::k8s::rollout`]).
+    crds_changed: Arc<Notify>,
     crds: Vec<(ApiResource, Store<DynamicObject>)>,
     pods: Store<Pod>,
     services: Store<Service>,
@@ -53,6 +55,7 @@ impl KubeSource {
     /// Starts the watches. CRD status is written while `leader` says this replica leads.
     pub fn new(client: kube::Client, trust_domain: String, leader: watch::Receiver<bool>) -> Self {
         let changed = Arc::new(Notify::new());
+        let crds_changed = Arc::new(Notify::new());
         let mut crds = Vec::new();
         for ar in [
             ApiResource::erase::<crd::AuthorizationPolicy>(&()),
@@ -63,21 +66,29 @@ impl KubeSource {
         ] {
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
             let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
-            crds.push((ar, watch_into(api, writer, changed.clone())));
+            crds.push((ar, watch_into(api, writer, vec![changed.clone(), crds_changed.clone()])));
         }
-        let pods = watch_into(Api::<Pod>::all(client.clone()), Default::default(), changed.clone());
-        let services = watch_into(Api::<Service>::all(client.clone()), Default::default(), changed.clone());
+        let pods = watch_into(Api::<Pod>::all(client.clone()), Default::default(), vec![changed.clone()]);
+        let services = watch_into(Api::<Service>::all(client.clone()), Default::default(), vec![changed.clone()]);
         KubeSource {
             client,
             trust_domain,
             leader,
             changed,
+            crds_changed,
             crds,
             pods,
             services,
             verdicts: HashMap::new(),
             written: HashMap::new(),
         }
+    }
+}
+
+impl KubeSource {
+    /// The watched CRD objects by kind, and what wakes at each of their events.
+    pub fn crds(&self) -> (Vec<(ApiResource, Store<DynamicObject>)>, Arc<Notify>) {
+        (self.crds.clone(), self.crds_changed.clone())
     }
 }
 
@@ -103,8 +114,8 @@ impl ConfigSource for KubeSource {
     }
 }
 
-/// A reflector over `api` whose every event wakes `changed`.
-fn watch_into<K>(api: Api<K>, writer: reflector::store::Writer<K>, changed: Arc<Notify>) -> Store<K>
+/// A reflector over `api` whose every event wakes each of `changed`.
+fn watch_into<K>(api: Api<K>, writer: reflector::store::Writer<K>, changed: Vec<Arc<Notify>>) -> Store<K>
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
@@ -115,7 +126,7 @@ where
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(_) => changed.notify_one(),
+                Ok(_) => changed.iter().for_each(|c| c.notify_one()),
                 Err(e) => tracing::warn!(error = %e, "kubernetes watch interrupted; retrying"),
             }
         }

@@ -10,6 +10,7 @@
 //! here: a NACK can only be about that sidecar's own compilation.
 
 pub mod file;
+pub mod kube_rollout;
 pub mod kubernetes;
 
 use std::collections::BTreeMap;
