@@ -76,6 +76,13 @@ async fn status_shows_sidecars_and_who_calls_whom_with_denials() {
     let edge = table.lines().find(|l| l.starts_with(&id("web")) && l.contains(&format!("-> {}", id("orders"))));
     assert!(edge.is_some_and(|l| l.contains(" 7 ") && l.contains("14%")), "{table}");
 
+    // The policy selects both sidecars (namespace `test`, no selector) and both run it.
+    let resources = report["resources"].as_array().unwrap();
+    let only_get = resources.iter().find(|r| r["name"] == "only-get").expect("the policy in force");
+    assert_eq!((&only_get["selected"], &only_get["current"], &only_get["nacked"]), (&2.into(), &2.into(), &0.into()));
+    let line = table.lines().find(|l| l.starts_with("AuthorizationPolicy") && l.contains("test/only-get"));
+    assert!(line.is_some_and(|l| l.split_whitespace().collect::<Vec<_>>()[2..5] == ["2", "2", "0"]), "{table}");
+
     // Certificate events arrived too.
     let events = cp.api_json("events").await.to_string();
     assert!(events.contains("Issued") && events.contains(&id("orders")), "{events}");

@@ -271,6 +271,27 @@ impl AdminService {
         result
     }
 
+    /// Each resource in force with its rollout among this replica's sidecars.
+    fn rollouts(&self) -> Vec<crate::proto::admin::ResourceRollout> {
+        let counts = self.mesh.rollout();
+        self.mesh
+            .resources()
+            .iter()
+            .map(|r| {
+                let c = counts.get(&r.origin).copied().unwrap_or_default();
+                crate::proto::admin::ResourceRollout {
+                    kind: r.kind().to_string(),
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                    origin: r.origin.clone(),
+                    selected: c.selected,
+                    current: c.current,
+                    nacked: c.nacked,
+                }
+            })
+            .collect()
+    }
+
     fn generations(&self) -> Vec<CaGeneration> {
         let generations = match self.store.ca_generations() {
             Ok(g) => g,
@@ -552,6 +573,7 @@ impl Admin for AdminService {
             ca_keys_protected: !self.ca.load().keys_at_rest().clear,
             caller: caller.name.clone(),
             cert_ttl_seconds: self.cert_ttl.as_secs() as i64,
+            rollouts: self.rollouts(),
         };
         self.audited(&caller, "Status", "", Ok(Response::new(response)))
     }

@@ -13,6 +13,27 @@ pub struct StatusReport {
     pub sidecars: Vec<SidecarEntry>,
     pub traffic: Vec<Edge>,
     pub resource_errors: Vec<String>,
+    /// Each resource in force, with how it rolled out among the sidecars it selects.
+    pub resources: Vec<ResourceRollout>,
+}
+
+/// A resource and its rollout (see [`super::discovery::Rollout`]).
+#[derive(Debug, serde::Serialize)]
+pub struct ResourceRollout {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub origin: String,
+    pub selected: u32,
+    pub current: u32,
+    pub nacked: u32,
+}
+
+impl From<crate::proto::admin::ResourceRollout> for ResourceRollout {
+    fn from(r: crate::proto::admin::ResourceRollout) -> Self {
+        let crate::proto::admin::ResourceRollout { kind, namespace, name, origin, selected, current, nacked } = r;
+        ResourceRollout { kind, namespace, name, origin, selected, current, nacked }
+    }
 }
 
 /// Fetches the report.
@@ -24,6 +45,7 @@ pub async fn fetch(client: &mut AdminClient) -> anyhow::Result<StatusReport> {
         sidecars: sidecars.into_iter().map(SidecarEntry::from).collect(),
         traffic: edges.into_iter().map(Edge::from).collect(),
         resource_errors: status.resource_errors,
+        resources: status.rollouts.into_iter().map(ResourceRollout::from).collect(),
     })
 }
 
@@ -99,6 +121,20 @@ pub fn render(report: &StatusReport) -> String {
             pct(e.errors),
             pct(e.denials),
             e.handshake_failures
+        );
+    }
+    let _ = writeln!(out, "\nRESOURCES (rollout among the connected sidecars each selects)");
+    let _ = writeln!(out, "{:<24} {:<40} {:>8} {:>8} {:>7}  ORIGIN", "KIND", "NAMESPACE/NAME", "SELECTED", "CURRENT", "NACKED");
+    for r in &report.resources {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<40} {:>8} {:>8} {:>7}  {}",
+            r.kind,
+            format!("{}/{}", r.namespace, r.name),
+            r.selected,
+            r.current,
+            r.nacked,
+            r.origin
         );
     }
     if !report.resource_errors.is_empty() {
