@@ -351,6 +351,39 @@ async fn a_join_is_sent_to_a_connected_sidecar_as_a_delta_of_its_one_entry() {
     assert_eq!(Some(applied), late_first.snapshot);
 }
 
+/// One response in flight per stream: changes made while a sidecar has not answered reach it as
+/// one delta once it does, not one response per change queued behind a slow reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_while_a_sidecar_has_not_answered_reach_it_as_one_delta_when_it_does() {
+    let dir = tempdir("discovery-ack-paced");
+    let cp = ControlPlane::start(&dir, &[]).await;
+    let app = EchoApp::start().await;
+    let observer = Sidecar::start(&cp, "observer", Some(app.addr), &[]).await;
+    let mut slow = RawStream::open(&cp, "slow", "").await;
+    let first = slow.next().await;
+    // Two joins in two separate pushes (the observer runs the first before the second starts);
+    // the slow stream answers neither meanwhile.
+    let b = Sidecar::start(&cp, "b", Some(app.addr), &[]).await;
+    wait_for("b's join pushed", Duration::from_secs(10), || async {
+        table_of(&observer).await.0[b.inbound.unwrap().to_string()] == b.identity
+    })
+    .await;
+    let c = Sidecar::start(&cp, "c", Some(app.addr), &[]).await;
+    wait_for("c's join pushed", Duration::from_secs(10), || async {
+        table_of(&observer).await.0[c.inbound.unwrap().to_string()] == c.identity
+    })
+    .await;
+    slow.ack(&first).await;
+    let next = slow.next().await;
+    let delta = next.delta.expect("a delta from the version the stream ACKed");
+    assert_eq!(delta.base_version, first.version_info);
+    let mut added: Vec<_> = delta.added.iter().map(|e| e.spiffe_id.clone()).collect();
+    added.sort();
+    assert_eq!(added, [b.identity.clone(), c.identity.clone()], "both joins in the one response");
+    let (_, observer_version) = table_of(&observer).await;
+    assert_eq!(serde_json::Value::from(next.version_info), observer_version, "straight to the newest version");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_resuming_from_an_unknown_or_old_version_gets_a_full_snapshot() {
     let dir = tempdir("discovery-resume-full");

@@ -1557,7 +1557,8 @@ async fn a_policy_status_counts_the_selected_sidecars_of_every_replica_that_run_
              spec: {{selector: {{matchLabels: {{app: orders}}}}, action: DENY, rules: [{{to: [{{operation: {{paths: [{path}]}}}}]}}]}}\n"
         )
     };
-    let rollout = || c.get_json(&["get", "authorizationpolicy", "orders", "-n", "rollout"])["status"]["rollout"].clone();
+    let rollout =
+        || c.get_json(&["get", "authorizationpolicy", "orders", "-n", "rollout"])["status"]["rollout"].clone();
     let counts = |r: &Value| (r["selected"].as_u64(), r["current"].as_u64(), r["nacked"].as_u64());
     let replica = |r: &Value, name: &str| {
         let e = &r["replicas"][name];

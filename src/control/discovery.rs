@@ -473,7 +473,7 @@ impl MeshState {
     /// resource's origin (`FILE#DOC`, `kubernetes:KIND/NS/NAME`).
     pub fn rollout(&self) -> BTreeMap<String, Rollout> {
         // Connected sidecars by view: (acked version, NACKed the pushed version, pushed version).
-        let mut by_view: HashMap<(String, BTreeMap<String, String>), Vec<(String, bool, String)>> = HashMap::new();
+        let mut by_view: HashMap<WorkloadKey, Vec<(String, bool, String)>> = HashMap::new();
         for e in self.sidecars.lock().values().filter(|e| e.connected) {
             let namespace = e
                 .spiffe_id
@@ -488,7 +488,8 @@ impl MeshState {
             ));
         }
         let resources = self.resources.load();
-        let mut out: BTreeMap<String, Rollout> = resources.iter().map(|r| (r.origin.clone(), Rollout::default())).collect();
+        let mut out: BTreeMap<String, Rollout> =
+            resources.iter().map(|r| (r.origin.clone(), Rollout::default())).collect();
         for ((namespace, labels), sidecars) in by_view {
             let selecting: Vec<&Resource> = resources.iter().filter(|r| r.selects(&namespace, &labels)).collect();
             if selecting.is_empty() {
@@ -625,10 +626,26 @@ struct View {
 }
 
 impl View {
-    /// The snapshot in full, encoded, for a sidecar whose version the stream cannot build on.
+    /// The snapshot in full, encoded, for a sidecar whose version the stream cannot build on:
+    /// the parts, then every endpoint of the table encoded from where it is (protobuf fields may
+    /// come in any order), so no copy of the table is built per view.
     fn snapshot(&self) -> bytes::Bytes {
+        const ENDPOINTS_FIELD: u32 = 5;
         self.full
-            .get_or_init(|| Snapshot { endpoints: self.table.endpoints.clone(), ..self.config.clone() }.encode_to_vec().into())
+            .get_or_init(|| {
+                let endpoints: usize = self
+                    .table
+                    .endpoints
+                    .iter()
+                    .map(|e| prost::encoding::message::encoded_len(ENDPOINTS_FIELD, e))
+                    .sum();
+                let mut buf = Vec::with_capacity(self.config.encoded_len() + endpoints);
+                self.config.encode(&mut buf).expect("a Vec grows");
+                for e in &self.table.endpoints {
+                    prost::encoding::message::encode(ENDPOINTS_FIELD, e, &mut buf);
+                }
+                buf.into()
+            })
             .clone()
     }
 
@@ -653,11 +670,14 @@ impl View {
     }
 }
 
+/// A workload's namespace and labels: what its view depends on.
+type WorkloadKey = (String, BTreeMap<String, String>);
+
 /// The views of one generation, by namespace and labels.
 #[derive(Default)]
 struct Views {
     generation: u64,
-    by_workload: HashMap<(String, BTreeMap<String, String>), Arc<View>>,
+    by_workload: HashMap<WorkloadKey, Arc<View>>,
 }
 
 /// A version a stream delivered, as much as a delta from it needs.
@@ -789,34 +809,35 @@ impl DiscoveryService {
     }
 }
 
-/// One response as a stream sends it: the message, and the full snapshot it carries as the bytes
-/// its view encoded once (`None` for a delta).
+/// One response as a stream sends it, encoded: the gRPC message head (compression flag, length,
+/// the stream's own fields) and the full snapshot it carries as the bytes its view encoded once
+/// (`None` for a delta). Kept small: it waits in the stream's channel.
 struct Outgoing {
-    /// The response without its `snapshot` field.
-    message: DiscoveryResponse,
+    head: bytes::Bytes,
     snapshot: Option<bytes::Bytes>,
 }
 
 impl Outgoing {
-    /// The gRPC message (compression flag, length, then the protobuf encoding) as its head and the
-    /// shared snapshot bytes that follow it: protobuf fields may come in any order, so the
-    /// `snapshot` field is appended after the stream's own fields without copying it.
-    fn into_frames(self) -> (bytes::Bytes, Option<bytes::Bytes>) {
+    /// Encodes `message` (whose own `snapshot` is unset) followed by `snapshot` as its `snapshot`
+    /// field: protobuf fields may come in any order, so the shared bytes are appended after the
+    /// stream's own fields without copying them.
+    fn new(message: &DiscoveryResponse, snapshot: Option<bytes::Bytes>) -> Outgoing {
         use bytes::BufMut;
         use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
         const SNAPSHOT_FIELD: u32 = 3;
-        let own = self.message.encoded_len();
-        let tail = self.snapshot.as_ref().map_or(0, |s| key_len(SNAPSHOT_FIELD) + encoded_len_varint(s.len() as u64));
-        let total = own + tail + self.snapshot.as_ref().map_or(0, |s| s.len());
+        debug_assert!(message.snapshot.is_none());
+        let own = message.encoded_len();
+        let tail = snapshot.as_ref().map_or(0, |s| key_len(SNAPSHOT_FIELD) + encoded_len_varint(s.len() as u64));
+        let total = own + tail + snapshot.as_ref().map_or(0, |s| s.len());
         let mut head = bytes::BytesMut::with_capacity(5 + own + tail);
         head.put_u8(0); // not compressed
         head.put_u32(u32::try_from(total).expect("a discovery response under 4 GiB"));
-        self.message.encode(&mut head).expect("the buffer was sized for the message");
-        if let Some(snapshot) = &self.snapshot {
+        message.encode(&mut head).expect("the buffer was sized for the message");
+        if let Some(snapshot) = &snapshot {
             encode_key(SNAPSHOT_FIELD, WireType::LengthDelimited, &mut head);
             encode_varint(snapshot.len() as u64, &mut head);
         }
-        (head.freeze(), self.snapshot)
+        Outgoing { head: head.freeze(), snapshot }
     }
 }
 
@@ -903,9 +924,8 @@ impl http_body::Body for ResponseBody {
         }
         match self.responses.poll_recv(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(outgoing)) => {
-                let (head, rest) = outgoing.into_frames();
-                self.rest = rest;
+            Poll::Ready(Some(Outgoing { head, snapshot })) => {
+                self.rest = snapshot;
                 Poll::Ready(Some(Ok(http_body::Frame::data(head))))
             }
             Poll::Ready(None) => {
@@ -963,27 +983,50 @@ impl SidecarStream {
         } else {
             Some(self.response(&view, false))
         };
+        // One response in flight: while the sidecar has not answered the last one, changes are
+        // owed, not sent, and its answer brings one response to the newest view (a delta over
+        // every change meanwhile). A slow sidecar costs one queued message, not one per
+        // generation, and no work is spent on versions it would only skip.
+        let (mut awaiting, mut owed) = (false, false);
         loop {
-            if let Some(resp) = next.take()
-                && tx.send(resp).await.is_err()
-            {
-                break;
+            if let Some(resp) = next.take() {
+                if tx.send(resp).await.is_err() {
+                    break;
+                }
+                awaiting = true;
             }
             tokio::select! {
                 msg = inbound.message() => match msg {
-                    Ok(Some(req)) => next = self.reply(req),
+                    Ok(Some(req)) => {
+                        let answered = req.response_nonce == self.nonce.to_string();
+                        next = self.reply(req);
+                        if answered && next.is_none() {
+                            awaiting = false;
+                            if std::mem::take(&mut owed) {
+                                next = self.catch_up();
+                            }
+                        }
+                    }
                     _ => break,
                 },
                 changed = generation.changed() => {
                     if changed.is_err() { break; }
-                    let view = self.mesh.view_for(&self.namespace, &self.labels);
-                    if self.base.as_ref().is_none_or(|b| b.version != view.version) && view.version != self.refused {
-                        next = Some(self.response(&view, false));
+                    if awaiting {
+                        owed = true;
+                    } else {
+                        next = self.catch_up();
                     }
                 }
             }
         }
         unregister(&self.mesh, self.stream_id);
+    }
+
+    /// The response to the sidecar's current view, unless it runs it already (or refused it).
+    fn catch_up(&mut self) -> Option<Outgoing> {
+        let view = self.mesh.view_for(&self.namespace, &self.labels);
+        (self.base.as_ref().is_none_or(|b| b.version != view.version) && view.version != self.refused)
+            .then(|| self.response(&view, false))
     }
 
     /// The response that brings the sidecar to `view`: a delta from its base when there is one
@@ -1003,9 +1046,13 @@ impl SidecarStream {
         if let Some(e) = self.mesh.sidecars.lock().get_mut(&self.stream_id) {
             e.pushed_version = view.version.clone();
         }
-        let message =
-            DiscoveryResponse { version_info: view.version.clone(), nonce: self.nonce.to_string(), snapshot: None, delta };
-        Outgoing { message, snapshot }
+        let message = DiscoveryResponse {
+            version_info: view.version.clone(),
+            nonce: self.nonce.to_string(),
+            snapshot: None,
+            delta,
+        };
+        Outgoing::new(&message, snapshot)
     }
 
     /// Takes an ACK or NACK of the last response; returns what to send at once: the full
@@ -1130,7 +1177,7 @@ mod tests {
         };
         let shared = bytes::Bytes::from(snapshot.encode_to_vec());
         let message = DiscoveryResponse { version_info: "v1".into(), nonce: "7".into(), snapshot: None, delta: None };
-        let (head, rest) = Outgoing { message, snapshot: Some(shared.clone()) }.into_frames();
+        let Outgoing { head, snapshot: rest } = Outgoing::new(&message, Some(shared.clone()));
         let rest = rest.expect("the snapshot follows the head");
         assert_eq!(rest.as_ptr(), shared.as_ptr(), "the snapshot's bytes are sent as they are, not copied");
         let wire = [&head[..], &rest[..]].concat();
@@ -1146,7 +1193,7 @@ mod tests {
         let delta = SnapshotDelta { base_version: "v0".into(), ..Default::default() };
         let message =
             DiscoveryResponse { version_info: "v2".into(), nonce: "8".into(), snapshot: None, delta: Some(delta) };
-        let (head, rest) = Outgoing { message: message.clone(), snapshot: None }.into_frames();
+        let Outgoing { head, snapshot: rest } = Outgoing::new(&message, None);
         assert!(rest.is_none());
         assert_eq!(DiscoveryResponse::decode(&head[5..]).unwrap(), message);
     }

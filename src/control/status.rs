@@ -124,7 +124,11 @@ pub fn render(report: &StatusReport) -> String {
         );
     }
     let _ = writeln!(out, "\nRESOURCES (rollout among the connected sidecars each selects)");
-    let _ = writeln!(out, "{:<24} {:<40} {:>8} {:>8} {:>7}  ORIGIN", "KIND", "NAMESPACE/NAME", "SELECTED", "CURRENT", "NACKED");
+    let _ = writeln!(
+        out,
+        "{:<24} {:<40} {:>8} {:>8} {:>7}  ORIGIN",
+        "KIND", "NAMESPACE/NAME", "SELECTED", "CURRENT", "NACKED"
+    );
     for r in &report.resources {
         let _ = writeln!(
             out,

@@ -62,7 +62,8 @@ pub async fn run(
         let counts = mesh.rollout();
         for (ar, store) in &crds {
             for obj in store.state() {
-                let origin = format!("kubernetes:{}/{}/{}", ar.kind, obj.namespace().unwrap_or_default(), obj.name_any());
+                let origin =
+                    format!("kubernetes:{}/{}/{}", ar.kind, obj.namespace().unwrap_or_default(), obj.name_any());
                 let mine = counts.get(&origin).copied().unwrap_or_default();
                 let Some(patch) = patch_for(&obj, &replica, mine, now_unix()) else { continue };
                 let api: Api<DynamicObject> =
@@ -73,7 +74,9 @@ pub async fn run(
                     Err(kube::Error::Api(e)) if e.code == 409 => {}
                     // Deleted meanwhile: nothing to count.
                     Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => tracing::warn!(error = %e, kind = %ar.kind, name = %obj.name_any(), "cannot write rollout status"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, kind = %ar.kind, name = %obj.name_any(), "cannot write rollout status")
+                    }
                 }
             }
         }
@@ -117,7 +120,9 @@ fn patch_for(obj: &DynamicObject, replica: &str, mine: Rollout, now: i64) -> Opt
     if unchanged && totals_shown && replicas.is_empty() {
         return None;
     }
-    let entry = if unchanged { previous.expect("unchanged implies present") } else {
+    let entry = if unchanged {
+        previous.expect("unchanged implies present")
+    } else {
         Entry { counts: mine, observed_generation: generation, updated: now }
     };
     replicas.insert(replica.to_string(), serde_json::to_value(entry).expect("an entry serializes"));

@@ -20,9 +20,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 
 use super::{ConfigSource, NOT_ENFORCED, Resource, ResourceError, SourceState, validate};
-use crate::identity::SpiffeId;
 use crate::k8s::crd;
-use crate::proto::discovery::Endpoint;
 
 /// Annotation the injector sets on every pod it meshed.
 pub const INJECTED_ANNOTATION: &str = "palisade.io/status";
@@ -38,15 +36,16 @@ struct Verdict {
 /// Watches the cluster's CRDs, Pods and Services.
 pub struct KubeSource {
     client: kube::Client,
-    trust_domain: String,
     leader: watch::Receiver<bool>,
     changed: Arc<Notify>,
-    /// Woken by every CRD event too, for the rollout writer ([`crate::k8s::rollout`]).
+    /// Woken by every CRD event too, for the rollout writer ([`super::kube_rollout`]).
     crds_changed: Arc<Notify>,
     crds: Vec<(ApiResource, Store<DynamicObject>)>,
     pods: Store<Pod>,
     services: Store<Service>,
     verdicts: HashMap<String, Verdict>,
+    /// Pod and service endpoints, updated object by object.
+    table: super::cluster_table::ClusterTable,
     /// The status this replica last wrote, by uid, so an unchanged verdict is not rewritten.
     written: HashMap<String, (i64, Result<(), String>)>,
 }
@@ -70,9 +69,9 @@ impl KubeSource {
         }
         let pods = watch_into(Api::<Pod>::all(client.clone()), Default::default(), vec![changed.clone()]);
         let services = watch_into(Api::<Service>::all(client.clone()), Default::default(), vec![changed.clone()]);
+        let table = super::cluster_table::ClusterTable::new(&trust_domain);
         KubeSource {
             client,
-            trust_domain,
             leader,
             changed,
             crds_changed,
@@ -80,6 +79,7 @@ impl KubeSource {
             pods,
             services,
             verdicts: HashMap::new(),
+            table,
             written: HashMap::new(),
         }
     }
@@ -186,7 +186,8 @@ impl KubeSource {
         }
         self.verdicts.retain(|uid, _| live.contains(uid));
         self.written.retain(|uid, _| live.contains(uid));
-        let endpoints = endpoints(&self.trust_domain, &self.pods, &self.services);
+        let (pods, services) = (self.pods.state(), self.services.state());
+        let endpoints = self.table.update(pods.iter().map(|p| &**p), services.iter().map(|s| &**s));
         if *self.leader.borrow() {
             for (ar, obj, generation, status) in to_write {
                 let uid = obj.uid().unwrap_or_default();
@@ -274,55 +275,4 @@ async fn write_status(
     });
     api.patch_status(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&body)).await?;
     Ok(())
-}
-
-/// Meshed pods by address, and services whose meshed backends share one identity.
-fn endpoints(trust_domain: &str, pods: &Store<Pod>, services: &Store<Service>) -> Vec<Endpoint> {
-    let mut out = Vec::new();
-    let mut meshed: Vec<(String, BTreeMap<String, String>, SpiffeId)> = Vec::new();
-    for pod in pods.state() {
-        let injected = pod.annotations().get(INJECTED_ANNOTATION).is_some_and(|v| v == "injected");
-        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("");
-        if !injected || matches!(phase, "Succeeded" | "Failed") {
-            continue;
-        }
-        let ns = pod.namespace().unwrap_or_default();
-        let sa = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
-        let Ok(id) = SpiffeId::workload(trust_domain, &ns, &sa) else { continue };
-        let labels: BTreeMap<String, String> = pod.labels().clone();
-        let ips = pod.status.as_ref().and_then(|s| s.pod_ips.clone()).unwrap_or_default();
-        for ip in ips.iter().map(|i| i.ip.clone()) {
-            let Ok(ip) = ip.parse::<std::net::IpAddr>() else { continue };
-            out.push(Endpoint {
-                address: std::net::SocketAddr::new(ip, 0).to_string(),
-                spiffe_id: id.to_string(),
-                labels: labels.clone().into_iter().collect(),
-            });
-        }
-        meshed.push((ns, labels, id));
-    }
-    for svc in services.state() {
-        let ns = svc.namespace().unwrap_or_default();
-        let Some(spec) = svc.spec.as_ref() else { continue };
-        let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else { continue };
-        let ids: std::collections::BTreeSet<&SpiffeId> = meshed
-            .iter()
-            .filter(|(pns, labels, _)| *pns == ns && selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
-            .map(|(_, _, id)| id)
-            .collect();
-        // One address maps to one identity; a service fronting several accounts is left to
-        // pod addresses (a sidecar then verifies whichever pod it reaches).
-        let [id] = ids.into_iter().collect::<Vec<_>>()[..] else { continue };
-        for ip in spec.cluster_ips.clone().unwrap_or_default() {
-            let Ok(ip) = ip.parse::<std::net::IpAddr>() else { continue };
-            out.push(Endpoint {
-                address: std::net::SocketAddr::new(ip, 0).to_string(),
-                spiffe_id: id.to_string(),
-                labels: Default::default(),
-            });
-        }
-    }
-    out.sort_by(|a, b| (&a.address, &a.spiffe_id).cmp(&(&b.address, &b.spiffe_id)));
-    out.dedup();
-    out
 }

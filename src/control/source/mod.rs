@@ -9,6 +9,7 @@
 //! configuration is not held back by it. So a sidecar only ever receives resources that compiled
 //! here: a NACK can only be about that sidecar's own compilation.
 
+pub mod cluster_table;
 pub mod file;
 pub mod kube_rollout;
 pub mod kubernetes;
