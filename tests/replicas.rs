@@ -221,6 +221,19 @@ fn sidecar(
     app: Option<std::net::SocketAddr>,
     routes: &[String],
 ) -> Sidecar {
+    sidecar_with(cp, url, controls, sa, app, routes, &[])
+}
+
+/// [`sidecar`] with `extra` flags.
+fn sidecar_with(
+    cp: &ControlPlane,
+    url: &str,
+    controls: &str,
+    sa: &str,
+    app: Option<std::net::SocketAddr>,
+    routes: &[String],
+    extra: &[&str],
+) -> Sidecar {
     let identity = id(sa);
     let token_file = cp.dir.join(format!("{sa}.token"));
     std::fs::write(&token_file, token(url, &identity, false)).unwrap();
@@ -243,6 +256,7 @@ fn sidecar(
     for r in routes {
         args.extend(["--route".into(), r.clone()]);
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     let proc = Proc::spawn_proxy(&format!("sidecar-{sa}"), &cp.dir, &args);
     Sidecar { proc, admin, inbound, identity }
 }
@@ -625,7 +639,10 @@ async fn two_replicas_starting_at_once_on_an_empty_database_both_come_up_on_one_
     let pg = PgServer::start(&dir);
     let url = pg.database("palisade");
     let (cp1, cp2) = tokio::join!(replica(&dir, "r1", &url, &[]), replica(&dir, "r2", &url, &[]));
-    assert_eq!(pg.sql("palisade", "SELECT string_agg(version::text, ',') FROM schema_migrations"), "1");
+    assert_eq!(
+        pg.sql("palisade", "SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_migrations"),
+        "1,2"
+    );
     assert_eq!(pg.sql("palisade", "SELECT count(*) FROM ca"), "1", "one CA for both");
     let (root1, root2) =
         (std::fs::read_to_string(cp1.root_pem_path()).unwrap(), std::fs::read_to_string(cp2.root_pem_path()).unwrap());
@@ -728,4 +745,78 @@ async fn replicas_deciding_the_same_rotation_step_at_once_take_it_once() {
         let states: Vec<String> = one.ca_generations().unwrap().into_iter().map(|g| g.state).collect();
         assert_eq!(states, ["retiring", "active"], "round {round}");
     }
+}
+
+/// `palisade status` at either replica answers for both: every sidecar with the replica it is
+/// connected to, the traffic its sidecars reported, and each resource's rollout over both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_at_one_replica_shows_the_sidecars_traffic_and_rollout_of_both() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let dir = tempdir("replicas-status");
+    let pg = PgServer::start(&dir);
+    let url = pg.database("palisade");
+    let resources = dir.join("resources");
+    std::fs::create_dir_all(&resources).unwrap();
+    std::fs::write(
+        resources.join("p.yaml"),
+        "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: only-get, namespace: test}\n\
+         spec: {action: ALLOW, rules: [{to: [{operation: {methods: [GET]}}]}]}\n",
+    )
+    .unwrap();
+    let res = resources.display().to_string();
+    let cp1 = replica(&dir, "r1", &url, &["--resources", &res]).await;
+    let cp2 = replica(&dir, "r2", &url, &["--resources", &res]).await;
+    let app = EchoApp::start().await;
+    let fast = ["--telemetry-interval", "200ms"];
+    // B, the destination (which reports the traffic), is served by replica 2; A by replica 1.
+    let b = sidecar_with(&cp2, &url, &cp2.listen.to_string(), "b", Some(app.addr), &[], &fast);
+    b.wait_ready().await;
+    let a_to_b = free_addr();
+    let route = format!("{a_to_b}={}@{}", b.inbound.unwrap(), id("b"));
+    let a = sidecar_with(&cp1, &url, &cp1.listen.to_string(), "a", None, &[route], &fast);
+    a.wait_ready().await;
+    let client = http_client_unpooled();
+    for _ in 0..5 {
+        assert_eq!(get(&client, &format!("http://{a_to_b}/"), &[]).await.unwrap().0, 200);
+    }
+
+    let server = admin_login(&cp1, &url);
+    let status = || {
+        let out = Command::new(BIN).args(["status", "-o", "json"]).args(&server).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let on = |port: u16| format!(":{port}");
+    wait_for("replica 1 answers for replica 2's sidecar and traffic", Duration::from_secs(15), || async {
+        let report = status();
+        let sidecar = |who: &str| {
+            report["sidecars"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["spiffe_id"] == id(who) && s["connected"] == true)
+                .cloned()
+        };
+        let (Some(sa), Some(sb)) = (sidecar("a"), sidecar("b")) else { return false };
+        let edge = report["traffic"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["source"] == id("a") && e["destination"] == id("b") && e["requests"] == 5);
+        let rollout = report["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "only-get" && r["selected"] == 2 && r["current"] == 2 && r["nacked"] == 0);
+        sa["replica"].as_str().unwrap().ends_with(&on(cp1.listen.port()))
+            && sb["replica"].as_str().unwrap().ends_with(&on(cp2.listen.port()))
+            && edge
+            && rollout
+    })
+    .await;
+    // The traffic was reported to replica 2 only: counted once, not once per replica.
+    let edges: Vec<_> =
+        status()["traffic"].as_array().unwrap().iter().filter(|e| e["destination"] == id("b")).cloned().collect();
+    assert_eq!(edges.len(), 1, "{edges:?}");
+    drop((cp1, cp2));
 }

@@ -143,6 +143,9 @@ pub struct AdminService {
     /// Kubernetes: the CA generations shared through the CA Secret; a rotation starts there.
     pub shared_ca: Option<Arc<super::shared_ca::SharedCa>>,
     pub cert_ttl: Duration,
+    /// This replica among the others sharing its store: sidecars, traffic and rollouts are
+    /// answered for all of them.
+    pub replicas: Arc<super::replicas::Replicas>,
 }
 
 impl AdminService {
@@ -271,9 +274,18 @@ impl AdminService {
         result
     }
 
-    /// Each resource in force with its rollout among this replica's sidecars.
-    fn rollouts(&self) -> Vec<crate::proto::admin::ResourceRollout> {
-        let counts = self.mesh.rollout();
+    /// What every replica knows (see [`super::replicas`]), read off the runtime.
+    async fn fleet(&self) -> super::replicas::Fleet {
+        let replicas = self.replicas.clone();
+        tokio::task::spawn_blocking(move || replicas.fleet()).await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "reading the other replicas' status panicked");
+            super::replicas::Fleet { sidecars: self.mesh.sidecars(), edges: self.graph.edges() }
+        })
+    }
+
+    /// Each resource in force with its rollout among `sidecars`.
+    fn rollouts(&self, sidecars: &[super::discovery::SidecarEntry]) -> Vec<crate::proto::admin::ResourceRollout> {
+        let counts = self.mesh.rollout_of(sidecars);
         self.mesh
             .resources()
             .iter()
@@ -363,7 +375,7 @@ const LEDGER_PAGE_MAX: u32 = 1000;
 impl Admin for AdminService {
     async fn list_sidecars(&self, req: Request<ListSidecarsRequest>) -> Result<Response<ListSidecarsResponse>, Status> {
         let caller = self.authorize(&req, "ListSidecars", "list", "sidecars").await?;
-        let sidecars = self.mesh.sidecars().into_iter().map(Into::into).collect();
+        let sidecars = self.fleet().await.sidecars.into_iter().map(Into::into).collect();
         self.audited(&caller, "ListSidecars", "", Ok(Response::new(ListSidecarsResponse { sidecars })))
     }
 
@@ -425,7 +437,7 @@ impl Admin for AdminService {
 
     async fn traffic_graph(&self, req: Request<TrafficGraphRequest>) -> Result<Response<TrafficGraphResponse>, Status> {
         let caller = self.authorize(&req, "TrafficGraph", "get", "traffic").await?;
-        let edges = self.graph.edges().into_iter().map(Into::into).collect();
+        let edges = self.fleet().await.edges.into_iter().map(Into::into).collect();
         self.audited(&caller, "TrafficGraph", "", Ok(Response::new(TrafficGraphResponse { edges })))
     }
 
@@ -536,6 +548,7 @@ impl Admin for AdminService {
     async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let caller = self.authorize(&req, "Status", "get", "status").await?;
         let settings = &self.mesh.settings;
+        let fleet = self.fleet().await;
         let jwks = self
             .jwks_status
             .lock()
@@ -569,11 +582,11 @@ impl Admin for AdminService {
             resource_errors: self.resource_errors.load().iter().map(ToString::to_string).collect(),
             jwks,
             certificate_events,
-            sidecars_connected: self.mesh.sidecars().iter().filter(|s| s.connected).count() as u32,
+            sidecars_connected: fleet.sidecars.iter().filter(|s| s.connected).count() as u32,
             ca_keys_protected: !self.ca.load().keys_at_rest().clear,
             caller: caller.name.clone(),
             cert_ttl_seconds: self.cert_ttl.as_secs() as i64,
-            rollouts: self.rollouts(),
+            rollouts: self.rollouts(&fleet.sidecars),
         };
         self.audited(&caller, "Status", "", Ok(Response::new(response)))
     }

@@ -60,6 +60,10 @@ pub struct SidecarEntry {
     pub connected: bool,
     pub last_seen: i64,
     pub certificate_not_after: i64,
+    /// The control-plane replica the sidecar is connected to, as the management API lists it
+    /// (empty in the replica's own state).
+    #[serde(default)]
+    pub replica: String,
     #[serde(skip)]
     disconnected_at: Option<Instant>,
 }
@@ -82,6 +86,7 @@ impl From<crate::proto::admin::Sidecar> for SidecarEntry {
             connected: s.connected,
             last_seen: s.last_seen,
             certificate_not_after: s.certificate_not_after,
+            replica: s.replica,
             disconnected_at: None,
         }
     }
@@ -105,6 +110,7 @@ impl From<SidecarEntry> for crate::proto::admin::Sidecar {
                 .into_iter()
                 .map(|r| crate::proto::admin::RefusedAddress { address: r.address, reason: r.reason })
                 .collect(),
+            replica: s.replica,
         }
     }
 }
@@ -185,6 +191,7 @@ impl MeshState {
                             connected: false,
                             last_seen: now_unix(),
                             certificate_not_after: 0,
+                            replica: String::new(),
                             disconnected_at: Some(Instant::now()),
                         },
                     );
@@ -472,9 +479,15 @@ impl MeshState {
     /// The rollout of every resource in force among this replica's connected sidecars, by the
     /// resource's origin (`FILE#DOC`, `kubernetes:KIND/NS/NAME`).
     pub fn rollout(&self) -> BTreeMap<String, Rollout> {
+        self.rollout_of(&self.sidecars())
+    }
+
+    /// The rollout of every resource in force among the connected ones of `sidecars` (this
+    /// replica's and others': versions are content hashes, the same at every replica).
+    pub fn rollout_of(&self, sidecars: &[SidecarEntry]) -> BTreeMap<String, Rollout> {
         // Connected sidecars by view: (acked version, NACKed the pushed version, pushed version).
         let mut by_view: HashMap<WorkloadKey, Vec<(String, bool, String)>> = HashMap::new();
-        for e in self.sidecars.lock().values().filter(|e| e.connected) {
+        for e in sidecars.iter().filter(|e| e.connected) {
             let namespace = e
                 .spiffe_id
                 .parse::<crate::identity::SpiffeId>()
@@ -1103,6 +1116,7 @@ fn register(mesh: &MeshState, stream_id: u64, node: &Node, verdict: Verdict, not
             connected: true,
             last_seen: now_unix(),
             certificate_not_after: not_after,
+            replica: String::new(),
             disconnected_at: None,
         },
     );

@@ -11,6 +11,7 @@ pub mod endpoint_table;
 pub mod identity_service;
 pub mod jwks;
 pub mod metrics;
+pub mod replicas;
 pub mod server;
 pub mod shared_ca;
 pub mod source;

@@ -166,6 +166,8 @@ struct ControlInputs {
     audit: Arc<AuditLog>,
     /// What the admin port's `/metrics` serves.
     metrics: Arc<super::metrics::ControlMetrics>,
+    /// This replica among the others sharing its store.
+    replicas: Arc<super::replicas::Replicas>,
 }
 
 /// Runs the control plane until SIGTERM or Ctrl-C.
@@ -179,6 +181,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         store = %inputs.store.describe(), trust_domain = %args.trust_domain, cert_ttl = ?args.cert_ttl, "control plane started");
     let serving_not_after = issue_serving_cert(&inputs)?;
     tokio::spawn(inputs.mesh.clone().run());
+    tokio::spawn(inputs.replicas.clone().publish());
     let leading = start_source(&inputs).await?;
     tokio::spawn(super::jwks::run(JwksInputs {
         mesh: inputs.mesh.clone(),
@@ -271,6 +274,13 @@ impl ControlInputs {
         mesh.adopt_revocations(&shared_ids, &shared_serials)?;
         let audit =
             Arc::new(AuditLog::open(&args.audit_log.clone().unwrap_or_else(|| args.state_dir.join("audit.log")))?);
+        let graph = Arc::new(TrafficGraph::default());
+        let replicas = Arc::new(super::replicas::Replicas {
+            name: replica_name(&args),
+            store: store.clone(),
+            mesh: mesh.clone(),
+            graph: graph.clone(),
+        });
         Ok(ControlInputs {
             args,
             store,
@@ -281,7 +291,7 @@ impl ControlInputs {
             serving: CertStore::new(),
             serving_names,
             mesh,
-            graph: Arc::new(TrafficGraph::default()),
+            graph,
             resource_errors: Arc::new(ArcSwap::from_pointee(Vec::new())),
             kube,
             jwks_tls,
@@ -292,8 +302,23 @@ impl ControlInputs {
             shared_ca,
             audit,
             metrics: Default::default(),
+            replicas,
         })
     }
+}
+
+/// This replica's name among the others: its pod name, else its host name and gRPC port.
+fn replica_name(args: &ControlArgs) -> String {
+    if let Some(pod) = &args.pod_name {
+        return pod.clone();
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{}", args.listen.port())
 }
 
 /// Reads the configuration source (a resources directory, or the Kubernetes API with leader
@@ -519,6 +544,7 @@ fn admin_service(inputs: &ControlInputs) -> AdminService {
         shared_revocations: inputs.kube.clone().map(|c| (c, inputs.args.namespace.clone())),
         custody: inputs.custody.clone(),
         cert_ttl: inputs.args.cert_ttl,
+        replicas: inputs.replicas.clone(),
     }
 }
 

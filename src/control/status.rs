@@ -67,6 +67,9 @@ fn until(unix: i64) -> String {
 pub fn render(report: &StatusReport) -> String {
     use std::fmt::Write;
     let mut out = String::new();
+    // With several replicas, which one each sidecar is connected to.
+    let replicas: std::collections::BTreeSet<&str> = report.sidecars.iter().map(|s| s.replica.as_str()).collect();
+    let several = replicas.len() > 1;
     let _ = writeln!(out, "SIDECARS ({})", report.sidecars.len());
     let _ = writeln!(
         out,
@@ -95,6 +98,9 @@ pub fn render(report: &StatusReport) -> String {
             until(e.certificate_not_after),
             ago(e.last_seen),
         );
+        if several {
+            let _ = writeln!(out, "    replica: {}", e.replica);
+        }
         if !e.nack_message.is_empty() {
             let _ = writeln!(out, "    NACK: {}", e.nack_message);
         }

@@ -21,7 +21,7 @@ use crate::identity::ca::{CaMaterial, IssuedCertificate};
 
 /// The schema version this build writes and understands (SQLite `user_version`, PostgreSQL
 /// `schema_migrations`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +195,17 @@ pub struct EndpointRow {
     pub addresses: String,
     pub labels: String,
     pub last_seen: i64,
+}
+
+/// What one replica published for the others' management API.
+#[derive(Clone, Debug)]
+pub struct ReplicaStatusRow {
+    pub replica: String,
+    pub updated: i64,
+    /// Its sidecars, as JSON.
+    pub sidecars: String,
+    /// Its traffic edges, as JSON.
+    pub edges: String,
 }
 
 /// Keeps a store watch alive: the state-directory watcher (SQLite) or the `LISTEN` connection
@@ -409,6 +420,24 @@ impl Store {
     /// when each was last seen (what another replica's endpoint table is built from).
     pub fn shared_endpoints(&self, since: i64) -> Result<Vec<EndpointRow>, StoreError> {
         on_backend!(self, b => b.shared_endpoints(since))
+    }
+
+    /// Publishes what this replica's management API knows for the other replicas' (its
+    /// sidecars and traffic edges, as JSON), replacing what it published before. A store no
+    /// other replica shares (SQLite) keeps nothing.
+    pub fn publish_replica_status(&self, replica: &str, sidecars: &str, edges: &str) -> Result<(), StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(p) => p.publish_replica_status(replica, sidecars, edges),
+        }
+    }
+
+    /// What every replica but `except` published since `since` (Unix seconds).
+    pub fn replica_statuses(&self, except: &str, since: i64) -> Result<Vec<ReplicaStatusRow>, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Postgres(p) => p.replica_statuses(except, since),
+        }
     }
 
     /// Every revoked identity and serial.

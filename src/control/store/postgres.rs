@@ -29,8 +29,8 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row};
 
 use super::{
-    CaGeneration, CaStateChange, CredentialKind, EndpointRow, LedgerCursor, LedgerEntry, LedgerQuery, SCHEMA_VERSION,
-    StoreError, TokenRefusal, redact_url,
+    CaGeneration, CaStateChange, CredentialKind, EndpointRow, LedgerCursor, LedgerEntry, LedgerQuery, ReplicaStatusRow,
+    SCHEMA_VERSION, StoreError, TokenRefusal, redact_url,
 };
 use crate::clock::now_unix;
 use crate::identity::ca::{CaMaterial, IssuedCertificate};
@@ -50,9 +50,10 @@ const MIGRATION_LOCK: i64 = 0x7061_6c69_7361_6465;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema versions, applied in order. Never edit one that has shipped: add the next.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "
 CREATE TABLE ca (
     generation BIGINT PRIMARY KEY,
     root_cert_pem TEXT NOT NULL,
@@ -107,7 +108,19 @@ CREATE TABLE revocations (
 CREATE INDEX revocations_by_identity ON revocations (spiffe_id);
 CREATE INDEX revocations_by_serial ON revocations (serial);
 ",
-)];
+    ),
+    (
+        2,
+        "
+CREATE TABLE replica_status (
+    replica TEXT PRIMARY KEY,
+    updated BIGINT NOT NULL,
+    sidecars TEXT NOT NULL,
+    edges TEXT NOT NULL
+);
+",
+    ),
+];
 
 /// What is shared by the store's calls and its listener.
 struct Shared {
@@ -742,6 +755,35 @@ impl PgStore {
         Ok(rows
             .iter()
             .map(|r| EndpointRow { spiffe_id: r.get(0), addresses: r.get(1), labels: r.get(2), last_seen: r.get(3) })
+            .collect())
+    }
+
+    pub(super) fn publish_replica_status(&self, replica: &str, sidecars: &str, edges: &str) -> Result<(), StoreError> {
+        let (replica, sidecars, edges) = (replica.to_string(), sidecars.to_string(), edges.to_string());
+        self.run(move |c| async move {
+            c.execute(
+                "INSERT INTO replica_status (replica, updated, sidecars, edges) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (replica) DO UPDATE SET updated = $2, sidecars = $3, edges = $4",
+                &[&replica, &now_unix(), &sidecars, &edges],
+            )
+            .await
+            .map(drop)
+        })
+    }
+
+    pub(super) fn replica_statuses(&self, except: &str, since: i64) -> Result<Vec<ReplicaStatusRow>, StoreError> {
+        let except = except.to_string();
+        let rows = self.run(move |c| async move {
+            c.query(
+                "SELECT replica, updated, sidecars, edges FROM replica_status WHERE replica <> $1 AND updated >= $2
+                 ORDER BY replica",
+                &[&except, &since],
+            )
+            .await
+        })?;
+        Ok(rows
+            .iter()
+            .map(|r| ReplicaStatusRow { replica: r.get(0), updated: r.get(1), sidecars: r.get(2), edges: r.get(3) })
             .collect())
     }
 
