@@ -5,6 +5,7 @@
 #![deny(unsafe_code)] // `allocator` alone allows it, for the symbol jemalloc reads its options from
 
 pub mod agent;
+#[cfg(not(feature = "system-allocator"))]
 mod allocator;
 pub mod audit;
 pub mod backoff;

@@ -893,7 +893,8 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for DiscoveryGrpc 
                 return Ok(Status::unimplemented("discovery requests are not compressed").into_http());
             }
             let (parts, body) = req.into_parts();
-            let decoder = tonic_prost::ProstCodec::<DiscoveryResponse, DiscoveryRequest>::default().decoder();
+            let decoder =
+                SmallRequests(tonic_prost::ProstCodec::<DiscoveryResponse, DiscoveryRequest>::default().decoder());
             let inbound = Streaming::new_request(decoder, body, None, Some(MAX_REQUEST));
             let request = Request::from_http(http::Request::from_parts(parts, inbound));
             Ok(match service.open(request).await {
@@ -908,6 +909,24 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for DiscoveryGrpc 
                 Err(status) => status.into_http(),
             })
         })
+    }
+}
+
+/// The prost decoder of a sidecar's requests with a small first buffer: tonic's default 8 KiB
+/// is allocated per stream for its life, and ACKs are a few dozen bytes (a larger request grows
+/// it as needed).
+struct SmallRequests<D>(D);
+
+impl<D: tonic::codec::Decoder> tonic::codec::Decoder for SmallRequests<D> {
+    type Item = D::Item;
+    type Error = D::Error;
+
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+        self.0.decode(src)
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        tonic::codec::BufferSettings::new(512, 32 * 1024)
     }
 }
 

@@ -88,7 +88,7 @@ pub struct ControlMetrics {
     pub jwks_fetches: Family<ResultLabels, Counter>,
     /// `palisade_control_ca_root_not_after_seconds{generation}`, refreshed at each scrape.
     pub ca_root_not_after: Family<GenerationLabels, Gauge>,
-    /// Ledger transactions committed (see [`super::store::Store::ledger_commits`]).
+    /// Ledger transactions tried (see [`super::store::Store::ledger_commits`]).
     ledger_commits: Counter,
 }
 
@@ -146,7 +146,7 @@ impl ControlMetrics {
         registry.register("store_errors", "Failed state-store calls by operation", m.store_errors.clone());
         registry.register(
             "ledger_commits",
-            "Ledger transactions committed: certificates_issued over this is the rows a group commit carries",
+            "Ledger transactions tried, failed ones and their row-by-row retries included: certificates_issued over this is about the rows a group commit carries",
             m.ledger_commits.clone(),
         );
         registry.register("jwks_fetches", "jwksUri fetches by result (ok, error)", m.jwks_fetches.clone());
