@@ -46,6 +46,13 @@ pub fn postgres_bin_dir() -> &'static Path {
     PG.get_or_init(|| from_env_or_script("PALISADE_PG_BIN", "install-postgres"))
 }
 
+/// cargo-cyclonedx (`$PALISADE_CYCLONEDX`, else `.ci/install-cyclonedx`, built once from
+/// crates.io).
+pub fn cyclonedx() -> &'static Path {
+    static CYCLONEDX: OnceLock<PathBuf> = OnceLock::new();
+    CYCLONEDX.get_or_init(|| from_env_or_script("PALISADE_CYCLONEDX", "install-cyclonedx"))
+}
+
 /// Installs SoftHSM2 (Debian's `softhsm2`) with `.ci/install-softhsm` when missing.
 pub fn softhsm() {
     static DONE: OnceLock<()> = OnceLock::new();
