@@ -37,6 +37,8 @@ pub enum CertError {
     BadResponse(String),
     #[error("reading the service-account token: {0}")]
     TokenFile(std::io::Error),
+    #[error("no answer from the control plane within {0:?}")]
+    NoAnswer(Duration),
 }
 
 /// Summary of the certificate in service, for `/config_dump`, `/ready` and logs.
@@ -65,6 +67,11 @@ pub struct CertManager {
 pub enum Bootstrap {
     /// A standalone join token (single use).
     JoinToken(String),
+    /// A standalone join token read from its file at every attempt: single use too, but an
+    /// operator who writes a new one there (after a partition longer than a certificate's life
+    /// left the sidecar with nothing valid to renew with) gets the sidecar back without a
+    /// restart.
+    JoinTokenFile(std::path::PathBuf),
     /// A projected Kubernetes service-account token, re-read for every attempt.
     KubernetesTokenFile(std::path::PathBuf),
 }
@@ -73,6 +80,9 @@ impl Bootstrap {
     fn credential(&self) -> Result<Credential, CertError> {
         Ok(match self {
             Bootstrap::JoinToken(token) => Credential::JoinToken(token.trim().to_string()),
+            Bootstrap::JoinTokenFile(path) => {
+                Credential::JoinToken(std::fs::read_to_string(path).map_err(CertError::TokenFile)?.trim().to_string())
+            }
             // Read afresh each time: the kubelet rotates the projected token.
             Bootstrap::KubernetesTokenFile(path) => Credential::KubernetesToken(
                 std::fs::read_to_string(path).map_err(CertError::TokenFile)?.trim().to_string(),
@@ -80,9 +90,10 @@ impl Bootstrap {
         })
     }
 
-    /// Whether this credential can be presented again (a join token is single use).
+    /// Whether this credential can be presented again: a Kubernetes token, or a join token file
+    /// (which may hold a new token by then; a spent one is refused as `already used`).
     fn reusable(&self) -> bool {
-        matches!(self, Bootstrap::KubernetesTokenFile(_))
+        matches!(self, Bootstrap::KubernetesTokenFile(_) | Bootstrap::JoinTokenFile(_))
     }
 }
 
@@ -154,17 +165,21 @@ impl CertManager {
             let lifetime = (info.not_after - info.received_at).max(1) as u64;
             let cap = Duration::from_secs(lifetime / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
             let mut backoff = Backoff::new(Duration::from_millis(250), cap);
+            // Each attempt gets a quarter of the lifetime (2-15 s): a control plane whose
+            // packets are dropped (a partition, not a refusal) fails the attempt in time for the
+            // next, instead of holding the only one until the certificate has expired.
+            let deadline = Duration::from_secs(lifetime / 4).clamp(Duration::from_secs(2), Duration::from_secs(15));
             loop {
                 let expired = now_unix() >= self.info().map_or(0, |i| i.not_after);
-                let result = if expired && bootstrap.reusable() {
-                    tracing::warn!("certificate expired; attesting again with the bootstrap credential");
-                    match bootstrap.credential() {
-                        Ok(credential) => self.request(Some(credential)).await,
-                        Err(e) => Err(e),
+                let attempt = async {
+                    if expired && bootstrap.reusable() {
+                        tracing::warn!("certificate expired; attesting again with the bootstrap credential");
+                        self.request(Some(bootstrap.credential()?)).await
+                    } else {
+                        self.request(None).await
                     }
-                } else {
-                    self.request(None).await
                 };
+                let result = tokio::time::timeout(deadline, attempt).await.unwrap_or(Err(CertError::NoAnswer(deadline)));
                 match result {
                     Ok(_) => break,
                     Err(e) => {

@@ -63,6 +63,9 @@ pub struct Inbound {
     /// Plain-HTTP kubelet probes (`port`, `path`) let through a STRICT port: GET or HEAD of
     /// exactly these, nothing else, so that a STRICT pod can become ready.
     pub probes: Vec<(u16, String)>,
+    /// This sidecar's certificate: once it has lapsed (the sidecar could not renew), open
+    /// connections stop serving under it, as new handshakes already do.
+    pub certs: Arc<crate::tls::CertStore>,
 }
 
 /// The caller of one connection.
@@ -169,6 +172,7 @@ impl Inbound {
             view: dp.view.clone(),
             access_log: dp.access_log.clone(),
             probes,
+            certs: dp.certs.clone(),
         }
     }
 
@@ -381,14 +385,19 @@ where
         .keep_alive_timeout(Duration::from_secs(20));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
-    // Draining, or a revocation of this peer: a revocation cuts its open connections, not only
-    // its next handshake.
+    // Draining, a revocation of this peer, or this sidecar's own certificate lapsing: a
+    // revocation cuts its open connections, not only its next handshake, and a sidecar whose
+    // identity has lapsed stops serving under it on connections made before, as it refuses new
+    // ones (fail closed).
     let interrupt = async {
         let stop = inbound.drain.signaled();
         tokio::pin!(stop);
+        let lapsed = lapsed(&inbound.certs);
+        tokio::pin!(lapsed);
         loop {
             tokio::select! {
                 _ = &mut stop => return Interrupt::Drain,
+                _ = &mut lapsed => return Interrupt::Lapsed,
                 Ok(()) = revocations.changed() => {
                     if let Some(id) = &peer.id && inbound.view.load().trust.is_revoked(id.as_str(), &peer.serial) {
                         return Interrupt::Revoked(id.clone());
@@ -411,6 +420,28 @@ where
         Either::Right(Interrupt::Revoked(id)) => {
             tracing::warn!(remote = %peer.remote, peer = %id, serial = %peer.serial, "closing connection of a revoked peer");
         }
+        Either::Right(Interrupt::Lapsed) => {
+            // Requests in flight finish; the peer opens a new connection, whose handshake fails
+            // (`no_certificate`) until this sidecar renews.
+            inbound.metrics.handshake_failure("inbound", "no_certificate");
+            tracing::warn!(remote = %peer.remote, "own certificate expired without renewal: closing the connection");
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Resolves once this sidecar holds no valid certificate (it expired and was not renewed):
+/// sleeps until the expiry of the certificate in service, and again after a renewal.
+async fn lapsed(certs: &crate::tls::CertStore) {
+    loop {
+        if certs.current().is_none() {
+            return;
+        }
+        let expiry = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(certs.not_after()).unwrap_or(0));
+        let left = expiry.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+        // A little past the second it ends: `current` counts whole seconds.
+        tokio::time::sleep(left + Duration::from_millis(5)).await;
     }
 }
 
@@ -418,6 +449,8 @@ where
 enum Interrupt {
     Drain,
     Revoked(SpiffeId),
+    /// This sidecar's own certificate expired without a renewal.
+    Lapsed,
 }
 
 /// The protocol the calling app spoke (`HTTP/1.1`, `HTTP/2.0`, ...), whatever carried the

@@ -272,9 +272,8 @@ fn initial_roots(args: &ProxyArgs) -> anyhow::Result<BundleState> {
 fn credential(args: &ProxyArgs) -> anyhow::Result<Bootstrap> {
     match (&args.token_file, &args.kube_token_file) {
         (Some(path), _) => {
-            let token =
-                std::fs::read_to_string(path).with_context(|| format!("reading join token {}", path.display()))?;
-            Ok(Bootstrap::JoinToken(token))
+            std::fs::read_to_string(path).with_context(|| format!("reading join token {}", path.display()))?;
+            Ok(Bootstrap::JoinTokenFile(path.clone()))
         }
         (None, Some(path)) => {
             std::fs::metadata(path).with_context(|| format!("service-account token {}", path.display()))?;

@@ -56,6 +56,9 @@ pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
         Some(E::InvalidCertificate(_)) => "bad_certificate",
         Some(E::PeerIncompatible(_) | E::NoApplicationProtocol) => "incompatible",
         Some(E::AlertReceived(_)) => "alert_received",
+        // What rustls says when the certificate store answered nothing: this sidecar's own
+        // certificate has expired (it could not renew) and it refuses rather than present none.
+        Some(E::General(m)) if m == "no server certificate chain resolved" => "no_certificate",
         Some(_) => "protocol_error",
         None if e.kind() == std::io::ErrorKind::UnexpectedEof => "eof",
         None => "io_error",

@@ -449,6 +449,15 @@ impl Store {
     pub fn revoke(&self, identity: Option<&str>, serial: Option<&str>) -> Result<(), StoreError> {
         on_backend!(self, b => b.revoke(identity, serial))
     }
+
+    /// Checks the store's file whole (SQLite's `PRAGMA integrity_check`): `ok`, or what is
+    /// damaged. PostgreSQL keeps its own consistency: `ok` once a query succeeds.
+    pub fn integrity_check(&self) -> Result<String, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(s) => s.integrity_check(),
+            Backend::Postgres(p) => p.revocations().map(|_| "ok".to_string()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -496,6 +496,16 @@ impl SqliteStore {
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }
 
+    /// SQLite's own check of the whole database file: `ok`, or what is damaged.
+    pub(super) fn integrity_check(&self) -> Result<String, StoreError> {
+        let conn = self.conn.lock();
+        let found: Vec<String> = conn
+            .prepare("PRAGMA integrity_check")
+            .and_then(|mut stmt| stmt.query_map([], |r| r.get(0))?.collect())
+            .map_err(|e| self.err(e))?;
+        Ok(found.join("; "))
+    }
+
     /// Every revoked identity and serial.
     pub(super) fn revocations(&self) -> Result<(Vec<String>, Vec<String>), StoreError> {
         let conn = self.conn.lock();
