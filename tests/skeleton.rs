@@ -248,3 +248,82 @@ async fn sigterm_stops_the_control_plane_promptly_while_sidecars_hold_their_stre
     assert!(started.elapsed() < Duration::from_secs(6), "stopping took {:?}", started.elapsed());
     drop(sidecar);
 }
+
+/// Serves TLS with one fixed certificate, no client authentication: a stand-in for whatever
+/// answers on the control plane's address.
+#[derive(Debug)]
+struct OneCert(Arc<CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for OneCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// An impostor on the control plane's address, holding a valid certificate of the mesh's own
+/// CA but for a workload's identity (a stolen workload key): a sidecar refuses the handshake,
+/// so its join token never reaches the impostor, and it stays not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_sends_nothing_to_a_control_plane_with_another_identity() {
+    let dir = tempdir("impostor");
+    let cp = ControlPlane::start(&dir, &[]).await;
+    let stolen = mint_client_cert(&cp.state, &id("workload"), Duration::from_secs(600));
+    let config = rustls::ServerConfig::builder_with_provider(palisade::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(OneCert(stolen)));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let impostor = listener.local_addr().unwrap();
+    let (tx, mut handshakes) = tokio::sync::mpsc::unbounded_channel::<Result<Vec<u8>, String>>();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let outcome = match acceptor.accept(tcp).await {
+                    Ok(mut tls) => {
+                        // Whatever the sidecar sends once it trusts us.
+                        let mut got = vec![0u8; 4096];
+                        let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut got)).await;
+                        Ok(got[..n.ok().and_then(Result::ok).unwrap_or(0)].to_vec())
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = tx.send(outcome);
+            });
+        }
+    });
+    let token = dir.join("victim.token");
+    let secret = cp.token(&id("victim"));
+    std::fs::write(&token, &secret).unwrap();
+    let admin = free_addr();
+    let args = [
+        "--control",
+        &impostor.to_string(),
+        "--ca-bundle",
+        cp.root_pem_path().to_str().unwrap(),
+        "--token-file",
+        token.to_str().unwrap(),
+        "--admin",
+        &admin.to_string(),
+    ]
+    .map(String::from);
+    let victim = Proc::spawn_proxy("sidecar-victim", &dir, &args);
+    // Three attempts (the sidecar retries with backoff): each refused in the handshake.
+    for _ in 0..3 {
+        let outcome = tokio::time::timeout(Duration::from_secs(30), handshakes.recv()).await.unwrap().unwrap();
+        match outcome {
+            Err(_) => {}
+            Ok(bytes) => panic!(
+                "the sidecar completed a handshake with an impostor and sent {} bytes (token inside: {})",
+                bytes.len(),
+                String::from_utf8_lossy(&bytes).contains(&secret)
+            ),
+        }
+    }
+    assert_eq!(status_of(&format!("http://{admin}/ready")).await, Some(503));
+    let log = victim.log_text();
+    assert!(log.contains("palisade-control") || log.contains("identity"), "the sidecar does not say why:\n{log}");
+}
