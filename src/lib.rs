@@ -12,6 +12,9 @@ pub mod backoff;
 pub mod clock;
 pub mod control;
 pub mod demo;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guard;
 pub mod hex;
 pub mod identity;

@@ -348,7 +348,7 @@ impl JwtGuard {
         self.authenticate_at(headers, uri, crate::clock::now_unix()).map_err(Refusal::from)
     }
 
-    fn authenticate_at<'r>(
+    pub(crate) fn authenticate_at<'r>(
         &self,
         headers: &'r HeaderMap,
         uri: &'r Uri,

@@ -205,7 +205,7 @@ impl Compiled {
 }
 
 /// Reads `policy.wasm` and `data.json` out of a gzip tarball.
-fn read_bundle(tarball: &[u8]) -> Result<(Vec<u8>, Option<Value>), String> {
+pub(crate) fn read_bundle(tarball: &[u8]) -> Result<(Vec<u8>, Option<Value>), String> {
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(tarball));
     let entries = archive.entries().map_err(|e| format!("bundle is not a gzip tarball: {e}"))?;
     let (mut wasm, mut data) = (None, None);

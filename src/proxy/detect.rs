@@ -61,7 +61,7 @@ where
 }
 
 /// The protocol `buf` starts with, or `None` while more bytes could still change the answer.
-fn classify(buf: &[u8]) -> Option<Protocol> {
+pub(crate) fn classify(buf: &[u8]) -> Option<Protocol> {
     if buf.starts_with(H2_PREFACE) {
         return Some(Protocol::Http2);
     }
