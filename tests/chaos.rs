@@ -115,9 +115,8 @@ impl Load {
         }
         let (stats2, stop2) = (stats.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc_route}"))
-                .unwrap()
-                .connect_lazy();
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("http://{grpc_route}")).unwrap().connect_lazy();
             let mut client = HealthClient::new(channel);
             let mut tick = tokio::time::interval(EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -326,7 +325,16 @@ async fn ca_rotation_and_policy_change_every_second() {
     write_atomically(&resources.join("chaos.yaml"), &policy(0));
     let cp = ControlPlane::start(
         &dir,
-        &["--cert-ttl", "4s", "--resources", resources.to_str().unwrap(), "--default-policy", "deny", "--debounce", "50ms"],
+        &[
+            "--cert-ttl",
+            "4s",
+            "--resources",
+            resources.to_str().unwrap(),
+            "--default-policy",
+            "deny",
+            "--debounce",
+            "50ms",
+        ],
     )
     .await;
     let m = mesh(&cp).await;
@@ -432,14 +440,14 @@ impl RestartableApp {
                     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let slow = slow.clone();
                         async move {
-                        if req.uri().path().starts_with("/slow") {
-                            slow.fetch_add(1, Ordering::SeqCst);
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            slow.fetch_sub(1, Ordering::SeqCst);
-                        }
-                        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
-                            bytes::Bytes::from_static(b"ok"),
-                        )))
+                            if req.uri().path().starts_with("/slow") {
+                                slow.fetch_add(1, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                slow.fetch_sub(1, Ordering::SeqCst);
+                            }
+                            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from_static(b"ok"),
+                            )))
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -493,8 +501,9 @@ async fn sidecar_drained_and_app_restarted_behind_it() {
         .map(|_| {
             tokio::spawn(async move {
                 let started = Instant::now();
-                let r = tokio::time::timeout(HANG, get(&http_client_unpooled(), &format!("http://{http_route}/slow"), &[]))
-                    .await;
+                let r =
+                    tokio::time::timeout(HANG, get(&http_client_unpooled(), &format!("http://{http_route}/slow"), &[]))
+                        .await;
                 (started, r)
             })
         })
@@ -642,7 +651,8 @@ impl Namespace {
         assert!(is_root(), "this test makes a network namespace: run the suite as root (CI does)");
         let n = std::process::id() % 200 + 20;
         let name = format!("palchaos{}", std::process::id());
-        let (host_ip, ns_ip) = (std::net::Ipv4Addr::new(10, 213, n as u8, 1), std::net::Ipv4Addr::new(10, 213, n as u8, 2));
+        let (host_ip, ns_ip) =
+            (std::net::Ipv4Addr::new(10, 213, n as u8, 1), std::net::Ipv4Addr::new(10, 213, n as u8, 2));
         let (outside, inside) = (format!("pco{n}"), format!("pci{n}"));
         let _ = std::process::Command::new("ip").args(["netns", "del", &name]).output();
         let _ = std::process::Command::new("ip").args(["link", "del", &outside]).output();
@@ -685,7 +695,8 @@ async fn sidecar_cut_off_from_the_control_plane_longer_than_its_certificate_live
     let cp_port = free_addr().port();
     let cp = ControlPlane::start_at(&dir, SocketAddr::from((ns.host_ip, cp_port)), &["--cert-ttl", "6s"]).await;
     let app = RestartableApp::start(SocketAddr::from((ns.host_ip, free_addr().port()))).await;
-    let (inbound, admin) = (SocketAddr::from((ns.ns_ip, free_addr().port())), SocketAddr::from((ns.ns_ip, free_addr().port())));
+    let (inbound, admin) =
+        (SocketAddr::from((ns.ns_ip, free_addr().port())), SocketAddr::from((ns.ns_ip, free_addr().port())));
     // The cut-off sidecar runs in the namespace.
     let token = dir.join("cut.token");
     std::fs::write(&token, cp.token(&id("cut"))).unwrap();
@@ -780,7 +791,12 @@ async fn sidecar_cut_off_from_the_control_plane_longer_than_its_certificate_live
     })
     .await;
     load.flowing(200).await;
-    let r = load.finish("sidecar_cut_off_from_the_control_plane_longer_than_its_certificate_lives", Some((fault_from, fault_to))).await;
+    let r = load
+        .finish(
+            "sidecar_cut_off_from_the_control_plane_longer_than_its_certificate_lives",
+            Some((fault_from, fault_to)),
+        )
+        .await;
     assert_eq!(r.hung, 0, "hung requests: {:?}", &r.failures[..r.failures.len().min(10)]);
     for f in &r.failures {
         assert!(
@@ -868,7 +884,9 @@ async fn sidecar_memory_under_a_flood_of_connections_with_large_headers() {
     let (peak, _) = memory_of(pid);
     assert!(client.proc.log_text().len() < 50 << 20, "the flood filled the log");
     load.flowing(100).await;
-    let r = load.finish("sidecar_memory_under_a_flood_of_connections_with_large_headers", Some((fault_from, fault_to))).await;
+    let r = load
+        .finish("sidecar_memory_under_a_flood_of_connections_with_large_headers", Some((fault_from, fault_to)))
+        .await;
     let bound = CAP * (HEADER_LIMIT + 32 * 1024) + (64 << 20);
     eprintln!(
         "chaos flood: sidecar RSS idle {} MiB, peak {} MiB, bound {} MiB; {closed} of 3000 flood connections closed by the sidecar",

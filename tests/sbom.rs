@@ -26,7 +26,9 @@ fn shipped_crates() -> BTreeSet<(String, String)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["id"].as_str().unwrap(), (p["name"].as_str().unwrap().into(), p["version"].as_str().unwrap().into())))
+        .map(|p| {
+            (p["id"].as_str().unwrap(), (p["name"].as_str().unwrap().into(), p["version"].as_str().unwrap().into()))
+        })
         .collect();
     let nodes: BTreeMap<&str, &Value> =
         meta["resolve"]["nodes"].as_array().unwrap().iter().map(|n| (n["id"].as_str().unwrap(), n)).collect();
@@ -50,7 +52,10 @@ fn lock_checksums() -> BTreeMap<(String, String), String> {
     let mut out = BTreeMap::new();
     for block in lock.split("[[package]]").skip(1) {
         let field = |key: &str| {
-            block.lines().find_map(|l| l.strip_prefix(&format!("{key} = \""))).map(|v| v.trim_end_matches('"').to_string())
+            block
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{key} = \"")))
+                .map(|v| v.trim_end_matches('"').to_string())
         };
         if let (Some(name), Some(version), Some(sum)) = (field("name"), field("version"), field("checksum")) {
             out.insert((name, version), sum);
@@ -92,10 +97,7 @@ fn the_sbom_lists_every_shipped_crate_with_its_pinned_checksum() {
     for c in components {
         let (name, version) = (c["name"].as_str().unwrap(), c["version"].as_str().unwrap());
         assert_eq!(c["purl"], format!("pkg:cargo/{name}@{version}"), "{name}");
-        assert!(
-            c["licenses"].as_array().is_some_and(|l| !l.is_empty()),
-            "{name} {version} has no licence in the SBOM"
-        );
+        assert!(c["licenses"].as_array().is_some_and(|l| !l.is_empty()), "{name} {version} has no licence in the SBOM");
         let sha = c["hashes"].as_array().and_then(|h| h.iter().find(|h| h["alg"] == "SHA-256"));
         let pinned = checksums.get(&(name.to_string(), version.to_string()));
         assert_eq!(

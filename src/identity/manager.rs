@@ -179,7 +179,8 @@ impl CertManager {
                         self.request(None).await
                     }
                 };
-                let result = tokio::time::timeout(deadline, attempt).await.unwrap_or(Err(CertError::NoAnswer(deadline)));
+                let result =
+                    tokio::time::timeout(deadline, attempt).await.unwrap_or(Err(CertError::NoAnswer(deadline)));
                 match result {
                     Ok(_) => break,
                     Err(e) => {
