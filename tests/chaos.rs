@@ -316,7 +316,7 @@ async fn ca_rotation_and_policy_change_every_second() {
     std::fs::create_dir_all(&resources).unwrap();
     let policy = |n: u32| {
         // Two spellings of the same permission, alternating: every version allows the load.
-        let path = if n % 2 == 0 { "/chaos" } else { "/chao*" };
+        let path = if n.is_multiple_of(2) { "/chaos" } else { "/chao*" };
         format!(
             "apiVersion: palisade.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: chaos-{n}, namespace: test}}\nspec:\n  action: ALLOW\n  rules:\n  - from: [{{source: {{principals: [\"{}\"]}}}}]\n    to: [{{operation: {{paths: [\"{path}\", \"/grpc.health.v1.Health/*\"]}}}}]\n",
             id("client")
@@ -872,7 +872,7 @@ async fn sidecar_memory_under_a_flood_of_connections_with_large_headers() {
                 let _ = tcp.write_all(request.as_bytes()).await;
                 // Closed by the sidecar (header-read timeout or the cap): a read ends.
                 let mut buf = [0u8; 1024];
-                matches!(tokio::time::timeout(HANG, tcp.read(&mut buf)).await, Ok(_))
+                tokio::time::timeout(HANG, tcp.read(&mut buf)).await.is_ok()
             })
         })
         .collect();
