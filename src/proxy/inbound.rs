@@ -493,8 +493,26 @@ fn policy_label(decision: &Decision) -> PolicyLabel {
 }
 
 /// The refusal a caller sees: 403 (or the status a Rego policy chose) with a small JSON body,
-/// or gRPC PERMISSION_DENIED; always naming the deciding policy and the request id.
+/// or gRPC PERMISSION_DENIED; always naming the deciding policy and the request id. A sidecar
+/// that has no policy yet (just started, its first snapshot on the way) refuses with 503,
+/// `retry-after: 1` and `x-palisade-error`, or gRPC UNAVAILABLE: it has decided nothing, and the
+/// caller should try again rather than take it as a denial.
 fn denial(decision: &Decision, request_id: &str, grpc: bool) -> Response<ProxyBody> {
+    if matches!(decision.decider, Decider::FailClosed) {
+        let status = if grpc { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        let mut resp = error_response(status, &decision.reason, request_id);
+        let h = resp.headers_mut();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        h.insert(DENIED_BY.clone(), HeaderValue::from_static("no-policy-yet"));
+        if grpc {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            h.insert("grpc-status", HeaderValue::from_static("14"));
+            if let Ok(v) = HeaderValue::from_str(&decision.reason) {
+                h.insert("grpc-message", v);
+            }
+        }
+        return resp;
+    }
     let denied_by = denied_by(decision);
     let mut resp = if grpc {
         let mut r = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
