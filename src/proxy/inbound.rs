@@ -889,6 +889,15 @@ mod tests {
         assert!(!decision.allowed);
         assert_eq!(denied_by(&decision), "no-policy-yet");
         assert_eq!(view.mode_for_port(15006), PeerAuthMode::Strict);
+        // Nothing was decided: the caller is told to try again, not that policy denied it.
+        let http = denial(&decision, "rid-1", false);
+        assert_eq!(http.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(http.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(http.headers()[&DENIED_BY], "no-policy-yet");
+        assert!(http.headers().contains_key(&crate::proxy::http::PALISADE_ERROR));
+        let grpc = denial(&decision, "rid-1", true);
+        assert_eq!(grpc.status(), StatusCode::OK);
+        assert_eq!(grpc.headers()["grpc-status"], "14", "UNAVAILABLE, not PERMISSION_DENIED");
     }
 
     #[test]
