@@ -47,6 +47,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("control", 7),
     ("demo", 8),
     ("audit", 8),
+    ("fuzzing", 8),
 ];
 
 /// Items of the crate root (`src/lib.rs`) anything may use.
