@@ -222,39 +222,50 @@ async fn start_grpc_app() -> SocketAddr {
     addr
 }
 
-/// A client sidecar with two routes (HTTP and gRPC) to two server sidecars, each in front of
-/// its app.
-struct Mesh {
-    _http_app: EchoApp,
-    client: Sidecar,
-    http_server: Sidecar,
+/// The calling side of every test: a client sidecar with two routes, HTTP to the sidecar of
+/// `http_sa` at `http_target` and gRPC to a sidecar in front of a gRPC app of its own.
+struct Client {
+    sidecar: Sidecar,
     grpc_server: Sidecar,
     http_route: SocketAddr,
     grpc_route: SocketAddr,
 }
 
+async fn client(cp: &ControlPlane, http_target: SocketAddr, http_sa: &str, extra: &[&str]) -> Client {
+    let grpc_server = Sidecar::start(cp, "grpc", Some(start_grpc_app().await), &[]).await;
+    let (http_route, grpc_route) = (free_addr(), free_addr());
+    let routes = [
+        format!("{http_route}={http_target}@{}", id(http_sa)),
+        format!("{grpc_route}={}@{}", grpc_server.inbound.unwrap(), id("grpc")),
+    ];
+    let sidecar = Sidecar::spawn(cp, "client", None, &routes, extra);
+    sidecar.wait_ready().await;
+    Client { sidecar, grpc_server, http_route, grpc_route }
+}
+
+impl Client {
+    fn load(&self) -> Load {
+        Load::start(self.http_route, self.grpc_route)
+    }
+}
+
+/// A client (above) and an HTTP server sidecar in front of an echo app.
+struct Mesh {
+    _http_app: EchoApp,
+    http_server: Sidecar,
+    client: Client,
+}
+
 async fn mesh(cp: &ControlPlane) -> Mesh {
     let http_app = EchoApp::start().await;
-    let grpc_app = start_grpc_app().await;
     let http_server = Sidecar::start(cp, "web", Some(http_app.addr), &[]).await;
-    let grpc_server = Sidecar::start(cp, "grpc", Some(grpc_app), &[]).await;
-    let (http_route, grpc_route) = (free_addr(), free_addr());
-    let client = Sidecar::start(
-        cp,
-        "client",
-        None,
-        &[
-            format!("{http_route}={}@{}", http_server.inbound.unwrap(), id("web")),
-            format!("{grpc_route}={}@{}", grpc_server.inbound.unwrap(), id("grpc")),
-        ],
-    )
-    .await;
-    Mesh { _http_app: http_app, client, http_server, grpc_server, http_route, grpc_route }
+    let client = client(cp, http_server.inbound.unwrap(), "web", &[]).await;
+    Mesh { _http_app: http_app, http_server, client }
 }
 
 impl Mesh {
     fn sidecars(&self) -> [(&str, &Sidecar); 3] {
-        [("client", &self.client), ("web", &self.http_server), ("grpc", &self.grpc_server)]
+        [("client", &self.client.sidecar), ("web", &self.http_server), ("grpc", &self.client.grpc_server)]
     }
 }
 
@@ -275,7 +286,7 @@ async fn control_plane_killed_every_four_seconds_for_two_minutes() {
     let mut cp = ControlPlane::start(&dir, &args).await;
     let listen = cp.listen;
     let m = mesh(&cp).await;
-    let load = Load::start(m.http_route, m.grpc_route);
+    let load = m.client.load();
     load.flowing(50).await;
     let before: Vec<f64> = futures_util::future::join_all(m.sidecars().map(|(_, s)| renewals(s))).await;
 
@@ -338,7 +349,7 @@ async fn ca_rotation_and_policy_change_every_second() {
     )
     .await;
     let m = mesh(&cp).await;
-    let load = Load::start(m.http_route, m.grpc_route);
+    let load = m.client.load();
     load.flowing(50).await;
 
     let store = palisade::control::Store::open(&cp.state).unwrap();
@@ -385,23 +396,8 @@ async fn ca_rotation_and_policy_change_every_second() {
 
 /// Spawns a sidecar whose inbound listener is `inbound`, in front of `app`.
 fn sidecar_at(cp: &ControlPlane, sa: &str, inbound: SocketAddr, app: SocketAddr, admin: SocketAddr) -> Proc {
-    let token = cp.dir.join(format!("{sa}-{}.token", rand::random::<u32>()));
-    std::fs::write(&token, cp.token(&id(sa))).unwrap();
-    let args = [
-        "--control",
-        &cp.listen.to_string(),
-        "--ca-bundle",
-        cp.root_pem_path().to_str().unwrap(),
-        "--token-file",
-        token.to_str().unwrap(),
-        "--admin",
-        &admin.to_string(),
-        "--inbound",
-        &inbound.to_string(),
-        "--app",
-        &app.to_string(),
-    ]
-    .map(String::from);
+    let (mut args, _) = cp.sidecar_args(cp.listen, sa, admin);
+    args.extend(["--inbound".into(), inbound.to_string(), "--app".into(), app.to_string()]);
     Proc::spawn_proxy(&format!("sidecar-{sa}-{}", rand::random::<u16>()), &cp.dir, &args)
 }
 
@@ -480,20 +476,8 @@ async fn sidecar_drained_and_app_restarted_behind_it() {
     let (inbound, admin) = (free_addr(), free_addr());
     let mut server = sidecar_at(&cp, "drained", inbound, app.addr, admin);
     ready(admin).await;
-    let grpc_app = start_grpc_app().await;
-    let grpc_server = Sidecar::start(&cp, "grpc", Some(grpc_app), &[]).await;
-    let (http_route, grpc_route) = (free_addr(), free_addr());
-    let _client = Sidecar::start(
-        &cp,
-        "client",
-        None,
-        &[
-            format!("{http_route}={inbound}@{}", id("drained")),
-            format!("{grpc_route}={}@{}", grpc_server.inbound.unwrap(), id("grpc")),
-        ],
-    )
-    .await;
-    let load = Load::start(http_route, grpc_route);
+    let c = client(&cp, inbound, "drained", &[]).await;
+    let (http_route, load) = (c.http_route, c.load());
     load.flowing(50).await;
 
     // Slow requests in flight when the drain starts.
@@ -589,7 +573,7 @@ async fn control_plane_disk_fills_and_recovers() {
     // sidecar to be refused once, and not so long that one expires.
     let cp = ControlPlane::start(&dir, &["--cert-ttl", "10s"]).await;
     let m = mesh(&cp).await;
-    let load = Load::start(m.http_route, m.grpc_route);
+    let load = m.client.load();
     load.flowing(50).await;
     let issued_before = ledger_count(&cp.state);
 
@@ -698,15 +682,12 @@ async fn sidecar_cut_off_from_the_control_plane_longer_than_its_certificate_live
     let (inbound, admin) =
         (SocketAddr::from((ns.ns_ip, free_addr().port())), SocketAddr::from((ns.ns_ip, free_addr().port())));
     // The cut-off sidecar runs in the namespace.
-    let token = dir.join("cut.token");
-    std::fs::write(&token, cp.token(&id("cut"))).unwrap();
+    let (mut args, token) = cp.sidecar_args(cp.listen, "cut", admin);
+    args.extend(["--inbound".into(), inbound.to_string(), "--app".into(), app.addr.to_string()]);
     let log = dir.join("sidecar-cut.log");
     let child = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.name, PROXY_BIN, "--control", &cp.listen.to_string(), "--ca-bundle"])
-        .arg(cp.root_pem_path())
-        .arg("--token-file")
-        .arg(&token)
-        .args(["--admin", &admin.to_string(), "--inbound", &inbound.to_string(), "--app", &app.addr.to_string()])
+        .args(["netns", "exec", &ns.name, PROXY_BIN])
+        .args(&args)
         .env("PALISADE_LOG", "info")
         .stderr(std::fs::File::create(&log).unwrap())
         .stdout(std::process::Stdio::null())
@@ -714,20 +695,8 @@ async fn sidecar_cut_off_from_the_control_plane_longer_than_its_certificate_live
         .unwrap();
     let cut = Proc { child, log, name: "sidecar-cut".into() };
     ready(admin).await;
-    let grpc_app = start_grpc_app().await;
-    let grpc_server = Sidecar::start(&cp, "grpc", Some(grpc_app), &[]).await;
-    let (http_route, grpc_route) = (free_addr(), free_addr());
-    let client = Sidecar::start(
-        &cp,
-        "client",
-        None,
-        &[
-            format!("{http_route}={inbound}@{}", id("cut")),
-            format!("{grpc_route}={}@{}", grpc_server.inbound.unwrap(), id("grpc")),
-        ],
-    )
-    .await;
-    let load = Load::start(http_route, grpc_route);
+    let c = client(&cp, inbound, "cut", &[]).await;
+    let (http_route, load) = (c.http_route, c.load());
     load.flowing(50).await;
 
     let fault_from = Instant::now();
@@ -754,7 +723,7 @@ async fn sidecar_cut_off_from_the_control_plane_longer_than_its_certificate_live
         other => panic!("not a clean refusal: {other:?}"),
     }
     wait_for("the client sidecar counts the refused handshakes", Duration::from_secs(10), || async {
-        metric(&client.metrics().await, "palisade_tls_handshake_failures_total", "outbound") >= 1.0
+        metric(&c.sidecar.metrics().await, "palisade_tls_handshake_failures_total", "outbound") >= 1.0
     })
     .await;
     let cut_metrics = get(&http_client(), &format!("http://{admin}/metrics"), &[]).await.unwrap().2;
@@ -837,26 +806,19 @@ async fn sidecar_memory_under_a_flood_of_connections_with_large_headers() {
     let dir = tempdir("chaos-flood");
     let cp = ControlPlane::start(&dir, &[]).await;
     let http_app = EchoApp::start().await;
-    let grpc_app = start_grpc_app().await;
     let web = Sidecar::start(&cp, "web", Some(http_app.addr), &[]).await;
-    let grpc = Sidecar::start(&cp, "grpc", Some(grpc_app), &[]).await;
-    let (http_route, grpc_route) = (free_addr(), free_addr());
     const CAP: u64 = 1_500;
     const HEADER_LIMIT: u64 = 64 * 1024;
-    let mut client = Sidecar::spawn(
-        &cp,
-        "client",
-        None,
-        &[
-            format!("{http_route}={}@{}", web.inbound.unwrap(), id("web")),
-            format!("{grpc_route}={}@{}", grpc.inbound.unwrap(), id("grpc")),
-        ],
-        &["--max-connections", &CAP.to_string(), "--header-read-timeout", "5s"],
-    );
-    client.wait_ready().await;
-    let pid = client.proc.child.id();
+    let cap = CAP.to_string();
+    // A flood connection whose first bytes come later than the detection timeout (100 ms; the
+    // flooding test process is slow to write 3,000 of them) is carried as opaque TCP, which the
+    // idle timeout closes instead of the header-read timeout: both at 5 s here.
+    let limits = ["--max-connections", &cap, "--header-read-timeout", "5s", "--idle-timeout", "5s"];
+    let mut c = client(&cp, web.inbound.unwrap(), "web", &limits).await;
+    let http_route = c.http_route;
+    let pid = c.sidecar.proc.child.id();
     let (_, idle) = memory_of(pid);
-    let load = Load::start(http_route, grpc_route);
+    let load = c.load();
     load.flowing(50).await;
 
     // 3,000 connections, twice the cap, each with 60 KiB of headers and no end of them.
@@ -895,7 +857,7 @@ async fn sidecar_memory_under_a_flood_of_connections_with_large_headers() {
     }
     let fault_to = Instant::now();
     let (peak, _) = memory_of(pid);
-    assert!(client.proc.log_text().len() < 50 << 20, "the flood filled the log");
+    assert!(c.sidecar.proc.log_text().len() < 50 << 20, "the flood filled the log");
     load.flowing(100).await;
     let r = load
         .finish("sidecar_memory_under_a_flood_of_connections_with_large_headers", Some((fault_from, fault_to)))
@@ -912,8 +874,8 @@ async fn sidecar_memory_under_a_flood_of_connections_with_large_headers() {
     assert!(closed >= 1_500, "only {closed} flood connections got in: the flood did not reach the cap");
     // Alive (not killed), ready, and the steady load's keep-alive and gRPC connections were
     // served throughout; new connections may be refused while the flood holds every slot.
-    assert!(client.proc.child.try_wait().unwrap().is_none(), "the flooded sidecar exited");
-    assert_eq!(status_of(&format!("http://{}/ready", client.admin)).await, Some(200));
+    assert!(c.sidecar.proc.child.try_wait().unwrap().is_none(), "the flooded sidecar exited");
+    assert_eq!(status_of(&format!("http://{}/ready", c.sidecar.admin)).await, Some(200));
     assert_eq!(r.hung, 0, "hung requests: {:?}", &r.failures[..r.failures.len().min(10)]);
     for f in &r.failures {
         assert!(f.starts_with("new-connection"), "a request on an established connection failed: {f}");

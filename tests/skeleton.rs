@@ -295,21 +295,9 @@ async fn a_sidecar_sends_nothing_to_a_control_plane_with_another_identity() {
             });
         }
     });
-    let token = dir.join("victim.token");
-    let secret = cp.token(&id("victim"));
-    std::fs::write(&token, &secret).unwrap();
     let admin = free_addr();
-    let args = [
-        "--control",
-        &impostor.to_string(),
-        "--ca-bundle",
-        cp.root_pem_path().to_str().unwrap(),
-        "--token-file",
-        token.to_str().unwrap(),
-        "--admin",
-        &admin.to_string(),
-    ]
-    .map(String::from);
+    let (args, token) = cp.sidecar_args(impostor, "victim", admin);
+    let secret = std::fs::read_to_string(&token).unwrap();
     let victim = Proc::spawn_proxy("sidecar-victim", &dir, &args);
     // Three attempts (the sidecar retries with backoff): each refused in the handshake.
     for _ in 0..3 {

@@ -65,7 +65,7 @@ pub struct CertManager {
 /// The credential that earns the first certificate.
 #[derive(Clone, Debug)]
 pub enum Bootstrap {
-    /// A standalone join token (single use).
+    /// A standalone join token given as it is (single use; tests and embedders).
     JoinToken(String),
     /// A standalone join token read from its file at every attempt: single use too, but an
     /// operator who writes a new one there (after a partition longer than a certificate's life
@@ -76,17 +76,18 @@ pub enum Bootstrap {
     KubernetesTokenFile(std::path::PathBuf),
 }
 
+/// A token file's content, without surrounding whitespace.
+fn read_token(path: &std::path::Path) -> Result<String, CertError> {
+    Ok(std::fs::read_to_string(path).map_err(CertError::TokenFile)?.trim().to_string())
+}
+
 impl Bootstrap {
     fn credential(&self) -> Result<Credential, CertError> {
         Ok(match self {
             Bootstrap::JoinToken(token) => Credential::JoinToken(token.trim().to_string()),
-            Bootstrap::JoinTokenFile(path) => {
-                Credential::JoinToken(std::fs::read_to_string(path).map_err(CertError::TokenFile)?.trim().to_string())
-            }
+            Bootstrap::JoinTokenFile(path) => Credential::JoinToken(read_token(path)?),
             // Read afresh each time: the kubelet rotates the projected token.
-            Bootstrap::KubernetesTokenFile(path) => Credential::KubernetesToken(
-                std::fs::read_to_string(path).map_err(CertError::TokenFile)?.trim().to_string(),
-            ),
+            Bootstrap::KubernetesTokenFile(path) => Credential::KubernetesToken(read_token(path)?),
         })
     }
 

@@ -392,13 +392,13 @@ where
     let interrupt = async {
         let stop = inbound.drain.signaled();
         tokio::pin!(stop);
-        let lapsed = lapsed(&inbound.certs);
-        tokio::pin!(lapsed);
         loop {
             tokio::select! {
                 _ = &mut stop => return Interrupt::Drain,
-                _ = &mut lapsed => return Interrupt::Lapsed,
                 Ok(()) = revocations.changed() => {
+                    if inbound.certs.current().is_none() {
+                        return Interrupt::Lapsed;
+                    }
                     if let Some(id) = &peer.id && inbound.view.load().trust.is_revoked(id.as_str(), &peer.serial) {
                         return Interrupt::Revoked(id.clone());
                     }
@@ -423,25 +423,10 @@ where
         Either::Right(Interrupt::Lapsed) => {
             // Requests in flight finish; the peer opens a new connection, whose handshake fails
             // (`no_certificate`) until this sidecar renews.
-            inbound.metrics.handshake_failure("inbound", "no_certificate");
-            tracing::warn!(remote = %peer.remote, "own certificate expired without renewal: closing the connection");
+            tracing::debug!(remote = %peer.remote, "own certificate lapsed: closing the connection");
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
-    }
-}
-
-/// Resolves once this sidecar holds no valid certificate (it expired and was not renewed):
-/// sleeps until the expiry of the certificate in service, and again after a renewal.
-async fn lapsed(certs: &crate::tls::CertStore) {
-    loop {
-        if certs.current().is_none() {
-            return;
-        }
-        let expiry = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(certs.not_after()).unwrap_or(0));
-        let left = expiry.duration_since(std::time::SystemTime::now()).unwrap_or_default();
-        // A little past the second it ends: `current` counts whole seconds.
-        tokio::time::sleep(left + Duration::from_millis(5)).await;
     }
 }
 

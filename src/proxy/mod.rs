@@ -382,7 +382,28 @@ async fn obtain_identity(inputs: &ProxyInputs) -> anyhow::Result<SpiffeId> {
     let own_id: SpiffeId = info.spiffe_id.parse()?;
     tracing::info!(spiffe_id = %own_id, serial = %info.serial, "workload identity obtained");
     tokio::spawn(manager.clone().run(inputs.credential.clone()));
+    tokio::spawn(announce_lapse(inputs.dp.certs.clone(), inputs.dp.view.clone()));
     Ok(own_id)
+}
+
+/// Once the certificate in service expires without a renewal, has every open connection judge
+/// itself again: inbound ones close (nothing may be served under a lapsed identity), outbound
+/// pools start afresh (and their handshakes fail until a renewal). One timer for the sidecar,
+/// at each certificate's expiry; while lapsed, a check a second until the next certificate.
+async fn announce_lapse(certs: Arc<CertStore>, view: Arc<SharedView>) {
+    let mut announced = None;
+    loop {
+        let not_after = certs.not_after();
+        if certs.current().is_none() && announced != Some(not_after) {
+            tracing::warn!(not_after, "certificate expired without a renewal: closing connections made under it");
+            view.recheck_connections();
+            announced = Some(not_after);
+        }
+        let expiry = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(not_after).unwrap_or(0));
+        let left = expiry.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::from_secs(1));
+        // A little past the second it ends: `current` counts whole seconds.
+        tokio::time::sleep(left + Duration::from_millis(5)).await;
+    }
 }
 
 /// The discovery stream (whose snapshots the view writer applies) and the telemetry reporter.

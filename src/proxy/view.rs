@@ -98,7 +98,8 @@ impl MeshView {
 /// The one holder of the sidecar's [`MeshView`], read by the data path and by TLS.
 pub struct SharedView {
     view: ArcSwap<MeshView>,
-    /// Bumped whenever revocations change, so open connections can re-judge their peer.
+    /// Bumped whenever open connections must be judged again: the revocation lists changed
+    /// (is their peer revoked?), or this sidecar's own certificate lapsed (may they go on?).
     revocation_epoch: tokio::sync::watch::Sender<u64>,
 }
 
@@ -113,9 +114,15 @@ impl SharedView {
         self.view.load_full()
     }
 
-    /// Notifies on every change of the revocation lists.
+    /// Notifies on every change of the revocation lists, and when this sidecar's certificate
+    /// lapses ([`Self::recheck_connections`]).
     pub fn revocations_changed(&self) -> tokio::sync::watch::Receiver<u64> {
         self.revocation_epoch.subscribe()
+    }
+
+    /// Has every open connection judge itself again (and outbound pools start afresh).
+    pub fn recheck_connections(&self) {
+        self.revocation_epoch.send_modify(|e| *e += 1);
     }
 }
 

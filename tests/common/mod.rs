@@ -223,6 +223,27 @@ impl ControlPlane {
         self.state.join("ca/root.pem")
     }
 
+    /// The arguments a sidecar of `sa` starts with: the control plane at `control` (this one,
+    /// or whatever a test puts in its place), the mesh roots, a new join token in a file (also
+    /// returned), and its admin address.
+    pub fn sidecar_args(&self, control: SocketAddr, sa: &str, admin: SocketAddr) -> (Vec<String>, PathBuf) {
+        let token = self.dir.join(format!("{sa}-{}.token", rand::random::<u32>()));
+        std::fs::write(&token, self.token(&id(sa))).unwrap();
+        let args = [
+            "--control",
+            &control.to_string(),
+            "--ca-bundle",
+            &self.root_pem_path().display().to_string(),
+            "--token-file",
+            &token.display().to_string(),
+            "--admin",
+            &admin.to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        (args, token)
+    }
+
     /// A join token from the CLI, as an operator would make it.
     pub fn token(&self, identity: &str) -> String {
         let out = Command::new(BIN)
@@ -370,19 +391,8 @@ impl Sidecar {
         extra: &[&str],
     ) -> Sidecar {
         let identity = id(sa);
-        let token_file = cp.dir.join(format!("{sa}-{}.token", rand::random::<u32>()));
-        std::fs::write(&token_file, cp.token(&identity)).unwrap();
         let admin = free_addr();
-        let mut args = vec![
-            "--control".to_string(),
-            cp.listen.to_string(),
-            "--ca-bundle".into(),
-            cp.root_pem_path().display().to_string(),
-            "--token-file".into(),
-            token_file.display().to_string(),
-            "--admin".into(),
-            admin.to_string(),
-        ];
+        let (mut args, _) = cp.sidecar_args(cp.listen, sa, admin);
         let inbound = inbound_app.map(|app| {
             let inbound = free_addr();
             args.extend(["--inbound".into(), inbound.to_string(), "--app".into(), app.to_string()]);
