@@ -17,7 +17,8 @@ use super::resource::{self, AuthorizationPolicy};
 
 /// Kinds of the `palisade.io` group that live in the same resources directory and are not
 /// authorization policies; they are skipped here.
-const OTHER_KINDS: &[&str] = &["PeerAuthentication", "RequestAuthentication", "RateLimitPolicy", "WorkloadSecurity"];
+const OTHER_KINDS: &[&str] =
+    &["PeerAuthentication", "RequestAuthentication", "RateLimitPolicy", "WorkloadSecurity", "MeshService"];
 
 /// A line and column (1-based) in a YAML file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

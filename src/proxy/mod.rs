@@ -1,6 +1,7 @@
 //! `palisade proxy`: the sidecar.
 
 pub mod app_probe;
+pub mod balance;
 pub mod body;
 pub mod detect;
 pub mod h1_pool;
@@ -9,6 +10,8 @@ pub mod inbound;
 pub mod limits;
 pub mod original_dst;
 pub mod outbound;
+pub mod service;
+pub mod service_route;
 pub mod tcp;
 pub mod transparent;
 pub mod trust_state;
@@ -80,6 +83,15 @@ pub struct ProxyArgs {
     /// Explicit outbound route `LISTEN=TARGET@SPIFFE_ID` (repeatable).
     #[arg(long = "route", value_name = "LISTEN=TARGET@SPIFFE_ID")]
     pub routes: Vec<Route>,
+    /// Explicit outbound route to a mesh service `LISTEN=NAMESPACE/NAME` (repeatable): each
+    /// request goes to one of the `MeshService`'s endpoints, chosen by latency and load, over
+    /// mTLS that must prove that endpoint's identity.
+    #[arg(long = "service-route", value_name = "LISTEN=NAMESPACE/NAME")]
+    pub service_routes: Vec<service::ServiceRoute>,
+    /// How long the balancer remembers a latency: an observation's weight falls to 1/e after
+    /// this long, so an endpoint that was slow is tried again about this often.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub balancer_decay: Duration,
     /// Trust domain; the control plane must prove `spiffe://<td>/ns/palisade-system/sa/palisade-control`.
     #[arg(long, env = "PALISADE_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
@@ -299,6 +311,7 @@ async fn serve_admin(inputs: &ProxyInputs) -> anyhow::Result<()> {
             "inbound": args.inbound,
             "app": args.app,
             "routes": args.routes,
+            "service_routes": args.service_routes,
             "control": args.control,
             "trust_domain": args.trust_domain,
             "limits": args.limits,
@@ -503,6 +516,18 @@ async fn start_listeners(args: &ProxyArgs, dp: &DataPlane, own_id: &SpiffeId) ->
         });
         tokio::spawn(outbound::serve(listener, out));
         tracing::info!(listen = %route.listen, target = %route.target, identity = %route.identity, "outbound route up");
+    }
+    let decay = balance::Decay { period: args.balancer_decay, ..balance::Decay::default() };
+    for route in &args.service_routes {
+        let listener =
+            TcpListener::bind(route.listen).await.with_context(|| format!("binding service route {}", route.listen))?;
+        let out = service_route::ServiceOutbound::new(route.clone(), dp, decay);
+        on_revocation(dp, {
+            let out = out.clone();
+            move || out.reset_pools()
+        });
+        tokio::spawn(service_route::serve(listener, out));
+        tracing::info!(listen = %route.listen, service = %route.service, "service route up");
     }
     Ok(())
 }

@@ -245,12 +245,60 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
     .await
 }
 
-/// Serves one app connection: HTTP over the pooled HTTP/2 upstream, anything else tunnelled.
-pub async fn connection(out: &Arc<Outbound>, mut tcp: TcpStream, remote: SocketAddr, port: u16) {
-    if out.limits.opaque_ports.contains(&port) {
-        return tunnel(out, tcp, bytes::BytesMut::new(), remote).await;
+/// What an app-facing listener forwards to: one peer sidecar (a route, [`Outbound`]) or a
+/// service balanced across its endpoints (`super::service_route`).
+pub trait Upstream: Send + Sync + 'static {
+    /// What one app connection keeps between its requests (its HTTP/1.1 upstream connections).
+    type Conn: Default + Send + Sync + 'static;
+    fn limits(&self) -> &Limits;
+    fn drain(&self) -> &Arc<Drain>;
+    /// Carries an opaque TCP stream (after `prefix`, the bytes detection read).
+    fn tunnel(
+        self: &Arc<Self>,
+        tcp: TcpStream,
+        prefix: bytes::BytesMut,
+        remote: SocketAddr,
+    ) -> impl std::future::Future<Output = ()> + Send;
+    /// Carries one HTTP request.
+    fn request(
+        self: &Arc<Self>,
+        conn: &Self::Conn,
+        req: Request<Incoming>,
+    ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send;
+}
+
+impl Upstream for Outbound {
+    type Conn = Sticky<MeshConnector>;
+    fn limits(&self) -> &Limits {
+        &self.limits
     }
-    let (protocol, prefix) = match detect(&mut tcp, out.limits.detect_timeout).await {
+    fn drain(&self) -> &Arc<Drain> {
+        &self.drain
+    }
+    fn tunnel(
+        self: &Arc<Self>,
+        tcp: TcpStream,
+        prefix: bytes::BytesMut,
+        remote: SocketAddr,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        tunnel(self, tcp, prefix, remote)
+    }
+    fn request(
+        self: &Arc<Self>,
+        sticky: &Sticky<MeshConnector>,
+        req: Request<Incoming>,
+    ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
+        handle(self, sticky, req)
+    }
+}
+
+/// Serves one app connection: HTTP over the pooled upstream, anything else tunnelled.
+pub async fn connection<U: Upstream>(out: &Arc<U>, mut tcp: TcpStream, remote: SocketAddr, port: u16) {
+    let limits = out.limits();
+    if limits.opaque_ports.contains(&port) {
+        return out.tunnel(tcp, bytes::BytesMut::new(), remote).await;
+    }
+    let (protocol, prefix) = match detect(&mut tcp, limits.detect_timeout).await {
         Ok(found) => found,
         Err(e) => {
             tracing::debug!(%remote, error = %e, "outbound connection failed during detection");
@@ -258,27 +306,27 @@ pub async fn connection(out: &Arc<Outbound>, mut tcp: TcpStream, remote: SocketA
         }
     };
     if protocol == Protocol::Opaque {
-        return tunnel(out, tcp, prefix, remote).await;
+        return out.tunnel(tcp, prefix, remote).await;
     }
     let io = TokioIo::new(Prefixed::new(prefix.freeze(), tcp));
     let svc = {
-        let (out, sticky) = (out.clone(), Arc::new(Sticky::default()));
+        let (out, held) = (out.clone(), Arc::new(U::Conn::default()));
         hyper::service::service_fn(move |req| {
-            let (out, sticky) = (out.clone(), sticky.clone());
-            async move { Ok::<_, std::convert::Infallible>(handle(&out, &sticky, req).await) }
+            let (out, held) = (out.clone(), held.clone());
+            async move { Ok::<_, std::convert::Infallible>(out.request(&held, req).await) }
         })
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(out.limits.header_read_timeout)
-        .max_buf_size(out.limits.max_header_bytes.max(8192))
-        .max_headers(out.limits.max_headers);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers);
     builder.http2().timer(TokioTimer::new());
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
-    let stop = out.drain.signaled();
+    let stop = out.drain().signaled();
     tokio::pin!(stop);
     match heed(conn.as_mut(), stop.as_mut()).await {
         Either::Left(res) => {
@@ -295,7 +343,7 @@ pub async fn connection(out: &Arc<Outbound>, mut tcp: TcpStream, remote: SocketA
 }
 
 /// Carries an opaque TCP stream to the peer sidecar over mTLS (ALPN `palisade-tcp`).
-async fn tunnel(out: &Outbound, mut tcp: TcpStream, prefix: bytes::BytesMut, remote: SocketAddr) {
+pub(super) async fn tunnel(out: &Outbound, mut tcp: TcpStream, prefix: bytes::BytesMut, remote: SocketAddr) {
     let started = Instant::now();
     let connector = MeshConnector::new(out.route.target.clone(), out.tcp_tls.clone(), out.limits.connect_timeout);
     let mut upstream = match connector.connect().await {
@@ -322,7 +370,11 @@ async fn tunnel(out: &Outbound, mut tcp: TcpStream, prefix: bytes::BytesMut, rem
     }
 }
 
-async fn handle(out: &Outbound, sticky: &Sticky<MeshConnector>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+pub(super) async fn handle(
+    out: &Outbound,
+    sticky: &Sticky<MeshConnector>,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let started = Instant::now();
     let request_id = ensure_request_id(req.headers_mut());
     // Only sidecars set `x-palisade-*` headers; the app's own never travel.

@@ -28,6 +28,8 @@ use crate::policy::{DefaultPolicy, Policy, PolicySet, Workload};
 use crate::proto::discovery::{Revocation, Snapshot, peer_authentication::Mode, revocation::Target};
 use crate::tls::{BundleError, BundleState, TrustSource};
 
+use super::service::Services;
+
 /// Whether plaintext is accepted on a port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum PeerAuthMode {
@@ -46,6 +48,8 @@ pub struct MeshView {
     pub port_peer_auth: HashMap<u16, PeerAuthMode>,
     /// Meshed destinations: address → the identity that must answer there.
     pub endpoints: HashMap<SocketAddr, SpiffeId>,
+    /// Mesh services (`namespace/name`) with their endpoints, resolved from the table.
+    pub services: Arc<Services>,
     pub default_policy: DefaultPolicy,
     pub egress_allowed: bool,
     /// The compiled policies for this workload.
@@ -73,6 +77,7 @@ impl MeshView {
             peer_auth: PeerAuthMode::Strict,
             port_peer_auth: HashMap::new(),
             endpoints: HashMap::new(),
+            services: Arc::default(),
             default_policy: DefaultPolicy::Deny,
             egress_allowed: false,
             policies: Arc::new(PolicySet::fail_closed()),
@@ -209,6 +214,7 @@ impl ViewWriter {
 
         let (peer_auth, port_peer_auth) = peer_authentication(snap, &cur, &mut nack);
         let endpoints = endpoints(snap, &mut nack);
+        let services = services(snap, &cur.services, &mut nack);
         let mesh = snap.mesh.clone().unwrap_or_default();
         let default_policy = match mesh.default_policy.as_str() {
             "" => DefaultPolicy::Deny,
@@ -235,6 +241,7 @@ impl ViewWriter {
             peer_auth,
             port_peer_auth,
             endpoints,
+            services,
             default_policy,
             egress_allowed: mesh.egress != "deny",
             policies,
@@ -262,6 +269,7 @@ impl ViewWriter {
             peer_auth: cur.peer_auth,
             port_peer_auth: cur.port_peer_auth.clone(),
             endpoints: cur.endpoints.clone(),
+            services: cur.services.clone(),
             default_policy: cur.default_policy,
             egress_allowed: cur.egress_allowed,
             policies: cur.policies.clone(),
@@ -323,6 +331,32 @@ fn endpoints(snap: &Snapshot, nack: &mut Vec<NackReason>) -> HashMap<SocketAddr,
         }
     }
     endpoints
+}
+
+/// The snapshot's mesh services resolved against its endpoint table. A service whose endpoints
+/// did not change keeps its list (the same allocation, which tells a service route nothing
+/// changed); one whose spec does not decode is reported and keeps its previous endpoints.
+fn services(snap: &Snapshot, cur: &Services, nack: &mut Vec<NackReason>) -> Arc<Services> {
+    let (mut services, errors) = super::service::resolve(&snap.policies, &snap.endpoints);
+    for (name, message) in errors {
+        if let Some(kept) = cur.get(&name) {
+            services.insert(name.clone(), kept.clone());
+        }
+        let (namespace, name) = name.split_once('/').unwrap_or(("", &name));
+        nack.push(NackReason::Guard {
+            kind: super::service::KIND.into(),
+            origin: String::new(),
+            namespace: namespace.into(),
+            name: name.into(),
+            message,
+        });
+    }
+    for (name, endpoints) in services.iter_mut() {
+        if let Some(kept) = cur.get(name).filter(|kept| kept[..] == endpoints[..]) {
+            *endpoints = kept.clone();
+        }
+    }
+    Arc::new(services)
 }
 
 /// Decodes (once) and compiles every `AuthorizationPolicy` of the snapshot: all or none, so the

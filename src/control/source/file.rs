@@ -182,6 +182,7 @@ fn judge_document(file: &str, index: usize, text: &str, value: &Value) -> Result
         "PeerAuthentication" => typed_spec::<PeerAuthenticationSpec>(text, index),
         "RequestAuthentication" => typed_spec::<RequestAuthenticationSpec>(text, index),
         "RateLimitPolicy" => typed_spec::<RateLimitPolicySpec>(text, index),
+        "MeshService" => typed_spec::<crate::proxy::service::MeshServiceSpec>(text, index),
         _ => typed_spec::<WorkloadSecuritySpec>(text, index),
     };
     let (labels, spec) = typed.map_err(|(position, message)| (Some(key.clone()), position, message))?;

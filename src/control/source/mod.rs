@@ -26,10 +26,17 @@ use crate::guard::security::WorkloadSecuritySpec;
 use crate::k8s::crd::PeerAuthenticationSpec;
 use crate::policy::resource::{AuthorizationPolicy, AuthorizationPolicySpec, WorkloadSelector};
 use crate::proto::discovery::Endpoint;
+use crate::proxy::service::MeshServiceSpec;
 
 /// The kinds the mesh understands.
-pub const KINDS: &[&str] =
-    &["AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication", "RateLimitPolicy", "WorkloadSecurity"];
+pub const KINDS: &[&str] = &[
+    "AuthorizationPolicy",
+    "PeerAuthentication",
+    "RequestAuthentication",
+    "RateLimitPolicy",
+    "WorkloadSecurity",
+    "MeshService",
+];
 
 /// Kinds validated and pushed to sidecars that do not enforce them yet. Said in logs and
 /// Kubernetes status, so nobody mistakes one for a protection. Every kind is enforced today.
@@ -43,6 +50,8 @@ pub enum Spec {
     RequestAuthentication(RequestAuthenticationSpec),
     RateLimitPolicy(RateLimitPolicySpec),
     WorkloadSecurity(WorkloadSecuritySpec),
+    /// Not selected by workload: every sidecar is sent every service (it may call any).
+    MeshService(MeshServiceSpec),
 }
 
 impl Spec {
@@ -54,6 +63,7 @@ impl Spec {
             Spec::RequestAuthentication(_) => "RequestAuthentication",
             Spec::RateLimitPolicy(_) => "RateLimitPolicy",
             Spec::WorkloadSecurity(_) => "WorkloadSecurity",
+            Spec::MeshService(_) => "MeshService",
         }
     }
 
@@ -64,6 +74,7 @@ impl Spec {
             Spec::RequestAuthentication(s) => s.selector.as_ref(),
             Spec::RateLimitPolicy(s) => s.selector.as_ref(),
             Spec::WorkloadSecurity(s) => s.selector.as_ref(),
+            Spec::MeshService(_) => None,
         }
     }
 
@@ -75,6 +86,7 @@ impl Spec {
             Spec::RequestAuthentication(s) => serde_json::to_string(s),
             Spec::RateLimitPolicy(s) => serde_json::to_string(s),
             Spec::WorkloadSecurity(s) => serde_json::to_string(s),
+            Spec::MeshService(s) => serde_json::to_string(s),
         };
         json.expect("typed specs always serialize")
     }
@@ -103,8 +115,12 @@ impl Resource {
         self.spec.selector().map(|s| &s.match_labels)
     }
 
-    /// Whether this resource applies to a workload in `namespace` with `labels`.
+    /// Whether this resource applies to a workload in `namespace` with `labels` (a mesh
+    /// service applies to every workload: any may call it).
     pub fn selects(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+        if matches!(self.spec, Spec::MeshService(_)) {
+            return true;
+        }
         self.namespace == namespace
             && self.match_labels().is_none_or(|want| want.iter().all(|(k, v)| labels.get(k) == Some(v)))
     }
@@ -206,6 +222,11 @@ pub fn validate(
             crate::guard::security::SecurityGuard::compile(vec![spec.clone()])?;
             Spec::WorkloadSecurity(spec)
         }
+        "MeshService" => {
+            let spec: MeshServiceSpec = serde_json::from_value(spec).map_err(|e| decode("spec", e))?;
+            spec.check()?;
+            Spec::MeshService(spec)
+        }
         other => return Err(format!("kind {other:?} is not one of {KINDS:?}").into()),
     };
     Ok(Resource { namespace: namespace.to_string(), name: name.to_string(), labels, spec, origin })
@@ -305,6 +326,12 @@ mod tests {
         let port = serde_json::json!({"portLevelMtls": {"http": {"mode": "PERMISSIVE"}}});
         assert!(check("PeerAuthentication", port).unwrap_err().message.contains("port"));
         assert!(check("Pod", serde_json::json!({})).is_err());
+        let nobody = serde_json::json!({"identities": []});
+        assert!(check("MeshService", nobody).unwrap_err().message.contains("at least one identity"));
+        let not_an_id = serde_json::json!({"identities": ["orders"]});
+        assert!(check("MeshService", not_an_id).unwrap_err().message.contains("identities[0]"));
+        let service = check("MeshService", serde_json::json!({"identities": ["spiffe://cluster.local/ns/shop/sa/a"]}));
+        assert!(service.unwrap().selects("other-namespace", &BTreeMap::new()), "every sidecar may call a service");
     }
 
     #[test]

@@ -1,0 +1,201 @@
+//! A service route: a local plaintext listener whose requests are balanced, one by one, across
+//! the endpoints of a `MeshService` (`--service-route LISTEN=NAMESPACE/NAME`).
+//!
+//! Every endpoint has its own pooled mTLS connections, pinned to that endpoint's identity (an
+//! [`Outbound`] of its own, as a route to it alone would have), and its own load for the
+//! balancer. HTTP/2 and HTTP/1.1 requests are balanced per request, opaque TCP per connection.
+//! When the service's endpoints change, requests in flight finish on the connections they
+//! started on; a new endpoint gets its first request at the next pick, and a departed one's
+//! pools close once the last request holding them ends.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::DataPlane;
+use super::balance::{self, Decay, Load};
+use super::h1_pool::Sticky;
+use super::http::{ProxyBody, ensure_request_id, error_response};
+use super::limits::{Drain, Limits};
+use super::outbound::{MeshConnector, Outbound, Route, Upstream};
+use super::service::{ServiceEndpoint, ServiceRoute};
+
+/// One endpoint of the service: its connections and its load.
+struct Member {
+    endpoint: ServiceEndpoint,
+    out: Arc<Outbound>,
+    load: Arc<Load>,
+}
+
+/// The members for one version of the service's endpoint list.
+struct Members {
+    /// The view's list these were made for (compared by pointer: a new view makes a new list
+    /// only when the service changed).
+    of: Option<Arc<[ServiceEndpoint]>>,
+    list: Vec<Arc<Member>>,
+}
+
+/// State of one service route's listener.
+pub struct ServiceOutbound {
+    pub route: ServiceRoute,
+    dp: DataPlane,
+    decay: Decay,
+    current: ArcSwap<Members>,
+    /// Serialises rebuilding `current`; members are kept by endpoint across rebuilds.
+    rebuild: Mutex<()>,
+}
+
+impl ServiceOutbound {
+    pub fn new(route: ServiceRoute, dp: &DataPlane, decay: Decay) -> Arc<Self> {
+        Arc::new(ServiceOutbound {
+            route,
+            dp: dp.clone(),
+            decay,
+            current: ArcSwap::from_pointee(Members { of: None, list: Vec::new() }),
+            rebuild: Mutex::new(()),
+        })
+    }
+
+    /// The service's endpoints as the view has them now, each with its connections and load.
+    fn members(&self) -> Arc<Members> {
+        let view = self.dp.view.load();
+        let now = view.services.get(&self.route.service);
+        let current = self.current.load_full();
+        if same(now, current.of.as_ref()) {
+            return current;
+        }
+        let _one = self.rebuild.lock();
+        let current = self.current.load_full();
+        if same(now, current.of.as_ref()) {
+            return current;
+        }
+        let kept: HashMap<&ServiceEndpoint, &Arc<Member>> = current.list.iter().map(|m| (&m.endpoint, m)).collect();
+        let list = now
+            .map(|eps| {
+                eps.iter()
+                    .map(|e| match kept.get(e) {
+                        Some(m) => Arc::clone(m),
+                        None => Arc::new(Member {
+                            endpoint: e.clone(),
+                            out: Arc::new(Outbound::new(
+                                Route {
+                                    listen: self.route.listen,
+                                    target: e.address.to_string(),
+                                    identity: e.identity.clone(),
+                                },
+                                &self.dp,
+                            )),
+                            load: Load::new(self.decay),
+                        }),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        tracing::info!(service = %self.route.service, endpoints = now.map_or(0, |e| e.len()), "service endpoints changed");
+        let next = Arc::new(Members { of: now.cloned(), list });
+        self.current.store(next.clone());
+        next
+    }
+
+    /// The endpoint for the next request or connection.
+    fn pick(&self) -> Option<Arc<Member>> {
+        let members = self.members();
+        let now = std::time::Instant::now();
+        let i = balance::pick(members.list.len(), |i| members.list[i].load.cost(now, self.decay))?;
+        Some(members.list[i].clone())
+    }
+
+    /// Drops every endpoint's pooled connections (revocations changed).
+    pub fn reset_pools(&self) {
+        for m in &self.current.load().list {
+            m.out.reset_pool();
+        }
+    }
+
+    fn unavailable(&self, req: &mut Request<Incoming>) -> Response<ProxyBody> {
+        let request_id = ensure_request_id(req.headers_mut());
+        let reason = format!("service {} has no endpoints", self.route.service);
+        tracing::warn!(%request_id, %reason, "outbound request refused");
+        error_response(StatusCode::SERVICE_UNAVAILABLE, &reason, &request_id)
+    }
+}
+
+fn same(a: Option<&Arc<[ServiceEndpoint]>>, b: Option<&Arc<[ServiceEndpoint]>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// The HTTP/1.1 connection an app connection used last at one endpoint.
+type HeldAt = (Arc<Member>, Arc<Sticky<MeshConnector>>);
+
+/// What one app connection holds: per endpoint, the HTTP/1.1 connection it used last.
+#[derive(Default)]
+pub struct Held(Mutex<Vec<HeldAt>>);
+
+impl Held {
+    fn sticky(&self, member: &Arc<Member>) -> Arc<Sticky<MeshConnector>> {
+        let mut held = self.0.lock();
+        if let Some((_, s)) = held.iter().find(|(m, _)| Arc::ptr_eq(m, member)) {
+            return s.clone();
+        }
+        let s = Arc::new(Sticky::default());
+        held.push((member.clone(), s.clone()));
+        s
+    }
+}
+
+impl Upstream for ServiceOutbound {
+    type Conn = Held;
+
+    fn limits(&self) -> &Limits {
+        &self.dp.limits
+    }
+
+    fn drain(&self) -> &Arc<Drain> {
+        &self.dp.drain
+    }
+
+    async fn tunnel(self: &Arc<Self>, tcp: TcpStream, prefix: bytes::BytesMut, remote: SocketAddr) {
+        let Some(member) = self.pick() else {
+            tracing::warn!(%remote, service = %self.route.service, "opaque TCP: the service has no endpoints");
+            return;
+        };
+        let inflight = member.load.start();
+        super::outbound::tunnel(&member.out, tcp, prefix, remote).await;
+        drop(inflight);
+    }
+
+    async fn request(self: &Arc<Self>, held: &Held, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let Some(member) = self.pick() else {
+            return self.unavailable(&mut req);
+        };
+        let sticky = held.sticky(&member);
+        let inflight = member.load.start();
+        let resp = super::outbound::handle(&member.out, &sticky, req).await;
+        let failed = matches!(
+            resp.status(),
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+        );
+        inflight.finish(failed, self.decay);
+        resp
+    }
+}
+
+/// Serves the service route's plaintext listener until draining starts.
+pub async fn serve(listener: TcpListener, out: Arc<ServiceOutbound>) {
+    let (drain, metrics) = (out.dp.drain.clone(), out.dp.metrics.clone());
+    super::limits::accept_loop(listener, drain, metrics, "outbound", move |tcp, remote| {
+        let out = out.clone();
+        async move { super::outbound::connection(&out, tcp, remote, out.route.listen.port()).await }
+    })
+    .await
+}

@@ -1,0 +1,208 @@
+//! Mesh services: one name, several endpoints under different identities, balanced per request
+//! by latency and load (real control plane, real sidecars, real mTLS, HTTP/2 over one client
+//! connection as gRPC uses it).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+const SERVICE: &str = "\
+apiVersion: palisade.io/v1alpha1
+kind: MeshService
+metadata: {name: echo, namespace: test}
+spec:
+  identities:
+    - spiffe://cluster.local/ns/test/sa/echo-a
+    - spiffe://cluster.local/ns/test/sa/echo-b
+  selector: {matchLabels: {app: echo}}
+";
+
+/// An app that answers every request (HTTP/1.1 or HTTP/2 cleartext) with its name, after
+/// `delay_ms`.
+struct NamedApp {
+    addr: SocketAddr,
+    delay_ms: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NamedApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl NamedApp {
+    async fn start(name: &'static str) -> NamedApp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let delay = delay_ms.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let delay = delay.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                        let ms = delay.load(Ordering::SeqCst);
+                        async move {
+                            if ms > 0 {
+                                // The app's own latency: what the balancer must notice.
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                            }
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(name))))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        NamedApp { addr, delay_ms, task }
+    }
+}
+
+/// `total` requests over the one HTTP/2 connection of `client`, `concurrency` at a time; the
+/// answers counted by app name. Every request must succeed.
+async fn spread(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    total: usize,
+    concurrency: usize,
+) -> BTreeMap<String, usize> {
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, url) = (client.clone(), url.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..total / concurrency {
+                let resp = client.get(url.parse().unwrap()).await.expect("request through the service route");
+                assert_eq!(resp.status(), 200);
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                seen.push(String::from_utf8(body.to_vec()).unwrap());
+            }
+            seen
+        }));
+    }
+    let mut counts = BTreeMap::new();
+    for t in tasks {
+        for name in t.await.unwrap() {
+            *counts.entry(name).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+fn share(counts: &BTreeMap<String, usize>, name: &str) -> f64 {
+    let total: usize = counts.values().sum();
+    *counts.get(name).unwrap_or(&0) as f64 / total as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_spread_over_every_endpoint_and_avoid_a_slow_one_until_it_recovers() {
+    let dir = tempdir("services");
+    let resources = dir.join("resources");
+    std::fs::create_dir_all(&resources).unwrap();
+    std::fs::write(resources.join("echo.yaml"), SERVICE).unwrap();
+    let cp = ControlPlane::start(&dir, &["--resources", &resources.display().to_string()]).await;
+
+    let apps = [NamedApp::start("a1").await, NamedApp::start("a2").await, NamedApp::start("b").await];
+    let label = ["--label", "app=echo"];
+    // Two endpoints run as echo-a, one as echo-b: each must be verified as itself.
+    let backends = [
+        Sidecar::spawn(&cp, "echo-a", Some(apps[0].addr), &[], &label),
+        Sidecar::spawn(&cp, "echo-a", Some(apps[1].addr), &[], &label),
+        Sidecar::spawn(&cp, "echo-b", Some(apps[2].addr), &[], &label),
+    ];
+    // Not allowed to serve `echo`, whatever label it claims.
+    let thief_app = NamedApp::start("thief").await;
+    let thief = Sidecar::spawn(&cp, "thief", Some(thief_app.addr), &[], &label);
+    let (listen, nowhere) = (free_addr(), free_addr());
+    let (route, no_such) = (format!("{listen}=test/echo"), format!("{nowhere}=test/no-such-service"));
+    let caller = Sidecar::spawn(
+        &cp,
+        "caller",
+        None,
+        &[],
+        &["--service-route", &route, "--service-route", &no_such, "--balancer-decay", "1s"],
+    );
+    for s in backends.iter().chain([&thief, &caller]) {
+        s.wait_ready().await;
+    }
+    let expected: BTreeMap<String, String> =
+        backends.iter().map(|b| (b.inbound.unwrap().to_string(), b.identity.clone())).collect();
+    wait_for("the service's three endpoints at the caller", Duration::from_secs(10), || async {
+        let dump = caller.config_dump().await;
+        let got: BTreeMap<String, String> = dump["mesh"]["services"]["test/echo"]
+            .as_array()
+            .map(|eps| {
+                eps.iter()
+                    .map(|e| (e["address"].as_str().unwrap().to_string(), e["identity"].as_str().unwrap().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        got == expected
+    })
+    .await;
+
+    // One HTTP/2 connection (gRPC's shape): requests still reach every endpoint.
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).http2_only(true).build(HttpConnector::new());
+    let url = format!("http://{listen}/echo.Echo/Say");
+    let counts = spread(&client, &url, 300, 4).await;
+    println!("all healthy: {counts:?}");
+    assert!(!counts.contains_key("thief"), "an identity the service does not name never serves it: {counts:?}");
+    for name in ["a1", "a2", "b"] {
+        assert!(share(&counts, name) >= 0.10, "{name} got {:.1} % of {counts:?}", share(&counts, name) * 100.0);
+    }
+    let metrics = caller.metrics().await;
+    for sa in ["echo-a", "echo-b"] {
+        assert!(metric(&metrics, "palisade_requests_total", &format!("sa/{sa}\"")) > 0.0, "{sa}: {metrics}");
+    }
+
+    // HTTP/1.1 callers are balanced per request too, over keep-alive connections per endpoint.
+    let (mut h1, keep_alive) = (BTreeMap::new(), http_client());
+    for _ in 0..60 {
+        let (status, _, body) = get(&keep_alive, &url, &[]).await.expect("HTTP/1.1 through the service route");
+        assert_eq!(status, 200);
+        *h1.entry(body).or_insert(0) += 1;
+    }
+    assert!(h1.len() >= 2 && !h1.contains_key("thief"), "HTTP/1.1: {h1:?}");
+
+    // A service with no endpoints is refused with the reason, not hung.
+    let (status, _, body) = get(&http_client(), &format!("http://{nowhere}/"), &[]).await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("test/no-such-service has no endpoints"), "{body}");
+
+    // One endpoint turns slow: within a few requests its share falls under 10 %, and stays
+    // there while it is slow (it is tried again now and then, and found slow again).
+    apps[2].delay_ms.store(200, Ordering::SeqCst);
+    for round in 0..3 {
+        let counts = spread(&client, &url, 200, 4).await;
+        println!("b slow, round {round}: {counts:?}");
+        assert!(share(&counts, "b") < 0.10, "the slow endpoint kept {:.1} %: {counts:?}", share(&counts, "b") * 100.0);
+    }
+
+    // It recovers: its estimate decays (1 s here), it is tried again, and takes its share back.
+    apps[2].delay_ms.store(0, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts = spread(&client, &url, 100, 4).await;
+        if share(&counts, "b") >= 0.15 {
+            println!("b recovered: {counts:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "b never took its share back: {counts:?}");
+    }
+}
