@@ -109,56 +109,83 @@ fn share(counts: &BTreeMap<String, usize>, name: &str) -> f64 {
     *counts.get(name).unwrap_or(&0) as f64 / total as f64
 }
 
+/// A control plane with the `test/echo` service, three endpoints behind it (two running as
+/// echo-a, one as echo-b: each must be verified as itself), a workload that claims the service's
+/// label under another identity, and a caller whose service routes are `listen` (to echo) and
+/// `nowhere` (to a service that does not exist).
+struct Mesh {
+    cp: ControlPlane,
+    apps: [NamedApp; 3],
+    backends: [Sidecar; 3],
+    _thief: (NamedApp, Sidecar),
+    caller: Sidecar,
+    listen: SocketAddr,
+    nowhere: SocketAddr,
+}
+
+impl Mesh {
+    async fn start(tag: &str, decay: &str) -> Mesh {
+        let dir = tempdir(tag);
+        let resources = dir.join("resources");
+        std::fs::create_dir_all(&resources).unwrap();
+        std::fs::write(resources.join("echo.yaml"), SERVICE).unwrap();
+        let cp = ControlPlane::start(&dir, &["--resources", &resources.display().to_string()]).await;
+
+        let apps = [NamedApp::start("a1").await, NamedApp::start("a2").await, NamedApp::start("b").await];
+        let label = ["--label", "app=echo"];
+        let backends = [
+            Sidecar::spawn(&cp, "echo-a", Some(apps[0].addr), &[], &label),
+            Sidecar::spawn(&cp, "echo-a", Some(apps[1].addr), &[], &label),
+            Sidecar::spawn(&cp, "echo-b", Some(apps[2].addr), &[], &label),
+        ];
+        // Not allowed to serve `echo`, whatever label it claims.
+        let thief_app = NamedApp::start("thief").await;
+        let thief = Sidecar::spawn(&cp, "thief", Some(thief_app.addr), &[], &label);
+        let (listen, nowhere) = (free_addr(), free_addr());
+        let (route, no_such) = (format!("{listen}=test/echo"), format!("{nowhere}=test/no-such-service"));
+        let caller = Sidecar::spawn(
+            &cp,
+            "caller",
+            None,
+            &[],
+            &["--service-route", &route, "--service-route", &no_such, "--balancer-decay", decay],
+        );
+        for s in backends.iter().chain([&thief, &caller]) {
+            s.wait_ready().await;
+        }
+        let expected: BTreeMap<String, String> =
+            backends.iter().map(|b| (b.inbound.unwrap().to_string(), b.identity.clone())).collect();
+        wait_for("the service's three endpoints at the caller", Duration::from_secs(10), || async {
+            let dump = caller.config_dump().await;
+            let got: BTreeMap<String, String> = dump["mesh"]["services"]["test/echo"]
+                .as_array()
+                .map(|eps| {
+                    eps.iter()
+                        .map(|e| {
+                            (e["address"].as_str().unwrap().to_string(), e["identity"].as_str().unwrap().to_string())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            got == expected
+        })
+        .await;
+        Mesh { cp, apps, backends, _thief: (thief_app, thief), caller, listen, nowhere }
+    }
+}
+
+/// An HTTP/2 client: every request over one connection, as gRPC uses it.
+fn h2_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).http2_only(true).build(HttpConnector::new())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_spread_over_every_endpoint_and_avoid_a_slow_one_until_it_recovers() {
-    let dir = tempdir("services");
-    let resources = dir.join("resources");
-    std::fs::create_dir_all(&resources).unwrap();
-    std::fs::write(resources.join("echo.yaml"), SERVICE).unwrap();
-    let cp = ControlPlane::start(&dir, &["--resources", &resources.display().to_string()]).await;
-
-    let apps = [NamedApp::start("a1").await, NamedApp::start("a2").await, NamedApp::start("b").await];
-    let label = ["--label", "app=echo"];
-    // Two endpoints run as echo-a, one as echo-b: each must be verified as itself.
-    let backends = [
-        Sidecar::spawn(&cp, "echo-a", Some(apps[0].addr), &[], &label),
-        Sidecar::spawn(&cp, "echo-a", Some(apps[1].addr), &[], &label),
-        Sidecar::spawn(&cp, "echo-b", Some(apps[2].addr), &[], &label),
-    ];
-    // Not allowed to serve `echo`, whatever label it claims.
-    let thief_app = NamedApp::start("thief").await;
-    let thief = Sidecar::spawn(&cp, "thief", Some(thief_app.addr), &[], &label);
-    let (listen, nowhere) = (free_addr(), free_addr());
-    let (route, no_such) = (format!("{listen}=test/echo"), format!("{nowhere}=test/no-such-service"));
-    let caller = Sidecar::spawn(
-        &cp,
-        "caller",
-        None,
-        &[],
-        &["--service-route", &route, "--service-route", &no_such, "--balancer-decay", "1s"],
-    );
-    for s in backends.iter().chain([&thief, &caller]) {
-        s.wait_ready().await;
-    }
-    let expected: BTreeMap<String, String> =
-        backends.iter().map(|b| (b.inbound.unwrap().to_string(), b.identity.clone())).collect();
-    wait_for("the service's three endpoints at the caller", Duration::from_secs(10), || async {
-        let dump = caller.config_dump().await;
-        let got: BTreeMap<String, String> = dump["mesh"]["services"]["test/echo"]
-            .as_array()
-            .map(|eps| {
-                eps.iter()
-                    .map(|e| (e["address"].as_str().unwrap().to_string(), e["identity"].as_str().unwrap().to_string()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        got == expected
-    })
-    .await;
+    let mesh = Mesh::start("services", "1s").await;
+    let (caller, apps, listen, nowhere) = (&mesh.caller, &mesh.apps, mesh.listen, mesh.nowhere);
 
     // One HTTP/2 connection (gRPC's shape): requests still reach every endpoint.
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).http2_only(true).build(HttpConnector::new());
+    let client = h2_client();
     let url = format!("http://{listen}/echo.Echo/Say");
     let counts = spread(&client, &url, 300, 4).await;
     println!("all healthy: {counts:?}");
@@ -205,4 +232,59 @@ async fn requests_spread_over_every_endpoint_and_avoid_a_slow_one_until_it_recov
         }
         assert!(std::time::Instant::now() < deadline, "b never took its share back: {counts:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_killed_under_load_costs_no_request_and_is_ejected() {
+    // A short decay, so the dead endpoint's penalty wears off and it is tried (and fails) often
+    // enough to be ejected within the test.
+    let mut mesh = Mesh::start("services-kill", "200ms").await;
+    let url = format!("http://{}/echo.Echo/Say", mesh.listen);
+    let client = h2_client();
+    let warm = spread(&client, &url, 60, 4).await;
+    assert_eq!(warm.len(), 3, "{warm:?}");
+
+    // Constant load from four callers while one endpoint's sidecar is killed with SIGKILL (its
+    // registration stays in the table for the control plane's grace period: the caller must
+    // cope with an endpoint that is listed but gone).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(parking_lot::Mutex::new(Vec::new())));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (client, url, stop, ok, failed) = (client.clone(), url.clone(), stop.clone(), ok.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                match client.get(url.parse().unwrap()).await {
+                    Ok(resp) if resp.status() == 200 => {
+                        let _ = resp.into_body().collect().await;
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(resp) => failed.lock().push(format!("status {}", resp.status())),
+                    Err(e) => failed.lock().push(e.to_string()),
+                }
+            }
+        }));
+    }
+    wait_for("load running", Duration::from_secs(5), || async { ok.load(Ordering::SeqCst) > 100 }).await;
+    mesh.backends[2].proc.kill9();
+    let caller = &mesh.caller;
+    wait_for("the dead endpoint ejected", Duration::from_secs(20), || async {
+        metric(&caller.metrics().await, "palisade_balancer_events_total", "event=\"ejected\"") >= 1.0
+    })
+    .await;
+    let at_ejection = ok.load(Ordering::SeqCst);
+    wait_for("more load after the ejection", Duration::from_secs(10), || async {
+        ok.load(Ordering::SeqCst) > at_ejection + 200
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        t.await.unwrap();
+    }
+    let metrics = caller.metrics().await;
+    let retried = metric(&metrics, "palisade_balancer_events_total", "event=\"retried\"");
+    println!("ok {} failed {:?} retried {retried}", ok.load(Ordering::SeqCst), failed.lock());
+    assert!(failed.lock().is_empty(), "requests failed: {:?}", failed.lock());
+    assert!(retried >= 1.0, "the dead endpoint's requests were retried elsewhere: {metrics}");
+    drop(mesh.cp);
 }

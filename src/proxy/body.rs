@@ -43,7 +43,8 @@ pub struct BodyTooSlow {
 
 /// A caller's request body on its way upstream.
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None`: no body (a bodiless request sent again, on a retry).
+    inner: Option<Incoming>,
     pacer: Option<Box<Pacer>>,
     /// Bytes still allowed, when the workload limits bodies.
     allowance: Option<(u64, u64)>,
@@ -83,12 +84,17 @@ impl RequestBody {
                 deadline: Box::pin(tokio::time::sleep_until(started + pace.grace)),
             })
         });
-        RequestBody { inner, pacer, allowance: None }
+        RequestBody { inner: Some(inner), pacer, allowance: None }
     }
 
     /// `inner` as it is, with no pace (tests, and bodies already bounded elsewhere).
     pub fn unpaced(inner: Incoming) -> Self {
-        RequestBody { inner, pacer: None, allowance: None }
+        RequestBody { inner: Some(inner), pacer: None, allowance: None }
+    }
+
+    /// No body at all: a bodiless request sent again.
+    pub fn empty() -> Self {
+        RequestBody { inner: None, pacer: None, allowance: None }
     }
 }
 
@@ -98,7 +104,8 @@ impl Body for RequestBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some((limit, left)), Some(data)) = (this.allowance.as_mut(), frame.data_ref()) {
                     match left.checked_sub(data.len() as u64) {
@@ -130,11 +137,11 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
 

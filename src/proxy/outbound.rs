@@ -393,6 +393,32 @@ pub(super) async fn handle(
         out.requests.record(resp.status(), started);
         return resp;
     }
+    let req = req.map(|b| RequestBody::paced(b, out.limits.body_pace()));
+    send(out, sticky, req, scan, request_id, started).await
+}
+
+/// A bodiless request sent again (a retry, on another endpoint): what [`handle`] does, but
+/// never an upgrade (the caller retries no upgrade).
+pub(super) async fn handle_again(
+    out: &Outbound,
+    sticky: &Sticky<MeshConnector>,
+    mut req: Request<RequestBody>,
+) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let request_id = ensure_request_id(req.headers_mut());
+    let (scan, _) = sanitize_request(&mut req, &[]);
+    send(out, sticky, req, scan, request_id, started).await
+}
+
+/// Sends a sanitized request over the route's pools and records it.
+async fn send(
+    out: &Outbound,
+    sticky: &Sticky<MeshConnector>,
+    mut req: Request<RequestBody>,
+    scan: super::http::HeaderScan,
+    request_id: super::http::RequestId,
+    started: Instant,
+) -> Response<ProxyBody> {
     strip_scanned(req.headers_mut(), scan);
     let h2 = req.version() == http::Version::HTTP_2;
     let prepared = if h2 { to_h2(out, &mut req) } else { to_h1(out, &mut req) };
@@ -405,7 +431,6 @@ pub(super) async fn handle(
         .access("outbound")
         .map(|r| r.peer(out.requests.peer_label().clone()).request(req.method(), req.uri().path(), &request_id));
     let pools = out.pools.load_full();
-    let req = req.map(|b| RequestBody::paced(b, out.limits.body_pace()));
     let sent = if h2 {
         pools.h2.request(req).await.map_err(BoxError::from)
     } else {
@@ -441,7 +466,7 @@ pub(super) async fn handle(
 
 /// Readies a request for the HTTP/2 pool: the authority moves from `Host` into the URI (HTTP/2
 /// carries it in `:authority`), and the app's protocol goes along in [`ORIG_PROTO`].
-fn to_h2(out: &Outbound, req: &mut Request<Incoming>) -> Result<(), &'static str> {
+fn to_h2<B>(out: &Outbound, req: &mut Request<B>) -> Result<(), &'static str> {
     req.headers_mut().insert(ORIG_PROTO.clone(), HeaderValue::from_static("HTTP/2"));
     let authority = req
         .headers()
@@ -459,7 +484,7 @@ fn to_h2(out: &Outbound, req: &mut Request<Incoming>) -> Result<(), &'static str
 
 /// Readies a request for the HTTP/1.1 connection: `Host` stays the app's (else an absolute-form
 /// target's authority, else the peer's address) and the target goes in origin form.
-fn to_h1(out: &Outbound, req: &mut Request<Incoming>) -> Result<(), &'static str> {
+fn to_h1<B>(out: &Outbound, req: &mut Request<B>) -> Result<(), &'static str> {
     if !req.headers().contains_key(header::HOST) {
         let host = match req.uri().authority() {
             Some(a) => HeaderValue::from_str(a.as_str()).map_err(|_| "invalid request target")?,

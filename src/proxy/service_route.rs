@@ -7,6 +7,10 @@
 //! When the service's endpoints change, requests in flight finish on the connections they
 //! started on; a new endpoint gets its first request at the next pick, and a departed one's
 //! pools close once the last request holding them ends.
+//!
+//! A request that failed (502, 503 or 504: the endpoint could not be reached or answered so) is
+//! sent once more to another endpoint when that cannot do harm twice: an idempotent method
+//! (GET, HEAD, OPTIONS), no body, no upgrade; and when the route's retry budget allows it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,7 +23,8 @@ use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::DataPlane;
-use super::balance::{self, Decay, Load};
+use super::balance::{self, Decay, Load, RetryBudget};
+use super::body::RequestBody;
 use super::h1_pool::Sticky;
 use super::http::{ProxyBody, ensure_request_id, error_response};
 use super::limits::{Drain, Limits};
@@ -49,16 +54,30 @@ pub struct ServiceOutbound {
     current: ArcSwap<Members>,
     /// Serialises rebuilding `current`; members are kept by endpoint across rebuilds.
     rebuild: Mutex<()>,
+    budget: RetryBudget,
+    /// The route's balancer counters, resolved once.
+    retried: prometheus_client::metrics::counter::Counter,
+    budget_exhausted: prometheus_client::metrics::counter::Counter,
+    ejected: prometheus_client::metrics::counter::Counter,
 }
 
 impl ServiceOutbound {
     pub fn new(route: ServiceRoute, dp: &DataPlane, decay: Decay) -> Arc<Self> {
+        let service: Arc<str> = Arc::from(route.service.as_str());
+        let counter = |event| {
+            let labels = crate::telemetry::metrics::BalancerLabels { service: service.clone(), event };
+            dp.metrics.balancer.get_or_create_owned(&labels)
+        };
         Arc::new(ServiceOutbound {
-            route,
             dp: dp.clone(),
             decay,
             current: ArcSwap::from_pointee(Members { of: None, list: Vec::new() }),
             rebuild: Mutex::new(()),
+            budget: RetryBudget::default(),
+            retried: counter("retried"),
+            budget_exhausted: counter("retry_budget_exhausted"),
+            ejected: counter("ejected"),
+            route,
         })
     }
 
@@ -103,12 +122,35 @@ impl ServiceOutbound {
         next
     }
 
-    /// The endpoint for the next request or connection.
-    fn pick(&self) -> Option<Arc<Member>> {
+    /// The endpoint for the next request or connection, other than `not` if there is another.
+    fn pick(&self, not: Option<&Arc<Member>>) -> Option<Arc<Member>> {
         let members = self.members();
+        let list = &members.list;
         let now = std::time::Instant::now();
-        let i = balance::pick(members.list.len(), |i| members.list[i].load.cost(now, self.decay))?;
-        Some(members.list[i].clone())
+        let usable = |i: usize| list[i].load.available(now) && not.is_none_or(|n| !Arc::ptr_eq(n, &list[i]));
+        let i = balance::pick(list.len(), usable, |i| list[i].load.cost(now, self.decay))?;
+        Some(list[i].clone())
+    }
+
+    /// Sends `req` to `member` (its pools, its load).
+    async fn attempt(&self, member: &Arc<Member>, held: &Held, req: Attempt) -> Response<ProxyBody> {
+        let sticky = held.sticky(member);
+        let inflight = member.load.start();
+        let resp = match req {
+            Attempt::First(req) => super::outbound::handle(&member.out, &sticky, req).await,
+            Attempt::Again(req) => super::outbound::handle_again(&member.out, &sticky, req).await,
+        };
+        if inflight.finish(failed(resp.status()), self.decay) {
+            self.ejected.inc();
+            tracing::warn!(
+                service = %self.route.service,
+                endpoint = %member.endpoint.address,
+                identity = %member.endpoint.identity,
+                "endpoint ejected after {} failures in a row",
+                balance::EJECT_AFTER
+            );
+        }
+        resp
     }
 
     /// Drops every endpoint's pooled connections (revocations changed).
@@ -165,7 +207,7 @@ impl Upstream for ServiceOutbound {
     }
 
     async fn tunnel(self: &Arc<Self>, tcp: TcpStream, prefix: bytes::BytesMut, remote: SocketAddr) {
-        let Some(member) = self.pick() else {
+        let Some(member) = self.pick(None) else {
             tracing::warn!(%remote, service = %self.route.service, "opaque TCP: the service has no endpoints");
             return;
         };
@@ -175,19 +217,54 @@ impl Upstream for ServiceOutbound {
     }
 
     async fn request(self: &Arc<Self>, held: &Held, mut req: Request<Incoming>) -> Response<ProxyBody> {
-        let Some(member) = self.pick() else {
+        let Some(member) = self.pick(None) else {
             return self.unavailable(&mut req);
         };
-        let sticky = held.sticky(&member);
-        let inflight = member.load.start();
-        let resp = super::outbound::handle(&member.out, &sticky, req).await;
-        let failed = matches!(
-            resp.status(),
-            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
-        );
-        inflight.finish(failed, self.decay);
-        resp
+        self.budget.deposit();
+        let again = replayable(&req).then(|| {
+            // The same request id on both attempts: one request, as the logs should tell.
+            ensure_request_id(req.headers_mut());
+            (req.method().clone(), req.uri().clone(), req.version(), req.headers().clone())
+        });
+        let resp = self.attempt(&member, held, Attempt::First(req)).await;
+        let Some((method, uri, version, headers)) = again.filter(|_| failed(resp.status())) else {
+            return resp;
+        };
+        let Some(next) = self.pick(Some(&member)).filter(|next| !Arc::ptr_eq(next, &member)) else {
+            return resp;
+        };
+        if !self.budget.withdraw() {
+            self.budget_exhausted.inc();
+            return resp;
+        }
+        self.retried.inc();
+        // A little jitter, so the retries of many callers do not arrive together.
+        tokio::time::sleep(std::time::Duration::from_millis(rand::random_range(0..10))).await;
+        let mut retry = Request::new(RequestBody::empty());
+        (*retry.method_mut(), *retry.uri_mut(), *retry.version_mut(), *retry.headers_mut()) =
+            (method, uri, version, headers);
+        tracing::debug!(service = %self.route.service, endpoint = %next.endpoint.address, "retrying on another endpoint");
+        self.attempt(&next, held, Attempt::Again(retry)).await
     }
+}
+
+/// A first attempt carries the caller's request; a retry, a bodiless copy of it.
+enum Attempt {
+    First(Request<Incoming>),
+    Again(Request<RequestBody>),
+}
+
+/// An answer the balancer counts as the endpoint's failure, and a retry may mend.
+fn failed(status: StatusCode) -> bool {
+    matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
+}
+
+/// Whether sending `req` twice can do no harm: an idempotent, safe method, no body, no upgrade.
+fn replayable(req: &Request<Incoming>) -> bool {
+    use hyper::body::Body;
+    matches!(*req.method(), http::Method::GET | http::Method::HEAD | http::Method::OPTIONS)
+        && req.body().is_end_stream()
+        && !req.headers().contains_key(http::header::UPGRADE)
 }
 
 /// Serves the service route's plaintext listener until draining starts.

@@ -28,6 +28,15 @@ pub struct DirectionLabels {
     pub direction: &'static str,
 }
 
+/// Labels of the balancer's counters (`palisade_balancer_*_total`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BalancerLabels {
+    /// The mesh service, `namespace/name`.
+    pub service: Arc<str>,
+    /// `retried`, `retry_budget_exhausted`, `ejected`.
+    pub event: &'static str,
+}
+
 /// Labels of `palisade_tls_handshake_failures_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
@@ -139,6 +148,8 @@ pub struct ProxyMetrics {
     jwt_verified: Counter,
     jwt_cached: Counter,
     pub tcp_bytes: Family<TcpBytesLabels, Counter>,
+    /// Retries, retries the budget refused, and endpoints ejected, per service route.
+    pub balancer: Family<BalancerLabels, Counter>,
     /// Per-peer totals for telemetry reports to the control plane.
     pub peers: Arc<super::peers::PeerStats>,
 }
@@ -300,6 +311,7 @@ impl Default for ProxyMetrics {
             jwt_cached: jwt_verifications.get_or_create_owned(&JwtLabels { result: "cached" }),
             jwt_verifications,
             tcp_bytes: Family::default(),
+            balancer: Family::default(),
             peers: Default::default(),
         }
     }
@@ -358,6 +370,11 @@ impl Metrics {
             "tcp_bytes",
             "Bytes carried by opaque TCP streams, by direction of the connection and of the bytes",
             proxy.tcp_bytes.clone(),
+        );
+        registry.register(
+            "balancer_events",
+            "Per service route: requests retried on another endpoint, retries the budget refused, endpoints ejected",
+            proxy.balancer.clone(),
         );
         registry.register(
             "guard_refusals",
