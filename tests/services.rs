@@ -26,7 +26,39 @@ spec:
     - spiffe://cluster.local/ns/test/sa/echo-a
     - spiffe://cluster.local/ns/test/sa/echo-b
   selector: {matchLabels: {app: echo}}
+---
+apiVersion: palisade.io/v1alpha1
+kind: MeshService
+metadata: {name: echo-stable, namespace: test}
+spec: {identities: [spiffe://cluster.local/ns/test/sa/echo-a]}
+---
+apiVersion: palisade.io/v1alpha1
+kind: MeshService
+metadata: {name: echo-canary, namespace: test}
+spec: {identities: [spiffe://cluster.local/ns/test/sa/echo-b]}
 ";
+
+/// `HTTPRoute` for `test/echo`: `/hang` to the stable endpoints with a 200 ms timeout, `/api`
+/// split between stable and canary by weight, nothing else.
+fn split(stable: u32, canary: u32) -> String {
+    format!(
+        "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: echo-split, namespace: test}}
+spec:
+  parentRefs: [{{group: \"\", kind: Service, name: echo}}]
+  rules:
+    - matches: [{{path: {{type: Exact, value: /hang}}}}]
+      backendRefs: [{{name: echo-stable, port: 80}}]
+      timeouts: {{request: 200ms}}
+    - matches: [{{path: {{type: PathPrefix, value: /api}}}}]
+      backendRefs:
+        - {{name: echo-stable, port: 80, weight: {stable}}}
+        - {{name: echo-canary, port: 80, weight: {canary}}}
+"
+    )
+}
 
 /// An app that answers every request (HTTP/1.1 or HTTP/2 cleartext) with its name, after
 /// `delay_ms`.
@@ -53,9 +85,14 @@ impl NamedApp {
                 let Ok((tcp, _)) = listener.accept().await else { continue };
                 let delay = delay.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let ms = delay.load(Ordering::SeqCst);
+                        let hang = req.uri().path() == "/hang";
                         async move {
+                            if hang {
+                                // An upstream that never answers in time.
+                                tokio::time::sleep(Duration::from_secs(30)).await;
+                            }
                             if ms > 0 {
                                 // The app's own latency: what the balancer must notice.
                                 tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -115,6 +152,7 @@ fn share(counts: &BTreeMap<String, usize>, name: &str) -> f64 {
 /// `nowhere` (to a service that does not exist).
 struct Mesh {
     cp: ControlPlane,
+    resources: std::path::PathBuf,
     apps: [NamedApp; 3],
     backends: [Sidecar; 3],
     _thief: (NamedApp, Sidecar),
@@ -170,7 +208,7 @@ impl Mesh {
             got == expected
         })
         .await;
-        Mesh { cp, apps, backends, _thief: (thief_app, thief), caller, listen, nowhere }
+        Mesh { cp, resources, apps, backends, _thief: (thief_app, thief), caller, listen, nowhere }
     }
 }
 
@@ -287,4 +325,56 @@ async fn an_endpoint_killed_under_load_costs_no_request_and_is_ejected() {
     assert!(failed.lock().is_empty(), "requests failed: {:?}", failed.lock());
     assert!(retried >= 1.0, "the dead endpoint's requests were retried elsewhere: {metrics}");
     drop(mesh.cp);
+}
+
+/// The weights of the `/api` rule of `test/echo` as the caller's view has them.
+async fn api_weights(caller: &Sidecar) -> Option<Vec<u64>> {
+    let dump = caller.config_dump().await;
+    let rule = dump["mesh"]["routes"]["test/echo"].as_array()?.get(1)?.clone();
+    rule["backends"].as_array()?.iter().map(|b| b[1].as_u64()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_route_splits_by_weight_changes_live_and_times_out() {
+    let mesh = Mesh::start("services-route", "10s").await;
+    let caller = &mesh.caller;
+    std::fs::write(mesh.resources.join("route.yaml"), split(90, 10)).unwrap();
+    wait_for("the 90/10 route at the caller", Duration::from_secs(10), || async {
+        api_weights(caller).await == Some(vec![90, 10])
+    })
+    .await;
+
+    // 2,000 requests: 10 % ± 2 % reach the canary (echo-b's app, "b").
+    let client = h2_client();
+    let url = format!("http://{}/api/orders", mesh.listen);
+    let counts = spread(&client, &url, 2000, 8).await;
+    let canary = share(&counts, "b");
+    println!("90/10: {counts:?}");
+    assert!((0.08..=0.12).contains(&canary), "canary got {:.1} %: {counts:?}", canary * 100.0);
+
+    // New weights apply live, on the same connection.
+    std::fs::write(mesh.resources.join("route.yaml"), split(50, 50)).unwrap();
+    wait_for("the 50/50 route at the caller", Duration::from_secs(10), || async {
+        api_weights(caller).await == Some(vec![50, 50])
+    })
+    .await;
+    let counts = spread(&client, &url, 1000, 8).await;
+    let canary = share(&counts, "b");
+    println!("50/50: {counts:?}");
+    assert!((0.42..=0.58).contains(&canary), "canary got {:.1} %: {counts:?}", canary * 100.0);
+
+    // A backend that hangs: the route's 200 ms timeout answers 504.
+    let started = std::time::Instant::now();
+    let (status, _, body) = get(&http_client(), &format!("http://{}/hang", mesh.listen), &[]).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("timeout"), "{body}");
+    assert!(took >= Duration::from_millis(200) && took < Duration::from_secs(3), "took {took:?}");
+
+    // A path no rule takes reaches no service.
+    let (status, _, body) = get(&http_client(), &format!("http://{}/admin", mesh.listen), &[]).await.unwrap();
+    assert_eq!(status, 404, "{body}");
+    let metrics = caller.metrics().await;
+    assert_eq!(metric(&metrics, "palisade_balancer_events_total", "event=\"timed_out\""), 1.0, "{metrics}");
+    assert_eq!(metric(&metrics, "palisade_balancer_events_total", "event=\"no_route_matched\""), 1.0);
 }

@@ -6,6 +6,7 @@ pub mod body;
 pub mod detect;
 pub mod h1_pool;
 pub mod http;
+pub mod http_route;
 pub mod inbound;
 pub mod limits;
 pub mod original_dst;

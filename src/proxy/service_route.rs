@@ -15,8 +15,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use parking_lot::Mutex;
@@ -51,14 +51,18 @@ pub struct ServiceOutbound {
     pub route: ServiceRoute,
     dp: DataPlane,
     decay: Decay,
-    current: ArcSwap<Members>,
-    /// Serialises rebuilding `current`; members are kept by endpoint across rebuilds.
-    rebuild: Mutex<()>,
+    /// By service (the route's own, and the backends its `HTTPRoute`s split to): members are
+    /// kept by endpoint across changes of the service.
+    members: Mutex<HashMap<String, Arc<Members>>>,
     budget: RetryBudget,
     /// The route's balancer counters, resolved once.
     retried: prometheus_client::metrics::counter::Counter,
     budget_exhausted: prometheus_client::metrics::counter::Counter,
     ejected: prometheus_client::metrics::counter::Counter,
+    /// The route's own service, as the balancer picks it when no `HTTPRoute` is attached.
+    service: Arc<str>,
+    timed_out: prometheus_client::metrics::counter::Counter,
+    unrouted: prometheus_client::metrics::counter::Counter,
 }
 
 impl ServiceOutbound {
@@ -71,30 +75,31 @@ impl ServiceOutbound {
         Arc::new(ServiceOutbound {
             dp: dp.clone(),
             decay,
-            current: ArcSwap::from_pointee(Members { of: None, list: Vec::new() }),
-            rebuild: Mutex::new(()),
+            members: Mutex::default(),
             budget: RetryBudget::default(),
             retried: counter("retried"),
             budget_exhausted: counter("retry_budget_exhausted"),
             ejected: counter("ejected"),
+            timed_out: counter("timed_out"),
+            unrouted: counter("no_route_matched"),
+            service,
             route,
         })
     }
 
-    /// The service's endpoints as the view has them now, each with its connections and load.
-    fn members(&self) -> Arc<Members> {
+    /// The endpoints of `service` as the view has them now, each with its connections and load.
+    fn members(&self, service: &str) -> Arc<Members> {
         let view = self.dp.view.load();
-        let now = view.services.get(&self.route.service);
-        let current = self.current.load_full();
-        if same(now, current.of.as_ref()) {
-            return current;
+        let now = view.services.get(service);
+        let mut cache = self.members.lock();
+        let current = cache.get(service);
+        if let Some(current) = current
+            && same(now, current.of.as_ref())
+        {
+            return current.clone();
         }
-        let _one = self.rebuild.lock();
-        let current = self.current.load_full();
-        if same(now, current.of.as_ref()) {
-            return current;
-        }
-        let kept: HashMap<&ServiceEndpoint, &Arc<Member>> = current.list.iter().map(|m| (&m.endpoint, m)).collect();
+        let kept: HashMap<&ServiceEndpoint, &Arc<Member>> =
+            current.iter().flat_map(|c| c.list.iter()).map(|m| (&m.endpoint, m)).collect();
         let list = now
             .map(|eps| {
                 eps.iter()
@@ -116,20 +121,36 @@ impl ServiceOutbound {
                     .collect()
             })
             .unwrap_or_default();
-        tracing::info!(service = %self.route.service, endpoints = now.map_or(0, |e| e.len()), "service endpoints changed");
+        tracing::info!(route = %self.route.service, service, endpoints = now.map_or(0, |e| e.len()), "service endpoints changed");
         let next = Arc::new(Members { of: now.cloned(), list });
-        self.current.store(next.clone());
+        cache.insert(service.to_string(), next.clone());
         next
     }
 
-    /// The endpoint for the next request or connection, other than `not` if there is another.
-    fn pick(&self, not: Option<&Arc<Member>>) -> Option<Arc<Member>> {
-        let members = self.members();
+    /// An endpoint of `service` for the next request or connection, other than `not` if there
+    /// is another.
+    fn pick(&self, service: &str, not: Option<&Arc<Member>>) -> Option<Arc<Member>> {
+        let members = self.members(service);
         let list = &members.list;
         let now = std::time::Instant::now();
         let usable = |i: usize| list[i].load.available(now) && not.is_none_or(|n| !Arc::ptr_eq(n, &list[i]));
         let i = balance::pick(list.len(), usable, |i| list[i].load.cost(now, self.decay))?;
         Some(list[i].clone())
+    }
+
+    /// Drops every endpoint's pooled connections (revocations changed).
+    pub fn reset_pools(&self) {
+        for members in self.members.lock().values() {
+            for m in &members.list {
+                m.out.reset_pool();
+            }
+        }
+    }
+
+    fn refuse(&self, req: &mut Request<Incoming>, status: StatusCode, reason: &str) -> Response<ProxyBody> {
+        let request_id = ensure_request_id(req.headers_mut());
+        tracing::warn!(%request_id, %reason, "outbound request refused");
+        error_response(status, reason, &request_id)
     }
 
     /// Sends `req` to `member` (its pools, its load).
@@ -153,18 +174,52 @@ impl ServiceOutbound {
         resp
     }
 
-    /// Drops every endpoint's pooled connections (revocations changed).
-    pub fn reset_pools(&self) {
-        for m in &self.current.load().list {
-            m.out.reset_pool();
-        }
+    /// Where `req` goes: the backend service and the request timeout of the first
+    /// `HTTPRoute` rule attached to this route's service that takes it, or the service itself
+    /// when no route is attached. An error is the refusal to answer.
+    fn routed(&self, req: &Request<Incoming>) -> Result<(Arc<str>, Option<Duration>), (StatusCode, String)> {
+        let rules = self.dp.view.load().routes.get(&self.route.service).cloned();
+        let Some(rules) = rules else {
+            return Ok((self.service.clone(), None));
+        };
+        let rule = rules.iter().find(|r| r.takes(req.method(), req.uri().path(), req.headers())).ok_or_else(|| {
+            (StatusCode::NOT_FOUND, format!("no HTTPRoute rule of service {} matches", self.route.service))
+        })?;
+        let backend = rule.backend().ok_or_else(|| {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("every backend of {} has weight 0", rule.route))
+        })?;
+        Ok((Arc::from(backend), rule.timeout))
     }
 
-    fn unavailable(&self, req: &mut Request<Incoming>) -> Response<ProxyBody> {
-        let request_id = ensure_request_id(req.headers_mut());
-        let reason = format!("service {} has no endpoints", self.route.service);
-        tracing::warn!(%request_id, %reason, "outbound request refused");
-        error_response(StatusCode::SERVICE_UNAVAILABLE, &reason, &request_id)
+    /// Sends `req` to an endpoint of `service`, and once more to another if it failed and may
+    /// be sent again.
+    async fn balanced(&self, service: &str, held: &Held, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let Some(member) = self.pick(service, None) else {
+            let reason = format!("service {service} has no endpoints");
+            return self.refuse(&mut req, StatusCode::SERVICE_UNAVAILABLE, &reason);
+        };
+        self.budget.deposit();
+        let again =
+            replayable(&req).then(|| (req.method().clone(), req.uri().clone(), req.version(), req.headers().clone()));
+        let resp = self.attempt(&member, held, Attempt::First(req)).await;
+        let Some((method, uri, version, headers)) = again.filter(|_| failed(resp.status())) else {
+            return resp;
+        };
+        let Some(next) = self.pick(service, Some(&member)).filter(|next| !Arc::ptr_eq(next, &member)) else {
+            return resp;
+        };
+        if !self.budget.withdraw() {
+            self.budget_exhausted.inc();
+            return resp;
+        }
+        self.retried.inc();
+        // A little jitter, so the retries of many callers do not arrive together.
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..10))).await;
+        let mut retry = Request::new(RequestBody::empty());
+        (*retry.method_mut(), *retry.uri_mut(), *retry.version_mut(), *retry.headers_mut()) =
+            (method, uri, version, headers);
+        tracing::debug!(service, endpoint = %next.endpoint.address, "retrying on another endpoint");
+        self.attempt(&next, held, Attempt::Again(retry)).await
     }
 }
 
@@ -207,7 +262,8 @@ impl Upstream for ServiceOutbound {
     }
 
     async fn tunnel(self: &Arc<Self>, tcp: TcpStream, prefix: bytes::BytesMut, remote: SocketAddr) {
-        let Some(member) = self.pick(None) else {
+        // Opaque TCP has no request to route by: the service's own endpoints, per connection.
+        let Some(member) = self.pick(&self.route.service, None) else {
             tracing::warn!(%remote, service = %self.route.service, "opaque TCP: the service has no endpoints");
             return;
         };
@@ -217,34 +273,27 @@ impl Upstream for ServiceOutbound {
     }
 
     async fn request(self: &Arc<Self>, held: &Held, mut req: Request<Incoming>) -> Response<ProxyBody> {
-        let Some(member) = self.pick(None) else {
-            return self.unavailable(&mut req);
+        // The same request id on every attempt and on a timeout: one request, as logs tell it.
+        let request_id = ensure_request_id(req.headers_mut());
+        let (service, timeout) = match self.routed(&req) {
+            Ok(routed) => routed,
+            Err((status, reason)) => {
+                self.unrouted.inc();
+                return self.refuse(&mut req, status, &reason);
+            }
         };
-        self.budget.deposit();
-        let again = replayable(&req).then(|| {
-            // The same request id on both attempts: one request, as the logs should tell.
-            ensure_request_id(req.headers_mut());
-            (req.method().clone(), req.uri().clone(), req.version(), req.headers().clone())
-        });
-        let resp = self.attempt(&member, held, Attempt::First(req)).await;
-        let Some((method, uri, version, headers)) = again.filter(|_| failed(resp.status())) else {
-            return resp;
+        let Some(timeout) = timeout else {
+            return self.balanced(&service, held, req).await;
         };
-        let Some(next) = self.pick(Some(&member)).filter(|next| !Arc::ptr_eq(next, &member)) else {
-            return resp;
-        };
-        if !self.budget.withdraw() {
-            self.budget_exhausted.inc();
-            return resp;
+        match tokio::time::timeout(timeout, self.balanced(&service, held, req)).await {
+            Ok(resp) => resp,
+            Err(_) => {
+                self.timed_out.inc();
+                let reason = format!("no answer from service {service} within the route's timeout of {timeout:?}");
+                tracing::warn!(%request_id, %reason, "outbound request timed out");
+                error_response(StatusCode::GATEWAY_TIMEOUT, &reason, &request_id)
+            }
         }
-        self.retried.inc();
-        // A little jitter, so the retries of many callers do not arrive together.
-        tokio::time::sleep(std::time::Duration::from_millis(rand::random_range(0..10))).await;
-        let mut retry = Request::new(RequestBody::empty());
-        (*retry.method_mut(), *retry.uri_mut(), *retry.version_mut(), *retry.headers_mut()) =
-            (method, uri, version, headers);
-        tracing::debug!(service = %self.route.service, endpoint = %next.endpoint.address, "retrying on another endpoint");
-        self.attempt(&next, held, Attempt::Again(retry)).await
     }
 }
 

@@ -28,6 +28,7 @@ use crate::policy::{DefaultPolicy, Policy, PolicySet, Workload};
 use crate::proto::discovery::{Revocation, Snapshot, peer_authentication::Mode, revocation::Target};
 use crate::tls::{BundleError, BundleState, TrustSource};
 
+use super::http_route::RouteTable;
 use super::service::Services;
 
 /// Whether plaintext is accepted on a port.
@@ -50,6 +51,8 @@ pub struct MeshView {
     pub endpoints: HashMap<SocketAddr, SpiffeId>,
     /// Mesh services (`namespace/name`) with their endpoints, resolved from the table.
     pub services: Arc<Services>,
+    /// `HTTPRoute` rules by the service they are attached to.
+    pub routes: Arc<RouteTable>,
     pub default_policy: DefaultPolicy,
     pub egress_allowed: bool,
     /// The compiled policies for this workload.
@@ -78,6 +81,7 @@ impl MeshView {
             port_peer_auth: HashMap::new(),
             endpoints: HashMap::new(),
             services: Arc::default(),
+            routes: Arc::default(),
             default_policy: DefaultPolicy::Deny,
             egress_allowed: false,
             policies: Arc::new(PolicySet::fail_closed()),
@@ -215,6 +219,7 @@ impl ViewWriter {
         let (peer_auth, port_peer_auth) = peer_authentication(snap, &cur, &mut nack);
         let endpoints = endpoints(snap, &mut nack);
         let services = services(snap, &cur.services, &mut nack);
+        let routes = http_routes(snap, &mut nack).unwrap_or_else(|| cur.routes.clone());
         let mesh = snap.mesh.clone().unwrap_or_default();
         let default_policy = match mesh.default_policy.as_str() {
             "" => DefaultPolicy::Deny,
@@ -242,6 +247,7 @@ impl ViewWriter {
             port_peer_auth,
             endpoints,
             services,
+            routes,
             default_policy,
             egress_allowed: mesh.egress != "deny",
             policies,
@@ -270,6 +276,7 @@ impl ViewWriter {
             port_peer_auth: cur.port_peer_auth.clone(),
             endpoints: cur.endpoints.clone(),
             services: cur.services.clone(),
+            routes: cur.routes.clone(),
             default_policy: cur.default_policy,
             egress_allowed: cur.egress_allowed,
             policies: cur.policies.clone(),
@@ -357,6 +364,26 @@ fn services(snap: &Snapshot, cur: &Services, nack: &mut Vec<NackReason>) -> Arc<
         }
     }
     Arc::new(services)
+}
+
+/// The snapshot's `HTTPRoute`s, compiled; `None` (keep the routes in force) when one of them
+/// does not compile here, so a route table is always one the control plane sent whole.
+fn http_routes(snap: &Snapshot, nack: &mut Vec<NackReason>) -> Option<Arc<RouteTable>> {
+    let (table, errors) = super::http_route::compile(&snap.policies);
+    if errors.is_empty() {
+        return Some(Arc::new(table));
+    }
+    for (name, message) in errors {
+        let (namespace, name) = name.split_once('/').unwrap_or(("", &name));
+        nack.push(NackReason::Guard {
+            kind: super::http_route::KIND.into(),
+            origin: String::new(),
+            namespace: namespace.into(),
+            name: name.into(),
+            message,
+        });
+    }
+    None
 }
 
 /// Decodes (once) and compiles every `AuthorizationPolicy` of the snapshot: all or none, so the

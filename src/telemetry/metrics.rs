@@ -33,7 +33,7 @@ pub struct DirectionLabels {
 pub struct BalancerLabels {
     /// The mesh service, `namespace/name`.
     pub service: Arc<str>,
-    /// `retried`, `retry_budget_exhausted`, `ejected`.
+    /// `retried`, `retry_budget_exhausted`, `ejected`, `timed_out`, `no_route_matched`.
     pub event: &'static str,
 }
 
@@ -373,7 +373,7 @@ impl Metrics {
         );
         registry.register(
             "balancer_events",
-            "Per service route: requests retried on another endpoint, retries the budget refused, endpoints ejected",
+            "Per service route: requests retried on another endpoint, retries the budget refused, endpoints ejected, route timeouts, requests no route rule took",
             proxy.balancer.clone(),
         );
         registry.register(

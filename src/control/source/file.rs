@@ -166,8 +166,11 @@ fn judge_document(file: &str, index: usize, text: &str, value: &Value) -> Result
     };
     let refused = |message: String| (None, None, message);
     let api = field("apiVersion").map_err(refused)?;
-    if api != API_VERSION {
-        return Err(refused(format!("apiVersion {api:?} is not {API_VERSION:?}")));
+    // Gateway API routes keep their own group, as on Kubernetes; every other kind is ours.
+    let route = value.get("kind").and_then(Value::as_str) == Some(crate::proxy::http_route::KIND);
+    let versions: &[&str] = if route { crate::proxy::http_route::API_VERSIONS } else { &[API_VERSION] };
+    if !versions.contains(&api) {
+        return Err(refused(format!("apiVersion {api:?} is not {}", versions.join(" or "))));
     }
     let kind = field("kind").map_err(refused)?;
     if !KINDS.contains(&kind) {
@@ -183,6 +186,7 @@ fn judge_document(file: &str, index: usize, text: &str, value: &Value) -> Result
         "RequestAuthentication" => typed_spec::<RequestAuthenticationSpec>(text, index),
         "RateLimitPolicy" => typed_spec::<RateLimitPolicySpec>(text, index),
         "MeshService" => typed_spec::<crate::proxy::service::MeshServiceSpec>(text, index),
+        "HTTPRoute" => typed_spec::<crate::proxy::http_route::HttpRouteSpec>(text, index),
         _ => typed_spec::<WorkloadSecuritySpec>(text, index),
     };
     let (labels, spec) = typed.map_err(|(position, message)| (Some(key.clone()), position, message))?;

@@ -26,6 +26,7 @@ use crate::guard::security::WorkloadSecuritySpec;
 use crate::k8s::crd::PeerAuthenticationSpec;
 use crate::policy::resource::{AuthorizationPolicy, AuthorizationPolicySpec, WorkloadSelector};
 use crate::proto::discovery::Endpoint;
+use crate::proxy::http_route::HttpRouteSpec;
 use crate::proxy::service::MeshServiceSpec;
 
 /// The kinds the mesh understands.
@@ -36,6 +37,7 @@ pub const KINDS: &[&str] = &[
     "RateLimitPolicy",
     "WorkloadSecurity",
     "MeshService",
+    "HTTPRoute",
 ];
 
 /// Kinds validated and pushed to sidecars that do not enforce them yet. Said in logs and
@@ -52,6 +54,8 @@ pub enum Spec {
     WorkloadSecurity(WorkloadSecuritySpec),
     /// Not selected by workload: every sidecar is sent every service (it may call any).
     MeshService(MeshServiceSpec),
+    /// Gateway API (`gateway.networking.k8s.io`), attached to a service: sent to every sidecar.
+    HttpRoute(HttpRouteSpec),
 }
 
 impl Spec {
@@ -64,6 +68,7 @@ impl Spec {
             Spec::RateLimitPolicy(_) => "RateLimitPolicy",
             Spec::WorkloadSecurity(_) => "WorkloadSecurity",
             Spec::MeshService(_) => "MeshService",
+            Spec::HttpRoute(_) => "HTTPRoute",
         }
     }
 
@@ -74,7 +79,7 @@ impl Spec {
             Spec::RequestAuthentication(s) => s.selector.as_ref(),
             Spec::RateLimitPolicy(s) => s.selector.as_ref(),
             Spec::WorkloadSecurity(s) => s.selector.as_ref(),
-            Spec::MeshService(_) => None,
+            Spec::MeshService(_) | Spec::HttpRoute(_) => None,
         }
     }
 
@@ -87,6 +92,7 @@ impl Spec {
             Spec::RateLimitPolicy(s) => serde_json::to_string(s),
             Spec::WorkloadSecurity(s) => serde_json::to_string(s),
             Spec::MeshService(s) => serde_json::to_string(s),
+            Spec::HttpRoute(s) => serde_json::to_string(s),
         };
         json.expect("typed specs always serialize")
     }
@@ -116,9 +122,9 @@ impl Resource {
     }
 
     /// Whether this resource applies to a workload in `namespace` with `labels` (a mesh
-    /// service applies to every workload: any may call it).
+    /// service and its routes apply to every workload: any may call it).
     pub fn selects(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
-        if matches!(self.spec, Spec::MeshService(_)) {
+        if matches!(self.spec, Spec::MeshService(_) | Spec::HttpRoute(_)) {
             return true;
         }
         self.namespace == namespace
@@ -226,6 +232,11 @@ pub fn validate(
             let spec: MeshServiceSpec = serde_json::from_value(spec).map_err(|e| decode("spec", e))?;
             spec.check()?;
             Spec::MeshService(spec)
+        }
+        "HTTPRoute" => {
+            let spec: HttpRouteSpec = serde_json::from_value(spec).map_err(|e| decode("spec", e))?;
+            spec.check()?;
+            Spec::HttpRoute(spec)
         }
         other => return Err(format!("kind {other:?} is not one of {KINDS:?}").into()),
     };

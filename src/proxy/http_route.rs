@@ -1,0 +1,418 @@
+//! Gateway API `HTTPRoute`s attached to a mesh service (the GAMMA pattern: `parentRefs` name
+//! the service): per-request matches on path, method and headers, weighted backends (a canary
+//! split), and a request timeout. The subset Palisade applies; a route that uses anything else
+//! (filters, regular expressions, query-parameter matches) is refused whole by the control
+//! plane, never applied in part.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::proto::discovery::Resource;
+
+/// The manifest kind, and the API versions it is read from.
+pub const KIND: &str = "HTTPRoute";
+pub const API_VERSIONS: &[&str] = &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"];
+
+/// Most weight one backend may carry (the Gateway API's bound).
+const MAX_WEIGHT: u32 = 1_000_000;
+
+/// `spec` of an `HTTPRoute`, as far as Palisade reads it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteSpec {
+    /// The services the route applies to (kind `Service` or `MeshService`).
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<RouteRule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ParentRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Any one must match; none given matches every request.
+    #[serde(default)]
+    pub matches: Vec<RouteMatch>,
+    /// Where matching requests go; none given: the parent service itself.
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<Timeouts>,
+    /// Not supported yet: a route with filters is refused rather than applied without them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+    /// Not supported yet (refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathMatch {
+    /// `PathPrefix` (the default) or `Exact`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderMatch {
+    /// `Exact` (the default) only.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Relative share of the rule's requests (default 1; 0 sends none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Timeouts {
+    /// The whole request, retries included (`200ms`, `5s`); past it the caller gets 504.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_request: Option<String>,
+}
+
+/// One rule, ready for the data path.
+#[derive(Clone, Debug, Serialize)]
+pub struct Rule {
+    /// `namespace/name` of the route and the rule's index in it.
+    pub route: String,
+    pub matches: Vec<Match>,
+    /// `namespace/name` of each backend service, with its weight.
+    pub backends: Vec<(String, u32)>,
+    #[serde(with = "humantime_serde_opt")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Match {
+    pub path: Option<(PathKind, String)>,
+    pub method: Option<String>,
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum PathKind {
+    Prefix,
+    Exact,
+}
+
+/// The rules of every route, by the `namespace/name` of the service they are attached to, in
+/// order: routes by namespace and name, each route's rules as written.
+pub type RouteTable = HashMap<String, Arc<[Rule]>>;
+
+impl HttpRouteSpec {
+    /// Checks what decoding cannot, so a route is applied whole or not at all.
+    pub fn check(&self) -> Result<(), String> {
+        if self.parent_refs.is_empty() {
+            return Err("spec.parentRefs: attach the route to at least one service".into());
+        }
+        for (i, p) in self.parent_refs.iter().enumerate() {
+            let kind = p.kind.as_deref().unwrap_or("Gateway");
+            if !matches!(kind, "Service" | "MeshService") {
+                return Err(format!(
+                    "spec.parentRefs[{i}].kind: {kind:?}: only mesh routes (kind Service or MeshService) are applied"
+                ));
+            }
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            let at = format!("spec.rules[{i}]");
+            if !rule.filters.is_empty() {
+                return Err(format!("{at}.filters: not supported yet"));
+            }
+            for (j, m) in rule.matches.iter().enumerate() {
+                compile_match(m).map_err(|e| format!("{at}.matches[{j}]: {e}"))?;
+            }
+            for (j, b) in rule.backend_refs.iter().enumerate() {
+                let kind = b.kind.as_deref().unwrap_or("Service");
+                if !matches!(kind, "Service" | "MeshService") {
+                    return Err(format!("{at}.backendRefs[{j}].kind: {kind:?} is not a service"));
+                }
+                if b.weight.is_some_and(|w| w > MAX_WEIGHT) {
+                    return Err(format!("{at}.backendRefs[{j}].weight: at most {MAX_WEIGHT}"));
+                }
+            }
+            if let Some(t) = &rule.timeouts {
+                for (what, v) in [("request", &t.request), ("backendRequest", &t.backend_request)] {
+                    if let Some(v) = v {
+                        humantime::parse_duration(v).map_err(|e| format!("{at}.timeouts.{what}: {v:?}: {e}"))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn compile_match(m: &RouteMatch) -> Result<Match, String> {
+    if !m.query_params.is_empty() {
+        return Err("queryParams: not supported yet".into());
+    }
+    let path = match &m.path {
+        None => None,
+        Some(p) => {
+            let kind = match p.kind.as_deref().unwrap_or("PathPrefix") {
+                "PathPrefix" => PathKind::Prefix,
+                "Exact" => PathKind::Exact,
+                other => return Err(format!("path.type {other:?}: PathPrefix or Exact")),
+            };
+            let value = p.value.clone().unwrap_or_else(|| "/".into());
+            if !value.starts_with('/') {
+                return Err(format!("path.value {value:?} must start with /"));
+            }
+            Some((kind, value))
+        }
+    };
+    let method = match &m.method {
+        Some(method) => {
+            Some(method.parse::<http::Method>().map_err(|e| format!("method {method:?}: {e}"))?.to_string())
+        }
+        None => None,
+    };
+    let mut headers = Vec::new();
+    for h in &m.headers {
+        if h.kind.as_deref().is_some_and(|k| k != "Exact") {
+            return Err(format!("headers: type {:?}: only Exact", h.kind));
+        }
+        let name = http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| format!("header {:?}: {e}", h.name))?;
+        headers.push((name.as_str().to_string(), h.value.clone()));
+    }
+    Ok(Match { path, method, headers })
+}
+
+impl Match {
+    /// Whether a request with this method, path and headers matches.
+    pub fn matches(&self, method: &http::Method, path: &str, headers: &http::HeaderMap) -> bool {
+        let path_ok = match &self.path {
+            None => true,
+            Some((PathKind::Exact, v)) => path == v,
+            // A prefix matches whole segments: `/api` matches `/api` and `/api/x`, not `/apix`.
+            Some((PathKind::Prefix, v)) => {
+                let v = v.trim_end_matches('/');
+                v.is_empty() || path == v || path.strip_prefix(v).is_some_and(|rest| rest.starts_with('/'))
+            }
+        };
+        path_ok
+            && self.method.as_deref().is_none_or(|m| m == method.as_str())
+            && self.headers.iter().all(|(k, v)| headers.get(k.as_str()).is_some_and(|h| h.as_bytes() == v.as_bytes()))
+    }
+}
+
+impl Rule {
+    /// Whether the rule takes this request (no match given: every request).
+    pub fn takes(&self, method: &http::Method, path: &str, headers: &http::HeaderMap) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(method, path, headers))
+    }
+
+    /// The backend for the next request, by weight; `None` when every weight is 0.
+    pub fn backend(&self) -> Option<&str> {
+        let total: u64 = self.backends.iter().map(|(_, w)| u64::from(*w)).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut at = rand::random_range(0..total);
+        for (name, w) in &self.backends {
+            if at < u64::from(*w) {
+                return Some(name);
+            }
+            at -= u64::from(*w);
+        }
+        None
+    }
+}
+
+/// The snapshot's `HTTPRoute`s compiled into rules by parent service. A route that does not
+/// decode or compile is reported (for the NACK) and left out whole.
+pub fn compile(policies: &[Resource]) -> (RouteTable, Vec<(String, String)>) {
+    let mut routes: Vec<&Resource> = policies.iter().filter(|r| r.kind == KIND).collect();
+    routes.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let mut by_parent: HashMap<String, Vec<Rule>> = HashMap::new();
+    let mut errors = Vec::new();
+    for r in routes {
+        let name = format!("{}/{}", r.namespace, r.name);
+        let compiled = serde_json::from_str::<HttpRouteSpec>(&r.spec_json)
+            .map_err(|e| e.to_string())
+            .and_then(|spec| spec.check().map(|()| spec))
+            .and_then(|spec| rules_of(&r.namespace, &name, &spec).map(|rules| (spec, rules)));
+        match compiled {
+            Ok((spec, rules)) => {
+                for p in &spec.parent_refs {
+                    let parent = format!("{}/{}", p.namespace.as_deref().unwrap_or(&r.namespace), p.name);
+                    // No backendRefs: the parent service itself.
+                    let attached = rules.iter().map(|rule| match rule.backends.is_empty() {
+                        true => Rule { backends: vec![(parent.clone(), 1)], ..rule.clone() },
+                        false => rule.clone(),
+                    });
+                    by_parent.entry(parent.clone()).or_default().extend(attached);
+                }
+            }
+            Err(e) => errors.push((name, e)),
+        }
+    }
+    (by_parent.into_iter().map(|(k, v)| (k, v.into())).collect(), errors)
+}
+
+fn rules_of(namespace: &str, name: &str, spec: &HttpRouteSpec) -> Result<Vec<Rule>, String> {
+    spec.rules
+        .iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            let matches = rule.matches.iter().map(compile_match).collect::<Result<Vec<_>, _>>()?;
+            let backends = rule
+                .backend_refs
+                .iter()
+                .map(|b| (format!("{}/{}", b.namespace.as_deref().unwrap_or(namespace), b.name), b.weight.unwrap_or(1)))
+                .collect();
+            let timeout = match rule.timeouts.as_ref().and_then(|t| t.request.as_deref()) {
+                Some(v) => Some(humantime::parse_duration(v).map_err(|e| e.to_string())?),
+                None => None,
+            };
+            Ok(Rule { route: format!("{name}#{i}"), matches, backends, timeout })
+        })
+        .collect()
+}
+
+/// `Option<Duration>` as humantime text in `/config_dump`.
+mod humantime_serde_opt {
+    pub fn serialize<S: serde::Serializer>(d: &Option<std::time::Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, spec: serde_json::Value) -> Resource {
+        Resource {
+            kind: KIND.into(),
+            namespace: "shop".into(),
+            name: name.into(),
+            origin: "test".into(),
+            spec_json: spec.to_string(),
+            labels: Default::default(),
+        }
+    }
+
+    fn spec(v: serde_json::Value) -> Result<(), String> {
+        serde_json::from_value::<HttpRouteSpec>(v).map_err(|e| e.to_string())?.check()
+    }
+
+    #[test]
+    fn rules_attach_to_their_parent_in_order_and_default_to_it() {
+        let (table, errors) = compile(&[
+            route(
+                "b-split",
+                serde_json::json!({"parentRefs": [{"kind": "Service", "name": "orders"}], "rules": [
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}, "method": "GET"}],
+                     "backendRefs": [{"name": "orders-v1", "weight": 90}, {"name": "orders-v2", "weight": 10}],
+                     "timeouts": {"request": "200ms"}},
+                    {}
+                ]}),
+            ),
+            route(
+                "a-broken",
+                serde_json::json!({"parentRefs": [{"kind": "Service", "name": "orders"}], "rules": [{"filters": [{"type": "RequestHeaderModifier"}]}]}),
+            ),
+        ]);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].1.contains("filters"), "{errors:?}");
+        let rules = &table["shop/orders"];
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0].backends, vec![("shop/orders-v1".to_string(), 90), ("shop/orders-v2".to_string(), 10)]);
+        assert_eq!(rules[0].timeout, Some(Duration::from_millis(200)));
+        assert_eq!(rules[1].backends, vec![("shop/orders".to_string(), 1)], "no backendRefs: the parent itself");
+        let h = http::HeaderMap::new();
+        assert!(rules[0].takes(&http::Method::GET, "/api/x", &h));
+        assert!(rules[0].takes(&http::Method::GET, "/api", &h));
+        assert!(!rules[0].takes(&http::Method::GET, "/apix", &h), "a prefix matches whole segments");
+        assert!(!rules[0].takes(&http::Method::POST, "/api/x", &h));
+        assert!(rules[1].takes(&http::Method::POST, "/anything", &h));
+    }
+
+    #[test]
+    fn weights_split_requests() {
+        let rule = Rule {
+            route: "r".into(),
+            matches: vec![],
+            backends: vec![("a".into(), 9), ("b".into(), 1), ("none".into(), 0)],
+            timeout: None,
+        };
+        let b = (0..10_000).filter(|_| rule.backend() == Some("b")).count();
+        assert!((800..1200).contains(&b), "{b}");
+        let zero = Rule { route: "r".into(), matches: vec![], backends: vec![("a".into(), 0)], timeout: None };
+        assert_eq!(zero.backend(), None);
+    }
+
+    #[test]
+    fn what_is_not_supported_is_refused_not_ignored() {
+        let parent = serde_json::json!([{"kind": "Service", "name": "s"}]);
+        assert!(spec(serde_json::json!({"parentRefs": [{"name": "gw"}]})).unwrap_err().contains("Gateway"));
+        assert!(spec(serde_json::json!({"parentRefs": []})).is_err());
+        let regex = serde_json::json!({"parentRefs": parent, "rules": [{"matches": [{"path": {"type": "RegularExpression", "value": "/.*"}}]}]});
+        assert!(spec(regex).unwrap_err().contains("PathPrefix or Exact"));
+        let query = serde_json::json!({"parentRefs": parent, "rules": [{"matches": [{"queryParams": [{"name": "a", "value": "b"}]}]}]});
+        assert!(spec(query).unwrap_err().contains("queryParams"));
+        let timeout = serde_json::json!({"parentRefs": parent, "rules": [{"timeouts": {"request": "soon"}}]});
+        assert!(spec(timeout).unwrap_err().contains("timeouts.request"));
+        let typo = serde_json::json!({"parentRefs": parent, "rules": [{"backendRef": []}]});
+        assert!(spec(typo).is_err(), "an unknown field is an error, not ignored");
+    }
+}
