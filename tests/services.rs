@@ -335,7 +335,7 @@ async fn api_weights(caller: &Sidecar) -> Option<Vec<u64>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http_route_splits_by_weight_changes_live_and_times_out() {
+async fn http_and_grpc_routes_split_by_weight_change_live_and_time_out() {
     let mesh = Mesh::start("services-route", "10s").await;
     let caller = &mesh.caller;
     std::fs::write(mesh.resources.join("route.yaml"), split(90, 10)).unwrap();
@@ -362,6 +362,35 @@ async fn an_http_route_splits_by_weight_changes_live_and_times_out() {
     let canary = share(&counts, "b");
     println!("50/50: {counts:?}");
     assert!((0.42..=0.58).contains(&canary), "canary got {:.1} %: {counts:?}", canary * 100.0);
+
+    // A GRPCRoute on the same service sends one gRPC method to the canary (its rule comes
+    // first: routes go by name, `echo-grpc` before `echo-split`).
+    let grpc = [
+        "apiVersion: gateway.networking.k8s.io/v1",
+        "kind: GRPCRoute",
+        "metadata: {name: echo-grpc, namespace: test}",
+        "spec:",
+        "  parentRefs: [{kind: Service, name: echo}]",
+        "  rules:",
+        "    - matches: [{method: {service: echo.Echo, method: Say}}]",
+        "      backendRefs: [{name: echo-canary}]",
+    ]
+    .join("\n");
+    std::fs::write(mesh.resources.join("grpc.yaml"), grpc).unwrap();
+    wait_for("the GRPCRoute at the caller", Duration::from_secs(10), || async {
+        caller.config_dump().await["mesh"]["routes"]["test/echo"].as_array().is_some_and(|r| r.len() == 3)
+    })
+    .await;
+    for _ in 0..50 {
+        let call = http::Request::post(format!("http://{}/echo.Echo/Say", mesh.listen))
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client.request(call).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"b", "echo.Echo/Say goes to the canary only");
+    }
 
     // A backend that hangs: the route's 200 ms timeout answers 504.
     let started = std::time::Instant::now();

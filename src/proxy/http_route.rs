@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::proto::discovery::Resource;
 
-/// The manifest kind, and the API versions it is read from.
+/// The manifest kinds, and the API versions they are read from.
 pub const KIND: &str = "HTTPRoute";
+pub const GRPC_KIND: &str = "GRPCRoute";
 pub const API_VERSIONS: &[&str] = &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"];
 
 /// Most weight one backend may carry (the Gateway API's bound).
@@ -124,6 +125,101 @@ pub struct Timeouts {
     pub request: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_request: Option<String>,
+}
+
+/// `spec` of a `GRPCRoute`: the same parents and backends, matched by gRPC service and method.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteSpec {
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub matches: Vec<GrpcRouteMatch>,
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+    /// Not supported yet (refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<GrpcMethodMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcMethodMatch {
+    /// `Exact` (the default) only.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// `package.Service`; none: every service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The method; none: every method of the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+impl GrpcRouteSpec {
+    /// The same route as an `HTTPRoute`: a gRPC call is a POST to `/package.Service/Method`,
+    /// so a method match is an exact path, a service match a path prefix.
+    pub fn to_http(&self) -> Result<HttpRouteSpec, String> {
+        let mut rules = Vec::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            let mut matches = Vec::new();
+            for (j, m) in rule.matches.iter().enumerate() {
+                let at = format!("spec.rules[{i}].matches[{j}].method");
+                let path = match &m.method {
+                    None => None,
+                    Some(mm) => {
+                        if mm.kind.as_deref().is_some_and(|k| k != "Exact") {
+                            return Err(format!("{at}.type {:?}: only Exact", mm.kind));
+                        }
+                        let ok = |s: &str| !s.is_empty() && !s.contains('/');
+                        match (mm.service.as_deref(), mm.method.as_deref()) {
+                            (Some(svc), Some(method)) if ok(svc) && ok(method) => {
+                                Some(PathMatch { kind: Some("Exact".into()), value: Some(format!("/{svc}/{method}")) })
+                            }
+                            (Some(svc), None) if ok(svc) => {
+                                Some(PathMatch { kind: Some("PathPrefix".into()), value: Some(format!("/{svc}")) })
+                            }
+                            (None, None) => None,
+                            _ => return Err(format!("{at}: a service (and optionally a method), without '/'")),
+                        }
+                    }
+                };
+                matches.push(RouteMatch { path, method: None, headers: m.headers.clone(), query_params: vec![] });
+            }
+            rules.push(RouteRule {
+                name: rule.name.clone(),
+                matches,
+                backend_refs: rule.backend_refs.clone(),
+                timeouts: None,
+                filters: rule.filters.clone(),
+            });
+        }
+        Ok(HttpRouteSpec { parent_refs: self.parent_refs.clone(), hostnames: self.hostnames.clone(), rules })
+    }
+
+    /// Checks what decoding cannot, as for an `HTTPRoute`.
+    pub fn check(&self) -> Result<(), String> {
+        self.to_http()?.check()
+    }
 }
 
 /// One rule, ready for the data path.
@@ -278,14 +374,19 @@ impl Rule {
 /// The snapshot's `HTTPRoute`s compiled into rules by parent service. A route that does not
 /// decode or compile is reported (for the NACK) and left out whole.
 pub fn compile(policies: &[Resource]) -> (RouteTable, Vec<(String, String)>) {
-    let mut routes: Vec<&Resource> = policies.iter().filter(|r| r.kind == KIND).collect();
+    let mut routes: Vec<&Resource> = policies.iter().filter(|r| r.kind == KIND || r.kind == GRPC_KIND).collect();
     routes.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     let mut by_parent: HashMap<String, Vec<Rule>> = HashMap::new();
     let mut errors = Vec::new();
     for r in routes {
         let name = format!("{}/{}", r.namespace, r.name);
-        let compiled = serde_json::from_str::<HttpRouteSpec>(&r.spec_json)
-            .map_err(|e| e.to_string())
+        let decoded = match r.kind.as_str() {
+            GRPC_KIND => {
+                serde_json::from_str::<GrpcRouteSpec>(&r.spec_json).map_err(|e| e.to_string()).and_then(|g| g.to_http())
+            }
+            _ => serde_json::from_str::<HttpRouteSpec>(&r.spec_json).map_err(|e| e.to_string()),
+        };
+        let compiled = decoded
             .and_then(|spec| spec.check().map(|()| spec))
             .and_then(|spec| rules_of(&r.namespace, &name, &spec).map(|rules| (spec, rules)));
         match compiled {
@@ -385,6 +486,39 @@ mod tests {
         assert!(!rules[0].takes(&http::Method::GET, "/apix", &h), "a prefix matches whole segments");
         assert!(!rules[0].takes(&http::Method::POST, "/api/x", &h));
         assert!(rules[1].takes(&http::Method::POST, "/anything", &h));
+    }
+
+    #[test]
+    fn a_grpc_route_matches_by_service_and_method() {
+        let (table, errors) = compile(&[Resource {
+            kind: GRPC_KIND.into(),
+            ..route(
+                "grpc",
+                serde_json::json!({"parentRefs": [{"kind": "Service", "name": "orders"}], "rules": [
+                    {"matches": [{"method": {"service": "shop.Orders", "method": "Get"}}], "backendRefs": [{"name": "orders-v2"}]},
+                    {"matches": [{"method": {"service": "shop.Orders"}}]}
+                ]}),
+            )
+        }]);
+        assert!(errors.is_empty(), "{errors:?}");
+        let rules = &table["shop/orders"];
+        let h = http::HeaderMap::new();
+        assert!(rules[0].takes(&http::Method::POST, "/shop.Orders/Get", &h));
+        assert!(!rules[0].takes(&http::Method::POST, "/shop.Orders/List", &h));
+        assert!(rules[1].takes(&http::Method::POST, "/shop.Orders/List", &h));
+        assert!(!rules[1].takes(&http::Method::POST, "/shop.OrdersAdmin/List", &h));
+        let bad = GrpcRouteSpec {
+            parent_refs: vec![ParentRef { kind: Some("Service".into()), name: "s".into(), ..Default::default() }],
+            rules: vec![GrpcRouteRule {
+                matches: vec![GrpcRouteMatch {
+                    method: Some(GrpcMethodMatch { method: Some("Get".into()), ..Default::default() }),
+                    headers: vec![],
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(bad.check().unwrap_err().contains("a service"), "a method without its service");
     }
 
     #[test]

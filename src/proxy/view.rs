@@ -376,7 +376,7 @@ fn http_routes(snap: &Snapshot, nack: &mut Vec<NackReason>) -> Option<Arc<RouteT
     for (name, message) in errors {
         let (namespace, name) = name.split_once('/').unwrap_or(("", &name));
         nack.push(NackReason::Guard {
-            kind: super::http_route::KIND.into(),
+            kind: "HTTPRoute/GRPCRoute".into(),
             origin: String::new(),
             namespace: namespace.into(),
             name: name.into(),

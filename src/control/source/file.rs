@@ -167,7 +167,8 @@ fn judge_document(file: &str, index: usize, text: &str, value: &Value) -> Result
     let refused = |message: String| (None, None, message);
     let api = field("apiVersion").map_err(refused)?;
     // Gateway API routes keep their own group, as on Kubernetes; every other kind is ours.
-    let route = value.get("kind").and_then(Value::as_str) == Some(crate::proxy::http_route::KIND);
+    let kind_field = value.get("kind").and_then(Value::as_str);
+    let route = matches!(kind_field, Some(crate::proxy::http_route::KIND | crate::proxy::http_route::GRPC_KIND));
     let versions: &[&str] = if route { crate::proxy::http_route::API_VERSIONS } else { &[API_VERSION] };
     if !versions.contains(&api) {
         return Err(refused(format!("apiVersion {api:?} is not {}", versions.join(" or "))));
@@ -187,6 +188,7 @@ fn judge_document(file: &str, index: usize, text: &str, value: &Value) -> Result
         "RateLimitPolicy" => typed_spec::<RateLimitPolicySpec>(text, index),
         "MeshService" => typed_spec::<crate::proxy::service::MeshServiceSpec>(text, index),
         "HTTPRoute" => typed_spec::<crate::proxy::http_route::HttpRouteSpec>(text, index),
+        "GRPCRoute" => typed_spec::<crate::proxy::http_route::GrpcRouteSpec>(text, index),
         _ => typed_spec::<WorkloadSecuritySpec>(text, index),
     };
     let (labels, spec) = typed.map_err(|(position, message)| (Some(key.clone()), position, message))?;

@@ -26,7 +26,7 @@ use crate::guard::security::WorkloadSecuritySpec;
 use crate::k8s::crd::PeerAuthenticationSpec;
 use crate::policy::resource::{AuthorizationPolicy, AuthorizationPolicySpec, WorkloadSelector};
 use crate::proto::discovery::Endpoint;
-use crate::proxy::http_route::HttpRouteSpec;
+use crate::proxy::http_route::{GrpcRouteSpec, HttpRouteSpec};
 use crate::proxy::service::MeshServiceSpec;
 
 /// The kinds the mesh understands.
@@ -38,6 +38,7 @@ pub const KINDS: &[&str] = &[
     "WorkloadSecurity",
     "MeshService",
     "HTTPRoute",
+    "GRPCRoute",
 ];
 
 /// Kinds validated and pushed to sidecars that do not enforce them yet. Said in logs and
@@ -56,6 +57,7 @@ pub enum Spec {
     MeshService(MeshServiceSpec),
     /// Gateway API (`gateway.networking.k8s.io`), attached to a service: sent to every sidecar.
     HttpRoute(HttpRouteSpec),
+    GrpcRoute(GrpcRouteSpec),
 }
 
 impl Spec {
@@ -69,6 +71,7 @@ impl Spec {
             Spec::WorkloadSecurity(_) => "WorkloadSecurity",
             Spec::MeshService(_) => "MeshService",
             Spec::HttpRoute(_) => "HTTPRoute",
+            Spec::GrpcRoute(_) => "GRPCRoute",
         }
     }
 
@@ -79,7 +82,7 @@ impl Spec {
             Spec::RequestAuthentication(s) => s.selector.as_ref(),
             Spec::RateLimitPolicy(s) => s.selector.as_ref(),
             Spec::WorkloadSecurity(s) => s.selector.as_ref(),
-            Spec::MeshService(_) | Spec::HttpRoute(_) => None,
+            Spec::MeshService(_) | Spec::HttpRoute(_) | Spec::GrpcRoute(_) => None,
         }
     }
 
@@ -93,6 +96,7 @@ impl Spec {
             Spec::WorkloadSecurity(s) => serde_json::to_string(s),
             Spec::MeshService(s) => serde_json::to_string(s),
             Spec::HttpRoute(s) => serde_json::to_string(s),
+            Spec::GrpcRoute(s) => serde_json::to_string(s),
         };
         json.expect("typed specs always serialize")
     }
@@ -124,7 +128,7 @@ impl Resource {
     /// Whether this resource applies to a workload in `namespace` with `labels` (a mesh
     /// service and its routes apply to every workload: any may call it).
     pub fn selects(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
-        if matches!(self.spec, Spec::MeshService(_) | Spec::HttpRoute(_)) {
+        if matches!(self.spec, Spec::MeshService(_) | Spec::HttpRoute(_) | Spec::GrpcRoute(_)) {
             return true;
         }
         self.namespace == namespace
@@ -237,6 +241,11 @@ pub fn validate(
             let spec: HttpRouteSpec = serde_json::from_value(spec).map_err(|e| decode("spec", e))?;
             spec.check()?;
             Spec::HttpRoute(spec)
+        }
+        "GRPCRoute" => {
+            let spec: GrpcRouteSpec = serde_json::from_value(spec).map_err(|e| decode("spec", e))?;
+            spec.check()?;
+            Spec::GrpcRoute(spec)
         }
         other => return Err(format!("kind {other:?} is not one of {KINDS:?}").into()),
     };
