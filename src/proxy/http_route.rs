@@ -216,9 +216,9 @@ impl GrpcRouteSpec {
         Ok(HttpRouteSpec { parent_refs: self.parent_refs.clone(), hostnames: self.hostnames.clone(), rules })
     }
 
-    /// Checks what decoding cannot, as for an `HTTPRoute`.
-    pub fn check(&self) -> Result<(), String> {
-        self.to_http()?.check()
+    /// Checks what decoding cannot, as for an `HTTPRoute` in `namespace`.
+    pub fn check_in(&self, namespace: &str) -> Result<(), String> {
+        self.to_http()?.check_in(namespace)
     }
 }
 
@@ -252,6 +252,23 @@ pub enum PathKind {
 pub type RouteTable = HashMap<String, Arc<[Rule]>>;
 
 impl HttpRouteSpec {
+    /// [`Self::check`], and that every backend is in the route's own `namespace`: a backend
+    /// in another namespace needs that namespace's consent (a Gateway API `ReferenceGrant`),
+    /// which Palisade does not read yet, so it is refused.
+    pub fn check_in(&self, namespace: &str) -> Result<(), String> {
+        self.check()?;
+        for (i, rule) in self.rules.iter().enumerate() {
+            for (j, b) in rule.backend_refs.iter().enumerate() {
+                if b.namespace.as_deref().is_some_and(|ns| ns != namespace) {
+                    return Err(format!(
+                        "spec.rules[{i}].backendRefs[{j}].namespace: a backend in another namespace needs a ReferenceGrant, not supported yet"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Checks what decoding cannot, so a route is applied whole or not at all.
     pub fn check(&self) -> Result<(), String> {
         if self.parent_refs.is_empty() {
@@ -371,11 +388,15 @@ impl Rule {
     }
 }
 
-/// The snapshot's `HTTPRoute`s compiled into rules by parent service. A route that does not
+/// The snapshot's routes compiled into rules by parent service, for a caller in `caller_ns`.
+/// A route in its parent's namespace (a producer route) applies to every caller; a route in
+/// another namespace (a consumer route) only to callers of its own namespace, and comes first
+/// for them (GAMMA), so no namespace can redirect another's calls. A route that does not
 /// decode or compile is reported (for the NACK) and left out whole.
-pub fn compile(policies: &[Resource]) -> (RouteTable, Vec<(String, String)>) {
+pub fn compile(policies: &[Resource], caller_ns: &str) -> (RouteTable, Vec<(String, String)>) {
     let mut routes: Vec<&Resource> = policies.iter().filter(|r| r.kind == KIND || r.kind == GRPC_KIND).collect();
     routes.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let mut consumer: HashMap<String, Vec<Rule>> = HashMap::new();
     let mut by_parent: HashMap<String, Vec<Rule>> = HashMap::new();
     let mut errors = Vec::new();
     for r in routes {
@@ -387,22 +408,32 @@ pub fn compile(policies: &[Resource]) -> (RouteTable, Vec<(String, String)>) {
             _ => serde_json::from_str::<HttpRouteSpec>(&r.spec_json).map_err(|e| e.to_string()),
         };
         let compiled = decoded
-            .and_then(|spec| spec.check().map(|()| spec))
+            .and_then(|spec| spec.check_in(&r.namespace).map(|()| spec))
             .and_then(|spec| rules_of(&r.namespace, &name, &spec).map(|rules| (spec, rules)));
         match compiled {
             Ok((spec, rules)) => {
                 for p in &spec.parent_refs {
-                    let parent = format!("{}/{}", p.namespace.as_deref().unwrap_or(&r.namespace), p.name);
+                    let parent_ns = p.namespace.as_deref().unwrap_or(&r.namespace);
+                    let table = match (parent_ns == r.namespace, r.namespace == caller_ns) {
+                        (true, _) => &mut by_parent,
+                        (false, true) => &mut consumer,
+                        (false, false) => continue,
+                    };
+                    let parent = format!("{parent_ns}/{}", p.name);
                     // No backendRefs: the parent service itself.
                     let attached = rules.iter().map(|rule| match rule.backends.is_empty() {
                         true => Rule { backends: vec![(parent.clone(), 1)], ..rule.clone() },
                         false => rule.clone(),
                     });
-                    by_parent.entry(parent.clone()).or_default().extend(attached);
+                    table.entry(parent.clone()).or_default().extend(attached);
                 }
             }
             Err(e) => errors.push((name, e)),
         }
+    }
+    for (parent, mut rules) in consumer {
+        rules.extend(by_parent.remove(&parent).unwrap_or_default());
+        by_parent.insert(parent, rules);
     }
     (by_parent.into_iter().map(|(k, v)| (k, v.into())).collect(), errors)
 }
@@ -458,21 +489,24 @@ mod tests {
 
     #[test]
     fn rules_attach_to_their_parent_in_order_and_default_to_it() {
-        let (table, errors) = compile(&[
-            route(
-                "b-split",
-                serde_json::json!({"parentRefs": [{"kind": "Service", "name": "orders"}], "rules": [
-                    {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}, "method": "GET"}],
-                     "backendRefs": [{"name": "orders-v1", "weight": 90}, {"name": "orders-v2", "weight": 10}],
-                     "timeouts": {"request": "200ms"}},
-                    {}
-                ]}),
-            ),
-            route(
-                "a-broken",
-                serde_json::json!({"parentRefs": [{"kind": "Service", "name": "orders"}], "rules": [{"filters": [{"type": "RequestHeaderModifier"}]}]}),
-            ),
-        ]);
+        let (table, errors) = compile(
+            &[
+                route(
+                    "b-split",
+                    serde_json::json!({"parentRefs": [{"kind": "Service", "name": "orders"}], "rules": [
+                        {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}, "method": "GET"}],
+                         "backendRefs": [{"name": "orders-v1", "weight": 90}, {"name": "orders-v2", "weight": 10}],
+                         "timeouts": {"request": "200ms"}},
+                        {}
+                    ]}),
+                ),
+                route(
+                    "a-broken",
+                    serde_json::json!({"parentRefs": [{"kind": "Service", "name": "orders"}], "rules": [{"filters": [{"type": "RequestHeaderModifier"}]}]}),
+                ),
+            ],
+            "shop",
+        );
         assert_eq!(errors.len(), 1);
         assert!(errors[0].1.contains("filters"), "{errors:?}");
         let rules = &table["shop/orders"];
@@ -490,16 +524,19 @@ mod tests {
 
     #[test]
     fn a_grpc_route_matches_by_service_and_method() {
-        let (table, errors) = compile(&[Resource {
-            kind: GRPC_KIND.into(),
-            ..route(
-                "grpc",
-                serde_json::json!({"parentRefs": [{"kind": "Service", "name": "orders"}], "rules": [
-                    {"matches": [{"method": {"service": "shop.Orders", "method": "Get"}}], "backendRefs": [{"name": "orders-v2"}]},
-                    {"matches": [{"method": {"service": "shop.Orders"}}]}
-                ]}),
-            )
-        }]);
+        let (table, errors) = compile(
+            &[Resource {
+                kind: GRPC_KIND.into(),
+                ..route(
+                    "grpc",
+                    serde_json::json!({"parentRefs": [{"kind": "Service", "name": "orders"}], "rules": [
+                        {"matches": [{"method": {"service": "shop.Orders", "method": "Get"}}], "backendRefs": [{"name": "orders-v2"}]},
+                        {"matches": [{"method": {"service": "shop.Orders"}}]}
+                    ]}),
+                )
+            }],
+            "shop",
+        );
         assert!(errors.is_empty(), "{errors:?}");
         let rules = &table["shop/orders"];
         let h = http::HeaderMap::new();
@@ -518,7 +555,35 @@ mod tests {
             }],
             ..Default::default()
         };
-        assert!(bad.check().unwrap_err().contains("a service"), "a method without its service");
+        assert!(bad.check_in("shop").unwrap_err().contains("a service"), "a method without its service");
+    }
+
+    #[test]
+    fn a_route_of_another_namespace_binds_only_its_own_callers_and_no_foreign_backend() {
+        let hijack = Resource {
+            namespace: "evil".into(),
+            ..route(
+                "steal",
+                serde_json::json!({"parentRefs": [{"kind": "Service", "namespace": "shop", "name": "orders"}],
+                                   "rules": [{"backendRefs": [{"name": "collector"}]}]}),
+            )
+        };
+        let producer =
+            route("own", serde_json::json!({"parentRefs": [{"kind": "Service", "name": "orders"}], "rules": [{}]}));
+        let (table, errors) = compile(&[hijack.clone(), producer.clone()], "web");
+        assert!(errors.is_empty(), "{errors:?}");
+        let rules = &table["shop/orders"];
+        assert_eq!(rules.len(), 1, "a caller in `web` meets only the producer route");
+        assert_eq!(rules[0].backends, vec![("shop/orders".to_string(), 1)]);
+        let (table, _) = compile(&[hijack, producer], "evil");
+        assert_eq!(table["shop/orders"][0].backends, vec![("evil/collector".to_string(), 1)], "its own callers, first");
+        let foreign = route(
+            "x",
+            serde_json::json!({"parentRefs": [{"kind": "Service", "name": "orders"}],
+                               "rules": [{"backendRefs": [{"name": "db", "namespace": "payments"}]}]}),
+        );
+        let (_, errors) = compile(&[foreign], "shop");
+        assert!(errors[0].1.contains("ReferenceGrant"), "{errors:?}");
     }
 
     #[test]

@@ -219,7 +219,8 @@ impl ViewWriter {
         let (peer_auth, port_peer_auth) = peer_authentication(snap, &cur, &mut nack);
         let endpoints = endpoints(snap, &mut nack);
         let services = services(snap, &cur.services, &mut nack);
-        let routes = http_routes(snap, &mut nack).unwrap_or_else(|| cur.routes.clone());
+        let caller_ns = workload.id.namespace().unwrap_or_default();
+        let routes = http_routes(snap, caller_ns, &mut nack).unwrap_or_else(|| cur.routes.clone());
         let mesh = snap.mesh.clone().unwrap_or_default();
         let default_policy = match mesh.default_policy.as_str() {
             "" => DefaultPolicy::Deny,
@@ -368,8 +369,8 @@ fn services(snap: &Snapshot, cur: &Services, nack: &mut Vec<NackReason>) -> Arc<
 
 /// The snapshot's `HTTPRoute`s, compiled; `None` (keep the routes in force) when one of them
 /// does not compile here, so a route table is always one the control plane sent whole.
-fn http_routes(snap: &Snapshot, nack: &mut Vec<NackReason>) -> Option<Arc<RouteTable>> {
-    let (table, errors) = super::http_route::compile(&snap.policies);
+fn http_routes(snap: &Snapshot, caller_ns: &str, nack: &mut Vec<NackReason>) -> Option<Arc<RouteTable>> {
+    let (table, errors) = super::http_route::compile(&snap.policies, caller_ns);
     if errors.is_empty() {
         return Some(Arc::new(table));
     }

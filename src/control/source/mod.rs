@@ -239,12 +239,12 @@ pub fn validate(
         }
         "HTTPRoute" => {
             let spec: HttpRouteSpec = serde_json::from_value(spec).map_err(|e| decode("spec", e))?;
-            spec.check()?;
+            spec.check_in(namespace)?;
             Spec::HttpRoute(spec)
         }
         "GRPCRoute" => {
             let spec: GrpcRouteSpec = serde_json::from_value(spec).map_err(|e| decode("spec", e))?;
-            spec.check()?;
+            spec.check_in(namespace)?;
             Spec::GrpcRoute(spec)
         }
         other => return Err(format!("kind {other:?} is not one of {KINDS:?}").into()),
