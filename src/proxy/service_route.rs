@@ -231,6 +231,9 @@ fn same(a: Option<&Arc<[ServiceEndpoint]>>, b: Option<&Arc<[ServiceEndpoint]>>) 
     }
 }
 
+/// Endpoints one app connection keeps an HTTP/1.1 connection to between its requests.
+const HELD_MAX: usize = 16;
+
 /// The HTTP/1.1 connection an app connection used last at one endpoint.
 type HeldAt = (Arc<Member>, Arc<Sticky<MeshConnector>>);
 
@@ -243,6 +246,11 @@ impl Held {
         let mut held = self.0.lock();
         if let Some((_, s)) = held.iter().find(|(m, _)| Arc::ptr_eq(m, member)) {
             return s.clone();
+        }
+        // A long-lived app connection meets endpoints come and go: keep the last few only
+        // (dropping one gives its connection back to that endpoint's pool).
+        if held.len() >= HELD_MAX {
+            held.remove(0);
         }
         let s = Arc::new(Sticky::default());
         held.push((member.clone(), s.clone()));
