@@ -33,8 +33,8 @@ pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 #[derive(Debug)]
 pub struct Load {
     outstanding: AtomicU32,
-    estimate: Mutex<Estimate>,
-    health: Mutex<Health>,
+    /// One lock for both: a finished request updates both.
+    state: Mutex<(Estimate, Health)>,
 }
 
 /// Failure accrual of one endpoint.
@@ -44,6 +44,26 @@ struct Health {
     /// Ejections in a row (without a success between them).
     ejections: u32,
     ejected_until: Option<Instant>,
+}
+
+impl Health {
+    /// Counts a request's outcome; true when this failure ejects the endpoint.
+    fn accrue(&mut self, failed: bool, now: Instant) -> bool {
+        if !failed {
+            self.failures_in_a_row = 0;
+            self.ejections = 0;
+            return false;
+        }
+        self.failures_in_a_row += 1;
+        if self.failures_in_a_row < EJECT_AFTER {
+            return false;
+        }
+        let period = EJECTION.saturating_mul(1 << self.ejections.min(8)).min(MAX_EJECTION);
+        self.ejected_until = Some(now + period);
+        self.failures_in_a_row = 0;
+        self.ejections += 1;
+        true
+    }
 }
 
 #[derive(Debug)]
@@ -72,15 +92,17 @@ impl Load {
     pub fn new(decay: Decay) -> Arc<Load> {
         Arc::new(Load {
             outstanding: AtomicU32::new(0),
-            estimate: Mutex::new(Estimate { rtt_ns: decay.default_rtt.as_nanos() as f64, at: Instant::now() }),
-            health: Mutex::default(),
+            state: Mutex::new((
+                Estimate { rtt_ns: decay.default_rtt.as_nanos() as f64, at: Instant::now() },
+                Health::default(),
+            )),
         })
     }
 
     /// The cost of sending one more request here now.
     pub fn cost(&self, now: Instant, decay: Decay) -> f64 {
         let rtt = {
-            let e = self.estimate.lock();
+            let e = &self.state.lock().0;
             e.rtt_ns * weight(now.saturating_duration_since(e.at), decay)
         };
         rtt * f64::from(self.outstanding.load(Ordering::Relaxed) + 1)
@@ -92,10 +114,12 @@ impl Load {
         InFlight { load: self.clone(), started: Instant::now() }
     }
 
-    fn observe(&self, rtt: Duration, decay: Decay) {
+    /// Takes one answer's latency into the estimate and its outcome toward ejection; true when
+    /// this failure ejected the endpoint.
+    fn observe(&self, rtt: Duration, failed: bool, decay: Decay) -> bool {
         let now = Instant::now();
         let rtt_ns = rtt.as_nanos() as f64;
-        let mut e = self.estimate.lock();
+        let (e, h) = &mut *self.state.lock();
         if rtt_ns > e.rtt_ns {
             e.rtt_ns = rtt_ns;
         } else {
@@ -103,30 +127,12 @@ impl Load {
             e.rtt_ns = e.rtt_ns * w + rtt_ns * (1.0 - w);
         }
         e.at = now;
+        h.accrue(failed, now)
     }
 
     /// Whether requests may be sent here (not ejected) at `now`.
     pub fn available(&self, now: Instant) -> bool {
-        self.health.lock().ejected_until.is_none_or(|until| now >= until)
-    }
-
-    /// Counts a request's outcome toward ejection; true when this failure ejected the endpoint.
-    fn accrue(&self, failed: bool) -> bool {
-        let mut h = self.health.lock();
-        if !failed {
-            h.failures_in_a_row = 0;
-            h.ejections = 0;
-            return false;
-        }
-        h.failures_in_a_row += 1;
-        if h.failures_in_a_row < EJECT_AFTER {
-            return false;
-        }
-        let period = EJECTION.saturating_mul(1 << h.ejections.min(8)).min(MAX_EJECTION);
-        h.ejected_until = Some(Instant::now() + period);
-        h.failures_in_a_row = 0;
-        h.ejections += 1;
-        true
+        self.state.lock().1.ejected_until.is_none_or(|until| now >= until)
     }
 
     /// Requests sent here and not answered yet.
@@ -152,8 +158,7 @@ impl InFlight {
     /// [`FAILURE_PENALTY`] if it failed. True when this failure ejected the endpoint.
     pub fn finish(self, failed: bool, decay: Decay) -> bool {
         let rtt = self.started.elapsed();
-        self.load.observe(if failed { rtt.max(FAILURE_PENALTY) } else { rtt }, decay);
-        self.load.accrue(failed)
+        self.load.observe(if failed { rtt.max(FAILURE_PENALTY) } else { rtt }, failed, decay)
     }
 }
 
@@ -256,10 +261,10 @@ mod tests {
     #[test]
     fn a_slower_observation_counts_at_once_a_faster_one_gradually() {
         let load = Load::new(decay());
-        load.observe(Duration::from_millis(100), decay());
+        load.observe(Duration::from_millis(100), false, decay());
         let now = Instant::now();
         assert!(load.cost(now, decay()) > 90e6, "the peak is taken whole");
-        load.observe(Duration::from_millis(1), decay());
+        load.observe(Duration::from_millis(1), false, decay());
         let after = load.cost(Instant::now(), decay());
         assert!(after > 50e6, "one fast answer right after does not erase the peak: {after}");
     }
@@ -267,7 +272,7 @@ mod tests {
     #[test]
     fn the_estimate_decays_while_nothing_is_observed() {
         let load = Load::new(decay());
-        load.observe(Duration::from_millis(100), decay());
+        load.observe(Duration::from_millis(100), false, decay());
         let now = Instant::now();
         let later = now + Duration::from_secs(1);
         assert!(load.cost(later, decay()) < load.cost(now, decay()) / 100.0, "five periods on, under 1 %");

@@ -249,7 +249,7 @@ pub enum PathKind {
 
 /// The rules of every route, by the `namespace/name` of the service they are attached to, in
 /// order: routes by namespace and name, each route's rules as written.
-pub type RouteTable = HashMap<String, Arc<[Rule]>>;
+pub type RouteTable = foldhash::HashMap<String, Arc<[Rule]>>;
 
 impl HttpRouteSpec {
     /// [`Self::check`], and that every backend is in the route's own `namespace`: a backend

@@ -20,7 +20,6 @@
 //! a service that names its own identity, and every connection to an endpoint must prove that
 //! endpoint's identity.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -75,14 +74,16 @@ pub struct ServiceEndpoint {
     pub zone: Option<String>,
 }
 
-/// Every service this sidecar knows, by `namespace/name`, with its endpoints sorted.
-pub type Services = HashMap<String, Arc<[ServiceEndpoint]>>;
+/// Every service this sidecar knows, by `namespace/name`, with its endpoints sorted. Looked up
+/// per request by service routes: foldhash, not SipHash (the keys come from the operator's
+/// resources, not from callers).
+pub type Services = foldhash::HashMap<String, Arc<[ServiceEndpoint]>>;
 
 /// Resolves the snapshot's `MeshService` resources against its endpoint table. A spec that does
 /// not decode is returned as an error (for the NACK), the others resolved; an endpoint whose
 /// address or identity does not parse is left out (the endpoint table reports it).
 pub fn resolve(policies: &[Resource], endpoints: &[Endpoint]) -> (Services, Vec<(String, String)>) {
-    let mut services = Services::new();
+    let mut services = Services::default();
     let mut errors = Vec::new();
     for r in policies.iter().filter(|r| r.kind == KIND) {
         let name = format!("{}/{}", r.namespace, r.name);

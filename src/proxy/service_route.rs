@@ -53,7 +53,7 @@ pub struct ServiceOutbound {
     decay: Decay,
     /// By service (the route's own, and the backends its `HTTPRoute`s split to): members are
     /// kept by endpoint across changes of the service.
-    members: Mutex<HashMap<String, Arc<Members>>>,
+    members: Mutex<foldhash::HashMap<String, Arc<Members>>>,
     budget: RetryBudget,
     /// The route's balancer counters, resolved once.
     retried: prometheus_client::metrics::counter::Counter,
@@ -128,14 +128,18 @@ impl ServiceOutbound {
     }
 
     /// An endpoint of `service` for the next request or connection, other than `not` if there
-    /// is another.
-    fn pick(&self, service: &str, not: Option<&Arc<Member>>) -> Option<Arc<Member>> {
+    /// is another, and how many endpoints the service has.
+    fn pick(&self, service: &str, not: Option<&Arc<Member>>) -> Option<(Arc<Member>, usize)> {
         let members = self.members(service);
         let list = &members.list;
+        if list.len() == 1 {
+            // Nothing to choose between (ejected or not, it is the one there is).
+            return Some((list[0].clone(), 1));
+        }
         let now = std::time::Instant::now();
         let usable = |i: usize| list[i].load.available(now) && not.is_none_or(|n| !Arc::ptr_eq(n, &list[i]));
         let i = balance::pick(list.len(), usable, |i| list[i].load.cost(now, self.decay))?;
-        Some(list[i].clone())
+        Some((list[i].clone(), list.len()))
     }
 
     /// Drops every endpoint's pooled connections (revocations changed).
@@ -194,18 +198,24 @@ impl ServiceOutbound {
     /// Sends `req` to an endpoint of `service`, and once more to another if it failed and may
     /// be sent again.
     async fn balanced(&self, service: &str, held: &Held, mut req: Request<Incoming>) -> Response<ProxyBody> {
-        let Some(member) = self.pick(service, None) else {
+        let Some((member, members_len)) = self.pick(service, None) else {
             let reason = format!("service {service} has no endpoints");
             return self.refuse(&mut req, StatusCode::SERVICE_UNAVAILABLE, &reason);
         };
-        self.budget.deposit();
-        let again =
-            replayable(&req).then(|| (req.method().clone(), req.uri().clone(), req.version(), req.headers().clone()));
+        // The budget and a copy to send again only where there is another endpoint to send it
+        // to: with one, a request costs about what it costs on a plain route.
+        let again = (members_len > 1)
+            .then(|| {
+                self.budget.deposit();
+                replayable(&req)
+                    .then(|| (req.method().clone(), req.uri().clone(), req.version(), req.headers().clone()))
+            })
+            .flatten();
         let resp = self.attempt(&member, held, Attempt::First(req)).await;
         let Some((method, uri, version, headers)) = again.filter(|_| failed(resp.status())) else {
             return resp;
         };
-        let Some(next) = self.pick(service, Some(&member)).filter(|next| !Arc::ptr_eq(next, &member)) else {
+        let Some((next, _)) = self.pick(service, Some(&member)).filter(|(next, _)| !Arc::ptr_eq(next, &member)) else {
             return resp;
         };
         if !self.budget.withdraw() {
@@ -271,7 +281,7 @@ impl Upstream for ServiceOutbound {
 
     async fn tunnel(self: &Arc<Self>, tcp: TcpStream, prefix: bytes::BytesMut, remote: SocketAddr) {
         // Opaque TCP has no request to route by: the service's own endpoints, per connection.
-        let Some(member) = self.pick(&self.route.service, None) else {
+        let Some((member, _)) = self.pick(&self.route.service, None) else {
             tracing::warn!(%remote, service = %self.route.service, "opaque TCP: the service has no endpoints");
             return;
         };
