@@ -17,6 +17,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use parking_lot::Mutex;
@@ -30,6 +32,7 @@ use super::http::{ProxyBody, ensure_request_id, error_response};
 use super::limits::{Drain, Limits};
 use super::outbound::{MeshConnector, Outbound, Route, Upstream};
 use super::service::{ServiceEndpoint, ServiceRoute};
+use super::view::MeshView;
 
 /// One endpoint of the service: its connections and its load.
 struct Member {
@@ -54,6 +57,8 @@ pub struct ServiceOutbound {
     /// By service (the route's own, and the backends its `HTTPRoute`s split to): members are
     /// kept by endpoint across changes of the service.
     members: Mutex<foldhash::HashMap<String, Arc<Members>>>,
+    /// The route's own service's entry of `members`, read without the lock.
+    own: ArcSwap<Members>,
     budget: RetryBudget,
     /// The route's balancer counters, resolved once.
     retried: prometheus_client::metrics::counter::Counter,
@@ -76,6 +81,7 @@ impl ServiceOutbound {
             dp: dp.clone(),
             decay,
             members: Mutex::default(),
+            own: ArcSwap::from_pointee(Members { of: None, list: Vec::new() }),
             budget: RetryBudget::default(),
             retried: counter("retried"),
             budget_exhausted: counter("retry_budget_exhausted"),
@@ -87,12 +93,19 @@ impl ServiceOutbound {
         })
     }
 
-    /// The endpoints of `service` as the view has them now, each with its connections and load.
-    fn members(&self, service: &str) -> Arc<Members> {
-        let view = self.dp.view.load();
-        let now = view.services.get(service);
+    /// The endpoints of `service` in `view`, each with its connections and load.
+    fn members(&self, view: &MeshView, service: &Arc<str>) -> Arc<Members> {
+        let now = view.services.get(&**service);
+        let own = Arc::ptr_eq(service, &self.service);
+        if own {
+            // The route's own service (every request when no HTTPRoute splits it): no lock.
+            let current = self.own.load();
+            if same(now, current.of.as_ref()) {
+                return Arc::clone(&current);
+            }
+        }
         let mut cache = self.members.lock();
-        let current = cache.get(service);
+        let current = cache.get(&**service);
         if let Some(current) = current
             && same(now, current.of.as_ref())
         {
@@ -121,16 +134,19 @@ impl ServiceOutbound {
                     .collect()
             })
             .unwrap_or_default();
-        tracing::info!(route = %self.route.service, service, endpoints = now.map_or(0, |e| e.len()), "service endpoints changed");
+        tracing::info!(route = %self.route.service, %service, endpoints = now.map_or(0, |e| e.len()), "service endpoints changed");
         let next = Arc::new(Members { of: now.cloned(), list });
         cache.insert(service.to_string(), next.clone());
+        if own {
+            self.own.store(next.clone());
+        }
         next
     }
 
     /// An endpoint of `service` for the next request or connection, other than `not` if there
     /// is another, and how many endpoints the service has.
-    fn pick(&self, service: &str, not: Option<&Arc<Member>>) -> Option<(Arc<Member>, usize)> {
-        let members = self.members(service);
+    fn pick(&self, view: &MeshView, service: &Arc<str>, not: Option<&Arc<Member>>) -> Option<(Arc<Member>, usize)> {
+        let members = self.members(view, service);
         let list = &members.list;
         if list.len() == 1 {
             // Nothing to choose between (ejected or not, it is the one there is).
@@ -157,15 +173,17 @@ impl ServiceOutbound {
         error_response(status, reason, &request_id)
     }
 
-    /// Sends `req` to `member` (its pools, its load).
-    async fn attempt(&self, member: &Arc<Member>, held: &Held, req: Attempt) -> Response<ProxyBody> {
+    /// Sends `req` to `member` (its pools), keeping its latency and outcome when `track`.
+    async fn attempt(&self, member: &Arc<Member>, track: bool, held: &Held, req: Attempt) -> Response<ProxyBody> {
         let sticky = held.sticky(member);
-        let inflight = member.load.start();
+        let inflight = track.then(|| member.load.start());
         let resp = match req {
             Attempt::First(req) => super::outbound::handle(&member.out, &sticky, req).await,
             Attempt::Again(req) => super::outbound::handle_again(&member.out, &sticky, req).await,
         };
-        if inflight.finish(failed(resp.status()), self.decay) {
+        if let Some(inflight) = inflight
+            && inflight.finish(failed(resp.status()), self.decay)
+        {
             self.ejected.inc();
             tracing::warn!(
                 service = %self.route.service,
@@ -181,9 +199,12 @@ impl ServiceOutbound {
     /// Where `req` goes: the backend service and the request timeout of the first
     /// `HTTPRoute` rule attached to this route's service that takes it, or the service itself
     /// when no route is attached. An error is the refusal to answer.
-    fn routed(&self, req: &Request<Incoming>) -> Result<(Arc<str>, Option<Duration>), (StatusCode, String)> {
-        let rules = self.dp.view.load().routes.get(&self.route.service).cloned();
-        let Some(rules) = rules else {
+    fn routed(
+        &self,
+        view: &MeshView,
+        req: &Request<Incoming>,
+    ) -> Result<(Arc<str>, Option<Duration>), (StatusCode, String)> {
+        let Some(rules) = view.routes.get(&self.route.service) else {
             return Ok((self.service.clone(), None));
         };
         let rule = rules.iter().find(|r| r.takes(req.method(), req.uri().path(), req.headers())).ok_or_else(|| {
@@ -197,8 +218,14 @@ impl ServiceOutbound {
 
     /// Sends `req` to an endpoint of `service`, and once more to another if it failed and may
     /// be sent again.
-    async fn balanced(&self, service: &str, held: &Held, mut req: Request<Incoming>) -> Response<ProxyBody> {
-        let Some((member, members_len)) = self.pick(service, None) else {
+    async fn balanced(
+        &self,
+        view: &MeshView,
+        service: &Arc<str>,
+        held: &Held,
+        mut req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let Some((member, members_len)) = self.pick(view, service, None) else {
             let reason = format!("service {service} has no endpoints");
             return self.refuse(&mut req, StatusCode::SERVICE_UNAVAILABLE, &reason);
         };
@@ -211,11 +238,13 @@ impl ServiceOutbound {
                     .then(|| (req.method().clone(), req.uri().clone(), req.version(), req.headers().clone()))
             })
             .flatten();
-        let resp = self.attempt(&member, held, Attempt::First(req)).await;
+        // With one endpoint there is nothing to choose: no latency to keep.
+        let resp = self.attempt(&member, members_len > 1, held, Attempt::First(req)).await;
         let Some((method, uri, version, headers)) = again.filter(|_| failed(resp.status())) else {
             return resp;
         };
-        let Some((next, _)) = self.pick(service, Some(&member)).filter(|(next, _)| !Arc::ptr_eq(next, &member)) else {
+        let Some((next, _)) = self.pick(view, service, Some(&member)).filter(|(next, _)| !Arc::ptr_eq(next, &member))
+        else {
             return resp;
         };
         if !self.budget.withdraw() {
@@ -228,8 +257,8 @@ impl ServiceOutbound {
         let mut retry = Request::new(RequestBody::empty());
         (*retry.method_mut(), *retry.uri_mut(), *retry.version_mut(), *retry.headers_mut()) =
             (method, uri, version, headers);
-        tracing::debug!(service, endpoint = %next.endpoint.address, "retrying on another endpoint");
-        self.attempt(&next, held, Attempt::Again(retry)).await
+        tracing::debug!(%service, endpoint = %next.endpoint.address, "retrying on another endpoint");
+        self.attempt(&next, true, held, Attempt::Again(retry)).await
     }
 }
 
@@ -281,7 +310,8 @@ impl Upstream for ServiceOutbound {
 
     async fn tunnel(self: &Arc<Self>, tcp: TcpStream, prefix: bytes::BytesMut, remote: SocketAddr) {
         // Opaque TCP has no request to route by: the service's own endpoints, per connection.
-        let Some((member, _)) = self.pick(&self.route.service, None) else {
+        let view = self.dp.view.load_full();
+        let Some((member, _)) = self.pick(&view, &self.service, None) else {
             tracing::warn!(%remote, service = %self.route.service, "opaque TCP: the service has no endpoints");
             return;
         };
@@ -291,9 +321,9 @@ impl Upstream for ServiceOutbound {
     }
 
     async fn request(self: &Arc<Self>, held: &Held, mut req: Request<Incoming>) -> Response<ProxyBody> {
-        // The same request id on every attempt and on a timeout: one request, as logs tell it.
-        let request_id = ensure_request_id(req.headers_mut());
-        let (service, timeout) = match self.routed(&req) {
+        // One view for the whole request: its route, its endpoints, and a retry's.
+        let view = self.dp.view.load_full();
+        let (service, timeout) = match self.routed(&view, &req) {
             Ok(routed) => routed,
             Err((status, reason)) => {
                 self.unrouted.inc();
@@ -301,9 +331,11 @@ impl Upstream for ServiceOutbound {
             }
         };
         let Some(timeout) = timeout else {
-            return self.balanced(&service, held, req).await;
+            return self.balanced(&view, &service, held, req).await;
         };
-        match tokio::time::timeout(timeout, self.balanced(&service, held, req)).await {
+        // The same request id on every attempt and on the timeout's answer.
+        let request_id = ensure_request_id(req.headers_mut());
+        match tokio::time::timeout(timeout, self.balanced(&view, &service, held, req)).await {
             Ok(resp) => resp,
             Err(_) => {
                 self.timed_out.inc();
