@@ -228,8 +228,9 @@ pub struct Rule {
     /// `namespace/name` of the route and the rule's index in it.
     pub route: String,
     pub matches: Vec<Match>,
-    /// `namespace/name` of each backend service, with its weight.
-    pub backends: Vec<(String, u32)>,
+    /// `namespace/name` of each backend service, with its weight (shared with every request
+    /// routed there, not copied per request).
+    pub backends: Vec<(Arc<str>, u32)>,
     #[serde(with = "humantime_serde_opt")]
     pub timeout: Option<Duration>,
 }
@@ -327,6 +328,11 @@ fn compile_match(m: &RouteMatch) -> Result<Match, String> {
             if !value.starts_with('/') {
                 return Err(format!("path.value {value:?} must start with /"));
             }
+            // A prefix matches whole segments; its trailing `/` is trimmed once, here.
+            let value = match kind {
+                PathKind::Prefix => value.trim_end_matches('/').to_string(),
+                PathKind::Exact => value,
+            };
             Some((kind, value))
         }
     };
@@ -355,8 +361,8 @@ impl Match {
             Some((PathKind::Exact, v)) => path == v,
             // A prefix matches whole segments: `/api` matches `/api` and `/api/x`, not `/apix`.
             Some((PathKind::Prefix, v)) => {
-                let v = v.trim_end_matches('/');
-                v.is_empty() || path == v || path.strip_prefix(v).is_some_and(|rest| rest.starts_with('/'))
+                v.is_empty()
+                    || path.strip_prefix(v.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
             }
         };
         path_ok
@@ -372,7 +378,7 @@ impl Rule {
     }
 
     /// The backend for the next request, by weight; `None` when every weight is 0.
-    pub fn backend(&self) -> Option<&str> {
+    pub fn backend(&self) -> Option<&Arc<str>> {
         let total: u64 = self.backends.iter().map(|(_, w)| u64::from(*w)).sum();
         if total == 0 {
             return None;
@@ -422,7 +428,7 @@ pub fn compile(policies: &[Resource], caller_ns: &str) -> (RouteTable, Vec<(Stri
                     let parent = format!("{parent_ns}/{}", p.name);
                     // No backendRefs: the parent service itself.
                     let attached = rules.iter().map(|rule| match rule.backends.is_empty() {
-                        true => Rule { backends: vec![(parent.clone(), 1)], ..rule.clone() },
+                        true => Rule { backends: vec![(Arc::from(parent.as_str()), 1)], ..rule.clone() },
                         false => rule.clone(),
                     });
                     table.entry(parent.clone()).or_default().extend(attached);
@@ -447,7 +453,10 @@ fn rules_of(namespace: &str, name: &str, spec: &HttpRouteSpec) -> Result<Vec<Rul
             let backends = rule
                 .backend_refs
                 .iter()
-                .map(|b| (format!("{}/{}", b.namespace.as_deref().unwrap_or(namespace), b.name), b.weight.unwrap_or(1)))
+                .map(|b| {
+                    let name = format!("{}/{}", b.namespace.as_deref().unwrap_or(namespace), b.name);
+                    (Arc::from(name), b.weight.unwrap_or(1))
+                })
                 .collect();
             let timeout = match rule.timeouts.as_ref().and_then(|t| t.request.as_deref()) {
                 Some(v) => Some(humantime::parse_duration(v).map_err(|e| e.to_string())?),
@@ -483,6 +492,10 @@ mod tests {
         }
     }
 
+    fn backends(rule: &Rule) -> Vec<(&str, u32)> {
+        rule.backends.iter().map(|(name, w)| (&**name, *w)).collect()
+    }
+
     fn spec(v: serde_json::Value) -> Result<(), String> {
         serde_json::from_value::<HttpRouteSpec>(v).map_err(|e| e.to_string())?.check()
     }
@@ -511,9 +524,9 @@ mod tests {
         assert!(errors[0].1.contains("filters"), "{errors:?}");
         let rules = &table["shop/orders"];
         assert_eq!(rules.len(), 2);
-        assert_eq!(rules[0].backends, vec![("shop/orders-v1".to_string(), 90), ("shop/orders-v2".to_string(), 10)]);
+        assert_eq!(backends(&rules[0]), [("shop/orders-v1", 90), ("shop/orders-v2", 10)]);
         assert_eq!(rules[0].timeout, Some(Duration::from_millis(200)));
-        assert_eq!(rules[1].backends, vec![("shop/orders".to_string(), 1)], "no backendRefs: the parent itself");
+        assert_eq!(backends(&rules[1]), [("shop/orders", 1)], "no backendRefs: the parent itself");
         let h = http::HeaderMap::new();
         assert!(rules[0].takes(&http::Method::GET, "/api/x", &h));
         assert!(rules[0].takes(&http::Method::GET, "/api", &h));
@@ -574,9 +587,9 @@ mod tests {
         assert!(errors.is_empty(), "{errors:?}");
         let rules = &table["shop/orders"];
         assert_eq!(rules.len(), 1, "a caller in `web` meets only the producer route");
-        assert_eq!(rules[0].backends, vec![("shop/orders".to_string(), 1)]);
+        assert_eq!(backends(&rules[0]), [("shop/orders", 1)]);
         let (table, _) = compile(&[hijack, producer], "evil");
-        assert_eq!(table["shop/orders"][0].backends, vec![("evil/collector".to_string(), 1)], "its own callers, first");
+        assert_eq!(backends(&table["shop/orders"][0]), [("evil/collector", 1)], "its own callers, first");
         let foreign = route(
             "x",
             serde_json::json!({"parentRefs": [{"kind": "Service", "name": "orders"}],
@@ -594,7 +607,7 @@ mod tests {
             backends: vec![("a".into(), 9), ("b".into(), 1), ("none".into(), 0)],
             timeout: None,
         };
-        let b = (0..10_000).filter(|_| rule.backend() == Some("b")).count();
+        let b = (0..10_000).filter(|_| rule.backend().map(|b| &**b) == Some("b")).count();
         assert!((800..1200).contains(&b), "{b}");
         let zero = Rule { route: "r".into(), matches: vec![], backends: vec![("a".into(), 0)], timeout: None };
         assert_eq!(zero.backend(), None);

@@ -213,7 +213,7 @@ impl ServiceOutbound {
         let backend = rule.backend().ok_or_else(|| {
             (StatusCode::SERVICE_UNAVAILABLE, format!("every backend of {} has weight 0", rule.route))
         })?;
-        Ok((Arc::from(backend), rule.timeout))
+        Ok((backend.clone(), rule.timeout))
     }
 
     /// Sends `req` to an endpoint of `service`, and once more to another if it failed and may

@@ -350,14 +350,7 @@ fn services(snap: &Snapshot, cur: &Services, nack: &mut Vec<NackReason>) -> Arc<
         if let Some(kept) = cur.get(&name) {
             services.insert(name.clone(), kept.clone());
         }
-        let (namespace, name) = name.split_once('/').unwrap_or(("", &name));
-        nack.push(NackReason::Guard {
-            kind: super::service::KIND.into(),
-            origin: String::new(),
-            namespace: namespace.into(),
-            name: name.into(),
-            message,
-        });
+        nack.push(refused(super::service::KIND, &name, message));
     }
     for (name, endpoints) in services.iter_mut() {
         if let Some(kept) = cur.get(name).filter(|kept| kept[..] == endpoints[..]) {
@@ -365,6 +358,18 @@ fn services(snap: &Snapshot, cur: &Services, nack: &mut Vec<NackReason>) -> Arc<
         }
     }
     Arc::new(services)
+}
+
+/// A resource of `kind` named `namespace/name` this sidecar could not use.
+fn refused(kind: &str, name: &str, message: String) -> NackReason {
+    let (namespace, name) = name.split_once('/').unwrap_or(("", name));
+    NackReason::Guard {
+        kind: kind.into(),
+        origin: String::new(),
+        namespace: namespace.into(),
+        name: name.into(),
+        message,
+    }
 }
 
 /// The snapshot's `HTTPRoute`s, compiled; `None` (keep the routes in force) when one of them
@@ -375,14 +380,7 @@ fn http_routes(snap: &Snapshot, caller_ns: &str, nack: &mut Vec<NackReason>) -> 
         return Some(Arc::new(table));
     }
     for (name, message) in errors {
-        let (namespace, name) = name.split_once('/').unwrap_or(("", &name));
-        nack.push(NackReason::Guard {
-            kind: "HTTPRoute/GRPCRoute".into(),
-            origin: String::new(),
-            namespace: namespace.into(),
-            name: name.into(),
-            message,
-        });
+        nack.push(refused("HTTPRoute/GRPCRoute", &name, message));
     }
     None
 }
