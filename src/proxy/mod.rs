@@ -496,10 +496,11 @@ async fn start_listeners(args: &ProxyArgs, dp: &DataPlane, own_id: &SpiffeId) ->
         tokio::spawn(inbound::serve(listener, acceptor, Arc::new(inbound)));
         tracing::info!(%listen, app = ?args.app, "inbound mTLS listener up");
     }
+    let decay = balance::Decay { period: args.balancer_decay, ..balance::Decay::default() };
     if args.transparent {
         let listener =
             TcpListener::bind(args.outbound).await.with_context(|| format!("binding outbound {}", args.outbound))?;
-        let t = transparent::Transparent::new(args.outbound, dp);
+        let t = transparent::Transparent::new(args.outbound, dp, decay);
         on_revocation(dp, {
             let t = t.clone();
             move || t.reset()
@@ -518,11 +519,10 @@ async fn start_listeners(args: &ProxyArgs, dp: &DataPlane, own_id: &SpiffeId) ->
         tokio::spawn(outbound::serve(listener, out));
         tracing::info!(listen = %route.listen, target = %route.target, identity = %route.identity, "outbound route up");
     }
-    let decay = balance::Decay { period: args.balancer_decay, ..balance::Decay::default() };
     for route in &args.service_routes {
         let listener =
             TcpListener::bind(route.listen).await.with_context(|| format!("binding service route {}", route.listen))?;
-        let out = service_route::ServiceOutbound::new(route.clone(), dp, decay);
+        let out = service_route::ServiceOutbound::new(route.clone(), None, dp, decay);
         on_revocation(dp, {
             let out = out.clone();
             move || out.reset_pools()

@@ -37,6 +37,8 @@ use super::view::MeshView;
 /// One endpoint of the service: its connections and its load.
 struct Member {
     endpoint: ServiceEndpoint,
+    /// Where its connections go.
+    dial: SocketAddr,
     out: Arc<Outbound>,
     load: Arc<Load>,
 }
@@ -46,12 +48,17 @@ struct Members {
     /// The view's list these were made for (compared by pointer: a new view makes a new list
     /// only when the service changed).
     of: Option<Arc<[ServiceEndpoint]>>,
+    /// The service's ports these were dialled for (transparent mode only).
+    ports: Vec<(u16, u16)>,
     list: Vec<Arc<Member>>,
 }
 
 /// State of one service route's listener.
 pub struct ServiceOutbound {
     pub route: ServiceRoute,
+    /// The service port the app dialled (transparent mode): endpoints registered as a whole
+    /// IP are dialled at its target port. `None` for a service route's listener.
+    port: Option<u16>,
     dp: DataPlane,
     decay: Decay,
     /// By service (the route's own, and the backends its `HTTPRoute`s split to): members are
@@ -71,17 +78,19 @@ pub struct ServiceOutbound {
 }
 
 impl ServiceOutbound {
-    pub fn new(route: ServiceRoute, dp: &DataPlane, decay: Decay) -> Arc<Self> {
+    /// `port`: the service port connections were made to, in transparent mode.
+    pub fn new(route: ServiceRoute, port: Option<u16>, dp: &DataPlane, decay: Decay) -> Arc<Self> {
         let service: Arc<str> = Arc::from(route.service.as_str());
         let counter = |event| {
             let labels = crate::telemetry::metrics::BalancerLabels { service: service.clone(), event };
             dp.metrics.balancer.get_or_create_owned(&labels)
         };
         Arc::new(ServiceOutbound {
+            port,
             dp: dp.clone(),
             decay,
             members: Mutex::default(),
-            own: ArcSwap::from_pointee(Members { of: None, list: Vec::new() }),
+            own: ArcSwap::from_pointee(Members { of: None, ports: Vec::new(), list: Vec::new() }),
             budget: RetryBudget::default(),
             retried: counter("retried"),
             budget_exhausted: counter("retry_budget_exhausted"),
@@ -96,11 +105,16 @@ impl ServiceOutbound {
     /// The endpoints of `service` in `view`, each with its connections and load.
     fn members(&self, view: &MeshView, service: &Arc<str>) -> Arc<Members> {
         let now = view.services.get(&**service);
+        let no_ports: &[(u16, u16)] = &[];
+        let ports = match self.port {
+            Some(_) => view.service_addresses.ports.get(&**service).map_or(no_ports, |p| &p[..]),
+            None => no_ports,
+        };
         let own = Arc::ptr_eq(service, &self.service);
         if own {
             // The route's own service (every request when no HTTPRoute splits it): no lock.
             let current = self.own.load();
-            if same(now, current.of.as_ref()) {
+            if same(now, current.of.as_ref()) && current.ports == ports {
                 return Arc::clone(&current);
             }
         }
@@ -108,34 +122,41 @@ impl ServiceOutbound {
         let current = cache.get(&**service);
         if let Some(current) = current
             && same(now, current.of.as_ref())
+            && current.ports == ports
         {
             return current.clone();
         }
-        let kept: HashMap<&ServiceEndpoint, &Arc<Member>> =
-            current.iter().flat_map(|c| c.list.iter()).map(|m| (&m.endpoint, m)).collect();
+        let kept: HashMap<(&ServiceEndpoint, SocketAddr), &Arc<Member>> =
+            current.iter().flat_map(|c| c.list.iter()).map(|m| ((&m.endpoint, m.dial), m)).collect();
         let list = now
             .map(|eps| {
                 eps.iter()
-                    .map(|e| match kept.get(e) {
-                        Some(m) => Arc::clone(m),
-                        None => Arc::new(Member {
-                            endpoint: e.clone(),
-                            out: Arc::new(Outbound::new(
-                                Route {
-                                    listen: self.route.listen,
-                                    target: e.address.to_string(),
-                                    identity: e.identity.clone(),
-                                },
-                                &self.dp,
-                            )),
-                            load: Load::new(self.decay),
-                        }),
+                    .filter_map(|e| {
+                        // A whole-IP endpoint (transparent mode) has no port to reach it by a
+                        // service route's listener.
+                        let dial = e.dial(self.port, ports)?;
+                        Some(match kept.get(&(e, dial)) {
+                            Some(m) => Arc::clone(m),
+                            None => Arc::new(Member {
+                                endpoint: e.clone(),
+                                dial,
+                                out: Arc::new(Outbound::new(
+                                    Route {
+                                        listen: self.route.listen,
+                                        target: dial.to_string(),
+                                        identity: e.identity.clone(),
+                                    },
+                                    &self.dp,
+                                )),
+                                load: Load::new(self.decay),
+                            }),
+                        })
                     })
                     .collect()
             })
             .unwrap_or_default();
         tracing::info!(route = %self.route.service, %service, endpoints = now.map_or(0, |e| e.len()), "service endpoints changed");
-        let next = Arc::new(Members { of: now.cloned(), list });
+        let next = Arc::new(Members { of: now.cloned(), ports: ports.to_vec(), list });
         cache.insert(service.to_string(), next.clone());
         if own {
             self.own.store(next.clone());
@@ -187,7 +208,7 @@ impl ServiceOutbound {
             self.ejected.inc();
             tracing::warn!(
                 service = %self.route.service,
-                endpoint = %member.endpoint.address,
+                endpoint = %member.dial,
                 identity = %member.endpoint.identity,
                 "endpoint ejected after {} failures in a row",
                 balance::EJECT_AFTER
@@ -257,7 +278,7 @@ impl ServiceOutbound {
         let mut retry = Request::new(RequestBody::empty());
         (*retry.method_mut(), *retry.uri_mut(), *retry.version_mut(), *retry.headers_mut()) =
             (method, uri, version, headers);
-        tracing::debug!(%service, endpoint = %next.endpoint.address, "retrying on another endpoint");
+        tracing::debug!(%service, endpoint = %next.dial, "retrying on another endpoint");
         self.attempt(&next, true, held, Attempt::Again(retry)).await
     }
 }

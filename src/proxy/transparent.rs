@@ -1,7 +1,9 @@
 //! Transparent outbound (15001): connections the app made to anywhere, redirected here by
-//! `palisade init`. The original destination decides everything: a meshed address gets mTLS to
-//! the identity the endpoint table names for it; anything else passes through as plain TCP, or
-//! is refused when egress is `deny`.
+//! `palisade init`. The original destination decides everything: a service's address (a
+//! ClusterIP and one of its ports) is balanced per request across the service's endpoints, each
+//! over mTLS to its own identity; another meshed address gets mTLS to the identity the endpoint
+//! table names for it; anything else passes through as plain TCP, or is refused when egress is
+//! `deny`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,8 +13,11 @@ use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::DataPlane;
+use super::balance::Decay;
 use super::limits::{Drain, Limits};
 use super::outbound::{Outbound, Route};
+use super::service::ServiceRoute;
+use super::service_route::ServiceOutbound;
 use super::view::SharedView;
 use crate::identity::SpiffeId;
 use crate::telemetry::access_log::AccessLog;
@@ -29,12 +34,16 @@ pub struct Transparent {
     dp: DataPlane,
     /// One pooled upstream per (destination, identity); dropped whole on revocation changes.
     upstreams: Mutex<HashMap<(SocketAddr, SpiffeId), Arc<Outbound>>>,
+    /// One balancer per (service, port the app dialled), kept across connections so every
+    /// connection to a service shares its endpoints' pools and latency estimates.
+    services: Mutex<HashMap<(Arc<str>, u16), Arc<ServiceOutbound>>>,
+    decay: Decay,
     listen: SocketAddr,
 }
 
 impl Transparent {
     /// State for a listener bound at `listen`.
-    pub fn new(listen: SocketAddr, dp: &DataPlane) -> Arc<Self> {
+    pub fn new(listen: SocketAddr, dp: &DataPlane, decay: Decay) -> Arc<Self> {
         Arc::new(Transparent {
             view: dp.view.clone(),
             metrics: dp.metrics.clone(),
@@ -43,6 +52,8 @@ impl Transparent {
             access_log: dp.access_log.clone(),
             dp: dp.clone(),
             upstreams: Mutex::new(HashMap::new()),
+            services: Mutex::new(HashMap::new()),
+            decay,
             listen,
         })
     }
@@ -50,6 +61,25 @@ impl Transparent {
     /// Forgets every pooled upstream (after a revocation, so peers are judged afresh).
     pub fn reset(&self) {
         self.upstreams.lock().clear();
+        for s in self.services.lock().values() {
+            s.reset_pools();
+        }
+    }
+
+    fn service(&self, service: &Arc<str>, port: u16) -> Arc<ServiceOutbound> {
+        let mut map = self.services.lock();
+        // A service no longer in the view keeps no balancer (its pools close with their last
+        // connection).
+        if map.len() > 64 {
+            let view = self.view.load();
+            map.retain(|(name, _), _| view.services.contains_key(&**name));
+        }
+        map.entry((service.clone(), port))
+            .or_insert_with(|| {
+                let route = ServiceRoute { listen: self.listen, service: service.to_string() };
+                ServiceOutbound::new(route, Some(port), &self.dp, self.decay)
+            })
+            .clone()
     }
 
     fn upstream(&self, dst: SocketAddr, id: &SpiffeId) -> Arc<Outbound> {
@@ -82,6 +112,11 @@ async fn connection(t: &Transparent, mut tcp: TcpStream, remote: SocketAddr) {
         }
     };
     let view = t.view.load_full();
+    if let Some(service) = view.service_addresses.at.get(&dst) {
+        let out = t.service(service, dst.port());
+        drop(view);
+        return super::outbound::connection(&out, tcp, remote, dst.port()).await;
+    }
     if let Some(id) = view.identity_for(dst) {
         let out = t.upstream(dst, id);
         return super::outbound::connection(&out, tcp, remote, dst.port()).await;

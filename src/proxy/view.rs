@@ -29,7 +29,7 @@ use crate::proto::discovery::{Revocation, Snapshot, peer_authentication::Mode, r
 use crate::tls::{BundleError, BundleState, TrustSource};
 
 use super::http_route::RouteTable;
-use super::service::Services;
+use super::service::{ServiceAddresses, Services};
 
 /// Whether plaintext is accepted on a port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -51,6 +51,8 @@ pub struct MeshView {
     pub endpoints: HashMap<SocketAddr, SpiffeId>,
     /// Mesh services (`namespace/name`) with their endpoints, resolved from the table.
     pub services: Arc<Services>,
+    /// Where services are reached by address (transparent mode), and their ports.
+    pub service_addresses: Arc<ServiceAddresses>,
     /// `HTTPRoute` rules by the service they are attached to.
     pub routes: Arc<RouteTable>,
     pub default_policy: DefaultPolicy,
@@ -81,6 +83,7 @@ impl MeshView {
             port_peer_auth: HashMap::new(),
             endpoints: HashMap::new(),
             services: Arc::default(),
+            service_addresses: Arc::default(),
             routes: Arc::default(),
             default_policy: DefaultPolicy::Deny,
             egress_allowed: false,
@@ -218,7 +221,7 @@ impl ViewWriter {
 
         let (peer_auth, port_peer_auth) = peer_authentication(snap, &cur, &mut nack);
         let endpoints = endpoints(snap, &mut nack);
-        let services = services(snap, &cur.services, &mut nack);
+        let (services, service_addresses) = services(snap, &cur, &mut nack);
         let caller_ns = workload.id.namespace().unwrap_or_default();
         let routes = http_routes(snap, caller_ns, &mut nack).unwrap_or_else(|| cur.routes.clone());
         let mesh = snap.mesh.clone().unwrap_or_default();
@@ -248,6 +251,7 @@ impl ViewWriter {
             port_peer_auth,
             endpoints,
             services,
+            service_addresses,
             routes,
             default_policy,
             egress_allowed: mesh.egress != "deny",
@@ -277,6 +281,7 @@ impl ViewWriter {
             port_peer_auth: cur.port_peer_auth.clone(),
             endpoints: cur.endpoints.clone(),
             services: cur.services.clone(),
+            service_addresses: cur.service_addresses.clone(),
             routes: cur.routes.clone(),
             default_policy: cur.default_policy,
             egress_allowed: cur.egress_allowed,
@@ -343,21 +348,33 @@ fn endpoints(snap: &Snapshot, nack: &mut Vec<NackReason>) -> HashMap<SocketAddr,
 
 /// The snapshot's mesh services resolved against its endpoint table. A service whose endpoints
 /// did not change keeps its list (the same allocation, which tells a service route nothing
-/// changed); one whose spec does not decode is reported and keeps its previous endpoints.
-fn services(snap: &Snapshot, cur: &Services, nack: &mut Vec<NackReason>) -> Arc<Services> {
-    let (mut services, errors) = super::service::resolve(&snap.policies, &snap.endpoints);
+/// changed); one whose spec does not decode is reported and keeps its previous endpoints and
+/// addresses.
+fn services(snap: &Snapshot, cur: &MeshView, nack: &mut Vec<NackReason>) -> (Arc<Services>, Arc<ServiceAddresses>) {
+    let super::service::Resolved { mut services, mut addresses, errors } =
+        super::service::resolve(&snap.policies, &snap.endpoints);
     for (name, message) in errors {
-        if let Some(kept) = cur.get(&name) {
-            services.insert(name.clone(), kept.clone());
+        if !services.contains_key(&name) {
+            if let Some(kept) = cur.services.get(&name) {
+                services.insert(name.clone(), kept.clone());
+            }
+            for (at, service) in cur.service_addresses.at.iter().filter(|(_, s)| ***s == *name) {
+                addresses.at.entry(*at).or_insert_with(|| service.clone());
+            }
+            if let Some(ports) = cur.service_addresses.ports.get(&name) {
+                addresses.ports.insert(name.clone(), ports.clone());
+            }
         }
         nack.push(refused(super::service::KIND, &name, message));
     }
     for (name, endpoints) in services.iter_mut() {
-        if let Some(kept) = cur.get(name).filter(|kept| kept[..] == endpoints[..]) {
+        if let Some(kept) = cur.services.get(name).filter(|kept| kept[..] == endpoints[..]) {
             *endpoints = kept.clone();
         }
     }
-    Arc::new(services)
+    let addresses =
+        if addresses == *cur.service_addresses { cur.service_addresses.clone() } else { Arc::new(addresses) };
+    (Arc::new(services), addresses)
 }
 
 /// A resource of `kind` named `namespace/name` this sidecar could not use.
