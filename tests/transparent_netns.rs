@@ -11,6 +11,7 @@
 
 mod tools;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,6 +45,7 @@ fn run(program: &str, args: &[&str]) -> String {
 struct Lab {
     tag: String,
     dir: PathBuf,
+    hosts: Vec<String>,
     procs: Vec<(String, Child)>,
 }
 
@@ -52,7 +54,9 @@ impl Lab {
         format!("{}-{name}", self.tag)
     }
 
-    fn new() -> Lab {
+    /// A bridge and one namespace per host, `NET.1`, `NET.2`, ... in the order given; `prefix`
+    /// keeps the names of tests running at once apart.
+    fn new(prefix: &str, hosts: &[&str]) -> Lab {
         tools::netns_tools();
         for tool in ["ip", "iptables", "tcpdump", "curl", "python3", "setpriv"] {
             assert!(
@@ -63,16 +67,16 @@ impl Lab {
                 "{tool} is missing; {INSTALL}"
             );
         }
-        let tag = format!("paltp{}", std::process::id() % 100_000);
+        let tag = format!("{prefix}{}", std::process::id() % 100_000);
         let dir = std::env::temp_dir().join(format!("{tag}-files"));
         std::fs::create_dir_all(&dir).unwrap();
         run("chmod", &["755", dir.to_str().unwrap()]);
-        let lab = Lab { tag, dir, procs: vec![] };
+        let lab = Lab { tag, dir, hosts: hosts.iter().map(|h| h.to_string()).collect(), procs: vec![] };
         let sw = lab.ns("sw");
         run("ip", &["netns", "add", &sw]);
         run("ip", &["-n", &sw, "link", "add", "br0", "type", "bridge"]);
         run("ip", &["-n", &sw, "link", "set", "br0", "up"]);
-        for (i, host) in ["cp", "a", "b", "c"].iter().enumerate() {
+        for (i, host) in hosts.iter().enumerate() {
             let ns = lab.ns(host);
             run("ip", &["netns", "add", &ns]);
             let (inside, outside) = ("eth0".to_string(), format!("v-{host}"));
@@ -129,7 +133,8 @@ impl Lab {
         }
     }
 
-    fn token(&self, state: &Path, sa: &str) -> PathBuf {
+    /// A join token for `sa` (each used once: one per sidecar, named by `host`).
+    fn token(&self, state: &Path, host: &str, sa: &str) -> PathBuf {
         let out = Command::new(BIN)
             .args(["control", "token", "create", "--state-dir"])
             .arg(state)
@@ -137,7 +142,7 @@ impl Lab {
             .output()
             .unwrap();
         assert!(out.status.success());
-        let path = self.dir.join(format!("{sa}.token"));
+        let path = self.dir.join(format!("{host}.token"));
         std::fs::write(&path, out.stdout).unwrap();
         run("chmod", &["644", path.to_str().unwrap()]);
         path
@@ -150,7 +155,7 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for host in ["cp", "a", "b", "c", "sw"] {
+        for host in self.hosts.iter().map(String::as_str).chain(["sw"]) {
             let _ = Command::new("ip").args(["netns", "del", &self.ns(host)]).output();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -159,7 +164,7 @@ impl Drop for Lab {
 
 #[test]
 fn pods_talk_plain_http_and_the_wire_carries_only_mutual_tls() {
-    let mut lab = Lab::new();
+    let mut lab = Lab::new("paltp", &["cp", "a", "b", "c"]);
     let state = lab.dir.join("state");
     let resources = lab.dir.join("resources");
     std::fs::create_dir_all(&resources).unwrap();
@@ -193,7 +198,7 @@ fn pods_talk_plain_http_and_the_wire_carries_only_mutual_tls() {
         lab.spawn(&format!("app-{host}"), &ns, &["python3", "-c", ECHO_APP, host]);
         let init = lab.exec(host, &[BIN, "init", "--proxy-uid", PROXY_UID]);
         assert!(init.status.success(), "init in {host}: {}", String::from_utf8_lossy(&init.stderr));
-        let token = lab.token(&state, host);
+        let token = lab.token(&state, host, host);
         lab.spawn(
             &format!("sidecar-{host}"),
             &ns,
@@ -365,4 +370,343 @@ fn pods_talk_plain_http_and_the_wire_carries_only_mutual_tls() {
     });
     assert!(lab.curl("a", &format!("http://{NET}.4:8080/outside")).is_err(), "egress deny let an unmeshed call out");
     assert!(lab.curl("a", &format!("http://{NET}.3:8080/still-meshed")).is_ok());
+}
+
+/// Runs `f` on a thread of its own inside network namespace `ns`: the sockets it opens live
+/// there, however long they are used after.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    use std::os::fd::AsFd;
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        rustix::thread::move_into_link_name_space(file.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
+            .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+        f()
+    })
+}
+
+/// An endpoint's app inside its namespace, on port 8080: answers every request (HTTP/1.1 or
+/// HTTP/2 cleartext) with its name and the `x-forwarded-client-cert` its sidecar added, after
+/// `delay_ms`.
+struct EndpointApp {
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EndpointApp {
+    fn start(ns: &str, name: &'static str) -> EndpointApp {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let delay_ms = std::sync::Arc::new(AtomicU64::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (up, is_up) = std::sync::mpsc::channel();
+        let delay = delay_ms.clone();
+        let thread = in_netns(ns, move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("0.0.0.0:8080").await.unwrap();
+                up.send(()).unwrap();
+                let serve = async move {
+                    loop {
+                        let Ok((tcp, _)) = listener.accept().await else { continue };
+                        let delay = delay.clone();
+                        tokio::spawn(async move {
+                            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                                let ms = delay.load(Ordering::SeqCst);
+                                let xfcc = req
+                                    .headers()
+                                    .get("x-forwarded-client-cert")
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                                    .to_string();
+                                async move {
+                                    if ms > 0 {
+                                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                                    }
+                                    let body = bytes::Bytes::from(format!("{name} {xfcc}"));
+                                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                                        body,
+                                    )))
+                                }
+                            });
+                            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                                .await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = stopped => {}
+                    _ = serve => {}
+                }
+            })
+        });
+        is_up.recv_timeout(Duration::from_secs(10)).expect("endpoint app listening");
+        EndpointApp { delay_ms, stop: Some(stop), thread: Some(thread) }
+    }
+}
+
+impl Drop for EndpointApp {
+    fn drop(&mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+        let _ = self.thread.take().map(|t| t.join());
+    }
+}
+
+type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// One HTTP/2 connection from inside namespace `ns` to `addr` (gRPC's shape: every call over it).
+async fn h2_connection(ns: &str, addr: std::net::SocketAddr) -> H2 {
+    let tcp = in_netns(ns, move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    tcp.set_nonblocking(true).unwrap();
+    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// One call over `h2`: the answering app's body, or what went wrong.
+async fn call(h2: &H2, url: &str) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(url).body(http_body_util::Empty::new()).unwrap();
+    let resp = h2.clone().send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let body = String::from_utf8_lossy(&body).into_owned();
+    if status == 200 { Ok(body) } else { Err(format!("{status}: {body}")) }
+}
+
+/// `total` calls, `concurrency` at a time, over `h2`; answers counted by app name, with the
+/// `x-forwarded-client-cert` each app saw. Every call must succeed.
+async fn spread(h2: &H2, url: &str, total: usize, concurrency: usize) -> BTreeMap<String, (usize, String)> {
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (h2, url) = (h2.clone(), url.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..total / concurrency {
+                seen.push(call(&h2, &url).await.expect("a call through the service address"));
+            }
+            seen
+        }));
+    }
+    let mut counts: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    for t in tasks {
+        for body in t.await.unwrap() {
+            let (name, xfcc) = body.split_once(' ').unwrap_or((&body, ""));
+            let e = counts.entry(name.to_string()).or_insert((0, xfcc.to_string()));
+            e.0 += 1;
+        }
+    }
+    counts
+}
+
+fn share(counts: &BTreeMap<String, (usize, String)>, name: &str) -> f64 {
+    let total: usize = counts.values().map(|(n, _)| n).sum();
+    counts.get(name).map_or(0, |(n, _)| *n) as f64 / total as f64
+}
+
+fn metric(text: &str, name: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The service's address: in the hosts' subnet (so the app's connect finds a route) but no
+/// host's: only the redirect and the client's sidecar ever see it.
+const SERVICE_VIP: &str = "10.231.0.100";
+
+#[test]
+fn a_service_address_is_balanced_per_request_across_endpoints_each_verified_as_itself() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let mut lab = Lab::new("palsv", &["cp", "client", "e1", "e2", "e3"]);
+    let state = lab.dir.join("state");
+    let resources = lab.dir.join("resources");
+    std::fs::create_dir_all(&resources).unwrap();
+    // Two identities behind one address: e1 and e2 run as echo-a, e3 as echo-b.
+    std::fs::write(
+        resources.join("echo.yaml"),
+        format!(
+            "apiVersion: palisade.io/v1alpha1\nkind: MeshService\nmetadata: {{name: echo, namespace: pods}}\n\
+             spec:\n  identities: [spiffe://cluster.local/ns/pods/sa/echo-a, spiffe://cluster.local/ns/pods/sa/echo-b]\n  \
+             selector: {{matchLabels: {{app: echo}}}}\n  addresses: [{SERVICE_VIP}]\n  \
+             ports: [{{name: http, port: 80, targetPort: 8080}}]\n"
+        ),
+    )
+    .unwrap();
+    let cp = format!("{NET}.1:15010");
+    let (state_s, res_s) = (state.display().to_string(), resources.display().to_string());
+    let admin = format!("{NET}.1:15014");
+    let cp_ns = lab.ns("cp");
+    lab.spawn(
+        "control",
+        &cp_ns,
+        &[BIN, "control", "--state-dir", &state_s, "--listen", &cp, "--admin", &admin, "--resources", &res_s]
+            .into_iter()
+            .chain(["--default-policy", "allow", "--cert-ttl", "10m", "--endpoint-grace", "60s"])
+            .collect::<Vec<_>>(),
+    );
+    lab.wait("control plane", Duration::from_secs(20), || {
+        lab.exec("cp", &["curl", "-sf", &format!("http://{admin}/ready")]).status.success()
+    });
+    let bundle = lab.dir.join("root.pem");
+    std::fs::copy(state.join("ca/root.pem"), &bundle).unwrap();
+    run("chmod", &["644", bundle.to_str().unwrap()]);
+
+    let hosts = [("e1", "echo-a", 3), ("e2", "echo-a", 4), ("e3", "echo-b", 5), ("client", "client", 2)];
+    let mut apps = BTreeMap::new();
+    for (host, sa, ip) in hosts {
+        let ns = lab.ns(host);
+        if host != "client" {
+            let name: &'static str = Box::leak(host.to_string().into_boxed_str());
+            apps.insert(host, EndpointApp::start(&ns, name));
+        }
+        let init = lab.exec(host, &[BIN, "init", "--proxy-uid", PROXY_UID]);
+        assert!(init.status.success(), "init in {host}: {}", String::from_utf8_lossy(&init.stderr));
+        let token = lab.token(&state, host, sa);
+        let label = if host == "client" { "app=client".to_string() } else { "app=echo".to_string() };
+        let pod_ip = format!("{NET}.{ip}");
+        let mut argv = vec![
+            "setpriv",
+            "--reuid",
+            PROXY_UID,
+            "--regid",
+            PROXY_UID,
+            "--clear-groups",
+            "--",
+            PROXY_BIN,
+            "--transparent",
+            "--pod-ip",
+            &pod_ip,
+            "--control",
+            &cp,
+            "--ca-bundle",
+        ];
+        let (bundle_s, token_s) = (bundle.display().to_string(), token.display().to_string());
+        argv.extend([bundle_s.as_str(), "--token-file", &token_s, "--admin", "127.0.0.1:15020"]);
+        // A short decay: a slow endpoint's estimate wears off within the test once it recovers,
+        // and a dead one is tried (and fails) often enough to be ejected.
+        argv.extend(["--label", &label, "--access-log", "off", "--balancer-decay", "500ms"]);
+        lab.spawn(&format!("sidecar-{host}"), &ns, &argv);
+    }
+    for (host, ..) in hosts {
+        lab.wait(&format!("sidecar {host} ready"), Duration::from_secs(30), || {
+            lab.curl(host, "http://127.0.0.1:15020/ready").is_ok()
+        });
+    }
+    let vip = format!("{SERVICE_VIP}:80");
+    lab.wait("the service's address and three endpoints at the client", Duration::from_secs(20), || {
+        let Ok(dump) = lab.curl("client", "http://127.0.0.1:15020/config_dump") else { return false };
+        let dump: serde_json::Value = serde_json::from_str(&dump).unwrap_or_default();
+        dump["mesh"]["service_addresses"]["at"][&vip] == "pods/echo"
+            && dump["mesh"]["services"]["pods/echo"].as_array().is_some_and(|e| e.len() == 3)
+    });
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let client_ns = lab.ns("client");
+    let url = format!("http://{vip}/echo.Echo/Say");
+    rt.block_on(async {
+        // One HTTP/2 connection from the app to the service address: its calls reach every
+        // endpoint, and each endpoint proved its own identity (the sidecar there says who it
+        // is in `By=`, and who called in `URI=`).
+        let h2 = h2_connection(&client_ns, vip.parse().unwrap()).await;
+        let counts = spread(&h2, &url, 300, 4).await;
+        println!("all healthy: {counts:?}");
+        for (name, sa) in [("e1", "echo-a"), ("e2", "echo-a"), ("e3", "echo-b")] {
+            assert!(share(&counts, name) >= 0.10, "{name}: {counts:?}");
+            assert_eq!(
+                counts[name].1,
+                format!("By=spiffe://cluster.local/ns/pods/sa/{sa};URI=spiffe://cluster.local/ns/pods/sa/client"),
+                "{name} is verified as {sa}"
+            );
+        }
+
+        // e3 turns slow: its share drops under 10 % and stays there while it is slow.
+        apps["e3"].delay_ms.store(200, Ordering::SeqCst);
+        for round in 0..3 {
+            let counts = spread(&h2, &url, 200, 4).await;
+            println!("e3 slow, round {round}: {counts:?}");
+            assert!(
+                share(&counts, "e3") < 0.10,
+                "the slow endpoint kept {:.1} %: {counts:?}",
+                share(&counts, "e3") * 100.0
+            );
+        }
+        // It recovers, and takes its share back.
+        apps["e3"].delay_ms.store(0, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let counts = spread(&h2, &url, 100, 4).await;
+            if share(&counts, "e3") >= 0.15 {
+                println!("e3 recovered: {counts:?}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "e3 never took its share back: {counts:?}");
+        }
+
+        // e3's sidecar is killed (SIGKILL) under constant load: no call fails (each failed one is
+        // retried on another endpoint), and the dead endpoint is ejected.
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let ok = std::sync::Arc::new(AtomicU64::new(0));
+        let failed = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let mut load = Vec::new();
+        for _ in 0..4 {
+            let (h2, url, stop, ok, failed) = (h2.clone(), url.clone(), stop.clone(), ok.clone(), failed.clone());
+            load.push(tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    match call(&h2, &url).await {
+                        Ok(_) => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => failed.lock().push(e),
+                    }
+                }
+            }));
+        }
+        let started = Instant::now();
+        while ok.load(Ordering::SeqCst) < 100 {
+            assert!(started.elapsed() < Duration::from_secs(10), "load never got going: {:?}", failed.lock());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let killed_at = ok.load(Ordering::SeqCst);
+        let (_, sidecar) = lab.procs.iter_mut().find(|(n, _)| n == "sidecar-e3").unwrap();
+        sidecar.kill().unwrap();
+        sidecar.wait().unwrap();
+        let client_metrics =
+            || tokio::task::block_in_place(|| lab.curl("client", "http://127.0.0.1:15020/metrics").unwrap_or_default());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while metric(&client_metrics(), "palisade_balancer_events_total", "event=\"ejected\"") < 1.0 {
+            assert!(Instant::now() < deadline, "the dead endpoint was never ejected:\n{}", client_metrics());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let at_ejection = ok.load(Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while ok.load(Ordering::SeqCst) < at_ejection + 200 {
+            assert!(Instant::now() < deadline, "load stalled after the ejection");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.store(true, Ordering::SeqCst);
+        for t in load {
+            t.await.unwrap();
+        }
+        let metrics = client_metrics();
+        let retried = metric(&metrics, "palisade_balancer_events_total", "event=\"retried\"");
+        let total = ok.load(Ordering::SeqCst);
+        println!(
+            "kill under load: {total} calls ok ({} after the kill), failed {:?}, retried {retried}",
+            total - killed_at,
+            failed.lock()
+        );
+        assert!(failed.lock().is_empty(), "calls failed: {:?}", failed.lock());
+        assert!(retried >= 1.0, "the dead endpoint's calls were retried elsewhere: {metrics}");
+        assert!(metrics.contains("service=\"pods/echo\""), "{metrics}");
+    });
+    drop(apps);
 }
