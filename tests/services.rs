@@ -406,4 +406,18 @@ async fn http_and_grpc_routes_split_by_weight_change_live_and_time_out() {
     let metrics = caller.metrics().await;
     assert_eq!(metric(&metrics, "palisade_balancer_events_total", "event=\"timed_out\""), 1.0, "{metrics}");
     assert_eq!(metric(&metrics, "palisade_balancer_events_total", "event=\"no_route_matched\""), 1.0);
+
+    // Per rule and backend: what each took, by class of answer, and how long it took.
+    let backend = |rule: &str, backend: &str, class: &str| {
+        let labels = format!(
+            "service=\"test/echo\",route=\"test/echo-split#{rule}\",backend=\"test/echo-{backend}\",class=\"{class}\""
+        );
+        metric(&metrics, "palisade_backend_requests_total", &labels)
+    };
+    let (stable, canary) = (backend("1", "stable", "2xx"), backend("1", "canary", "2xx"));
+    assert_eq!(stable + canary, 3000.0, "every /api request counted once under its rule: {metrics}");
+    assert!((400.0..=760.0).contains(&canary), "the canary's count follows the splits: {canary}");
+    assert_eq!(backend("0", "stable", "5xx"), 1.0, "the timed-out request, as a 5xx of its rule: {metrics}");
+    let hang_latency = "palisade_backend_request_duration_seconds_sum{service=\"test/echo\",route=\"test/echo-split#0\"";
+    assert!(metric(&metrics, hang_latency, "") >= 0.2, "the timeout's latency is observed: {metrics}");
 }

@@ -226,7 +226,7 @@ impl GrpcRouteSpec {
 #[derive(Clone, Debug, Serialize)]
 pub struct Rule {
     /// `namespace/name` of the route and the rule's index in it.
-    pub route: String,
+    pub route: Arc<str>,
     pub matches: Vec<Match>,
     /// `namespace/name` of each backend service, with its weight (shared with every request
     /// routed there, not copied per request).
@@ -462,7 +462,7 @@ fn rules_of(namespace: &str, name: &str, spec: &HttpRouteSpec) -> Result<Vec<Rul
                 Some(v) => Some(humantime::parse_duration(v).map_err(|e| e.to_string())?),
                 None => None,
             };
-            Ok(Rule { route: format!("{name}#{i}"), matches, backends, timeout })
+            Ok(Rule { route: Arc::from(format!("{name}#{i}")), matches, backends, timeout })
         })
         .collect()
 }

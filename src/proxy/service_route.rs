@@ -53,6 +53,46 @@ struct Members {
     list: Vec<Arc<Member>>,
 }
 
+/// An `HTTPRoute` rule and a backend service it sends to.
+type RuleBackend = (Arc<str>, Arc<str>);
+
+/// One backend's request metrics, resolved once (a request only counts and observes).
+struct BackendMetrics {
+    /// By class of answer: 2xx, 3xx, 4xx, 5xx (1xx and others count as 5xx: never final).
+    by_class: [prometheus_client::metrics::counter::Counter; 4],
+    duration: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl BackendMetrics {
+    fn new(
+        metrics: &crate::telemetry::metrics::ProxyMetrics,
+        service: &Arc<str>,
+        route: Arc<str>,
+        backend: Arc<str>,
+    ) -> Self {
+        use crate::telemetry::metrics::{BackendLabels, BackendStatusLabels};
+        let labels = BackendLabels { service: service.clone(), route, backend };
+        let class = |class| {
+            metrics.backend_requests.get_or_create_owned(&BackendStatusLabels { backend: labels.clone(), class })
+        };
+        BackendMetrics {
+            by_class: [class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            duration: metrics.backend_duration.get_or_create_owned(&labels),
+        }
+    }
+
+    fn record(&self, status: StatusCode, started: std::time::Instant) {
+        let class = match status.as_u16() {
+            200..=299 => 0,
+            300..=399 => 1,
+            400..=499 => 2,
+            _ => 3,
+        };
+        self.by_class[class].inc();
+        self.duration.observe(started.elapsed().as_secs_f64());
+    }
+}
+
 /// State of one service route's listener.
 pub struct ServiceOutbound {
     pub route: ServiceRoute,
@@ -75,6 +115,10 @@ pub struct ServiceOutbound {
     service: Arc<str>,
     timed_out: prometheus_client::metrics::counter::Counter,
     unrouted: prometheus_client::metrics::counter::Counter,
+    /// Requests sent to the service itself (no `HTTPRoute` attached).
+    direct: BackendMetrics,
+    /// Requests an `HTTPRoute` rule took, by (rule, backend).
+    routed: Mutex<foldhash::HashMap<RuleBackend, Arc<BackendMetrics>>>,
 }
 
 impl ServiceOutbound {
@@ -97,6 +141,8 @@ impl ServiceOutbound {
             ejected: counter("ejected"),
             timed_out: counter("timed_out"),
             unrouted: counter("no_route_matched"),
+            direct: BackendMetrics::new(&dp.metrics, &service, Arc::from(""), service.clone()),
+            routed: Mutex::default(),
             service,
             route,
         })
@@ -220,13 +266,9 @@ impl ServiceOutbound {
     /// Where `req` goes: the backend service and the request timeout of the first
     /// `HTTPRoute` rule attached to this route's service that takes it, or the service itself
     /// when no route is attached. An error is the refusal to answer.
-    fn routed(
-        &self,
-        view: &MeshView,
-        req: &Request<Incoming>,
-    ) -> Result<(Arc<str>, Option<Duration>), (StatusCode, String)> {
+    fn routed(&self, view: &MeshView, req: &Request<Incoming>) -> Result<Routed, (StatusCode, String)> {
         let Some(rules) = view.routes.get(&self.route.service) else {
-            return Ok((self.service.clone(), None));
+            return Ok(Routed { backend: self.service.clone(), timeout: None, rule: None });
         };
         let rule = rules.iter().find(|r| r.takes(req.method(), req.uri().path(), req.headers())).ok_or_else(|| {
             (StatusCode::NOT_FOUND, format!("no HTTPRoute rule of service {} matches", self.route.service))
@@ -234,7 +276,22 @@ impl ServiceOutbound {
         let backend = rule.backend().ok_or_else(|| {
             (StatusCode::SERVICE_UNAVAILABLE, format!("every backend of {} has weight 0", rule.route))
         })?;
-        Ok((backend.clone(), rule.timeout))
+        Ok(Routed { backend: backend.clone(), timeout: rule.timeout, rule: Some(rule.route.clone()) })
+    }
+
+    /// The metrics of requests `rule` (none: no route attached) sends to `backend`.
+    fn backend_metrics(&self, rule: Option<&Arc<str>>, backend: &Arc<str>) -> Option<Arc<BackendMetrics>> {
+        let rule = rule?;
+        let mut routed = self.routed.lock();
+        let key = (rule.clone(), backend.clone());
+        Some(
+            routed
+                .entry(key)
+                .or_insert_with(|| {
+                    Arc::new(BackendMetrics::new(&self.dp.metrics, &self.service, rule.clone(), backend.clone()))
+                })
+                .clone(),
+        )
     }
 
     /// Sends `req` to an endpoint of `service`, and once more to another if it failed and may
@@ -344,19 +401,24 @@ impl Upstream for ServiceOutbound {
     async fn request(self: &Arc<Self>, held: &Held, mut req: Request<Incoming>) -> Response<ProxyBody> {
         // One view for the whole request: its route, its endpoints, and a retry's.
         let view = self.dp.view.load_full();
-        let (service, timeout) = match self.routed(&view, &req) {
+        let Routed { backend: service, timeout, rule } = match self.routed(&view, &req) {
             Ok(routed) => routed,
             Err((status, reason)) => {
                 self.unrouted.inc();
                 return self.refuse(&mut req, status, &reason);
             }
         };
+        let started = std::time::Instant::now();
+        let routed_metrics = self.backend_metrics(rule.as_ref(), &service);
+        let metrics = routed_metrics.as_deref().unwrap_or(&self.direct);
         let Some(timeout) = timeout else {
-            return self.balanced(&view, &service, held, req).await;
+            let resp = self.balanced(&view, &service, held, req).await;
+            metrics.record(resp.status(), started);
+            return resp;
         };
         // The same request id on every attempt and on the timeout's answer.
         let request_id = ensure_request_id(req.headers_mut());
-        match tokio::time::timeout(timeout, self.balanced(&view, &service, held, req)).await {
+        let resp = match tokio::time::timeout(timeout, self.balanced(&view, &service, held, req)).await {
             Ok(resp) => resp,
             Err(_) => {
                 self.timed_out.inc();
@@ -364,8 +426,18 @@ impl Upstream for ServiceOutbound {
                 tracing::warn!(%request_id, %reason, "outbound request timed out");
                 error_response(StatusCode::GATEWAY_TIMEOUT, &reason, &request_id)
             }
-        }
+        };
+        metrics.record(resp.status(), started);
+        resp
     }
+}
+
+/// Where a request goes: the backend service, the route's timeout, and the rule that chose them
+/// (none when no `HTTPRoute` is attached to the service).
+struct Routed {
+    backend: Arc<str>,
+    timeout: Option<Duration>,
+    rule: Option<Arc<str>>,
 }
 
 /// A first attempt carries the caller's request; a retry, a bodiless copy of it.

@@ -37,6 +37,25 @@ pub struct BalancerLabels {
     pub event: &'static str,
 }
 
+/// Labels of the per-backend request metrics of service routes (`palisade_backend_*`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// The service the caller addressed, `namespace/name`.
+    pub service: Arc<str>,
+    /// The `HTTPRoute` rule that took the request (`namespace/name#index`), or empty.
+    pub route: Arc<str>,
+    /// The service the request was sent to (a backend of the rule, or the service itself).
+    pub backend: Arc<str>,
+}
+
+/// `BackendLabels` and the class of the answer (`2xx`, `3xx`, `4xx`, `5xx`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendStatusLabels {
+    #[prometheus(flatten)]
+    pub backend: BackendLabels,
+    pub class: &'static str,
+}
+
 /// Labels of `palisade_tls_handshake_failures_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
@@ -150,6 +169,9 @@ pub struct ProxyMetrics {
     pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     /// Retries, retries the budget refused, and endpoints ejected, per service route.
     pub balancer: Family<BalancerLabels, Counter>,
+    /// Service routes: requests per backend by class of answer, and their latency.
+    pub backend_requests: Family<BackendStatusLabels, Counter>,
+    pub backend_duration: Family<BackendLabels, Histogram>,
     /// Per-peer totals for telemetry reports to the control plane.
     pub peers: Arc<super::peers::PeerStats>,
 }
@@ -312,6 +334,10 @@ impl Default for ProxyMetrics {
             jwt_verifications,
             tcp_bytes: Family::default(),
             balancer: Family::default(),
+            backend_requests: Family::default(),
+            backend_duration: Family::new_with_constructor(|| {
+                Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+            }),
             peers: Default::default(),
         }
     }
@@ -375,6 +401,16 @@ impl Metrics {
             "balancer_events",
             "Per service route: requests retried on another endpoint, retries the budget refused, endpoints ejected, route timeouts, requests no route rule took",
             proxy.balancer.clone(),
+        );
+        registry.register(
+            "backend_requests",
+            "Per service route: requests by the service addressed, the HTTPRoute rule that took them, the backend service they went to, and the class of the answer (after retries; refusals before a backend was chosen are not counted)",
+            proxy.backend_requests.clone(),
+        );
+        registry.register(
+            "backend_request_duration_seconds",
+            "Per service route: time to the answer's head, by service, HTTPRoute rule and backend service (retries and their backoff included)",
+            proxy.backend_duration.clone(),
         );
         registry.register(
             "guard_refusals",
