@@ -245,6 +245,39 @@ async fn requests_spread_over_every_endpoint_and_avoid_a_slow_one_until_it_recov
     }
     assert!(h1.len() >= 2 && !h1.contains_key("thief"), "HTTP/1.1: {h1:?}");
 
+    // `palisade status` lists the service with its endpoints, each under its own identity and
+    // with its sidecar connected; the thief is not among them.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(["status", "-o", "json"])
+        .args(mesh.cp.server_cli_args())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let echo = status["services"].as_array().unwrap().iter().find(|s| s["name"] == "echo").expect("test/echo listed");
+    let listed: BTreeMap<String, (String, String)> = echo["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let field = |k: &str| e[k].as_str().unwrap().to_string();
+            (field("address"), (field("spiffe_id"), field("state")))
+        })
+        .collect();
+    let expected: BTreeMap<String, (String, String)> = mesh
+        .backends
+        .iter()
+        .map(|b| (b.inbound.unwrap().to_string(), (b.identity.clone(), "connected".to_string())))
+        .collect();
+    assert_eq!(listed, expected, "{echo}");
+    let text = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .arg("status")
+        .args(mesh.cp.server_cli_args())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("SERVICES") && text.contains("test/echo (3 endpoints)"), "{text}");
+
     // A service with no endpoints is refused with the reason, not hung.
     let (status, _, body) = get(&http_client(), &format!("http://{nowhere}/"), &[]).await.unwrap();
     assert_eq!(status, 503, "{body}");
@@ -324,6 +357,21 @@ async fn an_endpoint_killed_under_load_costs_no_request_and_is_ejected() {
     println!("ok {} failed {:?} retried {retried}", ok.load(Ordering::SeqCst), failed.lock());
     assert!(failed.lock().is_empty(), "requests failed: {:?}", failed.lock());
     assert!(retried >= 1.0, "the dead endpoint's requests were retried elsewhere: {metrics}");
+
+    // `palisade status` shows the dead endpoint as gone (its entry stays for the grace period).
+    let dead = mesh.backends[2].inbound.unwrap().to_string();
+    wait_for("the dead endpoint shown as gone", Duration::from_secs(10), || async {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
+            .args(["status", "-o", "json"])
+            .args(mesh.cp.server_cli_args())
+            .output()
+            .unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        status["services"].as_array().into_iter().flatten().filter(|s| s["name"] == "echo").any(|s| {
+            s["endpoints"].as_array().into_iter().flatten().any(|e| e["address"] == *dead && e["state"] == "gone")
+        })
+    })
+    .await;
     drop(mesh.cp);
 }
 
@@ -418,6 +466,7 @@ async fn http_and_grpc_routes_split_by_weight_change_live_and_time_out() {
     assert_eq!(stable + canary, 3000.0, "every /api request counted once under its rule: {metrics}");
     assert!((400.0..=760.0).contains(&canary), "the canary's count follows the splits: {canary}");
     assert_eq!(backend("0", "stable", "5xx"), 1.0, "the timed-out request, as a 5xx of its rule: {metrics}");
-    let hang_latency = "palisade_backend_request_duration_seconds_sum{service=\"test/echo\",route=\"test/echo-split#0\"";
+    let hang_latency =
+        "palisade_backend_request_duration_seconds_sum{service=\"test/echo\",route=\"test/echo-split#0\"";
     assert!(metric(&metrics, hang_latency, "") >= 0.2, "the timeout's latency is observed: {metrics}");
 }

@@ -304,6 +304,58 @@ impl AdminService {
             .collect()
     }
 
+    /// Each mesh service with its endpoints, and whether the sidecar behind each is connected.
+    fn services(&self, sidecars: &[super::discovery::SidecarEntry]) -> Vec<crate::proto::admin::ServiceStatus> {
+        let resolved = self.mesh.services();
+        let state = |address: &str, id: &str| {
+            let registered = sidecars.iter().filter(|s| s.spiffe_id == id && s.addresses.iter().any(|a| a == address));
+            match registered.map(|s| s.connected).reduce(|a, b| a || b) {
+                Some(true) => "connected",
+                Some(false) => "gone",
+                None => "listed",
+            }
+        };
+        let mut names: Vec<&String> = resolved.services.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|name| {
+                let (namespace, short) = name.split_once('/').unwrap_or(("", name));
+                let ports = resolved.addresses.ports.get(name.as_str());
+                let mut addresses: Vec<String> = resolved
+                    .addresses
+                    .at
+                    .iter()
+                    .filter(|(_, s)| ***s == **name)
+                    .map(|(at, _)| {
+                        let target =
+                            ports.and_then(|p| p.iter().find(|(p, _)| *p == at.port())).map_or(at.port(), |p| p.1);
+                        format!("{at} -> {target}")
+                    })
+                    .collect();
+                addresses.sort();
+                let endpoints = resolved.services[name]
+                    .iter()
+                    .map(|e| {
+                        let (address, id) = (e.address.to_string(), e.identity.to_string());
+                        crate::proto::admin::ServiceEndpointStatus {
+                            state: state(&address, &id).to_string(),
+                            address,
+                            spiffe_id: id,
+                            zone: e.zone.clone().unwrap_or_default(),
+                        }
+                    })
+                    .collect();
+                crate::proto::admin::ServiceStatus {
+                    namespace: namespace.to_string(),
+                    name: short.to_string(),
+                    addresses,
+                    endpoints,
+                }
+            })
+            .collect()
+    }
+
     fn generations(&self) -> Vec<CaGeneration> {
         let generations = match self.store.ca_generations() {
             Ok(g) => g,
@@ -587,6 +639,7 @@ impl Admin for AdminService {
             caller: caller.name.clone(),
             cert_ttl_seconds: self.cert_ttl.as_secs() as i64,
             rollouts: self.rollouts(&fleet.sidecars),
+            services: self.services(&fleet.sidecars),
         };
         self.audited(&caller, "Status", "", Ok(Response::new(response)))
     }

@@ -350,6 +350,27 @@ impl MeshState {
         self.resources.load_full()
     }
 
+    /// The mesh services resolved against the endpoint table in force, as each sidecar
+    /// resolves them from what it is sent.
+    pub fn services(&self) -> crate::proxy::service::Resolved {
+        self.refresh_endpoints();
+        let table = self.endpoints.current();
+        let services: Vec<crate::proto::discovery::Resource> = self
+            .resources()
+            .iter()
+            .filter(|r| matches!(r.spec, Spec::MeshService(_)))
+            .map(|r| crate::proto::discovery::Resource {
+                kind: r.kind().to_string(),
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                origin: r.origin.clone(),
+                spec_json: r.spec.to_json(),
+                labels: Default::default(),
+            })
+            .collect();
+        crate::proxy::service::resolve(&services, &table.endpoints)
+    }
+
     /// Notifies after every debounced change (the generation moves on).
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()

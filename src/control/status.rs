@@ -15,6 +15,39 @@ pub struct StatusReport {
     pub resource_errors: Vec<String>,
     /// Each resource in force, with how it rolled out among the sidecars it selects.
     pub resources: Vec<ResourceRollout>,
+    /// Mesh services with their endpoints.
+    pub services: Vec<ServiceStatus>,
+}
+
+/// A mesh service as `palisade status` shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct ServiceStatus {
+    pub namespace: String,
+    pub name: String,
+    pub addresses: Vec<String>,
+    pub endpoints: Vec<ServiceEndpointStatus>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct ServiceEndpointStatus {
+    pub address: String,
+    pub spiffe_id: String,
+    pub zone: String,
+    pub state: String,
+}
+
+impl From<crate::proto::admin::ServiceStatus> for ServiceStatus {
+    fn from(s: crate::proto::admin::ServiceStatus) -> Self {
+        let crate::proto::admin::ServiceStatus { namespace, name, addresses, endpoints } = s;
+        let endpoints = endpoints
+            .into_iter()
+            .map(|e| {
+                let crate::proto::admin::ServiceEndpointStatus { address, spiffe_id, zone, state } = e;
+                ServiceEndpointStatus { address, spiffe_id, zone, state }
+            })
+            .collect();
+        ServiceStatus { namespace, name, addresses, endpoints }
+    }
 }
 
 /// A resource and its rollout (see [`super::discovery::Rollout`]).
@@ -46,6 +79,7 @@ pub async fn fetch(client: &mut AdminClient) -> anyhow::Result<StatusReport> {
         traffic: edges.into_iter().map(Edge::from).collect(),
         resource_errors: status.resource_errors,
         resources: status.rollouts.into_iter().map(ResourceRollout::from).collect(),
+        services: status.services.into_iter().map(ServiceStatus::from).collect(),
     })
 }
 
@@ -146,6 +180,17 @@ pub fn render(report: &StatusReport) -> String {
             r.nacked,
             r.origin
         );
+    }
+    if !report.services.is_empty() {
+        let _ = writeln!(out, "\nSERVICES (endpoints as every sidecar resolves them)");
+        for s in &report.services {
+            let at = if s.addresses.is_empty() { String::new() } else { format!("  at {}", s.addresses.join(", ")) };
+            let _ = writeln!(out, "{}/{} ({} endpoints){at}", s.namespace, s.name, s.endpoints.len());
+            for e in &s.endpoints {
+                let zone = if e.zone.is_empty() { String::new() } else { format!(" zone={}", e.zone) };
+                let _ = writeln!(out, "    {:<22} {:<46} {:<10}{zone}", e.address, e.spiffe_id, e.state);
+            }
+        }
     }
     if !report.resource_errors.is_empty() {
         let _ = writeln!(out, "\nREFUSED RESOURCE FILES");
