@@ -88,7 +88,14 @@ impl NamedApp {
                     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let ms = delay.load(Ordering::SeqCst);
                         let hang = req.uri().path() == "/hang";
+                        // One endpoint that fails these requests with 500 (what retries mend).
+                        let flaky = name == "a1" && req.uri().path().starts_with("/flaky");
                         async move {
+                            if flaky {
+                                let mut resp = http::Response::new(Full::new(Bytes::from(name)));
+                                *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                                return Ok::<_, std::convert::Infallible>(resp);
+                            }
                             if hang {
                                 // An upstream that never answers in time.
                                 tokio::time::sleep(Duration::from_secs(30)).await;
@@ -469,4 +476,94 @@ async fn http_and_grpc_routes_split_by_weight_change_live_and_time_out() {
     let hang_latency =
         "palisade_backend_request_duration_seconds_sum{service=\"test/echo\",route=\"test/echo-split#0\"";
     assert!(metric(&metrics, hang_latency, "") >= 0.2, "the timeout's latency is observed: {metrics}");
+}
+
+/// `n` requests with `method` over the one HTTP/2 connection of `client`, 4 at a time; the
+/// answers counted by status.
+async fn statuses(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: http::Method,
+    url: &str,
+    n: usize,
+) -> BTreeMap<u16, usize> {
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (client, method, url) = (client.clone(), method.clone(), url.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..n / 4 {
+                let req =
+                    http::Request::builder().method(method.clone()).uri(&url).body(Full::new(Bytes::new())).unwrap();
+                let resp = client.request(req).await.expect("a request through the service route");
+                seen.push(resp.status().as_u16());
+                let _ = resp.into_body().collect().await;
+            }
+            seen
+        }));
+    }
+    let mut counts = BTreeMap::new();
+    for t in tasks {
+        for status in t.await.unwrap() {
+            *counts.entry(status).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_retry_policy_mends_its_codes_for_idempotent_methods_only() {
+    let mesh = Mesh::start("services-retry", "10s").await;
+    let caller = &mesh.caller;
+    // a1 answers every /flaky... request with 500; a2 and b answer 200.
+    let route = "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo-retry, namespace: test}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: echo}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /flaky}}]
+      retry: {codes: [500], attempts: 2, backoff: 5ms}
+    - matches: [{path: {type: PathPrefix, value: /flaky-unconfigured}}]
+";
+    std::fs::write(mesh.resources.join("retry.yaml"), route).unwrap();
+    wait_for("the retry route at the caller", Duration::from_secs(10), || async {
+        caller.config_dump().await["mesh"]["routes"]["test/echo"][0]["retry"]["attempts"] == 2
+    })
+    .await;
+    let client = h2_client();
+    let url = |path: &str| format!("http://{}{path}", mesh.listen);
+
+    // GET and DELETE (idempotent, no body): a1's 500s are retried on another endpoint.
+    let get = statuses(&client, http::Method::GET, &url("/flaky/orders"), 200).await;
+    let delete = statuses(&client, http::Method::DELETE, &url("/flaky/orders/7"), 100).await;
+    println!("configured retry: GET {get:?}, DELETE {delete:?}");
+    assert_eq!(get, BTreeMap::from([(200, 200)]), "every GET mended");
+    assert_eq!(delete, BTreeMap::from([(200, 100)]), "every DELETE mended");
+    let retried = metric(&caller.metrics().await, "palisade_balancer_events_total", "event=\"retried\"");
+    assert!(retried >= 10.0, "a1 took its share and each was retried: {retried}");
+
+    // POST is not idempotent: never sent twice, whatever the policy says.
+    let post = statuses(&client, http::Method::POST, &url("/flaky/orders"), 200).await;
+    println!("POST: {post:?}");
+    assert!(post.get(&500).is_some_and(|n| *n >= 5), "a1's POSTs are not retried: {post:?}");
+    // A rule without a retry policy retries only what says the endpoint could not serve (502,
+    // 503, 504): a 500 is the app's answer and reaches the caller.
+    let plain = statuses(&client, http::Method::GET, &url("/flaky-unconfigured"), 200).await;
+    println!("unconfigured: {plain:?}");
+    assert!(plain.get(&500).is_some_and(|n| *n >= 5), "a 500 is not retried by default: {plain:?}");
+
+    // A policy past the bounds is refused whole (and the caller keeps the route it had).
+    std::fs::write(mesh.resources.join("retry.yaml"), route.replace("attempts: 2", "attempts: 50")).unwrap();
+    wait_for("the refused retry policy reported", Duration::from_secs(10), || async {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_palisade"))
+            .arg("status")
+            .args(mesh.cp.server_cli_args())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("attempts: 50, at most 5")
+    })
+    .await;
+    let get = statuses(&client, http::Method::GET, &url("/flaky/orders"), 100).await;
+    assert_eq!(get, BTreeMap::from([(200, 100)]), "the route in force still retries");
 }

@@ -61,6 +61,9 @@ pub struct RouteRule {
     pub backend_refs: Vec<BackendRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<Timeouts>,
+    /// When and how often a failed request is sent again (the Gateway API's `retry`, GEP-1731).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RouteRetry>,
     /// Not supported yet: a route with filters is refused rather than applied without them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<serde_json::Value>,
@@ -125,6 +128,99 @@ pub struct Timeouts {
     pub request: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_request: Option<String>,
+}
+
+/// A rule's `retry` (Gateway API, GEP-1731): which answers are retried, how many times, and
+/// the pause before the first retry. Only requests that may be sent twice are retried at all:
+/// an idempotent method (GET, HEAD, OPTIONS, TRACE, PUT, DELETE) without a body.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteRetry {
+    /// Status codes retried (400-599); none given: 502, 503 and 504.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub codes: Vec<u16>,
+    /// Most retries of one request (default 1, at most 5; 0 turns retries off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// Pause before the first retry (`25ms`), doubled before each further one, with jitter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<String>,
+}
+
+/// Most retries a rule may ask for: beyond that a retry storm is a configuration away.
+pub const MAX_RETRY_ATTEMPTS: u32 = 5;
+
+/// A rule's retries, compiled.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RetryPolicy {
+    pub codes: Vec<u16>,
+    pub attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub backoff: Duration,
+    /// Idempotent methods besides the safe ones (PUT, DELETE) are retried too: the route's
+    /// owner asked for retries. Without a route's policy only safe methods are.
+    pub idempotent: bool,
+}
+
+/// What a service route does when no rule says: one retry of a safe method on another endpoint,
+/// for an answer that says the endpoint could not serve it.
+pub static DEFAULT_RETRY: RetryPolicy =
+    RetryPolicy { codes: Vec::new(), attempts: 1, backoff: Duration::ZERO, idempotent: false };
+
+impl RetryPolicy {
+    /// Whether this is [`DEFAULT_RETRY`] (which retries on another endpoint only).
+    pub fn is_default(&self) -> bool {
+        std::ptr::eq(self, &DEFAULT_RETRY)
+    }
+
+    /// Whether an answer with `status` is retried.
+    pub fn retries(&self, status: http::StatusCode) -> bool {
+        match self.codes.is_empty() {
+            true => matches!(status.as_u16(), 502..=504),
+            false => self.codes.contains(&status.as_u16()),
+        }
+    }
+
+    /// Whether `method` may be sent again.
+    pub fn method_allowed(&self, method: &http::Method) -> bool {
+        use http::Method;
+        matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
+            || (self.idempotent && matches!(*method, Method::PUT | Method::DELETE))
+    }
+
+    /// The pause before retry number `n` (0-based): the backoff doubled `n` times, between half
+    /// and one and a half of it; with no backoff, up to 10 ms, so the retries of many callers
+    /// do not arrive together.
+    pub fn pause(&self, n: u32) -> Duration {
+        if self.backoff.is_zero() {
+            return Duration::from_millis(rand::random_range(0..10));
+        }
+        let base = self.backoff.saturating_mul(1 << n.min(10));
+        base.mul_f64(rand::random_range(0.5..1.5))
+    }
+}
+
+impl RouteRetry {
+    fn compile(&self) -> Result<RetryPolicy, String> {
+        if let Some(code) = self.codes.iter().find(|c| !(400..=599).contains(*c)) {
+            return Err(format!("codes: {code} is not an error status (400-599)"));
+        }
+        let attempts = self.attempts.unwrap_or(1);
+        if attempts > MAX_RETRY_ATTEMPTS {
+            return Err(format!("attempts: {attempts}, at most {MAX_RETRY_ATTEMPTS}"));
+        }
+        let backoff = match &self.backoff {
+            Some(v) => humantime::parse_duration(v).map_err(|e| format!("backoff: {v:?}: {e}"))?,
+            None => Duration::ZERO,
+        };
+        Ok(RetryPolicy { codes: self.codes.clone(), attempts, backoff, idempotent: true })
+    }
+}
+
+mod humantime_serde {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
 }
 
 /// `spec` of a `GRPCRoute`: the same parents and backends, matched by gRPC service and method.
@@ -210,6 +306,7 @@ impl GrpcRouteSpec {
                 matches,
                 backend_refs: rule.backend_refs.clone(),
                 timeouts: None,
+                retry: None,
                 filters: rule.filters.clone(),
             });
         }
@@ -233,6 +330,9 @@ pub struct Rule {
     pub backends: Vec<(Arc<str>, u32)>,
     #[serde(with = "humantime_serde_opt")]
     pub timeout: Option<Duration>,
+    /// The rule's own retries (none: [`DEFAULT_RETRY`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Arc<RetryPolicy>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -299,6 +399,9 @@ impl HttpRouteSpec {
                 if b.weight.is_some_and(|w| w > MAX_WEIGHT) {
                     return Err(format!("{at}.backendRefs[{j}].weight: at most {MAX_WEIGHT}"));
                 }
+            }
+            if let Some(r) = &rule.retry {
+                r.compile().map_err(|e| format!("{at}.retry.{e}"))?;
             }
             if let Some(t) = &rule.timeouts {
                 for (what, v) in [("request", &t.request), ("backendRequest", &t.backend_request)] {
@@ -462,7 +565,8 @@ fn rules_of(namespace: &str, name: &str, spec: &HttpRouteSpec) -> Result<Vec<Rul
                 Some(v) => Some(humantime::parse_duration(v).map_err(|e| e.to_string())?),
                 None => None,
             };
-            Ok(Rule { route: Arc::from(format!("{name}#{i}")), matches, backends, timeout })
+            let retry = rule.retry.as_ref().map(RouteRetry::compile).transpose()?.map(Arc::new);
+            Ok(Rule { route: Arc::from(format!("{name}#{i}")), matches, backends, timeout, retry })
         })
         .collect()
 }
@@ -606,10 +710,12 @@ mod tests {
             matches: vec![],
             backends: vec![("a".into(), 9), ("b".into(), 1), ("none".into(), 0)],
             timeout: None,
+            retry: None,
         };
         let b = (0..10_000).filter(|_| rule.backend().map(|b| &**b) == Some("b")).count();
         assert!((800..1200).contains(&b), "{b}");
-        let zero = Rule { route: "r".into(), matches: vec![], backends: vec![("a".into(), 0)], timeout: None };
+        let zero =
+            Rule { route: "r".into(), matches: vec![], backends: vec![("a".into(), 0)], timeout: None, retry: None };
         assert_eq!(zero.backend(), None);
     }
 

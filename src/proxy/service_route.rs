@@ -29,6 +29,7 @@ use super::balance::{self, Decay, Load, RetryBudget};
 use super::body::RequestBody;
 use super::h1_pool::Sticky;
 use super::http::{ProxyBody, ensure_request_id, error_response};
+use super::http_route::{DEFAULT_RETRY, RetryPolicy};
 use super::limits::{Drain, Limits};
 use super::outbound::{MeshConnector, Outbound, Route, Upstream};
 use super::service::{ServiceEndpoint, ServiceRoute};
@@ -268,7 +269,7 @@ impl ServiceOutbound {
     /// when no route is attached. An error is the refusal to answer.
     fn routed(&self, view: &MeshView, req: &Request<Incoming>) -> Result<Routed, (StatusCode, String)> {
         let Some(rules) = view.routes.get(&self.route.service) else {
-            return Ok(Routed { backend: self.service.clone(), timeout: None, rule: None });
+            return Ok(Routed { backend: self.service.clone(), timeout: None, rule: None, retry: None });
         };
         let rule = rules.iter().find(|r| r.takes(req.method(), req.uri().path(), req.headers())).ok_or_else(|| {
             (StatusCode::NOT_FOUND, format!("no HTTPRoute rule of service {} matches", self.route.service))
@@ -276,7 +277,12 @@ impl ServiceOutbound {
         let backend = rule.backend().ok_or_else(|| {
             (StatusCode::SERVICE_UNAVAILABLE, format!("every backend of {} has weight 0", rule.route))
         })?;
-        Ok(Routed { backend: backend.clone(), timeout: rule.timeout, rule: Some(rule.route.clone()) })
+        Ok(Routed {
+            backend: backend.clone(),
+            timeout: rule.timeout,
+            rule: Some(rule.route.clone()),
+            retry: rule.retry.clone(),
+        })
     }
 
     /// The metrics of requests `rule` (none: no route attached) sends to `backend`.
@@ -294,12 +300,14 @@ impl ServiceOutbound {
         )
     }
 
-    /// Sends `req` to an endpoint of `service`, and once more to another if it failed and may
-    /// be sent again.
+    /// Sends `req` to an endpoint of `service`, and again (to another endpoint if there is
+    /// one) while its answer is one `policy` retries, the request may be sent twice, and the
+    /// retry budget allows.
     async fn balanced(
         &self,
         view: &MeshView,
         service: &Arc<str>,
+        policy: &RetryPolicy,
         held: &Held,
         mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
@@ -307,36 +315,46 @@ impl ServiceOutbound {
             let reason = format!("service {service} has no endpoints");
             return self.refuse(&mut req, StatusCode::SERVICE_UNAVAILABLE, &reason);
         };
-        // The budget and a copy to send again only where there is another endpoint to send it
-        // to: with one, a request costs about what it costs on a plain route.
-        let again = (members_len > 1)
+        // The default policy retries on another endpoint only, so with one endpoint there is
+        // no budget to keep and no copy to make: a request costs about what it costs on a
+        // plain route. A rule's own policy may retry the same endpoint.
+        let may_retry = policy.attempts > 0 && (members_len > 1 || !policy.is_default());
+        let again = may_retry
             .then(|| {
                 self.budget.deposit();
-                replayable(&req)
+                replayable(&req, policy)
                     .then(|| (req.method().clone(), req.uri().clone(), req.version(), req.headers().clone()))
             })
             .flatten();
         // With one endpoint there is nothing to choose: no latency to keep.
-        let resp = self.attempt(&member, members_len > 1, held, Attempt::First(req)).await;
-        let Some((method, uri, version, headers)) = again.filter(|_| failed(resp.status())) else {
+        let track = members_len > 1;
+        let mut resp = self.attempt(&member, track, held, Attempt::First(req)).await;
+        let Some((method, uri, version, headers)) = again else {
             return resp;
         };
-        let Some((next, _)) = self.pick(view, service, Some(&member)).filter(|(next, _)| !Arc::ptr_eq(next, &member))
-        else {
-            return resp;
-        };
-        if !self.budget.withdraw() {
-            self.budget_exhausted.inc();
-            return resp;
+        let mut last = member;
+        for n in 0..policy.attempts {
+            if !policy.retries(resp.status()) {
+                break;
+            }
+            let Some((next, _)) = self.pick(view, service, Some(&last)) else { break };
+            if Arc::ptr_eq(&next, &last) && policy.is_default() {
+                break;
+            }
+            if !self.budget.withdraw() {
+                self.budget_exhausted.inc();
+                break;
+            }
+            self.retried.inc();
+            tokio::time::sleep(policy.pause(n)).await;
+            let mut retry = Request::new(RequestBody::empty());
+            (*retry.method_mut(), *retry.uri_mut(), *retry.version_mut(), *retry.headers_mut()) =
+                (method.clone(), uri.clone(), version, headers.clone());
+            tracing::debug!(%service, endpoint = %next.dial, attempt = n + 1, "retrying");
+            resp = self.attempt(&next, track, held, Attempt::Again(retry)).await;
+            last = next;
         }
-        self.retried.inc();
-        // A little jitter, so the retries of many callers do not arrive together.
-        tokio::time::sleep(Duration::from_millis(rand::random_range(0..10))).await;
-        let mut retry = Request::new(RequestBody::empty());
-        (*retry.method_mut(), *retry.uri_mut(), *retry.version_mut(), *retry.headers_mut()) =
-            (method, uri, version, headers);
-        tracing::debug!(%service, endpoint = %next.dial, "retrying on another endpoint");
-        self.attempt(&next, true, held, Attempt::Again(retry)).await
+        resp
     }
 }
 
@@ -401,7 +419,7 @@ impl Upstream for ServiceOutbound {
     async fn request(self: &Arc<Self>, held: &Held, mut req: Request<Incoming>) -> Response<ProxyBody> {
         // One view for the whole request: its route, its endpoints, and a retry's.
         let view = self.dp.view.load_full();
-        let Routed { backend: service, timeout, rule } = match self.routed(&view, &req) {
+        let Routed { backend: service, timeout, rule, retry } = match self.routed(&view, &req) {
             Ok(routed) => routed,
             Err((status, reason)) => {
                 self.unrouted.inc();
@@ -411,14 +429,15 @@ impl Upstream for ServiceOutbound {
         let started = std::time::Instant::now();
         let routed_metrics = self.backend_metrics(rule.as_ref(), &service);
         let metrics = routed_metrics.as_deref().unwrap_or(&self.direct);
+        let policy = retry.as_deref().unwrap_or(&DEFAULT_RETRY);
         let Some(timeout) = timeout else {
-            let resp = self.balanced(&view, &service, held, req).await;
+            let resp = self.balanced(&view, &service, policy, held, req).await;
             metrics.record(resp.status(), started);
             return resp;
         };
         // The same request id on every attempt and on the timeout's answer.
         let request_id = ensure_request_id(req.headers_mut());
-        let resp = match tokio::time::timeout(timeout, self.balanced(&view, &service, held, req)).await {
+        let resp = match tokio::time::timeout(timeout, self.balanced(&view, &service, policy, held, req)).await {
             Ok(resp) => resp,
             Err(_) => {
                 self.timed_out.inc();
@@ -438,6 +457,7 @@ struct Routed {
     backend: Arc<str>,
     timeout: Option<Duration>,
     rule: Option<Arc<str>>,
+    retry: Option<Arc<RetryPolicy>>,
 }
 
 /// A first attempt carries the caller's request; a retry, a bodiless copy of it.
@@ -451,10 +471,10 @@ fn failed(status: StatusCode) -> bool {
     matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
 }
 
-/// Whether sending `req` twice can do no harm: an idempotent, safe method, no body, no upgrade.
-fn replayable(req: &Request<Incoming>) -> bool {
+/// Whether sending `req` twice can do no harm: a method `policy` allows, no body, no upgrade.
+fn replayable(req: &Request<Incoming>, policy: &RetryPolicy) -> bool {
     use hyper::body::Body;
-    matches!(*req.method(), http::Method::GET | http::Method::HEAD | http::Method::OPTIONS)
+    policy.method_allowed(req.method())
         && req.body().is_end_stream()
         && !req.headers().contains_key(http::header::UPGRADE)
 }
