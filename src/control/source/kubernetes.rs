@@ -209,6 +209,8 @@ fn watch_routes(client: kube::Client, ar: ApiResource, changed: Arc<Notify>) -> 
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             let now = match &event {
+                // Sent before the list request: no news of the kind's presence.
+                Ok(watcher::Event::Init) => continue,
                 Ok(_) => RouteApi::Watching,
                 Err(e) => match api_status(e) {
                     Some(404) => RouteApi::Absent,
@@ -219,7 +221,8 @@ fn watch_routes(client: kube::Client, ar: ApiResource, changed: Arc<Notify>) -> 
                     }
                 },
             };
-            let before = tx.send_replace(now);
+            // Said before it is known: `initial` goes on once a route kind is known absent.
+            let before = *tx.borrow();
             if before != now {
                 match now {
                     RouteApi::Absent => tracing::info!(
@@ -237,6 +240,7 @@ fn watch_routes(client: kube::Client, ar: ApiResource, changed: Arc<Notify>) -> 
                     }
                     _ => {}
                 }
+                tx.send_replace(now);
             }
             if event.is_ok() || before != now {
                 changed.notify_one();
