@@ -23,6 +23,9 @@ use crate::identity::SpiffeId;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::{PolicyLabel, ProxyMetrics};
 
+/// A service and the port of its address a connection was made to.
+type ServicePort = (Arc<str>, u16);
+
 /// Shared state of the transparent outbound listener.
 pub struct Transparent {
     pub view: Arc<SharedView>,
@@ -36,7 +39,7 @@ pub struct Transparent {
     upstreams: Mutex<HashMap<(SocketAddr, SpiffeId), Arc<Outbound>>>,
     /// One balancer per (service, port the app dialled), kept across connections so every
     /// connection to a service shares its endpoints' pools and latency estimates.
-    services: Mutex<HashMap<(Arc<str>, u16), Arc<ServiceOutbound>>>,
+    services: Mutex<HashMap<ServicePort, Arc<ServiceOutbound>>>,
     decay: Decay,
     listen: SocketAddr,
 }
