@@ -181,6 +181,7 @@ fn rbac_is_least_privilege() {
     let expected = grant_set(&[
         ("", &["pods", "services", "namespaces"], &["get", "list", "watch"], ""),
         ("discovery.k8s.io", &["endpointslices"], &["get", "list", "watch"], ""),
+        ("gateway.networking.k8s.io", &["httproutes", "grpcroutes"], &["get", "list", "watch"], ""),
         ("palisade.io", POLICY_KINDS, &["get", "list", "watch"], ""),
         ("palisade.io", &status, &["get", "update", "patch"], ""),
         ("authentication.k8s.io", &["tokenreviews"], &["create"], ""),

@@ -554,6 +554,240 @@ async fn an_authorization_policy_from_kubectl_reaches_a_sidecar_within_two_secon
     eprintln!("deletion took effect in {took:?}");
 }
 
+/// The sidecar's view of service `svc/orders`: its endpoints (address and service account),
+/// the service at the ClusterIP's port, and each rule's backends with their weights.
+type OrdersView = (Vec<(String, String)>, Option<String>, Vec<Vec<(String, u64)>>);
+
+async fn orders_view(sidecar: &Sidecar) -> OrdersView {
+    let mesh = sidecar.config_dump().await["mesh"].clone();
+    let endpoints = mesh["services"]["svc/orders"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let sa = e["identity"].as_str().unwrap_or("").rsplit('/').next().unwrap_or("").to_string();
+            (e["address"].as_str().unwrap_or("").to_string(), sa)
+        })
+        .collect();
+    let at = mesh["service_addresses"]["at"]["10.96.45.10:80"].as_str().map(str::to_string);
+    let rules = mesh["routes"]["svc/orders"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|rule| {
+            rule["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| (b[0].as_str().unwrap_or("").to_string(), b[1].as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .collect();
+    (endpoints, at, rules)
+}
+
+/// Applies `yaml` with kubectl, then waits (2 s at most, from before kubectl started) until the
+/// sidecar's view of `svc/orders` is `want`; returns how long that took.
+async fn applied_within_two_seconds(
+    c: &Cluster,
+    sidecar: &Sidecar,
+    what: &str,
+    yaml: &str,
+    want: &OrdersView,
+) -> Duration {
+    let applied = Instant::now();
+    let (ok, out) = c.apply(yaml);
+    assert!(ok, "{out}");
+    let kubectl = applied.elapsed();
+    let deadline = applied + Duration::from_secs(2);
+    loop {
+        let got = orders_view(sidecar).await;
+        if &got == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{what}: not in the sidecar's view within 2 s of kubectl apply: {got:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = applied.elapsed();
+    eprintln!("{what}: in the sidecar's view {took:?} after kubectl apply started (kubectl itself: {kubectl:?})");
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_its_endpoint_slices_and_an_http_route_from_kubectl_reach_a_sidecar_within_two_seconds() {
+    let c = cluster();
+    let dir = tempdir("k8s-services");
+    c.namespace("svc", &[], &["orders", "orders-v2", "web"]);
+    // This test installs the Gateway API CRDs itself, after its control plane started: one that
+    // starts without them must come up, and read routes once they are installed.
+    let crds = tools::gateway_api_crds();
+    let (ok, out) = c.kubectl_stdin(&["get", "crd", "httproutes.gateway.networking.k8s.io"], "");
+    assert!(!ok && out.contains("NotFound"), "the Gateway API CRDs are installed by this test alone: {out}");
+    let (cp, _) = control_plane(c, &dir, "cp-svc", "svc-system", &[]).await;
+    let absent = "the Gateway API HTTPRoute CRD (httproutes.gateway.networking.k8s.io) is not installed";
+    assert!(cp.proc.log_text().contains(absent), "said before ready:\n{}", cp.proc.log_text());
+    let files: Vec<String> = ["httproutes", "grpcroutes"]
+        .iter()
+        .map(|kind| crds.join(format!("gateway.networking.k8s.io_{kind}.yaml")).display().to_string())
+        .collect();
+    let installing = Instant::now();
+    c.kubectl(&["apply", "--server-side", "-f", &files[0], "-f", &files[1]]);
+    c.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/httproutes.gateway.networking.k8s.io",
+        "crd/grpcroutes.gateway.networking.k8s.io",
+    ]);
+    wait_for("the control plane to read HTTPRoutes once their CRD exists", Duration::from_secs(15), || async {
+        cp.proc.log_text().contains("the Gateway API HTTPRoute CRD is installed")
+    })
+    .await;
+    eprintln!("HTTPRoutes read {:?} after the CRDs' kubectl apply started", installing.elapsed());
+    assert_eq!(cp.proc.log_text().matches(absent).count(), 1, "a missing CRD is said once, not at every retry");
+
+    // Meshed pods under two service accounts, with addresses (patched in: no kubelet runs).
+    for (pod, sa, ip) in [
+        ("orders-0", "orders", "10.45.0.1"),
+        ("orders-1", "orders-v2", "10.45.0.2"),
+        ("orders-2", "orders", "10.45.0.3"),
+    ] {
+        let (ok, out) = c.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: svc, annotations: {{palisade.io/status: injected}}}}\n\
+             spec: {{serviceAccountName: {sa}, containers: [{{name: app, image: example/orders:1}}]}}\n"
+        ));
+        assert!(ok, "{out}");
+        let status = format!(r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}}}"#);
+        c.kubectl(&["patch", "pod", pod, "-n", "svc", "--subresource=status", "--type=merge", "-p", &status]);
+    }
+    let root = cp.root_pem_path();
+    let web = kube_sidecar(
+        &dir,
+        &cp.listen.to_string(),
+        &root,
+        &c.token("svc", "web", "palisade"),
+        "svc-web",
+        None,
+        &[],
+        &[],
+    )
+    .await;
+    wait_for("the pods in the sidecar's endpoint table", Duration::from_secs(10), || async {
+        let eps = web.config_dump().await["mesh"]["endpoints"].clone();
+        ["10.45.0.1:0", "10.45.0.2:0", "10.45.0.3:0"].iter().all(|a| eps[*a].is_string())
+    })
+    .await;
+    assert_eq!(orders_view(&web).await, (vec![], None, vec![]), "nothing of the service before it is applied");
+
+    // A selector-less Service (its slices written by hand, as no controller runs here) with two
+    // slices: a ready pod of each account, one not ready, and an address that is no meshed pod.
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: orders, namespace: svc}\n\
+                   spec: {clusterIP: 10.96.45.10, ports: [{name: http, port: 80, targetPort: 8080}]}\n";
+    let slice = |name: &str, endpoints: &str| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}, namespace: svc, labels: {{kubernetes.io/service-name: orders}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints: {endpoints}\n"
+        )
+    };
+    let slice_a = |third_ready: bool| {
+        slice(
+            "orders-a",
+            &format!(
+                "[{{addresses: [10.45.0.1], conditions: {{ready: true}}, zone: z1}}, \
+                 {{addresses: [10.45.0.3], conditions: {{ready: {third_ready}}}}}]"
+            ),
+        )
+    };
+    let slice_b = slice("orders-b", "[{addresses: [10.45.0.2]}, {addresses: [10.45.9.9], conditions: {ready: true}}]");
+    let route = |v1: u32, v2: u32| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: orders-canary, namespace: svc}}\n\
+             spec:\n  parentRefs: [{{group: \"\", kind: Service, name: orders, port: 80}}]\n  rules:\n\
+             \x20   - matches: [{{path: {{type: PathPrefix, value: /api}}}}]\n\
+             \x20     backendRefs: [{{name: orders-v1, port: 80, weight: {v1}}}, {{name: orders-v2, port: 80, weight: {v2}}}]\n"
+        )
+    };
+    // The API server holds the creation of a custom resource for 2 s while its CRD is younger
+    // than 2 s (for HA API servers to see it established): not what is measured here.
+    wait_for("the HTTPRoute CRD older than the API server's 2 s grace", Duration::from_secs(10), || async {
+        let established = c.kubectl(&[
+            "get",
+            "crd",
+            "httproutes.gateway.networking.k8s.io",
+            "-o",
+            r#"jsonpath={.status.conditions[?(@.type=="Established")].lastTransitionTime}"#,
+        ]);
+        let established: k8s_openapi::jiff::Timestamp = established.trim().parse().unwrap();
+        // The condition's time is in whole seconds.
+        k8s_openapi::jiff::Timestamp::now().duration_since(established).as_secs_f64() > 3.0
+    })
+    .await;
+    let endpoint = |ip: &str, sa: &str| (format!("{ip}:0"), sa.to_string());
+    let split = |v1: u64, v2: u64| vec![vec![("svc/orders-v1".to_string(), v1), ("svc/orders-v2".to_string(), v2)]];
+    let two_ready = vec![endpoint("10.45.0.1", "orders"), endpoint("10.45.0.2", "orders-v2")];
+    let at = Some("svc/orders".to_string());
+    let mut took = vec![
+        applied_within_two_seconds(
+            c,
+            &web,
+            "Service, EndpointSlices and HTTPRoute",
+            &[service.to_string(), slice_a(false), slice_b, route(90, 10)].join("---\n"),
+            &(two_ready.clone(), at.clone(), split(90, 10)),
+        )
+        .await,
+    ];
+    let dump = web.config_dump().await;
+    assert_eq!(dump["mesh"]["services"]["svc/orders"][0]["zone"], "z1", "the slice's zone");
+    assert_eq!(dump["mesh"]["service_addresses"]["ports"]["svc/orders"], json!([[80, 8080]]), "port and targetPort");
+
+    // A route Palisade cannot apply whole is refused, and disturbs neither the good one nor the
+    // rest of the mesh.
+    let (ok, out) = c.apply(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: orders-regex, namespace: svc}\n\
+         spec:\n  parentRefs: [{group: \"\", kind: Service, name: orders, port: 80}]\n  rules:\n\
+         \x20   - matches: [{path: {type: RegularExpression, value: \"/v[0-9]+/.*\"}}]\n\
+         \x20     backendRefs: [{name: orders-v2, port: 80}]\n",
+    );
+    assert!(ok, "the API server accepts it (RegularExpression is in the official schema): {out}");
+    std::fs::write(dir.join(format!("admin-{}.token", cp.listen.port())), ADMIN_TOKEN).unwrap();
+    wait_for("the malformed route in the control plane's resource errors", Duration::from_secs(10), || async {
+        cp.api_json("resource_errors").await.to_string().contains("HTTPRoute svc/orders-regex")
+    })
+    .await;
+    let errors = cp.api_json("resource_errors").await.to_string();
+    assert!(errors.contains("PathPrefix or Exact"), "the refusal says why: {errors}");
+
+    // Live changes: the weights, then the not-ready endpoint turning ready.
+    took.push(
+        applied_within_two_seconds(
+            c,
+            &web,
+            "new weights",
+            &route(50, 50),
+            &(two_ready.clone(), at.clone(), split(50, 50)),
+        )
+        .await,
+    );
+    let all_ready =
+        vec![endpoint("10.45.0.1", "orders"), endpoint("10.45.0.2", "orders-v2"), endpoint("10.45.0.3", "orders")];
+    took.push(
+        applied_within_two_seconds(
+            c,
+            &web,
+            "an endpoint turned ready",
+            &slice_a(true),
+            &(all_ready, at, split(50, 50)),
+        )
+        .await,
+    );
+    assert!(
+        !web.config_dump().await["mesh"]["routes"].to_string().contains("orders-regex"),
+        "the refused route never reached the sidecar"
+    );
+    eprintln!("kubectl apply → sidecar view latencies: {took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_tokens_and_hardening_from_kubectl_are_accepted_and_enforced_by_a_sidecar() {
     let c = cluster();

@@ -2,9 +2,9 @@
 //! that `cargo test` on a machine with only the Rust and Go toolchains runs every test binary.
 //!
 //! A tool is `$PALISADE_<TOOL>` when set, else what its `.ci/install-*` script prints: the OPA
-//! CLI, Helm and the Kubernetes binaries are built once through the Go module proxy into
-//! `~/.cache/palisade-tools` (or `$PALISADE_TOOL_CACHE`) and reused; the network-namespace tools
-//! are Debian packages. Each script runs at most once per test process, however many tests ask,
+//! CLI, Helm and the Kubernetes binaries are built once through the Go module proxy (the Gateway
+//! API CRDs fetched from it) into `~/.cache/palisade-tools` (or `$PALISADE_TOOL_CACHE`) and
+//! reused; the network-namespace tools are Debian packages. Each script runs at most once per test process, however many tests ask,
 //! and its progress goes straight to the terminal (not to the test's captured output), so a
 //! first run that builds for minutes says what it is building.
 #![allow(dead_code)]
@@ -37,6 +37,14 @@ pub fn promtool() -> &'static Path {
 pub fn k8s_bin_dir() -> &'static Path {
     static K8S: OnceLock<PathBuf> = OnceLock::new();
     K8S.get_or_init(|| from_env_or_script("PALISADE_K8S_BIN", "install-k8s"))
+}
+
+/// The official Gateway API CRDs of the standard channel, one YAML file each
+/// (`$PALISADE_GATEWAY_API_CRDS`, else `.ci/install-gateway-api`, which takes them from the Go
+/// module `sigs.k8s.io/gateway-api`).
+pub fn gateway_api_crds() -> &'static Path {
+    static CRDS: OnceLock<PathBuf> = OnceLock::new();
+    CRDS.get_or_init(|| from_env_or_script("PALISADE_GATEWAY_API_CRDS", "install-gateway-api"))
 }
 
 /// PostgreSQL's bin directory (`$PALISADE_PG_BIN`, else `.ci/install-postgres`, which installs

@@ -5,7 +5,8 @@
 //! that from every pod and every service at each event cost pods × services label matches per
 //! event. Here a pod is looked at again only when its `resourceVersion` changed, and a service
 //! only when it changed or when the meshed pods of its namespace did (matched against that
-//! namespace's pods alone).
+//! namespace's pods alone). It also keeps which meshed pods are at each IP, for the
+//! EndpointSlice addresses of [`super::kube_services`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -53,6 +54,11 @@ pub struct ClusterTable {
     by_namespace: HashMap<String, BTreeMap<String, PodKey>>,
     /// Moves on in a namespace whenever its meshed pods' labels or identities change.
     epochs: HashMap<String, u64>,
+    /// Meshed pods by IP (uid → identity).
+    by_ip: HashMap<std::net::IpAddr, BTreeMap<String, SpiffeId>>,
+    /// Moves on whenever a meshed pod's IPs or identity change (what [`Self::identities_at`]
+    /// answers).
+    ip_epoch: u64,
     /// How many pods and services were looked at again in the last update (for tests).
     pub recomputed: usize,
 }
@@ -81,11 +87,14 @@ impl ClusterTable {
             self.recomputed += 1;
             let meshed = meshed(&self.trust_domain, pod);
             let before = self.pods.insert(uid.clone(), PodEntry { version, meshed: meshed.clone() });
-            self.index(&uid, before.and_then(|b| b.meshed), meshed);
+            let before = before.and_then(|b| b.meshed);
+            self.index_ips(&uid, before.as_ref(), meshed.as_ref());
+            self.index(&uid, before, meshed);
         }
         let gone: Vec<String> = self.pods.keys().filter(|uid| !live.contains(*uid)).cloned().collect();
         for uid in gone {
             let before = self.pods.remove(&uid).and_then(|e| e.meshed);
+            self.index_ips(&uid, before.as_ref(), None);
             self.index(&uid, before, None);
         }
 
@@ -145,6 +154,37 @@ impl ClusterTable {
             self.by_namespace.entry(a.namespace.clone()).or_default().insert(uid.to_string(), (a.labels, a.id));
             *self.epochs.entry(a.namespace).or_default() += 1;
         }
+    }
+
+    /// Moves pod `uid` in the IP index from `before` to `after`.
+    fn index_ips(&mut self, uid: &str, before: Option<&Meshed>, after: Option<&Meshed>) {
+        if before.map(|m| (&m.ips, &m.id)) == after.map(|m| (&m.ips, &m.id)) {
+            return;
+        }
+        for ip in before.iter().flat_map(|b| &b.ips) {
+            if let Some(pods) = self.by_ip.get_mut(ip) {
+                pods.remove(uid);
+                if pods.is_empty() {
+                    self.by_ip.remove(ip);
+                }
+            }
+        }
+        if let Some(a) = after {
+            for ip in &a.ips {
+                self.by_ip.entry(*ip).or_default().insert(uid.to_string(), a.id.clone());
+            }
+        }
+        self.ip_epoch += 1;
+    }
+
+    /// The identities of the meshed pods at `ip` (one, unless stale pods claim it too).
+    pub fn identities_at(&self, ip: std::net::IpAddr) -> impl Iterator<Item = &SpiffeId> {
+        self.by_ip.get(&ip).into_iter().flat_map(|pods| pods.values())
+    }
+
+    /// A number that moves on whenever [`Self::identities_at`] may answer differently.
+    pub fn ip_epoch(&self) -> u64 {
+        self.ip_epoch
     }
 
     /// A service's ClusterIPs under the one identity its meshed backends share; none when they

@@ -1,19 +1,31 @@
-//! Resource source `kubernetes`: the CRDs, Pods and Services, watched, feeding the same mesh
-//! state as the file source.
+//! Resource source `kubernetes`: the CRDs, Pods, Services, EndpointSlices and Gateway API
+//! routes, watched, feeding the same mesh state as the file source.
 //!
 //! Every replica watches and serves. The leader (see [`super::lease`]) also writes each CRD's
 //! `status`: `Accepted: True`, or `False` with reason `Invalid` and what is wrong. An invalid
 //! edit never reaches sidecars; the last accepted version of that object stays in force, as a
 //! bad file does with the file source.
+//!
+//! Services with their EndpointSlices become mesh services ([`super::kube_services`]).
+//! `HTTPRoute` and `GRPCRoute` objects (`gateway.networking.k8s.io/v1`) are judged like CRD
+//! objects, but their status is not written (`status.parents` belongs to the route's parents'
+//! controllers; a refusal shows in the control plane's resource errors). Palisade does not ship
+//! the Gateway API CRDs: while one is not installed (its list answers 404) the control plane
+//! runs without that kind of route, says so once, and looks again every [`ROUTE_RECHECK`] at
+//! most, so routes work within seconds of the official CRDs being installed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
+use std::time::Duration;
+
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
+use kube::runtime::utils::Backoff;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource as _, ResourceExt};
 use serde_json::{Value, json};
@@ -24,6 +36,12 @@ use crate::k8s::crd;
 
 /// Annotation the injector sets on every pod it meshed.
 pub const INJECTED_ANNOTATION: &str = "palisade.io/status";
+
+/// The Gateway API group routes are read from.
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+
+/// Longest wait between two attempts to watch a route kind, e.g. while its CRD is missing.
+pub const ROUTE_RECHECK: Duration = Duration::from_secs(5);
 
 /// One CRD object's verdict, remembered per generation so a policy compiles once.
 struct Verdict {
@@ -43,9 +61,13 @@ pub struct KubeSource {
     crds: Vec<(ApiResource, Store<DynamicObject>)>,
     pods: Store<Pod>,
     services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    routes: Vec<RouteWatch>,
     verdicts: HashMap<String, Verdict>,
     /// Pod and service endpoints, updated object by object.
     table: super::cluster_table::ClusterTable,
+    /// Services with their EndpointSlices, as mesh services.
+    mesh_services: super::kube_services::KubeServices,
     /// The status this replica last wrote, by uid, so an unchanged verdict is not rewritten.
     written: HashMap<String, (i64, Result<(), String>)>,
 }
@@ -69,6 +91,14 @@ impl KubeSource {
         }
         let pods = watch_into(Api::<Pod>::all(client.clone()), Default::default(), vec![changed.clone()]);
         let services = watch_into(Api::<Service>::all(client.clone()), Default::default(), vec![changed.clone()]);
+        let slices = watch_into(Api::<EndpointSlice>::all(client.clone()), Default::default(), vec![changed.clone()]);
+        let routes = [("HTTPRoute", "httproutes"), ("GRPCRoute", "grpcroutes")]
+            .into_iter()
+            .map(|(kind, plural)| {
+                let gvk = kube::api::GroupVersionKind::gvk(GATEWAY_GROUP, "v1", kind);
+                watch_routes(client.clone(), ApiResource::from_gvk_with_plural(&gvk, plural), changed.clone())
+            })
+            .collect();
         let table = super::cluster_table::ClusterTable::new(&trust_domain);
         KubeSource {
             client,
@@ -78,8 +108,11 @@ impl KubeSource {
             crds,
             pods,
             services,
+            slices,
+            routes,
             verdicts: HashMap::new(),
             table,
+            mesh_services: Default::default(),
             written: HashMap::new(),
         }
     }
@@ -100,6 +133,17 @@ impl ConfigSource for KubeSource {
         }
         self.pods.wait_until_ready().await.map_err(|e| anyhow::anyhow!("watching pods: {e}"))?;
         self.services.wait_until_ready().await.map_err(|e| anyhow::anyhow!("watching services: {e}"))?;
+        self.slices.wait_until_ready().await.map_err(|e| anyhow::anyhow!("watching endpointslices: {e}"))?;
+        // A route kind the cluster does not serve (or this replica may not read) holds nothing up.
+        for route in &self.routes {
+            let mut api = route.api.clone();
+            tokio::select! {
+                ready = route.store.wait_until_ready() => {
+                    ready.map_err(|e| anyhow::anyhow!("watching {}: {e}", route.ar.plural))?
+                }
+                _ = api.wait_for(|a| matches!(a, RouteApi::Absent | RouteApi::Forbidden)) => {}
+            }
+        }
         let state = self.rebuild().await;
         tracing::info!("kubernetes resource source synced");
         Ok(state)
@@ -134,6 +178,116 @@ where
     reader
 }
 
+/// Whether a Gateway API route kind is read from the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RouteApi {
+    Starting,
+    Watching,
+    /// Its CRD is not installed (the list answers 404).
+    Absent,
+    /// This replica may not list it (403: a ClusterRole older than the binary).
+    Forbidden,
+}
+
+/// One Gateway API route kind, watched whenever the cluster serves it.
+struct RouteWatch {
+    ar: ApiResource,
+    store: Store<DynamicObject>,
+    api: watch::Receiver<RouteApi>,
+}
+
+/// Watches route kind `ar`, waking `changed` at each event and each change of whether it can be
+/// read. A missing CRD or a missing grant is said once, not at every retry.
+fn watch_routes(client: kube::Client, ar: ApiResource, changed: Arc<Notify>) -> RouteWatch {
+    let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+    let store = writer.as_reader();
+    let (tx, api) = watch::channel(RouteApi::Starting);
+    let objects: Api<DynamicObject> = Api::all_with(client, &ar);
+    let stream = reflector::reflector(writer, watcher(objects, watcher::Config::default())).backoff(Recheck::default());
+    let (kind, plural) = (ar.kind.clone(), ar.plural.clone());
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            let now = match &event {
+                // Sent before the list request: no news of the kind's presence.
+                Ok(watcher::Event::Init) => continue,
+                Ok(_) => RouteApi::Watching,
+                Err(e) => match api_status(e) {
+                    Some(404) => RouteApi::Absent,
+                    Some(403) => RouteApi::Forbidden,
+                    _ => {
+                        tracing::warn!(error = %e, kind = %kind, "kubernetes watch interrupted; retrying");
+                        continue;
+                    }
+                },
+            };
+            // Said before it is known: `initial` goes on once a route kind is known absent.
+            let before = *tx.borrow();
+            if before != now {
+                match now {
+                    RouteApi::Absent => tracing::info!(
+                        "the Gateway API {kind} CRD ({plural}.{GATEWAY_GROUP}) is not installed: no {kind} applies \
+                         until it is (looked for again every {}s at most)",
+                        ROUTE_RECHECK.as_secs()
+                    ),
+                    RouteApi::Forbidden => tracing::warn!(
+                        error = ?event.as_ref().err(),
+                        "cannot list {plural}.{GATEWAY_GROUP}: no {kind} applies until the control plane's \
+                         ClusterRole grants list and watch on it"
+                    ),
+                    RouteApi::Watching if before != RouteApi::Starting => {
+                        tracing::info!("the Gateway API {kind} CRD is installed: {kind} objects now apply")
+                    }
+                    _ => {}
+                }
+                tx.send_replace(now);
+            }
+            if event.is_ok() || before != now {
+                changed.notify_one();
+            }
+        }
+    });
+    RouteWatch { ar, store, api }
+}
+
+/// The HTTP status of the API server's refusal behind a watch error, if that is what it is.
+fn api_status(e: &watcher::Error) -> Option<u16> {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.code),
+        watcher::Error::WatchError(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// Retries of a route watch: from half a second, doubling up to [`ROUTE_RECHECK`] (the
+/// watches of core kinds back off to 30 s). A cluster without the CRD costs one list request
+/// per kind every few seconds; one that installs it gets routes within seconds.
+struct Recheck(Duration);
+
+impl Default for Recheck {
+    fn default() -> Self {
+        Recheck(Duration::from_millis(500))
+    }
+}
+
+impl Iterator for Recheck {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let wait = self.0;
+        self.0 = (self.0 * 2).min(ROUTE_RECHECK);
+        Some(wait)
+    }
+}
+
+impl Backoff for Recheck {
+    fn reset(&mut self) {
+        *self = Recheck::default();
+    }
+}
+
 impl KubeSource {
     /// Judges every object (once per generation), and writes CRD status when leading.
     async fn rebuild(&mut self) -> SourceState {
@@ -144,50 +298,32 @@ impl KubeSource {
         for (ar, store) in &self.crds {
             for obj in store.state() {
                 let uid = obj.uid().unwrap_or_default();
-                live.insert(uid.clone());
                 let generation = obj.meta().generation.unwrap_or(0);
-                let verdict = match self.verdicts.remove(&uid) {
-                    Some(v) if v.generation == generation => v,
-                    previous => {
-                        let result = to_resource(&ar.kind, &obj);
-                        let last_accepted = match &result {
-                            Ok(r) => Some(r.clone()),
-                            Err(_) => previous.and_then(|p| p.last_accepted),
-                        };
-                        Verdict { generation, result, last_accepted }
-                    }
-                };
-                match &verdict.result {
-                    Ok(r) => resources.push(r.clone()),
-                    Err(message) => {
-                        let ns = obj.namespace().unwrap_or_default();
-                        errors.push(ResourceError {
-                            origin: format!("kubernetes:{}/{ns}/{}", ar.kind, obj.name_any()),
-                            document: None,
-                            line: None,
-                            column: None,
-                            object: Some(format!("{} {ns}/{}", ar.kind, obj.name_any())),
-                            message: message.clone(),
-                        });
-                        // The last accepted generation of this object stays in force.
-                        if let Some(r) = &verdict.last_accepted {
-                            resources.push(r.clone());
-                        }
-                    }
-                }
-                let status = verdict.result.as_ref().map(|_| ()).map_err(Clone::clone);
+                let status = judge(&mut self.verdicts, &ar.kind, &obj, &mut resources, &mut errors);
                 if !status_matches(&obj, &ar.kind, generation, &status)
                     && self.written.get(&uid) != Some(&(generation, status.clone()))
                 {
                     to_write.push((ar.clone(), obj.clone(), generation, status));
                 }
-                self.verdicts.insert(uid, verdict);
+                live.insert(uid);
+            }
+        }
+        // Gateway API routes: judged alike, their status left to their parents' controllers.
+        for route in &self.routes {
+            for obj in route.store.state() {
+                // The verdict is in `errors` when refused.
+                let _ = judge(&mut self.verdicts, &route.ar.kind, &obj, &mut resources, &mut errors);
+                live.insert(obj.uid().unwrap_or_default());
             }
         }
         self.verdicts.retain(|uid, _| live.contains(uid));
         self.written.retain(|uid, _| live.contains(uid));
-        let (pods, services) = (self.pods.state(), self.services.state());
+        let (pods, services, slices) = (self.pods.state(), self.services.state(), self.slices.state());
         let endpoints = self.table.update(pods.iter().map(|p| &**p), services.iter().map(|s| &**s));
+        let (mesh_services, refused) =
+            self.mesh_services.update(services.iter().map(|s| &**s), slices.iter().map(|s| &**s), &self.table);
+        resources.extend(mesh_services);
+        errors.extend(refused);
         if *self.leader.borrow() {
             for (ar, obj, generation, status) in to_write {
                 let uid = obj.uid().unwrap_or_default();
@@ -203,6 +339,52 @@ impl KubeSource {
         }
         SourceState { resources, errors, endpoints: Some(endpoints) }
     }
+}
+
+/// Judges `obj`, a `kind` object, once per generation (remembered in `verdicts`): adds what it
+/// puts in force to `resources` (itself, or its last accepted generation while it is refused)
+/// and its refusal to `errors`; returns its verdict, for status.
+fn judge(
+    verdicts: &mut HashMap<String, Verdict>,
+    kind: &str,
+    obj: &DynamicObject,
+    resources: &mut Vec<Resource>,
+    errors: &mut Vec<ResourceError>,
+) -> Result<(), String> {
+    let uid = obj.uid().unwrap_or_default();
+    let generation = obj.meta().generation.unwrap_or(0);
+    let verdict = match verdicts.remove(&uid) {
+        Some(v) if v.generation == generation => v,
+        previous => {
+            let result = to_resource(kind, obj);
+            let last_accepted = match &result {
+                Ok(r) => Some(r.clone()),
+                Err(_) => previous.and_then(|p| p.last_accepted),
+            };
+            Verdict { generation, result, last_accepted }
+        }
+    };
+    match &verdict.result {
+        Ok(r) => resources.push(r.clone()),
+        Err(message) => {
+            let ns = obj.namespace().unwrap_or_default();
+            errors.push(ResourceError {
+                origin: format!("kubernetes:{kind}/{ns}/{}", obj.name_any()),
+                document: None,
+                line: None,
+                column: None,
+                object: Some(format!("{kind} {ns}/{}", obj.name_any())),
+                message: message.clone(),
+            });
+            // The last accepted generation of this object stays in force.
+            if let Some(r) = &verdict.last_accepted {
+                resources.push(r.clone());
+            }
+        }
+    }
+    let status = verdict.result.as_ref().map(|_| ()).map_err(Clone::clone);
+    verdicts.insert(uid, verdict);
+    status
 }
 
 /// The object as the mesh sees it, or why it is refused. Metadata is reduced to what policy

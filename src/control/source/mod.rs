@@ -1,7 +1,8 @@
 //! Sources of configuration: where the mesh's resources come from, behind one trait.
 //!
 //! - [`file`]: a directory of YAML manifests in exactly the CRD format, watched (standalone).
-//! - [`kubernetes`]: the CRDs, Pods and Services, watched through the API server.
+//! - [`kubernetes`]: the CRDs, Pods, Services and EndpointSlices (as [`kube_services`]'
+//!   mesh services) and Gateway API routes, watched through the API server.
 //!
 //! Both hand every object to [`validate`], the one place that decodes a spec into its typed form
 //! and compiles it (rules, Rego, Wasm) the way a sidecar will. An object that fails is reported
@@ -12,6 +13,7 @@
 pub mod cluster_table;
 pub mod file;
 pub mod kube_rollout;
+pub mod kube_services;
 pub mod kubernetes;
 
 use std::collections::BTreeMap;
