@@ -133,6 +133,21 @@ impl Lab {
         }
     }
 
+    /// `palisade init` in `host`, then its sidecar as the proxy UID, in transparent mode at
+    /// `pod_ip`, joining the control plane at `cp` as `sa`, with `extra` flags.
+    fn sidecar(&mut self, host: &str, sa: &str, pod_ip: &str, cp: &str, state: &Path, bundle: &Path, extra: &[&str]) {
+        let init = self.exec(host, &[BIN, "init", "--proxy-uid", PROXY_UID]);
+        assert!(init.status.success(), "init in {host}: {}", String::from_utf8_lossy(&init.stderr));
+        let token = self.token(state, host, sa);
+        let (bundle, token) = (bundle.display().to_string(), token.display().to_string());
+        let mut argv = vec!["setpriv", "--reuid", PROXY_UID, "--regid", PROXY_UID, "--clear-groups", "--", PROXY_BIN];
+        argv.extend(["--transparent", "--pod-ip", pod_ip, "--control", cp, "--ca-bundle", &bundle]);
+        argv.extend(["--token-file", &token, "--access-log", "off"]);
+        argv.extend(extra);
+        let ns = self.ns(host);
+        self.spawn(&format!("sidecar-{host}"), &ns, &argv);
+    }
+
     /// A join token for `sa` (each used once: one per sidecar, named by `host`).
     fn token(&self, state: &Path, host: &str, sa: &str) -> PathBuf {
         let out = Command::new(BIN)
@@ -196,38 +211,8 @@ fn pods_talk_plain_http_and_the_wire_carries_only_mutual_tls() {
     for (host, ip) in [("a", format!("{NET}.2")), ("b", format!("{NET}.3"))] {
         let ns = lab.ns(host);
         lab.spawn(&format!("app-{host}"), &ns, &["python3", "-c", ECHO_APP, host]);
-        let init = lab.exec(host, &[BIN, "init", "--proxy-uid", PROXY_UID]);
-        assert!(init.status.success(), "init in {host}: {}", String::from_utf8_lossy(&init.stderr));
-        let token = lab.token(&state, host, host);
-        lab.spawn(
-            &format!("sidecar-{host}"),
-            &ns,
-            &[
-                "setpriv",
-                "--reuid",
-                PROXY_UID,
-                "--regid",
-                PROXY_UID,
-                "--clear-groups",
-                "--",
-                PROXY_BIN,
-                "--transparent",
-                "--pod-ip",
-                &ip,
-                "--control",
-                &cp,
-                "--ca-bundle",
-                bundle.to_str().unwrap(),
-                "--token-file",
-                token.to_str().unwrap(),
-                "--admin",
-                "0.0.0.0:15020",
-                "--label",
-                &format!("app={host}"),
-                "--access-log",
-                "off",
-            ],
-        );
+        let label = format!("app={host}");
+        lab.sidecar(host, host, &ip, &cp, &state, &bundle, &["--admin", "0.0.0.0:15020", "--label", &label]);
     }
     for host in ["a", "b"] {
         lab.wait(&format!("sidecar {host} ready"), Duration::from_secs(30), || {
@@ -568,33 +553,12 @@ fn a_service_address_is_balanced_per_request_across_endpoints_each_verified_as_i
             let name: &'static str = Box::leak(host.to_string().into_boxed_str());
             apps.insert(host, EndpointApp::start(&ns, name));
         }
-        let init = lab.exec(host, &[BIN, "init", "--proxy-uid", PROXY_UID]);
-        assert!(init.status.success(), "init in {host}: {}", String::from_utf8_lossy(&init.stderr));
-        let token = lab.token(&state, host, sa);
-        let label = if host == "client" { "app=client".to_string() } else { "app=echo".to_string() };
+        let label = if host == "client" { "app=client" } else { "app=echo" };
         let pod_ip = format!("{NET}.{ip}");
-        let mut argv = vec![
-            "setpriv",
-            "--reuid",
-            PROXY_UID,
-            "--regid",
-            PROXY_UID,
-            "--clear-groups",
-            "--",
-            PROXY_BIN,
-            "--transparent",
-            "--pod-ip",
-            &pod_ip,
-            "--control",
-            &cp,
-            "--ca-bundle",
-        ];
-        let (bundle_s, token_s) = (bundle.display().to_string(), token.display().to_string());
-        argv.extend([bundle_s.as_str(), "--token-file", &token_s, "--admin", "127.0.0.1:15020"]);
         // A short decay: a slow endpoint's estimate wears off within the test once it recovers,
         // and a dead one is tried (and fails) often enough to be ejected.
-        argv.extend(["--label", &label, "--access-log", "off", "--balancer-decay", "500ms"]);
-        lab.spawn(&format!("sidecar-{host}"), &ns, &argv);
+        let extra = ["--admin", "127.0.0.1:15020", "--label", label, "--balancer-decay", "500ms"];
+        lab.sidecar(host, sa, &pod_ip, &cp, &state, &bundle, &extra);
     }
     for (host, ..) in hosts {
         lab.wait(&format!("sidecar {host} ready"), Duration::from_secs(30), || {
