@@ -41,6 +41,14 @@ fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The control plane sidecars join: where it listens, its state directory (join tokens are
+/// made there) and its root bundle where the sidecar UID can read it.
+struct Control<'a> {
+    listen: &'a str,
+    state: &'a Path,
+    bundle: &'a Path,
+}
+
 /// The namespaces, processes and files of one run; all removed on drop, also on panic.
 struct Lab {
     tag: String,
@@ -134,14 +142,14 @@ impl Lab {
     }
 
     /// `palisade init` in `host`, then its sidecar as the proxy UID, in transparent mode at
-    /// `pod_ip`, joining the control plane at `cp` as `sa`, with `extra` flags.
-    fn sidecar(&mut self, host: &str, sa: &str, pod_ip: &str, cp: &str, state: &Path, bundle: &Path, extra: &[&str]) {
+    /// `pod_ip`, joining `control` as `sa`, with `extra` flags.
+    fn sidecar(&mut self, host: &str, sa: &str, pod_ip: &str, control: &Control, extra: &[&str]) {
         let init = self.exec(host, &[BIN, "init", "--proxy-uid", PROXY_UID]);
         assert!(init.status.success(), "init in {host}: {}", String::from_utf8_lossy(&init.stderr));
-        let token = self.token(state, host, sa);
-        let (bundle, token) = (bundle.display().to_string(), token.display().to_string());
+        let token = self.token(control.state, host, sa);
+        let (bundle, token) = (control.bundle.display().to_string(), token.display().to_string());
         let mut argv = vec!["setpriv", "--reuid", PROXY_UID, "--regid", PROXY_UID, "--clear-groups", "--", PROXY_BIN];
-        argv.extend(["--transparent", "--pod-ip", pod_ip, "--control", cp, "--ca-bundle", &bundle]);
+        argv.extend(["--transparent", "--pod-ip", pod_ip, "--control", control.listen, "--ca-bundle", &bundle]);
         argv.extend(["--token-file", &token, "--access-log", "off"]);
         argv.extend(extra);
         let ns = self.ns(host);
@@ -212,7 +220,8 @@ fn pods_talk_plain_http_and_the_wire_carries_only_mutual_tls() {
         let ns = lab.ns(host);
         lab.spawn(&format!("app-{host}"), &ns, &["python3", "-c", ECHO_APP, host]);
         let label = format!("app={host}");
-        lab.sidecar(host, host, &ip, &cp, &state, &bundle, &["--admin", "0.0.0.0:15020", "--label", &label]);
+        let control = Control { listen: &cp, state: &state, bundle: &bundle };
+        lab.sidecar(host, host, &ip, &control, &["--admin", "0.0.0.0:15020", "--label", &label]);
     }
     for host in ["a", "b"] {
         lab.wait(&format!("sidecar {host} ready"), Duration::from_secs(30), || {
@@ -558,7 +567,8 @@ fn a_service_address_is_balanced_per_request_across_endpoints_each_verified_as_i
         // A short decay: a slow endpoint's estimate wears off within the test once it recovers,
         // and a dead one is tried (and fails) often enough to be ejected.
         let extra = ["--admin", "127.0.0.1:15020", "--label", label, "--balancer-decay", "500ms"];
-        lab.sidecar(host, sa, &pod_ip, &cp, &state, &bundle, &extra);
+        let control = Control { listen: &cp, state: &state, bundle: &bundle };
+        lab.sidecar(host, sa, &pod_ip, &control, &extra);
     }
     for (host, ..) in hosts {
         lab.wait(&format!("sidecar {host} ready"), Duration::from_secs(30), || {
