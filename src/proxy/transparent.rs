@@ -71,18 +71,18 @@ impl Transparent {
 
     fn service(&self, service: &Arc<str>, port: u16) -> Arc<ServiceOutbound> {
         let mut map = self.services.lock();
-        // A service no longer in the view keeps no balancer (its pools close with their last
-        // connection).
-        if map.len() > 64 {
-            let view = self.view.load();
-            map.retain(|(name, _), _| view.services.contains_key(&**name));
+        let key = (service.clone(), port);
+        if let Some(out) = map.get(&key) {
+            return out.clone();
         }
-        map.entry((service.clone(), port))
-            .or_insert_with(|| {
-                let route = ServiceRoute { listen: self.listen, service: service.to_string() };
-                ServiceOutbound::new(route, Some(port), &self.dp, self.decay)
-            })
-            .clone()
+        // Before adding one: a service no longer in the view keeps no balancer (its pools
+        // close with their last connection).
+        let view = self.view.load();
+        map.retain(|(name, _), _| view.services.contains_key(&**name));
+        let route = ServiceRoute { listen: self.listen, service: service.to_string() };
+        let out = ServiceOutbound::new(route, Some(port), &self.dp, self.decay);
+        map.insert(key, out.clone());
+        out
     }
 
     fn upstream(&self, dst: SocketAddr, id: &SpiffeId) -> Arc<Outbound> {
