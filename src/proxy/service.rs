@@ -207,6 +207,16 @@ pub fn resolve(policies: &[Resource], endpoints: &[Endpoint]) -> Resolved {
         }
     }
     specs.sort_by(|a, b| a.0.cmp(&b.0));
+    // A service's address never shadows another workload's: an address in the endpoint table
+    // under an identity the service does not name keeps going to that workload, verified as
+    // it. (Under one it names, it is the service's own: a Kubernetes ClusterIP whose pods
+    // share one identity is in the table too.)
+    let mut table_ips: std::collections::HashMap<IpAddr, Vec<&str>> = std::collections::HashMap::new();
+    for e in endpoints {
+        if let Ok(a) = e.address.parse::<SocketAddr>() {
+            table_ips.entry(a.ip()).or_default().push(&e.spiffe_id);
+        }
+    }
     for (name, spec) in specs {
         let mut members: Vec<ServiceEndpoint> = endpoints
             .iter()
@@ -225,6 +235,13 @@ pub fn resolve(policies: &[Resource], endpoints: &[Endpoint]) -> Resolved {
         let service: Arc<str> = Arc::from(name.as_str());
         let mut taken = None;
         for ip in &spec.addresses {
+            if let Some(other) =
+                table_ips.get(ip).and_then(|ids| ids.iter().find(|id| !spec.identities.iter().any(|i| i == *id)))
+            {
+                taken =
+                    Some(format!("address {ip} is in the endpoint table as {other}, which the service does not name"));
+                continue;
+            }
             for p in &spec.ports {
                 let at = SocketAddr::new(*ip, p.port);
                 match out.addresses.at.get(&at) {
@@ -361,6 +378,27 @@ mod tests {
         assert_eq!(at("10.96.0.10:9090").as_deref(), Some("shop/orders"));
         assert_eq!(at("10.96.0.10:81"), None);
         assert_eq!(r.errors.len(), 1, "the second claim on an address is reported: {:?}", r.errors);
+        // A service claiming a workload's own address does not get it.
+        let shadow = serde_json::json!({
+            "identities": ["spiffe://cluster.local/ns/shop/sa/orders"],
+            "addresses": ["10.0.0.4"],
+            "ports": [{"port": 80}],
+        });
+        let s = resolve(&[service("shadow", shadow)], &table);
+        assert!(s.addresses.at.is_empty(), "{:?}", s.addresses);
+        assert!(
+            s.errors[0].1.contains("as spiffe://cluster.local/ns/shop/sa/thief, which the service does not name"),
+            "{:?}",
+            s.errors
+        );
+        // Its own address under an identity it names (a ClusterIP whose pods share one) is fine.
+        let own = serde_json::json!({
+            "identities": ["spiffe://cluster.local/ns/shop/sa/orders"],
+            "addresses": ["10.0.0.3"],
+            "ports": [{"port": 80}],
+        });
+        let o = resolve(&[service("own", own)], &table);
+        assert!(o.errors.is_empty() && o.addresses.at.len() == 1, "{:?}", o.errors);
         assert!(r.errors[0].1.contains("already shop/orders's"), "{:?}", r.errors);
         let ports = &r.addresses.ports["shop/orders"];
         assert_eq!(orders[0].dial(Some(80), ports), Some("10.0.0.1:8080".parse().unwrap()));
