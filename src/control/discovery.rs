@@ -226,13 +226,17 @@ impl MeshState {
             async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 let mut ticks = 0u64;
+                // The store write of the last refresh. Never awaited here: a slow disk (an
+                // fsync stalled under load) must not hold back dropping departed sidecars; a
+                // refresh still running when the next is due is let be, not doubled.
+                let mut touching: Option<tokio::task::JoinHandle<()>> = None;
                 loop {
                     tick.tick().await;
                     ticks += 1;
                     // Keep the persisted registrations of live sidecars fresh (well within the
                     // grace period), in one transaction.
                     let refresh_every = (this.settings.endpoint_grace.as_secs() / 3).max(1);
-                    if ticks.is_multiple_of(refresh_every) {
+                    if ticks.is_multiple_of(refresh_every) && touching.as_ref().is_none_or(|t| t.is_finished()) {
                         let rows: Vec<(String, String, String)> = this
                             .sidecars
                             .lock()
@@ -247,7 +251,11 @@ impl MeshState {
                             })
                             .collect();
                         let store = this.store.clone();
-                        let _ = tokio::task::spawn_blocking(move || store.touch_endpoints(&rows)).await;
+                        touching = Some(tokio::task::spawn_blocking(move || {
+                            if let Err(e) = store.touch_endpoints(&rows) {
+                                tracing::warn!(error = %e, "cannot refresh the stored registrations of live sidecars");
+                            }
+                        }));
                     }
                     let grace = this.settings.endpoint_grace;
                     let mut gone = false;
