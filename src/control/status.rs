@@ -181,17 +181,7 @@ pub fn render(report: &StatusReport) -> String {
             r.origin
         );
     }
-    if !report.services.is_empty() {
-        let _ = writeln!(out, "\nSERVICES (endpoints as every sidecar resolves them)");
-        for s in &report.services {
-            let at = if s.addresses.is_empty() { String::new() } else { format!("  at {}", s.addresses.join(", ")) };
-            let _ = writeln!(out, "{}/{} ({} endpoints){at}", s.namespace, s.name, s.endpoints.len());
-            for e in &s.endpoints {
-                let zone = if e.zone.is_empty() { String::new() } else { format!(" zone={}", e.zone) };
-                let _ = writeln!(out, "    {:<22} {:<46} {:<10}{zone}", e.address, e.spiffe_id, e.state);
-            }
-        }
-    }
+    render_services(&mut out, &report.services);
     if !report.resource_errors.is_empty() {
         let _ = writeln!(out, "\nREFUSED RESOURCE FILES");
         for e in &report.resource_errors {
@@ -199,6 +189,23 @@ pub fn render(report: &StatusReport) -> String {
         }
     }
     out
+}
+
+/// The services section: each service, where it is reached, and its endpoints.
+fn render_services(out: &mut String, services: &[ServiceStatus]) {
+    use std::fmt::Write;
+    if services.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\nSERVICES (endpoints as every sidecar resolves them)");
+    for s in services {
+        let at = if s.addresses.is_empty() { String::new() } else { format!("  at {}", s.addresses.join(", ")) };
+        let _ = writeln!(out, "{}/{} ({} endpoints){at}", s.namespace, s.name, s.endpoints.len());
+        for e in &s.endpoints {
+            let zone = if e.zone.is_empty() { String::new() } else { format!(" zone={}", e.zone) };
+            let _ = writeln!(out, "    {:<22} {:<46} {:<10}{zone}", e.address, e.spiffe_id, e.state);
+        }
+    }
 }
 
 fn short(v: &str) -> &str {
