@@ -560,7 +560,7 @@ type OrdersView = (Vec<(String, String)>, Option<String>, Vec<Vec<(String, u64)>
 
 async fn orders_view(sidecar: &Sidecar) -> OrdersView {
     let mesh = sidecar.config_dump().await["mesh"].clone();
-    let endpoints = mesh["services"]["svc/orders"]
+    let endpoints = mesh["services"]["svc/orders"]["endpoints"]
         .as_array()
         .into_iter()
         .flatten()
@@ -738,8 +738,9 @@ async fn a_service_its_endpoint_slices_and_an_http_route_from_kubectl_reach_a_si
         .await,
     ];
     let dump = web.config_dump().await;
-    assert_eq!(dump["mesh"]["services"]["svc/orders"][0]["zone"], "z1", "the slice's zone");
-    assert_eq!(dump["mesh"]["service_addresses"]["ports"]["svc/orders"], json!([[80, 8080]]), "port and targetPort");
+    let orders = &dump["mesh"]["services"]["svc/orders"];
+    assert_eq!(orders["endpoints"][0]["zone"], "z1", "the slice's zone");
+    assert_eq!(orders["ports"], json!([[80, 8080]]), "port and targetPort");
 
     // A route Palisade cannot apply whole is refused, and disturbs neither the good one nor the
     // rest of the mesh.

@@ -202,7 +202,7 @@ impl Mesh {
             backends.iter().map(|b| (b.inbound.unwrap().to_string(), b.identity.clone())).collect();
         wait_for("the service's three endpoints at the caller", Duration::from_secs(10), || async {
             let dump = caller.config_dump().await;
-            let got: BTreeMap<String, String> = dump["mesh"]["services"]["test/echo"]
+            let got: BTreeMap<String, String> = dump["mesh"]["services"]["test/echo"]["endpoints"]
                 .as_array()
                 .map(|eps| {
                     eps.iter()

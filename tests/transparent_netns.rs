@@ -580,7 +580,7 @@ fn a_service_address_is_balanced_per_request_across_endpoints_each_verified_as_i
         let Ok(dump) = lab.curl("client", "http://127.0.0.1:15020/config_dump") else { return false };
         let dump: serde_json::Value = serde_json::from_str(&dump).unwrap_or_default();
         dump["mesh"]["service_addresses"]["at"][&vip] == "pods/echo"
-            && dump["mesh"]["services"]["pods/echo"].as_array().is_some_and(|e| e.len() == 3)
+            && dump["mesh"]["services"]["pods/echo"]["endpoints"].as_array().is_some_and(|e| e.len() == 3)
     });
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();

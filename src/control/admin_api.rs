@@ -307,39 +307,43 @@ impl AdminService {
     /// Each mesh service with its endpoints, and whether the sidecar behind each is connected.
     fn services(&self, sidecars: &[super::discovery::SidecarEntry]) -> Vec<crate::proto::admin::ServiceStatus> {
         let resolved = self.mesh.services();
-        let state = |address: &str, id: &str| {
-            let registered = sidecars.iter().filter(|s| s.spiffe_id == id && s.addresses.iter().any(|a| a == address));
-            match registered.map(|s| s.connected).reduce(|a, b| a || b) {
-                Some(true) => "connected",
-                Some(false) => "gone",
-                None => "listed",
+        // (address, identity) → whether a sidecar registered it and is connected.
+        let mut connected: std::collections::HashMap<(&str, &str), bool> = Default::default();
+        for s in sidecars {
+            for a in &s.addresses {
+                *connected.entry((a.as_str(), s.spiffe_id.as_str())).or_default() |= s.connected;
             }
-        };
+        }
         let mut names: Vec<&String> = resolved.services.keys().collect();
         names.sort();
         names
             .into_iter()
             .map(|name| {
                 let (namespace, short) = name.split_once('/').unwrap_or(("", name));
-                let ports = resolved.addresses.ports.get(name.as_str());
+                let service = &resolved.services[name];
                 let mut addresses: Vec<String> = resolved
                     .addresses
                     .at
                     .iter()
                     .filter(|(_, s)| ***s == **name)
                     .map(|(at, _)| {
-                        let target =
-                            ports.and_then(|p| p.iter().find(|(p, _)| *p == at.port())).map_or(at.port(), |p| p.1);
+                        let target = service.ports.iter().find(|(p, _)| *p == at.port()).map_or(at.port(), |p| p.1);
                         format!("{at} -> {target}")
                     })
                     .collect();
                 addresses.sort();
-                let endpoints = resolved.services[name]
+                let endpoints = service
+                    .endpoints
                     .iter()
                     .map(|e| {
                         let (address, id) = (e.address.to_string(), e.identity.to_string());
+                        let state = match connected.get(&(address.as_str(), id.as_str())) {
+                            Some(true) => "connected",
+                            Some(false) => "gone",
+                            None => "listed",
+                        };
                         crate::proto::admin::ServiceEndpointStatus {
-                            state: state(&address, &id).to_string(),
+                            state: state.to_string(),
                             address,
                             spiffe_id: id,
                             zone: e.zone.clone().unwrap_or_default(),

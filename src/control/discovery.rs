@@ -359,24 +359,19 @@ impl MeshState {
     }
 
     /// The mesh services resolved against the endpoint table in force, as each sidecar
-    /// resolves them from what it is sent.
+    /// resolves them from what it is sent (the specs as they are, not through their JSON).
     pub fn services(&self) -> crate::proxy::service::Resolved {
         self.refresh_endpoints();
         let table = self.endpoints.current();
-        let services: Vec<crate::proto::discovery::Resource> = self
-            .resources()
+        let resources = self.resources();
+        let specs: Vec<(String, &crate::proxy::service::MeshServiceSpec)> = resources
             .iter()
-            .filter(|r| matches!(r.spec, Spec::MeshService(_)))
-            .map(|r| crate::proto::discovery::Resource {
-                kind: r.kind().to_string(),
-                namespace: r.namespace.clone(),
-                name: r.name.clone(),
-                origin: r.origin.clone(),
-                spec_json: r.spec.to_json(),
-                labels: Default::default(),
+            .filter_map(|r| match &r.spec {
+                Spec::MeshService(spec) => Some((format!("{}/{}", r.namespace, r.name), spec)),
+                _ => None,
             })
             .collect();
-        crate::proxy::service::resolve(&services, &table.endpoints)
+        crate::proxy::service::resolve(specs.iter().map(|(name, spec)| (name.as_str(), *spec)), &table.endpoints)
     }
 
     /// Notifies after every debounced change (the generation moves on).

@@ -168,6 +168,13 @@ impl Drop for InFlight {
     }
 }
 
+/// An answer the balancer counts as the endpoint's failure (it could not be reached, or said it
+/// could not serve), and a retry on another endpoint may mend.
+pub fn failed(status: http::StatusCode) -> bool {
+    use http::StatusCode;
+    matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
+}
+
 /// Of `n` endpoints, the index to send the next request to: the cheaper of two distinct ones
 /// picked at random among those `usable` (all of them when none is); `None` when there are none.
 pub fn pick(n: usize, usable: impl Fn(usize) -> bool, cost: impl Fn(usize) -> f64) -> Option<usize> {

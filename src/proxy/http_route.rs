@@ -157,26 +157,23 @@ pub struct RetryPolicy {
     pub attempts: u32,
     #[serde(with = "humantime_serde")]
     pub backoff: Duration,
-    /// Idempotent methods besides the safe ones (PUT, DELETE) are retried too: the route's
-    /// owner asked for retries. Without a route's policy only safe methods are.
-    pub idempotent: bool,
+    /// A rule asked for these retries: then the idempotent PUT and DELETE are retried too, and a
+    /// retry may go to the endpoint that failed when there is no other. Without (the default),
+    /// only a safe method is, and only on another endpoint.
+    pub from_rule: bool,
 }
 
 /// What a service route does when no rule says: one retry of a safe method on another endpoint,
 /// for an answer that says the endpoint could not serve it.
 pub static DEFAULT_RETRY: RetryPolicy =
-    RetryPolicy { codes: Vec::new(), attempts: 1, backoff: Duration::ZERO, idempotent: false };
+    RetryPolicy { codes: Vec::new(), attempts: 1, backoff: Duration::ZERO, from_rule: false };
 
 impl RetryPolicy {
-    /// Whether this is [`DEFAULT_RETRY`] (which retries on another endpoint only).
-    pub fn is_default(&self) -> bool {
-        std::ptr::eq(self, &DEFAULT_RETRY)
-    }
-
-    /// Whether an answer with `status` is retried.
+    /// Whether an answer with `status` is retried: one of the rule's codes, or by default one
+    /// the balancer counts as the endpoint's failure.
     pub fn retries(&self, status: http::StatusCode) -> bool {
         match self.codes.is_empty() {
-            true => matches!(status.as_u16(), 502..=504),
+            true => super::balance::failed(status),
             false => self.codes.contains(&status.as_u16()),
         }
     }
@@ -185,7 +182,7 @@ impl RetryPolicy {
     pub fn method_allowed(&self, method: &http::Method) -> bool {
         use http::Method;
         matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
-            || (self.idempotent && matches!(*method, Method::PUT | Method::DELETE))
+            || (self.from_rule && matches!(*method, Method::PUT | Method::DELETE))
     }
 
     /// The pause before retry number `n` (0-based): the backoff doubled `n` times, between half
@@ -213,7 +210,7 @@ impl RouteRetry {
             Some(v) => humantime::parse_duration(v).map_err(|e| format!("backoff: {v:?}: {e}"))?,
             None => Duration::ZERO,
         };
-        Ok(RetryPolicy { codes: self.codes.clone(), attempts, backoff, idempotent: true })
+        Ok(RetryPolicy { codes: self.codes.clone(), attempts, backoff, from_rule: true })
     }
 }
 

@@ -288,7 +288,7 @@ impl Upstream for Outbound {
         sticky: &Sticky<MeshConnector>,
         req: Request<Incoming>,
     ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
-        handle(self, sticky, req)
+        handle(self, sticky, req, Instant::now())
     }
 }
 
@@ -370,12 +370,13 @@ pub(super) async fn tunnel(out: &Outbound, mut tcp: TcpStream, prefix: bytes::By
     }
 }
 
+/// Sends the app's request `req`, which arrived at `started`, over the route's pools.
 pub(super) async fn handle(
     out: &Outbound,
     sticky: &Sticky<MeshConnector>,
     mut req: Request<Incoming>,
+    started: Instant,
 ) -> Response<ProxyBody> {
-    let started = Instant::now();
     let request_id = ensure_request_id(req.headers_mut());
     // Only sidecars set `x-palisade-*` headers; the app's own never travel.
     let (scan, upgrade) = sanitize_request(&mut req, &out.limits.allowed_upgrades);

@@ -160,19 +160,26 @@ impl ServiceEndpoint {
     }
 }
 
-/// Every service this sidecar knows, by `namespace/name`, with its endpoints sorted. Looked up
-/// per request by service routes: foldhash, not SipHash (the keys come from the operator's
-/// resources, not from callers).
-pub type Services = foldhash::HashMap<String, Arc<[ServiceEndpoint]>>;
+/// One service as resolved: its endpoints, sorted, and the ports of its addresses. Shared by
+/// pointer while it does not change, which tells a balancer nothing changed.
+#[derive(Debug, Default, PartialEq, Serialize)]
+pub struct Service {
+    pub endpoints: Vec<ServiceEndpoint>,
+    /// (service port, endpoint port) for each port at the service's addresses.
+    pub ports: Vec<(u16, u16)>,
+}
 
-/// Where services are reached without a route: their virtual addresses and their ports.
+/// Every service this sidecar knows, by `namespace/name`. Looked up per request by service
+/// routes: foldhash, not SipHash (the keys come from the operator's resources, not from
+/// callers).
+pub type Services = foldhash::HashMap<String, Arc<Service>>;
+
+/// Where services are reached without a route: their virtual addresses.
 #[derive(Debug, Default, PartialEq, Serialize)]
 pub struct ServiceAddresses {
     /// `ADDRESS:PORT` → the service there (transparent outbound looks each connection up here).
     #[serde(serialize_with = "by_string")]
     pub at: foldhash::HashMap<SocketAddr, Arc<str>>,
-    /// Each service's ports: (service port, endpoint port).
-    pub ports: foldhash::HashMap<String, Vec<(u16, u16)>>,
 }
 
 fn by_string<S: serde::Serializer>(at: &foldhash::HashMap<SocketAddr, Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
@@ -189,24 +196,35 @@ pub struct Resolved {
     pub errors: Vec<(String, String)>,
 }
 
-/// Resolves the snapshot's `MeshService` resources against its endpoint table. A spec that does
-/// not decode is returned as an error (for the NACK), the others resolved; an endpoint whose
-/// address or identity does not parse is left out (the endpoint table reports it). An address
-/// claimed by two services goes to the first by name, and the second is reported.
-pub fn resolve(policies: &[Resource], endpoints: &[Endpoint]) -> Resolved {
-    let mut out = Resolved::default();
-    let mut specs: Vec<(String, MeshServiceSpec)> = Vec::new();
+/// Resolves a snapshot's `MeshService` resources against its endpoint table; a spec that does
+/// not decode or check is reported with why (for the NACK), and the others resolved.
+pub fn resolve_snapshot(policies: &[Resource], endpoints: &[Endpoint]) -> Resolved {
+    let (mut specs, mut errors) = (Vec::new(), Vec::new());
     for r in policies.iter().filter(|r| r.kind == KIND) {
         let name = format!("{}/{}", r.namespace, r.name);
-        match serde_json::from_str::<MeshServiceSpec>(&r.spec_json).map_err(|e| e.to_string()).and_then(|spec| {
-            spec.check()?;
-            Ok(spec)
-        }) {
+        let spec = serde_json::from_str::<MeshServiceSpec>(&r.spec_json).map_err(|e| e.to_string());
+        match spec.and_then(|spec| spec.check().map(|()| spec)) {
             Ok(spec) => specs.push((name, spec)),
-            Err(e) => out.errors.push((name, e)),
+            Err(e) => errors.push((name, e)),
         }
     }
-    specs.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut resolved = resolve(specs.iter().map(|(name, spec)| (name.as_str(), spec)), endpoints);
+    errors.append(&mut resolved.errors);
+    resolved.errors = errors;
+    resolved
+}
+
+/// Resolves mesh services (`namespace/name` and spec) against an endpoint table. An endpoint
+/// whose address or identity does not parse is left out (the endpoint table reports it). An
+/// address claimed by two services goes to the first by name, and the second is reported; so is
+/// an address that is another workload's.
+pub fn resolve<'a>(
+    specs: impl IntoIterator<Item = (&'a str, &'a MeshServiceSpec)>,
+    endpoints: &[Endpoint],
+) -> Resolved {
+    let mut out = Resolved::default();
+    let mut specs: Vec<_> = specs.into_iter().collect();
+    specs.sort_by(|a, b| a.0.cmp(b.0));
     // A service's address never shadows another workload's: an address in the endpoint table
     // under an identity the service does not name keeps going to that workload, verified as
     // it. (Under one it names, it is the service's own: a Kubernetes ClusterIP whose pods
@@ -232,7 +250,7 @@ pub fn resolve(policies: &[Resource], endpoints: &[Endpoint]) -> Resolved {
             .collect();
         members.sort_by(|a, b| (a.address, a.identity.as_str()).cmp(&(b.address, b.identity.as_str())));
         members.dedup();
-        let service: Arc<str> = Arc::from(name.as_str());
+        let service: Arc<str> = Arc::from(name);
         let mut taken = None;
         for ip in &spec.addresses {
             if let Some(other) =
@@ -253,12 +271,10 @@ pub fn resolve(policies: &[Resource], endpoints: &[Endpoint]) -> Resolved {
             }
         }
         if let Some(e) = taken {
-            out.errors.push((name.clone(), e));
+            out.errors.push((name.to_string(), e));
         }
-        if !spec.ports.is_empty() {
-            out.addresses.ports.insert(name.clone(), spec.ports.iter().map(|p| (p.port, p.target())).collect());
-        }
-        out.services.insert(name, members.into());
+        let ports = spec.ports.iter().map(|p| (p.port, p.target())).collect();
+        out.services.insert(name.to_string(), Arc::new(Service { endpoints: members, ports }));
     }
     out
 }
@@ -320,7 +336,7 @@ mod tests {
             ep("10.0.0.4:15006", "orders", &[("app", "billing")]),
         ];
         let ids = ["spiffe://cluster.local/ns/shop/sa/orders", "spiffe://cluster.local/ns/shop/sa/orders-v2"];
-        let Resolved { services, errors, .. } = resolve(
+        let Resolved { services, errors, .. } = resolve_snapshot(
             &[
                 service(
                     "orders",
@@ -332,7 +348,7 @@ mod tests {
         );
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].0, "shop/broken");
-        let orders = &services["shop/orders"];
+        let orders = &services["shop/orders"].endpoints;
         let got: Vec<_> = orders.iter().map(|e| (e.address.to_string(), e.identity.to_string())).collect();
         assert_eq!(
             got,
@@ -369,8 +385,8 @@ mod tests {
             "addresses": ["10.96.0.10"],
             "ports": [{"port": 80}],
         });
-        let r = resolve(&[service("orders", spec), service("squatter", other)], &table);
-        let orders = &r.services["shop/orders"];
+        let r = resolve_snapshot(&[service("orders", spec), service("squatter", other)], &table);
+        let orders = &r.services["shop/orders"].endpoints;
         assert_eq!(orders.len(), 1, "only the ready endpoint of the slice, under a named identity: {orders:?}");
         assert_eq!((orders[0].address.to_string(), orders[0].zone.as_deref()), ("10.0.0.1:0".into(), Some("z1")));
         let at = |a: &str| r.addresses.at.get(&a.parse::<SocketAddr>().unwrap()).map(|s| s.to_string());
@@ -384,7 +400,7 @@ mod tests {
             "addresses": ["10.0.0.4"],
             "ports": [{"port": 80}],
         });
-        let s = resolve(&[service("shadow", shadow)], &table);
+        let s = resolve_snapshot(&[service("shadow", shadow)], &table);
         assert!(s.addresses.at.is_empty(), "{:?}", s.addresses);
         assert!(
             s.errors[0].1.contains("as spiffe://cluster.local/ns/shop/sa/thief, which the service does not name"),
@@ -397,10 +413,10 @@ mod tests {
             "addresses": ["10.0.0.3"],
             "ports": [{"port": 80}],
         });
-        let o = resolve(&[service("own", own)], &table);
+        let o = resolve_snapshot(&[service("own", own)], &table);
         assert!(o.errors.is_empty() && o.addresses.at.len() == 1, "{:?}", o.errors);
         assert!(r.errors[0].1.contains("already shop/orders's"), "{:?}", r.errors);
-        let ports = &r.addresses.ports["shop/orders"];
+        let ports = &r.services["shop/orders"].ports;
         assert_eq!(orders[0].dial(Some(80), ports), Some("10.0.0.1:8080".parse().unwrap()));
         assert_eq!(orders[0].dial(Some(9090), ports), Some("10.0.0.1:9090".parse().unwrap()));
         assert_eq!(orders[0].dial(None, ports), None, "a whole-IP endpoint needs a port to be dialled");

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
@@ -32,8 +32,9 @@ use super::http::{ProxyBody, ensure_request_id, error_response};
 use super::http_route::{DEFAULT_RETRY, RetryPolicy};
 use super::limits::{Drain, Limits};
 use super::outbound::{MeshConnector, Outbound, Route, Upstream};
-use super::service::{ServiceEndpoint, ServiceRoute};
+use super::service::{Service, ServiceEndpoint, ServiceRoute};
 use super::view::MeshView;
+use crate::telemetry::metrics::ByClass;
 
 /// One endpoint of the service: its connections and its load.
 struct Member {
@@ -46,11 +47,9 @@ struct Member {
 
 /// The members for one version of the service's endpoint list.
 struct Members {
-    /// The view's list these were made for (compared by pointer: a new view makes a new list
-    /// only when the service changed).
-    of: Option<Arc<[ServiceEndpoint]>>,
-    /// The service's ports these were dialled for (transparent mode only).
-    ports: Vec<(u16, u16)>,
+    /// The view's service these were made for (compared by pointer: a new view makes a new
+    /// entry only when the service changed).
+    of: Option<Arc<Service>>,
     list: Vec<Arc<Member>>,
 }
 
@@ -59,8 +58,12 @@ type RuleBackend = (Arc<str>, Arc<str>);
 
 /// One backend's request metrics, resolved once (a request only counts and observes).
 struct BackendMetrics {
-    /// By class of answer: 2xx, 3xx, 4xx, 5xx (1xx and others count as 5xx: never final).
-    by_class: [prometheus_client::metrics::counter::Counter; 4],
+    labels: crate::telemetry::metrics::BackendLabels,
+    family: prometheus_client::metrics::family::Family<
+        crate::telemetry::metrics::BackendStatusLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    by_class: ByClass,
     duration: prometheus_client::metrics::histogram::Histogram,
 }
 
@@ -71,25 +74,20 @@ impl BackendMetrics {
         route: Arc<str>,
         backend: Arc<str>,
     ) -> Self {
-        use crate::telemetry::metrics::{BackendLabels, BackendStatusLabels};
-        let labels = BackendLabels { service: service.clone(), route, backend };
-        let class = |class| {
-            metrics.backend_requests.get_or_create_owned(&BackendStatusLabels { backend: labels.clone(), class })
-        };
+        let labels = crate::telemetry::metrics::BackendLabels { service: service.clone(), route, backend };
         BackendMetrics {
-            by_class: [class("2xx"), class("3xx"), class("4xx"), class("5xx")],
             duration: metrics.backend_duration.get_or_create_owned(&labels),
+            family: metrics.backend_requests.clone(),
+            by_class: ByClass::default(),
+            labels,
         }
     }
 
-    fn record(&self, status: StatusCode, started: std::time::Instant) {
-        let class = match status.as_u16() {
-            200..=299 => 0,
-            300..=399 => 1,
-            400..=499 => 2,
-            _ => 3,
-        };
-        self.by_class[class].inc();
+    fn record(&self, status: StatusCode, started: Instant) {
+        self.by_class.inc(status, |class| {
+            let labels = crate::telemetry::metrics::BackendStatusLabels { backend: self.labels.clone(), class };
+            self.family.get_or_create_owned(&labels)
+        });
         self.duration.observe(started.elapsed().as_secs_f64());
     }
 }
@@ -135,7 +133,7 @@ impl ServiceOutbound {
             dp: dp.clone(),
             decay,
             members: Mutex::default(),
-            own: ArcSwap::from_pointee(Members { of: None, ports: Vec::new(), list: Vec::new() }),
+            own: ArcSwap::from_pointee(Members { of: None, list: Vec::new() }),
             budget: RetryBudget::default(),
             retried: counter("retried"),
             budget_exhausted: counter("retry_budget_exhausted"),
@@ -152,16 +150,11 @@ impl ServiceOutbound {
     /// The endpoints of `service` in `view`, each with its connections and load.
     fn members(&self, view: &MeshView, service: &Arc<str>) -> Arc<Members> {
         let now = view.services.get(&**service);
-        let no_ports: &[(u16, u16)] = &[];
-        let ports = match self.port {
-            Some(_) => view.service_addresses.ports.get(&**service).map_or(no_ports, |p| &p[..]),
-            None => no_ports,
-        };
         let own = Arc::ptr_eq(service, &self.service);
         if own {
             // The route's own service (every request when no HTTPRoute splits it): no lock.
             let current = self.own.load();
-            if same(now, current.of.as_ref()) && current.ports == ports {
+            if same(now, current.of.as_ref()) {
                 return Arc::clone(&current);
             }
         }
@@ -169,19 +162,19 @@ impl ServiceOutbound {
         let current = cache.get(&**service);
         if let Some(current) = current
             && same(now, current.of.as_ref())
-            && current.ports == ports
         {
             return current.clone();
         }
         let kept: HashMap<(&ServiceEndpoint, SocketAddr), &Arc<Member>> =
             current.iter().flat_map(|c| c.list.iter()).map(|m| ((&m.endpoint, m.dial), m)).collect();
         let list = now
-            .map(|eps| {
-                eps.iter()
+            .map(|svc| {
+                svc.endpoints
+                    .iter()
                     .filter_map(|e| {
                         // A whole-IP endpoint (transparent mode) has no port to reach it by a
                         // service route's listener.
-                        let dial = e.dial(self.port, ports)?;
+                        let dial = e.dial(self.port, &svc.ports)?;
                         Some(match kept.get(&(e, dial)) {
                             Some(m) => Arc::clone(m),
                             None => Arc::new(Member {
@@ -202,8 +195,8 @@ impl ServiceOutbound {
                     .collect()
             })
             .unwrap_or_default();
-        tracing::info!(route = %self.route.service, %service, endpoints = now.map_or(0, |e| e.len()), "service endpoints changed");
-        let next = Arc::new(Members { of: now.cloned(), ports: ports.to_vec(), list });
+        tracing::info!(route = %self.route.service, %service, endpoints = now.map_or(0, |s| s.endpoints.len()), "service endpoints changed");
+        let next = Arc::new(Members { of: now.cloned(), list });
         cache.insert(service.to_string(), next.clone());
         if own {
             self.own.store(next.clone());
@@ -246,11 +239,11 @@ impl ServiceOutbound {
         let sticky = held.sticky(member);
         let inflight = track.then(|| member.load.start());
         let resp = match req {
-            Attempt::First(req) => super::outbound::handle(&member.out, &sticky, req).await,
+            Attempt::First(req, started) => super::outbound::handle(&member.out, &sticky, req, started).await,
             Attempt::Again(req) => super::outbound::handle_again(&member.out, &sticky, req).await,
         };
         if let Some(inflight) = inflight
-            && inflight.finish(failed(resp.status()), self.decay)
+            && inflight.finish(balance::failed(resp.status()), self.decay)
         {
             self.ejected.inc();
             tracing::warn!(
@@ -310,6 +303,7 @@ impl ServiceOutbound {
         policy: &RetryPolicy,
         held: &Held,
         mut req: Request<Incoming>,
+        started: Instant,
     ) -> Response<ProxyBody> {
         let Some((member, members_len)) = self.pick(view, service, None) else {
             let reason = format!("service {service} has no endpoints");
@@ -318,7 +312,7 @@ impl ServiceOutbound {
         // The default policy retries on another endpoint only, so with one endpoint there is
         // no budget to keep and no copy to make: a request costs about what it costs on a
         // plain route. A rule's own policy may retry the same endpoint.
-        let may_retry = policy.attempts > 0 && (members_len > 1 || !policy.is_default());
+        let may_retry = policy.attempts > 0 && (members_len > 1 || policy.from_rule);
         let again = may_retry
             .then(|| {
                 self.budget.deposit();
@@ -328,7 +322,7 @@ impl ServiceOutbound {
             .flatten();
         // With one endpoint there is nothing to choose: no latency to keep.
         let track = members_len > 1;
-        let mut resp = self.attempt(&member, track, held, Attempt::First(req)).await;
+        let mut resp = self.attempt(&member, track, held, Attempt::First(req, started)).await;
         let Some((method, uri, version, headers)) = again else {
             return resp;
         };
@@ -338,7 +332,7 @@ impl ServiceOutbound {
                 break;
             }
             let Some((next, _)) = self.pick(view, service, Some(&last)) else { break };
-            if Arc::ptr_eq(&next, &last) && policy.is_default() {
+            if Arc::ptr_eq(&next, &last) && !policy.from_rule {
                 break;
             }
             if !self.budget.withdraw() {
@@ -358,7 +352,7 @@ impl ServiceOutbound {
     }
 }
 
-fn same(a: Option<&Arc<[ServiceEndpoint]>>, b: Option<&Arc<[ServiceEndpoint]>>) -> bool {
+fn same(a: Option<&Arc<Service>>, b: Option<&Arc<Service>>) -> bool {
     match (a, b) {
         (Some(a), Some(b)) => Arc::ptr_eq(a, b),
         (None, None) => true,
@@ -426,18 +420,19 @@ impl Upstream for ServiceOutbound {
                 return self.refuse(&mut req, status, &reason);
             }
         };
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let routed_metrics = self.backend_metrics(rule.as_ref(), &service);
         let metrics = routed_metrics.as_deref().unwrap_or(&self.direct);
         let policy = retry.as_deref().unwrap_or(&DEFAULT_RETRY);
         let Some(timeout) = timeout else {
-            let resp = self.balanced(&view, &service, policy, held, req).await;
+            let resp = self.balanced(&view, &service, policy, held, req, started).await;
             metrics.record(resp.status(), started);
             return resp;
         };
         // The same request id on every attempt and on the timeout's answer.
         let request_id = ensure_request_id(req.headers_mut());
-        let resp = match tokio::time::timeout(timeout, self.balanced(&view, &service, policy, held, req)).await {
+        let resp = match tokio::time::timeout(timeout, self.balanced(&view, &service, policy, held, req, started)).await
+        {
             Ok(resp) => resp,
             Err(_) => {
                 self.timed_out.inc();
@@ -462,13 +457,10 @@ struct Routed {
 
 /// A first attempt carries the caller's request; a retry, a bodiless copy of it.
 enum Attempt {
-    First(Request<Incoming>),
+    /// With when the request arrived (one clock read serves the route's metrics and the
+    /// endpoint's).
+    First(Request<Incoming>, Instant),
     Again(Request<RequestBody>),
-}
-
-/// An answer the balancer counts as the endpoint's failure, and a retry may mend.
-fn failed(status: StatusCode) -> bool {
-    matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
 }
 
 /// Whether sending `req` twice can do no harm: a method `policy` allows, no body, no upgrade.

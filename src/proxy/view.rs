@@ -346,13 +346,12 @@ fn endpoints(snap: &Snapshot, nack: &mut Vec<NackReason>) -> HashMap<SocketAddr,
     endpoints
 }
 
-/// The snapshot's mesh services resolved against its endpoint table. A service whose endpoints
-/// did not change keeps its list (the same allocation, which tells a service route nothing
-/// changed); one whose spec does not decode is reported and keeps its previous endpoints and
-/// addresses.
+/// The snapshot's mesh services resolved against its endpoint table. A service that did not
+/// change keeps its entry (the same allocation, which tells a service route nothing changed);
+/// one whose spec does not decode is reported and keeps its previous entry and addresses.
 fn services(snap: &Snapshot, cur: &MeshView, nack: &mut Vec<NackReason>) -> (Arc<Services>, Arc<ServiceAddresses>) {
     let super::service::Resolved { mut services, mut addresses, errors } =
-        super::service::resolve(&snap.policies, &snap.endpoints);
+        super::service::resolve_snapshot(&snap.policies, &snap.endpoints);
     for (name, message) in errors {
         if !services.contains_key(&name) {
             if let Some(kept) = cur.services.get(&name) {
@@ -361,15 +360,12 @@ fn services(snap: &Snapshot, cur: &MeshView, nack: &mut Vec<NackReason>) -> (Arc
             for (at, service) in cur.service_addresses.at.iter().filter(|(_, s)| ***s == *name) {
                 addresses.at.entry(*at).or_insert_with(|| service.clone());
             }
-            if let Some(ports) = cur.service_addresses.ports.get(&name) {
-                addresses.ports.insert(name.clone(), ports.clone());
-            }
         }
         nack.push(refused(super::service::KIND, &name, message));
     }
-    for (name, endpoints) in services.iter_mut() {
-        if let Some(kept) = cur.services.get(name).filter(|kept| kept[..] == endpoints[..]) {
-            *endpoints = kept.clone();
+    for (name, service) in services.iter_mut() {
+        if let Some(kept) = cur.services.get(name).filter(|kept| ***kept == **service) {
+            *service = kept.clone();
         }
     }
     let addresses =

@@ -254,29 +254,32 @@ pub struct RequestMetrics {
     requests: Family<RequestLabels, Counter>,
     direction: &'static str,
     peer: Arc<str>,
-    /// `1xx` to `5xx`.
-    by_class: [OnceLock<Counter>; 5],
+    by_class: ByClass,
     duration: Histogram,
     peer_counters: Arc<PeerCounters>,
+}
+
+/// One series' counters by status class (`1xx` to `5xx`), each made on first use, so a request
+/// bumps an atomic and a class never seen has no series.
+#[derive(Default)]
+pub struct ByClass([OnceLock<Counter>; 5]);
+
+impl ByClass {
+    /// Counts an answer with `status`; `make` gives the counter of its class the first time.
+    pub fn inc(&self, status: http::StatusCode, make: impl FnOnce(&'static str) -> Counter) {
+        let class = status_class(status);
+        let slot = usize::from(class.as_bytes()[0] - b'1');
+        self.0[slot].get_or_init(|| make(class)).inc();
+    }
 }
 
 impl RequestMetrics {
     /// Counts a finished request by status class, and its latency.
     pub fn record(&self, status: http::StatusCode, started: Instant) {
-        let class = status_class(status);
-        let slot = match class.as_bytes()[0] {
-            b'1' => 0,
-            b'2' => 1,
-            b'3' => 2,
-            b'4' => 3,
-            _ => 4,
-        };
-        self.by_class[slot]
-            .get_or_init(|| {
-                let labels = RequestLabels { direction: self.direction, status_class: class, peer: self.peer.clone() };
-                self.requests.get_or_create_owned(&labels)
-            })
-            .inc();
+        self.by_class.inc(status, |status_class| {
+            let labels = RequestLabels { direction: self.direction, status_class, peer: self.peer.clone() };
+            self.requests.get_or_create_owned(&labels)
+        });
         self.duration.observe(started.elapsed().as_secs_f64());
     }
 
