@@ -15,7 +15,7 @@ use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 
 const SERVICE: &str = "\
 apiVersion: palisade.io/v1alpha1
@@ -58,63 +58,6 @@ spec:
         - {{name: echo-canary, port: 80, weight: {canary}}}
 "
     )
-}
-
-/// An app that answers every request (HTTP/1.1 or HTTP/2 cleartext) with its name, after
-/// `delay_ms`.
-struct NamedApp {
-    addr: SocketAddr,
-    delay_ms: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for NamedApp {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl NamedApp {
-    async fn start(name: &'static str) -> NamedApp {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let delay_ms = Arc::new(AtomicU64::new(0));
-        let delay = delay_ms.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
-                let delay = delay.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let ms = delay.load(Ordering::SeqCst);
-                        let hang = req.uri().path() == "/hang";
-                        // One endpoint that fails these requests with 500 (what retries mend).
-                        let flaky = name == "a1" && req.uri().path().starts_with("/flaky");
-                        async move {
-                            if flaky {
-                                let mut resp = http::Response::new(Full::new(Bytes::from(name)));
-                                *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-                                return Ok::<_, std::convert::Infallible>(resp);
-                            }
-                            if hang {
-                                // An upstream that never answers in time.
-                                tokio::time::sleep(Duration::from_secs(30)).await;
-                            }
-                            if ms > 0 {
-                                // The app's own latency: what the balancer must notice.
-                                tokio::time::sleep(Duration::from_millis(ms)).await;
-                            }
-                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(name))))
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .await;
-                });
-            }
-        });
-        NamedApp { addr, delay_ms, task }
-    }
 }
 
 /// `total` requests over the one HTTP/2 connection of `client`, `concurrency` at a time; the
@@ -515,6 +458,7 @@ async fn a_routes_retry_policy_mends_its_codes_for_idempotent_methods_only() {
     let mesh = Mesh::start("services-retry", "10s").await;
     let caller = &mesh.caller;
     // a1 answers every /flaky... request with 500; a2 and b answer 200.
+    mesh.apps[0].flaky.store(true, Ordering::SeqCst);
     let route = "\
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute

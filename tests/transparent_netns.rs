@@ -9,7 +9,10 @@
 //! missing (`.ci/install-netns-tools`). Without root the test fails with what to install: a
 //! skipped test would hide that transparent mode is untested. All addresses live inside namespaces this test creates and deletes.
 
+mod common;
 mod tools;
+
+use common::metric;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -379,9 +382,8 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
     })
 }
 
-/// An endpoint's app inside its namespace, on port 8080: answers every request (HTTP/1.1 or
-/// HTTP/2 cleartext) with its name and the `x-forwarded-client-cert` its sidecar added, after
-/// `delay_ms`.
+/// An endpoint's app inside its namespace, on port 8080: [`common::NamedApp`] on a runtime of
+/// its own in a thread that entered the namespace.
 struct EndpointApp {
     delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -390,52 +392,18 @@ struct EndpointApp {
 
 impl EndpointApp {
     fn start(ns: &str, name: &'static str) -> EndpointApp {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        let delay_ms = std::sync::Arc::new(AtomicU64::new(0));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (up, is_up) = std::sync::mpsc::channel();
-        let delay = delay_ms.clone();
         let thread = in_netns(ns, move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("0.0.0.0:8080").await.unwrap();
-                up.send(()).unwrap();
-                let serve = async move {
-                    loop {
-                        let Ok((tcp, _)) = listener.accept().await else { continue };
-                        let delay = delay.clone();
-                        tokio::spawn(async move {
-                            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                                let ms = delay.load(Ordering::SeqCst);
-                                let xfcc = req
-                                    .headers()
-                                    .get("x-forwarded-client-cert")
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or("")
-                                    .to_string();
-                                async move {
-                                    if ms > 0 {
-                                        tokio::time::sleep(Duration::from_millis(ms)).await;
-                                    }
-                                    let body = bytes::Bytes::from(format!("{name} {xfcc}"));
-                                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
-                                        body,
-                                    )))
-                                }
-                            });
-                            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                                .await;
-                        });
-                    }
-                };
-                tokio::select! {
-                    _ = stopped => {}
-                    _ = serve => {}
-                }
+                let app = common::NamedApp::serving(listener, name);
+                up.send(app.delay_ms.clone()).unwrap();
+                let _ = stopped.await;
             })
         });
-        is_up.recv_timeout(Duration::from_secs(10)).expect("endpoint app listening");
+        let delay_ms = is_up.recv_timeout(Duration::from_secs(10)).expect("endpoint app listening");
         EndpointApp { delay_ms, stop: Some(stop), thread: Some(thread) }
     }
 }
@@ -465,15 +433,17 @@ async fn h2_connection(ns: &str, addr: std::net::SocketAddr) -> H2 {
     send
 }
 
-/// One call over `h2`: the answering app's body, or what went wrong.
+/// One call over `h2`: the answering app's name and the `x-forwarded-client-cert` it saw, or
+/// what went wrong.
 async fn call(h2: &H2, url: &str) -> Result<String, String> {
     use http_body_util::BodyExt;
     let req = http::Request::get(url).body(http_body_util::Empty::new()).unwrap();
     let resp = h2.clone().send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
+    let xfcc = resp.headers().get("x-seen-xfcc").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     let body = String::from_utf8_lossy(&body).into_owned();
-    if status == 200 { Ok(body) } else { Err(format!("{status}: {body}")) }
+    if status == 200 { Ok(format!("{body} {xfcc}")) } else { Err(format!("{status}: {body}")) }
 }
 
 /// `total` calls, `concurrency` at a time, over `h2`; answers counted by app name, with the
@@ -504,13 +474,6 @@ async fn spread(h2: &H2, url: &str, total: usize, concurrency: usize) -> BTreeMa
 fn share(counts: &BTreeMap<String, (usize, String)>, name: &str) -> f64 {
     let total: usize = counts.values().map(|(n, _)| n).sum();
     counts.get(name).map_or(0, |(n, _)| *n) as f64 / total as f64
-}
-
-fn metric(text: &str, name: &str, filter: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(filter))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// The service's address: in the hosts' subnet (so the app's connect finds a route) but no

@@ -483,6 +483,74 @@ impl EchoApp {
     }
 }
 
+/// An app that answers every request (HTTP/1.1 or HTTP/2 cleartext) with its name, after
+/// `delay_ms` (the app's own latency, what a balancer must notice); `/hang` never in time; and
+/// `/flaky...` with 500 while `flaky` is set (what retries mend). The `x-forwarded-client-cert`
+/// it received comes back in `x-seen-xfcc`.
+pub struct NamedApp {
+    pub addr: SocketAddr,
+    pub delay_ms: Arc<AtomicU64>,
+    pub flaky: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NamedApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl NamedApp {
+    /// The app on a loopback port.
+    pub async fn start(name: &'static str) -> NamedApp {
+        NamedApp::serving(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(), name)
+    }
+
+    /// The app on `listener`, wherever it was bound (a network namespace's thread, say), on the
+    /// current runtime.
+    pub fn serving(listener: tokio::net::TcpListener, name: &'static str) -> NamedApp {
+        let addr = listener.local_addr().unwrap();
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let flaky = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (delay, fails) = (delay_ms.clone(), flaky.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let (delay, fails) = (delay.clone(), fails.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let ms = delay.load(Ordering::SeqCst);
+                        let path = req.uri().path();
+                        let (hang, flaky) =
+                            (path == "/hang", path.starts_with("/flaky") && fails.load(Ordering::SeqCst));
+                        let xfcc = req.headers().get("x-forwarded-client-cert").cloned();
+                        async move {
+                            if hang {
+                                tokio::time::sleep(Duration::from_secs(30)).await;
+                            }
+                            if ms > 0 {
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                            }
+                            let mut resp = http::Response::new(Full::new(Bytes::from(name)));
+                            if flaky {
+                                *resp.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                            }
+                            if let Some(xfcc) = xfcc {
+                                resp.headers_mut().insert("x-seen-xfcc", xfcc);
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        NamedApp { addr, delay_ms, flaky, task }
+    }
+}
+
 /// Steady HTTP traffic against `url` from two kinds of clients at once: one keep-alive pool and
 /// one that opens a new connection per request. Counts successes and failures.
 pub struct Traffic {
